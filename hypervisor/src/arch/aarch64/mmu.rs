@@ -1,0 +1,146 @@
+//! The hypervisor's own EL2 stage-1 translation: an identity map built with
+//! `aarch64-paging`, with intention-named mappings (code, read-only data,
+//! data, device).
+//!
+//! Register values: Arm ARM D19.2 (MAIR_EL2, TCR_EL2, SCTLR_EL2), non-VHE
+//! (HCR_EL2.E2H = 0) layouts.
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use aarch64_paging::descriptor::El23Attributes as Attr;
+use aarch64_paging::idmap::IdMap;
+use aarch64_paging::paging::{El2, MemoryRegion};
+use aarch64_paging::MapError;
+use alloc::boxed::Box;
+
+/// MAIR_EL2 attribute 0: Normal, inner/outer write-back RW-allocate;
+/// attribute 1: Device-nGnRE.
+const MAIR_VALUE: u64 = 0xff | (0x04 << 8);
+const NORMAL: Attr = Attr::ATTRIBUTE_INDEX_0.union(Attr::INNER_SHAREABLE);
+const DEVICE: Attr = Attr::ATTRIBUTE_INDEX_1;
+/// Attributes every valid EL2 leaf carries. AP[1] is RES1 in the EL2
+/// regime (Arm ARM D8.4.1.2.1).
+const LEAF: Attr = Attr::VALID.union(Attr::ACCESSED).union(Attr::USER_RES1);
+
+/// TCR_EL2: T0SZ = 16 (48-bit VA), IRGN0/ORGN0 = WB RA WA, SH0 = inner,
+/// TG0 = 4 KiB, RES1 bits 31 and 23; PS is filled in from PARange.
+const TCR_T0SZ_48: u64 = 16;
+const TCR_IRGN0_WB: u64 = 1 << 8;
+const TCR_ORGN0_WB: u64 = 1 << 10;
+const TCR_SH0_INNER: u64 = 3 << 12;
+const TCR_RES1: u64 = (1 << 31) | (1 << 23);
+const TCR_PS_SHIFT: u64 = 16;
+/// PS encodes at most 48 bits (0b101) for a 48-bit VA with 4 KiB granule.
+const PS_48_BITS: u64 = 0b101;
+
+/// SCTLR_EL2: M (bit 0), C (bit 2), I (bit 12); RES1 bits 4, 5, 11, 16, 18,
+/// 22, 23, 28, 29.
+const SCTLR_M: u64 = 1 << 0;
+const SCTLR_C: u64 = 1 << 2;
+const SCTLR_I: u64 = 1 << 12;
+const SCTLR_RES1: u64 = 0x30c5_0830;
+
+/// Root level 0: 48-bit VA, enough for the high PCIe ECAM and RAM.
+const ROOT_LEVEL: usize = 0;
+
+static TTBR0: AtomicU64 = AtomicU64::new(0);
+static TCR: AtomicU64 = AtomicU64::new(0);
+
+pub struct HostMap {
+    map: IdMap<El2>,
+}
+
+fn region(base: u64, size: u64) -> MemoryRegion {
+    MemoryRegion::new(base as usize, (base + size) as usize)
+}
+
+impl HostMap {
+    pub fn new() -> Self {
+        Self { map: IdMap::new(ROOT_LEVEL, El2) }
+    }
+
+    pub fn map_code(&mut self, base: u64, size: u64) -> Result<(), MapError> {
+        self.map.map_range(&region(base, size), LEAF | NORMAL | Attr::READ_ONLY)
+    }
+
+    pub fn map_rodata(&mut self, base: u64, size: u64) -> Result<(), MapError> {
+        self.map.map_range(&region(base, size), LEAF | NORMAL | Attr::READ_ONLY | Attr::XN)
+    }
+
+    pub fn map_data(&mut self, base: u64, size: u64) -> Result<(), MapError> {
+        self.map.map_range(&region(base, size), LEAF | NORMAL | Attr::XN)
+    }
+
+    pub fn map_device(&mut self, base: u64, size: u64) -> Result<(), MapError> {
+        self.map.map_range(&region(base, size), LEAF | DEVICE | Attr::XN)
+    }
+
+    /// Programs MAIR/TCR/TTBR0_EL2 and turns the MMU and caches on for
+    /// this CPU. The map lives for the rest of the image's life.
+    pub fn activate(self) {
+        let map = Box::leak(Box::new(self.map));
+        let parange = read_id_aa64mmfr0() & 0xf;
+        let tcr = TCR_T0SZ_48
+            | TCR_IRGN0_WB
+            | TCR_ORGN0_WB
+            | TCR_SH0_INNER
+            | TCR_RES1
+            | (parange.min(PS_48_BITS) << TCR_PS_SHIFT);
+        TCR.store(tcr, Ordering::Relaxed);
+        // SAFETY: identity map: every address the image uses (image, stack,
+        // heap, DTB, UART) maps to itself, so turning it on changes no
+        // address; the table is leaked, so it is never freed while live.
+        unsafe {
+            write_mair_tcr(tcr);
+            map.activate();
+        }
+        TTBR0.store(map.root_address().0 as u64, Ordering::Release);
+        enable_mmu();
+    }
+}
+
+/// Turns on the boot CPU's map on a secondary CPU.
+pub fn activate_secondary() {
+    let ttbr = TTBR0.load(Ordering::Acquire);
+    let tcr = TCR.load(Ordering::Relaxed);
+    // SAFETY: same identity map as the boot CPU, already populated.
+    unsafe {
+        write_mair_tcr(tcr);
+        asm!("msr ttbr0_el2, {0}", "isb", in(reg) ttbr, options(nostack));
+    }
+    enable_mmu();
+}
+
+fn read_id_aa64mmfr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { asm!("mrs {0}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// # Safety
+/// The MMU must be off, or the new values describe the live map.
+unsafe fn write_mair_tcr(tcr: u64) {
+    // SAFETY: per the function contract.
+    unsafe {
+        asm!("msr mair_el2, {0}", "msr tcr_el2, {1}", "isb", in(reg) MAIR_VALUE, in(reg) tcr, options(nostack));
+    }
+}
+
+fn enable_mmu() {
+    // SAFETY: TTBR0/TCR/MAIR_EL2 hold an identity map of everything in use;
+    // stale TLB entries are invalidated before the switch.
+    unsafe {
+        asm!(
+            "dsb ish",
+            "tlbi alle2",
+            "dsb ish",
+            "isb",
+            "msr sctlr_el2, {0}",
+            "isb",
+            in(reg) SCTLR_RES1 | SCTLR_M | SCTLR_C | SCTLR_I,
+            options(nostack),
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! aarch64 at EL2 (non-VHE): entry, console, PSCI, the EL2 stage-1 map.
+
+mod mmu;
+mod pl011;
+mod psci;
+
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use alloc::boxed::Box;
+use hypervisor::{hv_event, println, BUILD_ID, VERSION};
+use loader::dtb::{self, DtbPlatform, PsciConduit};
+use loader::BootInfo;
+
+global_asm!(include_str!("entry.S"));
+
+/// Must match `MAX_CPUS` in entry.S.
+const MAX_CPUS: usize = 8;
+/// How long the boot CPU waits for a secondary to come up.
+const CPU_ON_TIMEOUT_MS: u64 = 1000;
+
+extern "C" {
+    static __image_start: u8;
+    static __text_end: u8;
+    static __rodata_end: u8;
+    static __image_end: u8;
+    fn secondary_entry();
+}
+
+static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(1);
+
+fn sym(s: &u8) -> u64 {
+    core::ptr::from_ref(s) as u64
+}
+
+/// Stops this CPU for good.
+fn park() -> ! {
+    loop {
+        // SAFETY: wfe only waits for an event.
+        unsafe { asm!("wfe", options(nomem, nostack)) };
+    }
+}
+
+/// Powers the machine off (PSCI SYSTEM_OFF); parks if PSCI is unavailable.
+pub fn shutdown(_ok: bool) -> ! {
+    let _ = psci::call(psci::SYSTEM_OFF, 0, 0, 0);
+    park()
+}
+
+fn counter() -> (u64, u64) {
+    let (cnt, freq): (u64, u64);
+    // SAFETY: reading the generic timer's counter and frequency has no side effects.
+    unsafe {
+        asm!("isb", "mrs {0}, cntpct_el0", "mrs {1}, cntfrq_el0", out(reg) cnt, out(reg) freq, options(nomem, nostack));
+    }
+    (cnt, freq)
+}
+
+/// Fails the boot with an event and powers off.
+fn fail(reason: &str) -> ! {
+    hv_event!("boot-failed", reason = reason);
+    hv_event!("shutdown", status = "error");
+    shutdown(false)
+}
+
+#[no_mangle]
+extern "C" fn hv_primary_main(dtb_phys: u64) -> ! {
+    crate::heap::init();
+    // The DTB's header gives its size; `validate` re-checks it.
+    // SAFETY: x0 at entry is the DTB address (arm64 boot protocol); the
+    // header is 40 bytes and the MMU is off, so physical = virtual.
+    let header = unsafe { core::slice::from_raw_parts(dtb_phys as *const u8, 40) };
+    let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    let len = total.clamp(40, dtb::MAX_DTB_SIZE);
+    // SAFETY: as above; `len` is bounded by the arm64 boot protocol's
+    // 2 MiB DTB limit, and validation rejects a lying totalsize.
+    let blob = unsafe { core::slice::from_raw_parts(dtb_phys as *const u8, len) };
+    let parsed = dtb::parse(blob, dtb_phys);
+    // Without a DTB there is no known console; nothing can be reported.
+    let Ok((info, platform)) = parsed else { park() };
+    let Some(uart) = platform.uart else { park() };
+    // SAFETY: the DTB names this PL011; nothing else drives it.
+    let console = Box::leak(Box::new(unsafe { pl011::Pl011::new(uart.base as usize) }));
+    hypervisor::console::set_uart(console);
+    println!("hypervisor {VERSION} ({BUILD_ID}) starting at EL2");
+    match platform.psci {
+        Some(PsciConduit::Smc) => psci::enable_smc(),
+        Some(PsciConduit::Hvc) => fail("psci-conduit-hvc-unusable-at-el2"),
+        None => fail("no-psci"),
+    }
+    if let Err(reason) = build_host_map(&info, &platform) {
+        fail(reason);
+    }
+    start_secondaries(&platform);
+    let gic = platform.gic.map_or(0, |g| g.distributor.base);
+    hv_event!(
+        "boot",
+        arch = "aarch64",
+        version = VERSION,
+        build = BUILD_ID,
+        cpus = CPUS_ONLINE.load(Ordering::Acquire),
+        mem_mib = info.ram_mib(),
+    );
+    hv_event!(
+        "platform",
+        cpus_described = platform.cpus.len(),
+        uart = format_args!("{:#x}", uart.base),
+        gicd = format_args!("{gic:#x}"),
+        psci = "smc",
+        el = 2,
+    );
+    hv_event!("shutdown", status = "ok");
+    shutdown(true)
+}
+
+fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), &'static str> {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (start, text_end, ro_end, end) =
+        unsafe { (sym(&__image_start), sym(&__text_end), sym(&__rodata_end), sym(&__image_end)) };
+    let mut map = mmu::HostMap::new();
+    for r in &info.ram {
+        map.map_data(r.base, r.size).map_err(|_| "map-ram")?;
+    }
+    // The image: text executable, rodata read-only, the rest writable.
+    map.map_code(start, text_end - start).map_err(|_| "map-text")?;
+    map.map_rodata(text_end, ro_end - text_end).map_err(|_| "map-rodata")?;
+    map.map_data(ro_end, end - ro_end).map_err(|_| "map-data")?;
+    if let Some(uart) = platform.uart {
+        map.map_device(uart.base, uart.size.max(0x1000)).map_err(|_| "map-uart")?;
+    }
+    if let Some(gic) = platform.gic {
+        map.map_device(gic.distributor.base, gic.distributor.size).map_err(|_| "map-gicd")?;
+        map.map_device(gic.redistributors.base, gic.redistributors.size).map_err(|_| "map-gicr")?;
+    }
+    map.activate();
+    Ok(())
+}
+
+fn start_secondaries(platform: &DtbPlatform) {
+    let me = mpidr() & 0xff_00ff_ffff;
+    let entry = secondary_entry as *const () as u64;
+    for (index, &target) in platform.cpus.iter().enumerate().take(MAX_CPUS) {
+        if target == me {
+            continue;
+        }
+        let before = CPUS_ONLINE.load(Ordering::Acquire);
+        let status = psci::call(psci::CPU_ON_64, target, entry, index as u64);
+        if status != Some(psci::SUCCESS) {
+            hv_event!("cpu-on-failed", mpidr = format_args!("{target:#x}"), status = status.unwrap_or(i64::MIN));
+            continue;
+        }
+        let (t0, freq) = counter();
+        while CPUS_ONLINE.load(Ordering::Acquire) == before {
+            let (now, _) = counter();
+            if now.wrapping_sub(t0) > freq / 1000 * CPU_ON_TIMEOUT_MS {
+                hv_event!("cpu-on-timeout", mpidr = format_args!("{target:#x}"));
+                break;
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+fn mpidr() -> u64 {
+    let v: u64;
+    // SAFETY: reading MPIDR_EL1 has no side effects.
+    unsafe { asm!("mrs {0}, mpidr_el1", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+#[no_mangle]
+extern "C" fn hv_secondary_main(index: u64) -> ! {
+    mmu::activate_secondary();
+    let online = CPUS_ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
+    hv_event!("cpu-online", cpu = index, mpidr = format_args!("{:#x}", mpidr() & 0xff_00ff_ffff), online = online);
+    park()
+}
+
+/// Called from every EL2 vector: the hypervisor takes no exceptions of its
+/// own yet, so any exception is a fault to report.
+#[no_mangle]
+extern "C" fn el2_exception(kind: u64, esr: u64, elr: u64, far: u64) -> ! {
+    hypervisor::console::write_line_forced(format_args!(
+        "hv: fault kind=el2-exception vector={kind} esr={esr:#x} elr={elr:#x} far={far:#x}"
+    ));
+    hypervisor::console::write_line_forced(format_args!("hv: shutdown status=error"));
+    shutdown(false)
+}

@@ -1,0 +1,25 @@
+//! The arch-independent core of the hypervisor.
+//!
+//! Everything here builds for the host as well as for the bare-metal
+//! targets, so it is unit-tested with `cargo test`. The image itself
+//! (`src/main.rs` and `src/arch/<arch>/`) supplies the registers,
+//! instructions and exception entry, and calls into this core.
+#![no_std]
+
+extern crate alloc;
+
+pub mod console;
+pub mod events;
+
+/// The version this image reports in `hv: boot` and to guests. The
+/// launcher overrides it (`HV_VERSION`) to build distinct update images.
+pub const VERSION: &str = match option_env!("HV_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// Build identifier (the launcher passes the git revision as `HV_BUILD_ID`).
+pub const BUILD_ID: &str = match option_env!("HV_BUILD_ID") {
+    Some(v) => v,
+    None => "dev",
+};

@@ -1,0 +1,32 @@
+//! The hypervisor image: arch entry points around the core in `lib.rs`.
+//!
+//! Built for `aarch64-unknown-none` (an arm64 Image entered at EL2) and
+//! `x86_64-unknown-none` (a multiboot2 ELF). On the host this binary only
+//! says how to build it; the core's tests run with `cargo test`.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+extern crate alloc;
+
+#[cfg(target_os = "none")]
+mod arch;
+#[cfg(target_os = "none")]
+mod heap;
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!(
+        "hypervisor {}: this is a bare-metal image; build it with --target aarch64-unknown-none \
+         or --target x86_64-unknown-none, or boot it with scripts/run",
+        hypervisor::VERSION
+    );
+    std::process::exit(2);
+}
+
+#[cfg(target_os = "none")]
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    hypervisor::console::write_line_forced(format_args!("hv: panic {info}"));
+    hypervisor::console::write_line_forced(format_args!("hv: shutdown status=error"));
+    arch::shutdown(false)
+}

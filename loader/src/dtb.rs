@@ -1,0 +1,437 @@
+//! Flattened device tree (DTB) input: the arm64 boot protocol hands the
+//! hypervisor a DTB in x0 (Linux `Documentation/arch/arm64/booting.rst`).
+//!
+//! The `fdt` crate does the lookups, but it panics on some malformed
+//! structure blocks, so every blob is first walked by [`validate`], which
+//! checks the header and every token against the Devicetree Specification
+//! v0.4 §5 (flattened format) before `fdt` sees it.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use fdt::node::FdtNode;
+use fdt::Fdt;
+
+use crate::{sort_disjoint, BootInfo, BootModule, PhysRange};
+
+/// DTSpec §5.2: header magic.
+const FDT_MAGIC: u32 = 0xd00d_feed;
+/// DTSpec §5.4.1: structure block tokens.
+const FDT_BEGIN_NODE: u32 = 1;
+const FDT_END_NODE: u32 = 2;
+const FDT_PROP: u32 = 3;
+const FDT_NOP: u32 = 4;
+const FDT_END: u32 = 9;
+/// Header size in bytes (DTSpec §5.2, version 17).
+const HEADER_LEN: usize = 40;
+/// Deepest node nesting accepted; real trees are < 10 deep.
+const MAX_DEPTH: usize = 32;
+/// Largest blob accepted (the arm64 boot protocol caps the DTB at 2 MiB).
+pub const MAX_DTB_SIZE: usize = 2 << 20;
+/// Most CPUs accepted.
+pub const MAX_CPUS: usize = 64;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DtbError {
+    TooShort,
+    BadMagic(u32),
+    BadTotalSize(u32),
+    BlockOutOfBounds(&'static str),
+    BadToken { offset: usize, token: u32 },
+    BadName { offset: usize },
+    BadPropName { offset: usize },
+    PropOutOfBounds { offset: usize },
+    TooDeep,
+    Unbalanced,
+    /// `fdt` rejected the header.
+    Fdt,
+    MissingNode(&'static str),
+    MissingProperty { node: &'static str, prop: &'static str },
+    BadCells { node: String },
+    BadReg { node: String },
+    NoRam,
+    OverlappingRam(PhysRange),
+    TooManyCpus,
+    BadPsciMethod,
+    BadBootargs,
+}
+
+impl fmt::Display for DtbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooShort => write!(f, "blob shorter than the FDT header"),
+            Self::BadMagic(m) => write!(f, "bad FDT magic {m:#x}"),
+            Self::BadTotalSize(s) => write!(f, "bad FDT totalsize {s}"),
+            Self::BlockOutOfBounds(b) => write!(f, "FDT {b} block out of bounds"),
+            Self::BadToken { offset, token } => {
+                write!(f, "bad FDT token {token:#x} at structure offset {offset:#x}")
+            }
+            Self::BadName { offset } => write!(f, "bad node name at structure offset {offset:#x}"),
+            Self::BadPropName { offset } => write!(f, "bad property name at {offset:#x}"),
+            Self::PropOutOfBounds { offset } => write!(f, "property at {offset:#x} out of bounds"),
+            Self::TooDeep => write!(f, "FDT nesting deeper than {MAX_DEPTH}"),
+            Self::Unbalanced => write!(f, "FDT begin/end nodes unbalanced"),
+            Self::Fdt => write!(f, "fdt crate rejected the header"),
+            Self::MissingNode(n) => write!(f, "missing node {n}"),
+            Self::MissingProperty { node, prop } => write!(f, "node {node} lacks property {prop}"),
+            Self::BadCells { node } => write!(f, "bad #address-cells/#size-cells in {node}"),
+            Self::BadReg { node } => write!(f, "bad reg property in {node}"),
+            Self::NoRam => write!(f, "no memory node with RAM"),
+            Self::OverlappingRam(r) => write!(f, "RAM range {:#x}+{:#x} overlaps another", r.base, r.size),
+            Self::TooManyCpus => write!(f, "more than {MAX_CPUS} CPUs"),
+            Self::BadPsciMethod => write!(f, "PSCI method is neither smc nor hvc"),
+            Self::BadBootargs => write!(f, "bootargs is not a UTF-8 string"),
+        }
+    }
+}
+
+fn be32(b: &[u8], off: usize) -> Option<u32> {
+    let bytes = b.get(off..off.checked_add(4)?)?;
+    Some(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+/// Checks the header and walks the whole structure block (DTSpec §5).
+/// Returns the blob trimmed to its `totalsize`.
+pub fn validate(blob: &[u8]) -> Result<&[u8], DtbError> {
+    let hdr = |i: usize| be32(blob, i * 4).ok_or(DtbError::TooShort);
+    if blob.len() < HEADER_LEN {
+        return Err(DtbError::TooShort);
+    }
+    let magic = hdr(0)?;
+    if magic != FDT_MAGIC {
+        return Err(DtbError::BadMagic(magic));
+    }
+    let total = hdr(1)?;
+    let total_len = total as usize;
+    if total_len < HEADER_LEN || total_len > blob.len() || total_len > MAX_DTB_SIZE {
+        return Err(DtbError::BadTotalSize(total));
+    }
+    let blob = &blob[..total_len];
+    let (off_struct, off_strings, off_rsvmap) = (hdr(2)? as usize, hdr(3)? as usize, hdr(4)? as usize);
+    let (size_strings, size_struct) = (hdr(8)? as usize, hdr(9)? as usize);
+    let in_bounds = |off: usize, len: usize| off.checked_add(len).is_some_and(|e| e <= total_len);
+    if !in_bounds(off_struct, size_struct) || off_struct % 4 != 0 {
+        return Err(DtbError::BlockOutOfBounds("structure"));
+    }
+    if !in_bounds(off_strings, size_strings) {
+        return Err(DtbError::BlockOutOfBounds("strings"));
+    }
+    // Memory reservation block: (u64 address, u64 size) pairs ending in 0,0.
+    let mut r = off_rsvmap;
+    loop {
+        if !in_bounds(r, 16) || r % 8 != 0 {
+            return Err(DtbError::BlockOutOfBounds("memory reservation"));
+        }
+        if blob[r..r + 16].iter().all(|&b| b == 0) {
+            break;
+        }
+        r += 16;
+    }
+    let structure = &blob[off_struct..off_struct + size_struct];
+    let strings = &blob[off_strings..off_strings + size_strings];
+    walk_structure(structure, strings)?;
+    Ok(blob)
+}
+
+fn cstr_len(bytes: &[u8]) -> Option<usize> {
+    let len = bytes.iter().position(|&b| b == 0)?;
+    core::str::from_utf8(&bytes[..len]).ok()?;
+    Some(len)
+}
+
+fn walk_structure(s: &[u8], strings: &[u8]) -> Result<(), DtbError> {
+    let mut off = 0usize;
+    let mut depth = 0usize;
+    let mut seen_root = false;
+    loop {
+        let token = be32(s, off).ok_or(DtbError::Unbalanced)?;
+        let at = off;
+        off += 4;
+        match token {
+            FDT_BEGIN_NODE => {
+                if depth == 0 && seen_root {
+                    return Err(DtbError::BadToken { offset: at, token });
+                }
+                seen_root = true;
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(DtbError::TooDeep);
+                }
+                let name_len = s.get(off..).and_then(cstr_len).ok_or(DtbError::BadName { offset: at })?;
+                off = (off + name_len + 1 + 3) & !3;
+            }
+            FDT_END_NODE => {
+                depth = depth.checked_sub(1).ok_or(DtbError::Unbalanced)?;
+            }
+            FDT_PROP => {
+                if depth == 0 {
+                    return Err(DtbError::BadToken { offset: at, token });
+                }
+                let len = be32(s, off).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
+                let nameoff = be32(s, off + 4).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
+                strings
+                    .get(nameoff..)
+                    .and_then(cstr_len)
+                    .ok_or(DtbError::BadPropName { offset: at })?;
+                let value_end = (off + 8).checked_add(len).ok_or(DtbError::PropOutOfBounds { offset: at })?;
+                if value_end > s.len() {
+                    return Err(DtbError::PropOutOfBounds { offset: at });
+                }
+                off = (value_end + 3) & !3;
+            }
+            FDT_NOP => {}
+            FDT_END => {
+                return if depth == 0 && seen_root { Ok(()) } else { Err(DtbError::Unbalanced) };
+            }
+            _ => return Err(DtbError::BadToken { offset: at, token }),
+        }
+    }
+}
+
+/// How PSCI calls are made (DTSpec binding `arm,psci`, property `method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PsciConduit {
+    Smc,
+    Hvc,
+}
+
+/// The GICv3 frames (binding `arm,gic-v3`: reg = GICD, GICR...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GicV3 {
+    pub distributor: PhysRange,
+    pub redistributors: PhysRange,
+}
+
+/// What the aarch64 hypervisor needs from the platform DTB besides [`BootInfo`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DtbPlatform {
+    /// MPIDR affinity values of the CPUs, in DTB order.
+    pub cpus: Vec<u64>,
+    /// PL011 console.
+    pub uart: Option<PhysRange>,
+    pub gic: Option<GicV3>,
+    pub psci: Option<PsciConduit>,
+}
+
+#[derive(Clone, Copy)]
+struct Cells {
+    address: usize,
+    size: usize,
+}
+
+fn cells_of(node: FdtNode<'_, '_>, name: &str) -> Result<Cells, DtbError> {
+    let read = |prop: &str, default: usize| -> Result<usize, DtbError> {
+        match node.property(prop) {
+            None => Ok(default),
+            Some(p) => match be32(p.value, 0) {
+                // PCI buses use 3 address cells; no binding needs more.
+                Some(v @ 0..=3) if p.value.len() == 4 => Ok(v as usize),
+                _ => Err(DtbError::BadCells { node: String::from(name) }),
+            },
+        }
+    };
+    // DTSpec §2.3.5: defaults are 2 address cells and 1 size cell.
+    Ok(Cells { address: read("#address-cells", 2)?, size: read("#size-cells", 1)? })
+}
+
+fn read_cells(value: &[u8], off: usize, n: usize) -> Option<u64> {
+    if n > 2 {
+        return None;
+    }
+    (0..n).try_fold(0u64, |acc, i| Some((acc << 32) | u64::from(be32(value, off + 4 * i)?)))
+}
+
+/// Decodes a `reg` property with the parent's cell sizes.
+fn reg_of(node: FdtNode<'_, '_>, parent: Cells) -> Result<Vec<PhysRange>, DtbError> {
+    let bad = || DtbError::BadReg { node: String::from(node.name) };
+    let Some(prop) = node.property("reg") else {
+        return Ok(Vec::new());
+    };
+    let entry = 4 * (parent.address + parent.size);
+    if entry == 0 || prop.value.len() % entry != 0 {
+        return Err(bad());
+    }
+    let mut out = Vec::new();
+    for chunk in prop.value.chunks_exact(entry) {
+        let base = read_cells(chunk, 0, parent.address).ok_or_else(bad)?;
+        let size = read_cells(chunk, 4 * parent.address, parent.size).ok_or_else(bad)?;
+        let range = PhysRange::new(base, size);
+        if range.end().is_none() {
+            return Err(bad());
+        }
+        out.push(range);
+    }
+    Ok(out)
+}
+
+fn is_compatible(node: FdtNode<'_, '_>, with: &str) -> bool {
+    node.property("compatible")
+        .is_some_and(|p| p.value.split(|&b| b == 0).any(|s| s == with.as_bytes()))
+}
+
+fn str_prop<'a>(node: FdtNode<'_, 'a>, name: &str) -> Option<&'a str> {
+    let v = node.property(name)?.value;
+    let s = v.strip_suffix(&[0]).unwrap_or(v);
+    core::str::from_utf8(s).ok()
+}
+
+struct Collected {
+    ram: Vec<PhysRange>,
+    cpus: Vec<u64>,
+    uart: Option<PhysRange>,
+    gic: Option<GicV3>,
+}
+
+fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected) -> Result<(), DtbError> {
+    let name = node.name;
+    let base_name = name.split('@').next().unwrap_or(name);
+    let okay = str_prop(node, "status").is_none_or(|s| s == "okay");
+    let is_memory = str_prop(node, "device_type") == Some("memory") || (depth == 1 && base_name == "memory");
+    if is_memory && okay {
+        out.ram.extend(reg_of(node, parent)?.into_iter().filter(|r| r.size != 0));
+    } else if depth == 2 && str_prop(node, "device_type") == Some("cpu") {
+        let regs = reg_of(node, parent)?;
+        let mpidr = regs.first().ok_or_else(|| DtbError::BadReg { node: String::from(name) })?;
+        if out.cpus.len() >= MAX_CPUS {
+            return Err(DtbError::TooManyCpus);
+        }
+        // For CPU nodes #size-cells is 0, so the "base" is the MPIDR value.
+        out.cpus.push(mpidr.base);
+    } else if out.uart.is_none() && okay && is_compatible(node, "arm,pl011") {
+        out.uart = reg_of(node, parent)?.first().copied();
+    } else if out.gic.is_none() && is_compatible(node, "arm,gic-v3") {
+        if let [d, r, ..] = reg_of(node, parent)?[..] {
+            out.gic = Some(GicV3 { distributor: d, redistributors: r });
+        } else {
+            return Err(DtbError::BadReg { node: String::from(name) });
+        }
+    }
+    let own = cells_of(node, name)?;
+    for child in node.children() {
+        visit(child, own, depth + 1, out)?;
+    }
+    Ok(())
+}
+
+/// Parses a platform DTB into the arch-neutral [`BootInfo`] and the
+/// aarch64 platform description.
+pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), DtbError> {
+    let blob = validate(blob)?;
+    let fdt = Fdt::new(blob).map_err(|_| DtbError::Fdt)?;
+    let root = fdt.find_node("/").ok_or(DtbError::MissingNode("/"))?;
+    let mut c = Collected { ram: Vec::new(), cpus: Vec::new(), uart: None, gic: None };
+    // The root's reg (if any) is decoded with the defaults.
+    let root_cells = cells_of(root, "/")?;
+    for child in root.children() {
+        visit(child, root_cells, 1, &mut c)?;
+    }
+    if c.ram.is_empty() {
+        return Err(DtbError::NoRam);
+    }
+    sort_disjoint(&mut c.ram).map_err(DtbError::OverlappingRam)?;
+
+    let psci = match fdt.find_node("/psci") {
+        None => None,
+        Some(node) => match str_prop(node, "method") {
+            Some("smc") => Some(PsciConduit::Smc),
+            Some("hvc") => Some(PsciConduit::Hvc),
+            _ => return Err(DtbError::BadPsciMethod),
+        },
+    };
+
+    let mut info = BootInfo { ram: c.ram, ..BootInfo::default() };
+    // The DTB itself and the /memreserve/ entries stay reserved.
+    info.reserved.push(PhysRange::new(blob_phys, blob.len() as u64));
+    info.reserved.extend(
+        fdt.memory_reservations()
+            .map(|r| PhysRange::new(r.address() as u64, r.size() as u64))
+            .filter(|r| r.size != 0 && r.end().is_some()),
+    );
+    if let Some(chosen) = fdt.find_node("/chosen") {
+        if chosen.property("bootargs").is_some() {
+            info.cmdline = String::from(str_prop(chosen, "bootargs").ok_or(DtbError::BadBootargs)?);
+        }
+        // linux,initrd-start/end: the one blob the arm64 boot protocol carries.
+        let cell = |n: &str| chosen.property(n).and_then(|p| read_cells(p.value, 0, p.value.len() / 4));
+        if let (Some(start), Some(end)) = (cell("linux,initrd-start"), cell("linux,initrd-end")) {
+            if end > start {
+                let range = PhysRange::new(start, end - start);
+                info.reserved.push(range);
+                info.modules.push(BootModule { range, name: String::from("initrd") });
+            }
+        }
+    }
+    let platform = DtbPlatform { cpus: c.cpus, uart: c.uart, gic: c.gic, psci };
+    Ok((info, platform))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu max
+    /// -smp 2 -m 512M -machine dumpdtb=...` (QEMU 10.0.2).
+    const QEMU_VIRT: &[u8] = include_bytes!("../testdata/qemu-virt-gicv3-smp2-512m.dtb");
+
+    #[test]
+    fn qemu_virt_dtb() {
+        let (info, plat) = parse(QEMU_VIRT, 0x4400_0000).expect("valid DTB");
+        assert_eq!(info.ram, [PhysRange::new(0x4000_0000, 512 << 20)]);
+        assert_eq!(info.ram_mib(), 512);
+        assert_eq!(plat.cpus, [0, 1]);
+        assert_eq!(plat.uart, Some(PhysRange::new(0x0900_0000, 0x1000)));
+        assert_eq!(plat.psci, Some(PsciConduit::Smc));
+        let gic = plat.gic.expect("gic");
+        assert_eq!(gic.distributor.base, 0x0800_0000);
+        assert_eq!(gic.redistributors.base, 0x080a_0000);
+        assert!(info.reserved.contains(&PhysRange::new(0x4400_0000, QEMU_VIRT.len() as u64)));
+    }
+
+    #[test]
+    fn truncated_and_bad_magic() {
+        assert_eq!(parse(&QEMU_VIRT[..10], 0), Err(DtbError::TooShort));
+        let mut bad = QEMU_VIRT.to_vec();
+        bad[0] = 0;
+        assert!(matches!(parse(&bad, 0), Err(DtbError::BadMagic(_))));
+        assert!(matches!(parse(&QEMU_VIRT[..QEMU_VIRT.len() / 2], 0), Err(DtbError::BadTotalSize(_))));
+    }
+
+    #[test]
+    fn corrupt_structure_token() {
+        let mut bad = QEMU_VIRT.to_vec();
+        let off_struct = be32(&bad, 8).unwrap() as usize;
+        // The first token after the root's BEGIN_NODE + empty name.
+        bad[off_struct + 8..off_struct + 12].copy_from_slice(&0x77u32.to_be_bytes());
+        assert!(matches!(parse(&bad, 0), Err(DtbError::BadToken { .. })));
+    }
+
+    #[test]
+    fn oversized_property_length() {
+        let mut bad = QEMU_VIRT.to_vec();
+        let off_struct = be32(&bad, 8).unwrap() as usize;
+        // Root node: BEGIN_NODE, "\0" padded to 4, then the first PROP's len.
+        assert_eq!(be32(&bad, off_struct + 8), Some(FDT_PROP));
+        bad[off_struct + 12..off_struct + 16].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+        assert!(matches!(parse(&bad, 0), Err(DtbError::PropOutOfBounds { .. })));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        /// Random byte corruption never panics; it parses or gives an error.
+        #[test]
+        fn mutated_blobs_never_panic(flips in proptest::collection::vec((0usize..QEMU_VIRT.len(), any::<u8>()), 1..8)) {
+            let mut blob = QEMU_VIRT.to_vec();
+            for (at, byte) in flips {
+                blob[at] = byte;
+            }
+            let _ = parse(&blob, 0);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes, 0);
+        }
+    }
+}
