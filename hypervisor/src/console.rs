@@ -10,6 +10,9 @@ use spin::Mutex;
 /// A byte sink: a UART driver.
 pub trait Uart: Send {
     fn write_bytes(&mut self, bytes: &[u8]);
+
+    /// Waits until every written byte has left the transmitter.
+    fn flush(&mut self) {}
 }
 
 struct Console {
@@ -45,19 +48,35 @@ pub fn write_line(args: fmt::Arguments<'_>) {
     let _ = console.write_str("\n");
 }
 
-/// Writes a line without waiting for the lock holder: for the panic path,
-/// where the lock may be held by the CPU that panicked.
-pub fn write_line_forced(args: fmt::Arguments<'_>) {
-    // The CPU that panicked may hold the lock: try a bounded number of
-    // times, and drop the message rather than deadlock.
+/// Runs `f` on the console, trying the lock a bounded number of times: for
+/// the panic and power-off paths, where the CPU that failed may hold it.
+/// Gives up (and drops the output) rather than deadlock.
+fn with_console_bounded(f: impl FnOnce(&mut Console)) {
     for _ in 0..1_000_000 {
         if let Some(mut console) = CONSOLE.try_lock() {
-            let _ = console.write_fmt(args);
-            let _ = console.write_str("\n");
+            f(&mut console);
             return;
         }
         core::hint::spin_loop();
     }
+}
+
+/// Writes a line without waiting indefinitely for the lock.
+pub fn write_line_forced(args: fmt::Arguments<'_>) {
+    with_console_bounded(|console| {
+        let _ = console.write_fmt(args);
+        let _ = console.write_str("\n");
+    });
+}
+
+/// Waits for the UART to drain: call before powering off, or an emulator
+/// may drop the last bytes.
+pub fn flush() {
+    with_console_bounded(|console| {
+        if let Some(uart) = console.uart.as_mut() {
+            uart.flush();
+        }
+    });
 }
 
 /// Prints a human-readable line.

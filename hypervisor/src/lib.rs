@@ -10,6 +10,7 @@ extern crate alloc;
 
 pub mod console;
 pub mod events;
+pub mod vmx_caps;
 
 /// The version this image reports in `hv: boot` and to guests. The
 /// launcher overrides it (`HV_VERSION`) to build distinct update images.

@@ -43,6 +43,7 @@ fn park() -> ! {
 
 /// Powers the machine off (PSCI SYSTEM_OFF); parks if PSCI is unavailable.
 pub fn shutdown(_ok: bool) -> ! {
+    hypervisor::console::flush();
     let _ = psci::call(psci::SYSTEM_OFF, 0, 0, 0);
     park()
 }

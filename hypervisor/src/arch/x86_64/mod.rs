@@ -1,0 +1,184 @@
+//! x86_64 in long mode, VMX root: multiboot2 entry, COM1 console, ACPI CPU
+//! discovery, AP start-up and VMXON on every CPU.
+
+mod serial;
+mod smp;
+mod vmx;
+
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use alloc::boxed::Box;
+use hypervisor::vmx_caps::VmxCaps;
+use hypervisor::{hv_event, println, BUILD_ID, VERSION};
+use loader::acpi::{self, PhysMemory};
+use loader::multiboot2;
+use loader::PhysRange;
+use x86::io::{outb, outw};
+
+global_asm!(include_str!("entry.S"), options(att_syntax));
+
+pub const MAX_CPUS: usize = 8;
+/// The boot page tables identity-map the low 4 GiB.
+const MAPPED_LIMIT: u64 = 1 << 32;
+
+/// CPUs that executed VMXON successfully.
+static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
+
+/// Bochs ends the simulation when "Shutdown" is written to port 0x8900.
+const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
+/// QEMU's PIIX4/ICH9 ACPI PM1a control block: SLP_TYP=S5 | SLP_EN.
+const QEMU_PM1A_CNT: u16 = 0x604;
+const QEMU_S5: u16 = 0x2000;
+
+/// Powers the emulator off; halts forever if neither exit port works.
+pub fn shutdown(_ok: bool) -> ! {
+    hypervisor::console::flush();
+    // SAFETY: port writes to the emulators' power-off ports; on hardware
+    // without them they are ignored.
+    unsafe {
+        for b in b"Shutdown" {
+            outb(BOCHS_SHUTDOWN_PORT, *b);
+        }
+        outw(QEMU_PM1A_CNT, QEMU_S5);
+    }
+    halt_forever()
+}
+
+fn halt_forever() -> ! {
+    loop {
+        // SAFETY: cli; hlt stops this CPU; nothing is left to run.
+        unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Busy-waits roughly `us` microseconds: an I/O write to port 0x80 takes
+/// about 1 µs on PC hardware (the classic ISA delay).
+pub fn delay_us(us: u64) {
+    for _ in 0..us {
+        // SAFETY: port 0x80 is the POST diagnostic port; writes are harmless.
+        unsafe { outb(0x80, 0) };
+    }
+}
+
+fn fail(reason: &str) -> ! {
+    hv_event!("boot-failed", reason = reason);
+    hv_event!("shutdown", status = "error");
+    shutdown(false)
+}
+
+/// Physical memory as the boot page tables map it: identity, low 4 GiB.
+struct LowMemory;
+
+impl PhysMemory for LowMemory {
+    fn bytes(&self, phys: u64, len: usize) -> Option<&[u8]> {
+        let end = phys.checked_add(len as u64)?;
+        if phys == 0 || end > MAPPED_LIMIT {
+            return None;
+        }
+        // SAFETY: [phys, end) is inside the identity-mapped low 4 GiB and
+        // only read; firmware tables are not written by anyone while we run.
+        Some(unsafe { core::slice::from_raw_parts(phys as *const u8, len) })
+    }
+}
+
+#[no_mangle]
+extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
+    crate::heap::init();
+    // SAFETY: the only COM1 owner.
+    let console = Box::leak(Box::new(unsafe { serial::Com1::new() }));
+    hypervisor::console::set_uart(console);
+    println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode");
+
+    let mbi_len = LowMemory.bytes(u64::from(mbi_phys), 8).map_or(0, |h| {
+        u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize
+    });
+    let Some(mbi) = LowMemory.bytes(u64::from(mbi_phys), mbi_len.min(multiboot2::MAX_MBI_SIZE)) else {
+        fail("boot-information-unreadable")
+    };
+    let (info, platform) = match multiboot2::parse(magic, mbi, u64::from(mbi_phys)) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("multiboot2: {e}");
+            fail("bad-multiboot2-information")
+        }
+    };
+    let cpus = match acpi::discover_cpus(&LowMemory, platform.rsdp.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("acpi: {e}");
+            fail("acpi-madt")
+        }
+    };
+
+    let vmx = vmx::enable(0);
+    if vmx.is_ok() {
+        VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
+        let m = vmx::read_msrs();
+        hv_event!(
+            "vmx-msrs",
+            basic = format_args!("{:#x}", m.basic),
+            procbased = format_args!("{:#x}", m.procbased),
+            procbased2 = format_args!("{:#x}", m.procbased2),
+            ept_vpid = format_args!("{:#x}", m.ept_vpid),
+        );
+    }
+
+    let trampoline = PhysRange::new(smp::TRAMPOLINE, 0x1000);
+    let trampoline_free = info.ram.iter().any(|r| r.contains(&trampoline))
+        && !info.reserved.iter().any(|r| r.overlaps(&trampoline));
+    let me = smp::my_apic_id();
+    let mut index = 1;
+    for &apic_id in cpus.apic_ids.iter().filter(|&&id| id != me) {
+        if !trampoline_free {
+            hv_event!("ap-start-failed", apic_id = apic_id, reason = "trampoline-page-not-free");
+            break;
+        }
+        if !smp::start_ap(apic_id, index, hv_ap_main) {
+            hv_event!("ap-start-failed", apic_id = apic_id, reason = "timeout");
+        }
+        index += 1;
+    }
+
+    hv_event!(
+        "boot",
+        arch = "x86_64",
+        version = VERSION,
+        build = BUILD_ID,
+        cpus = smp::ONLINE.load(Ordering::Acquire),
+        mem_mib = info.ram_mib(),
+    );
+    match vmx {
+        Ok(caps) => report_vmx(&caps),
+        Err(e) => hv_event!("vmx", available = 0, reason = e.reason()),
+    }
+    if vmx.is_ok() {
+        vmx::disable();
+    }
+    hv_event!("shutdown", status = "ok");
+    shutdown(true)
+}
+
+fn report_vmx(caps: &VmxCaps) {
+    hv_event!(
+        "vmx",
+        available = 1,
+        ept = u8::from(caps.ept),
+        vpid = u8::from(caps.vpid),
+        unrestricted = u8::from(caps.unrestricted_guest),
+        ept_2m = u8::from(caps.ept_2m),
+        ept_1g = u8::from(caps.ept_1g),
+        revision = format_args!("{:#x}", caps.revision),
+        vmxon_cpus = VMXON_CPUS.load(Ordering::Acquire),
+    );
+}
+
+extern "C" fn hv_ap_main(index: u64) -> ! {
+    let vmx = vmx::enable(index as usize);
+    if vmx.is_ok() {
+        VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
+    }
+    let online = smp::ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
+    hv_event!("cpu-online", cpu = index, apic_id = smp::my_apic_id(), online = online, vmxon = u8::from(vmx.is_ok()));
+    halt_forever()
+}

@@ -1,0 +1,128 @@
+//! Starting the application processors with INIT-SIPI-SIPI through the
+//! local xAPIC (Intel SDM Vol. 3A §9.4.4 "MP Initialization Example",
+//! §11.6.1 "Interrupt Command Register").
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use x86::msr::{rdmsr, IA32_APIC_BASE};
+
+use super::{delay_us, MAX_CPUS};
+
+/// Where the real-mode trampoline is copied: SIPI vector 0x08.
+pub const TRAMPOLINE: u64 = 0x8000;
+const SIPI_VECTOR: u32 = (TRAMPOLINE >> 12) as u32;
+/// Local APIC register offsets (SDM Table 11-1).
+const APIC_ID: usize = 0x20;
+const ICR_LOW: usize = 0x300;
+const ICR_HIGH: usize = 0x310;
+/// ICR: delivery mode INIT (101b) / Start-Up (110b), level assert, and the
+/// delivery-status bit (SDM Figure 11-12).
+const ICR_INIT: u32 = 0x0000_4500;
+const ICR_STARTUP: u32 = 0x0000_4600;
+const ICR_BUSY: u32 = 1 << 12;
+const STACK_SIZE: usize = 0x10000;
+const AP_WAIT_US: u64 = 200_000;
+
+extern "C" {
+    static ap_trampoline_start: u8;
+    static ap_trampoline_end: u8;
+    static ap_cr3: u8;
+    static ap_stack: u8;
+    static ap_entry: u8;
+    static ap_arg: u8;
+}
+
+#[repr(C, align(16))]
+struct Stacks([[u8; STACK_SIZE]; MAX_CPUS]);
+
+static mut AP_STACKS: Stacks = Stacks([[0; STACK_SIZE]; MAX_CPUS]);
+
+/// CPUs running the hypervisor, the boot CPU included.
+pub static ONLINE: AtomicUsize = AtomicUsize::new(1);
+
+fn apic_base() -> usize {
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
+    (unsafe { rdmsr(IA32_APIC_BASE) } & !0xfff) as usize
+}
+
+fn apic_read(reg: usize) -> u32 {
+    // SAFETY: the local APIC page is identity-mapped uncached by the boot
+    // page tables; reads of these registers have no side effects.
+    unsafe { core::ptr::read_volatile((apic_base() + reg) as *const u32) }
+}
+
+fn apic_write(reg: usize, value: u32) {
+    // SAFETY: as above; ICR writes send IPIs, which is the intent.
+    unsafe { core::ptr::write_volatile((apic_base() + reg) as *mut u32, value) }
+}
+
+pub fn my_apic_id() -> u32 {
+    apic_read(APIC_ID) >> 24
+}
+
+fn send_ipi(apic_id: u32, low: u32) {
+    apic_write(ICR_HIGH, apic_id << 24);
+    apic_write(ICR_LOW, low);
+    for _ in 0..1000 {
+        if apic_read(ICR_LOW) & ICR_BUSY == 0 {
+            break;
+        }
+        delay_us(1);
+    }
+}
+
+fn sym(s: &u8) -> usize {
+    core::ptr::from_ref(s) as usize
+}
+
+/// Copies the trampoline below 1 MiB and patches its parameters.
+fn install_trampoline(cr3: u64, stack_top: u64, entry: u64, arg: u64) {
+    // SAFETY: linker symbols; only their addresses are used.
+    let (start, end, fields) = unsafe {
+        (
+            sym(&ap_trampoline_start),
+            sym(&ap_trampoline_end),
+            [(sym(&ap_cr3), cr3), (sym(&ap_stack), stack_top), (sym(&ap_entry), entry), (sym(&ap_arg), arg)],
+        )
+    };
+    let dst = TRAMPOLINE as usize;
+    // SAFETY: the caller checked that [TRAMPOLINE, +4 KiB) is free RAM not
+    // used by anything else; it is identity-mapped, and the source is the
+    // image's own text.
+    unsafe {
+        core::ptr::copy_nonoverlapping(start as *const u8, dst as *mut u8, end - start);
+        for (field, value) in fields {
+            core::ptr::write_unaligned((dst + field - start) as *mut u64, value);
+        }
+    }
+}
+
+/// Boots the AP with `apic_id` as CPU `index`; it runs `entry(index)`.
+/// Returns whether it came online in time.
+pub fn start_ap(apic_id: u32, index: usize, entry: extern "C" fn(u64) -> !) -> bool {
+    if index >= MAX_CPUS {
+        return false;
+    }
+    // SAFETY: each AP gets its own stack slot, indexed by `index`.
+    let stack_top = unsafe { core::ptr::addr_of!(AP_STACKS.0[index]) as u64 } + STACK_SIZE as u64;
+    let cr3: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { core::arch::asm!("mov {0}, cr3", out(reg) cr3, options(nomem, nostack)) };
+    install_trampoline(cr3, stack_top, entry as *const () as u64, index as u64);
+    let before = ONLINE.load(Ordering::Acquire);
+    send_ipi(apic_id, ICR_INIT);
+    delay_us(10_000);
+    for _ in 0..2 {
+        send_ipi(apic_id, ICR_STARTUP | SIPI_VECTOR);
+        delay_us(200);
+    }
+    let mut waited = 0;
+    while ONLINE.load(Ordering::Acquire) == before {
+        if waited >= AP_WAIT_US {
+            return false;
+        }
+        delay_us(10);
+        waited += 10;
+    }
+    true
+}
