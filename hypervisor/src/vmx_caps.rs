@@ -33,8 +33,9 @@ const EPT_1G_PAGES: u64 = 1 << 17;
 const EPT_INVEPT: u64 = 1 << 20;
 const VPID_INVVPID: u64 = 1 << 32;
 
-/// What the processor can do for us, decoded.
+/// What the processor can do for us, decoded: one flag per capability bit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)]
 pub struct VmxCaps {
     /// VMCS revision identifier (IA32_VMX_BASIC bits 30:0).
     pub revision: u32,

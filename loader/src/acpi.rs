@@ -40,12 +40,25 @@ pub enum AcpiError {
     BadRsdpSignature,
     BadRsdpChecksum,
     /// A table is not readable at the address its parent gives.
-    Unreadable { signature: [u8; 4], phys: u64 },
-    BadLength { signature: [u8; 4], len: u32 },
-    BadChecksum { signature: [u8; 4] },
-    BadSignature { expected: [u8; 4], found: [u8; 4] },
+    Unreadable {
+        signature: [u8; 4],
+        phys: u64,
+    },
+    BadLength {
+        signature: [u8; 4],
+        len: u32,
+    },
+    BadChecksum {
+        signature: [u8; 4],
+    },
+    BadSignature {
+        expected: [u8; 4],
+        found: [u8; 4],
+    },
     NoMadt,
-    BadMadtEntry { offset: usize },
+    BadMadtEntry {
+        offset: usize,
+    },
     /// The `acpi` crate refused what the walk accepted.
     Crate,
     NoCpus,
@@ -120,7 +133,7 @@ pub fn parse_rsdp(copy: &RsdpCopy) -> Result<(u8, u64), AcpiError> {
 }
 
 /// Reads and checks one table (header, length bound, checksum).
-fn table<'m, M: PhysMemory>(mem: &'m M, phys: u64, expected: Option<[u8; 4]>) -> Result<&'m [u8], AcpiError> {
+fn table<M: PhysMemory>(mem: &M, phys: u64, expected: Option<[u8; 4]>) -> Result<&[u8], AcpiError> {
     let want = expected.unwrap_or(*b"????");
     let header = mem.bytes(phys, SDT_HEADER_LEN).ok_or(AcpiError::Unreadable { signature: want, phys })?;
     let mut signature = [0u8; 4];
@@ -152,25 +165,17 @@ fn check_madt_entries(madt: &[u8]) -> Result<(), AcpiError> {
         let (Some(&kind), Some(&len)) = (madt.get(off), madt.get(off + 1)) else {
             return Err(AcpiError::BadMadtEntry { offset: off });
         };
+        // Minimum lengths of the types the acpi crate decodes (§5.2.12.2-20).
         let min = match kind {
-            MADT_LOCAL_APIC => 8,
-            MADT_LOCAL_X2APIC => 16,
-            // Lengths of the other types the acpi crate decodes (§5.2.12.3-20).
-            1 => 12,
-            2 => 10,
-            3 => 8,
             4 => 6,
-            5 => 12,
-            6 => 16,
+            MADT_LOCAL_APIC | 3 => 8,
+            2 => 10,
+            1 | 5 | 10 => 12,
             7 => 17,
-            8 => 16,
-            10 => 12,
-            11 => 80,
-            12 => 24,
-            13 => 16,
-            14 => 16,
             15 => 20,
-            16 => 16,
+            12 => 24,
+            11 => 80,
+            6 | 8 | MADT_LOCAL_X2APIC | 13 | 14 | 16 => 16,
             _ => 2,
         };
         let len = len as usize;
@@ -231,7 +236,8 @@ pub fn discover_cpus<M: PhysMemory>(mem: &M, rsdp: Option<&RsdpCopy>) -> Result<
     validate(mem, revision, root)?;
     // SAFETY: `validate` read the root table and every table it lists
     // through `mem`, and the handler maps only through `mem`.
-    let tables = unsafe { AcpiTables::from_rsdt(Window(mem), revision, root as usize) }.map_err(|_| AcpiError::Crate)?;
+    let tables =
+        unsafe { AcpiTables::from_rsdt(Window(mem), revision, root as usize) }.map_err(|_| AcpiError::Crate)?;
     let madt = tables.find_table::<Madt>().map_err(|_| AcpiError::NoMadt)?;
     let local_apic_phys = madt.get().local_apic_address;
     let mut apic_ids = Vec::new();
@@ -275,9 +281,9 @@ mod tests {
         t[at] = 0u8.wrapping_sub(sum(t));
     }
 
-    fn sdt(sig: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    fn sdt(sig: [u8; 4], body: &[u8]) -> Vec<u8> {
         let mut t = vec![0u8; SDT_HEADER_LEN];
-        t[..4].copy_from_slice(sig);
+        t[..4].copy_from_slice(&sig);
         t[4..8].copy_from_slice(&((SDT_HEADER_LEN + body.len()) as u32).to_le_bytes());
         t[8] = 1;
         t[10..16].copy_from_slice(b"BOCHS ");
@@ -300,23 +306,23 @@ mod tests {
         }
         // An I/O APIC entry, skipped.
         madt_body.extend_from_slice(&[1, 12, 2, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]);
-        let madt = sdt(b"APIC", &madt_body);
-        let other = sdt(b"SSDT", &[0u8; 8]);
+        let madt = sdt(*b"APIC", &madt_body);
+        let other = sdt(*b"SSDT", &[0u8; 8]);
         let madt_at = BASE + 0x100;
         let other_at = BASE + 0x400;
         let mut rsdt_body = Vec::new();
         rsdt_body.extend_from_slice(&(other_at as u32).to_le_bytes());
         rsdt_body.extend_from_slice(&(madt_at as u32).to_le_bytes());
-        let rsdt = sdt(b"RSDT", &rsdt_body);
+        let rsdt = sdt(*b"RSDT", &rsdt_body);
         let mut bytes = vec![0u8; 0x1000];
         bytes[..rsdt.len()].copy_from_slice(&rsdt);
         bytes[0x100..0x100 + madt.len()].copy_from_slice(&madt);
         bytes[0x400..0x400 + other.len()].copy_from_slice(&other);
-        let mut rsdp = b"RSD PTR ".to_vec();
-        rsdp.extend_from_slice(&[0, b'B', b'O', b'C', b'H', b'S', b' ', 0]);
-        rsdp.extend_from_slice(&(BASE as u32).to_le_bytes());
-        fix_checksum(&mut rsdp, 8);
-        (Arena { base: BASE, bytes }, RsdpCopy::V1(rsdp))
+        let mut root_pointer = b"RSD PTR ".to_vec();
+        root_pointer.extend_from_slice(&[0, b'B', b'O', b'C', b'H', b'S', b' ', 0]);
+        root_pointer.extend_from_slice(&(BASE as u32).to_le_bytes());
+        fix_checksum(&mut root_pointer, 8);
+        (Arena { base: BASE, bytes }, RsdpCopy::V1(root_pointer))
     }
 
     #[test]

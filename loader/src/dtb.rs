@@ -38,18 +38,34 @@ pub enum DtbError {
     BadMagic(u32),
     BadTotalSize(u32),
     BlockOutOfBounds(&'static str),
-    BadToken { offset: usize, token: u32 },
-    BadName { offset: usize },
-    BadPropName { offset: usize },
-    PropOutOfBounds { offset: usize },
+    BadToken {
+        offset: usize,
+        token: u32,
+    },
+    BadName {
+        offset: usize,
+    },
+    BadPropName {
+        offset: usize,
+    },
+    PropOutOfBounds {
+        offset: usize,
+    },
     TooDeep,
     Unbalanced,
     /// `fdt` rejected the header.
     Fdt,
     MissingNode(&'static str),
-    MissingProperty { node: &'static str, prop: &'static str },
-    BadCells { node: String },
-    BadReg { node: String },
+    MissingProperty {
+        node: &'static str,
+        prop: &'static str,
+    },
+    BadCells {
+        node: String,
+    },
+    BadReg {
+        node: String,
+    },
     NoRam,
     OverlappingRam(PhysRange),
     TooManyCpus,
@@ -170,10 +186,7 @@ fn walk_structure(s: &[u8], strings: &[u8]) -> Result<(), DtbError> {
                 }
                 let len = be32(s, off).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
                 let nameoff = be32(s, off + 4).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
-                strings
-                    .get(nameoff..)
-                    .and_then(cstr_len)
-                    .ok_or(DtbError::BadPropName { offset: at })?;
+                strings.get(nameoff..).and_then(cstr_len).ok_or(DtbError::BadPropName { offset: at })?;
                 let value_end = (off + 8).checked_add(len).ok_or(DtbError::PropOutOfBounds { offset: at })?;
                 if value_end > s.len() {
                     return Err(DtbError::PropOutOfBounds { offset: at });
@@ -266,8 +279,7 @@ fn reg_of(node: FdtNode<'_, '_>, parent: Cells) -> Result<Vec<PhysRange>, DtbErr
 }
 
 fn is_compatible(node: FdtNode<'_, '_>, with: &str) -> bool {
-    node.property("compatible")
-        .is_some_and(|p| p.value.split(|&b| b == 0).any(|s| s == with.as_bytes()))
+    node.property("compatible").is_some_and(|p| p.value.split(|&b| b == 0).any(|s| s == with.as_bytes()))
 }
 
 fn str_prop<'a>(node: FdtNode<'_, 'a>, name: &str) -> Option<&'a str> {

@@ -137,13 +137,8 @@ pub fn parse(bytes: &[u8], machine: Machine) -> Result<Image, ElfError> {
 /// gaps zero-filled and trailing zero-fill (bss) omitted: the layout of
 /// an arm64 `Image`.
 pub fn flatten(bytes: &[u8], image: &Image) -> Vec<u8> {
-    let file_end = image
-        .segments
-        .iter()
-        .filter(|s| s.file_size != 0)
-        .map(|s| s.paddr + s.file_size)
-        .max()
-        .unwrap_or(image.base());
+    let file_end =
+        image.segments.iter().filter(|s| s.file_size != 0).map(|s| s.paddr + s.file_size).max().unwrap_or(image.base());
     let mut out = vec![0u8; (file_end - image.base()) as usize];
     for s in image.segments.iter().filter(|s| s.file_size != 0) {
         let dst = (s.paddr - image.base()) as usize;
@@ -198,7 +193,10 @@ mod tests {
     #[test]
     fn wrong_machine_truncated_and_huge() {
         let elf = tiny_elf(EM_AARCH64, 0x4020_0000, &[0; 16], 16);
-        assert_eq!(parse(&elf, Machine::X86_64), Err(ElfError::WrongMachine { expected: Machine::X86_64, found: EM_AARCH64 }));
+        assert_eq!(
+            parse(&elf, Machine::X86_64),
+            Err(ElfError::WrongMachine { expected: Machine::X86_64, found: EM_AARCH64 })
+        );
         assert_eq!(parse(&elf[..elf.len() - 8], Machine::Aarch64), Err(ElfError::SegmentOutOfFile { index: 0 }));
         let huge = tiny_elf(EM_X86_64, 0x20_0000, &[0; 16], MAX_IMAGE_SPAN + 1);
         assert_eq!(parse(&huge, Machine::X86_64), Err(ElfError::TooLarge(MAX_IMAGE_SPAN + 1)));

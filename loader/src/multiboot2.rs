@@ -99,7 +99,7 @@ pub fn parse(magic: u32, mbi: &[u8], mbi_phys: u64) -> Result<(BootInfo, Mb2Plat
     }
     let total = le32(mbi, 0).ok_or(Mb2Error::TooShort)?;
     let total_len = total as usize;
-    if total_len < 16 || total_len > mbi.len() || total_len > MAX_MBI_SIZE || total_len % 8 != 0 {
+    if total_len < 16 || total_len > mbi.len() || total_len > MAX_MBI_SIZE || !total_len.is_multiple_of(8) {
         return Err(Mb2Error::BadTotalSize(total));
     }
     let mbi = &mbi[..total_len];
@@ -187,7 +187,7 @@ pub(crate) mod tests {
             out.extend_from_slice(&t.to_le_bytes());
             out.extend_from_slice(&((body.len() + 8) as u32).to_le_bytes());
             out.extend_from_slice(body);
-            while out.len() % 8 != 0 {
+            while !out.len().is_multiple_of(8) {
                 out.push(0);
             }
         }

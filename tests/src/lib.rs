@@ -1,1 +1,110 @@
+//! The one launcher: builds hypervisor images, wraps them for their boot
+//! protocol (arm64 Image, GRUB multiboot2 ISO), starts QEMU or Bochs under
+//! a timeout with the serial port captured to a log, and parses the serial
+//! event protocol (`shared/DESIGN.md` §7). `scripts/run` (through the
+//! `hvrun` binary) and the integration tests both use it, so the demo and
+//! the tests boot exactly the same way.
 
+pub mod emulator;
+pub mod events;
+pub mod image;
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Target architecture of an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Aarch64,
+    X86_64,
+}
+
+impl Arch {
+    pub fn triple(self) -> &'static str {
+        match self {
+            Arch::Aarch64 => "aarch64-unknown-none",
+            Arch::X86_64 => "x86_64-unknown-none",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Aarch64 => "aarch64",
+            Arch::X86_64 => "x86_64",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "aarch64" | "arm64" => Some(Arch::Aarch64),
+            "x86_64" | "x86-64" | "amd64" => Some(Arch::X86_64),
+            _ => None,
+        }
+    }
+}
+
+/// Which emulator runs the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Machine {
+    /// QEMU with TCG (aarch64 `virt` at EL2; x86_64 q35 without VMX).
+    Qemu,
+    /// Bochs with VMX (x86_64 only).
+    Bochs,
+    /// QEMU with KVM on an Intel host with nested VMX (x86_64 only).
+    Kvm,
+}
+
+impl Machine {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "qemu" => Some(Machine::Qemu),
+            "bochs" => Some(Machine::Bochs),
+            "kvm" => Some(Machine::Kvm),
+            _ => None,
+        }
+    }
+
+    /// The default machine for an architecture.
+    pub fn default_for(arch: Arch) -> Self {
+        match arch {
+            Arch::Aarch64 => Machine::Qemu,
+            Arch::X86_64 => Machine::Bochs,
+        }
+    }
+}
+
+/// Launcher errors, each with a message meant for the user.
+#[derive(Debug)]
+pub enum LaunchError {
+    Io { what: String, err: std::io::Error },
+    Build(String),
+    Image(String),
+    Unsupported(String),
+}
+
+impl fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LaunchError::Io { what, err } => write!(f, "{what}: {err}"),
+            LaunchError::Build(m) | LaunchError::Image(m) | LaunchError::Unsupported(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for LaunchError {}
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
+    let what = what.into();
+    move |err| LaunchError::Io { what, err }
+}
+
+/// The workspace root (the launcher lives in `<root>/tests`).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map_or(manifest.clone(), std::path::Path::to_path_buf)
+}
+
+/// Where images, ISOs and logs go.
+pub fn out_dir() -> PathBuf {
+    workspace_root().join("target").join("hv")
+}

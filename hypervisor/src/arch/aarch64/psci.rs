@@ -32,5 +32,5 @@ pub fn call(function: u64, a1: u64, a2: u64, a3: u64) -> Option<i64> {
         asm!("smc #0", inout("x0") x0, inout("x1") a1 => _, inout("x2") a2 => _, inout("x3") a3 => _,
              options(nostack));
     }
-    Some(x0 as i64)
+    Some(x0.cast_signed())
 }

@@ -90,9 +90,8 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
     hypervisor::console::set_uart(console);
     println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode");
 
-    let mbi_len = LowMemory.bytes(u64::from(mbi_phys), 8).map_or(0, |h| {
-        u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize
-    });
+    let mbi_len =
+        LowMemory.bytes(u64::from(mbi_phys), 8).map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize);
     let Some(mbi) = LowMemory.bytes(u64::from(mbi_phys), mbi_len.min(multiboot2::MAX_MBI_SIZE)) else {
         fail("boot-information-unreadable")
     };
@@ -125,11 +124,10 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
     }
 
     let trampoline = PhysRange::new(smp::TRAMPOLINE, 0x1000);
-    let trampoline_free = info.ram.iter().any(|r| r.contains(&trampoline))
-        && !info.reserved.iter().any(|r| r.overlaps(&trampoline));
+    let trampoline_free =
+        info.ram.iter().any(|r| r.contains(&trampoline)) && !info.reserved.iter().any(|r| r.overlaps(&trampoline));
     let me = smp::my_apic_id();
-    let mut index = 1;
-    for &apic_id in cpus.apic_ids.iter().filter(|&&id| id != me) {
+    for (index, &apic_id) in (1..).zip(cpus.apic_ids.iter().filter(|&&id| id != me)) {
         if !trampoline_free {
             hv_event!("ap-start-failed", apic_id = apic_id, reason = "trampoline-page-not-free");
             break;
@@ -137,7 +135,6 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         if !smp::start_ap(apic_id, index, hv_ap_main) {
             hv_event!("ap-start-failed", apic_id = apic_id, reason = "timeout");
         }
-        index += 1;
     }
 
     hv_event!(

@@ -1,8 +1,8 @@
 //! COM1 console through `uart_16550`.
 
 use hypervisor::console::Uart;
-use x86::io::inb;
 use uart_16550::SerialPort;
+use x86::io::inb;
 
 /// The PC's first serial port (I/O base 0x3f8).
 const COM1: u16 = 0x3f8;

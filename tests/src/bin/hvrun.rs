@@ -1,0 +1,127 @@
+//! `hvrun`: build the hypervisor, boot it in an emulator, stream its serial
+//! output. `scripts/run` is a thin wrapper around this.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunSpec};
+use hv_tests::image::{self, ImageSpec};
+use hv_tests::{Arch, Machine};
+
+const USAGE: &str = "\
+usage: scripts/run [options] [-- emulator args...]
+
+  --arch aarch64|x86_64      architecture (default: aarch64)
+  --machine qemu|bochs|kvm   emulator (default: qemu for aarch64, bochs for x86_64)
+                             kvm = QEMU/KVM on an Intel host with nested VMX
+  --timeout SECONDS          stop the emulator after this long (default: 120)
+  --cpus N                   CPUs (default: 2)
+  --mem MIB                  RAM in MiB (default: 512 on QEMU, 128 on Bochs)
+  -h, --help                 this text
+
+Everything after -- goes to the emulator's command line unchanged.
+Exit status: 0 when the hypervisor reports `hv: shutdown status=ok`.";
+
+struct Options {
+    arch: Arch,
+    machine: Option<Machine>,
+    timeout: u64,
+    cpus: u32,
+    mem: Option<u32>,
+    extra: Vec<String>,
+}
+
+fn value<'a>(args: &mut impl Iterator<Item = &'a String>, flag: &str) -> Result<&'a String, String> {
+    args.next().ok_or_else(|| format!("{flag} needs a value"))
+}
+
+fn number<T: std::str::FromStr>(s: &str, flag: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("{flag}: '{s}' is not a number"))
+}
+
+fn parse(args: &[String]) -> Result<Option<Options>, String> {
+    let mut o = Options { arch: Arch::Aarch64, machine: None, timeout: 120, cpus: 2, mem: None, extra: Vec::new() };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => return Ok(None),
+            "--arch" => {
+                let v = value(&mut it, a)?;
+                o.arch = Arch::parse(v).ok_or_else(|| format!("unknown --arch '{v}'"))?;
+            }
+            "--machine" => {
+                let v = value(&mut it, a)?;
+                o.machine = Some(Machine::parse(v).ok_or_else(|| format!("unknown --machine '{v}'"))?);
+            }
+            "--timeout" => o.timeout = number(value(&mut it, a)?, a)?,
+            "--cpus" => o.cpus = number(value(&mut it, a)?, a)?,
+            "--mem" => o.mem = Some(number(value(&mut it, a)?, a)?),
+            "--" => {
+                o.extra = it.by_ref().cloned().collect();
+            }
+            other => return Err(format!("unknown option '{other}'")),
+        }
+    }
+    Ok(Some(o))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o = match parse(&args) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("hvrun: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let machine = o.machine.unwrap_or(Machine::default_for(o.arch));
+    if machine == Machine::Kvm {
+        if let Err(why) = emulator::kvm_vmx_usable() {
+            eprintln!("hvrun: --machine kvm refused: {why}.\nUse --machine bochs (VMX emulated) on this host.");
+            return ExitCode::from(3);
+        }
+    }
+    eprintln!("hvrun: building the {} image", o.arch.name());
+    let image = match image::build(&ImageSpec { arch: o.arch, version: None }) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("hvrun: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut spec = RunSpec::new(&format!("run-{}-{machine:?}", o.arch.name()).to_lowercase(), machine);
+    spec.cpus = o.cpus;
+    spec.mem_mib = o.mem.unwrap_or(if machine == Machine::Bochs { 128 } else { 512 });
+    spec.timeout = Duration::from_secs(o.timeout);
+    spec.extra_args = o.extra;
+    spec.stream = true;
+    eprintln!(
+        "hvrun: booting {} on {machine:?} ({} CPUs, {} MiB, timeout {}s)",
+        image.bootable.display(),
+        spec.cpus,
+        spec.mem_mib,
+        o.timeout
+    );
+    let outcome = match emulator::run(&image, &spec) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hvrun: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if outcome.clean_shutdown() {
+        eprintln!(
+            "hvrun: clean shutdown after {:.1}s; serial log: {}",
+            outcome.elapsed.as_secs_f64(),
+            outcome.log_path.display()
+        );
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("hvrun: {}", outcome.failure("no `hv: shutdown status=ok` event"));
+        ExitCode::from(1)
+    }
+}

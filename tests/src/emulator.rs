@@ -1,0 +1,239 @@
+//! Starting an emulator on a built image under a timeout, with the serial
+//! port captured to a log file (and optionally streamed to stdout).
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::events::{parse_log, Event, Source};
+use crate::image::BuiltImage;
+use crate::{io_err, Arch, LaunchError, Machine};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    pub machine: Machine,
+    pub cpus: u32,
+    pub mem_mib: u32,
+    pub timeout: Duration,
+    /// Appended to the emulator's command line.
+    pub extra_args: Vec<String>,
+    /// Copy serial output to stdout as it arrives.
+    pub stream: bool,
+    /// Name for the run directory under `target/hv/runs`.
+    pub name: String,
+}
+
+impl RunSpec {
+    pub fn new(name: &str, machine: Machine) -> Self {
+        Self {
+            machine,
+            cpus: 2,
+            mem_mib: 512,
+            timeout: Duration::from_mins(2),
+            extra_args: Vec::new(),
+            stream: false,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub serial: String,
+    pub events: Vec<Event>,
+    pub timed_out: bool,
+    pub exit_code: Option<i32>,
+    pub log_path: PathBuf,
+    pub elapsed: Duration,
+}
+
+impl RunOutcome {
+    /// Hypervisor events called `name`.
+    pub fn hv(&self, name: &str) -> Vec<&Event> {
+        self.events.iter().filter(|e| e.source == Source::Hypervisor && e.name == name).collect()
+    }
+
+    /// The last `n` lines of the serial log.
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.serial.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Whether the hypervisor reported a clean shutdown.
+    pub fn clean_shutdown(&self) -> bool {
+        self.hv("shutdown").iter().any(|e| e.get("status") == Some("ok"))
+    }
+
+    /// A failure report: the reason, then the tail of the log.
+    pub fn failure(&self, reason: &str) -> String {
+        format!(
+            "{reason}\n  timed_out={} exit={:?} elapsed={:.1}s log={}\n--- last serial lines ---\n{}\n---",
+            self.timed_out,
+            self.exit_code,
+            self.elapsed.as_secs_f64(),
+            self.log_path.display(),
+            self.tail(30)
+        )
+    }
+}
+
+/// Whether this host can run VMX guests under KVM (Intel, nested VMX).
+pub fn kvm_vmx_usable() -> Result<(), String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm does not exist".into());
+    }
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx")) {
+        return Err("the host CPU does not expose VMX (no 'vmx' flag in /proc/cpuinfo), so KVM cannot \
+                    give the guest VMX; this path needs an Intel host with nested virtualization"
+            .into());
+    }
+    let nested = fs::read_to_string("/sys/module/kvm_intel/parameters/nested").unwrap_or_default();
+    if !matches!(nested.trim(), "Y" | "1") {
+        return Err("kvm_intel is not loaded with nested=1 (see /sys/module/kvm_intel/parameters/nested)".into());
+    }
+    Ok(())
+}
+
+fn bochsrc(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> String {
+    format!(
+        "megs: {mem}\n\
+         cpu: model=corei7_skylake_x, count={cpus}, ips=50000000\n\
+         romimage: file=/usr/share/bochs/BIOS-bochs-latest\n\
+         vgaromimage: file=/usr/share/vgabios/vgabios.bin\n\
+         ata0-master: type=cdrom, path={iso}, status=inserted\n\
+         boot: cdrom\n\
+         display_library: rfb, options=\"timeout=0\"\n\
+         com1: enabled=1, mode=file, dev={serial}\n\
+         log: {log}\n\
+         panic: action=fatal\n\
+         error: action=report\n\
+         info: action=ignore\n\
+         debug: action=ignore\n\
+         clock: sync=none, time0=local\n\
+         sound: driver=dummy\n\
+         speaker: enabled=0\n",
+        mem = spec.mem_mib,
+        cpus = spec.cpus,
+        iso = image.bootable.display(),
+        serial = serial.display(),
+        log = dir.join("bochs.log").display(),
+    )
+}
+
+fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Result<Command, LaunchError> {
+    let mut cmd = match (image.arch, spec.machine) {
+        (Arch::Aarch64, Machine::Qemu) => {
+            let mut c = Command::new("qemu-system-aarch64");
+            c.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", "max"]);
+            c.arg("-kernel").arg(&image.bootable);
+            c
+        }
+        (Arch::X86_64, Machine::Qemu) => {
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-M", "q35", "-cpu", "max"]);
+            c.arg("-cdrom").arg(&image.bootable);
+            c
+        }
+        (Arch::X86_64, Machine::Kvm) => {
+            kvm_vmx_usable().map_err(|why| {
+                LaunchError::Unsupported(format!("--machine kvm refused: {why}. Use --machine bochs on this host."))
+            })?;
+            let mut c = Command::new("qemu-system-x86_64");
+            c.args(["-M", "q35", "-accel", "kvm", "-cpu", "host"]);
+            c.arg("-cdrom").arg(&image.bootable);
+            c
+        }
+        (Arch::X86_64, Machine::Bochs) => {
+            let rc = dir.join("bochsrc");
+            fs::write(&rc, bochsrc(image, spec, serial, dir)).map_err(io_err("writing bochsrc"))?;
+            // The built-in debugger stops at a prompt: continue, then quit.
+            let dbg = dir.join("bochs-debugger.rc");
+            fs::write(&dbg, "c\nquit\n").map_err(io_err("writing the Bochs debugger script"))?;
+            let mut c = Command::new("bochs");
+            c.arg("-q").arg("-f").arg(&rc).arg("-rc").arg(&dbg);
+            c.args(&spec.extra_args);
+            return Ok(c);
+        }
+        (arch, machine) => {
+            return Err(LaunchError::Unsupported(format!(
+                "{machine:?} cannot run {} images (aarch64: qemu; x86_64: bochs, qemu, kvm)",
+                arch.name()
+            )))
+        }
+    };
+    cmd.arg("-smp").arg(spec.cpus.to_string());
+    cmd.arg("-m").arg(format!("{}M", spec.mem_mib));
+    cmd.args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+    cmd.arg("-serial").arg(format!("file:{}", serial.display()));
+    cmd.args(&spec.extra_args);
+    Ok(cmd)
+}
+
+/// Copies newly arrived bytes of the serial log to stdout.
+fn pump(file: &mut Option<fs::File>, path: &Path, stream: bool) {
+    if file.is_none() {
+        *file = fs::File::open(path).ok();
+    }
+    if let (Some(f), true) = (file.as_mut(), stream) {
+        let mut buf = Vec::new();
+        if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&buf);
+            let _ = out.flush();
+        }
+    }
+}
+
+fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> (bool, Option<i32>) {
+    let start = Instant::now();
+    let mut file = None;
+    loop {
+        pump(&mut file, serial, spec.stream);
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                pump(&mut file, serial, spec.stream);
+                return (false, status.code());
+            }
+            Ok(None) if start.elapsed() >= spec.timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                pump(&mut file, serial, spec.stream);
+                return (true, None);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => return (false, None),
+        }
+    }
+}
+
+/// Boots `image` as `spec` says and collects the serial output.
+pub fn run(image: &BuiltImage, spec: &RunSpec) -> Result<RunOutcome, LaunchError> {
+    let dir = crate::out_dir().join("runs").join(&spec.name);
+    fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let serial = dir.join("serial.log");
+    fs::write(&serial, b"").map_err(io_err("creating the serial log"))?;
+    let mut cmd = command(image, spec, &serial, &dir)?;
+    let emulator_out = fs::File::create(dir.join("emulator.out")).map_err(io_err("creating emulator.out"))?;
+    let emulator_err = emulator_out.try_clone().map_err(io_err("creating emulator.out"))?;
+    cmd.stdin(Stdio::null()).stdout(emulator_out).stderr(emulator_err);
+    let start = Instant::now();
+    let program = cmd.get_program().to_string_lossy().to_string();
+    let mut child = cmd.spawn().map_err(io_err(format!("starting {program} (run scripts/setup to install it)")))?;
+    let (timed_out, exit_code) = wait(&mut child, spec, &serial);
+    let elapsed = start.elapsed();
+    let bytes = fs::read(&serial).map_err(io_err("reading the serial log"))?;
+    let serial_text = String::from_utf8_lossy(&bytes).replace('\r', "");
+    Ok(RunOutcome {
+        events: parse_log(&serial_text),
+        serial: serial_text,
+        timed_out,
+        exit_code,
+        log_path: serial,
+        elapsed,
+    })
+}

@@ -1,0 +1,111 @@
+//! First boot on both architectures: the printed values must match what
+//! the emulator was told.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunOutcome, RunSpec};
+use hv_tests::image::{self, BuiltImage, ImageSpec};
+use hv_tests::{Arch, Machine};
+
+/// One emulator at a time: the machine has two cores, and Bochs's RFB
+/// display listens on a fixed port.
+static EMULATOR: Mutex<()> = Mutex::new(());
+
+fn build(arch: Arch) -> BuiltImage {
+    image::build(&ImageSpec { arch, version: None }).unwrap_or_else(|e| panic!("building {arch:?}: {e}"))
+}
+
+fn boot(arch: Arch, machine: Machine, cpus: u32, mem_mib: u32) -> RunOutcome {
+    let image = build(arch);
+    let _one = EMULATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut spec = RunSpec::new(&format!("test-{}-{machine:?}-{cpus}cpu-{mem_mib}m", arch.name()), machine);
+    spec.cpus = cpus;
+    spec.mem_mib = mem_mib;
+    spec.timeout = Duration::from_secs(90);
+    emulator::run(&image, &spec).unwrap_or_else(|e| panic!("running {arch:?} on {machine:?}: {e}"))
+}
+
+/// The single `hv: <name>` event, or a failure with the log's tail.
+fn one<'a>(run: &'a RunOutcome, name: &str) -> &'a hv_tests::events::Event {
+    let found = run.hv(name);
+    assert!(found.len() == 1, "{}", run.failure(&format!("expected one `hv: {name}` event, got {}", found.len())));
+    found[0]
+}
+
+fn check(run: &RunOutcome, ok: bool, what: &str) {
+    assert!(ok, "{}", run.failure(what));
+}
+
+fn check_boot(run: &RunOutcome, arch: &str, cpus: u32) -> u64 {
+    check(run, run.clean_shutdown(), "no `hv: shutdown status=ok`");
+    let boot = one(run, "boot");
+    check(run, boot.get("arch") == Some(arch), "boot arch");
+    check(run, boot.get("version").is_some_and(|v| !v.is_empty()), "boot version");
+    check(run, boot.get("build").is_some_and(|v| !v.is_empty()), "boot build");
+    check(run, boot.num("cpus") == Some(u64::from(cpus)), &format!("boot cpus != {cpus}"));
+    boot.num("mem_mib").unwrap_or(0)
+}
+
+#[test]
+fn aarch64_qemu_two_cpus_512m() {
+    let run = boot(Arch::Aarch64, Machine::Qemu, 2, 512);
+    let mem = check_boot(&run, "aarch64", 2);
+    check(&run, mem == 512, "mem_mib != 512");
+    let online = one(&run, "cpu-online");
+    check(&run, online.num("mpidr") == Some(1), "secondary MPIDR");
+    let plat = one(&run, "platform");
+    check(&run, plat.get("psci") == Some("smc") && plat.num("el") == Some(2), "platform psci/el");
+}
+
+#[test]
+fn aarch64_qemu_values_follow_the_machine() {
+    let run = boot(Arch::Aarch64, Machine::Qemu, 1, 256);
+    let mem = check_boot(&run, "aarch64", 1);
+    check(&run, mem == 256, "mem_mib != 256");
+    check(&run, run.hv("cpu-online").is_empty(), "no secondary CPU expected");
+}
+
+/// Firmware keeps part of the low MiB and the ACPI tables, so usable RAM
+/// is a little under what Bochs/QEMU were given.
+fn near(mem: u64, told: u32) -> bool {
+    mem <= u64::from(told) && mem + 4 >= u64::from(told)
+}
+
+#[test]
+fn x86_64_bochs_vmxon_on_both_cpus() {
+    let run = boot(Arch::X86_64, Machine::Bochs, 2, 128);
+    let mem = check_boot(&run, "x86_64", 2);
+    check(&run, near(mem, 128), "mem_mib not within 4 MiB of 128");
+    let vmx = one(&run, "vmx");
+    for key in ["available", "ept", "vpid", "unrestricted"] {
+        check(&run, vmx.num(key) == Some(1), &format!("vmx {key}=1 expected"));
+    }
+    check(&run, vmx.num("vmxon_cpus") == Some(2), "VMXON on both CPUs");
+    check(&run, vmx.num("revision") == Some(0x2b), "Bochs VMCS revision 0x2b");
+}
+
+#[test]
+fn x86_64_qemu_tcg_reports_no_vmx_and_exits() {
+    let run = boot(Arch::X86_64, Machine::Qemu, 2, 256);
+    let mem = check_boot(&run, "x86_64", 2);
+    check(&run, near(mem, 256), "mem_mib not within 4 MiB of 256");
+    let vmx = one(&run, "vmx");
+    check(&run, vmx.num("available") == Some(0), "TCG has no VMX");
+    check(&run, run.exit_code == Some(0), "QEMU should exit 0 via ACPI S5");
+}
+
+#[test]
+fn kvm_path_refuses_without_nested_vmx() {
+    if let Err(why) = emulator::kvm_vmx_usable() {
+        let image = build(Arch::X86_64);
+        let spec = RunSpec::new("test-kvm-refusal", Machine::Kvm);
+        let err = emulator::run(&image, &spec).expect_err("kvm must refuse here");
+        let msg = err.to_string();
+        assert!(msg.contains("--machine kvm refused") && msg.contains(&why), "unclear refusal: {msg}");
+    } else {
+        let run = boot(Arch::X86_64, Machine::Kvm, 2, 256);
+        check_boot(&run, "x86_64", 2);
+        check(&run, one(&run, "vmx").num("vmxon_cpus") == Some(2), "VMXON on both CPUs under KVM");
+    }
+}
