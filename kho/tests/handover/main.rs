@@ -1,0 +1,8 @@
+//! Integration tests of the handover: round trips, validation, golden-blob
+//! compatibility, the update state machine, and a bounded fuzz of the reader.
+
+mod compat;
+mod fixtures;
+mod fuzz;
+mod update;
+mod validation;
