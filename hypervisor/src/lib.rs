@@ -10,6 +10,14 @@ extern crate alloc;
 
 pub mod console;
 pub mod events;
+pub mod frames;
+pub mod guest_console;
+pub mod guest_dtb;
+pub mod guest_image;
+pub mod hypercall;
+pub mod partition;
+pub mod sched;
+pub mod stage2;
 pub mod vmx_caps;
 
 /// The version this image reports in `hv: boot` and to guests. The

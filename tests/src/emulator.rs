@@ -24,6 +24,10 @@ pub struct RunSpec {
     pub stream: bool,
     /// Name for the run directory under `target/hv/runs`.
     pub name: String,
+    /// Files to place in RAM at physical addresses (QEMU `-device loader`).
+    pub blobs: Vec<(PathBuf, u64)>,
+    /// The hypervisor's command line (QEMU `-append`, into /chosen/bootargs).
+    pub cmdline: Option<String>,
 }
 
 impl RunSpec {
@@ -36,6 +40,8 @@ impl RunSpec {
             extra_args: Vec::new(),
             stream: false,
             name: name.to_string(),
+            blobs: Vec::new(),
+            cmdline: None,
         }
     }
 }
@@ -52,6 +58,11 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
+    /// Events from guest `id` called `name`.
+    pub fn guest(&self, id: u32, name: &str) -> Vec<&Event> {
+        self.events.iter().filter(|e| e.source == Source::Guest(id) && e.name == name).collect()
+    }
+
     /// Hypervisor events called `name`.
     pub fn hv(&self, name: &str) -> Vec<&Event> {
         self.events.iter().filter(|e| e.source == Source::Hypervisor && e.name == name).collect()
@@ -131,6 +142,12 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
             let mut c = Command::new("qemu-system-aarch64");
             c.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", "max"]);
             c.arg("-kernel").arg(&image.bootable);
+            for (file, addr) in &spec.blobs {
+                c.arg("-device").arg(format!("loader,file={},addr={addr:#x},force-raw=on", file.display()));
+            }
+            if let Some(cmdline) = &spec.cmdline {
+                c.arg("-append").arg(cmdline);
+            }
             c
         }
         (Arch::X86_64, Machine::Qemu) => {
@@ -212,8 +229,13 @@ fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> (bool, Option<i32>)
 }
 
 /// Boots `image` as `spec` says and collects the serial output.
+/// The directory a run keeps its logs and generated files in.
+pub fn run_dir(spec: &RunSpec) -> PathBuf {
+    crate::out_dir().join("runs").join(&spec.name)
+}
+
 pub fn run(image: &BuiltImage, spec: &RunSpec) -> Result<RunOutcome, LaunchError> {
-    let dir = crate::out_dir().join("runs").join(&spec.name);
+    let dir = run_dir(spec);
     fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let serial = dir.join("serial.log");
     fs::write(&serial, b"").map_err(io_err("creating the serial log"))?;

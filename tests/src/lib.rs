@@ -7,6 +7,7 @@
 
 pub mod emulator;
 pub mod events;
+pub mod guests;
 pub mod image;
 
 use std::fmt;

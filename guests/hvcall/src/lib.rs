@@ -23,6 +23,98 @@ const RESERVED: u64 = (0x7fff << 17) | (0xf << 44) | (0xf << 60);
 /// §2.5 Table 2-1 and §6.1), x1 = control word, x2/x3 = input/output.
 pub const SMCCC_VENDOR_HYP_CALL: u64 = 0xc600_0001;
 
+/// Call codes (bits 15:0 of the control word). `hypervisor/HYPERCALLS.md`
+/// gives each call's inputs, outputs and statuses.
+pub mod call {
+    /// Rep call: write `rep_count` bytes at input GPA to the console.
+    pub const CONSOLE_WRITE: u16 = 0x0001;
+    /// Fast call: output = the caller's partition id.
+    pub const GET_PARTITION_ID: u16 = 0x0002;
+    /// Memory call: writes a [`super::HvInfo`] at the output GPA.
+    pub const GET_HV_INFO: u16 = 0x0003;
+    /// Fast call: give up the rest of this time slice.
+    pub const YIELD: u16 = 0x0004;
+    /// Fast call: stop the calling partition (all its vCPUs).
+    pub const SHUTDOWN_SELF: u16 = 0x0005;
+    /// Fast call, privileged: input = partition id, output = its
+    /// [`super::PartitionState`].
+    pub const GET_PARTITION_STATE: u16 = 0x0006;
+}
+
+/// The output of `GET_HV_INFO`, 88 bytes, little-endian, 8-byte aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct HvInfo {
+    /// Semantic version, NUL-padded UTF-8.
+    pub version: [u8; 32],
+    /// Build identifier, NUL-padded UTF-8.
+    pub build: [u8; 32],
+    /// Live updates performed since the first boot.
+    pub update_count: u64,
+    /// Hypercall ABI version: 1.
+    pub abi_version: u64,
+    /// Physical CPUs the hypervisor runs on.
+    pub cpus: u64,
+}
+
+impl HvInfo {
+    /// Fills a NUL-padded field from a string, truncating at 31 bytes.
+    pub fn field(s: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let n = s.len().min(31);
+        out[..n].copy_from_slice(&s.as_bytes()[..n]);
+        out
+    }
+
+    /// The little-endian wire layout.
+    pub fn to_bytes(&self) -> [u8; HV_INFO_SIZE] {
+        let mut b = [0u8; HV_INFO_SIZE];
+        b[..32].copy_from_slice(&self.version);
+        b[32..64].copy_from_slice(&self.build);
+        b[64..72].copy_from_slice(&self.update_count.to_le_bytes());
+        b[72..80].copy_from_slice(&self.abi_version.to_le_bytes());
+        b[80..88].copy_from_slice(&self.cpus.to_le_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8; HV_INFO_SIZE]) -> Self {
+        let word = |at: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let mut version = [0u8; 32];
+        let mut build = [0u8; 32];
+        version.copy_from_slice(&b[..32]);
+        build.copy_from_slice(&b[32..64]);
+        Self { version, build, update_count: word(64), abi_version: word(72), cpus: word(80) }
+    }
+
+    /// A NUL-padded field as a string (empty if not UTF-8).
+    pub fn text(field: &[u8; 32]) -> &str {
+        let end = field.iter().position(|&c| c == 0).unwrap_or(field.len());
+        core::str::from_utf8(&field[..end]).unwrap_or("")
+    }
+}
+
+/// Size in bytes of [`HvInfo`] as written to guest memory.
+pub const HV_INFO_SIZE: usize = 88;
+/// Required alignment of the `GET_HV_INFO` output GPA.
+pub const HV_INFO_ALIGN: u64 = 8;
+/// The ABI version reported in [`HvInfo::abi_version`].
+pub const ABI_VERSION: u64 = 1;
+
+/// Partition states reported by `GET_PARTITION_STATE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum PartitionState {
+    Running = 0,
+    /// Shut itself down.
+    Stopped = 1,
+    /// Stopped by the hypervisor after a fault.
+    Faulted = 2,
+}
+
 /// A decoded control word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Control {
@@ -138,6 +230,23 @@ mod tests {
         assert_eq!(Control::decode(1 << 45), Err(Status::InvalidHypercallInput));
         let bad = Control { code: 1, fast: false, rep_count: 1, rep_start: 2 }.encode();
         assert_eq!(Control::decode(bad), Err(Status::InvalidHypercallInput));
+    }
+
+    #[test]
+    fn hv_info_wire_layout() {
+        let info = HvInfo {
+            version: HvInfo::field("0.2.0"),
+            build: HvInfo::field("abc"),
+            update_count: 3,
+            abi_version: ABI_VERSION,
+            cpus: 2,
+        };
+        let b = info.to_bytes();
+        assert_eq!(&b[..5], b"0.2.0");
+        assert_eq!(b[64], 3);
+        assert_eq!(HvInfo::from_bytes(&b), info);
+        assert_eq!(HvInfo::text(&info.version), "0.2.0");
+        assert_eq!(HvInfo::text(&HvInfo::field(&"x".repeat(40))).len(), 31);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use hv_tests::emulator::{self, RunSpec};
+use hv_tests::guests::{self, GuestArg};
 use hv_tests::image::{self, ImageSpec};
 use hv_tests::{Arch, Machine};
 
@@ -17,6 +18,10 @@ usage: scripts/run [options] [-- emulator args...]
   --timeout SECONDS          stop the emulator after this long (default: 120)
   --cpus N                   CPUs (default: 2)
   --mem MIB                  RAM in MiB (default: 512 on QEMU, 128 on Bochs)
+  --guest FILE[,mem=SIZE][,vcpus=N][,privileged][,initrd=FILE][,cmdline=\"...\"]
+                             a guest to run (repeatable); without any, aarch64
+                             runs the built-in test guests
+  --no-guests                boot the hypervisor alone
   -h, --help                 this text
 
 Everything after -- goes to the emulator's command line unchanged.
@@ -28,6 +33,8 @@ struct Options {
     timeout: u64,
     cpus: u32,
     mem: Option<u32>,
+    guests: Vec<GuestArg>,
+    no_guests: bool,
     extra: Vec<String>,
 }
 
@@ -40,7 +47,16 @@ fn number<T: std::str::FromStr>(s: &str, flag: &str) -> Result<T, String> {
 }
 
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
-    let mut o = Options { arch: Arch::Aarch64, machine: None, timeout: 120, cpus: 2, mem: None, extra: Vec::new() };
+    let mut o = Options {
+        arch: Arch::Aarch64,
+        machine: None,
+        timeout: 120,
+        cpus: 2,
+        mem: None,
+        guests: Vec::new(),
+        no_guests: false,
+        extra: Vec::new(),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -56,6 +72,8 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             "--timeout" => o.timeout = number(value(&mut it, a)?, a)?,
             "--cpus" => o.cpus = number(value(&mut it, a)?, a)?,
             "--mem" => o.mem = Some(number(value(&mut it, a)?, a)?),
+            "--guest" => o.guests.push(GuestArg::parse(value(&mut it, a)?)?),
+            "--no-guests" => o.no_guests = true,
             "--" => {
                 o.extra = it.by_ref().cloned().collect();
             }
@@ -99,6 +117,38 @@ fn main() -> ExitCode {
     spec.timeout = Duration::from_secs(o.timeout);
     spec.extra_args = o.extra;
     spec.stream = true;
+    if o.arch == Arch::Aarch64 && !o.no_guests {
+        let list = if o.guests.is_empty() {
+            eprintln!("hvrun: building the test guests");
+            match guests::default_guests(o.arch) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("hvrun: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        } else {
+            o.guests
+        };
+        let dir = emulator::run_dir(&spec);
+        let placed = std::fs::create_dir_all(&dir)
+            .map_err(|e| hv_tests::LaunchError::Io { what: format!("creating {}", dir.display()), err: e })
+            .and_then(|()| guests::place(&list, u64::from(spec.mem_mib), &dir));
+        match placed {
+            Ok(p) => {
+                eprint!("hvrun: manifest:\n{}", p.manifest_text);
+                spec.blobs = p.blobs;
+                spec.cmdline = Some(p.cmdline);
+            }
+            Err(e) => {
+                eprintln!("hvrun: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else if !o.guests.is_empty() {
+        eprintln!("hvrun: --guest is only supported on aarch64 so far");
+        return ExitCode::from(2);
+    }
     eprintln!(
         "hvrun: booting {} on {machine:?} ({} CPUs, {} MiB, timeout {}s)",
         image.bootable.display(),

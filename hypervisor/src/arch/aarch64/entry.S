@@ -53,7 +53,8 @@ secondary_entry:
     b.hs    park
     adrp    x1, __stacks_bottom
     add     x1, x1, :lo12:__stacks_bottom
-    add     x2, x19, #1
+    // Stack slot 0 is the boot CPU's; DTB CPU i uses slot i + 1.
+    add     x2, x19, #2
     mov     x3, #STACK_SIZE
     madd    x1, x2, x3, x1
     mov     sp, x1
@@ -76,10 +77,11 @@ park:
     wfe
     b       park
 
-// EL2 exception vectors (Arm ARM D1.10.2): 16 entries of 0x80 bytes.
-// The hypervisor takes no exceptions of its own yet, so every entry
-// reports what happened and stops the machine.
-.macro vector kind
+// EL2 exception vectors (Arm ARM D1.3.1, Table D1-7): 16 entries of 0x80
+// bytes. Synchronous exceptions and IRQs from a guest (lower EL, AArch64)
+// save the guest's registers and call the exit handler; anything taken
+// from EL2 itself is a hypervisor fault.
+.macro fault_vector kind
     .balign 0x80
     mov     x0, #\kind
     mrs     x1, esr_el2
@@ -88,28 +90,138 @@ park:
     b       el2_exception
 .endm
 
+.macro guest_vector kind
+    .balign 0x80
+    stp     x0, x1, [sp, #-16]!
+    mov     x1, #\kind
+    b       guest_exit
+.endm
+
 .section .text.vectors, "ax"
 .balign 0x800
 el2_vectors:
-    vector 0
-    vector 1
-    vector 2
-    vector 3
-    vector 4
-    vector 5
-    vector 6
-    vector 7
-    vector 8
-    vector 9
-    vector 10
-    vector 11
-    vector 12
-    vector 13
-    vector 14
-    vector 15
+    fault_vector 0          // current EL, SP_EL0
+    fault_vector 1
+    fault_vector 2
+    fault_vector 3
+    fault_vector 4          // current EL, SP_ELx
+    fault_vector 5
+    fault_vector 6
+    fault_vector 7
+    guest_vector 0          // lower EL AArch64: synchronous
+    guest_vector 1          //                   IRQ
+    guest_vector 2          //                   FIQ
+    guest_vector 3          //                   SError
+    fault_vector 12         // lower EL AArch32: not supported (HCR_EL2.RW = 1)
+    fault_vector 13
+    fault_vector 14
+    fault_vector 15
+
+// Guest register frame (struct GuestRegs in vcpu.rs): x0-x30 at 0,
+// ELR_EL2 at 248, SPSR_EL2 at 256, q0-q31 at 272, FPCR/FPSR at 784.
+.equ REGS_ELR, 248
+.equ REGS_Q, 272
+.equ REGS_FPCR, 784
+
+// x1 = exit kind; the guest's x0/x1 are on the stack; TPIDR_EL2 = frame.
+guest_exit:
+    mrs     x0, tpidr_el2
+    stp     x2, x3, [x0, #16]
+    stp     x4, x5, [x0, #32]
+    stp     x6, x7, [x0, #48]
+    stp     x8, x9, [x0, #64]
+    stp     x10, x11, [x0, #80]
+    stp     x12, x13, [x0, #96]
+    stp     x14, x15, [x0, #112]
+    stp     x16, x17, [x0, #128]
+    stp     x18, x19, [x0, #144]
+    stp     x20, x21, [x0, #160]
+    stp     x22, x23, [x0, #176]
+    stp     x24, x25, [x0, #192]
+    stp     x26, x27, [x0, #208]
+    stp     x28, x29, [x0, #224]
+    str     x30, [x0, #240]
+    ldp     x2, x3, [sp], #16
+    stp     x2, x3, [x0, #0]
+    mrs     x2, elr_el2
+    mrs     x3, spsr_el2
+    stp     x2, x3, [x0, #REGS_ELR]
+    add     x2, x0, #REGS_Q
+    stp     q0, q1, [x2, #0]
+    stp     q2, q3, [x2, #32]
+    stp     q4, q5, [x2, #64]
+    stp     q6, q7, [x2, #96]
+    stp     q8, q9, [x2, #128]
+    stp     q10, q11, [x2, #160]
+    stp     q12, q13, [x2, #192]
+    stp     q14, q15, [x2, #224]
+    stp     q16, q17, [x2, #256]
+    stp     q18, q19, [x2, #288]
+    stp     q20, q21, [x2, #320]
+    stp     q22, q23, [x2, #352]
+    stp     q24, q25, [x2, #384]
+    stp     q26, q27, [x2, #416]
+    stp     q28, q29, [x2, #448]
+    stp     q30, q31, [x2, #480]
+    mrs     x3, fpcr
+    mrs     x4, fpsr
+    add     x5, x0, #REGS_FPCR
+    stp     x3, x4, [x5]
+    bl      hv_guest_exit           // x0 = the frame to run next
+    b       restore_guest
+
+// guest_enter(frame, stack_top): first entry into guests on this CPU.
+.global guest_enter
+guest_enter:
+    mov     sp, x1
+restore_guest:
+    msr     tpidr_el2, x0
+    add     x5, x0, #REGS_FPCR
+    ldp     x3, x4, [x5]
+    msr     fpcr, x3
+    msr     fpsr, x4
+    add     x2, x0, #REGS_Q
+    ldp     q0, q1, [x2, #0]
+    ldp     q2, q3, [x2, #32]
+    ldp     q4, q5, [x2, #64]
+    ldp     q6, q7, [x2, #96]
+    ldp     q8, q9, [x2, #128]
+    ldp     q10, q11, [x2, #160]
+    ldp     q12, q13, [x2, #192]
+    ldp     q14, q15, [x2, #224]
+    ldp     q16, q17, [x2, #256]
+    ldp     q18, q19, [x2, #288]
+    ldp     q20, q21, [x2, #320]
+    ldp     q22, q23, [x2, #352]
+    ldp     q24, q25, [x2, #384]
+    ldp     q26, q27, [x2, #416]
+    ldp     q28, q29, [x2, #448]
+    ldp     q30, q31, [x2, #480]
+    ldp     x2, x3, [x0, #REGS_ELR]
+    msr     elr_el2, x2
+    msr     spsr_el2, x3
+    ldp     x2, x3, [x0, #16]
+    ldp     x4, x5, [x0, #32]
+    ldp     x6, x7, [x0, #48]
+    ldp     x8, x9, [x0, #64]
+    ldp     x10, x11, [x0, #80]
+    ldp     x12, x13, [x0, #96]
+    ldp     x14, x15, [x0, #112]
+    ldp     x16, x17, [x0, #128]
+    ldp     x18, x19, [x0, #144]
+    ldp     x20, x21, [x0, #160]
+    ldp     x22, x23, [x0, #176]
+    ldp     x24, x25, [x0, #192]
+    ldp     x26, x27, [x0, #208]
+    ldp     x28, x29, [x0, #224]
+    ldr     x30, [x0, #240]
+    ldp     x0, x1, [x0, #0]
+    eret
 
 .section .bss.stacks, "aw", %nobits
 .balign 16
 .global __stacks_bottom
 __stacks_bottom:
     .space STACK_SIZE * (MAX_CPUS + 1)
+.global __stacks_top
+__stacks_top:

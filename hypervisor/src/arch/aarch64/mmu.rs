@@ -80,7 +80,7 @@ impl HostMap {
     /// this CPU. The map lives for the rest of the image's life.
     pub fn activate(self) {
         let map = Box::leak(Box::new(self.map));
-        let parange = read_id_aa64mmfr0() & 0xf;
+        let parange = parange();
         let tcr = TCR_T0SZ_48
             | TCR_IRGN0_WB
             | TCR_ORGN0_WB
@@ -110,6 +110,11 @@ pub fn activate_secondary() {
         asm!("msr ttbr0_el2, {0}", "isb", in(reg) ttbr, options(nostack));
     }
     enable_mmu();
+}
+
+/// ID_AA64MMFR0_EL1.PARange: the physical address size (D19.2.64).
+pub fn parange() -> u64 {
+    read_id_aa64mmfr0() & 0xf
 }
 
 fn read_id_aa64mmfr0() -> u64 {

@@ -1,8 +1,11 @@
 //! aarch64 at EL2 (non-VHE): entry, console, PSCI, the EL2 stage-1 map.
 
+mod gic;
+mod guests;
 mod mmu;
 mod pl011;
 mod psci;
+mod vcpu;
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -10,12 +13,13 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use alloc::boxed::Box;
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
 use loader::dtb::{self, DtbPlatform, PsciConduit};
-use loader::BootInfo;
+use loader::{BootInfo, PhysRange};
 
 global_asm!(include_str!("entry.S"));
 
-/// Must match `MAX_CPUS` in entry.S.
+/// Must match `MAX_CPUS` and `STACK_SIZE` in entry.S.
 const MAX_CPUS: usize = 8;
+const STACK_SIZE: usize = 0x1_0000;
 /// How long the boot CPU waits for a secondary to come up.
 const CPU_ON_TIMEOUT_MS: u64 = 1000;
 
@@ -24,6 +28,7 @@ extern "C" {
     static __text_end: u8;
     static __rodata_end: u8;
     static __image_end: u8;
+    static __stacks_bottom: u8;
     fn secondary_entry();
 }
 
@@ -34,7 +39,7 @@ fn sym(s: &u8) -> u64 {
 }
 
 /// Stops this CPU for good.
-fn park() -> ! {
+pub(crate) fn park() -> ! {
     loop {
         // SAFETY: wfe only waits for an event.
         unsafe { asm!("wfe", options(nomem, nostack)) };
@@ -48,7 +53,7 @@ pub fn shutdown(_ok: bool) -> ! {
     park()
 }
 
-fn counter() -> (u64, u64) {
+pub(crate) fn counter() -> (u64, u64) {
     let (cnt, freq): (u64, u64);
     // SAFETY: reading the generic timer's counter and frequency has no side effects.
     unsafe {
@@ -92,6 +97,9 @@ extern "C" fn hv_primary_main(dtb_phys: u64) -> ! {
     if let Err(reason) = build_host_map(&info, &platform) {
         fail(reason);
     }
+    for (i, &c) in platform.cpus.iter().enumerate().take(MAX_CPUS) {
+        guests::set_cpu(i, c);
+    }
     start_secondaries(&platform);
     let gic = platform.gic.map_or(0, |g| g.distributor.base);
     hv_event!(
@@ -110,8 +118,59 @@ extern "C" fn hv_primary_main(dtb_phys: u64) -> ! {
         psci = "smc",
         el = 2,
     );
-    hv_event!("shutdown", status = "ok");
-    shutdown(true)
+    let Some(manifest_addr) = loader::manifest::address_from_cmdline(&info.cmdline) else {
+        hv_event!("no-guests", reason = "no-manifest-on-command-line");
+        hv_event!("shutdown", status = "ok");
+        shutdown(true)
+    };
+    let started = match start_guests(manifest_addr, &info, &platform) {
+        Ok(n) => n,
+        Err(reason) => fail(reason),
+    };
+    if started == 0 {
+        fail("no-guest-could-start");
+    }
+    guests::release_secondaries();
+    guests::run_cpu(boot_cpu_index(&platform), 0)
+}
+
+fn boot_cpu_index(platform: &DtbPlatform) -> usize {
+    let me = mpidr() & 0xff_00ff_ffff;
+    platform.cpus.iter().position(|&c| c == me).unwrap_or(0)
+}
+
+/// Reads the manifest, reserves what it points at, and builds the
+/// partitions. Returns how many started.
+fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> Result<usize, &'static str> {
+    let ram_end = info.ram.iter().find(|r| r.base <= manifest_addr && r.end().is_some_and(|e| e > manifest_addr));
+    let Some(ram) = ram_end else { return Err("manifest-outside-ram") };
+    let window = (ram.base + ram.size - manifest_addr).min(loader::manifest::MAX_MANIFEST_SIZE as u64);
+    // SAFETY: [manifest_addr, +window) lies inside RAM (checked above),
+    // identity-mapped, and nothing writes it.
+    let bytes = unsafe { core::slice::from_raw_parts(manifest_addr as *const u8, window as usize) };
+    let specs = loader::manifest::parse(bytes).map_err(|e| {
+        println!("manifest: {e}");
+        "bad-manifest"
+    })?;
+    let manifest_len = bytes.iter().position(|&b| b == 0).map_or(window, |n| n as u64 + 1);
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (start, end) = unsafe { (sym(&__image_start), sym(&__image_end)) };
+    let mut reserved = info.reserved.clone();
+    reserved.push(PhysRange::new(start, end - start));
+    reserved.push(PhysRange::new(manifest_addr, manifest_len));
+    for g in &specs {
+        reserved.push(g.image);
+        reserved.extend(g.initrd);
+    }
+    let free = hypervisor::frames::subtract(&info.ram, &reserved);
+    let frames = hypervisor::frames::FrameAllocator::new(&free);
+    if let Some(g) = platform.gic {
+        gic::init_distributor(g.distributor.base, g.redistributors.base, g.redistributors.size);
+    } else {
+        return Err("no-gic");
+    }
+    let cpus = CPUS_ONLINE.load(Ordering::Acquire);
+    Ok(guests::create(&specs, &info.ram, frames, cpus))
 }
 
 fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), &'static str> {
@@ -162,7 +221,7 @@ fn start_secondaries(platform: &DtbPlatform) {
     }
 }
 
-fn mpidr() -> u64 {
+pub(crate) fn mpidr() -> u64 {
     let v: u64;
     // SAFETY: reading MPIDR_EL1 has no side effects.
     unsafe { asm!("mrs {0}, mpidr_el1", out(reg) v, options(nomem, nostack)) };
@@ -174,7 +233,8 @@ extern "C" fn hv_secondary_main(index: u64) -> ! {
     mmu::activate_secondary();
     let online = CPUS_ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
     hv_event!("cpu-online", cpu = index, mpidr = format_args!("{:#x}", mpidr() & 0xff_00ff_ffff), online = online);
-    park()
+    guests::wait_for_start();
+    guests::run_cpu(index as usize, index as usize + 1)
 }
 
 /// Called from every EL2 vector: the hypervisor takes no exceptions of its

@@ -1,0 +1,264 @@
+//! Hypercall decoding and the arch-neutral calls (`hypervisor/HYPERCALLS.md`).
+//!
+//! The arch code extracts (control, input, output) from the guest's
+//! registers, calls [`dispatch`], writes the result back and carries out
+//! the returned [`Action`]. Everything a guest passes is validated here.
+
+use hvcall::{call, Control, HvInfo, PartitionState, Status, HV_INFO_ALIGN, HV_INFO_SIZE};
+
+use crate::partition::{state_code, PartitionInfo};
+
+/// Access to guest memory by host-physical address. In the hypervisor RAM
+/// is identity-mapped; host tests use an arena.
+pub trait HostMemory {
+    /// Copies `out.len()` bytes from host-physical `pa`.
+    fn read(&self, pa: u64, out: &mut [u8]);
+    /// Copies `data` to host-physical `pa`.
+    fn write(&mut self, pa: u64, data: &[u8]);
+}
+
+/// What the hypervisor knows that calls report.
+pub trait HvContext {
+    fn version(&self) -> &str;
+    fn build(&self) -> &str;
+    fn update_count(&self) -> u64;
+    fn cpus(&self) -> u64;
+    fn partition_state(&self, id: u64) -> Option<PartitionState>;
+}
+
+/// What the arch code must do after the call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Resume,
+    /// Reschedule: another vCPU may run.
+    Yield,
+    /// Stop every vCPU of the calling partition.
+    ShutdownSelf,
+}
+
+/// The result of one hypercall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: Status,
+    pub reps_done: u16,
+    /// Value for the output register (fast calls).
+    pub fast_output: Option<u64>,
+    pub action: Action,
+}
+
+impl Outcome {
+    fn status(status: Status) -> Self {
+        Self { status, reps_done: 0, fast_output: None, action: Action::Resume }
+    }
+
+    fn ok() -> Self {
+        Self::status(Status::Success)
+    }
+
+    /// The value for the result register: status in bits 15:0, reps
+    /// completed in bits 43:32.
+    pub fn result_word(&self) -> u64 {
+        (self.status as u64) | (u64::from(self.reps_done) << 32)
+    }
+}
+
+/// Decodes and performs one hypercall for `caller`. Console output goes
+/// to `console` (bytes, possibly a partial line).
+pub fn dispatch(
+    caller: &PartitionInfo,
+    control: u64,
+    input: u64,
+    output: u64,
+    hv: &dyn HvContext,
+    mem: &mut dyn HostMemory,
+    console: &mut dyn FnMut(&[u8]),
+) -> Outcome {
+    let c = match Control::decode(control) {
+        Ok(c) => c,
+        Err(s) => return Outcome::status(s),
+    };
+    let want_fast = |fast: bool| c.fast == fast && c.rep_count == 0;
+    match c.code {
+        call::CONSOLE_WRITE => {
+            if c.fast {
+                return Outcome::status(Status::InvalidHypercallInput);
+            }
+            let start = u64::from(c.rep_start);
+            let len = u64::from(c.rep_count) - start;
+            let Some(pa) = caller.ram.translate(input.wrapping_add(start), len) else {
+                return Outcome::status(Status::InvalidParameter);
+            };
+            let mut buf = [0u8; 256];
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                mem.read(pa + done, &mut buf[..n]);
+                console(&buf[..n]);
+                done += n as u64;
+            }
+            Outcome { reps_done: c.rep_count, ..Outcome::ok() }
+        }
+        call::GET_PARTITION_ID if want_fast(true) => {
+            Outcome { fast_output: Some(u64::from(caller.id)), ..Outcome::ok() }
+        }
+        call::GET_HV_INFO if want_fast(false) => {
+            if !output.is_multiple_of(HV_INFO_ALIGN) {
+                return Outcome::status(Status::InvalidAlignment);
+            }
+            let Some(pa) = caller.ram.translate(output, HV_INFO_SIZE as u64) else {
+                return Outcome::status(Status::InvalidParameter);
+            };
+            let info = HvInfo {
+                version: HvInfo::field(hv.version()),
+                build: HvInfo::field(hv.build()),
+                update_count: hv.update_count(),
+                abi_version: hvcall::ABI_VERSION,
+                cpus: hv.cpus(),
+            };
+            mem.write(pa, &info.to_bytes());
+            Outcome::ok()
+        }
+        call::YIELD if want_fast(true) => Outcome { action: Action::Yield, ..Outcome::ok() },
+        call::SHUTDOWN_SELF if want_fast(true) => Outcome { action: Action::ShutdownSelf, ..Outcome::ok() },
+        call::GET_PARTITION_STATE if want_fast(true) => {
+            if !caller.privileged {
+                return Outcome::status(Status::AccessDenied);
+            }
+            match hv.partition_state(input) {
+                Some(s) => Outcome { fast_output: Some(state_code(s)), ..Outcome::ok() },
+                None => Outcome::status(Status::InvalidParameter),
+            }
+        }
+        call::GET_PARTITION_ID | call::GET_HV_INFO | call::YIELD | call::SHUTDOWN_SELF | call::GET_PARTITION_STATE => {
+            Outcome::status(Status::InvalidHypercallInput)
+        }
+        _ => Outcome::status(Status::InvalidHypercallCode),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::partition::{GuestRam, GUEST_RAM_BASE};
+
+    const HOST: u64 = 0x9000_0000;
+
+    struct Arena(Vec<u8>);
+
+    impl HostMemory for Arena {
+        fn read(&self, pa: u64, out: &mut [u8]) {
+            let at = (pa - HOST) as usize;
+            out.copy_from_slice(&self.0[at..at + out.len()]);
+        }
+        fn write(&mut self, pa: u64, data: &[u8]) {
+            let at = (pa - HOST) as usize;
+            self.0[at..at + data.len()].copy_from_slice(data);
+        }
+    }
+
+    struct Hv;
+    impl HvContext for Hv {
+        fn version(&self) -> &str {
+            "1.2.3"
+        }
+        fn build(&self) -> &str {
+            "b"
+        }
+        fn update_count(&self) -> u64 {
+            4
+        }
+        fn cpus(&self) -> u64 {
+            2
+        }
+        fn partition_state(&self, id: u64) -> Option<PartitionState> {
+            (id < 2).then_some(PartitionState::Running)
+        }
+    }
+
+    fn guest(privileged: bool) -> PartitionInfo {
+        PartitionInfo {
+            id: 1,
+            name: "t".into(),
+            privileged,
+            ram: GuestRam { host_base: HOST, size: 0x1_0000 },
+            vcpus: 1,
+        }
+    }
+
+    fn run(p: &PartitionInfo, control: u64, input: u64, output: u64) -> (Outcome, Vec<u8>, Arena) {
+        let mut mem = Arena(vec![0; 0x1_0000]);
+        mem.0[0x100..0x106].copy_from_slice(b"hello\n");
+        let mut printed = Vec::new();
+        let o = dispatch(p, control, input, output, &Hv, &mut mem, &mut |b| printed.extend_from_slice(b));
+        (o, printed, mem)
+    }
+
+    fn ctl(code: u16, fast: bool, reps: u16) -> u64 {
+        Control { code, fast, rep_count: reps, rep_start: 0 }.encode()
+    }
+
+    #[test]
+    fn console_write_prints_and_counts_reps() {
+        let (o, printed, _) = run(&guest(false), ctl(call::CONSOLE_WRITE, false, 6), GUEST_RAM_BASE + 0x100, 0);
+        assert_eq!(o.status, Status::Success);
+        assert_eq!(o.result_word(), 6 << 32);
+        assert_eq!(printed, b"hello\n");
+    }
+
+    #[test]
+    fn console_write_outside_ram_is_invalid_parameter() {
+        let (o, printed, _) = run(&guest(false), ctl(call::CONSOLE_WRITE, false, 16), GUEST_RAM_BASE + 0xfff8, 0);
+        assert_eq!(o.status, Status::InvalidParameter);
+        assert!(printed.is_empty());
+        let (o, ..) = run(&guest(false), ctl(call::CONSOLE_WRITE, false, 1), 0x1000, 0);
+        assert_eq!(o.status, Status::InvalidParameter);
+    }
+
+    #[test]
+    fn info_checks_alignment_and_bounds() {
+        let p = guest(false);
+        let (o, _, mem) = run(&p, ctl(call::GET_HV_INFO, false, 0), 0, GUEST_RAM_BASE + 0x200);
+        assert_eq!(o.status, Status::Success);
+        let mut b = [0u8; HV_INFO_SIZE];
+        b.copy_from_slice(&mem.0[0x200..0x200 + HV_INFO_SIZE]);
+        let info = HvInfo::from_bytes(&b);
+        assert_eq!(HvInfo::text(&info.version), "1.2.3");
+        assert_eq!((info.update_count, info.cpus), (4, 2));
+        let (o, ..) = run(&p, ctl(call::GET_HV_INFO, false, 0), 0, GUEST_RAM_BASE + 0x204);
+        assert_eq!(o.status, Status::InvalidAlignment);
+        let (o, ..) = run(&p, ctl(call::GET_HV_INFO, false, 0), 0, GUEST_RAM_BASE + 0xfff8);
+        assert_eq!(o.status, Status::InvalidParameter);
+        let (o, ..) = run(&p, ctl(call::GET_HV_INFO, true, 0), 0, GUEST_RAM_BASE);
+        assert_eq!(o.status, Status::InvalidHypercallInput);
+    }
+
+    #[test]
+    fn fast_calls_and_privilege() {
+        let (o, ..) = run(&guest(false), ctl(call::GET_PARTITION_ID, true, 0), 0, 0);
+        assert_eq!((o.status, o.fast_output), (Status::Success, Some(1)));
+        let (o, ..) = run(&guest(false), ctl(call::GET_PARTITION_ID, false, 0), 0, 0);
+        assert_eq!(o.status, Status::InvalidHypercallInput);
+        let (o, ..) = run(&guest(false), ctl(call::GET_PARTITION_STATE, true, 0), 0, 0);
+        assert_eq!(o.status, Status::AccessDenied);
+        let (o, ..) = run(&guest(true), ctl(call::GET_PARTITION_STATE, true, 0), 1, 0);
+        assert_eq!((o.status, o.fast_output), (Status::Success, Some(0)));
+        let (o, ..) = run(&guest(true), ctl(call::GET_PARTITION_STATE, true, 0), 9, 0);
+        assert_eq!(o.status, Status::InvalidParameter);
+        let (o, ..) = run(&guest(false), ctl(call::YIELD, true, 0), 0, 0);
+        assert_eq!(o.action, Action::Yield);
+        let (o, ..) = run(&guest(false), ctl(call::SHUTDOWN_SELF, true, 0), 0, 0);
+        assert_eq!(o.action, Action::ShutdownSelf);
+    }
+
+    #[test]
+    fn unknown_and_malformed() {
+        let (o, ..) = run(&guest(false), ctl(0x7777, true, 0), 0, 0);
+        assert_eq!(o.status, Status::InvalidHypercallCode);
+        let (o, ..) = run(&guest(false), ctl(call::YIELD, true, 0) | (1 << 20), 0, 0);
+        assert_eq!(o.status, Status::InvalidHypercallInput);
+    }
+}

@@ -1,0 +1,260 @@
+//! Guests for a run: parsing `--guest FILE[,mem=SIZE][,vcpus=N][,privileged]
+//! [,initrd=FILE][,cmdline="..."]`, building the default test guests, and
+//! laying the images and the boot manifest out in the machine's RAM.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use loader::elf::{self, Machine as ElfMachine};
+
+use crate::{io_err, out_dir, workspace_root, Arch, LaunchError};
+
+/// Guest RAM base of the QEMU `virt` machine (and of every guest).
+pub const VIRT_RAM_BASE: u64 = 0x4000_0000;
+const MIB: u64 = 1 << 20;
+const BLOB_ALIGN: u64 = 0x1000;
+
+/// One guest as the user (or the default set) describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestArg {
+    pub file: PathBuf,
+    pub name: String,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub privileged: bool,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+fn parse_size_mib(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1),
+        Some((i, _)) => {
+            let mult = match &s[i..].to_ascii_lowercase()[..] {
+                "m" | "mib" | "mb" => 1,
+                "g" | "gib" | "gb" => 1024,
+                _ => return None,
+            };
+            (&s[..i], mult)
+        }
+    };
+    num.parse::<u64>().ok().map(|n| n * mult).filter(|&n| n > 0)
+}
+
+/// Splits on commas outside double quotes.
+fn split_fields(spec: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quoted = false;
+    for c in spec.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(String::new()),
+            _ => out.last_mut().map_or((), |s| s.push(c)),
+        }
+    }
+    out
+}
+
+impl GuestArg {
+    /// Parses the value of one `--guest` flag.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let fields = split_fields(spec);
+        let file = PathBuf::from(fields[0].trim());
+        if fields[0].trim().is_empty() {
+            return Err(format!("--guest '{spec}': no file"));
+        }
+        let stem = file.file_stem().map_or("guest".into(), |s| s.to_string_lossy().into_owned());
+        let name: String =
+            stem.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).take(32).collect();
+        let mut g =
+            GuestArg { file, name, mem_mib: 16, vcpus: 1, privileged: false, initrd: None, cmdline: String::new() };
+        for f in &fields[1..] {
+            let (k, v) = f.split_once('=').map_or((f.as_str(), ""), |(k, v)| (k, v));
+            match k.trim() {
+                "mem" => g.mem_mib = parse_size_mib(v).ok_or(format!("--guest: bad mem '{v}'"))?,
+                "vcpus" => {
+                    g.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(format!("--guest: bad vcpus '{v}'"))?;
+                }
+                "privileged" => g.privileged = true,
+                "initrd" => g.initrd = Some(PathBuf::from(v)),
+                "cmdline" => g.cmdline = v.to_string(),
+                "name" => g.name = v.to_string(),
+                other => return Err(format!("--guest: unknown option '{other}'")),
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// Builds the test guests and returns the default set for `arch`: the
+/// heartbeat, memcheck, blackout meter, hypercall exerciser (privileged)
+/// and isolation probe.
+pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
+    let dir = build_test_guests(arch)?;
+    let g = |bin: &str, mem: u64, privileged: bool, cmdline: &str| GuestArg {
+        file: dir.join(format!("{bin}.bin")),
+        name: bin.to_string(),
+        mem_mib: mem,
+        vcpus: 1,
+        privileged,
+        initrd: None,
+        cmdline: cmdline.to_string(),
+    };
+    Ok(vec![
+        g("heartbeat", 16, false, "ticks=100"),
+        g("memcheck", 32, false, "passes=3"),
+        g("blackout", 16, false, "seconds=2"),
+        g("exerciser", 16, true, "privileged=1"),
+        g("isolation", 16, false, ""),
+    ])
+}
+
+/// The test guest binaries, as flat images in the returned directory.
+pub const TEST_GUESTS: [&str; 5] = ["heartbeat", "memcheck", "blackout", "exerciser", "isolation"];
+
+/// Builds `guests/testguests` for `arch` and flattens each ELF.
+pub fn build_test_guests(arch: Arch) -> Result<PathBuf, LaunchError> {
+    let target_dir = out_dir().join("cargo").join("guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "--release", "-p", "testguests", "--bins", "--target", arch.triple()])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .status()
+        .map_err(io_err("running cargo build for the test guests"))?;
+    if !status.success() {
+        return Err(LaunchError::Build(format!("building the test guests failed ({status})")));
+    }
+    let dir = out_dir().join(arch.name()).join("guests");
+    fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    for bin in TEST_GUESTS {
+        let elf_path = target_dir.join(arch.triple()).join("release").join(bin);
+        let bytes = fs::read(&elf_path).map_err(io_err(format!("reading {}", elf_path.display())))?;
+        let machine = match arch {
+            Arch::Aarch64 => ElfMachine::Aarch64,
+            Arch::X86_64 => ElfMachine::X86_64,
+        };
+        let image =
+            elf::parse(&bytes, machine).map_err(|e| LaunchError::Image(format!("{}: {e}", elf_path.display())))?;
+        let out = dir.join(format!("{bin}.bin"));
+        fs::write(&out, elf::flatten(&bytes, &image)).map_err(io_err(format!("writing {}", out.display())))?;
+    }
+    Ok(dir)
+}
+
+fn format_of(bytes: &[u8]) -> &'static str {
+    if bytes.starts_with(b"\x7fELF") {
+        "elf"
+    } else if bytes.get(56..60) == Some(b"ARM\x64".as_slice()) {
+        "image"
+    } else {
+        "flat"
+    }
+}
+
+/// Blobs to place in RAM and the hypervisor command line that finds them.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    /// (file, physical address) pairs for QEMU `-device loader`.
+    pub blobs: Vec<(PathBuf, u64)>,
+    pub cmdline: String,
+    pub manifest_text: String,
+}
+
+/// Lays out the manifest and every image and initrd at the top of RAM
+/// (QEMU puts the hypervisor image and its DTB at the bottom).
+pub fn place(guests: &[GuestArg], ram_mib: u64, run_dir: &Path) -> Result<Placement, LaunchError> {
+    let mut files: Vec<(PathBuf, u64)> = Vec::new();
+    for g in guests {
+        let len = fs::metadata(&g.file).map_err(io_err(format!("guest image {}", g.file.display())))?.len();
+        files.push((g.file.clone(), len));
+        if let Some(i) = &g.initrd {
+            let len = fs::metadata(i).map_err(io_err(format!("initrd {}", i.display())))?.len();
+            files.push((i.clone(), len));
+        }
+    }
+    let manifest_slot = 64 * 1024;
+    let total: u64 = files.iter().map(|(_, l)| l.next_multiple_of(BLOB_ALIGN)).sum::<u64>() + manifest_slot;
+    let ram_top = VIRT_RAM_BASE + ram_mib * MIB;
+    let start = (ram_top - MIB).saturating_sub(total) & !(2 * MIB - 1);
+    if start < VIRT_RAM_BASE + ram_mib * MIB / 2 {
+        return Err(LaunchError::Image(format!(
+            "guest images ({} MiB) do not fit in the top half of {ram_mib} MiB of RAM; use --mem",
+            total / MIB + 1
+        )));
+    }
+    let manifest_addr = start;
+    let mut at = start + manifest_slot;
+    let mut text = String::from("hvmanifest 1\n");
+    let mut blobs = Vec::new();
+    for g in guests {
+        let bytes = fs::read(&g.file).map_err(io_err(format!("reading {}", g.file.display())))?;
+        let image_addr = at;
+        at += (bytes.len() as u64).next_multiple_of(BLOB_ALIGN);
+        blobs.push((g.file.clone(), image_addr));
+        let _ = write!(
+            text,
+            "guest name={} image={image_addr:#x} image_size={:#x} format={} mem_mib={} vcpus={} privileged={}",
+            g.name,
+            bytes.len(),
+            format_of(&bytes),
+            g.mem_mib,
+            g.vcpus,
+            u8::from(g.privileged)
+        );
+        if let Some(i) = &g.initrd {
+            let len = fs::metadata(i).map_err(io_err(format!("initrd {}", i.display())))?.len();
+            let _ = write!(text, " initrd={at:#x} initrd_size={len:#x}");
+            blobs.push((i.clone(), at));
+            at += len.next_multiple_of(BLOB_ALIGN);
+        }
+        let _ = writeln!(text, " cmdline={}", g.cmdline);
+    }
+    let manifest = run_dir.join("manifest.txt");
+    let mut bytes = text.clone().into_bytes();
+    bytes.push(0);
+    fs::write(&manifest, bytes).map_err(io_err("writing the manifest"))?;
+    blobs.push((manifest, manifest_addr));
+    Ok(Placement { blobs, cmdline: format!("manifest={manifest_addr:#x}"), manifest_text: text })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_guest_flag() {
+        let g = GuestArg::parse("out/hb.bin,mem=64M,vcpus=2,privileged,cmdline=\"ticks=5 x=1,2\"").unwrap();
+        assert_eq!(g.file, PathBuf::from("out/hb.bin"));
+        assert_eq!((g.name.as_str(), g.mem_mib, g.vcpus, g.privileged), ("hb", 64, 2, true));
+        assert_eq!(g.cmdline, "ticks=5 x=1,2");
+        assert_eq!(GuestArg::parse("k,mem=1G").unwrap().mem_mib, 1024);
+        assert!(GuestArg::parse("k,mem=lots").is_err());
+        assert!(GuestArg::parse("k,vcpus=0").is_err());
+        assert!(GuestArg::parse("k,colour=red").is_err());
+        assert!(GuestArg::parse("").is_err());
+    }
+
+    #[test]
+    fn placement_is_in_the_top_half_and_aligned() {
+        let dir = std::env::temp_dir().join(format!("hv-place-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.bin");
+        fs::write(&img, vec![0u8; 5000]).unwrap();
+        let g = GuestArg::parse(img.to_str().unwrap()).unwrap();
+        let p = place(&[g.clone(), GuestArg { name: "b".into(), ..g }], 512, &dir).unwrap();
+        assert_eq!(p.blobs.len(), 3);
+        let manifest_addr = p.blobs[2].1;
+        assert_eq!(p.cmdline, format!("manifest={manifest_addr:#x}"));
+        assert!(manifest_addr >= VIRT_RAM_BASE + 256 * MIB);
+        assert_eq!(p.blobs[0].1, manifest_addr + 64 * 1024);
+        assert_eq!(p.blobs[1].1, p.blobs[0].1 + 0x2000);
+        let parsed = loader::manifest::parse(&[p.manifest_text.as_bytes(), b"\0"].concat()).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[1].image.base, p.blobs[1].1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
