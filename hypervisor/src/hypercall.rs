@@ -162,10 +162,10 @@ mod tests {
 
     struct Hv;
     impl HvContext for Hv {
-        fn version(&self) -> &str {
+        fn version(&self) -> &'static str {
             "1.2.3"
         }
-        fn build(&self) -> &str {
+        fn build(&self) -> &'static str {
             "b"
         }
         fn update_count(&self) -> u64 {

@@ -32,3 +32,7 @@ pub const BUILD_ID: &str = match option_env!("HV_BUILD_ID") {
     Some(v) => v,
     None => "dev",
 };
+
+/// The handover ABI versions this image reads. It writes the newest.
+pub const HANDOVER_ABI_MIN: u32 = 1;
+pub const HANDOVER_ABI_MAX: u32 = kho::HANDOVER_ABI;

@@ -23,6 +23,19 @@ fn main() {
     std::process::exit(2);
 }
 
+/// The image descriptor (`loader::image_desc`): update images are checked
+/// against it before a live update. The launcher seals size and checksum.
+#[cfg(target_os = "none")]
+#[used]
+#[link_section = ".hvlu_descriptor"]
+static IMAGE_DESCRIPTOR: [u8; loader::image_desc::DESCRIPTOR_LEN] = loader::image_desc::descriptor(
+    arch::IMAGE_ARCH,
+    hypervisor::HANDOVER_ABI_MIN,
+    hypervisor::HANDOVER_ABI_MAX,
+    hypervisor::VERSION,
+    hypervisor::BUILD_ID,
+);
+
 #[cfg(target_os = "none")]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {

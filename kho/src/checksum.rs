@@ -49,8 +49,15 @@ impl Crc32 {
 
 /// CRC-32 (IEEE 802.3) of `bytes`.
 pub fn crc32(bytes: &[u8]) -> u32 {
+    crc32_parts(&[bytes])
+}
+
+/// CRC-32 of the concatenation of `parts`, without copying them.
+pub fn crc32_parts(parts: &[&[u8]]) -> u32 {
     let mut crc = Crc32::new();
-    crc.update(bytes);
+    for p in parts {
+        crc.update(p);
+    }
     crc.finish()
 }
 
@@ -61,6 +68,7 @@ mod tests {
     #[test]
     fn matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32_parts(&[b"1234", b"", b"56789"]), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
     }
 

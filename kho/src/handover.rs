@@ -24,6 +24,9 @@ use crate::scratch::{ScratchError, ScratchKind, ScratchPlan, ScratchRegion, MAX_
 /// The root `compatible` string. Any change to the layout or meaning of the
 /// handover bumps it.
 pub const HANDOVER_COMPATIBLE: &str = "hvkho-v1";
+/// The handover ABI version the compatible string names; update images
+/// declare the range of versions they can read.
+pub const HANDOVER_ABI: u32 = 1;
 
 /// Largest handover blob either side accepts.
 pub const MAX_HANDOVER_BYTES: usize = 16 << 20;

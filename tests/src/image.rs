@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use loader::elf::{self, Machine as ElfMachine};
+use loader::image_desc;
 
 use crate::{io_err, out_dir, workspace_root, Arch, LaunchError};
 
@@ -70,10 +71,11 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
         Arch::Aarch64 => {
             let image = elf::parse(&bytes, ElfMachine::Aarch64)
                 .map_err(|e| LaunchError::Image(format!("{}: {e}", elf_path.display())))?;
-            let flat = elf::flatten(&bytes, &image);
+            let mut flat = elf::flatten(&bytes, &image);
             if flat.get(56..60) != Some(b"ARM\x64".as_slice()) {
                 return Err(LaunchError::Image("aarch64 build lacks the arm64 Image header".into()));
             }
+            image_desc::seal(&mut flat).map_err(|e| LaunchError::Image(format!("sealing the image: {e}")))?;
             let path = dir.join("hv.img");
             fs::write(&path, flat).map_err(io_err(format!("writing {}", path.display())))?;
             path
@@ -81,7 +83,11 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
         Arch::X86_64 => {
             elf::parse(&bytes, ElfMachine::X86_64)
                 .map_err(|e| LaunchError::Image(format!("{}: {e}", elf_path.display())))?;
-            grub_iso(&elf_path, &dir)?
+            let mut sealed = bytes;
+            image_desc::seal(&mut sealed).map_err(|e| LaunchError::Image(format!("sealing the image: {e}")))?;
+            let sealed_path = dir.join("hv.elf");
+            fs::write(&sealed_path, &sealed).map_err(io_err(format!("writing {}", sealed_path.display())))?;
+            grub_iso(&sealed_path, &dir)?
         }
     };
     Ok(BuiltImage { arch: spec.arch, elf: elf_path, bootable })

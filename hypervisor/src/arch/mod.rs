@@ -4,8 +4,12 @@
 mod aarch64;
 #[cfg(target_arch = "aarch64")]
 pub use aarch64::shutdown;
+#[cfg(target_arch = "aarch64")]
+pub const IMAGE_ARCH: loader::image_desc::ImageArch = loader::image_desc::ImageArch::Aarch64;
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::shutdown;
+#[cfg(target_arch = "x86_64")]
+pub const IMAGE_ARCH: loader::image_desc::ImageArch = loader::image_desc::ImageArch::X86_64;

@@ -68,11 +68,11 @@ fn read64(addr: usize) -> u64 {
 }
 
 /// Enables the distributor (affinity routing, group 1). Boot CPU, once.
-pub fn init_distributor(gicd: u64, gicr: u64, gicr_size: u64) {
-    GICD_BASE.store(gicd, Ordering::Relaxed);
-    GICR_BASE.store(gicr, Ordering::Relaxed);
-    GICR_SIZE.store(gicr_size, Ordering::Relaxed);
-    let d = gicd as usize;
+pub fn init_distributor(distributor: u64, redistributors: u64, redistributors_size: u64) {
+    GICD_BASE.store(distributor, Ordering::Relaxed);
+    GICR_BASE.store(redistributors, Ordering::Relaxed);
+    GICR_SIZE.store(redistributors_size, Ordering::Relaxed);
+    let d = distributor as usize;
     write32(d + GICD_CTLR, read32(d + GICD_CTLR) | GICD_CTLR_ARE | GICD_CTLR_ENABLE_GRP1);
     while read32(d + GICD_CTLR) & GICD_CTLR_RWP != 0 {
         core::hint::spin_loop();

@@ -33,10 +33,9 @@ use super::MAX_CPUS;
 /// AMO (physical interrupts to EL2, virtual ones to the guest), TWI (trap
 /// WFI), TSC (trap SMC), RW (EL1 is AArch64).
 const HCR_GUEST: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 13) | (1 << 19) | (1 << 31);
-/// VTCR_EL2 (D19.2.176): T0SZ = 16 (48-bit IPA), SL0 = 2 (start at level 0
-/// with 4 KiB granule), IRGN0/ORGN0 = write-back, SH0 = inner, TG0 = 4 KiB,
-/// RES1 bit 31; PS from PARange.
-const VTCR_BASE: u64 = 16 | (2 << 6) | (1 << 8) | (1 << 10) | (3 << 12) | (1 << 31);
+/// VTCR_EL2 (D19.2.176): the stage-2 engine's geometry, RES1 bit 31, and
+/// PS from PARange.
+const VTCR_RES1: u64 = 1 << 31;
 const VTCR_PS_SHIFT: u64 = 16;
 /// CNTHCTL_EL2 (D19.2.25): EL1PCTEN = 1 (guest may read the physical
 /// counter), EL1PCEN = 0 (the EL1 physical timer traps).
@@ -69,7 +68,7 @@ const PSCI_AFFINITY_INFO_64: u64 = 0xc400_0004;
 const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
 const PSCI_SYSTEM_RESET: u64 = 0x8400_0009;
 const PSCI_FEATURES: u64 = 0x8400_000a;
-const PSCI_1_1: u64 = 0x1_0001;
+const PSCI_1_1: i64 = 0x1_0001;
 const PSCI_NOT_SUPPORTED: i64 = -1;
 const PSCI_INVALID_PARAMETERS: i64 = -2;
 const PSCI_ALREADY_ON: i64 = -4;
@@ -84,7 +83,7 @@ struct Partition {
     info: PartitionInfo,
     state: PartitionState,
     stage2: Stage2Table<ArmStage2, LinearMap>,
-    vmid: u64,
+    vmid: u16,
     console: LineBuffer,
     vcpus: Vec<usize>,
     /// For SYSTEM_RESET: the image and where it goes.
@@ -303,7 +302,7 @@ fn build_partition(
         info: PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus },
         state: PartitionState::Running,
         stage2,
-        vmid: u64::from(id),
+        vmid: u16::try_from(id).map_err(|_| "too-many-partitions")?,
         console: LineBuffer::default(),
         vcpus,
         image,
@@ -375,7 +374,7 @@ pub fn run_cpu(cpu: usize, stack_slot: usize) -> ! {
             "msr cntv_ctl_el0, xzr",
             "isb",
             hcr = in(reg) HCR_GUEST,
-            vtcr = in(reg) VTCR_BASE | (parange.min(5) << VTCR_PS_SHIFT),
+            vtcr = in(reg) ArmStage2::VTCR_GEOMETRY | VTCR_RES1 | (parange.min(5) << VTCR_PS_SHIFT),
             cnthctl = in(reg) CNTHCTL_GUEST,
             options(nomem, nostack),
         );
@@ -485,7 +484,7 @@ fn prepare_entry(m: &mut Machine, cpu: usize, v: usize) {
             unsafe { m.vcpus[old].ctx.as_mut() }.put();
         }
         let p = &m.partitions[m.vcpus[v].partition];
-        let vttbr = p.stage2.root() | (p.vmid << 48);
+        let vttbr = ArmStage2::vttbr(p.stage2.root(), p.vmid);
         // SAFETY: `v` is pinned to this CPU; its stage-2 table maps only its
         // partition's RAM, under its own VMID.
         unsafe {
@@ -736,8 +735,8 @@ fn send_sgi(m: &mut Machine, from: usize, value: u64) {
 
 fn hypercall_exit(m: &mut Machine, v: usize) -> bool {
     let p = m.vcpus[v].partition;
-    // SAFETY: `v` exited on this CPU.
     let (control, input, output) = {
+        // SAFETY: `v` exited on this CPU.
         let ctx = unsafe { m.vcpus[v].ctx.as_ref() };
         (ctx.regs.x[1], ctx.regs.x[2], ctx.regs.x[3])
     };
@@ -766,8 +765,8 @@ fn hypercall_exit(m: &mut Machine, v: usize) -> bool {
 /// Guest PSCI (DEN0022E), over HVC or a trapped SMC.
 fn psci_call(m: &mut Machine, v: usize, function: u64) -> bool {
     let p = m.vcpus[v].partition;
-    // SAFETY: `v` exited on this CPU.
     let (a1, a2, a3) = {
+        // SAFETY: `v` exited on this CPU.
         let ctx = unsafe { m.vcpus[v].ctx.as_ref() };
         (ctx.regs.x[1], ctx.regs.x[2], ctx.regs.x[3])
     };
@@ -780,7 +779,7 @@ fn psci_call(m: &mut Machine, v: usize, function: u64) -> bool {
     };
     let mut resched = false;
     let ret: i64 = match function {
-        PSCI_VERSION => PSCI_1_1 as i64,
+        PSCI_VERSION => PSCI_1_1,
         PSCI_FEATURES => match a1 {
             PSCI_VERSION
             | PSCI_CPU_OFF

@@ -1,0 +1,192 @@
+//! Validation of a tree a previous image left behind, before the new image
+//! trusts it (`shared/DESIGN.md` §5, Restore).
+//!
+//! The root address comes from the handover, so everything reached from it
+//! is untrusted: each table page is checked to lie in RAM before it is read,
+//! each page may be reached once only (no cycles, no sharing), the depth is
+//! bounded by the level numbering, every descriptor must decode as one this
+//! engine would write, leaves must map RAM or an allowed device region, and
+//! no leaf may map a table page (a guest could rewrite its own tree).
+
+use alloc::collections::BTreeSet;
+use alloc::vec::Vec;
+use core::fmt;
+use core::marker::PhantomData;
+
+use super::memory::{read_entry, PhysToVirt};
+use super::{decode_entry, entry_span, DescriptorError, Entry, Stage2Format, ENTRIES_PER_TABLE, PAGE_SIZE, ROOT_LEVEL};
+
+/// Why a tree was not adopted. Adoption reads but never writes, so a
+/// refused tree is left as it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdoptError {
+    /// A RAM or device range wraps around the address space.
+    InvalidRange { base: u64, size: u64 },
+    /// A table page (the root, at level 0) is not 4 KiB aligned.
+    TableMisaligned { level: u8, pa: u64 },
+    /// A table page is not inside the RAM ranges.
+    TableOutsideRam { level: u8, pa: u64 },
+    /// A table page is reached a second time: a cycle, or two parents
+    /// sharing one child.
+    TableRevisited { level: u8, pa: u64 },
+    /// The descriptor for `ipa` in a table at `level` is malformed.
+    BadEntry { level: u8, ipa: u64, entry: u64, reason: DescriptorError },
+    /// A leaf maps memory that is neither RAM nor an allowed device range.
+    LeafOutsideMemory { ipa: u64, pa: u64, size: u64 },
+    /// A leaf maps one of the tree's own table pages.
+    LeafCoversTable { ipa: u64, table: u64 },
+}
+
+impl fmt::Display for AdoptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdoptError::InvalidRange { base, size } => write!(f, "memory range {base:#x}+{size:#x} wraps around"),
+            AdoptError::TableMisaligned { level, pa } => {
+                write!(f, "level {level} table at {pa:#x} is not 4 KiB aligned")
+            }
+            AdoptError::TableOutsideRam { level, pa } => write!(f, "level {level} table at {pa:#x} is outside RAM"),
+            AdoptError::TableRevisited { level, pa } => {
+                write!(f, "level {level} table at {pa:#x} is reached twice (cycle or shared table)")
+            }
+            AdoptError::BadEntry { level, ipa, entry, reason } => {
+                write!(f, "level {level} descriptor {entry:#x} for guest-physical {ipa:#x}: {reason}")
+            }
+            AdoptError::LeafOutsideMemory { ipa, pa, size } => {
+                write!(f, "guest-physical {ipa:#x} maps {pa:#x}+{size:#x}, outside RAM and devices")
+            }
+            AdoptError::LeafCoversTable { ipa, table } => {
+                write!(f, "guest-physical {ipa:#x} maps the table page {table:#x}")
+            }
+        }
+    }
+}
+
+/// What a validated tree holds.
+pub(super) struct Validated {
+    /// Every table page, the root included.
+    pub(super) tables: BTreeSet<u64>,
+    /// Leaves per size, indexed like `BlockSize::ALL`.
+    pub(super) leaves: [u64; 3],
+}
+
+/// Walks and validates the tree at `root`; see the module documentation.
+pub(super) fn validate<F: Stage2Format, P: PhysToVirt>(
+    root: u64,
+    ram: &[(u64, u64)],
+    devices: &[(u64, u64)],
+    phys: &P,
+) -> Result<Validated, AdoptError> {
+    let mut walk = Walk::<F, P> {
+        phys,
+        ram: Ranges::new(ram)?,
+        devices: Ranges::new(devices)?,
+        tables: BTreeSet::new(),
+        leaves: [0; 3],
+        format: PhantomData,
+    };
+    walk.table(root, ROOT_LEVEL, 0)?;
+    walk.leaves_clear_of_tables(root, ROOT_LEVEL, 0)?;
+    Ok(Validated { tables: walk.tables, leaves: walk.leaves })
+}
+
+/// Sorted, merged, non-empty half-open ranges.
+struct Ranges(Vec<(u64, u64)>);
+
+impl Ranges {
+    fn new(list: &[(u64, u64)]) -> Result<Ranges, AdoptError> {
+        let mut ranges = Vec::with_capacity(list.len());
+        for &(base, size) in list {
+            let end = base.checked_add(size).ok_or(AdoptError::InvalidRange { base, size })?;
+            if size != 0 {
+                ranges.push((base, end));
+            }
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some((_, merged_end)) if start <= *merged_end => *merged_end = (*merged_end).max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        Ok(Ranges(merged))
+    }
+
+    /// Whether `[start, start + len)` lies inside one merged range.
+    fn contains(&self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        // The last range starting at or below `start` is the only candidate.
+        let after = self.0.partition_point(|&(base, _)| base <= start);
+        after.checked_sub(1).and_then(|i| self.0.get(i)).is_some_and(|&(_, limit)| end <= limit)
+    }
+}
+
+struct Walk<'a, F, P> {
+    phys: &'a P,
+    ram: Ranges,
+    devices: Ranges,
+    tables: BTreeSet<u64>,
+    leaves: [u64; 3],
+    format: PhantomData<fn() -> F>,
+}
+
+impl<F: Stage2Format, P: PhysToVirt> Walk<'_, F, P> {
+    /// Validates the table page at `pa`, at `level`, covering the IPAs from
+    /// `base`, and everything below it. Recursion depth is bounded by the
+    /// level numbering: `decode_entry` returns no table at the last level.
+    fn table(&mut self, pa: u64, level: u8, base: u64) -> Result<(), AdoptError> {
+        if !pa.is_multiple_of(PAGE_SIZE) {
+            return Err(AdoptError::TableMisaligned { level, pa });
+        }
+        if !self.ram.contains(pa, PAGE_SIZE) {
+            return Err(AdoptError::TableOutsideRam { level, pa });
+        }
+        if !self.tables.insert(pa) {
+            return Err(AdoptError::TableRevisited { level, pa });
+        }
+        let span = entry_span(level);
+        let mut ipa = base;
+        for index in 0..ENTRIES_PER_TABLE {
+            // Only now, with `pa` known to be a RAM page, is it read.
+            let entry = read_entry(self.phys, pa, index);
+            match decode_entry::<F>(entry, level) {
+                Err(reason) => return Err(AdoptError::BadEntry { level, ipa, entry, reason }),
+                Ok(Entry::Invalid) => {}
+                Ok(Entry::Table { next, level: child }) => self.table(next, child, ipa)?,
+                Ok(Entry::Leaf { pa: out, size, .. }) => {
+                    let bytes = size.bytes();
+                    if !self.ram.contains(out, bytes) && !self.devices.contains(out, bytes) {
+                        return Err(AdoptError::LeafOutsideMemory { ipa, pa: out, size: bytes });
+                    }
+                    self.leaves[size.index()] += 1;
+                }
+            }
+            ipa += span;
+        }
+        Ok(())
+    }
+
+    /// Second pass, over the tree `table` has validated: no leaf maps a
+    /// table page.
+    fn leaves_clear_of_tables(&self, pa: u64, level: u8, base: u64) -> Result<(), AdoptError> {
+        let span = entry_span(level);
+        let mut ipa = base;
+        for index in 0..ENTRIES_PER_TABLE {
+            let entry = read_entry(self.phys, pa, index);
+            match decode_entry::<F>(entry, level) {
+                Err(reason) => return Err(AdoptError::BadEntry { level, ipa, entry, reason }),
+                Ok(Entry::Invalid) => {}
+                Ok(Entry::Table { next, level: child }) => self.leaves_clear_of_tables(next, child, ipa)?,
+                Ok(Entry::Leaf { pa: out, size, .. }) => {
+                    if let Some(&table) = self.tables.range(out..out + size.bytes()).next() {
+                        return Err(AdoptError::LeafCoversTable { ipa, table });
+                    }
+                }
+            }
+            ipa += span;
+        }
+        Ok(())
+    }
+}
