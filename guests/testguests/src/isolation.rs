@@ -1,0 +1,61 @@
+//! isolation: touches memory outside its RAM. The hypervisor should stop
+//! the guest with a stage-2 fault (`hv: fault kind=stage2 guest=N
+//! addr=...`) or inject an abort (then the runtime prints an `exception`
+//! line and shuts down); if the access returns, isolation is broken.
+//!
+//! Lines: `probe addr=0x.. kind=<outside-ram|inside-ram>`, then, only if
+//! the access came back, `probe survived=1 addr=0x..`.
+
+use crate::{Env, Guest, Line};
+
+/// Default probe: this far past the end of RAM.
+pub const PAST_RAM: u64 = 64 << 20;
+
+/// The address probed: `addr=` if given, else 64 MiB past RAM; aligned
+/// down to 8 bytes (the access is one 64-bit word).
+pub fn probe_address(env: &Env) -> u64 {
+    env.args().addr.unwrap_or_else(|| env.ram().end.saturating_add(PAST_RAM)) & !7
+}
+
+/// The isolation workload (`addr=` overrides the probed IPA).
+pub fn run<G: Guest>(g: &mut G, env: &Env) {
+    let addr = probe_address(env);
+    let kind = if env.ram().contains(addr) { "inside-ram" } else { "outside-ram" };
+    g.write_line(Line::event("probe").hex("addr", addr).field("kind", kind));
+    g.probe(addr);
+    g.write_line(Line::event("probe").flag("survived", true).hex("addr", addr));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::Args;
+    use crate::fake::FakeGuest;
+    use crate::Region;
+
+    const RAM: Region = Region::new(0x4000_0000, 0x4100_0000);
+
+    #[test]
+    fn probes_past_ram_by_default() {
+        let env = Env::new(RAM, [Region::default(); 2], Args::default());
+        let mut g = FakeGuest::new();
+        run(&mut g, &env);
+        assert_eq!(g.probes, [0x4500_0000]);
+        assert_eq!(g.lines, ["probe addr=0x45000000 kind=outside-ram", "probe survived=1 addr=0x45000000"]);
+    }
+
+    #[test]
+    fn addr_argument_overrides_and_is_aligned() {
+        let args = Args { addr: Some(0x8000_0003), ..Args::default() };
+        let mut g = FakeGuest::new();
+        run(&mut g, &Env::new(RAM, [Region::default(); 2], args));
+        assert_eq!(g.probes, [0x8000_0000]);
+        assert_eq!(g.lines[0], "probe addr=0x80000000 kind=outside-ram");
+
+        let inside = Args { addr: Some(0x4080_0000), ..Args::default() };
+        assert_eq!(probe_address(&Env::new(RAM, [Region::default(); 2], inside)), 0x4080_0000);
+        let mut g = FakeGuest::new();
+        run(&mut g, &Env::new(RAM, [Region::default(); 2], inside));
+        assert_eq!(g.lines[0], "probe addr=0x40800000 kind=inside-ram");
+    }
+}
