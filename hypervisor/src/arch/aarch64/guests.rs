@@ -297,6 +297,7 @@ fn build_partition(
         privileged = u8::from(spec.privileged),
         entry = format_args!("{:#x}", layout.entry_ipa),
         stage2_root = format_args!("{:#x}", stage2.root()),
+        cpu = m.vcpus[vcpus[0]].pcpu,
     );
     m.partitions.push(Partition {
         info: PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus },

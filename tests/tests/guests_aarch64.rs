@@ -1,0 +1,107 @@
+//! Partitions on aarch64: the default test guests run concurrently on both
+//! physical CPUs under their own stage-2 tables, and every event they
+//! print is checked.
+
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunOutcome, RunSpec};
+use hv_tests::events::Event;
+use hv_tests::guests::{self, GuestArg};
+use hv_tests::image::{self, ImageSpec};
+use hv_tests::{Arch, Machine};
+
+fn run_guests(name: &str, list: &[GuestArg]) -> RunOutcome {
+    let image = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let mut spec = RunSpec::new(name, Machine::Qemu);
+    spec.timeout = Duration::from_secs(90);
+    let dir = emulator::run_dir(&spec);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let placed = guests::place(list, u64::from(spec.mem_mib), &dir).unwrap_or_else(|e| panic!("{e}"));
+    spec.blobs = placed.blobs;
+    spec.cmdline = Some(placed.cmdline);
+    emulator::run(&image, &spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn check(run: &RunOutcome, ok: bool, what: &str) {
+    assert!(ok, "{}", run.failure(what));
+}
+
+/// The partition id the hypervisor gave the guest named `name`.
+fn id_of(run: &RunOutcome, name: &str) -> u32 {
+    let started = run.hv("guest-start");
+    let e = started.iter().find(|e| e.get("name") == Some(name));
+    check(run, e.is_some(), &format!("no guest-start for {name}"));
+    e.and_then(|e| e.num("id")).map_or(0, |id| id as u32)
+}
+
+fn last<'a>(events: &[&'a Event]) -> Option<&'a Event> {
+    events.last().copied()
+}
+
+#[test]
+fn default_guests_run_isolated_on_both_cpus() {
+    let list = guests::default_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let run = run_guests("test-aarch64-guests", &list);
+    check(&run, run.clean_shutdown(), "no clean shutdown");
+    let started = run.hv("guest-start");
+    check(&run, started.len() == 5, "five guests should start");
+    let cpus: std::collections::BTreeSet<_> = started.iter().filter_map(|e| e.num("cpu")).collect();
+    check(&run, cpus.len() == 2, "guests should be spread over both physical CPUs");
+    let roots: std::collections::BTreeSet<_> = started.iter().filter_map(|e| e.get("stage2_root")).collect();
+    check(&run, roots.len() == 5, "each guest has its own stage-2 root");
+
+    // The hypercall exerciser: every status as documented.
+    let ex = id_of(&run, "exerciser");
+    let checks = run.guest(ex, "hypercall");
+    check(&run, checks.len() == 15, "15 hypercall checks");
+    for c in &checks {
+        check(&run, c.num("ok") == Some(1) && c.get("status") == c.get("expected"), &format!("check {c:?}"));
+    }
+    let verdict = last(&run.guest(ex, "exerciser"));
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1) && e.num("failed") == Some(0)), "exerciser verdict");
+    let info = last(&run.guest(ex, "info"));
+    check(&run, info.is_some_and(|e| e.num("cpus") == Some(2) && e.get("version").is_some()), "info line");
+
+    // memcheck over all of its RAM, every pass ok.
+    let mc = id_of(&run, "memcheck");
+    let passes = run.guest(mc, "memcheck");
+    let pass_lines: Vec<_> = passes.iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, pass_lines.len() == 3, "three memcheck passes");
+    check(&run, pass_lines.iter().all(|e| e.num("ok") == Some(1) && e.num("pages").unwrap_or(0) > 7000), "memcheck ok");
+
+    // heartbeat: virtual timer ticks and self-SGIs all delivered.
+    let hb = id_of(&run, "heartbeat");
+    let done = last(&run.guest(hb, "heartbeat"));
+    check(&run, done.is_some_and(|e| e.num("ticks") == Some(100)), "heartbeat reached 100 ticks");
+    check(&run, done.is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "every SGI arrived");
+    let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
+    check(&run, ticks.windows(2).all(|w| w[0] < w[1]) && ticks.len() == 10, "alive ticks increase");
+
+    // The isolation probe faults in stage 2 and is stopped; nobody else is.
+    let iso = id_of(&run, "isolation");
+    let faults = run.hv("fault");
+    check(&run, faults.len() == 1, "exactly one fault");
+    check(&run, faults[0].get("kind") == Some("stage2") && faults[0].num("guest") == Some(u64::from(iso)), "fault event");
+    check(&run, faults[0].num("addr") == Some(0x4500_0000), "fault address = RAM end + 64 MiB");
+    check(&run, run.guest(iso, "probe").iter().all(|e| e.get("survived").is_none()), "probe must not survive");
+    let stopped = run.hv("guest-stop");
+    check(&run, stopped.iter().filter(|e| e.get("reason") == Some("fault")).count() == 1, "one guest stopped by fault");
+    check(&run, stopped.len() == 5, "every guest stopped");
+
+    // The blackout meter spins with interrupts masked; a guest sharing its
+    // CPU still progresses (the hypervisor's timer preempts the spinner).
+    let bo = id_of(&run, "blackout");
+    let cpu_of = |id: u32| started.iter().find(|e| e.num("id") == Some(u64::from(id))).and_then(|e| e.num("cpu"));
+    check(&run, cpu_of(bo) == cpu_of(hb), "blackout and heartbeat share a CPU in the default layout");
+    let lines: Vec<&str> = run.serial.lines().collect();
+    let pos = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    let first_bo = pos(&|l| l.starts_with(&format!("guest{bo}: blackout")));
+    let final_bo = pos(&|l| l.starts_with(&format!("guest{bo}: blackout")) && l.contains("final=1"));
+    let alive_between = match (first_bo, final_bo) {
+        (Some(a), Some(b)) => lines[a..b].iter().filter(|l| l.starts_with(&format!("guest{hb}: alive"))).count(),
+        _ => 0,
+    };
+    check(&run, alive_between > 0, "heartbeat ticks while the blackout meter spins on the same CPU");
+    let gap = last(&run.guest(bo, "blackout")).and_then(|e| e.num("max_gap_us"));
+    check(&run, gap.is_some_and(|g| g > 0), "blackout meter reports a gap");
+}
