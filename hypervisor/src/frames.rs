@@ -72,6 +72,17 @@ impl FrameAllocator {
         self.free_bytes += block.size;
     }
 
+    /// Hands RAM that is no longer needed (e.g. a consumed handover) to
+    /// the allocator.
+    pub fn add_free(&mut self, range: PhysRange) {
+        let start = range.base.next_multiple_of(PAGE_SIZE);
+        let end = range.base.saturating_add(range.size) & !(PAGE_SIZE - 1);
+        if start < end {
+            self.inner.add_frame((start >> PAGE_SHIFT) as usize, (end >> PAGE_SHIFT) as usize);
+            self.free_bytes += end - start;
+        }
+    }
+
     pub fn free_bytes(&self) -> u64 {
         self.free_bytes
     }

@@ -4,7 +4,9 @@
 //! registers, calls [`dispatch`], writes the result back and carries out
 //! the returned [`Action`]. Everything a guest passes is validated here.
 
-use hvcall::{call, Control, HvInfo, PartitionState, Status, HV_INFO_ALIGN, HV_INFO_SIZE};
+use hvcall::{
+    call, Control, HvInfo, PartitionState, Status, UpdateRequest, HV_INFO_ALIGN, HV_INFO_SIZE, UPDATE_REQUEST_SIZE,
+};
 
 use crate::partition::{state_code, PartitionInfo};
 
@@ -34,6 +36,15 @@ pub enum Action {
     Yield,
     /// Stop every vCPU of the calling partition.
     ShutdownSelf,
+    /// Live-update to the image at host-physical `image_pa` (`size`
+    /// bytes, inside the caller's RAM). The arch code validates the image
+    /// and writes the final status.
+    LiveUpdate {
+        image_pa: u64,
+        size: u64,
+    },
+    /// Make the next live update's freeze fail (test hook).
+    FailNextFreeze,
 }
 
 /// The result of one hypercall.
@@ -129,9 +140,39 @@ pub fn dispatch(
                 None => Outcome::status(Status::InvalidParameter),
             }
         }
-        call::GET_PARTITION_ID | call::GET_HV_INFO | call::YIELD | call::SHUTDOWN_SELF | call::GET_PARTITION_STATE => {
-            Outcome::status(Status::InvalidHypercallInput)
+        call::LIVE_UPDATE if want_fast(false) => {
+            if !caller.privileged {
+                return Outcome::status(Status::AccessDenied);
+            }
+            if !input.is_multiple_of(8) {
+                return Outcome::status(Status::InvalidAlignment);
+            }
+            let Some(pa) = caller.ram.translate(input, UPDATE_REQUEST_SIZE as u64) else {
+                return Outcome::status(Status::InvalidParameter);
+            };
+            let mut raw = [0u8; UPDATE_REQUEST_SIZE];
+            mem.read(pa, &mut raw);
+            let req = UpdateRequest::from_bytes(&raw);
+            match caller.ram.translate(req.image_gpa, req.image_size) {
+                Some(image_pa) if req.image_size > 0 => {
+                    Outcome { action: Action::LiveUpdate { image_pa, size: req.image_size }, ..Outcome::ok() }
+                }
+                _ => Outcome::status(Status::InvalidParameter),
+            }
         }
+        call::TEST_FAIL_NEXT_FREEZE if want_fast(true) => {
+            if !caller.privileged {
+                return Outcome::status(Status::AccessDenied);
+            }
+            Outcome { action: Action::FailNextFreeze, ..Outcome::ok() }
+        }
+        call::GET_PARTITION_ID
+        | call::GET_HV_INFO
+        | call::YIELD
+        | call::SHUTDOWN_SELF
+        | call::GET_PARTITION_STATE
+        | call::LIVE_UPDATE
+        | call::TEST_FAIL_NEXT_FREEZE => Outcome::status(Status::InvalidHypercallInput),
         _ => Outcome::status(Status::InvalidHypercallCode),
     }
 }
@@ -252,6 +293,34 @@ mod tests {
         assert_eq!(o.action, Action::Yield);
         let (o, ..) = run(&guest(false), ctl(call::SHUTDOWN_SELF, true, 0), 0, 0);
         assert_eq!(o.action, Action::ShutdownSelf);
+    }
+
+    #[test]
+    fn live_update_checks_privilege_and_bounds() {
+        let request = |gpa: u64, size: u64| {
+            let mut mem = Arena(vec![0; 0x1_0000]);
+            mem.0[0x300..0x310].copy_from_slice(&UpdateRequest { image_gpa: gpa, image_size: size }.to_bytes());
+            mem
+        };
+        let go = |p: &PartitionInfo, mut mem: Arena, input: u64| {
+            dispatch(p, ctl(call::LIVE_UPDATE, false, 0), input, 0, &Hv, &mut mem, &mut |_| {})
+        };
+        let o = go(&guest(true), request(GUEST_RAM_BASE + 0x1000, 0x2000), GUEST_RAM_BASE + 0x300);
+        assert_eq!(o.action, Action::LiveUpdate { image_pa: HOST + 0x1000, size: 0x2000 });
+        let o = go(&guest(false), request(GUEST_RAM_BASE + 0x1000, 0x2000), GUEST_RAM_BASE + 0x300);
+        assert_eq!(o.status, Status::AccessDenied);
+        let o = go(&guest(true), request(GUEST_RAM_BASE + 0xf000, 0x2000), GUEST_RAM_BASE + 0x300);
+        assert_eq!(o.status, Status::InvalidParameter);
+        let o = go(&guest(true), request(GUEST_RAM_BASE, 0), GUEST_RAM_BASE + 0x300);
+        assert_eq!(o.status, Status::InvalidParameter);
+        let o = go(&guest(true), request(GUEST_RAM_BASE, 16), GUEST_RAM_BASE + 0x301);
+        assert_eq!(o.status, Status::InvalidAlignment);
+        let o = go(&guest(true), request(GUEST_RAM_BASE, 16), 0x10);
+        assert_eq!(o.status, Status::InvalidParameter);
+        let (o, ..) = run(&guest(false), ctl(call::TEST_FAIL_NEXT_FREEZE, true, 0), 0, 0);
+        assert_eq!(o.status, Status::AccessDenied);
+        let (o, ..) = run(&guest(true), ctl(call::TEST_FAIL_NEXT_FREEZE, true, 0), 0, 0);
+        assert_eq!(o.action, Action::FailNextFreeze);
     }
 
     #[test]

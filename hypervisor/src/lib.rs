@@ -18,6 +18,7 @@ pub mod hypercall;
 pub mod partition;
 pub mod sched;
 pub mod stage2;
+pub mod update;
 pub mod vmx_caps;
 
 /// The version this image reports in `hv: boot` and to guests. The

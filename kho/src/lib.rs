@@ -34,7 +34,8 @@ mod update;
 pub use checksum::{crc32, crc32_parts};
 pub use handover::{
     BitmapRoot, HandoverError, HandoverIdentity, HandoverReader, HandoverWriter, SubsystemNode, SubsystemWriter,
-    HANDOVER_ABI, HANDOVER_COMPATIBLE, MAX_HANDOVER_BYTES, MAX_NODES, MAX_NODE_DEPTH, MAX_PAGE_ORDER, MAX_RANGES_PER_PROPERTY,
+    HANDOVER_ABI, HANDOVER_COMPATIBLE, MAX_HANDOVER_BYTES, MAX_NODES, MAX_NODE_DEPTH, MAX_PAGE_ORDER,
+    MAX_RANGES_PER_PROPERTY,
 };
 pub use memory::{MemoryError, PhysRange, RamMap, FOUR_GIB, MAX_RAM_RANGES, PAGE_SIZE};
 pub use record::{

@@ -84,7 +84,9 @@ impl fmt::Display for ImageError {
             Self::AbiMismatch { running, min, max } => {
                 write!(f, "image reads handover ABI {min}..={max}, running ABI is {running}")
             }
-            Self::SizeMismatch { declared, actual } => write!(f, "descriptor says {declared} bytes, image has {actual}"),
+            Self::SizeMismatch { declared, actual } => {
+                write!(f, "descriptor says {declared} bytes, image has {actual}")
+            }
             Self::ChecksumMismatch { declared, actual } => {
                 write!(f, "checksum {actual:#010x} does not match the declared {declared:#010x}")
             }
@@ -96,7 +98,13 @@ impl fmt::Display for ImageError {
 
 /// The descriptor bytes an image embeds (size and checksum left 0 for
 /// [`seal`]). Strings longer than 31 bytes are truncated.
-pub const fn descriptor(arch: ImageArch, abi_min: u32, abi_max: u32, version: &str, build: &str) -> [u8; DESCRIPTOR_LEN] {
+pub const fn descriptor(
+    arch: ImageArch,
+    abi_min: u32,
+    abi_max: u32,
+    version: &str,
+    build: &str,
+) -> [u8; DESCRIPTOR_LEN] {
     let mut out = [0u8; DESCRIPTOR_LEN];
     let mut pos = 0;
     while pos < MAGIC.len() {

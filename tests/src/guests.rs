@@ -67,8 +67,11 @@ impl GuestArg {
             return Err(format!("--guest '{spec}': no file"));
         }
         let stem = file.file_stem().map_or("guest".into(), |s| s.to_string_lossy().into_owned());
-        let name: String =
-            stem.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).take(32).collect();
+        let name: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+            .take(32)
+            .collect();
         let mut g =
             GuestArg { file, name, mem_mib: 16, vcpus: 1, privileged: false, initrd: None, cmdline: String::new() };
         for f in &fields[1..] {
@@ -76,7 +79,8 @@ impl GuestArg {
             match k.trim() {
                 "mem" => g.mem_mib = parse_size_mib(v).ok_or(format!("--guest: bad mem '{v}'"))?,
                 "vcpus" => {
-                    g.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(format!("--guest: bad vcpus '{v}'"))?;
+                    g.vcpus =
+                        v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(format!("--guest: bad vcpus '{v}'"))?;
                 }
                 "privileged" => g.privileged = true,
                 "initrd" => g.initrd = Some(PathBuf::from(v)),
@@ -112,8 +116,79 @@ pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
     ])
 }
 
+/// The default demo: the test guests, sized to keep running through the
+/// updates, plus the updater guest carrying `update_images`.
+pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Result<Vec<GuestArg>, LaunchError> {
+    let mut list = default_guests(arch)?;
+    if updates == 0 || update_images.is_empty() {
+        return Ok(list);
+    }
+    // Each update waits `delay_ms` first; the other guests must outlive
+    // them all (ticks are 10 ms, memcheck passes take ~50 ms, blackout
+    // counts seconds).
+    let delay_ms = 250;
+    let span_s = u64::from(updates) * (delay_ms + 150) / 1000 + 2;
+    for g in &mut list {
+        g.cmdline = match g.name.as_str() {
+            "heartbeat" => format!("ticks={}", span_s * 100),
+            "memcheck" => format!("passes={}", span_s * 15),
+            "blackout" => format!("seconds={span_s}"),
+            _ => g.cmdline.clone(),
+        };
+    }
+    list.push(updater_guest(arch, update_images, 16, &format!("updates={updates} delay_ms={delay_ms}"))?);
+    Ok(list)
+}
+
 /// The test guest binaries, as flat images in the returned directory.
-pub const TEST_GUESTS: [&str; 5] = ["heartbeat", "memcheck", "blackout", "exerciser", "isolation"];
+pub const TEST_GUESTS: [&str; 7] = ["heartbeat", "memcheck", "blackout", "exerciser", "isolation", "smp", "updater"];
+
+/// Magic at the start of the update bundle appended to the updater guest.
+pub const BUNDLE_MAGIC: &[u8; 8] = b"HVUPDBND";
+/// The bundle header: magic, count (u32), reserved (u32), then per image
+/// (offset from the bundle start: u64, size: u64); images follow, each
+/// 4 KiB aligned.
+const BUNDLE_HEADER: usize = 4096;
+const MAX_BUNDLE_IMAGES: usize = (BUNDLE_HEADER - 16) / 16;
+
+/// Builds the privileged updater guest: its image (padded over its bss),
+/// followed by a bundle of hypervisor images it hands to LIVE_UPDATE in
+/// turn. `cmdline` carries `updates=N` and friends.
+pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str) -> Result<GuestArg, LaunchError> {
+    if images.is_empty() || images.len() > MAX_BUNDLE_IMAGES {
+        return Err(LaunchError::Image(format!("the updater carries 1 to {MAX_BUNDLE_IMAGES} images")));
+    }
+    let dir = out_dir().join(arch.name()).join("guests");
+    let base = dir.join("updater.bin");
+    let mut out = fs::read(&base).map_err(io_err(format!("reading {}", base.display())))?;
+    out.resize(out.len().next_multiple_of(BLOB_ALIGN as usize), 0);
+    let mut header = vec![0u8; BUNDLE_HEADER];
+    header[..8].copy_from_slice(BUNDLE_MAGIC);
+    header[8..12].copy_from_slice(&(images.len() as u32).to_le_bytes());
+    let mut body = Vec::new();
+    for (i, path) in images.iter().enumerate() {
+        let bytes = fs::read(path).map_err(io_err(format!("reading update image {}", path.display())))?;
+        let offset = (BUNDLE_HEADER + body.len()) as u64;
+        let at = 16 + i * 16;
+        header[at..at + 8].copy_from_slice(&offset.to_le_bytes());
+        header[at + 8..at + 16].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        body.extend_from_slice(&bytes);
+        body.resize(body.len().next_multiple_of(BLOB_ALIGN as usize), 0);
+    }
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&body);
+    let file = dir.join("updater-bundle.bin");
+    fs::write(&file, &out).map_err(io_err(format!("writing {}", file.display())))?;
+    Ok(GuestArg {
+        file,
+        name: "updater".into(),
+        mem_mib,
+        vcpus: 1,
+        privileged: true,
+        initrd: None,
+        cmdline: cmdline.to_string(),
+    })
+}
 
 /// Builds `guests/testguests` for `arch` and flattens each ELF.
 pub fn build_test_guests(arch: Arch) -> Result<PathBuf, LaunchError> {
@@ -139,8 +214,12 @@ pub fn build_test_guests(arch: Arch) -> Result<PathBuf, LaunchError> {
         };
         let image =
             elf::parse(&bytes, machine).map_err(|e| LaunchError::Image(format!("{}: {e}", elf_path.display())))?;
+        // Flat image padded over bss, so whatever is appended to it (the
+        // updater's bundle) is not cleared by the guest's bss zeroing.
+        let mut flat = elf::flatten(&bytes, &image);
+        flat.resize(((image.end() - image.base()) as usize).next_multiple_of(BLOB_ALIGN as usize), 0);
         let out = dir.join(format!("{bin}.bin"));
-        fs::write(&out, elf::flatten(&bytes, &image)).map_err(io_err(format!("writing {}", out.display())))?;
+        fs::write(&out, flat).map_err(io_err(format!("writing {}", out.display())))?;
     }
     Ok(dir)
 }

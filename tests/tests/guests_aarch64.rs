@@ -81,7 +81,11 @@ fn default_guests_run_isolated_on_both_cpus() {
     let iso = id_of(&run, "isolation");
     let faults = run.hv("fault");
     check(&run, faults.len() == 1, "exactly one fault");
-    check(&run, faults[0].get("kind") == Some("stage2") && faults[0].num("guest") == Some(u64::from(iso)), "fault event");
+    check(
+        &run,
+        faults[0].get("kind") == Some("stage2") && faults[0].num("guest") == Some(u64::from(iso)),
+        "fault event",
+    );
     check(&run, faults[0].num("addr") == Some(0x4500_0000), "fault address = RAM end + 64 MiB");
     check(&run, run.guest(iso, "probe").iter().all(|e| e.get("survived").is_none()), "probe must not survive");
     let stopped = run.hv("guest-stop");

@@ -39,6 +39,42 @@ pub mod call {
     /// Fast call, privileged: input = partition id, output = its
     /// [`super::PartitionState`].
     pub const GET_PARTITION_STATE: u16 = 0x0006;
+    /// Memory call, privileged: input = GPA of an [`super::UpdateRequest`]
+    /// naming a new hypervisor image in the caller's RAM. Returns after the
+    /// update (in the new image) or its refusal/cancellation.
+    pub const LIVE_UPDATE: u16 = 0x0010;
+    /// Fast call, privileged, test hook: the next live update's freeze
+    /// phase fails, so the update is cancelled.
+    pub const TEST_FAIL_NEXT_FREEZE: u16 = 0x0011;
+}
+
+/// The input of `LIVE_UPDATE`, 16 bytes little-endian, 8-byte aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpdateRequest {
+    /// GPA of the image (in the caller's RAM).
+    pub image_gpa: u64,
+    /// Image size in bytes.
+    pub image_size: u64,
+}
+
+/// Size in bytes of [`UpdateRequest`].
+pub const UPDATE_REQUEST_SIZE: usize = 16;
+
+impl UpdateRequest {
+    pub fn to_bytes(&self) -> [u8; UPDATE_REQUEST_SIZE] {
+        let mut b = [0u8; UPDATE_REQUEST_SIZE];
+        b[..8].copy_from_slice(&self.image_gpa.to_le_bytes());
+        b[8..].copy_from_slice(&self.image_size.to_le_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8; UPDATE_REQUEST_SIZE]) -> Self {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&b[..8]);
+        hi.copy_from_slice(&b[8..]);
+        Self { image_gpa: u64::from_le_bytes(lo), image_size: u64::from_le_bytes(hi) }
+    }
 }
 
 /// The output of `GET_HV_INFO`, 88 bytes, little-endian, 8-byte aligned.

@@ -19,6 +19,15 @@ pub struct Args {
     pub privileged: bool,
     /// isolation: the IPA to probe.
     pub addr: Option<u64>,
+    /// updater: live updates to request.
+    pub updates: Option<u64>,
+    /// updater: milliseconds to wait before each update.
+    pub delay_ms: Option<u64>,
+    /// updater: the status each update must return (default 0).
+    pub expect_status: Option<u64>,
+    /// updater: arm the freeze-failure test hook first and expect the first
+    /// update to be cancelled.
+    pub fail_freeze: bool,
 }
 
 /// Why the bootargs were refused.
@@ -59,6 +68,16 @@ impl Args {
                 "passes" => args.passes = Some(number("passes", value)?),
                 "seconds" => args.seconds = Some(number("seconds", value)?),
                 "addr" => args.addr = Some(number("addr", value)?),
+                "updates" => args.updates = Some(number("updates", value)?),
+                "delay_ms" => args.delay_ms = Some(number("delay_ms", value)?),
+                "expect_status" => args.expect_status = Some(number("expect_status", value)?),
+                "fail_freeze" => {
+                    args.fail_freeze = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(ArgError::InvalidFlag { key: "fail_freeze" }),
+                    }
+                }
                 "privileged" => {
                     args.privileged = match value {
                         "1" => true,
@@ -105,7 +124,7 @@ mod tests {
         let a = Args::parse("console=hvc0 ticks=40  passes=3 seconds=2 quiet privileged=1 addr=0x8000_0000").unwrap();
         assert_eq!(
             a,
-            Args { ticks: Some(40), passes: Some(3), seconds: Some(2), privileged: true, addr: Some(0x8000_0000) }
+            Args { ticks: Some(40), passes: Some(3), seconds: Some(2), privileged: true, addr: Some(0x8000_0000), ..Args::default() }
         );
         assert_eq!(Args::parse("").unwrap(), Args::default());
         assert_eq!(Args::parse("ticks=1 ticks=2").unwrap().ticks, Some(2));

@@ -261,6 +261,11 @@ impl Env {
         self.ram
     }
 
+    /// The guest's own image (text to the end of bss).
+    pub fn image(&self) -> Region {
+        self.in_use[0]
+    }
+
     pub fn args(&self) -> &Args {
         &self.args
     }

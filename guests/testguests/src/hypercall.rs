@@ -30,6 +30,11 @@ impl Request {
         Self { control: control.encode(), input: gpa, output: 0 }
     }
 
+    /// A memory call (not fast, no reps) with GPA operands.
+    pub const fn memory(code: u16, input: u64, output: u64) -> Self {
+        Self { control: Control::new(code).encode(), input, output }
+    }
+
     /// `SHUTDOWN_SELF`.
     pub const fn shutdown_self() -> Self {
         Self::fast(call::SHUTDOWN_SELF, 0)

@@ -7,7 +7,9 @@
 //! fake guest that implements `hypervisor/HYPERCALLS.md`.
 //!
 //! Every guest prints machine-readable lines `<event> key=value ...` (the
-//! hypervisor adds the `guest<N>: ` prefix) and ends with `SHUTDOWN_SELF`.
+//! hypervisor adds the `guest<N>: ` prefix) and ends with `SHUTDOWN_SELF`
+//! (smp with PSCI `SYSTEM_OFF`). The smp workload also needs the
+//! [`Psci`] conduit and runs a second vCPU.
 #![no_std]
 
 #[cfg(test)]
@@ -23,6 +25,9 @@ pub mod hypercall;
 pub mod isolation;
 pub mod line;
 pub mod memcheck;
+pub mod psci;
+pub mod smp;
+pub mod updater;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod arch;
@@ -33,6 +38,7 @@ mod fake;
 pub use boot::{Env, Region};
 pub use hypercall::{Outcome, Request};
 pub use line::Line;
+pub use psci::Psci;
 
 /// Interrupts taken so far, as counted by the runtime's interrupt handler.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,3 +97,7 @@ pub trait Guest {
 
 /// A workload: runs to completion; the runtime then shuts the guest down.
 pub type Workload<G> = fn(&mut G, &Env);
+
+/// The workload of a vCPU started by PSCI CPU_ON, given its context id.
+/// It ends by turning its vCPU off; should it return, the vCPU parks.
+pub type SecondaryWorkload<G> = fn(&mut G, u64);

@@ -9,6 +9,9 @@ use hv_tests::guests::{self, GuestArg};
 use hv_tests::image::{self, ImageSpec};
 use hv_tests::{Arch, Machine};
 
+/// The version string of the second image the demo alternates with.
+const UPDATE_B_VERSION: &str = "0.1.1";
+
 const USAGE: &str = "\
 usage: scripts/run [options] [-- emulator args...]
 
@@ -22,6 +25,11 @@ usage: scripts/run [options] [-- emulator args...]
                              a guest to run (repeatable); without any, aarch64
                              runs the built-in test guests
   --no-guests                boot the hypervisor alone
+  --updates N                live updates the updater guest requests (default 10),
+                             alternating between this build (A) and a build with
+                             another version (B): A->B->A...
+  --update-image FILE        stage FILE as the update image instead (your own build,
+                             or a deliberately bad one) and report what happens
   -h, --help                 this text
 
 Everything after -- goes to the emulator's command line unchanged.
@@ -35,6 +43,8 @@ struct Options {
     mem: Option<u32>,
     guests: Vec<GuestArg>,
     no_guests: bool,
+    updates: u32,
+    update_image: Option<std::path::PathBuf>,
     extra: Vec<String>,
 }
 
@@ -55,6 +65,8 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         mem: None,
         guests: Vec::new(),
         no_guests: false,
+        updates: 10,
+        update_image: None,
         extra: Vec::new(),
     };
     let mut it = args.iter();
@@ -74,6 +86,8 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             "--mem" => o.mem = Some(number(value(&mut it, a)?, a)?),
             "--guest" => o.guests.push(GuestArg::parse(value(&mut it, a)?)?),
             "--no-guests" => o.no_guests = true,
+            "--updates" => o.updates = number(value(&mut it, a)?, a)?,
+            "--update-image" => o.update_image = Some(value(&mut it, a)?.into()),
             "--" => {
                 o.extra = it.by_ref().cloned().collect();
             }
@@ -120,7 +134,17 @@ fn main() -> ExitCode {
     if o.arch == Arch::Aarch64 && !o.no_guests {
         let list = if o.guests.is_empty() {
             eprintln!("hvrun: building the test guests");
-            match guests::default_guests(o.arch) {
+            let images = match (&o.update_image, o.updates) {
+                (_, 0) => Ok(Vec::new()),
+                (Some(file), _) => Ok(vec![file.clone()]),
+                (None, _) => {
+                    eprintln!("hvrun: building update image B (version {UPDATE_B_VERSION})");
+                    image::build(&ImageSpec { arch: o.arch, version: Some(UPDATE_B_VERSION.into()) })
+                        .map(|b| vec![b.bootable, image.bootable.clone()])
+                }
+            };
+            let updates = if o.update_image.is_some() { o.updates.min(1) } else { o.updates };
+            match images.and_then(|imgs| guests::demo_guests(o.arch, &imgs, updates)) {
                 Ok(g) => g,
                 Err(e) => {
                     eprintln!("hvrun: {e}");

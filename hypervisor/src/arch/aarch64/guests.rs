@@ -4,6 +4,7 @@
 //! interrupts). Guests are confined by their own stage-2 table and VMID.
 
 use alloc::boxed::Box;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::arch::asm;
 use core::ptr::NonNull;
@@ -20,8 +21,10 @@ use hypervisor::hypercall::{self, Action, HostMemory, HvContext};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::sched::{pick_next, VcpuState};
 use hypervisor::stage2::{ArmStage2, Attrs, LinearMap, Perms, Stage2Table};
+use hypervisor::update::{IdentityPages, PreservedMap, PreservingFrames};
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
-use loader::manifest::GuestSpec;
+use kho::ScratchPlan;
+use loader::manifest::{GuestSpec, ImageFormat};
 use loader::PhysRange;
 use spin::Mutex;
 
@@ -79,53 +82,66 @@ const UART_FR: u64 = 0x018;
 const UART_FR_IDLE: u64 = 0x90;
 
 /// A partition at run time.
-struct Partition {
-    info: PartitionInfo,
-    state: PartitionState,
-    stage2: Stage2Table<ArmStage2, LinearMap>,
-    vmid: u16,
-    console: LineBuffer,
-    vcpus: Vec<usize>,
-    /// For SYSTEM_RESET: the image and where it goes.
-    image: &'static [u8],
-    layout: GuestLayout,
-    dtb: Vec<u8>,
+pub(super) struct Partition {
+    pub(super) info: PartitionInfo,
+    pub(super) state: PartitionState,
+    pub(super) stage2: Stage2Table<ArmStage2, LinearMap>,
+    pub(super) vmid: u16,
+    pub(super) console: LineBuffer,
+    pub(super) vcpus: Vec<usize>,
+    /// For SYSTEM_RESET and the handover: the image, its format, initrd
+    /// and command line, and where they go.
+    pub(super) image: &'static [u8],
+    pub(super) format: ImageFormat,
+    pub(super) initrd: Option<PhysRange>,
+    pub(super) cmdline: String,
+    pub(super) layout: GuestLayout,
+    pub(super) dtb: Vec<u8>,
 }
 
 /// A vCPU's scheduling record. The context behind `ctx` is touched only by
 /// the physical CPU the vCPU is pinned to.
-struct VcpuSlot {
-    ctx: NonNull<Vcpu>,
-    partition: usize,
-    index: u32,
-    pcpu: usize,
-    state: VcpuState,
+pub(super) struct VcpuSlot {
+    pub(super) ctx: NonNull<Vcpu>,
+    pub(super) partition: usize,
+    pub(super) index: u32,
+    pub(super) pcpu: usize,
+    pub(super) state: VcpuState,
     /// Virtual interrupts to inject: bits 0-15 SGIs, [`PENDING_VTIMER`].
-    pending: u32,
+    pub(super) pending: u32,
     /// A (pc, x0) to start from, applied by the owning CPU (PSCI CPU_ON,
     /// SYSTEM_RESET), so no CPU writes another CPU's loaded context.
-    start: Option<(u64, u64)>,
+    pub(super) start: Option<(u64, u64)>,
 }
 
 // SAFETY: a slot's context is only dereferenced by its owning physical CPU
 // (`pcpu`), under the machine lock or while that CPU runs the vCPU.
 unsafe impl Send for VcpuSlot {}
 
-struct Machine {
-    partitions: Vec<Partition>,
-    vcpus: Vec<VcpuSlot>,
-    queues: [Vec<usize>; MAX_CPUS],
+pub(super) struct Machine {
+    pub(super) partitions: Vec<Partition>,
+    pub(super) vcpus: Vec<VcpuSlot>,
+    pub(super) queues: [Vec<usize>; MAX_CPUS],
     /// The vCPU whose state is in each CPU's registers.
-    loaded: [Option<usize>; MAX_CPUS],
-    frames: FrameAllocator,
-    cpus: usize,
+    pub(super) loaded: [Option<usize>; MAX_CPUS],
+    pub(super) frames: FrameAllocator,
+    pub(super) cpus: usize,
+    /// Everything that survives a live update, recorded as it is allocated.
+    pub(super) preserved: PreservedMap<IdentityPages>,
+    /// Where the next image is staged; the same regions on every update.
+    pub(super) scratch: ScratchPlan,
+    /// The machine's RAM.
+    pub(super) ram: Vec<PhysRange>,
+    pub(super) update_count: u64,
+    /// Test hook: the next update's freeze fails.
+    pub(super) fail_next_freeze: bool,
 }
 
-static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
+pub(super) static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
 static STARTED: AtomicBool = AtomicBool::new(false);
 static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
 /// MPIDR of each physical CPU, by CPU index (the DTB order).
-static CPU_MPIDR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(u64::MAX) }; MAX_CPUS];
+pub(super) static CPU_MPIDR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(u64::MAX) }; MAX_CPUS];
 /// Stack top of each CPU, for re-entering guests with an empty stack.
 static STACK_TOP: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
 
@@ -139,7 +155,7 @@ pub fn set_cpu(index: usize, mpidr: u64) {
     }
 }
 
-fn cpu_index() -> usize {
+pub(super) fn cpu_index() -> usize {
     let me = super::mpidr() & 0xff_00ff_ffff;
     CPU_MPIDR.iter().position(|m| m.load(Ordering::Relaxed) == me).unwrap_or(0)
 }
@@ -170,7 +186,7 @@ impl HvContext for Info<'_> {
         BUILD_ID
     }
     fn update_count(&self) -> u64 {
-        0
+        self.0.update_count
     }
     fn cpus(&self) -> u64 {
         self.0.cpus as u64
@@ -200,7 +216,7 @@ fn clean_for_guest(base: u64, len: u64) {
 }
 
 /// Copies the image (and DTB) into the partition's RAM.
-fn load_image(ram: GuestRam, image: &[u8], layout: &GuestLayout, dtb: &[u8]) {
+pub(super) fn load_image(ram: GuestRam, image: &[u8], layout: &GuestLayout, dtb: &[u8]) {
     for c in &layout.copies {
         let dst = ram.host_base + c.ram_offset;
         let src = &image[c.src_offset as usize..(c.src_offset + c.len) as usize];
@@ -218,7 +234,7 @@ fn load_image(ram: GuestRam, image: &[u8], layout: &GuestLayout, dtb: &[u8]) {
     clean_for_guest(ram.host_base, ram.size);
 }
 
-fn image_bytes(range: PhysRange, ram: &[PhysRange]) -> Option<&'static [u8]> {
+pub(super) fn image_bytes(range: PhysRange, ram: &[PhysRange]) -> Option<&'static [u8]> {
     if !ram.iter().any(|r| r.contains(&range)) {
         return None;
     }
@@ -246,6 +262,12 @@ fn build_partition(
         "bad-image-layout"
     })?;
     let block = m.frames.alloc_block(mem).ok_or("out-of-memory")?;
+    // Guest RAM, the image (SYSTEM_RESET reloads it) and the initrd survive
+    // updates: record them now, at allocation, not at update time.
+    m.preserved.preserve(&mut m.frames, block.base..block.base + block.size).map_err(|_| "preserve-ram")?;
+    for r in core::iter::once(spec.image).chain(spec.initrd) {
+        m.preserved.preserve(&mut m.frames, r.base..r.base + r.size).map_err(|_| "preserve-image")?;
+    }
     let ram = GuestRam { host_base: block.base, size: mem };
     // SAFETY: the block was just allocated for this partition.
     unsafe { core::ptr::write_bytes(block.base as *mut u8, 0, mem as usize) };
@@ -264,9 +286,10 @@ fn build_partition(
     load_image(ram, image, &layout, &dtb);
     // SAFETY: RAM is identity-mapped at EL2, so physical = virtual.
     let phys = unsafe { LinearMap::new(0) };
-    let mut stage2 = Stage2Table::<ArmStage2, LinearMap>::new(&mut m.frames, phys).map_err(|_| "stage2-alloc")?;
+    let mut frames = PreservingFrames { frames: &mut m.frames, map: &mut m.preserved };
+    let mut stage2 = Stage2Table::<ArmStage2, LinearMap>::new(&mut frames, phys).map_err(|_| "stage2-alloc")?;
     stage2
-        .map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::new(true, true)), &mut m.frames)
+        .map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::new(true, true)), &mut frames)
         .map_err(|_| "stage2-map")?;
     let p = m.partitions.len();
     let mut vcpus = Vec::new();
@@ -307,6 +330,9 @@ fn build_partition(
         console: LineBuffer::default(),
         vcpus,
         image,
+        format: spec.format,
+        initrd: spec.initrd,
+        cmdline: spec.cmdline.clone(),
         layout,
         dtb,
     });
@@ -314,7 +340,13 @@ fn build_partition(
 }
 
 /// Builds every partition of the manifest. Returns how many started.
-pub fn create(specs: &[GuestSpec], ram_map: &[PhysRange], frames: FrameAllocator, cpus: usize) -> usize {
+pub fn create(
+    specs: &[GuestSpec],
+    ram_map: &[PhysRange],
+    frames: FrameAllocator,
+    scratch: ScratchPlan,
+    cpus: usize,
+) -> usize {
     let mut m = Machine {
         partitions: Vec::new(),
         vcpus: Vec::new(),
@@ -322,6 +354,11 @@ pub fn create(specs: &[GuestSpec], ram_map: &[PhysRange], frames: FrameAllocator
         loaded: [None; MAX_CPUS],
         frames,
         cpus: cpus.clamp(1, MAX_CPUS),
+        preserved: PreservedMap::new(IdentityPages),
+        scratch,
+        ram: ram_map.to_vec(),
+        update_count: 0,
+        fail_next_freeze: false,
     };
     let mut next_cpu = 0;
     for (i, spec) in specs.iter().enumerate() {
@@ -333,6 +370,11 @@ pub fn create(specs: &[GuestSpec], ram_map: &[PhysRange], frames: FrameAllocator
     let n = m.partitions.len();
     *MACHINE.lock() = Some(m);
     n
+}
+
+/// Installs a machine rebuilt from a handover (live update).
+pub(super) fn install(m: Machine) {
+    *MACHINE.lock() = Some(m);
 }
 
 /// Lets the other CPUs into the scheduler.
@@ -349,7 +391,7 @@ pub fn wait_for_start() {
     }
 }
 
-fn arm_tick() {
+pub(super) fn arm_tick() {
     let (_, freq) = super::counter();
     // SAFETY: programs this CPU's EL2 physical timer (CNTHP), which only the
     // hypervisor uses.
@@ -386,6 +428,7 @@ pub fn run_cpu(cpu: usize, stack_slot: usize) -> ! {
     }
     arm_tick();
     let next = schedule(cpu, false);
+    super::update::note_resumed();
     // SAFETY: `next` is a live vCPU frame pinned to this CPU and loaded by
     // `schedule`; the stack top is this CPU's own stack.
     unsafe { guest_enter(next, STACK_TOP[cpu].load(Ordering::Relaxed)) }
@@ -525,6 +568,10 @@ fn prepare_entry(m: &mut Machine, cpu: usize, v: usize) {
 /// one is runnable. `yield_now` prefers another vCPU over the current one.
 fn schedule(cpu: usize, yield_now: bool) -> *mut GuestRegs {
     loop {
+        if super::update::freeze_requested() {
+            super::update::freeze_this_cpu(cpu);
+            continue;
+        }
         {
             let mut guard = MACHINE.lock();
             let Some(m) = guard.as_mut() else { super::park() };
@@ -564,7 +611,7 @@ fn schedule(cpu: usize, yield_now: bool) -> *mut GuestRegs {
 }
 
 /// Stops every vCPU of partition `p`, and the machine when none is left.
-fn stop_partition(m: &mut Machine, p: usize, state: PartitionState, reason: &str) {
+pub(super) fn stop_partition(m: &mut Machine, p: usize, state: PartitionState, reason: &str) {
     if m.partitions[p].state != PartitionState::Running {
         return;
     }
@@ -629,8 +676,29 @@ fn set_reg(ctx: &mut Vcpu, r: u64, value: u64) {
     }
 }
 
-/// Handles a synchronous exit. Returns whether to reschedule.
-fn handle_sync(m: &mut Machine, v: usize) -> bool {
+/// What to do after an exit.
+enum Exit {
+    Resume,
+    Reschedule,
+    /// Run a live update (outside the machine lock).
+    LiveUpdate {
+        image_pa: u64,
+        size: u64,
+    },
+}
+
+impl From<bool> for Exit {
+    fn from(reschedule: bool) -> Self {
+        if reschedule {
+            Exit::Reschedule
+        } else {
+            Exit::Resume
+        }
+    }
+}
+
+/// Handles a synchronous exit.
+fn handle_sync(m: &mut Machine, v: usize) -> Exit {
     let (esr, far, hpfar) = read_esr_far_hpfar();
     let ec = esr >> 26;
     let p = m.vcpus[v].partition;
@@ -642,7 +710,7 @@ fn handle_sync(m: &mut Machine, v: usize) -> bool {
             if m.vcpus[v].pending == 0 {
                 m.vcpus[v].state = VcpuState::Waiting;
             }
-            true
+            Exit::Reschedule
         }
         EC_HVC64 | EC_SMC64 => {
             if ec == EC_SMC64 {
@@ -653,7 +721,7 @@ fn handle_sync(m: &mut Machine, v: usize) -> bool {
             if function == SMCCC_VENDOR_HYP_CALL {
                 hypercall_exit(m, v)
             } else {
-                psci_call(m, v, function)
+                psci_call(m, v, function).into()
             }
         }
         EC_SYSREG => {
@@ -668,7 +736,7 @@ fn handle_sync(m: &mut Machine, v: usize) -> bool {
             }
             // SAFETY: as above (re-borrow after `send_sgi`).
             unsafe { m.vcpus[v].ctx.as_mut() }.regs.elr += 4;
-            false
+            Exit::Resume
         }
         EC_DABT_LOWER | EC_IABT_LOWER => {
             // HPFAR_EL2.FIPA holds IPA[51:12] in bits [43:4] (D19.2.55).
@@ -676,14 +744,14 @@ fn handle_sync(m: &mut Machine, v: usize) -> bool {
             if ec == EC_DABT_LOWER && esr & DABT_ISV != 0 && emulate_mmio(m, v, p, ipa, esr) {
                 // SAFETY: as above.
                 unsafe { m.vcpus[v].ctx.as_mut() }.regs.elr += 4;
-                return false;
+                return Exit::Resume;
             }
             fault(m, v, "stage2", ipa, esr);
-            true
+            Exit::Reschedule
         }
         _ => {
             fault(m, v, "unexpected-exit", ctx.regs.elr, esr);
-            true
+            Exit::Reschedule
         }
     }
 }
@@ -734,7 +802,7 @@ fn send_sgi(m: &mut Machine, from: usize, value: u64) {
     }
 }
 
-fn hypercall_exit(m: &mut Machine, v: usize) -> bool {
+fn hypercall_exit(m: &mut Machine, v: usize) -> Exit {
     let p = m.vcpus[v].partition;
     let (control, input, output) = {
         // SAFETY: `v` exited on this CPU.
@@ -754,11 +822,16 @@ fn hypercall_exit(m: &mut Machine, v: usize) -> bool {
         ctx.regs.x[3] = out;
     }
     match outcome.action {
-        Action::Resume => false,
-        Action::Yield => true,
+        Action::Resume => Exit::Resume,
+        Action::Yield => Exit::Reschedule,
         Action::ShutdownSelf => {
             stop_partition(m, p, PartitionState::Stopped, "shutdown");
-            true
+            Exit::Reschedule
+        }
+        Action::LiveUpdate { image_pa, size } => Exit::LiveUpdate { image_pa, size },
+        Action::FailNextFreeze => {
+            m.fail_next_freeze = true;
+            Exit::Resume
         }
     }
 }
@@ -853,19 +926,27 @@ fn reset_partition(m: &mut Machine, p: usize) {
 #[no_mangle]
 extern "C" fn hv_guest_exit(_frame: *mut GuestRegs, kind: u64) -> *mut GuestRegs {
     let cpu = cpu_index();
-    let resched = {
+    let exit = {
         let mut guard = MACHINE.lock();
         let Some(m) = guard.as_mut() else { super::park() };
         let Some(v) = m.loaded[cpu] else { super::park() };
         match kind {
             0 => handle_sync(m, v),
-            1 => handle_irqs(m, cpu),
+            1 => handle_irqs(m, cpu).into(),
             _ => {
                 let (esr, far, _) = read_esr_far_hpfar();
                 fault(m, v, if kind == 3 { "serror" } else { "fiq" }, far, esr);
-                true
+                Exit::Reschedule
             }
         }
     };
-    schedule(cpu, resched)
+    match exit {
+        Exit::Resume => schedule(cpu, false),
+        Exit::Reschedule => schedule(cpu, true),
+        Exit::LiveUpdate { image_pa, size } => {
+            // Returns only if the update was refused or cancelled.
+            super::update::run(cpu, image_pa, size);
+            schedule(cpu, false)
+        }
+    }
 }

@@ -5,6 +5,7 @@ mod guests;
 mod mmu;
 mod pl011;
 mod psci;
+mod update;
 mod vcpu;
 
 use core::arch::{asm, global_asm};
@@ -70,8 +71,9 @@ fn fail(reason: &str) -> ! {
 }
 
 #[no_mangle]
-extern "C" fn hv_primary_main(dtb_phys: u64) -> ! {
+extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64) -> ! {
     crate::heap::init();
+    update::set_dtb(dtb_phys);
     // The DTB's header gives its size; `validate` re-checks it.
     // SAFETY: x0 at entry is the DTB address (arm64 boot protocol); the
     // header is 40 bytes and the MMU is off, so physical = virtual.
@@ -101,20 +103,25 @@ extern "C" fn hv_primary_main(dtb_phys: u64) -> ! {
         guests::set_cpu(i, c);
     }
     start_secondaries(&platform);
-    let gic = platform.gic.map_or(0, |g| g.distributor.base);
-    hv_event!(
-        "boot",
-        arch = "aarch64",
-        version = VERSION,
-        build = BUILD_ID,
-        cpus = CPUS_ONLINE.load(Ordering::Acquire),
-        mem_mib = info.ram_mib(),
-    );
+    let Some(gic) = platform.gic else { fail("no-gic") };
+    gic::init_distributor(gic.distributor.base, gic.redistributors.base, gic.redistributors.size);
+    let cpus = CPUS_ONLINE.load(Ordering::Acquire);
+    if handover_phys != 0 {
+        // A live update brought us here: adopt instead of booting afresh.
+        match update::restore(handover_phys, &info, cpus, image_range()) {
+            Ok(0) => fail("handover-has-no-partitions"),
+            Ok(_) => {}
+            Err(reason) => fail(reason),
+        }
+        guests::release_secondaries();
+        guests::run_cpu(boot_cpu_index(&platform), 0)
+    }
+    hv_event!("boot", arch = "aarch64", version = VERSION, build = BUILD_ID, cpus = cpus, mem_mib = info.ram_mib(),);
     hv_event!(
         "platform",
         cpus_described = platform.cpus.len(),
         uart = format_args!("{:#x}", uart.base),
-        gicd = format_args!("{gic:#x}"),
+        gicd = format_args!("{:#x}", gic.distributor.base),
         psci = "smc",
         el = 2,
     );
@@ -123,7 +130,7 @@ extern "C" fn hv_primary_main(dtb_phys: u64) -> ! {
         hv_event!("shutdown", status = "ok");
         shutdown(true)
     };
-    let started = match start_guests(manifest_addr, &info, &platform) {
+    let started = match start_guests(manifest_addr, &info, cpus) {
         Ok(n) => n,
         Err(reason) => fail(reason),
     };
@@ -134,14 +141,21 @@ extern "C" fn hv_primary_main(dtb_phys: u64) -> ! {
     guests::run_cpu(boot_cpu_index(&platform), 0)
 }
 
+/// The running image's physical extent (text to the end of bss).
+fn image_range() -> PhysRange {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (start, end) = unsafe { (sym(&__image_start), sym(&__image_end)) };
+    PhysRange::new(start, end - start)
+}
+
 fn boot_cpu_index(platform: &DtbPlatform) -> usize {
     let me = mpidr() & 0xff_00ff_ffff;
     platform.cpus.iter().position(|&c| c == me).unwrap_or(0)
 }
 
-/// Reads the manifest, reserves what it points at, and builds the
-/// partitions. Returns how many started.
-fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> Result<usize, &'static str> {
+/// Reads the manifest, reserves what it points at, plans the scratch
+/// regions, and builds the partitions. Returns how many started.
+fn start_guests(manifest_addr: u64, info: &BootInfo, cpus: usize) -> Result<usize, &'static str> {
     let ram_end = info.ram.iter().find(|r| r.base <= manifest_addr && r.end().is_some_and(|e| e > manifest_addr));
     let Some(ram) = ram_end else { return Err("manifest-outside-ram") };
     let window = (ram.base + ram.size - manifest_addr).min(loader::manifest::MAX_MANIFEST_SIZE as u64);
@@ -153,24 +167,27 @@ fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> 
         "bad-manifest"
     })?;
     let manifest_len = bytes.iter().position(|&b| b == 0).map_or(window, |n| n as u64 + 1);
-    // SAFETY: linker-script symbols; only their addresses are used.
-    let (start, end) = unsafe { (sym(&__image_start), sym(&__image_end)) };
+    let image = image_range();
     let mut reserved = info.reserved.clone();
-    reserved.push(PhysRange::new(start, end - start));
+    reserved.push(image);
     reserved.push(PhysRange::new(manifest_addr, manifest_len));
     for g in &specs {
         reserved.push(g.image);
         reserved.extend(g.initrd);
     }
+    let scratch = update::plan_scratch(&info.ram, &reserved, image.size).ok_or("no-room-for-scratch")?;
+    for r in scratch.regions() {
+        hv_event!(
+            "scratch",
+            kind = format_args!("{:?}", r.kind),
+            base = format_args!("{:#x}", r.range.base()),
+            size = r.range.size()
+        );
+        reserved.push(PhysRange::new(r.range.base(), r.range.size()));
+    }
     let free = hypervisor::frames::subtract(&info.ram, &reserved);
     let frames = hypervisor::frames::FrameAllocator::new(&free);
-    if let Some(g) = platform.gic {
-        gic::init_distributor(g.distributor.base, g.redistributors.base, g.redistributors.size);
-    } else {
-        return Err("no-gic");
-    }
-    let cpus = CPUS_ONLINE.load(Ordering::Acquire);
-    Ok(guests::create(&specs, &info.ram, frames, cpus))
+    Ok(guests::create(&specs, &info.ram, frames, scratch, cpus))
 }
 
 fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), &'static str> {

@@ -5,7 +5,7 @@
 
 use core::arch::asm;
 
-use super::gic::VgicState;
+use super::gic::{VgicState, MAX_LRS};
 
 /// Saved by entry.S on every exit. Offsets are fixed: x0-x30 at 0,
 /// ELR at 248, SPSR at 256, q0-q31 at 272, FPCR/FPSR at 784.
@@ -53,6 +53,17 @@ macro_rules! el1_sysregs {
         }
 
         impl El1Sysregs {
+            pub const WORDS: usize = [$(stringify!($field)),*].len();
+
+            fn words(&self) -> [u64; Self::WORDS] {
+                [$(self.$field),*]
+            }
+
+            fn from_words(w: &[u64]) -> Self {
+                let mut it = w.iter().copied();
+                Self { $($field: it.next().unwrap_or(0),)* }
+            }
+
             pub fn save(&mut self) {
                 $(
                     // SAFETY: reading a guest system register at EL2 has no side effects.
@@ -141,6 +152,83 @@ impl Vcpu {
         self.vgic.save();
         // SAFETY: CNTV_CTL_EL0 belongs to the vCPU that was just saved.
         unsafe { asm!("msr cntv_ctl_el0, xzr", "isb", options(nomem, nostack)) };
+    }
+}
+
+/// Identifies the layout [`Vcpu::to_context`] writes: arch aarch64 (0xa64),
+/// layout version 1.
+pub const CONTEXT_FORMAT: u32 = 0x0a64_0001;
+/// Words in the layout: x0-x30, ELR, SPSR, q0-q31 (two words each), FPCR,
+/// FPSR, the EL1 system registers, the list registers, VMCR, AP1R0, and
+/// the timer-mask flag.
+const CONTEXT_WORDS: usize = 31 + 2 + 64 + 2 + El1Sysregs::WORDS + MAX_LRS + 2 + 1;
+
+impl Vcpu {
+    /// Serializes the whole context (little-endian words) into `out`;
+    /// returns the length used, or `None` if `out` is too small.
+    pub fn to_context(&self, out: &mut [u8]) -> Option<usize> {
+        let r = &self.regs;
+        let mut words = [0u64; CONTEXT_WORDS];
+        let mut n = 0;
+        let mut push = |w: u64| {
+            words[n] = w;
+            n += 1;
+        };
+        r.x.iter().for_each(|&w| push(w));
+        push(r.elr);
+        push(r.spsr);
+        for q in &r.q {
+            push(*q as u64);
+            push((*q >> 64) as u64);
+        }
+        push(r.fpcr);
+        push(r.fpsr);
+        self.sys.words().iter().for_each(|&w| push(w));
+        self.vgic.lrs.iter().for_each(|&w| push(w));
+        push(self.vgic.vmcr);
+        push(self.vgic.ap1r0);
+        push(u64::from(self.timer_masked_by_hv));
+        let len = CONTEXT_WORDS * 8;
+        let dst = out.get_mut(..len)?;
+        for (chunk, w) in dst.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        Some(len)
+    }
+
+    /// Rebuilds a context written by [`Self::to_context`].
+    pub fn from_context(bytes: &[u8]) -> Option<Self> {
+        let src = bytes.get(..CONTEXT_WORDS * 8)?;
+        let mut words = [0u64; CONTEXT_WORDS];
+        for (w, chunk) in words.iter_mut().zip(src.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(b);
+        }
+        let mut it = words.iter().copied();
+        let mut next = || it.next().unwrap_or(0);
+        let mut x = [0u64; 31];
+        for w in &mut x {
+            *w = next();
+        }
+        let (elr, spsr) = (next(), next());
+        let mut q = [0u128; 32];
+        for v in &mut q {
+            let lo = next();
+            *v = u128::from(lo) | (u128::from(next()) << 64);
+        }
+        let (fp_control, fp_status) = (next(), next());
+        let sys_words: [u64; El1Sysregs::WORDS] = core::array::from_fn(|_| next());
+        let sys = El1Sysregs::from_words(&sys_words);
+        let lrs: [u64; MAX_LRS] = core::array::from_fn(|_| next());
+        let (vmcr, ap1r0) = (next(), next());
+        let timer_masked_by_hv = next() != 0;
+        Some(Self {
+            regs: GuestRegs { x, elr, spsr, pad: 0, q, fpcr: fp_control, fpsr: fp_status },
+            sys,
+            vgic: VgicState { lrs, vmcr, ap1r0 },
+            timer_masked_by_hv,
+        })
     }
 }
 

@@ -5,6 +5,11 @@
 // stack, zeroed bss, VBAR_EL1, and FP/SIMD enabled (the target uses NEON).
 
 .equ STACK_SIZE, 0x10000
+// The one vCPU started by PSCI CPU_ON runs little: a smaller stack.
+.equ SECONDARY_STACK_SIZE, 0x4000
+// MPIDR_EL1.Aff0 (bits 7:0) of the vCPU that stack is for: vCPU 1.
+.equ MPIDR_AFF0_MASK, 0xff
+.equ SECONDARY_AFF0, 1
 // CPACR_EL1.FPEN, bits 21:20 = 0b11: FP/SIMD not trapped at EL1 or EL0
 // (Arm ARM DDI 0487, CPACR_EL1 register description).
 .equ CPACR_EL1_FPEN, (3 << 20)
@@ -37,6 +42,32 @@ _start:
     bl      testguest_main
 3:  wfi
     b       3b
+
+// A vCPU started by PSCI CPU_ON (DEN0022E, CPU_ON): the hypervisor enters
+// here in EL1h with the MMU off, DAIF masked and x0 = the context id. bss
+// is already zeroed (the boot vCPU did it before CPU_ON). There is one
+// secondary stack, for vCPU 1 (whose Aff0 is its index); any other vCPU
+// parks. vCPU 1 gets that stack, the same vectors and FP/SIMD, then Rust.
+.section .text.secondary, "ax"
+.global secondary_start
+secondary_start:
+    mrs     x1, mpidr_el1
+    and     x1, x1, #MPIDR_AFF0_MASK
+    cmp     x1, #SECONDARY_AFF0
+    b.ne    4f
+    adrp    x1, __secondary_stack_top
+    add     x1, x1, :lo12:__secondary_stack_top
+    mov     sp, x1
+    adrp    x1, el1_vectors
+    add     x1, x1, :lo12:el1_vectors
+    msr     vbar_el1, x1
+    mrs     x1, cpacr_el1
+    orr     x1, x1, #CPACR_EL1_FPEN
+    msr     cpacr_el1, x1
+    isb
+    bl      testguest_secondary
+4:  wfi
+    b       4b
 
 // EL1 exception vectors (Arm ARM DDI 0487, "Exception vectors": VBAR_EL1
 // 2 KiB aligned, 16 entries of 0x80 bytes: current EL with SP_EL0, current
@@ -159,3 +190,7 @@ irq_entry:
 __stack_bottom:
     .space  STACK_SIZE
 __stack_top:
+.balign 16
+__secondary_stack_bottom:
+    .space  SECONDARY_STACK_SIZE
+__secondary_stack_top:

@@ -4,7 +4,9 @@
 //! IPAs and every data access is Device memory: exclusives are not
 //! guaranteed there, so state shared with the IRQ handler uses plain
 //! loads and stores only (atomics with `load`/`store`, never
-//! read-modify-write), and the handler is its only writer.
+//! read-modify-write), and the handler is its only writer. The same goes
+//! for state shared with a second vCPU (PSCI CPU_ON into
+//! `secondary_start`), which may run on another physical CPU.
 //!
 //! Interrupts go through the GICv3 CPU interface system registers, which
 //! the hypervisor backs with the virtual CPU interface; the distributor
@@ -21,18 +23,38 @@ use crate::gicv3::{
     acknowledged_intid, sgi1r_to_self, CNTV_CTL_ENABLE, HEARTBEAT_SGI, ICC_IGRPEN1_ENABLE, ICC_PMR_ALLOW_ALL,
     ICC_SRE_SRE, VIRTUAL_TIMER_INTID,
 };
-use crate::{Env, Guest, InterruptCounts, Line, Outcome, Region, Request, Workload};
+use crate::psci::Call;
+use crate::{Env, Guest, InterruptCounts, Line, Outcome, Psci, Region, Request, SecondaryWorkload, Workload};
 
 global_asm!(include_str!("entry.S"));
 
-/// Defines the guest's entry point, called by `_start` in `entry.S` with
-/// the DTB address, to run one workload.
+/// Defines the guest's entry points: `_start` in `entry.S` calls
+/// `testguest_main` with the DTB address to run the workload, and
+/// `secondary_start` calls `testguest_secondary` with the CPU_ON context id
+/// on a vCPU the workload started. Without a secondary workload such a
+/// vCPU parks.
 #[macro_export]
 macro_rules! entry {
     ($workload:path) => {
         #[no_mangle]
         extern "C" fn testguest_main(dtb: usize) -> ! {
             $crate::arch::aarch64::start(dtb, $workload)
+        }
+
+        #[no_mangle]
+        extern "C" fn testguest_secondary(_context: u64) -> ! {
+            $crate::arch::aarch64::park()
+        }
+    };
+    ($workload:path, secondary = $secondary:path) => {
+        #[no_mangle]
+        extern "C" fn testguest_main(dtb: usize) -> ! {
+            $crate::arch::aarch64::start(dtb, $workload)
+        }
+
+        #[no_mangle]
+        extern "C" fn testguest_secondary(context: u64) -> ! {
+            $crate::arch::aarch64::start_secondary(context, $secondary)
         }
     };
 }
@@ -50,6 +72,8 @@ static REPORTING: AtomicBool = AtomicBool::new(false);
 extern "C" {
     static __image_start: u8;
     static __image_end: u8;
+    /// The secondary entry in `entry.S`; only its address is used.
+    fn secondary_start();
 }
 
 /// Names of the 16 EL1 vectors, in VBAR_EL1 order.
@@ -89,6 +113,15 @@ pub fn start(dtb: usize, workload: Workload<El1Guest>) -> ! {
     shutdown(&mut guest)
 }
 
+/// Runs `workload` on a vCPU started by PSCI CPU_ON, called through
+/// `testguest_secondary` with the context id; parks should it return.
+pub fn start_secondary(context: u64, workload: SecondaryWorkload<El1Guest>) -> ! {
+    enable_cpu_interface();
+    let mut guest = El1Guest { _private: () };
+    workload(&mut guest, context);
+    park()
+}
+
 fn image() -> Region {
     // linker.ld defines both symbols; only their addresses are used.
     Region::new((&raw const __image_start) as u64, (&raw const __image_end) as u64)
@@ -119,10 +152,39 @@ fn shutdown(guest: &mut El1Guest) -> ! {
     park()
 }
 
-fn park() -> ! {
+/// Stops this vCPU for good: interrupts masked, waiting forever.
+pub fn park() -> ! {
     loop {
         // SAFETY: masking interrupts and waiting only affect this vCPU.
         unsafe { asm!("msr daifset, #0xf", "wfi", options(nomem, nostack)) };
+    }
+}
+
+fn mpidr() -> u64 {
+    let mpidr: u64;
+    // SAFETY: reads MPIDR_EL1 (this vCPU's affinity, from VMPIDR_EL2).
+    unsafe { asm!("mrs {}, mpidr_el1", out(reg) mpidr, options(nomem, nostack)) };
+    mpidr
+}
+
+/// Enables this vCPU's GICv3 CPU interface: system registers, every
+/// priority, Group 1. Interrupts stay masked in PSTATE.
+fn enable_cpu_interface() {
+    // SAFETY: enables this vCPU's GICv3 CPU interface through its system
+    // registers (SRE first, then isb before the other ICC_* accesses),
+    // lets every priority through and enables Group 1.
+    unsafe {
+        asm!(
+            "msr icc_sre_el1, {sre}",
+            "isb",
+            "msr icc_pmr_el1, {pmr}",
+            "msr icc_igrpen1_el1, {grpen}",
+            "isb",
+            sre = in(reg) ICC_SRE_SRE,
+            pmr = in(reg) ICC_PMR_ALLOW_ALL,
+            grpen = in(reg) ICC_IGRPEN1_ENABLE,
+            options(nomem, nostack),
+        );
     }
 }
 
@@ -255,22 +317,7 @@ impl Guest for El1Guest {
 
     fn start_ticks(&mut self, period: u64) -> bool {
         TICK_PERIOD.store(period, Ordering::Relaxed);
-        // SAFETY: enables this vCPU's GICv3 CPU interface through its
-        // system registers (SRE first, then isb before the other ICC_*
-        // accesses), lets every priority through and enables Group 1.
-        unsafe {
-            asm!(
-                "msr icc_sre_el1, {sre}",
-                "isb",
-                "msr icc_pmr_el1, {pmr}",
-                "msr icc_igrpen1_el1, {grpen}",
-                "isb",
-                sre = in(reg) ICC_SRE_SRE,
-                pmr = in(reg) ICC_PMR_ALLOW_ALL,
-                grpen = in(reg) ICC_IGRPEN1_ENABLE,
-                options(nomem, nostack),
-            );
-        }
+        enable_cpu_interface();
         arm_virtual_timer(period);
         // SAFETY: unmasks IRQs; the vector table and handler are installed.
         unsafe { asm!("msr daifclr, #2", options(nomem, nostack)) };
@@ -283,10 +330,7 @@ impl Guest for El1Guest {
     }
 
     fn send_self_ipi(&mut self) -> bool {
-        let mpidr: u64;
-        // SAFETY: reads MPIDR_EL1 (this vCPU's affinity, from VMPIDR_EL2).
-        unsafe { asm!("mrs {}, mpidr_el1", out(reg) mpidr, options(nomem, nostack)) };
-        let sgi = sgi1r_to_self(mpidr, HEARTBEAT_SGI);
+        let sgi = sgi1r_to_self(mpidr(), HEARTBEAT_SGI);
         // SAFETY: generates a Group 1 SGI to this vCPU (trapped and
         // injected by the hypervisor).
         unsafe { asm!("msr icc_sgi1r_el1, {}", "isb", in(reg) sgi, options(nomem, nostack)) };
@@ -318,5 +362,39 @@ impl Guest for El1Guest {
                 options(nostack),
             );
         }
+    }
+}
+
+impl Psci for El1Guest {
+    fn psci_call(&mut self, call: Call) -> u64 {
+        // The MMU is off: the code address is its IPA.
+        let entry = secondary_start as *const () as u64;
+        let (function, args) = (call.function(), call.arguments(entry));
+        let result: u64;
+        // SAFETY: `hvc #0` with a PSCI function id reaches the hypervisor's
+        // PSCI (DEN0022E), which reads no guest memory. CPU_ON starts a
+        // vCPU only at `secondary_start`, which gives vCPU 1 its own stack
+        // and parks any other; CPU_OFF and SYSTEM_OFF do not return. Not
+        // `nomem`: another vCPU may start or stop and touch shared memory.
+        // SMCCC lets the callee clobber x1-x17.
+        unsafe {
+            asm!(
+                "hvc #0",
+                inout("x0") u64::from(function) => result,
+                inout("x1") args[0] => _,
+                inout("x2") args[1] => _,
+                inout("x3") args[2] => _,
+                out("x4") _, out("x5") _, out("x6") _, out("x7") _,
+                out("x8") _, out("x9") _, out("x10") _, out("x11") _,
+                out("x12") _, out("x13") _, out("x14") _, out("x15") _,
+                out("x16") _, out("x17") _,
+                options(nostack),
+            );
+        }
+        result
+    }
+
+    fn mpidr(&self) -> u64 {
+        mpidr()
     }
 }
