@@ -25,6 +25,7 @@ _start:
 primary_entry:
     mov     x19, x0                 // DTB
     mov     x20, x1                 // handover (live update), or 0
+    mov     x21, x2                 // counter at the kexec jump, or 0
     mrs     x1, CurrentEL
     cmp     x1, #(2 << 2)
     b.ne    wrong_el
@@ -44,6 +45,7 @@ primary_entry:
 2:  bl      el2_common_setup
     mov     x0, x19
     mov     x1, x20
+    mov     x2, x21
     bl      hv_primary_main
     b       park
 

@@ -1,12 +1,14 @@
 // Kexec into a new image (shared/DESIGN.md §5, step 4).
 //
 // kexec_jump(x0 = DTB, x1 = handover, x2 = src, x3 = dst, x4 = len,
-//            x5 = entry, x6 = trampoline copy) turns the EL2 MMU and caches
+//            x5 = entry, x6 = trampoline copy, x7 = counter at the jump)
+// turns the EL2 MMU and caches
 // off (SCTLR_EL2.M/C/I, Arm ARM D19.2.118) while running from the
 // identity-mapped image, then branches to the trampoline, which was copied
 // into scratch: it copies the new image over the old one (which is why it
 // cannot run from the old image), synchronizes the instruction stream and
-// enters the new image with x0/x1 unchanged.
+// enters the new image with x0/x1 unchanged and x2 = the counter value
+// taken just before the jump (the new image reports the kexec's cost).
 
 .section .text.kexec, "ax"
 .global kexec_jump
@@ -36,6 +38,7 @@ kexec_trampoline_start:
     ic      iallu
     dsb     sy
     isb
+    mov     x2, x7
     br      x5
 .global kexec_trampoline_end
 kexec_trampoline_end:

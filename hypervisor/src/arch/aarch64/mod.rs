@@ -71,7 +71,10 @@ fn fail(reason: &str) -> ! {
 }
 
 #[no_mangle]
-extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64) -> ! {
+extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: u64) -> ! {
+    if handover_phys != 0 {
+        update::note_entry(kexec_counter);
+    }
     crate::heap::init();
     update::set_dtb(dtb_phys);
     // The DTB's header gives its size; `validate` re-checks it.

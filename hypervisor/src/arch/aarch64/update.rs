@@ -43,7 +43,7 @@ global_asm!(include_str!("kexec.S"));
 extern "C" {
     static kexec_trampoline_start: u8;
     static kexec_trampoline_end: u8;
-    fn kexec_jump(dtb: u64, handover: u64, src: u64, dst: u64, len: u64, entry: u64, trampoline: u64) -> !;
+    fn kexec_jump(dtb: u64, handover: u64, src: u64, dst: u64, len: u64, entry: u64, trampoline: u64, at: u64) -> !;
 }
 
 const FREEZE_NONE: u8 = 0;
@@ -70,6 +70,18 @@ static RESUME_CPUS: AtomicUsize = AtomicUsize::new(0);
 static DONE_COUNT: AtomicU64 = AtomicU64::new(0);
 static DONE_HANDOVER_BYTES: AtomicU64 = AtomicU64::new(0);
 static DONE_PRESERVED_PAGES: AtomicU64 = AtomicU64::new(0);
+/// Counter values of the phases after the freeze: the kexec jump, the new
+/// image's first instruction of Rust, and the end of restore.
+static PHASE_KEXEC: AtomicU64 = AtomicU64::new(0);
+static PHASE_ENTRY: AtomicU64 = AtomicU64::new(0);
+static PHASE_RESTORED: AtomicU64 = AtomicU64::new(0);
+
+/// Records when the new image was entered (and when the old one jumped).
+pub fn note_entry(kexec_counter: u64) {
+    let (now, _) = super::counter();
+    PHASE_KEXEC.store(kexec_counter, Ordering::Relaxed);
+    PHASE_ENTRY.store(now, Ordering::Relaxed);
+}
 /// Platform DTB address, handed to the next image in x0.
 static DTB_PHYS: AtomicU64 = AtomicU64::new(0);
 
@@ -509,10 +521,11 @@ fn kexec(stage: PhysRange, image_len: u64, writer: &HandoverWriter) -> ! {
     }
     let dtb = DTB_PHYS.load(Ordering::Relaxed);
     let copy_len = image_len.next_multiple_of(8);
+    let (now, _) = super::counter();
     // SAFETY: the trampoline copies the checked image over this one and
     // enters it at its link address with x0 = DTB, x1 = handover; nothing of
     // the old image is used after the jump.
-    unsafe { kexec_jump(dtb, buf.base, stage.base, image_start, copy_len, image_start, tramp) }
+    unsafe { kexec_jump(dtb, buf.base, stage.base, image_start, copy_len, image_start, tramp, now) }
 }
 
 fn clean_invalidate(base: u64, end: u64) {
@@ -543,6 +556,18 @@ pub fn note_resumed() {
             blackout_us = update::blackout_us(t0, now, hz),
             handover_bytes = DONE_HANDOVER_BYTES.load(Ordering::Relaxed),
             preserved_pages = DONE_PRESERVED_PAGES.load(Ordering::Relaxed),
+        );
+        let (kexec, entry, restored) = (
+            PHASE_KEXEC.load(Ordering::Relaxed),
+            PHASE_ENTRY.load(Ordering::Relaxed),
+            PHASE_RESTORED.load(Ordering::Relaxed),
+        );
+        hv_event!(
+            "update-phases",
+            freeze_to_kexec_us = update::blackout_us(t0, kexec, hz),
+            kexec_to_entry_us = update::blackout_us(kexec, entry, hz),
+            entry_to_restored_us = update::blackout_us(entry, restored, hz),
+            restored_to_resumed_us = update::blackout_us(restored, now, hz),
         );
         RESUME_FROM.store(0, Ordering::Release);
     }
@@ -693,5 +718,7 @@ pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange)
     let mut machine = machine;
     machine.frames.add_free(PhysRange::new(footprint.base(), footprint.size()));
     guests::install(machine);
+    let (now, _) = super::counter();
+    PHASE_RESTORED.store(now, Ordering::Relaxed);
     Ok(n)
 }
