@@ -19,6 +19,8 @@ pub struct Args {
     pub privileged: bool,
     /// isolation: the IPA to probe.
     pub addr: Option<u64>,
+    /// blackout: report every gap at least this long (microseconds).
+    pub gap_report_us: Option<u64>,
     /// updater: live updates to request.
     pub updates: Option<u64>,
     /// updater: milliseconds to wait before each update.
@@ -69,6 +71,7 @@ impl Args {
                 "seconds" => args.seconds = Some(number("seconds", value)?),
                 "addr" => args.addr = Some(number("addr", value)?),
                 "updates" => args.updates = Some(number("updates", value)?),
+                "gap_report_us" => args.gap_report_us = Some(number("gap_report_us", value)?),
                 "delay_ms" => args.delay_ms = Some(number("delay_ms", value)?),
                 "expect_status" => args.expect_status = Some(number("expect_status", value)?),
                 "fail_freeze" => {
@@ -124,7 +127,14 @@ mod tests {
         let a = Args::parse("console=hvc0 ticks=40  passes=3 seconds=2 quiet privileged=1 addr=0x8000_0000").unwrap();
         assert_eq!(
             a,
-            Args { ticks: Some(40), passes: Some(3), seconds: Some(2), privileged: true, addr: Some(0x8000_0000), ..Args::default() }
+            Args {
+                ticks: Some(40),
+                passes: Some(3),
+                seconds: Some(2),
+                privileged: true,
+                addr: Some(0x8000_0000),
+                ..Args::default()
+            }
         );
         assert_eq!(Args::parse("").unwrap(), Args::default());
         assert_eq!(Args::parse("ticks=1 ticks=2").unwrap().ticks, Some(2));

@@ -4,12 +4,16 @@
 //! loop never yields also proves a spinning guest cannot starve others.
 //!
 //! Lines: `blackout max_gap_us=<n> samples=<n>` every 0.5 s, then the same
-//! with `final=1`. The report's own console hypercall is left out of the
-//! gaps.
+//! with `final=1`; and `blackout gap_us=<n> start=<counter>` for every gap
+//! of at least `gap_report_us=` (default 2000), so each pause can be matched
+//! to what the hypervisor did at that time (counters are not offset). The
+//! reports' own console hypercalls are left out of the gaps.
 
 use crate::{Env, Guest, Line};
 
 pub const DEFAULT_SECONDS: u64 = 2;
+/// Gaps at least this long are reported one by one.
+pub const DEFAULT_GAP_REPORT_US: u64 = 2000;
 /// Reports per second.
 const REPORTS_PER_SECOND: u64 = 2;
 
@@ -26,14 +30,16 @@ impl GapTracker {
         Self { last: now, max_gap: 0, samples: 0 }
     }
 
-    /// Records one read. A counter that went backwards counts as no gap.
-    pub fn record(&mut self, now: u64) {
+    /// Records one read and returns the gap since the previous one. A
+    /// counter that went backwards counts as no gap.
+    pub fn record(&mut self, now: u64) -> u64 {
         let gap = now.saturating_sub(self.last);
         if gap > self.max_gap {
             self.max_gap = gap;
         }
         self.last = now;
         self.samples += 1;
+        gap
     }
 
     /// Restarts from `now` without recording a gap (after time spent on
@@ -71,12 +77,19 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
         return;
     }
     let duration = env.args().seconds.unwrap_or(DEFAULT_SECONDS).saturating_mul(frequency);
+    let report_gap = env.args().gap_report_us.unwrap_or(DEFAULT_GAP_REPORT_US).saturating_mul(frequency) / 1_000_000;
     let start = g.counter();
     let mut tracker = GapTracker::new(start);
     let mut next_report = start.saturating_add(report_every);
     loop {
         let now = g.counter();
-        tracker.record(now);
+        let gap = tracker.record(now);
+        if gap >= report_gap.max(1) {
+            g.write_line(
+                Line::event("blackout").field("gap_us", counts_to_us(gap, frequency)).field("start", now - gap),
+            );
+            tracker.rebase(g.counter());
+        }
         if now < next_report {
             continue;
         }
@@ -131,7 +144,14 @@ mod tests {
         g.counter_jumps = std::vec![(700, 30)];
         let env = Env::new(Region::default(), [Region::default(); 2], Args { seconds: Some(1), ..Args::default() });
         run(&mut g, &env);
-        assert_eq!(g.lines, ["blackout max_gap_us=1000 samples=500", "blackout max_gap_us=31000 samples=969 final=1"]);
+        assert_eq!(
+            g.lines,
+            [
+                "blackout max_gap_us=1000 samples=500",
+                "blackout gap_us=31000 start=700",
+                "blackout max_gap_us=31000 samples=968 final=1"
+            ]
+        );
     }
 
     #[test]

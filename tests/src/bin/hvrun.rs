@@ -187,6 +187,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if spec.cmdline.is_some() {
+        print!("{}", hv_tests::summary::render(&outcome.events));
+    }
     if outcome.clean_shutdown() {
         eprintln!(
             "hvrun: clean shutdown after {:.1}s; serial log: {}",

@@ -556,6 +556,9 @@ pub fn note_resumed() {
             blackout_us = update::blackout_us(t0, now, hz),
             handover_bytes = DONE_HANDOVER_BYTES.load(Ordering::Relaxed),
             preserved_pages = DONE_PRESERVED_PAGES.load(Ordering::Relaxed),
+            freeze_at = t0,
+            resume_at = now,
+            counter_hz = hz,
         );
         let (kexec, entry, restored) = (
             PHASE_KEXEC.load(Ordering::Relaxed),
