@@ -61,7 +61,7 @@ pub fn updates(events: &[Event]) -> Vec<UpdateRow> {
 }
 
 fn ms(us: u64) -> String {
-    format!("{:.1} ms", us as f64 / 1000.0)
+    format!("{}.{} ms", us / 1000, (us % 1000) / 100)
 }
 
 /// Renders the summary.
