@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hv_tests::emulator::{self, RunSpec};
 use hv_tests::guests::{self, GuestArg};
-use hv_tests::image::{self, ImageSpec};
+use hv_tests::image::{self, BuiltImage, ImageSpec};
 use hv_tests::{Arch, Machine};
 
 /// The version string of the second image the demo alternates with.
@@ -97,6 +97,26 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
     Ok(Some(o))
 }
 
+/// The guests to run: the user's, or the test guests plus the updater
+/// carrying image B and this image A (or `--update-image`).
+fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, hv_tests::LaunchError> {
+    if !o.guests.is_empty() {
+        return Ok(o.guests.clone());
+    }
+    eprintln!("hvrun: building the test guests");
+    let images = match (&o.update_image, o.updates) {
+        (_, 0) => Vec::new(),
+        (Some(file), _) => vec![file.clone()],
+        (None, _) => {
+            eprintln!("hvrun: building update image B (version {UPDATE_B_VERSION})");
+            let b = image::build(&ImageSpec { arch: o.arch, version: Some(UPDATE_B_VERSION.into()) })?;
+            vec![b.bootable, image.bootable.clone()]
+        }
+    };
+    let updates = if o.update_image.is_some() { o.updates.min(1) } else { o.updates };
+    guests::demo_guests(o.arch, &images, updates)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let o = match parse(&args) {
@@ -129,35 +149,15 @@ fn main() -> ExitCode {
     spec.cpus = o.cpus;
     spec.mem_mib = o.mem.unwrap_or(if machine == Machine::Bochs { 128 } else { 512 });
     spec.timeout = Duration::from_secs(o.timeout);
-    spec.extra_args = o.extra;
+    spec.extra_args.clone_from(&o.extra);
     spec.stream = true;
     if o.arch == Arch::Aarch64 && !o.no_guests {
-        let list = if o.guests.is_empty() {
-            eprintln!("hvrun: building the test guests");
-            let images = match (&o.update_image, o.updates) {
-                (_, 0) => Ok(Vec::new()),
-                (Some(file), _) => Ok(vec![file.clone()]),
-                (None, _) => {
-                    eprintln!("hvrun: building update image B (version {UPDATE_B_VERSION})");
-                    image::build(&ImageSpec { arch: o.arch, version: Some(UPDATE_B_VERSION.into()) })
-                        .map(|b| vec![b.bootable, image.bootable.clone()])
-                }
-            };
-            let updates = if o.update_image.is_some() { o.updates.min(1) } else { o.updates };
-            match images.and_then(|imgs| guests::demo_guests(o.arch, &imgs, updates)) {
-                Ok(g) => g,
-                Err(e) => {
-                    eprintln!("hvrun: {e}");
-                    return ExitCode::from(1);
-                }
-            }
-        } else {
-            o.guests
-        };
-        let dir = emulator::run_dir(&spec);
-        let placed = std::fs::create_dir_all(&dir)
-            .map_err(|e| hv_tests::LaunchError::Io { what: format!("creating {}", dir.display()), err: e })
-            .and_then(|()| guests::place(&list, u64::from(spec.mem_mib), &dir));
+        let placed = guest_list(&o, &image).and_then(|list| {
+            let dir = emulator::run_dir(&spec);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| hv_tests::LaunchError::Io { what: format!("creating {}", dir.display()), err: e })?;
+            guests::place(&list, u64::from(spec.mem_mib), &dir)
+        });
         match placed {
             Ok(p) => {
                 eprint!("hvrun: manifest:\n{}", p.manifest_text);
