@@ -9,6 +9,9 @@ use loader::image_desc;
 
 use crate::{io_err, out_dir, workspace_root, Arch, LaunchError};
 
+/// The version string of the second image live updates alternate with.
+pub const UPDATE_B_VERSION: &str = "0.1.1";
+
 /// How to build one image.
 #[derive(Clone, Debug)]
 pub struct ImageSpec {

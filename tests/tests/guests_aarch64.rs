@@ -109,3 +109,22 @@ fn default_guests_run_isolated_on_both_cpus() {
     let gap = last(&run.guest(bo, "blackout")).and_then(|e| e.num("max_gap_us"));
     check(&run, gap.is_some_and(|g| g > 0), "blackout meter reports a gap");
 }
+
+#[test]
+fn psci_on_a_two_vcpu_guest() {
+    guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let dir = hv_tests::out_dir().join("aarch64").join("guests");
+    let smp = GuestArg::parse(&format!("{},vcpus=2", dir.join("smp.bin").display())).unwrap_or_else(|e| panic!("{e}"));
+    let run = run_guests("test-aarch64-psci", &[smp]);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let id = id_of(&run, "smp");
+    let checks = run.guest(id, "psci");
+    check(&run, checks.len() == 10, "ten PSCI checks");
+    for c in &checks {
+        check(&run, c.num("ok") == Some(1), &format!("psci check {c:?}"));
+    }
+    let secondary = run.guest(id, "smp").into_iter().find(|e| e.num("cpu") == Some(1));
+    check(&run, secondary.is_some_and(|e| e.num("ok") == Some(1) && e.num("context") == Some(0x5a5a)), "vCPU 1 ran");
+    let stop = run.hv("guest-stop");
+    check(&run, stop.len() == 1 && stop[0].get("reason") == Some("system-off"), "PSCI SYSTEM_OFF stops the guest");
+}

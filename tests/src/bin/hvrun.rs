@@ -6,11 +6,8 @@ use std::time::Duration;
 
 use hv_tests::emulator::{self, RunSpec};
 use hv_tests::guests::{self, GuestArg};
-use hv_tests::image::{self, BuiltImage, ImageSpec};
+use hv_tests::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
 use hv_tests::{Arch, Machine};
-
-/// The version string of the second image the demo alternates with.
-const UPDATE_B_VERSION: &str = "0.1.1";
 
 const USAGE: &str = "\
 usage: scripts/run [options] [-- emulator args...]

@@ -845,8 +845,10 @@ fn psci_call(m: &mut Machine, v: usize, function: u64) -> bool {
         (ctx.regs.x[1], ctx.regs.x[2], ctx.regs.x[3])
     };
     let target = |m: &Machine, mpidr: u64| -> Option<usize> {
+        // DEN0022E §5.1.4: bits [63:40] and [31:24] must be zero; our
+        // vCPUs differ in Aff0 only.
         let aff0 = mpidr & 0xff;
-        if mpidr & 0xff_00ff_ff00 != 0 {
+        if mpidr & !0xff != 0 {
             return None;
         }
         m.partitions[p].vcpus.iter().copied().find(|&t| u64::from(m.vcpus[t].index) == aff0)

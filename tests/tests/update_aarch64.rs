@@ -1,0 +1,202 @@
+//! Live update on aarch64: ten updates A -> B -> A ... with the guests
+//! resident; bad images refused with the guests untouched; the cancel path.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunOutcome, RunSpec};
+use hv_tests::guests::{self, GuestArg};
+use hv_tests::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
+use hv_tests::{Arch, Machine};
+use loader::image_desc;
+
+fn build(version: Option<&str>) -> BuiltImage {
+    image::build(&ImageSpec { arch: Arch::Aarch64, version: version.map(String::from) })
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run(name: &str, image: &BuiltImage, list: &[GuestArg], extra: &[&str]) -> RunOutcome {
+    let mut spec = RunSpec::new(name, Machine::Qemu);
+    spec.timeout = Duration::from_secs(150);
+    spec.extra_args = extra.iter().map(|s| (*s).to_string()).collect();
+    let dir = emulator::run_dir(&spec);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let placed = guests::place(list, u64::from(spec.mem_mib), &dir).unwrap_or_else(|e| panic!("{e}"));
+    spec.blobs = placed.blobs;
+    spec.cmdline = Some(placed.cmdline);
+    emulator::run(image, &spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn check(run: &RunOutcome, ok: bool, what: &str) {
+    assert!(ok, "{}", run.failure(what));
+}
+
+fn id_of(run: &RunOutcome, name: &str) -> u32 {
+    let e = run.hv("guest-start").into_iter().find(|e| e.get("name") == Some(name));
+    check(run, e.is_some(), &format!("no guest-start for {name}"));
+    e.and_then(|e| e.num("id")).map_or(0, |id| id as u32)
+}
+
+/// Index of the first serial line satisfying `pred` after line `from`.
+fn line_after(run: &RunOutcome, from: usize, pred: impl Fn(&str) -> bool) -> Option<usize> {
+    run.serial.lines().enumerate().skip(from).find(|(_, l)| pred(l)).map(|(i, _)| i)
+}
+
+#[test]
+fn ten_updates_alternate_and_guests_stay_resident() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 10)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let run = run("test-update-ten", &a, &list, &[]);
+    check(&run, run.clean_shutdown(), "clean shutdown after the updates");
+    check(&run, run.hv("boot").len() == 1, "hv: boot printed once per run");
+
+    let done = run.hv("update-done");
+    check(&run, done.len() == 10, "ten updates");
+    for (k, e) in done.iter().enumerate() {
+        let want = if k % 2 == 0 { UPDATE_B_VERSION } else { hypervisor::VERSION };
+        check(&run, e.num("count") == Some(k as u64 + 1), "update counts 1..=10");
+        check(&run, e.get("version") == Some(want), "versions alternate A -> B -> A");
+        for key in ["blackout_us", "handover_bytes", "preserved_pages"] {
+            check(&run, e.num(key).is_some_and(|v| v > 0), &format!("update-done {key}"));
+        }
+    }
+
+    // Same stage-2 roots (VTTBR) before and after every update.
+    let started = run.hv("guest-start");
+    for adopted in run.hv("guest-adopted") {
+        let before = started.iter().find(|s| s.num("id") == adopted.num("id")).and_then(|s| s.get("stage2_root"));
+        check(&run, before.is_some() && before == adopted.get("stage2_root"), "stage-2 root unchanged");
+    }
+    check(&run, run.hv("guest-adopted").len() == 60, "six partitions adopted by each of ten images");
+
+    // The updater saw every update succeed, and the new version through the
+    // info hypercall.
+    let upd = id_of(&run, "updater");
+    let reports: Vec<_> = run.guest(upd, "updater").into_iter().filter(|e| e.get("update").is_some()).collect();
+    check(&run, reports.len() == 10, "ten updater reports");
+    for (k, r) in reports.iter().enumerate() {
+        check(&run, r.num("ok") == Some(1) && r.num("update_count") == Some(k as u64 + 1), "updater report");
+        check(&run, r.get("to") == done[k].get("version"), "guest reads the new version");
+    }
+
+    // Guests: heartbeat ticks keep increasing, memcheck ok after each update.
+    let hb = id_of(&run, "heartbeat");
+    let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
+    check(&run, ticks.windows(2).all(|w| w[0] < w[1]), "alive ticks strictly increase across updates");
+    let verdict = run.guest(hb, "heartbeat");
+    check(&run, verdict.last().is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "no SGI lost");
+    let mc = id_of(&run, "memcheck");
+    let mc_lines: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, mc_lines.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");
+    let lines: Vec<&str> = run.serial.lines().collect();
+    for (k, _) in done.iter().enumerate().take(9) {
+        let at = lines.iter().enumerate().filter(|(_, l)| l.starts_with("hv: update-done")).nth(k).map(|(i, _)| i);
+        let next = at.and_then(|i| line_after(&run, i, |l| l.starts_with(&format!("guest{mc}: memcheck ok=1"))));
+        check(&run, next.is_some(), &format!("memcheck ok=1 after update {}", k + 1));
+    }
+
+    // Both measurements of the blackout: the guests' meter saw pauses that
+    // match what the hypervisor measured.
+    let rows = hv_tests::summary::updates(&run.events);
+    let bo = id_of(&run, "blackout");
+    for r in &rows {
+        let seen = r.guest_gap_us.get(&bo).copied().unwrap_or(0);
+        check(&run, seen > 0 && seen * 2 >= r.blackout_us, &format!("guest-seen blackout for update {}", r.count));
+    }
+    check(&run, run.hv("fault").len() == 1, "only the isolation probe faults");
+}
+
+fn refuse_run(name: &str, images: &[PathBuf]) -> RunOutcome {
+    let a = build(None);
+    guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let cmd = format!("updates={} delay_ms=50 expect_status=5", images.len());
+    let mut list = guests::default_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    list.retain(|g| g.name == "memcheck" || g.name == "heartbeat");
+    list.push(guests::updater_guest(Arch::Aarch64, images, 64, &cmd).unwrap_or_else(|e| panic!("{e}")));
+    run(name, &a, &list, &[])
+}
+
+#[test]
+fn bad_images_are_refused_and_guests_continue() {
+    let a = build(None);
+    let good = std::fs::read(&a.bootable).unwrap_or_else(|e| panic!("{e}"));
+    let dir = hv_tests::out_dir().join("bad-images");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{e}"));
+        p
+    };
+    let truncated = write("truncated.img", &good[..good.len() / 2]);
+    let x86 = image::build(&ImageSpec { arch: Arch::X86_64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let wrong_arch = x86.bootable.parent().map(|d| d.join("hv.elf")).unwrap_or_default();
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x5a;
+    let corrupt = write("corrupt.img", &corrupt);
+    let mut bad_abi = good.clone();
+    let d = image_desc::find(&bad_abi).unwrap_or_else(|e| panic!("{e}"));
+    bad_abi[d.offset + 16..d.offset + 24].copy_from_slice(&[2, 0, 0, 0, 2, 0, 0, 0]);
+    image_desc::seal(&mut bad_abi).unwrap_or_else(|e| panic!("{e}"));
+    let bad_abi = write("abi2.img", &bad_abi);
+    let mut huge = good.clone();
+    huge.resize(20 << 20, 0);
+    image_desc::seal(&mut huge).unwrap_or_else(|e| panic!("{e}"));
+    let huge = write("huge.img", &huge);
+    let garbage = write("garbage.img", &vec![0x41u8; 8192]);
+
+    let cases = [
+        (truncated, "size-mismatch"),
+        (wrong_arch, "wrong-arch"),
+        (corrupt, "bad-checksum"),
+        (bad_abi, "incompatible-abi"),
+        (huge, "too-large"),
+        (garbage, "no-descriptor"),
+    ];
+    let images: Vec<PathBuf> = cases.iter().map(|(p, _)| p.clone()).collect();
+    let run = refuse_run("test-update-refused", &images);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let refused = run.hv("update-refused");
+    let reasons: Vec<&str> = refused.iter().filter_map(|e| e.get("reason")).collect();
+    let want: Vec<&str> = cases.iter().map(|(_, r)| *r).collect();
+    check(&run, reasons == want, &format!("refusal reasons {reasons:?} != {want:?}"));
+    check(&run, run.hv("update-done").is_empty() && run.hv("update-begin").is_empty(), "nothing started");
+    let upd = id_of(&run, "updater");
+    let verdict = run.guest(upd, "updater").into_iter().find(|e| e.get("done").is_some());
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1)), "every refusal returned INVALID_PARAMETER");
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck unaffected");
+}
+
+#[test]
+fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let mut list = guests::default_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    list.retain(|g| g.name == "memcheck" || g.name == "heartbeat");
+    for g in &mut list {
+        g.cmdline = if g.name == "memcheck" { "passes=30".into() } else { "ticks=300".into() };
+    }
+    let cmd = "updates=1 delay_ms=200 fail_freeze=1";
+    list.push(
+        guests::updater_guest(Arch::Aarch64, std::slice::from_ref(&b.bootable), 16, cmd)
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let run = run("test-update-cancel", &a, &list, &[]);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let cancelled = run.hv("update-cancelled");
+    check(&run, cancelled.len() == 1, "one cancelled update");
+    check(&run, cancelled[0].get("reason") == Some("injected-freeze-failure"), "cancel reason");
+    let done = run.hv("update-done");
+    check(&run, done.len() == 1 && done[0].get("version") == Some(UPDATE_B_VERSION), "then one update to B");
+    let upd = id_of(&run, "updater");
+    let lines = run.guest(upd, "updater");
+    check(&run, lines.iter().any(|e| e.num("cancel_check") == Some(1) && e.num("ok") == Some(1)), "status 8");
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck ok through cancel and update");
+}
