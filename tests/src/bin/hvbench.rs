@@ -1,0 +1,103 @@
+//! `hvbench`: live-update blackout against guest memory size, on aarch64
+//! under QEMU with `-icount shift=0,sleep=off` (guest time = instruction
+//! count, so the figures are reproducible). For each size, one guest of that
+//! size (the blackout meter) and the updater run; the updater performs
+//! several updates A -> B -> A. Prints `BENCH` lines:
+//!
+//! ```text
+//! BENCH name=update_blackout_us guest_mib=64 value=11713 unit=us
+//! BENCH name=update_handover_bytes guest_mib=64 value=... unit=bytes
+//! ```
+//!
+//! Usage: `hvbench [--sizes 64,1024] [--updates N]`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunSpec};
+use hv_tests::guests::{self, GuestArg};
+use hv_tests::image::{self, ImageSpec, UPDATE_B_VERSION};
+use hv_tests::{Arch, LaunchError, Machine};
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn bench(size_mib: u64, updates: u32) -> Result<(), LaunchError> {
+    let a = image::build(&ImageSpec { arch: Arch::Aarch64, version: None })?;
+    let b = image::build(&ImageSpec { arch: Arch::Aarch64, version: Some(UPDATE_B_VERSION.into()) })?;
+    let dir = guests::build_test_guests(Arch::Aarch64)?;
+    let meter = GuestArg {
+        file: dir.join("blackout.bin"),
+        name: "blackout".into(),
+        mem_mib: size_mib,
+        vcpus: 1,
+        privileged: false,
+        initrd: None,
+        cmdline: format!("seconds={}", u64::from(updates) / 2 + 3),
+    };
+    let cmd = format!("updates={updates} delay_ms=300");
+    let updater = guests::updater_guest(Arch::Aarch64, &[b.bootable, a.bootable.clone()], 16, &cmd)?;
+    // RAM: the guest block is aligned to its size, and the blobs sit at the
+    // top, so leave room for an aligned block above 2 GiB.
+    let ram_mib = (size_mib * 2).max(512) + 1024;
+    let mut spec = RunSpec::new(&format!("bench-update-{size_mib}m"), Machine::Qemu);
+    spec.mem_mib = u32::try_from(ram_mib).unwrap_or(u32::MAX);
+    spec.timeout = Duration::from_secs(600);
+    spec.extra_args = vec!["-icount".into(), "shift=0,sleep=off".into()];
+    let run_dir = emulator::run_dir(&spec);
+    std::fs::create_dir_all(&run_dir).map_err(|err| LaunchError::Io { what: "run dir".into(), err })?;
+    let placed = guests::place(&[meter, updater], ram_mib, &run_dir)?;
+    spec.blobs = placed.blobs;
+    spec.cmdline = Some(placed.cmdline);
+    let run = emulator::run(&a, &spec)?;
+    let done = run.hv("update-done");
+    if done.len() != updates as usize || !run.clean_shutdown() {
+        return Err(LaunchError::Image(run.failure(&format!("{} of {updates} updates done", done.len()))));
+    }
+    let field = |k: &str| done.iter().filter_map(|e| e.num(k)).collect::<Vec<u64>>();
+    let rows = hv_tests::summary::updates(&run.events);
+    let seen: Vec<u64> = rows.iter().filter_map(|r| r.guest_gap_us.values().max().copied()).collect();
+    let phases = run.hv("update-phases");
+    let phase = |k: &str| median(phases.iter().filter_map(|e| e.num(k)).collect());
+    println!("BENCH name=update_blackout_us guest_mib={size_mib} value={} unit=us", median(field("blackout_us")));
+    println!("BENCH name=update_blackout_guest_seen_us guest_mib={size_mib} value={} unit=us", median(seen));
+    println!(
+        "BENCH name=update_handover_bytes guest_mib={size_mib} value={} unit=bytes",
+        median(field("handover_bytes"))
+    );
+    println!(
+        "BENCH name=update_preserved_pages guest_mib={size_mib} value={} unit=pages",
+        median(field("preserved_pages"))
+    );
+    for k in ["freeze_to_kexec_us", "kexec_to_entry_us", "entry_to_restored_us", "restored_to_resumed_us"] {
+        println!("BENCH name=update_phase_{k} guest_mib={size_mib} value={} unit=us", phase(k));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut sizes = vec![64u64, 1024];
+    let mut updates = 4u32;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--sizes", Some(v)) => sizes = v.split(',').filter_map(|s| s.parse().ok()).collect(),
+            ("--updates", Some(v)) => updates = v.parse().unwrap_or(updates),
+            _ => {
+                eprintln!("usage: hvbench [--sizes 64,1024] [--updates N]");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    for size in sizes {
+        eprintln!("hvbench: {updates} updates with a {size} MiB guest (-icount)");
+        if let Err(e) = bench(size, updates) {
+            eprintln!("hvbench: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    ExitCode::SUCCESS
+}
