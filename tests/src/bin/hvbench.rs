@@ -38,17 +38,17 @@ fn bench(size_mib: u64, updates: u32) -> Result<(), LaunchError> {
         cmdline: format!("seconds={}", u64::from(updates) / 2 + 3),
     };
     let cmd = format!("updates={updates} delay_ms=300");
-    let updater = guests::updater_guest(Arch::Aarch64, &[b.bootable, a.bootable.clone()], 16, &cmd)?;
+    let driver = guests::updater_guest(Arch::Aarch64, &[b.bootable, a.bootable.clone()], 16, &cmd)?;
     // RAM: the guest block is aligned to its size, and the blobs sit at the
     // top, so leave room for an aligned block above 2 GiB.
     let ram_mib = (size_mib * 2).max(512) + 1024;
     let mut spec = RunSpec::new(&format!("bench-update-{size_mib}m"), Machine::Qemu);
     spec.mem_mib = u32::try_from(ram_mib).unwrap_or(u32::MAX);
-    spec.timeout = Duration::from_secs(600);
+    spec.timeout = Duration::from_mins(10);
     spec.extra_args = vec!["-icount".into(), "shift=0,sleep=off".into()];
     let run_dir = emulator::run_dir(&spec);
     std::fs::create_dir_all(&run_dir).map_err(|err| LaunchError::Io { what: "run dir".into(), err })?;
-    let placed = guests::place(&[meter, updater], ram_mib, &run_dir)?;
+    let placed = guests::place(&[meter, driver], ram_mib, &run_dir)?;
     spec.blobs = placed.blobs;
     spec.cmdline = Some(placed.cmdline);
     let run = emulator::run(&a, &spec)?;
