@@ -128,3 +128,17 @@ fn psci_on_a_two_vcpu_guest() {
     let stop = run.hv("guest-stop");
     check(&run, stop.len() == 1 && stop[0].get("reason") == Some("system-off"), "PSCI SYSTEM_OFF stops the guest");
 }
+
+#[test]
+fn psci_system_reset_restarts_the_guest() {
+    guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let dir = hv_tests::out_dir().join("aarch64").join("guests");
+    let reset = GuestArg::parse(&dir.join("reset.bin").display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+    let run = run_guests("test-aarch64-reset", &[reset]);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let id = id_of(&run, "reset");
+    let steps: Vec<u64> = run.guest(id, "reset").iter().filter_map(|e| e.num("step")).collect();
+    check(&run, steps == [1, 2], "step 1, reset, step 2");
+    check(&run, run.guest(id, "reset").last().is_some_and(|e| e.num("ok") == Some(1)), "the mark survived the reset");
+    check(&run, run.hv("guest-reset").len() == 1, "hv: guest-reset once");
+}

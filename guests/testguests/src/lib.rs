@@ -26,6 +26,7 @@ pub mod isolation;
 pub mod line;
 pub mod memcheck;
 pub mod psci;
+pub mod reset;
 pub mod smp;
 pub mod updater;
 

@@ -10,6 +10,7 @@ pub const CPU_OFF: u32 = 0x8400_0002;
 pub const CPU_ON: u32 = 0xc400_0003;
 pub const AFFINITY_INFO: u32 = 0xc400_0004;
 pub const SYSTEM_OFF: u32 = 0x8400_0008;
+pub const SYSTEM_RESET: u32 = 0x8400_0009;
 pub const PSCI_FEATURES: u32 = 0x8400_000a;
 
 /// PSCI_VERSION: major in bits 31:16, minor in bits 15:0; 1.1.
@@ -72,6 +73,7 @@ pub enum Call {
     /// AFFINITY_INFO of one PE (a `target_cpu`).
     AffinityInfo(u64),
     SystemOff,
+    SystemReset,
 }
 
 impl Call {
@@ -84,6 +86,7 @@ impl Call {
             Self::CpuOff => CPU_OFF,
             Self::AffinityInfo(_) => AFFINITY_INFO,
             Self::SystemOff => SYSTEM_OFF,
+            Self::SystemReset => SYSTEM_RESET,
         }
     }
 
@@ -93,7 +96,7 @@ impl Call {
             Self::Features(function) => [function as u64, 0, 0],
             Self::CpuOn { target, context } => [target, secondary_entry, context],
             Self::AffinityInfo(target) => [target, AFFINITY_LEVEL_PE, 0],
-            Self::Version | Self::CpuOff | Self::SystemOff => [0; 3],
+            Self::Version | Self::CpuOff | Self::SystemOff | Self::SystemReset => [0; 3],
         }
     }
 }

@@ -47,7 +47,7 @@ const CNTHCTL_GUEST: u64 = 1;
 const SLICE_MS: u64 = 10;
 /// Bit of `VcpuSlot::pending` for the virtual timer (bits 0-15 are SGIs).
 const PENDING_VTIMER: u32 = 1 << 16;
-/// ESR_EL2 exception classes (D19.2.40, Table D19-?).
+/// ESR_EL2.EC exception classes (Arm ARM D19.2.40, ESR_EL2).
 const EC_WFX: u64 = 0x01;
 const EC_HVC64: u64 = 0x16;
 const EC_SMC64: u64 = 0x17;
