@@ -116,6 +116,11 @@ pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
     ])
 }
 
+/// FNV-1a over the bundle, to name its file.
+fn content_digest(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// The default demo: the test guests, sized to keep running through the
 /// updates, plus the updater guest carrying `update_images`.
 pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Result<Vec<GuestArg>, LaunchError> {
@@ -178,7 +183,9 @@ pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str
     }
     out.extend_from_slice(&header);
     out.extend_from_slice(&body);
-    let file = dir.join("updater-bundle.bin");
+    // Named by content: tests running in parallel build different bundles.
+    let digest = content_digest(&out);
+    let file = dir.join(format!("updater-{digest:016x}.bin"));
     fs::write(&file, &out).map_err(io_err(format!("writing {}", file.display())))?;
     Ok(GuestArg {
         file,

@@ -70,6 +70,10 @@ fn ten_updates_alternate_and_guests_stay_resident() {
         check(&run, before.is_some() && before == adopted.get("stage2_root"), "stage-2 root unchanged");
     }
     check(&run, run.hv("guest-adopted").len() == 60, "six partitions adopted by each of ten images");
+    let restores = run.hv("update-restore");
+    check(&run, restores.len() == 10, "ten restores");
+    check(&run, restores.iter().all(|e| e.num("preserved_overlap") == Some(0)), "no preserved page in any allocator");
+    check(&run, run.hv("cpu-online").len() == 11, "the second CPU comes back after every update");
 
     // The updater saw every update succeed, and the new version through the
     // info hypercall.

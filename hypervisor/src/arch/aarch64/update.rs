@@ -614,7 +614,15 @@ pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange)
     reserved.extend(reader.preserved_ranges().map(|r| PhysRange::new(r.base(), r.size())));
     reserved.extend(bitmap.runs().map(|r| PhysRange::new(r.start, r.end - r.start)));
     reserved.extend(bitmap.node_pages().map(|pa| PhysRange::new(pa, PAGE_SIZE)));
-    let frames = FrameAllocator::new(&frames::subtract(ram, &reserved));
+    let free = frames::subtract(ram, &reserved);
+    // The allocator is built from `free` only: check that no preserved page
+    // is in it (the event lets tests see it, on every update).
+    let overlap = free.iter().filter(|r| bitmap.runs_in(r.base..r.base + r.size).next().is_some()).count();
+    hv_event!("update-restore", free_ranges = free.len(), preserved_overlap = overlap, bitmap_nodes = bitmap.node_count());
+    if overlap != 0 {
+        return Err("preserved-pages-in-allocator");
+    }
+    let frames = FrameAllocator::new(&free);
 
     let hv = reader.subsystem("hv").and_then(|n| n.record::<HvRecord>().ok().flatten()).ok_or("hv-record")?;
     let mut partitions: Vec<Partition> = Vec::new();

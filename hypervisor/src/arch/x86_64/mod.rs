@@ -120,6 +120,12 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
             procbased = format_args!("{:#x}", m.procbased),
             procbased2 = format_args!("{:#x}", m.procbased2),
             ept_vpid = format_args!("{:#x}", m.ept_vpid),
+            pinbased = format_args!("{:#x}", m.pinbased),
+            exit = format_args!("{:#x}", m.exit),
+            entry = format_args!("{:#x}", m.entry),
+            misc = format_args!("{:#x}", m.misc),
+            cr0_fixed = format_args!("{:#x}/{:#x}", m.cr0_fixed0, m.cr0_fixed1),
+            cr4_fixed = format_args!("{:#x}/{:#x}", m.cr4_fixed0, m.cr4_fixed1),
         );
     }
 

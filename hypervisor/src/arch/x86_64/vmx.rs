@@ -7,8 +7,9 @@ use raw_cpuid::CpuId;
 use x86::controlregs::{cr0, cr0_write, cr4, cr4_write, Cr0, Cr4};
 use x86::msr::{
     rdmsr, wrmsr, IA32_FEATURE_CONTROL, IA32_VMX_BASIC, IA32_VMX_CR0_FIXED0, IA32_VMX_CR0_FIXED1, IA32_VMX_CR4_FIXED0,
-    IA32_VMX_CR4_FIXED1, IA32_VMX_EPT_VPID_CAP, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2,
-    IA32_VMX_TRUE_PROCBASED_CTLS,
+    IA32_VMX_CR4_FIXED1, IA32_VMX_ENTRY_CTLS, IA32_VMX_EPT_VPID_CAP, IA32_VMX_EXIT_CTLS, IA32_VMX_MISC,
+    IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_PROCBASED_CTLS2, IA32_VMX_TRUE_ENTRY_CTLS,
+    IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_PINBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS,
 };
 
 use super::MAX_CPUS;
@@ -45,22 +46,35 @@ struct VmxonRegion([u8; 4096]);
 
 static mut VMXON_REGIONS: [VmxonRegion; MAX_CPUS] = [const { VmxonRegion([0; 4096]) }; MAX_CPUS];
 
-/// Reads the capability MSRs. Only call when CPUID reports VMX.
+/// Reads the capability MSRs, the TRUE control MSRs where IA32_VMX_BASIC
+/// bit 55 says they exist (SDM A.1-A.10). Only call when CPUID reports VMX.
 pub fn read_msrs() -> VmxMsrs {
     // SAFETY: VMX is present, so these MSRs exist (SDM Vol. 3D A.1-A.10);
-    // the secondary/EPT MSRs are only read when their existence bits are set.
+    // the TRUE MSRs are read only when IA32_VMX_BASIC says they exist, and
+    // the secondary/EPT MSRs only when their existence bits are set.
     unsafe {
         let basic = rdmsr(IA32_VMX_BASIC);
-        let procbased = if basic & BASIC_TRUE_CTLS != 0 {
-            rdmsr(IA32_VMX_TRUE_PROCBASED_CTLS)
-        } else {
-            rdmsr(IA32_VMX_PROCBASED_CTLS)
-        };
+        let true_ctls = basic & BASIC_TRUE_CTLS != 0;
+        let pick = |plain: u32, true_msr: u32| if true_ctls { rdmsr(true_msr) } else { rdmsr(plain) };
+        let procbased = pick(IA32_VMX_PROCBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS);
         let procbased2 =
             if procbased & PROC_ACTIVATE_SECONDARY_ALLOWED != 0 { rdmsr(IA32_VMX_PROCBASED_CTLS2) } else { 0 };
         // EPT (bit 33) or VPID (bit 37) allowed-1 => IA32_VMX_EPT_VPID_CAP exists.
         let ept_vpid = if procbased2 & ((1 << 33) | (1 << 37)) != 0 { rdmsr(IA32_VMX_EPT_VPID_CAP) } else { 0 };
-        VmxMsrs { basic, procbased, procbased2, ept_vpid }
+        VmxMsrs {
+            basic,
+            pinbased: pick(IA32_VMX_PINBASED_CTLS, IA32_VMX_TRUE_PINBASED_CTLS),
+            procbased,
+            procbased2,
+            exit: pick(IA32_VMX_EXIT_CTLS, IA32_VMX_TRUE_EXIT_CTLS),
+            entry: pick(IA32_VMX_ENTRY_CTLS, IA32_VMX_TRUE_ENTRY_CTLS),
+            misc: rdmsr(IA32_VMX_MISC),
+            ept_vpid,
+            cr0_fixed0: rdmsr(IA32_VMX_CR0_FIXED0),
+            cr0_fixed1: rdmsr(IA32_VMX_CR0_FIXED1),
+            cr4_fixed0: rdmsr(IA32_VMX_CR4_FIXED0),
+            cr4_fixed1: rdmsr(IA32_VMX_CR4_FIXED1),
+        }
     }
 }
 
