@@ -9,7 +9,7 @@ use std::process::Command;
 
 use loader::elf::{self, Machine as ElfMachine};
 
-use crate::{io_err, out_dir, workspace_root, Arch, LaunchError};
+use crate::{io_err, out_dir, workspace_root, write_atomic, Arch, LaunchError};
 
 /// Guest RAM base of the QEMU `virt` machine (and of every guest).
 pub const VIRT_RAM_BASE: u64 = 0x4000_0000;
@@ -186,7 +186,7 @@ pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str
     // Named by content: tests running in parallel build different bundles.
     let digest = content_digest(&out);
     let file = dir.join(format!("updater-{digest:016x}.bin"));
-    fs::write(&file, &out).map_err(io_err(format!("writing {}", file.display())))?;
+    write_atomic(&file, &out)?;
     Ok(GuestArg {
         file,
         name: "updater".into(),
@@ -226,8 +226,7 @@ pub fn build_test_guests(arch: Arch) -> Result<PathBuf, LaunchError> {
         // updater's bundle) is not cleared by the guest's bss zeroing.
         let mut flat = elf::flatten(&bytes, &image);
         flat.resize(((image.end() - image.base()) as usize).next_multiple_of(BLOB_ALIGN as usize), 0);
-        let out = dir.join(format!("{bin}.bin"));
-        fs::write(&out, flat).map_err(io_err(format!("writing {}", out.display())))?;
+        write_atomic(&dir.join(format!("{bin}.bin")), &flat)?;
     }
     Ok(dir)
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use loader::elf::{self, Machine as ElfMachine};
 use loader::image_desc;
 
-use crate::{io_err, out_dir, workspace_root, Arch, LaunchError};
+use crate::{io_err, out_dir, workspace_root, write_atomic, Arch, LaunchError};
 
 /// The version string of the second image live updates alternate with.
 pub const UPDATE_B_VERSION: &str = "0.1.1";
@@ -80,7 +80,7 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
             }
             image_desc::seal(&mut flat).map_err(|e| LaunchError::Image(format!("sealing the image: {e}")))?;
             let path = dir.join("hv.img");
-            fs::write(&path, flat).map_err(io_err(format!("writing {}", path.display())))?;
+            write_atomic(&path, &flat)?;
             path
         }
         Arch::X86_64 => {
@@ -89,7 +89,7 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
             let mut sealed = bytes;
             image_desc::seal(&mut sealed).map_err(|e| LaunchError::Image(format!("sealing the image: {e}")))?;
             let sealed_path = dir.join("hv.elf");
-            fs::write(&sealed_path, &sealed).map_err(io_err(format!("writing {}", sealed_path.display())))?;
+            write_atomic(&sealed_path, &sealed)?;
             grub_iso(&sealed_path, &dir)?
         }
     };

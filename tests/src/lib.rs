@@ -100,6 +100,14 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
     move |err| LaunchError::Io { what, err }
 }
 
+/// Writes `bytes` to `path` through a temporary file and a rename, so a
+/// reader (an emulator, a parallel test) never sees a half-written file.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), LaunchError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io_err(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", path.display())))
+}
+
 /// The workspace root (the launcher lives in `<root>/tests`).
 pub fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
