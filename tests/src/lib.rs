@@ -103,7 +103,9 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a
 /// reader (an emulator, a parallel test) never sees a half-written file.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), LaunchError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io_err(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", path.display())))
 }
