@@ -216,6 +216,38 @@ pub struct GicV3 {
     pub redistributors: PhysRange,
 }
 
+/// A generic ECAM PCIe host bridge (binding `pci-host-ecam-generic`,
+/// Linux `Documentation/devicetree/bindings/pci/host-generic-pci.yaml`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PcieHost {
+    /// The ECAM window: 1 MiB per bus (PCIe Base Spec §7.2.2).
+    pub ecam: PhysRange,
+    pub bus_start: u8,
+    pub bus_end: u8,
+    /// 32-bit memory window: (PCI bus address, CPU range).
+    pub mmio32: Option<(u64, PhysRange)>,
+    /// `iommu-map` entry (binding `pci-iommu.txt`): RIDs from `rid_base`
+    /// map to stream ids from `sid_base`, `len` of them.
+    pub iommu_map: Option<IommuMap>,
+}
+
+/// One `iommu-map` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IommuMap {
+    pub rid_base: u32,
+    pub iommu_phandle: u32,
+    pub sid_base: u32,
+    pub len: u32,
+}
+
+impl IommuMap {
+    /// The stream id of requester id `rid`, if the map covers it.
+    pub fn stream_id(&self, rid: u32) -> Option<u32> {
+        let off = rid.checked_sub(self.rid_base).filter(|&o| o < self.len)?;
+        self.sid_base.checked_add(off)
+    }
+}
+
 /// What the aarch64 hypervisor needs from the platform DTB besides [`BootInfo`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DtbPlatform {
@@ -225,6 +257,9 @@ pub struct DtbPlatform {
     pub uart: Option<PhysRange>,
     pub gic: Option<GicV3>,
     pub psci: Option<PsciConduit>,
+    /// SMMUv3 register frame (binding `arm,smmu-v3`).
+    pub smmu: Option<PhysRange>,
+    pub pcie: Option<PcieHost>,
 }
 
 #[derive(Clone, Copy)]
@@ -293,6 +328,60 @@ struct Collected {
     cpus: Vec<u64>,
     uart: Option<PhysRange>,
     gic: Option<GicV3>,
+    smmu: Option<PhysRange>,
+    pcie: Option<PcieHost>,
+}
+
+/// PCI `ranges` space code (phys.hi bits 25:24, IEEE 1275 PCI binding):
+/// 0b10 = 32-bit memory.
+const PCI_SPACE_MMIO32: u32 = 0b10;
+
+fn u32_cells(value: &[u8]) -> Vec<u32> {
+    value.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Decodes a generic ECAM host bridge: `reg` with the parent's cells,
+/// `ranges` with 3 PCI address cells, `bus-range`, `iommu-map`.
+fn pcie_host(node: FdtNode<'_, '_>, parent: Cells) -> Result<PcieHost, DtbError> {
+    let bad = || DtbError::BadReg { node: String::from(node.name) };
+    let ecam = *reg_of(node, parent)?.first().ok_or_else(bad)?;
+    let (bus_start, bus_end) = match node.property("bus-range").map(|p| u32_cells(p.value)) {
+        Some(v) if v.len() == 2 && v[0] <= v[1] && v[1] <= 0xff => (v[0] as u8, v[1] as u8),
+        Some(_) => return Err(bad()),
+        None => (0, 0xff),
+    };
+    if ecam.size < (u64::from(bus_end - bus_start) + 1) << 20 {
+        return Err(bad());
+    }
+    // ranges: (pci.hi, pci.mid, pci.lo, cpu address (parent cells), size (own size cells)).
+    let own = cells_of(node, node.name)?;
+    let mut mmio32 = None;
+    if let Some(p) = node.property("ranges") {
+        let stride = 3 + parent.address + own.size;
+        let cells = u32_cells(p.value);
+        if own.address != 3 || stride == 0 || cells.len() % stride != 0 {
+            return Err(bad());
+        }
+        for e in cells.chunks_exact(stride) {
+            let space = (e[0] >> 24) & 0b11;
+            let pci = (u64::from(e[1]) << 32) | u64::from(e[2]);
+            let cpu = e[3..3 + parent.address].iter().fold(0u64, |a, &c| (a << 32) | u64::from(c));
+            let size = e[3 + parent.address..].iter().fold(0u64, |a, &c| (a << 32) | u64::from(c));
+            let range = PhysRange::new(cpu, size);
+            if range.end().is_none() {
+                return Err(bad());
+            }
+            if space == PCI_SPACE_MMIO32 && mmio32.is_none() {
+                mmio32 = Some((pci, range));
+            }
+        }
+    }
+    let iommu_map = match node.property("iommu-map").map(|p| u32_cells(p.value)) {
+        Some(v) if v.len() >= 4 => Some(IommuMap { rid_base: v[0], iommu_phandle: v[1], sid_base: v[2], len: v[3] }),
+        Some(_) => return Err(bad()),
+        None => None,
+    };
+    Ok(PcieHost { ecam, bus_start, bus_end, mmio32, iommu_map })
 }
 
 fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected) -> Result<(), DtbError> {
@@ -312,6 +401,10 @@ fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected
         out.cpus.push(mpidr.base);
     } else if out.uart.is_none() && okay && is_compatible(node, "arm,pl011") {
         out.uart = reg_of(node, parent)?.first().copied();
+    } else if out.smmu.is_none() && okay && is_compatible(node, "arm,smmu-v3") {
+        out.smmu = reg_of(node, parent)?.first().copied();
+    } else if out.pcie.is_none() && okay && is_compatible(node, "pci-host-ecam-generic") {
+        out.pcie = Some(pcie_host(node, parent)?);
     } else if out.gic.is_none() && is_compatible(node, "arm,gic-v3") {
         if let [d, r, ..] = reg_of(node, parent)?[..] {
             out.gic = Some(GicV3 { distributor: d, redistributors: r });
@@ -332,7 +425,7 @@ pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), Dtb
     let blob = validate(blob)?;
     let fdt = Fdt::new(blob).map_err(|_| DtbError::Fdt)?;
     let root = fdt.find_node("/").ok_or(DtbError::MissingNode("/"))?;
-    let mut c = Collected { ram: Vec::new(), cpus: Vec::new(), uart: None, gic: None };
+    let mut c = Collected { ram: Vec::new(), cpus: Vec::new(), uart: None, gic: None, smmu: None, pcie: None };
     // The root's reg (if any) is decoded with the defaults.
     let root_cells = cells_of(root, "/")?;
     for child in root.children() {
@@ -374,7 +467,7 @@ pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), Dtb
             }
         }
     }
-    let platform = DtbPlatform { cpus: c.cpus, uart: c.uart, gic: c.gic, psci };
+    let platform = DtbPlatform { cpus: c.cpus, uart: c.uart, gic: c.gic, psci, smmu: c.smmu, pcie: c.pcie };
     Ok((info, platform))
 }
 
@@ -399,6 +492,25 @@ mod tests {
         assert_eq!(gic.distributor.base, 0x0800_0000);
         assert_eq!(gic.redistributors.base, 0x080a_0000);
         assert!(info.reserved.contains(&PhysRange::new(0x4400_0000, QEMU_VIRT.len() as u64)));
+    }
+
+    /// The same machine with `iommu=smmuv3` and `-device edu`.
+    const QEMU_VIRT_SMMU: &[u8] = include_bytes!("../testdata/qemu-virt-smmuv3-edu.dtb");
+
+    #[test]
+    fn smmu_and_pcie_host() {
+        let (_, plat) = parse(QEMU_VIRT_SMMU, 0x4800_0000).expect("valid DTB");
+        assert_eq!(plat.smmu, Some(PhysRange::new(0x0905_0000, 0x2_0000)));
+        let pcie = plat.pcie.expect("pcie");
+        assert_eq!(pcie.ecam, PhysRange::new(0x40_1000_0000, 0x1000_0000));
+        assert_eq!((pcie.bus_start, pcie.bus_end), (0, 0xff));
+        assert_eq!(pcie.mmio32, Some((0x1000_0000, PhysRange::new(0x1000_0000, 0x2eff_0000))));
+        let map = pcie.iommu_map.expect("iommu-map");
+        assert_eq!(map.stream_id(0x10), Some(0x10));
+        assert_eq!(map.stream_id(0x1_0000), None);
+        let (_, plain) = parse(QEMU_VIRT, 0x4400_0000).expect("valid DTB");
+        assert_eq!(plain.smmu, None);
+        assert!(plain.pcie.is_some_and(|p| p.iommu_map.is_none()));
     }
 
     #[test]
