@@ -359,7 +359,7 @@ fn pcie_host(node: FdtNode<'_, '_>, parent: Cells) -> Result<PcieHost, DtbError>
     if let Some(p) = node.property("ranges") {
         let stride = 3 + parent.address + own.size;
         let cells = u32_cells(p.value);
-        if own.address != 3 || stride == 0 || cells.len() % stride != 0 {
+        if own.address != 3 || stride == 0 || !cells.len().is_multiple_of(stride) {
             return Err(bad());
         }
         for e in cells.chunks_exact(stride) {

@@ -45,7 +45,23 @@ pub struct GuestSpec {
     pub vcpus: u32,
     pub privileged: bool,
     pub initrd: Option<PhysRange>,
+    /// PCI functions assigned to the guest, as (bus, device, function).
+    pub devices: Vec<(u8, u8, u8)>,
     pub cmdline: String,
+}
+
+/// Most PCI functions one guest may be given.
+pub const MAX_DEVICES: usize = 4;
+
+/// Parses a PCI address `BB:DD.F` (hex, as `lspci` prints it).
+pub fn parse_bdf(s: &str) -> Option<(u8, u8, u8)> {
+    let (bus, rest) = s.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    Some((
+        u8::from_str_radix(bus, 16).ok()?,
+        u8::from_str_radix(dev, 16).ok().filter(|&d| d < 32)?,
+        u8::from_str_radix(func, 16).ok().filter(|&f| f < 8)?,
+    ))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +113,7 @@ fn guest(line_no: usize, rest: &str) -> Result<GuestSpec, ManifestError> {
     let mut name = None;
     let (mut image, mut image_size, mut format, mut mem, mut vcpus) = (None, None, None, None, 1u32);
     let (mut privileged, mut initrd, mut initrd_size) = (false, None, None);
+    let mut devices = Vec::new();
     for word in fields.split_ascii_whitespace() {
         let bad = |key| ManifestError::BadValue { line: line_no, key };
         let (k, v) = word.split_once('=').ok_or(bad("field"))?;
@@ -133,6 +150,12 @@ fn guest(line_no: usize, rest: &str) -> Result<GuestSpec, ManifestError> {
             }
             "initrd" => initrd = Some(number(v).ok_or(bad("initrd"))?),
             "initrd_size" => initrd_size = Some(number(v).ok_or(bad("initrd_size"))?),
+            "device" => {
+                if devices.len() == MAX_DEVICES {
+                    return Err(bad("device"));
+                }
+                devices.push(parse_bdf(v).ok_or(bad("device"))?);
+            }
             other => return Err(ManifestError::UnknownKey { line: line_no, key: other.to_string() }),
         }
     }
@@ -154,6 +177,7 @@ fn guest(line_no: usize, rest: &str) -> Result<GuestSpec, ManifestError> {
         vcpus,
         privileged,
         initrd,
+        devices,
         cmdline: cmdline.trim_end().to_string(),
     })
 }
@@ -238,6 +262,17 @@ mod tests {
         let two = b"hvmanifest 1\nguest name=a image=1 image_size=1 format=flat mem_mib=1\n\
                     guest name=a image=1 image_size=1 format=flat mem_mib=1\n\0";
         assert_eq!(parse(two), Err(ManifestError::DuplicateName { line: 3 }));
+    }
+
+    #[test]
+    fn devices() {
+        let g =
+            parse(b"hvmanifest 1\nguest name=d image=1 image_size=1 format=flat mem_mib=1 device=00:02.0\n\0").unwrap();
+        assert_eq!(g[0].devices, [(0, 2, 0)]);
+        let e = parse(b"hvmanifest 1\nguest name=d image=1 image_size=1 format=flat mem_mib=1 device=00:40.0\n\0");
+        assert_eq!(e, Err(ManifestError::BadValue { line: 2, key: "device" }));
+        assert_eq!(parse_bdf("0a:1f.7"), Some((10, 31, 7)));
+        assert_eq!(parse_bdf("0a:1f"), None);
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct RunSpec {
     pub blobs: Vec<(PathBuf, u64)>,
     /// The hypervisor's command line (QEMU `-append`, into /chosen/bootargs).
     pub cmdline: Option<String>,
+    /// aarch64: add the SMMUv3 (`iommu=smmuv3`) and QEMU's `edu` device,
+    /// for device assignment.
+    pub devices: bool,
 }
 
 impl RunSpec {
@@ -42,6 +45,7 @@ impl RunSpec {
             name: name.to_string(),
             blobs: Vec::new(),
             cmdline: None,
+            devices: false,
         }
     }
 }
@@ -140,7 +144,13 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
     let mut cmd = match (image.arch, spec.machine) {
         (Arch::Aarch64, Machine::Qemu) => {
             let mut c = Command::new("qemu-system-aarch64");
-            c.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", "max"]);
+            if spec.devices {
+                // edu's default DMA mask is 28 bits; guest IPAs start at 1 GiB.
+                c.args(["-M", "virt,virtualization=on,gic-version=3,iommu=smmuv3", "-cpu", "max"]);
+                c.args(["-device", "edu,dma_mask=0xffffffffff"]);
+            } else {
+                c.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", "max"]);
+            }
             c.arg("-kernel").arg(&image.bootable);
             for (file, addr) in &spec.blobs {
                 c.arg("-device").arg(format!("loader,file={},addr={addr:#x},force-raw=on", file.display()));

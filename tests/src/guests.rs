@@ -25,6 +25,8 @@ pub struct GuestArg {
     pub vcpus: u32,
     pub privileged: bool,
     pub initrd: Option<PathBuf>,
+    /// PCI functions (`BB:DD.F`) assigned to the guest.
+    pub devices: Vec<String>,
     pub cmdline: String,
 }
 
@@ -72,8 +74,16 @@ impl GuestArg {
             .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
             .take(32)
             .collect();
-        let mut g =
-            GuestArg { file, name, mem_mib: 16, vcpus: 1, privileged: false, initrd: None, cmdline: String::new() };
+        let mut g = GuestArg {
+            file,
+            name,
+            mem_mib: 16,
+            vcpus: 1,
+            privileged: false,
+            initrd: None,
+            devices: Vec::new(),
+            cmdline: String::new(),
+        };
         for f in &fields[1..] {
             let (k, v) = f.split_once('=').map_or((f.as_str(), ""), |(k, v)| (k, v));
             match k.trim() {
@@ -84,6 +94,12 @@ impl GuestArg {
                 }
                 "privileged" => g.privileged = true,
                 "initrd" => g.initrd = Some(PathBuf::from(v)),
+                "device" => {
+                    if loader::manifest::parse_bdf(v).is_none() {
+                        return Err(format!("--guest: bad device '{v}' (want BB:DD.F)"));
+                    }
+                    g.devices.push(v.to_string());
+                }
                 "cmdline" => g.cmdline = v.to_string(),
                 "name" => g.name = v.to_string(),
                 other => return Err(format!("--guest: unknown option '{other}'")),
@@ -105,6 +121,7 @@ pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
         vcpus: 1,
         privileged,
         initrd: None,
+        devices: Vec::new(),
         cmdline: cmdline.to_string(),
     };
     Ok(vec![
@@ -194,6 +211,7 @@ pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str
         vcpus: 1,
         privileged: true,
         initrd: None,
+        devices: Vec::new(),
         cmdline: cmdline.to_string(),
     })
 }
@@ -248,6 +266,9 @@ pub struct Placement {
     pub blobs: Vec<(PathBuf, u64)>,
     pub cmdline: String,
     pub manifest_text: String,
+    /// Some guest was given a PCI device: the machine needs the SMMU and
+    /// the device.
+    pub needs_devices: bool,
 }
 
 /// Lays out the manifest and every image and initrd at the top of RAM
@@ -291,6 +312,9 @@ pub fn place(guests: &[GuestArg], ram_mib: u64, run_dir: &Path) -> Result<Placem
             g.vcpus,
             u8::from(g.privileged)
         );
+        for d in &g.devices {
+            let _ = write!(text, " device={d}");
+        }
         if let Some(i) = &g.initrd {
             let len = fs::metadata(i).map_err(io_err(format!("initrd {}", i.display())))?.len();
             let _ = write!(text, " initrd={at:#x} initrd_size={len:#x}");
@@ -304,7 +328,8 @@ pub fn place(guests: &[GuestArg], ram_mib: u64, run_dir: &Path) -> Result<Placem
     bytes.push(0);
     fs::write(&manifest, bytes).map_err(io_err("writing the manifest"))?;
     blobs.push((manifest, manifest_addr));
-    Ok(Placement { blobs, cmdline: format!("manifest={manifest_addr:#x}"), manifest_text: text })
+    let needs_devices = guests.iter().any(|g| !g.devices.is_empty());
+    Ok(Placement { blobs, cmdline: format!("manifest={manifest_addr:#x}"), manifest_text: text, needs_devices })
 }
 
 #[cfg(test)]

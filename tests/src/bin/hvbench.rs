@@ -35,6 +35,7 @@ fn bench(size_mib: u64, updates: u32) -> Result<(), LaunchError> {
         vcpus: 1,
         privileged: false,
         initrd: None,
+        devices: Vec::new(),
         cmdline: format!("seconds={}", u64::from(updates) / 2 + 3),
     };
     let cmd = format!("updates={updates} delay_ms=300");

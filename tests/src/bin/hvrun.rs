@@ -18,7 +18,7 @@ usage: scripts/run [options] [-- emulator args...]
   --timeout SECONDS          stop the emulator after this long (default: 120)
   --cpus N                   CPUs (default: 2)
   --mem MIB                  RAM in MiB (default: 512 on QEMU, 128 on Bochs)
-  --guest FILE[,mem=SIZE][,vcpus=N][,privileged][,initrd=FILE][,cmdline=\"...\"]
+  --guest FILE[,mem=SIZE][,vcpus=N][,privileged][,initrd=FILE][,device=BB:DD.F][,cmdline=\"...\"]
                              a guest to run (repeatable); without any, aarch64
                              runs the built-in test guests
   --no-guests                boot the hypervisor alone
@@ -160,6 +160,7 @@ fn main() -> ExitCode {
                 eprint!("hvrun: manifest:\n{}", p.manifest_text);
                 spec.blobs = p.blobs;
                 spec.cmdline = Some(p.cmdline);
+                spec.devices = p.needs_devices;
             }
             Err(e) => {
                 eprintln!("hvrun: {e}");
