@@ -163,8 +163,8 @@ pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Resul
 }
 
 /// The test guest binaries, as flat images in the returned directory.
-pub const TEST_GUESTS: [&str; 8] =
-    ["heartbeat", "memcheck", "blackout", "exerciser", "isolation", "smp", "updater", "reset"];
+pub const TEST_GUESTS: [&str; 9] =
+    ["heartbeat", "memcheck", "blackout", "exerciser", "isolation", "smp", "updater", "reset", "dma"];
 
 /// Magic at the start of the update bundle appended to the updater guest.
 pub const BUNDLE_MAGIC: &[u8; 8] = b"HVUPDBND";

@@ -21,6 +21,13 @@ pub struct Args {
     pub addr: Option<u64>,
     /// blackout: report every gap at least this long (microseconds).
     pub gap_report_us: Option<u64>,
+    /// dma: guest-physical address of the assigned device's BAR (the
+    /// hypervisor appends `dev0=`).
+    pub dev0: Option<u64>,
+    /// dma: transfers to make.
+    pub transfers: Option<u64>,
+    /// dma: DMA into this address instead (an isolation probe).
+    pub dma_addr: Option<u64>,
     /// updater: live updates to request.
     pub updates: Option<u64>,
     /// updater: milliseconds to wait before each update.
@@ -71,6 +78,9 @@ impl Args {
                 "seconds" => args.seconds = Some(number("seconds", value)?),
                 "addr" => args.addr = Some(number("addr", value)?),
                 "updates" => args.updates = Some(number("updates", value)?),
+                "dev0" => args.dev0 = Some(number("dev0", value)?),
+                "transfers" => args.transfers = Some(number("transfers", value)?),
+                "dma_addr" => args.dma_addr = Some(number("dma_addr", value)?),
                 "gap_report_us" => args.gap_report_us = Some(number("gap_report_us", value)?),
                 "delay_ms" => args.delay_ms = Some(number("delay_ms", value)?),
                 "expect_status" => args.expect_status = Some(number("expect_status", value)?),

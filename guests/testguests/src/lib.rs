@@ -18,6 +18,7 @@ extern crate std;
 pub mod args;
 pub mod blackout;
 pub mod boot;
+pub mod dma;
 pub mod exerciser;
 pub mod gicv3;
 pub mod heartbeat;

@@ -618,7 +618,12 @@ pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange)
     // The allocator is built from `free` only: check that no preserved page
     // is in it (the event lets tests see it, on every update).
     let overlap = free.iter().filter(|r| bitmap.runs_in(r.base..r.base + r.size).next().is_some()).count();
-    hv_event!("update-restore", free_ranges = free.len(), preserved_overlap = overlap, bitmap_nodes = bitmap.node_count());
+    hv_event!(
+        "update-restore",
+        free_ranges = free.len(),
+        preserved_overlap = overlap,
+        bitmap_nodes = bitmap.node_count()
+    );
     if overlap != 0 {
         return Err("preserved-pages-in-allocator");
     }
