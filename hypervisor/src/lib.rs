@@ -16,6 +16,7 @@ pub mod guest_dtb;
 pub mod guest_image;
 pub mod hypercall;
 pub mod partition;
+pub mod pci;
 pub mod sched;
 pub mod stage2;
 pub mod update;

@@ -110,7 +110,10 @@ pub enum PciError {
     /// BAR `index` is I/O space, which this hypervisor does not assign.
     IoBar(u8),
     /// The memory window cannot hold the BAR.
-    WindowFull { index: u8, size: u64 },
+    WindowFull {
+        index: u8,
+        size: u64,
+    },
 }
 
 impl fmt::Display for PciError {

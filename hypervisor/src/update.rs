@@ -92,6 +92,106 @@ state_record! {
     }
 }
 
+/// Most SMMU stream assignments the handover carries.
+pub const MAX_IOMMU_ASSIGNMENTS: usize = 16;
+/// Bytes per assignment in [`IommuRecord::assignments`]: stream id (u32),
+/// VMID (u16), 2 reserved, stage-2 root (u64); little-endian.
+const ASSIGNMENT_BYTES: usize = 16;
+
+state_record! {
+    /// The SMMUv3 driver's state (`iommu::SmmuState`): where its stream
+    /// table and queues are, and which streams are assigned. The next image
+    /// adopts the running SMMU from it without resetting it.
+    pub struct IommuRecord {
+        const ID = 0x0001_0004;
+        const NAME = "smmu";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        pub strtab_base: u64 [since 1],
+        pub strtab_format: u32 [since 1],
+        pub strtab_split: u32 [since 1],
+        pub strtab_log2size: u32 [since 1],
+        pub cmdq_base: u64 [since 1],
+        pub cmdq_log2size: u32 [since 1],
+        pub cmdq_prod: u32 [since 1],
+        pub cmdq_cons: u32 [since 1],
+        pub evtq_base: u64 [since 1],
+        pub evtq_log2size: u32 [since 1],
+        pub evtq_cons: u32 [since 1],
+        pub assignment_count: u32 [since 1],
+        pub assignments: [u8; MAX_IOMMU_ASSIGNMENTS * ASSIGNMENT_BYTES] [since 1],
+    }
+}
+
+impl IommuRecord {
+    /// Encodes the driver state; `None` if it has too many assignments.
+    pub fn from_state(s: &iommu::SmmuState) -> Option<Self> {
+        if s.assignments.len() > MAX_IOMMU_ASSIGNMENTS {
+            return None;
+        }
+        let mut assignments = [0u8; MAX_IOMMU_ASSIGNMENTS * ASSIGNMENT_BYTES];
+        for (a, chunk) in s.assignments.iter().zip(assignments.chunks_exact_mut(ASSIGNMENT_BYTES)) {
+            chunk[..4].copy_from_slice(&a.stream_id.to_le_bytes());
+            chunk[4..6].copy_from_slice(&a.vmid.to_le_bytes());
+            chunk[8..].copy_from_slice(&a.s2_root.to_le_bytes());
+        }
+        Some(Self {
+            strtab_base: s.strtab_base,
+            strtab_format: u32::from(s.strtab_format),
+            strtab_split: u32::from(s.strtab_split),
+            strtab_log2size: u32::from(s.strtab_log2size),
+            cmdq_base: s.cmdq_base,
+            cmdq_log2size: u32::from(s.cmdq_log2size),
+            cmdq_prod: s.cmdq_prod,
+            cmdq_cons: s.cmdq_cons,
+            evtq_base: s.evtq_base,
+            evtq_log2size: u32::from(s.evtq_log2size),
+            evtq_cons: s.evtq_cons,
+            assignment_count: s.assignments.len() as u32,
+            assignments,
+        })
+    }
+
+    /// Decodes the driver state; `None` if a field is out of range. The
+    /// driver's `adopt` validates the addresses against the live SMMU.
+    pub fn to_state(&self) -> Option<iommu::SmmuState> {
+        let small = |v: u32| u8::try_from(v).ok();
+        let count = usize::try_from(self.assignment_count).ok().filter(|&n| n <= MAX_IOMMU_ASSIGNMENTS)?;
+        let assignments = self
+            .assignments
+            .chunks_exact(ASSIGNMENT_BYTES)
+            .take(count)
+            .map(|c| {
+                let mut sid = [0u8; 4];
+                let mut vmid = [0u8; 2];
+                let mut root = [0u8; 8];
+                sid.copy_from_slice(&c[..4]);
+                vmid.copy_from_slice(&c[4..6]);
+                root.copy_from_slice(&c[8..]);
+                iommu::Assignment {
+                    stream_id: u32::from_le_bytes(sid),
+                    vmid: u16::from_le_bytes(vmid),
+                    s2_root: u64::from_le_bytes(root),
+                }
+            })
+            .collect();
+        Some(iommu::SmmuState {
+            strtab_base: self.strtab_base,
+            strtab_format: small(self.strtab_format)?,
+            strtab_split: small(self.strtab_split)?,
+            strtab_log2size: small(self.strtab_log2size)?,
+            cmdq_base: self.cmdq_base,
+            cmdq_log2size: small(self.cmdq_log2size)?,
+            cmdq_prod: self.cmdq_prod,
+            cmdq_cons: self.cmdq_cons,
+            evtq_base: self.evtq_base,
+            evtq_log2size: small(self.evtq_log2size)?,
+            evtq_cons: self.evtq_cons,
+            assignments,
+        })
+    }
+}
+
 /// Why an update request is refused before anything changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestError {
@@ -261,6 +361,28 @@ unsafe impl<M: sparse_bitmap::PhysToVirt + Clone> stage2::FrameSource for Preser
     }
 }
 
+// SAFETY: runs of pages come from the frame allocator (one owner each), are
+// recorded as preserved, and are naturally aligned to at least `align`.
+unsafe impl<M: sparse_bitmap::PhysToVirt + Clone> iommu::FrameSource for PreservingFrames<'_, M> {
+    fn alloc_pages(&mut self, count: usize, align: u64) -> Option<u64> {
+        let bytes = (count as u64).checked_mul(PAGE_SIZE)?.max(align);
+        let block = self.frames.alloc_block(bytes)?;
+        if self.map.preserve(self.frames, block.base..block.base + block.size).is_err() {
+            self.frames.free_block(block);
+            return None;
+        }
+        Some(block.base)
+    }
+
+    fn free_pages(&mut self, pa: u64, count: usize) {
+        // Blocks are powers of two of at least `count` pages; `alloc_pages`
+        // was asked for no stricter alignment than that by the driver.
+        let size = (count as u64 * PAGE_SIZE).next_power_of_two();
+        let _ = self.map.bitmap.remove_range(self.frames, pa..pa + size);
+        self.frames.free_block(loader::PhysRange::new(pa, size));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -304,6 +426,31 @@ mod tests {
         let decoded = PartitionRecord::decode(&p.encode()).unwrap();
         assert_eq!(field_text(&decoded.name), "heartbeat");
         assert_eq!(field_text(&decoded.cmdline), "ticks=100");
+    }
+
+    #[test]
+    fn iommu_record_round_trip() {
+        let state = iommu::SmmuState {
+            strtab_base: 0x4800_0000,
+            strtab_format: 1,
+            strtab_split: 8,
+            strtab_log2size: 16,
+            cmdq_base: 0x4801_0000,
+            cmdq_log2size: 8,
+            cmdq_prod: 5,
+            cmdq_cons: 5,
+            evtq_base: 0x4802_0000,
+            evtq_log2size: 7,
+            evtq_cons: 2,
+            assignments: std::vec![iommu::Assignment { stream_id: 0x10, vmid: 7, s2_root: 0x5fc0_7000 }],
+        };
+        let rec = IommuRecord::from_state(&state).unwrap();
+        let back = IommuRecord::decode(&rec.encode()).unwrap();
+        assert_eq!(back.to_state().unwrap(), state);
+        let bad = IommuRecord { strtab_split: 300, ..back.clone() };
+        assert!(bad.to_state().is_none());
+        let bad = IommuRecord { assignment_count: 99, ..back };
+        assert!(bad.to_state().is_none());
     }
 
     #[test]

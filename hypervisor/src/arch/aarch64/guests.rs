@@ -7,6 +7,7 @@ use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::arch::asm;
+use core::fmt::Write as _;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
@@ -28,6 +29,7 @@ use loader::manifest::{GuestSpec, ImageFormat};
 use loader::PhysRange;
 use spin::Mutex;
 
+use super::devices::{self, PciHost, GUEST_DEVICE_IPA};
 use super::gic::{self, PPI_HYP_TIMER, PPI_VIRT_TIMER};
 use super::vcpu::{self, GuestRegs, Vcpu, CNTV_IMASK};
 use super::MAX_CPUS;
@@ -135,7 +137,13 @@ pub(super) struct Machine {
     pub(super) update_count: u64,
     /// Test hook: the next update's freeze fails.
     pub(super) fail_next_freeze: bool,
+    /// The SMMU confining assigned devices, if the platform has one.
+    pub(super) smmu: Option<Smmu>,
+    pub(super) pci: Option<PciHost>,
 }
+
+/// The SMMUv3 driver on the real registers, identity-mapped tables.
+pub(super) type Smmu = iommu::Smmu<iommu::MmioRegs, iommu::LinearMap>;
 
 pub(super) static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
 static STARTED: AtomicBool = AtomicBool::new(false);
@@ -276,21 +284,59 @@ fn build_partition(
         // SAFETY: `layout` placed the initrd inside RAM below the DTB slot.
         unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (block.base + off) as *mut u8, bytes.len()) };
     }
+    // Devices: only behind the SMMU (DMA must be confined like the CPU).
+    let mut assigned = Vec::new();
+    let mut next_ipa = GUEST_DEVICE_IPA;
+    let mut cmdline = spec.cmdline.clone();
+    for &bdf in &spec.devices {
+        if m.smmu.is_none() {
+            return Err("device-without-iommu");
+        }
+        let host = m.pci.as_mut().ok_or("no-pci-host")?;
+        let a = devices::assign(host, bdf.into(), &mut next_ipa)?;
+        // The guest learns where each BAR is from its command line:
+        // dev0=<IPA> dev1=<IPA> ... in assignment order.
+        let before = assigned.iter().map(|x: &devices::Assigned| x.ipas.len()).sum::<usize>();
+        for (k, ipa) in a.ipas.iter().enumerate() {
+            let _ = write!(cmdline, " dev{}={ipa:#x}", before + k);
+        }
+        assigned.push(a);
+    }
     let dtb = guest_dtb::build(&GuestDtbSpec {
         ram_size: mem,
         vcpus: spec.vcpus,
-        bootargs: &spec.cmdline,
+        bootargs: &cmdline,
         initrd: initrd_ipa.zip(initrd.map(|i| i.len() as u64)),
     });
     guest_image::check_dtb(dtb.len()).map_err(|_| "dtb-too-large")?;
     load_image(ram, image, &layout, &dtb);
     // SAFETY: RAM is identity-mapped at EL2, so physical = virtual.
     let phys = unsafe { LinearMap::new(0) };
+    let smmu = &mut m.smmu;
     let mut frames = PreservingFrames { frames: &mut m.frames, map: &mut m.preserved };
     let mut stage2 = Stage2Table::<ArmStage2, LinearMap>::new(&mut frames, phys).map_err(|_| "stage2-alloc")?;
     stage2
         .map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::new(true, true)), &mut frames)
         .map_err(|_| "stage2-map")?;
+    let vmid = u16::try_from(id).map_err(|_| "too-many-partitions")?;
+    for a in &assigned {
+        for (bar, &ipa) in a.bars.iter().zip(&a.ipas) {
+            stage2.map(ipa, bar.cpu.base, bar.cpu.size, Attrs::device(), &mut frames).map_err(|_| "stage2-map-bar")?;
+        }
+        let smmu = smmu.as_mut().ok_or("device-without-iommu")?;
+        smmu.assign(&mut frames, a.stream_id, vmid, stage2.root()).map_err(|e| {
+            println!("smmu: assigning stream {:#x}: {e}", a.stream_id);
+            "smmu-assign"
+        })?;
+        hv_event!(
+            "device-assigned",
+            guest = id,
+            bdf = a.bdf,
+            bar0 = format_args!("{:#x}", a.bars.first().map_or(0, |b| b.cpu.base)),
+            ipa = format_args!("{:#x}", a.ipas.first().copied().unwrap_or(0)),
+            stream = format_args!("{:#x}", a.stream_id),
+        );
+    }
     let p = m.partitions.len();
     let mut vcpus = Vec::new();
     for i in 0..spec.vcpus {
@@ -321,18 +367,19 @@ fn build_partition(
         entry = format_args!("{:#x}", layout.entry_ipa),
         stage2_root = format_args!("{:#x}", stage2.root()),
         cpu = m.vcpus[vcpus[0]].pcpu,
+        ram = format_args!("{:#x}", block.base),
     );
     m.partitions.push(Partition {
         info: PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus },
         state: PartitionState::Running,
         stage2,
-        vmid: u16::try_from(id).map_err(|_| "too-many-partitions")?,
+        vmid,
         console: LineBuffer::default(),
         vcpus,
         image,
         format: spec.format,
         initrd: spec.initrd,
-        cmdline: spec.cmdline.clone(),
+        cmdline,
         layout,
         dtb,
     });
@@ -346,6 +393,7 @@ pub fn create(
     frames: FrameAllocator,
     scratch: ScratchPlan,
     cpus: usize,
+    io: (Option<PhysRange>, Option<PciHost>),
 ) -> usize {
     let mut m = Machine {
         partitions: Vec::new(),
@@ -359,7 +407,12 @@ pub fn create(
         ram: ram_map.to_vec(),
         update_count: 0,
         fail_next_freeze: false,
+        smmu: None,
+        pci: io.1,
     };
+    if let Some(regs) = io.0 {
+        m.smmu = init_smmu(&mut m, regs);
+    }
     let mut next_cpu = 0;
     for (i, spec) in specs.iter().enumerate() {
         let id = i as u32 + 1;
@@ -370,6 +423,66 @@ pub fn create(
     let n = m.partitions.len();
     *MACHINE.lock() = Some(m);
     n
+}
+
+/// Brings up the SMMU: every stream aborts until a guest is given it.
+fn init_smmu(m: &mut Machine, regs: PhysRange) -> Option<Smmu> {
+    let base = core::ptr::NonNull::new(regs.base as *mut u8)?;
+    // SAFETY: the DTB's SMMU register frame, mapped as device memory by the
+    // host map and used by this driver only.
+    let mmio = unsafe { iommu::MmioRegs::new(base) };
+    // SAFETY: RAM is identity-mapped at EL2.
+    let phys = unsafe { iommu::LinearMap::new(0) };
+    let mut frames = PreservingFrames { frames: &mut m.frames, map: &mut m.preserved };
+    match Smmu::init(mmio, phys, &mut frames, iommu::SmmuConfig::default()) {
+        Ok(smmu) => {
+            let st = smmu.state();
+            hv_event!(
+                "iommu",
+                kind = "smmuv3",
+                base = format_args!("{:#x}", regs.base),
+                strtab = format_args!("{:#x}", st.strtab_base),
+                cmdq = format_args!("{:#x}", st.cmdq_base),
+                evtq = format_args!("{:#x}", st.evtq_base),
+                unassigned_streams = "abort",
+            );
+            Some(smmu)
+        }
+        Err(e) => {
+            println!("smmu: {e}");
+            hv_event!("iommu-failed", reason = "init");
+            None
+        }
+    }
+}
+
+/// Reports SMMU faults (polled on the scheduling tick): the DMA was
+/// blocked; the guest keeps running. A device that faults on every word of
+/// a transfer would flood the console, so consecutive events of one stream
+/// and kind are reported once, with their first address and a count.
+fn poll_smmu(m: &mut Machine) {
+    let Some(smmu) = m.smmu.as_mut() else { return };
+    let mut events: Vec<(iommu::Event, u64)> = Vec::new();
+    let polled = smmu.poll_events(|e| match events.last_mut() {
+        Some((last, n)) if last.stream_id == e.stream_id && last.kind == e.kind => *n += 1,
+        _ => events.push((e, 1)),
+    });
+    if polled.is_err() {
+        return;
+    }
+    for (e, count) in events {
+        let vmid = smmu.assignment(e.stream_id).map(|a| a.vmid);
+        let guest = m.partitions.iter().find(|p| Some(p.vmid) == vmid).map_or(0, |p| p.info.id);
+        hv_event!(
+            "fault",
+            kind = "smmu",
+            guest = guest,
+            addr = format_args!("{:#x}", e.address()),
+            stream = format_args!("{:#x}", e.stream_id),
+            event = e.kind.name(),
+            count = count,
+        );
+    }
 }
 
 /// Installs a machine rebuilt from a handover (live update).
@@ -447,6 +560,7 @@ fn handle_irqs(m: &mut Machine, cpu: usize) -> bool {
             PPI_HYP_TIMER => {
                 tick = true;
                 arm_tick();
+                poll_smmu(m);
             }
             PPI_VIRT_TIMER => {
                 // The loaded vCPU's timer fired: mask it until the guest has

@@ -1,5 +1,6 @@
 //! aarch64 at EL2 (non-VHE): entry, console, PSCI, the EL2 stage-1 map.
 
+mod devices;
 mod gic;
 mod guests;
 mod mmu;
@@ -111,7 +112,7 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
     let cpus = CPUS_ONLINE.load(Ordering::Acquire);
     if handover_phys != 0 {
         // A live update brought us here: adopt instead of booting afresh.
-        match update::restore(handover_phys, &info, cpus, image_range()) {
+        match update::restore(handover_phys, &info, &platform, cpus, image_range()) {
             Ok(0) => fail("handover-has-no-partitions"),
             Ok(_) => {}
             Err(reason) => fail(reason),
@@ -133,7 +134,7 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         hv_event!("shutdown", status = "ok");
         shutdown(true)
     };
-    let started = match start_guests(manifest_addr, &info, cpus) {
+    let started = match start_guests(manifest_addr, &info, &platform, cpus) {
         Ok(n) => n,
         Err(reason) => fail(reason),
     };
@@ -158,7 +159,12 @@ fn boot_cpu_index(platform: &DtbPlatform) -> usize {
 
 /// Reads the manifest, reserves what it points at, plans the scratch
 /// regions, and builds the partitions. Returns how many started.
-fn start_guests(manifest_addr: u64, info: &BootInfo, cpus: usize) -> Result<usize, &'static str> {
+fn start_guests(
+    manifest_addr: u64,
+    info: &BootInfo,
+    platform: &DtbPlatform,
+    cpus: usize,
+) -> Result<usize, &'static str> {
     let ram_end = info.ram.iter().find(|r| r.base <= manifest_addr && r.end().is_some_and(|e| e > manifest_addr));
     let Some(ram) = ram_end else { return Err("manifest-outside-ram") };
     let window = (ram.base + ram.size - manifest_addr).min(loader::manifest::MAX_MANIFEST_SIZE as u64);
@@ -190,7 +196,8 @@ fn start_guests(manifest_addr: u64, info: &BootInfo, cpus: usize) -> Result<usiz
     }
     let free = hypervisor::frames::subtract(&info.ram, &reserved);
     let frames = hypervisor::frames::FrameAllocator::new(&free);
-    Ok(guests::create(&specs, &info.ram, frames, scratch, cpus))
+    let pci = platform.pcie.as_ref().and_then(devices::PciHost::from_dtb);
+    Ok(guests::create(&specs, &info.ram, frames, scratch, cpus, (platform.smmu, pci)))
 }
 
 fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), &'static str> {
@@ -211,6 +218,12 @@ fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), &'stati
     if let Some(gic) = platform.gic {
         map.map_device(gic.distributor.base, gic.distributor.size).map_err(|_| "map-gicd")?;
         map.map_device(gic.redistributors.base, gic.redistributors.size).map_err(|_| "map-gicr")?;
+    }
+    if let Some(smmu) = platform.smmu {
+        map.map_device(smmu.base, smmu.size).map_err(|_| "map-smmu")?;
+    }
+    if let Some(pcie) = platform.pcie {
+        map.map_device(pcie.ecam.base, pcie.ecam.size).map_err(|_| "map-ecam")?;
     }
     map.activate();
     Ok(())

@@ -29,12 +29,14 @@ use kho::{
     BitmapRoot, HandoverIdentity, HandoverReader, HandoverWriter, RamMap, ScratchKind, ScratchPlan, UpdateParticipant,
     UpdateStateMachine,
 };
+use loader::dtb::DtbPlatform;
 use loader::image_desc::ImageArch;
 use loader::manifest::ImageFormat;
 use loader::{BootInfo, PhysRange};
 use sparse_bitmap::{MultiOrderBitmap, PageSize};
 
-use super::guests::{self, Machine, Partition, VcpuSlot, CPU_MPIDR, MACHINE};
+use super::devices::PciHost;
+use super::guests::{self, Machine, Partition, Smmu, VcpuSlot, CPU_MPIDR, MACHINE};
 use super::vcpu::{Vcpu, CONTEXT_FORMAT};
 use super::{gic, psci, MAX_CPUS};
 
@@ -356,6 +358,10 @@ impl UpdateParticipant for StateSaver {
             };
             w.subsystem(&format!("vcpus/{n}")).and_then(|mut s| s.add_record(&rec)).map_err(|_| "vcpu-record")?;
         }
+        if let Some(smmu) = m.smmu.as_ref() {
+            let rec = update::IommuRecord::from_state(&smmu.state()).ok_or("too-many-iommu-assignments")?;
+            w.subsystem("iommu").and_then(|mut s| s.add_record(&rec)).map_err(|_| "iommu-record")?;
+        }
         for (size, root) in PageSize::ALL.iter().zip(m.preserved.bitmap.roots()) {
             if root != 0 {
                 w.add_bitmap_root(BitmapRoot { order: size.order(), root }).map_err(|_| "bitmap-root")?;
@@ -576,11 +582,44 @@ pub fn note_resumed() {
     }
 }
 
+/// Adopts the running SMMU from its record: translation stays enabled, the
+/// SMMU is not reset, and every structure is checked against the live
+/// registers and RAM.
+fn adopt_smmu(node: &kho::SubsystemNode<'_>, platform: &DtbPlatform, ram: &[(u64, u64)]) -> Result<Smmu, &'static str> {
+    let rec = node.record::<update::IommuRecord>().ok().flatten().ok_or("iommu-record")?;
+    let state = rec.to_state().ok_or("iommu-record-fields")?;
+    let regs = platform.smmu.ok_or("handover-has-smmu-platform-has-none")?;
+    let base = NonNull::new(regs.base as *mut u8).ok_or("smmu-address")?;
+    // SAFETY: the DTB's SMMU register frame, mapped as device memory by the
+    // host map and used by this driver only.
+    let mmio = unsafe { iommu::MmioRegs::new(base) };
+    // SAFETY: RAM is identity-mapped at EL2.
+    let phys = unsafe { iommu::LinearMap::new(0) };
+    let smmu = Smmu::adopt(mmio, phys, &state, ram, iommu::SmmuConfig::DEFAULT_SPIN_BUDGET).map_err(|e| {
+        println!("smmu adopt: {e}");
+        "smmu-adopt"
+    })?;
+    hv_event!(
+        "iommu-adopted",
+        strtab = format_args!("{:#x}", state.strtab_base),
+        cmdq = format_args!("{:#x}", state.cmdq_base),
+        evtq = format_args!("{:#x}", state.evtq_base),
+        streams = state.assignments.len(),
+    );
+    Ok(smmu)
+}
+
 /// The restore side: validates the handover at `handover_pa`, adopts the
 /// preserved map, the stage-2 tables and every vCPU, and installs the
 /// machine. Returns how many partitions were adopted.
 #[allow(clippy::too_many_lines)]
-pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange) -> Result<usize, &'static str> {
+pub fn restore(
+    handover_pa: u64,
+    info: &BootInfo,
+    platform: &DtbPlatform,
+    cpus: usize,
+    image: PhysRange,
+) -> Result<usize, &'static str> {
     let ram = &info.ram;
     let head = guests::image_bytes(PhysRange::new(handover_pa, 8), ram).ok_or("handover-outside-ram")?;
     let size = HandoverReader::blob_size(head).map_err(|_| "handover-header")?;
@@ -632,6 +671,9 @@ pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange)
     let hv = reader.subsystem("hv").and_then(|n| n.record::<HvRecord>().ok().flatten()).ok_or("hv-record")?;
     let mut partitions: Vec<Partition> = Vec::new();
     let adopt_ram: Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
+    // Assigned BARs are stage-2 leaves outside RAM, inside the PCI window.
+    let pci = platform.pcie.as_ref().and_then(PciHost::from_dtb);
+    let adopt_devices: Vec<(u64, u64)> = pci.iter().map(|p| (p.mmio32.base, p.mmio32.size)).collect();
     for node in reader.children("partitions") {
         let rec = node.record::<PartitionRecord>().ok().flatten().ok_or("partition-record")?;
         if !bitmap.contains_range(rec.ram_host_base..rec.ram_host_base + rec.ram_size) {
@@ -639,8 +681,8 @@ pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange)
         }
         // SAFETY: RAM is identity-mapped at EL2.
         let phys = unsafe { LinearMap::new(0) };
-        let stage2 =
-            Stage2Table::<ArmStage2, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys).map_err(|e| {
+        let stage2 = Stage2Table::<ArmStage2, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &adopt_devices, phys)
+            .map_err(|e| {
                 println!("stage-2 of partition {}: {e}", rec.id);
                 "stage2-adopt"
             })?;
@@ -710,6 +752,10 @@ pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange)
             ram = format_args!("{:#x}", p.info.ram.host_base),
         );
     }
+    let smmu = match reader.subsystem("iommu") {
+        None => None,
+        Some(node) => Some(adopt_smmu(node, platform, &adopt_ram)?),
+    };
     let machine = Machine {
         partitions,
         vcpus: slots,
@@ -722,6 +768,8 @@ pub fn restore(handover_pa: u64, info: &BootInfo, cpus: usize, image: PhysRange)
         ram: ram.clone(),
         update_count: reader.update_count(),
         fail_next_freeze: false,
+        smmu,
+        pci,
     };
     // The consumed handover is no longer needed once restored; it is not
     // in the preserved map, so it goes back to the allocator after resume.

@@ -1,0 +1,558 @@
+//! Host-side fakes for tests (feature `testing`): simulated physical memory
+//! and an SMMUv3 register file that behaves enough like the real one (and
+//! like QEMU's) to exercise the driver.
+//!
+//! - [`TestMemory`] is a run of pages at any physical base. `&TestMemory` is
+//!   both the [`FrameSource`] and the [`PhysToVirt`] of a driver built on
+//!   it; it hands out pages filled with garbage, so the driver must
+//!   initialise what it relies on. A driver touching a page outside it
+//!   panics here: that is a bug in the code under test.
+//! - [`FakeSmmu`] models the registers the driver uses: IDR0/1/5, the
+//!   CR0/CR0ACK handshake (optionally delayed), GBPA, GERROR/GERRORN,
+//!   STRTAB_BASE(_CFG), the queue bases and indexes. It consumes the
+//!   command queue from memory when PROD is written, logging each command
+//!   and, for CFGI_STE, the STE it would fetch at that moment; it can stall,
+//!   reject a command (CERROR), and write event records. It also records
+//!   every register write and every rule the driver broke (a base written
+//!   while enabled, CR0 written while GBPA allowed bypass, ...).
+
+use alloc::boxed::Box;
+use alloc::rc::Rc;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell, UnsafeCell};
+use core::fmt;
+
+use crate::command::{Command, COMMAND_BYTES};
+use crate::event::{EVENT_BYTES, EVENT_WORDS};
+use crate::memory::{FrameSource, PhysToVirt, PAGE_SIZE, WORD_BYTES};
+use crate::probe::AddressSize;
+use crate::queue::Ring;
+use crate::regs::{
+    Reg32, Reg64, SmmuRegs, CMDQ_BASE, CMDQ_CONS, CMDQ_CONS_ERR, CMDQ_PROD, CR0, CR0ACK, CR0_CMDQEN, CR0_EVENTQEN,
+    CR0_SMMUEN, CR1, CR2, EVENTQ_BASE, EVENTQ_CONS, EVENTQ_OVERFLOW, EVENTQ_PROD, GBPA, GBPA_ABORT, GBPA_UPDATE,
+    GERROR, GERRORN, GERROR_CMDQ_ERR, IDR0, IDR1, IDR1_CMDQS, IDR1_EVENTQS, IDR1_SIDSIZE, IDR5, IDR5_GRAN4K, IDR5_OAS,
+    QUEUE_BASE_ADDR, QUEUE_BASE_LOG2SIZE, STRTAB_BASE, STRTAB_BASE_ADDR, STRTAB_BASE_CFG, STRTAB_CFG_FMT,
+    STRTAB_CFG_LOG2SIZE, STRTAB_CFG_SPLIT, STRTAB_FMT_TWO_LEVEL,
+};
+use crate::ste::{STE_BYTES, STE_WORDS};
+use crate::stream_table::l1_descriptor_fields;
+
+const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
+/// What fresh and freed pages are filled with.
+pub const GARBAGE: u64 = 0xa5a5_a5a5_a5a5_a5a5;
+
+#[repr(C, align(4096))]
+struct Page(UnsafeCell<[u64; WORDS_PER_PAGE]>);
+
+/// Simulated physical memory: `pages` pages from `base`.
+pub struct TestMemory {
+    base: u64,
+    pages: Box<[Page]>,
+    allocated: RefCell<Vec<bool>>,
+    /// Allocations still allowed, if limited.
+    budget: Cell<Option<usize>>,
+}
+
+impl fmt::Debug for TestMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestMemory")
+            .field("base", &self.base)
+            .field("pages", &self.pages.len())
+            .field("in_use", &self.pages_in_use())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestMemory {
+    /// RAM of `pages` pages at `base` (page aligned), all garbage.
+    pub fn new(base: u64, pages: usize) -> TestMemory {
+        assert!(base.is_multiple_of(PAGE_SIZE), "test RAM must be page aligned");
+        let pages: Box<[Page]> = (0..pages).map(|_| Page(UnsafeCell::new([GARBAGE; WORDS_PER_PAGE]))).collect();
+        let count = pages.len();
+        TestMemory { base, pages, allocated: RefCell::new(vec![false; count]), budget: Cell::new(None) }
+    }
+
+    /// The RAM range, as `Smmu::adopt` takes it.
+    pub fn ram(&self) -> [(u64, u64); 1] {
+        [(self.base, self.pages.len() as u64 * PAGE_SIZE)]
+    }
+
+    /// Lets only `allocations` more runs be handed out (`None`: no limit).
+    pub fn set_budget(&self, allocations: Option<usize>) {
+        self.budget.set(allocations);
+    }
+
+    /// Pages handed out and not given back.
+    pub fn pages_in_use(&self) -> usize {
+        self.allocated.borrow().iter().filter(|&&used| used).count()
+    }
+
+    fn word(&self, pa: u64) -> Option<*mut u64> {
+        if !pa.is_multiple_of(WORD_BYTES) || pa < self.base {
+            return None;
+        }
+        let offset = pa - self.base;
+        let page = self.pages.get(usize::try_from(offset / PAGE_SIZE).ok()?)?;
+        let index = ((offset % PAGE_SIZE) / WORD_BYTES) as usize;
+        // SAFETY: `index` < 512 stays inside the page's array.
+        Some(unsafe { page.0.get().cast::<u64>().add(index) })
+    }
+
+    /// The word at `pa`, or `None` outside RAM (or misaligned).
+    pub fn read(&self, pa: u64) -> Option<u64> {
+        let word = self.word(pa)?;
+        // SAFETY: `word` points into a live page; pages are only accessed
+        // through such volatile accesses, one thread at a time.
+        Some(unsafe { word.read_volatile() })
+    }
+
+    /// Writes the word at `pa`; `false` outside RAM (or misaligned).
+    pub fn write(&self, pa: u64, value: u64) -> bool {
+        let Some(word) = self.word(pa) else {
+            return false;
+        };
+        // SAFETY: as in `read`.
+        unsafe { word.write_volatile(value) };
+        true
+    }
+
+    fn fill(&self, first: usize, count: usize, value: u64) {
+        for page in first..first + count {
+            for index in 0..WORDS_PER_PAGE as u64 {
+                self.write(self.base + page as u64 * PAGE_SIZE + index * WORD_BYTES, value);
+            }
+        }
+    }
+}
+
+// SAFETY: runs are contiguous pages of `pages`, aligned as asked (checked
+// against the physical address), marked allocated until given back, and
+// `phys_to_virt` reaches all of them.
+unsafe impl FrameSource for &TestMemory {
+    fn alloc_pages(&mut self, count: usize, align: u64) -> Option<u64> {
+        if count == 0 || self.budget.get() == Some(0) {
+            return None;
+        }
+        let mut allocated = self.allocated.borrow_mut();
+        let first = (0..=allocated.len().checked_sub(count)?).find(|&first| {
+            (self.base + first as u64 * PAGE_SIZE).is_multiple_of(align)
+                && allocated[first..first + count].iter().all(|&used| !used)
+        })?;
+        allocated[first..first + count].iter_mut().for_each(|used| *used = true);
+        drop(allocated);
+        self.budget.set(self.budget.get().map(|left| left - 1));
+        self.fill(first, count, GARBAGE);
+        Some(self.base + first as u64 * PAGE_SIZE)
+    }
+
+    fn free_pages(&mut self, pa: u64, count: usize) {
+        let first = ((pa - self.base) / PAGE_SIZE) as usize;
+        let mut allocated = self.allocated.borrow_mut();
+        assert!(allocated[first..first + count].iter().all(|&used| used), "freeing pages not allocated at {pa:#x}");
+        allocated[first..first + count].iter_mut().for_each(|used| *used = false);
+        drop(allocated);
+        self.fill(first, count, GARBAGE);
+    }
+}
+
+// SAFETY: every page of the memory is a live, 4096-byte aligned array of
+// 512 words behind an `UnsafeCell`; pages outside it panic.
+unsafe impl PhysToVirt for TestMemory {
+    fn phys_to_virt(&self, pa: u64) -> *mut u64 {
+        assert!(pa.is_multiple_of(PAGE_SIZE), "driver touched misaligned page {pa:#x}");
+        match self.word(pa) {
+            Some(word) => word,
+            None => panic!("driver touched {pa:#x} outside RAM"),
+        }
+    }
+}
+
+/// Identification registers of a fake SMMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FakeIdrs {
+    pub idr0: u32,
+    pub idr1: u32,
+    pub idr5: u32,
+}
+
+impl FakeIdrs {
+    /// QEMU 10 `virt,iommu=smmuv3`: IDR0 as measured (S1P, S2P, AArch64
+    /// tables, COHACC, 16-bit ASID/VMID, little-endian, no stall,
+    /// 2-level stream table); SIDSIZE 16, 2^19-entry queues; 44-bit OAS.
+    pub const QEMU: FakeIdrs = FakeIdrs {
+        idr0: 0x0d44_101b,
+        idr1: (IDR1_SIDSIZE.place(16) | IDR1_EVENTQS.place(19) | IDR1_CMDQS.place(19)) as u32,
+        idr5: IDR5_OAS.place(AddressSize::Bits44.encoding()) as u32 | IDR5_GRAN4K,
+    };
+}
+
+impl Default for FakeIdrs {
+    fn default() -> FakeIdrs {
+        FakeIdrs::QEMU
+    }
+}
+
+/// What the fake finds for a StreamID by walking the stream table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FakeSte {
+    /// Beyond STRTAB_BASE_CFG.LOG2SIZE, or beyond the L2 span.
+    OutOfRange,
+    /// The L1 descriptor has Span = 0 (C_BAD_STREAMID).
+    NoL2,
+    /// The STE could not be read from memory (F_STE_FETCH).
+    FetchFault(u64),
+    Entry([u64; STE_WORDS]),
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    idrs: FakeIdrs,
+    cr0: u32,
+    cr0ack: u32,
+    cr1: u32,
+    cr2: u32,
+    gbpa: u32,
+    gerror: u32,
+    gerrorn: u32,
+    strtab_base: u64,
+    strtab_base_cfg: u32,
+    cmdq_base: u64,
+    cmdq_prod: u32,
+    cmdq_cons: u32,
+    evtq_base: u64,
+    evtq_prod: u32,
+    evtq_cons: u32,
+    ack_delay: u32,
+    ack_pending: u32,
+    stalled: bool,
+    reject_next: Option<u8>,
+    commands: Vec<Command>,
+    invalidations: Vec<(u32, FakeSte)>,
+    writes: Vec<(usize, u64)>,
+    violations: Vec<&'static str>,
+}
+
+/// A fake SMMUv3 register file over a [`TestMemory`]. Clones share one
+/// SMMU, so a test keeps a handle while the driver owns another.
+#[derive(Clone, Debug)]
+pub struct FakeSmmu<'m> {
+    mem: &'m TestMemory,
+    state: Rc<RefCell<FakeState>>,
+}
+
+impl<'m> FakeSmmu<'m> {
+    /// An SMMU out of reset: everything disabled, GBPA bypassing.
+    pub fn new(mem: &'m TestMemory, idrs: FakeIdrs) -> FakeSmmu<'m> {
+        let state = FakeState { idrs, ..FakeState::default() };
+        FakeSmmu { mem, state: Rc::new(RefCell::new(state)) }
+    }
+
+    /// Commands consumed so far, in order.
+    pub fn commands(&self) -> Vec<Command> {
+        self.state.borrow().commands.clone()
+    }
+
+    /// Commands consumed so far, forgetting them.
+    pub fn take_commands(&self) -> Vec<Command> {
+        core::mem::take(&mut self.state.borrow_mut().commands)
+    }
+
+    /// For every CFGI_STE consumed, the StreamID and what the SMMU would
+    /// have fetched at that moment.
+    pub fn take_invalidations(&self) -> Vec<(u32, FakeSte)> {
+        core::mem::take(&mut self.state.borrow_mut().invalidations)
+    }
+
+    /// Register writes so far, as (offset, value).
+    pub fn take_writes(&self) -> Vec<(usize, u64)> {
+        core::mem::take(&mut self.state.borrow_mut().writes)
+    }
+
+    /// Rules the driver broke so far.
+    pub fn violations(&self) -> Vec<&'static str> {
+        self.state.borrow().violations.clone()
+    }
+
+    /// CR0ACK follows CR0 only after this many CR0ACK reads.
+    pub fn set_ack_delay(&self, reads: u32) {
+        self.state.borrow_mut().ack_delay = reads;
+    }
+
+    /// Stops (or resumes) consuming commands.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.state.borrow_mut().stalled = stalled;
+        self.consume();
+    }
+
+    /// Rejects the next command consumed with CERROR `code`.
+    pub fn reject_next_command(&self, code: u8) {
+        self.state.borrow_mut().reject_next = Some(code);
+    }
+
+    /// Sets a 32-bit register behind the driver's back, without side
+    /// effects (to model a corrupt or foreign SMMU state). Panics for a
+    /// register the fake cannot force: a bug in the test.
+    pub fn force32(&self, reg: Reg32, value: u32) {
+        let mut s = self.state.borrow_mut();
+        let slot = match reg {
+            CR0 => &mut s.cr0,
+            CR0ACK => &mut s.cr0ack,
+            GBPA => &mut s.gbpa,
+            GERROR => &mut s.gerror,
+            STRTAB_BASE_CFG => &mut s.strtab_base_cfg,
+            CMDQ_PROD => &mut s.cmdq_prod,
+            CMDQ_CONS => &mut s.cmdq_cons,
+            EVENTQ_PROD => &mut s.evtq_prod,
+            EVENTQ_CONS => &mut s.evtq_cons,
+            other => panic!("fake cannot force {other:?}"),
+        };
+        *slot = value;
+    }
+
+    /// Sets a 64-bit register behind the driver's back; panics like
+    /// [`force32`](Self::force32).
+    pub fn force64(&self, reg: Reg64, value: u64) {
+        let mut s = self.state.borrow_mut();
+        *match reg {
+            STRTAB_BASE => &mut s.strtab_base,
+            CMDQ_BASE => &mut s.cmdq_base,
+            EVENTQ_BASE => &mut s.evtq_base,
+            other => panic!("fake cannot force {other:?}"),
+        } = value;
+    }
+
+    /// Walks the stream table as the SMMU would for `stream_id`.
+    pub fn lookup(&self, stream_id: u32) -> FakeSte {
+        self.state.borrow().lookup(self.mem, stream_id)
+    }
+
+    /// Writes an event record, as the SMMU does on a fault; `false` (and
+    /// the overflow flag toggled) if the queue is full or disabled.
+    pub fn inject_event(&self, record: [u64; EVENT_WORDS]) -> bool {
+        let mut s = self.state.borrow_mut();
+        let Some((base, ring)) = queue(s.evtq_base).filter(|_| s.cr0ack & CR0_EVENTQEN != 0) else {
+            return false;
+        };
+        let prod = s.evtq_prod & !EVENTQ_OVERFLOW;
+        if ring.is_full(prod, s.evtq_cons & !EVENTQ_OVERFLOW) {
+            s.evtq_prod ^= EVENTQ_OVERFLOW;
+            return false;
+        }
+        let entry = base + u64::from(ring.index(prod)) * EVENT_BYTES;
+        for (word, value) in record.iter().enumerate() {
+            self.mem.write(entry + word as u64 * WORD_BYTES, *value);
+        }
+        s.evtq_prod = ring.advance(prod, 1) | (s.evtq_prod & EVENTQ_OVERFLOW);
+        true
+    }
+
+    /// Consumes commands from CONS to PROD if the queue is enabled,
+    /// not stalled and not stopped by an error.
+    fn consume(&self) {
+        let mut s = self.state.borrow_mut();
+        if s.cr0ack & CR0_CMDQEN == 0 || s.stalled || (s.gerror ^ s.gerrorn) & GERROR_CMDQ_ERR != 0 {
+            return;
+        }
+        let Some((base, ring)) = queue(s.cmdq_base) else {
+            return;
+        };
+        loop {
+            let cons = s.cmdq_cons & ring.pointer_mask();
+            if ring.is_empty(s.cmdq_prod, cons) {
+                return;
+            }
+            let entry = base + u64::from(ring.index(cons)) * COMMAND_BYTES;
+            let words = [self.mem.read(entry), self.mem.read(entry + WORD_BYTES)];
+            let command = match words {
+                [Some(first), Some(second)] => Command::decode([first, second]).map_err(|_| CERROR_ILL),
+                _ => Err(CERROR_ABT),
+            };
+            let command = match (s.reject_next.take(), command) {
+                (Some(code), _) | (None, Err(code)) => {
+                    s.cmdq_cons = cons | CMDQ_CONS_ERR.place(u64::from(code)) as u32;
+                    s.gerror ^= GERROR_CMDQ_ERR;
+                    return;
+                }
+                (None, Ok(command)) => command,
+            };
+            if let Command::CfgiSte { stream_id, .. } = command {
+                let found = s.lookup(self.mem, stream_id);
+                s.invalidations.push((stream_id, found));
+            }
+            s.commands.push(command);
+            s.cmdq_cons = ring.advance(cons, 1);
+        }
+    }
+}
+
+/// CERROR codes the fake raises (§7.1).
+const CERROR_ILL: u8 = 0x01;
+const CERROR_ABT: u8 = 0x02;
+
+/// Base address and ring of a queue from its BASE register (LOG2SIZE is
+/// five bits, so the ring always exists).
+fn queue(base_reg: u64) -> Option<(u64, Ring)> {
+    let ring = Ring::new(QUEUE_BASE_LOG2SIZE.get(base_reg) as u8)?;
+    Some((base_reg & QUEUE_BASE_ADDR, ring))
+}
+
+impl FakeState {
+    fn lookup(&self, mem: &TestMemory, stream_id: u32) -> FakeSte {
+        let cfg = u64::from(self.strtab_base_cfg);
+        let sid_bits = IDR1_SIDSIZE.get(u64::from(self.idrs.idr1));
+        let log2size = STRTAB_CFG_LOG2SIZE.get(cfg).min(sid_bits);
+        if u64::from(stream_id) >> log2size != 0 {
+            return FakeSte::OutOfRange;
+        }
+        let base = self.strtab_base & STRTAB_BASE_ADDR;
+        let ste = if STRTAB_CFG_FMT.get(cfg) == STRTAB_FMT_TWO_LEVEL {
+            let split = STRTAB_CFG_SPLIT.get(cfg);
+            let l1 = base + (u64::from(stream_id) >> split) * WORD_BYTES;
+            let Some(descriptor) = mem.read(l1) else {
+                return FakeSte::FetchFault(l1);
+            };
+            let (span, l2) = l1_descriptor_fields(descriptor);
+            if span == 0 {
+                return FakeSte::NoL2;
+            }
+            let offset = u64::from(stream_id) & ((1 << split) - 1);
+            if offset >> (span - 1) != 0 {
+                return FakeSte::OutOfRange;
+            }
+            l2 + offset * STE_BYTES
+        } else {
+            base + u64::from(stream_id) * STE_BYTES
+        };
+        let mut words = [0; STE_WORDS];
+        for (index, word) in words.iter_mut().enumerate() {
+            match mem.read(ste + index as u64 * WORD_BYTES) {
+                Some(value) => *word = value,
+                None => return FakeSte::FetchFault(ste),
+            }
+        }
+        FakeSte::Entry(words)
+    }
+
+    fn violate_if(&mut self, broken: bool, rule: &'static str) {
+        if broken {
+            self.violations.push(rule);
+        }
+    }
+}
+
+impl SmmuRegs for FakeSmmu<'_> {
+    fn read32(&self, reg: Reg32) -> u32 {
+        let mut s = self.state.borrow_mut();
+        let idrs = s.idrs;
+        match reg {
+            IDR0 => idrs.idr0,
+            IDR1 => idrs.idr1,
+            IDR5 => idrs.idr5,
+            CR0 => s.cr0,
+            CR0ACK => {
+                if s.ack_pending > 0 {
+                    s.ack_pending -= 1;
+                    if s.ack_pending == 0 {
+                        s.cr0ack = s.cr0;
+                        drop(s);
+                        self.consume();
+                        return self.state.borrow().cr0ack;
+                    }
+                }
+                s.cr0ack
+            }
+            CR1 => s.cr1,
+            CR2 => s.cr2,
+            GBPA => s.gbpa,
+            GERROR => s.gerror,
+            GERRORN => s.gerrorn,
+            STRTAB_BASE_CFG => s.strtab_base_cfg,
+            CMDQ_PROD => s.cmdq_prod,
+            CMDQ_CONS => s.cmdq_cons,
+            EVENTQ_PROD => s.evtq_prod,
+            EVENTQ_CONS => s.evtq_cons,
+            _ => 0,
+        }
+    }
+
+    fn write32(&mut self, reg: Reg32, value: u32) {
+        let mut s = self.state.borrow_mut();
+        s.writes.push((reg.offset(), u64::from(value)));
+        let (smmuen, cmdqen, eventqen) =
+            (s.cr0ack & CR0_SMMUEN != 0, s.cr0ack & CR0_CMDQEN != 0, s.cr0ack & CR0_EVENTQEN != 0);
+        match reg {
+            CR0 => {
+                let bypass = s.gbpa & GBPA_ABORT == 0;
+                s.violate_if(bypass, "CR0 written while GBPA lets traffic bypass");
+                s.cr0 = value;
+                s.ack_pending = s.ack_delay;
+                if s.ack_delay == 0 {
+                    s.cr0ack = value;
+                }
+            }
+            CR1 => s.cr1 = value,
+            CR2 => s.cr2 = value,
+            GBPA => {
+                if value & GBPA_UPDATE != 0 {
+                    s.gbpa = value & !GBPA_UPDATE;
+                }
+            }
+            GERRORN => {
+                s.gerrorn = value;
+                if (s.gerror ^ s.gerrorn) & GERROR_CMDQ_ERR == 0 {
+                    s.cmdq_cons &= !(CMDQ_CONS_ERR.mask() as u32);
+                }
+            }
+            STRTAB_BASE_CFG => {
+                s.violate_if(smmuen, "STRTAB_BASE_CFG written while SMMUEN");
+                s.strtab_base_cfg = value;
+            }
+            CMDQ_PROD => s.cmdq_prod = value,
+            CMDQ_CONS => {
+                s.violate_if(cmdqen, "CMDQ_CONS written while CMDQEN");
+                s.cmdq_cons = value;
+            }
+            EVENTQ_PROD => {
+                s.violate_if(eventqen, "EVENTQ_PROD written while EVENTQEN");
+                s.evtq_prod = value;
+            }
+            EVENTQ_CONS => s.evtq_cons = value,
+            _ => s.violations.push("write to a read-only or unmodelled register"),
+        }
+        drop(s);
+        self.consume();
+    }
+
+    fn read64(&self, reg: Reg64) -> u64 {
+        let s = self.state.borrow();
+        match reg {
+            STRTAB_BASE => s.strtab_base,
+            CMDQ_BASE => s.cmdq_base,
+            EVENTQ_BASE => s.evtq_base,
+            _ => 0,
+        }
+    }
+
+    fn write64(&mut self, reg: Reg64, value: u64) {
+        let mut s = self.state.borrow_mut();
+        s.writes.push((reg.offset(), value));
+        let (smmuen, cmdqen, eventqen) =
+            (s.cr0ack & CR0_SMMUEN != 0, s.cr0ack & CR0_CMDQEN != 0, s.cr0ack & CR0_EVENTQEN != 0);
+        match reg {
+            STRTAB_BASE => {
+                s.violate_if(smmuen, "STRTAB_BASE written while SMMUEN");
+                s.strtab_base = value;
+            }
+            CMDQ_BASE => {
+                s.violate_if(cmdqen, "CMDQ_BASE written while CMDQEN");
+                s.cmdq_base = value;
+            }
+            EVENTQ_BASE => {
+                s.violate_if(eventqen, "EVENTQ_BASE written while EVENTQEN");
+                s.evtq_base = value;
+            }
+            _ => s.violations.push("write to an unmodelled register"),
+        }
+    }
+}
