@@ -409,14 +409,25 @@ pub fn run(cpu: usize, image_pa: u64, size: u64) {
         return;
     }
     match prepare_and_freeze(cpu, v, image_pa, size) {
-        Ok((stage, image_len, writer)) => kexec(stage, image_len, &writer),
+        Ok(ready) => kexec(&ready),
         Err(()) => IN_PROGRESS.store(false, Ordering::Release),
     }
 }
 
-/// Stages and checks the image, then freezes. On refusal or cancel the
-/// requester's status is set and the guests continue.
-fn prepare_and_freeze(cpu: usize, v: usize, image_pa: u64, size: u64) -> Result<(PhysRange, u64, HandoverWriter), ()> {
+/// Everything the kexec needs, once the guests are frozen.
+struct Ready {
+    /// The staged image in scratch and its length.
+    stage: PhysRange,
+    image_len: u64,
+    /// The handover blob in preserved memory and its length.
+    handover: PhysRange,
+    handover_len: u64,
+}
+
+/// Stages and checks the image, allocates the handover (brownout), freezes,
+/// and writes the handover. On refusal or cancel the requester's status is
+/// set and the guests continue.
+fn prepare_and_freeze(cpu: usize, v: usize, image_pa: u64, size: u64) -> Result<Ready, ()> {
     let (stage, ram, scratch, update_count, cpus) = {
         let guard = MACHINE.lock();
         let m = guard.as_ref().ok_or(())?;
@@ -453,6 +464,18 @@ fn prepare_and_freeze(cpu: usize, v: usize, image_pa: u64, size: u64) -> Result<
     let identity = HandoverIdentity { version: VERSION, build_id: BUILD_ID, update_count: update_count + 1 };
     let ram_map = ram_map(&ram).ok_or(())?;
     let mut writer = HandoverWriter::new(&identity, ram_map, &scratch).map_err(|_| refuse("handover-writer"))?;
+    let handover = MACHINE.lock().as_mut().and_then(|m| m.frames.alloc_block(HANDOVER_BYTES));
+    let Some(handover) = handover else {
+        refuse("no-memory-for-handover");
+        return Err(());
+    };
+    let release = |why: &str| {
+        if let Some(m) = MACHINE.lock().as_mut() {
+            m.frames.free_block(handover);
+        }
+        hv_event!("update-cancelled", reason = why);
+        set_result(v, Status::OperationDenied);
+    };
     // The requester sees SUCCESS when it runs again, in the new image.
     set_result(v, Status::Success);
     let (freeze_counter, _) = super::counter();
@@ -468,29 +491,28 @@ fn prepare_and_freeze(cpu: usize, v: usize, image_pa: u64, size: u64) -> Result<
             _ => "state-machine",
         };
         let _ = sm.cancel();
-        hv_event!("update-cancelled", reason = reason);
-        set_result(v, Status::OperationDenied);
+        release(reason);
         return Err(());
     }
-    Ok((stage, size, writer))
-}
-
-/// Writes the handover, sends the other CPUs off, and jumps to the new
-/// image through the trampoline. Never returns.
-fn kexec(stage: PhysRange, image_len: u64, writer: &HandoverWriter) -> ! {
-    let mut guard = MACHINE.lock();
-    let Some(m) = guard.as_mut() else { super::park() };
-    let Some(buf) = m.frames.alloc_block(HANDOVER_BYTES) else { super::shutdown(false) };
     // SAFETY: a block just allocated for the handover; identity-mapped.
-    let dest = unsafe { core::slice::from_raw_parts_mut(buf.base as *mut u8, buf.size as usize) };
-    let len = match writer.write_to(dest, buf.base) {
-        Ok(n) => n as u64,
+    let blob_out = unsafe { core::slice::from_raw_parts_mut(handover.base as *mut u8, handover.size as usize) };
+    match writer.write_to(blob_out, handover.base) {
+        Ok(n) => Ok(Ready { stage, image_len: size, handover, handover_len: n as u64 }),
         Err(e) => {
             println!("update: handover: {e}");
-            hv_event!("shutdown", status = "error");
-            super::shutdown(false)
+            let _ = sm.cancel();
+            release("handover-write");
+            Err(())
         }
-    };
+    }
+}
+
+/// Sends the other CPUs off and jumps to the new image through the
+/// trampoline. Never returns.
+fn kexec(ready: &Ready) -> ! {
+    let (stage, image_len, buf, len) = (ready.stage, ready.image_len, ready.handover, ready.handover_len);
+    let guard = MACHINE.lock();
+    let Some(m) = guard.as_ref() else { super::park() };
     FREEZE.store(FREEZE_KEXEC, Ordering::Release);
     sev();
     let me = super::mpidr() & 0xff_00ff_ffff;
