@@ -21,6 +21,8 @@ pub mod sched;
 pub mod stage2;
 pub mod update;
 pub mod vmx_caps;
+pub mod vmx_exit;
+pub mod x86_guest;
 
 /// The version this image reports in `hv: boot` and to guests. The
 /// launcher overrides it (`HV_VERSION`) to build distinct update images.

@@ -48,7 +48,6 @@ const MISC_PREEMPTION_RATE_MASK: u64 = 0x1f;
 pub mod pin {
     pub const EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
     pub const NMI_EXITING: u32 = 1 << 3;
-    pub const VIRTUAL_NMIS: u32 = 1 << 5;
     pub const PREEMPTION_TIMER: u32 = 1 << 6;
     pub const POSTED_INTERRUPTS: u32 = 1 << 7;
 }
@@ -80,32 +79,23 @@ pub mod proc {
 
 /// Secondary processor-based VM-execution controls (SDM §25.6.2, Table 25-7).
 pub mod proc2 {
-    pub const VIRTUALIZE_APIC_ACCESSES: u32 = 1 << 0;
     pub const ENABLE_EPT: u32 = 1 << 1;
-    pub const DESCRIPTOR_TABLE_EXITING: u32 = 1 << 2;
-    pub const ENABLE_RDTSCP: u32 = 1 << 3;
     pub const ENABLE_VPID: u32 = 1 << 5;
-    pub const WBINVD_EXITING: u32 = 1 << 6;
     pub const UNRESTRICTED_GUEST: u32 = 1 << 7;
-    pub const ENABLE_VM_FUNCTIONS: u32 = 1 << 13;
-    pub const ENABLE_PML: u32 = 1 << 17;
 }
 
 /// Primary VM-exit controls (SDM §25.7.1, Table 25-13).
 pub mod exit {
-    pub const SAVE_DEBUG_CONTROLS: u32 = 1 << 2;
     pub const HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
     pub const ACK_INTERRUPT_ON_EXIT: u32 = 1 << 15;
     pub const SAVE_PAT: u32 = 1 << 18;
     pub const LOAD_PAT: u32 = 1 << 19;
     pub const SAVE_EFER: u32 = 1 << 20;
     pub const LOAD_EFER: u32 = 1 << 21;
-    pub const SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
 }
 
 /// VM-entry controls (SDM §25.8.1, Table 25-15).
 pub mod entry {
-    pub const LOAD_DEBUG_CONTROLS: u32 = 1 << 2;
     pub const IA32E_MODE_GUEST: u32 = 1 << 9;
     pub const ENTRY_TO_SMM: u32 = 1 << 10;
     pub const LOAD_PAT: u32 = 1 << 14;
@@ -316,12 +306,17 @@ impl VmcsControls {
         | proc::UNCONDITIONAL_IO_EXITING
         | proc::MONITOR_EXITING
         | proc::ACTIVATE_SECONDARY;
-    /// Exits whose handling is not implemented: CR3 accesses (EPT makes
-    /// them unnecessary), a TPR shadow, RDTSC.
+    /// What the hypervisor does not implement or must not have: exits for
+    /// CR3 accesses and INVLPG (EPT makes them unnecessary), PAUSE, RDTSC,
+    /// interrupt/NMI windows and the monitor trap flag; a TPR shadow; TSC
+    /// offsetting (it would hide pauses from the guests' meters).
     const PROC_FORBIDDEN: u32 = proc::CR3_LOAD_EXITING
         | proc::CR3_STORE_EXITING
+        | proc::INVLPG_EXITING
+        | proc::PAUSE_EXITING
         | proc::USE_TPR_SHADOW
         | proc::RDTSC_EXITING
+        | proc::TSC_OFFSETTING
         | proc::INTERRUPT_WINDOW_EXITING
         | proc::NMI_WINDOW_EXITING
         | proc::MONITOR_TRAP_FLAG;
@@ -357,7 +352,7 @@ pub struct CrFixed {
     pub fixed0: u64,
     pub fixed1: u64,
     /// Bits exempt from the rule (CR0.PE and CR0.PG under unrestricted
-    /// guest, SDM §26.3.1.1).
+    /// guest, SDM §27.3.1.1).
     pub exempt: u64,
 }
 
@@ -390,9 +385,9 @@ mod tests {
         pinbased: 0x0000_007f_0000_0016,
         procbased: 0xf7f9_fffe_0400_6172,
         procbased2: 0x0217_7fff_0000_0000,
-        exit: 0x01ff_ffff_0003_6dfb,
-        entry: 0x0000_f3ff_0000_11fb,
-        misc: 0x0000_0000_0000_01c5,
+        exit: 0x007f_ffff_0003_6dfb,
+        entry: 0x0000_ffff_0000_11fb,
+        misc: 0x6004_01e0,
         ept_vpid: 0x0000_0f01_0633_4141,
         cr0_fixed0: 0x8000_0021,
         cr0_fixed1: 0xffff_ffff,
@@ -409,7 +404,7 @@ mod tests {
         assert!(c.true_controls && c.ept && c.vpid && c.unrestricted_guest);
         assert!(c.ept_4_level && c.ept_write_back && c.ept_2m && c.ept_1g && c.invept && c.invvpid);
         assert!(c.invept_single && c.invept_all && c.invvpid_single && c.invvpid_all);
-        assert_eq!(c.preemption_timer_shift, 5);
+        assert_eq!(c.preemption_timer_shift, 0);
         assert_eq!(c.check_guest_support(), Ok(()));
     }
 

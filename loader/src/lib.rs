@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod acpi;
 pub mod dtb;
 pub mod elf;
+pub mod guest_modules;
 pub mod image_desc;
 pub mod manifest;
 pub mod multiboot2;

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use loader::elf::{self, Machine as ElfMachine};
 
+use crate::image::IsoModule;
 use crate::{io_err, out_dir, workspace_root, write_atomic, Arch, LaunchError};
 
 /// Guest RAM base of the QEMU `virt` machine (and of every guest).
@@ -124,13 +125,64 @@ pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
         devices: Vec::new(),
         cmdline: cmdline.to_string(),
     };
-    Ok(vec![
-        g("heartbeat", 16, false, "ticks=100"),
-        g("memcheck", 32, false, "passes=3"),
-        g("blackout", 16, false, "seconds=2"),
-        g("exerciser", 16, true, "privileged=1"),
-        g("isolation", 16, false, ""),
-    ])
+    Ok(match arch {
+        Arch::Aarch64 => vec![
+            g("heartbeat", 16, false, "ticks=100"),
+            g("memcheck", 32, false, "passes=3"),
+            g("blackout", 16, false, "seconds=2"),
+            g("exerciser", 16, true, "privileged=1"),
+            g("isolation", 16, false, ""),
+        ],
+        // Bochs emulates every instruction: smaller RAM for memcheck to
+        // cover, and the same workloads otherwise.
+        Arch::X86_64 => vec![
+            g("heartbeat", 4, false, "ticks=100"),
+            g("memcheck", 8, false, "passes=3"),
+            // The serial port is slow under Bochs (each report costs
+            // milliseconds): report only gaps longer than two time slices.
+            g("blackout", 4, false, "seconds=2 gap_report_us=20000"),
+            g("exerciser", 4, true, "privileged=1"),
+            g("isolation", 4, false, ""),
+        ],
+    })
+}
+
+/// Characters GRUB's configuration language treats specially (quoting,
+/// variables, command separators, comments); a guest command line with
+/// any of them, or a control character, cannot be passed through
+/// `module2` verbatim.
+const GRUB_SPECIAL: &str = "$\"'\\;{}|&<>#`";
+
+/// The multiboot2 modules for an x86_64 run: one per guest, its module
+/// command line `name=.. mem=.. vcpus=.. privileged=.. [cmdline=...]`
+/// (`loader::guest_modules`).
+pub fn grub_modules(guests: &[GuestArg]) -> Result<Vec<IsoModule>, LaunchError> {
+    let mut out = Vec::new();
+    for g in guests {
+        let refuse = |why: &str| Err(LaunchError::Image(format!("guest {}: {why} on x86_64", g.name)));
+        if g.initrd.is_some() {
+            return refuse("an initrd is not supported");
+        }
+        if !g.devices.is_empty() {
+            return refuse("device passthrough is not supported");
+        }
+        if g.cmdline.chars().any(|c| c.is_control() || GRUB_SPECIAL.contains(c)) {
+            return refuse(&format!("the command line may not contain control characters or any of {GRUB_SPECIAL}"));
+        }
+        let mut args = vec![
+            format!("name={}", g.name),
+            format!("mem={}", g.mem_mib),
+            format!("vcpus={}", g.vcpus),
+            format!("privileged={}", u8::from(g.privileged)),
+        ];
+        let mut words = g.cmdline.split_whitespace();
+        if let Some(first) = words.next() {
+            args.push(format!("cmdline={first}"));
+            args.extend(words.map(str::to_string));
+        }
+        out.push(IsoModule { file: g.file.clone(), args });
+    }
+    Ok(out)
 }
 
 /// FNV-1a over the bundle, to name its file.
@@ -347,6 +399,28 @@ mod tests {
         assert!(GuestArg::parse("k,vcpus=0").is_err());
         assert!(GuestArg::parse("k,colour=red").is_err());
         assert!(GuestArg::parse("").is_err());
+    }
+
+    #[test]
+    fn grub_modules_carry_the_guest_spec() {
+        let g = GuestArg::parse("out/hb.bin,mem=8M,privileged,cmdline=\"ticks=5  x=1\"").unwrap();
+        let m = grub_modules(std::slice::from_ref(&g)).unwrap();
+        assert_eq!(m[0].file, PathBuf::from("out/hb.bin"));
+        assert_eq!(m[0].args, ["name=hb", "mem=8", "vcpus=1", "privileged=1", "cmdline=ticks=5", "x=1"]);
+        let text = format!("/boot/guests/0.bin {}", m[0].args.join(" "));
+        let spec = loader::guest_modules::parse_module(
+            1,
+            &text,
+            loader::PhysRange::new(0x10_0000, 0x1000),
+            loader::manifest::ImageFormat::Flat,
+        )
+        .unwrap();
+        assert_eq!((spec.name.as_str(), spec.mem_mib, spec.privileged), ("hb", 8, true));
+        assert_eq!(spec.cmdline, "ticks=5 x=1");
+        let quoted = GuestArg { cmdline: "a=$x".into(), ..g.clone() };
+        assert!(grub_modules(&[quoted]).is_err());
+        let with_initrd = GuestArg { initrd: Some("i".into()), ..g };
+        assert!(grub_modules(&[with_initrd]).is_err());
     }
 
     #[test]

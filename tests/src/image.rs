@@ -1,8 +1,10 @@
 //! Building hypervisor images and wrapping them for their boot protocol.
 
+use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use loader::elf::{self, Machine as ElfMachine};
 use loader::image_desc;
@@ -90,32 +92,108 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
             image_desc::seal(&mut sealed).map_err(|e| LaunchError::Image(format!("sealing the image: {e}")))?;
             let sealed_path = dir.join("hv.elf");
             write_atomic(&sealed_path, &sealed)?;
-            grub_iso(&sealed_path, &dir)?
+            grub_iso(&sealed_path, &dir, &[])?
         }
     };
     Ok(BuiltImage { arch: spec.arch, elf: elf_path, bootable })
 }
 
-/// A GRUB rescue ISO that boots `elf` with `multiboot2`.
-fn grub_iso(elf: &Path, dir: &Path) -> Result<PathBuf, LaunchError> {
-    let root = dir.join("iso");
+/// One multiboot2 module of an x86_64 ISO: a file, and the words of its
+/// module command line (`loader::guest_modules` reads them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IsoModule {
+    pub file: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// GRUB's configuration: boot the hypervisor with `multiboot2`, each
+/// module with `module2 /boot/guests/<n>.bin <args...>`. GRUB joins the
+/// words with single spaces into the module's command line.
+pub fn grub_cfg(modules: &[IsoModule]) -> String {
+    let mut cfg = String::from("set timeout=0\nset default=0\nmenuentry \"hypervisor\" {\n  multiboot2 /boot/hv.elf\n");
+    for (i, m) in modules.iter().enumerate() {
+        let _ = write!(cfg, "  module2 /boot/guests/{i}.bin");
+        for word in &m.args {
+            cfg.push(' ');
+            cfg.push_str(word);
+        }
+        cfg.push('\n');
+    }
+    cfg.push_str("  boot\n}\n");
+    cfg
+}
+
+/// The x86_64 image of `image` on an ISO of its own, under `dir`, with
+/// `modules` (the guests) next to it.
+pub fn iso_with_modules(image: &BuiltImage, modules: &[IsoModule], dir: &Path) -> Result<BuiltImage, LaunchError> {
+    if image.arch != Arch::X86_64 {
+        return Err(LaunchError::Unsupported("multiboot2 modules are for x86_64 images".into()));
+    }
+    // `build` writes the sealed ELF next to the ISO.
+    let sealed = image.bootable.with_file_name("hv.elf");
+    fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let bootable = grub_iso(&sealed, dir, modules)?;
+    Ok(BuiltImage { arch: image.arch, elf: image.elf.clone(), bootable })
+}
+
+/// A GRUB rescue ISO that boots `elf` with `multiboot2`, and `modules`,
+/// as `dir/hv.iso`. The ISO tree and the ISO are built under names of
+/// their own and the ISO renamed into place, so tests building the same
+/// image in parallel threads never see each other's half-written files.
+fn grub_iso(elf: &Path, dir: &Path, modules: &[IsoModule]) -> Result<PathBuf, LaunchError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let unique = format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let root = dir.join(format!("iso-{unique}"));
+    let result = grub_iso_in(elf, &root, &dir.join(format!("hv.iso.tmp{unique}")), modules);
+    let _ = fs::remove_dir_all(&root);
+    let iso = dir.join("hv.iso");
+    fs::rename(result?, &iso).map_err(io_err(format!("renaming {}", iso.display())))?;
+    Ok(iso)
+}
+
+/// Lays out the ISO tree under `root` and runs grub-mkrescue into `iso`.
+fn grub_iso_in(elf: &Path, root: &Path, iso: &Path, modules: &[IsoModule]) -> Result<PathBuf, LaunchError> {
     let grub = root.join("boot").join("grub");
     fs::create_dir_all(&grub).map_err(io_err(format!("creating {}", grub.display())))?;
     fs::copy(elf, root.join("boot").join("hv.elf")).map_err(io_err("copying the image into the ISO tree"))?;
-    let cfg = "set timeout=0\nset default=0\nmenuentry \"hypervisor\" {\n  multiboot2 /boot/hv.elf\n  boot\n}\n";
-    fs::write(grub.join("grub.cfg"), cfg).map_err(io_err("writing grub.cfg"))?;
-    let iso = dir.join("hv.iso");
+    let guests = root.join("boot").join("guests");
+    if !modules.is_empty() {
+        fs::create_dir_all(&guests).map_err(io_err(format!("creating {}", guests.display())))?;
+    }
+    for (i, m) in modules.iter().enumerate() {
+        fs::copy(&m.file, guests.join(format!("{i}.bin")))
+            .map_err(io_err(format!("copying {} into the ISO tree", m.file.display())))?;
+    }
+    fs::write(grub.join("grub.cfg"), grub_cfg(modules)).map_err(io_err("writing grub.cfg"))?;
     let out = Command::new("grub-mkrescue")
         .arg("-o")
-        .arg(&iso)
-        .arg(&root)
+        .arg(iso)
+        .arg(root)
         .output()
         .map_err(io_err("running grub-mkrescue (run scripts/setup)"))?;
     if !out.status.success() {
+        let _ = fs::remove_file(iso);
         return Err(LaunchError::Image(format!(
             "grub-mkrescue failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    Ok(iso)
+    Ok(iso.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grub_cfg_without_and_with_modules() {
+        let plain = grub_cfg(&[]);
+        assert!(plain.contains("multiboot2 /boot/hv.elf\n  boot\n"));
+        assert!(!plain.contains("module2"));
+        let m =
+            |args: &[&str]| IsoModule { file: "x.bin".into(), args: args.iter().map(|a| (*a).to_string()).collect() };
+        let cfg = grub_cfg(&[m(&["name=hb", "mem=4", "cmdline=ticks=5"]), m(&["name=iso", "mem=4"])]);
+        assert!(cfg.contains("  module2 /boot/guests/0.bin name=hb mem=4 cmdline=ticks=5\n"));
+        assert!(cfg.contains("  module2 /boot/guests/1.bin name=iso mem=4\n  boot\n}"));
+    }
 }

@@ -31,7 +31,7 @@ pub mod reset;
 pub mod smp;
 pub mod updater;
 
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+#[cfg(any(test, all(any(target_arch = "aarch64", target_arch = "x86_64"), target_os = "none")))]
 pub mod arch;
 
 #[cfg(test)]

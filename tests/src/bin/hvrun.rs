@@ -19,10 +19,11 @@ usage: scripts/run [options] [-- emulator args...]
   --cpus N                   CPUs (default: 2)
   --mem MIB                  RAM in MiB (default: 512 on QEMU, 128 on Bochs)
   --guest FILE[,mem=SIZE][,vcpus=N][,privileged][,initrd=FILE][,device=BB:DD.F][,cmdline=\"...\"]
-                             a guest to run (repeatable); without any, aarch64
-                             runs the built-in test guests
+                             a guest to run (repeatable); without any, the
+                             built-in test guests run (x86_64: as multiboot2
+                             modules on the ISO; initrd and device are aarch64-only)
   --no-guests                boot the hypervisor alone
-  --updates N                live updates the updater guest requests (default 10),
+  --updates N                aarch64: live updates the updater guest requests (default 10),
                              alternating between this build (A) and a build with
                              another version (B): A->B->A...
   --update-image FILE        stage FILE as the update image instead (your own build,
@@ -114,6 +115,23 @@ fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, hv_tests
     guests::demo_guests(o.arch, &images, updates)
 }
 
+/// The x86_64 ISO with the guests as multiboot2 modules: the user's, or
+/// the default test guests (no live update on x86_64, so no updater).
+fn x86_iso(o: &Options, image: &BuiltImage, dir: &std::path::Path) -> Result<BuiltImage, hv_tests::LaunchError> {
+    let list = if o.guests.is_empty() {
+        eprintln!("hvrun: building the test guests");
+        guests::default_guests(Arch::X86_64)?
+    } else {
+        o.guests.clone()
+    };
+    let modules = guests::grub_modules(&list)?;
+    eprintln!("hvrun: guest modules:");
+    for m in &modules {
+        eprintln!("  module2 {} {}", m.file.display(), m.args.join(" "));
+    }
+    image::iso_with_modules(image, &modules, dir)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let o = match parse(&args) {
@@ -135,7 +153,7 @@ fn main() -> ExitCode {
         }
     }
     eprintln!("hvrun: building the {} image", o.arch.name());
-    let image = match image::build(&ImageSpec { arch: o.arch, version: None }) {
+    let mut image = match image::build(&ImageSpec { arch: o.arch, version: None }) {
         Ok(i) => i,
         Err(e) => {
             eprintln!("hvrun: {e}");
@@ -148,6 +166,7 @@ fn main() -> ExitCode {
     spec.timeout = Duration::from_secs(o.timeout);
     spec.extra_args.clone_from(&o.extra);
     spec.stream = true;
+    let mut with_guest_summary = false;
     if o.arch == Arch::Aarch64 && !o.no_guests {
         let placed = guest_list(&o, &image).and_then(|list| {
             let dir = emulator::run_dir(&spec);
@@ -167,9 +186,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         }
-    } else if !o.guests.is_empty() {
-        eprintln!("hvrun: --guest is only supported on aarch64 so far");
-        return ExitCode::from(2);
+    } else if o.arch == Arch::X86_64 && !o.no_guests {
+        match x86_iso(&o, &image, &emulator::run_dir(&spec)) {
+            Ok(with_guests) => {
+                image = with_guests;
+                with_guest_summary = true;
+            }
+            Err(e) => {
+                eprintln!("hvrun: {e}");
+                return ExitCode::from(1);
+            }
+        }
     }
     eprintln!(
         "hvrun: booting {} on {machine:?} ({} CPUs, {} MiB, timeout {}s)",
@@ -185,7 +212,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if spec.cmdline.is_some() {
+    if spec.cmdline.is_some() || with_guest_summary {
         print!("{}", hv_tests::summary::render(&outcome.events));
     }
     if outcome.clean_shutdown() {

@@ -1,19 +1,29 @@
 //! x86_64 in long mode, VMX root: multiboot2 entry, COM1 console, ACPI CPU
-//! discovery, AP start-up and VMXON on every CPU.
+//! discovery, AP start-up and VMXON on every CPU, then the guests named by
+//! the multiboot2 modules, under VT-x with EPT.
 
+mod cpu;
+mod guests;
 mod serial;
 mod smp;
+mod tsc;
+mod vcpu;
+mod vmcs;
 mod vmx;
 
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use alloc::boxed::Box;
-use hypervisor::vmx_caps::VmxCaps;
+use alloc::vec::Vec;
+use hypervisor::vmx_caps::{VmcsControls, VmxCaps};
+use hypervisor::x86_guest::cr::GuestCrPolicy;
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
 use loader::acpi::{self, PhysMemory};
-use loader::multiboot2;
+use loader::guest_modules::{self, detect_format};
+use loader::manifest::ImageFormat;
 use loader::PhysRange;
+use loader::{multiboot2, BootInfo};
 use x86::io::{outb, outw};
 
 global_asm!(include_str!("entry.S"), options(att_syntax));
@@ -21,9 +31,26 @@ global_asm!(include_str!("entry.S"), options(att_syntax));
 pub const MAX_CPUS: usize = 8;
 /// The boot page tables identity-map the low 4 GiB.
 const MAPPED_LIMIT: u64 = 1 << 32;
+/// Below 1 MiB live the real-mode IVT, the BIOS data areas and the AP
+/// trampoline: never handed to guests.
+const LOW_MEMORY: u64 = 1 << 20;
+/// Bytes of a boot module read to tell its format.
+const FORMAT_PROBE: u64 = 64;
+/// The 8259A PICs' data ports: writing 0xff masks every line (OCW1), so
+/// no legacy interrupt reaches the local APICs.
+const PIC1_DATA: u16 = 0x21;
+const PIC2_DATA: u16 = 0xa1;
+const PIC_MASK_ALL: u8 = 0xff;
 
 /// CPUs that executed VMXON successfully.
 static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
+/// Which CPU indices are up and in VMX root operation (the boot CPU is 0).
+static CPU_READY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
 
 /// Bochs ends the simulation when "Shutdown" is written to port 0x8900.
 const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
@@ -45,7 +72,7 @@ pub fn shutdown(_ok: bool) -> ! {
     halt_forever()
 }
 
-fn halt_forever() -> ! {
+pub(crate) fn halt_forever() -> ! {
     loop {
         // SAFETY: cli; hlt stops this CPU; nothing is left to run.
         unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
@@ -85,6 +112,7 @@ impl PhysMemory for LowMemory {
 #[no_mangle]
 extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
     crate::heap::init();
+    cpu::install_idt();
     // SAFETY: the only COM1 owner.
     let console = Box::leak(Box::new(unsafe { serial::Com1::new() }));
     hypervisor::console::set_uart(console);
@@ -113,6 +141,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
     let vmx = vmx::enable(0);
     if vmx.is_ok() {
         VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
+        CPU_READY[0].store(true, Ordering::Release);
         let m = vmx::read_msrs();
         hv_event!(
             "vmx-msrs",
@@ -151,15 +180,89 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         cpus = smp::ONLINE.load(Ordering::Acquire),
         mem_mib = info.ram_mib(),
     );
-    match vmx {
-        Ok(caps) => report_vmx(&caps),
-        Err(e) => hv_event!("vmx", available = 0, reason = e.reason()),
-    }
-    if vmx.is_ok() {
+    let caps = match vmx {
+        Ok(caps) => {
+            report_vmx(&caps);
+            caps
+        }
+        Err(e) => {
+            hv_event!("vmx", available = 0, reason = e.reason());
+            hv_event!("shutdown", status = "ok");
+            shutdown(true)
+        }
+    };
+    if info.modules.is_empty() {
+        hv_event!("no-guests", reason = "no-boot-modules");
         vmx::disable();
+        hv_event!("shutdown", status = "ok");
+        shutdown(true)
     }
-    hv_event!("shutdown", status = "ok");
-    shutdown(true)
+    match start_guests(&info, &caps) {
+        Ok(0) => fail("no-guest-could-start"),
+        Ok(_) => {}
+        Err(reason) => fail(reason),
+    }
+    guests::release_secondaries();
+    guests::run_cpu(0)
+}
+
+/// The running image's physical extent (text to the end of bss).
+fn image_range() -> PhysRange {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (start, end) =
+        unsafe { (core::ptr::from_ref(&__image_start) as u64, core::ptr::from_ref(&__image_end) as u64) };
+    PhysRange::new(start, end - start)
+}
+
+/// Reads the guests from the boot modules, checks what VMX offers against
+/// what they need, and builds the partitions. Returns how many started.
+fn start_guests(info: &BootInfo, caps: &VmxCaps) -> Result<usize, &'static str> {
+    let specs = guest_modules::guests_from_modules(&info.modules, |range| {
+        LowMemory.bytes(range.base, range.size.min(FORMAT_PROBE) as usize).map_or(ImageFormat::Flat, detect_format)
+    })
+    .map_err(|e| {
+        println!("boot modules: {e}");
+        e.reason()
+    })?;
+    caps.check_guest_support().map_err(hypervisor::vmx_caps::MissingFeature::reason)?;
+    let msrs = vmx::read_msrs();
+    let controls = VmcsControls::resolve(&msrs).map_err(|e| {
+        println!("vmx controls: {e}");
+        "vmx-controls-unsupported"
+    })?;
+    hv_event!(
+        "vmcs-controls",
+        pin = format_args!("{:#x}", controls.pin),
+        proc = format_args!("{:#x}", controls.proc),
+        proc2 = format_args!("{:#x}", controls.proc2),
+        exit = format_args!("{:#x}", controls.exit),
+        entry = format_args!("{:#x}", controls.entry),
+    );
+    let tsc_hz = tsc::calibrate().ok_or("tsc-calibration-failed")?;
+    hv_event!("tsc", hz = tsc_hz, preemption_timer_shift = caps.preemption_timer_shift);
+    let mut reserved = info.reserved.clone();
+    reserved.push(image_range());
+    reserved.push(PhysRange::new(0, LOW_MEMORY));
+    reserved.push(PhysRange::new(MAPPED_LIMIT, u64::MAX - MAPPED_LIMIT));
+    let free = hypervisor::frames::subtract(&info.ram, &reserved);
+    let frames = hypervisor::frames::FrameAllocator::new(&free);
+    let cpus: Vec<usize> = (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect();
+    // SAFETY: port writes to the PICs' mask registers; no interrupt is
+    // wanted from them (guests' I/O never reaches them).
+    unsafe {
+        outb(PIC1_DATA, PIC_MASK_ALL);
+        outb(PIC2_DATA, PIC_MASK_ALL);
+    }
+    Ok(guests::create(guests::MachineSpec {
+        specs: &specs,
+        ram: &info.ram,
+        frames,
+        cpus: &cpus,
+        caps: *caps,
+        controls,
+        cr_policy: GuestCrPolicy::new(&msrs),
+        tsc_hz,
+    }))
 }
 
 fn report_vmx(caps: &VmxCaps) {
@@ -177,11 +280,23 @@ fn report_vmx(caps: &VmxCaps) {
 }
 
 extern "C" fn hv_ap_main(index: u64) -> ! {
-    let vmx = vmx::enable(index as usize);
+    cpu::load_idt();
+    let cpu = index as usize;
+    let vmx = vmx::enable(cpu);
     if vmx.is_ok() {
         VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
+        if let Some(ready) = CPU_READY.get(cpu) {
+            ready.store(true, Ordering::Release);
+        }
     }
     let online = smp::ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
     hv_event!("cpu-online", cpu = index, apic_id = smp::my_apic_id(), online = online, vmxon = u8::from(vmx.is_ok()));
-    halt_forever()
+    if vmx.is_err() {
+        halt_forever()
+    }
+    // Wait for the boot CPU to build the partitions (or power off).
+    while !guests::started() {
+        core::hint::spin_loop();
+    }
+    guests::run_cpu(cpu)
 }

@@ -15,6 +15,7 @@ const SIPI_VECTOR: u32 = (TRAMPOLINE >> 12) as u32;
 const APIC_ID: usize = 0x20;
 const ICR_LOW: usize = 0x300;
 const ICR_HIGH: usize = 0x310;
+const EOI: usize = 0x0b0;
 /// ICR: delivery mode INIT (101b) / Start-Up (110b), level assert, and the
 /// delivery-status bit (SDM Figure 11-12).
 const ICR_INIT: u32 = 0x0000_4500;
@@ -54,6 +55,12 @@ fn apic_read(reg: usize) -> u32 {
 fn apic_write(reg: usize, value: u32) {
     // SAFETY: as above; ICR writes send IPIs, which is the intent.
     unsafe { core::ptr::write_volatile((apic_base() + reg) as *mut u32, value) }
+}
+
+/// Signals the end of the interrupt in service at this CPU's local APIC
+/// (SDM §11.8.5): any value written to the EOI register does.
+pub fn apic_eoi() {
+    apic_write(EOI, 0);
 }
 
 pub fn my_apic_id() -> u32 {

@@ -1,0 +1,183 @@
+// x86_64 test guest entry. The hypervisor starts the guest the way a
+// multiboot2 boot loader would (Multiboot2 spec §3.3): 32-bit protected
+// mode, paging off, flat segments, interrupts off, EAX = the boot loader
+// magic, EBX = the boot information's address, GDTR and IDTR undefined.
+// Before any Rust runs: our own GDT, a stack, zeroed bss, identity page
+// tables for the low 4 GiB (2 MiB pages, SDM Vol. 3A §5.5), long mode
+// (SDM Vol. 3A §10.8.5), then `testguest_main(magic, info)`.
+
+.equ CR0_PG, 1 << 31
+.equ CR4_PAE, 1 << 5
+.equ EFER_MSR, 0xc0000080
+.equ EFER_LME, 1 << 8
+// Page-table entry bits: present, writable; PS (2 MiB page) in a PDE.
+.equ PTE_P_RW, 0x3
+.equ PDE_2M, 0x83
+.equ PD_ENTRIES, 2048
+.equ STACK_SIZE, 0x10000
+.equ SEL_CODE64, 0x08
+.equ SEL_DATA, 0x10
+.equ SEL_CODE32, 0x18
+
+.section .text.head, "ax"
+.code32
+.global _start
+_start:
+    cli
+    cld
+    movl    %eax, %esi                  // magic, kept in ESI/EBP (not
+    movl    %ebx, %ebp                  // touched by rep stos)
+    lgdt    gdt_ptr
+    ljmpl   $SEL_CODE32, $1f
+1:  movw    $SEL_DATA, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    movw    %ax, %fs
+    movw    %ax, %gs
+    movl    $__bss_start, %edi
+    movl    $__bss_end, %ecx
+    subl    %edi, %ecx
+    xorl    %eax, %eax
+    rep stosb
+    movl    $__stack_top, %esp
+    // PD entry i maps 2 MiB page i: [0, 4 GiB).
+    movl    $guest_pd, %edi
+    xorl    %ecx, %ecx
+2:  movl    %ecx, %eax
+    shll    $21, %eax
+    orl     $PDE_2M, %eax
+    movl    %eax, (%edi,%ecx,8)
+    incl    %ecx
+    cmpl    $PD_ENTRIES, %ecx
+    jb      2b
+    // PDPT entries 0-3 point at the four page directories; PML4 entry 0
+    // at the PDPT.
+    movl    $guest_pdpt, %edi
+    movl    $guest_pd + PTE_P_RW, %eax
+    movl    %eax, 0(%edi)
+    addl    $0x1000, %eax
+    movl    %eax, 8(%edi)
+    addl    $0x1000, %eax
+    movl    %eax, 16(%edi)
+    addl    $0x1000, %eax
+    movl    %eax, 24(%edi)
+    movl    $guest_pdpt + PTE_P_RW, %eax
+    movl    %eax, guest_pml4
+    movl    %cr4, %eax
+    orl     $CR4_PAE, %eax
+    movl    %eax, %cr4
+    movl    $guest_pml4, %eax
+    movl    %eax, %cr3
+    movl    $EFER_MSR, %ecx
+    rdmsr
+    orl     $EFER_LME, %eax
+    wrmsr
+    movl    %cr0, %eax
+    orl     $CR0_PG, %eax
+    movl    %eax, %cr0
+    ljmpl   $SEL_CODE64, $long_mode
+
+.code64
+long_mode:
+    movw    $SEL_DATA, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    movq    $__stack_top, %rsp
+    movl    %esi, %edi                  // magic
+    movl    %ebp, %esi                  // boot information
+    call    testguest_main
+3:  cli
+    hlt
+    jmp     3b
+
+// Exception stubs (SDM Vol. 3A §7.3, Table 7-1): vectors 8, 10-14, 17,
+// 21, 29 and 30 push an error code; the others get a 0 pushed so every
+// frame is alike. Each stub is 16 bytes apart; `idt_setup` in Rust
+// points IDT entry N at exception_stubs + 16 * N.
+.macro stub vector, has_error
+    .balign 16
+    .if \has_error == 0
+    pushq   $0
+    .endif
+    pushq   $\vector
+    jmp     exception_common
+.endm
+
+.section .text.exceptions, "ax"
+.balign 16
+.global exception_stubs
+exception_stubs:
+    stub 0, 0
+    stub 1, 0
+    stub 2, 0
+    stub 3, 0
+    stub 4, 0
+    stub 5, 0
+    stub 6, 0
+    stub 7, 0
+    stub 8, 1
+    stub 9, 0
+    stub 10, 1
+    stub 11, 1
+    stub 12, 1
+    stub 13, 1
+    stub 14, 1
+    stub 15, 0
+    stub 16, 0
+    stub 17, 1
+    stub 18, 0
+    stub 19, 0
+    stub 20, 0
+    stub 21, 1
+    stub 22, 0
+    stub 23, 0
+    stub 24, 0
+    stub 25, 0
+    stub 26, 0
+    stub 27, 0
+    stub 28, 0
+    stub 29, 1
+    stub 30, 1
+    stub 31, 0
+
+// Frame: vector, error code, then what the processor pushed (RIP, CS,
+// RFLAGS, RSP, SS). The report never returns.
+exception_common:
+    movq    0(%rsp), %rdi
+    movq    8(%rsp), %rsi
+    movq    16(%rsp), %rdx
+    movq    %cr2, %rcx
+    andq    $-16, %rsp
+    call    testguest_exception
+4:  cli
+    hlt
+    jmp     4b
+
+.section .data.gdt, "aw"
+.balign 16
+gdt:
+    .quad   0
+    .quad   0x00af9a000000ffff          // 0x08: 64-bit code
+    .quad   0x00cf92000000ffff          // 0x10: flat data
+    .quad   0x00cf9a000000ffff          // 0x18: flat 32-bit code
+gdt_end:
+gdt_ptr:
+    .short  gdt_end - gdt - 1
+    .quad   gdt
+
+.section .bss.paging, "aw", @nobits
+.balign 4096
+guest_pml4:
+    .space  4096
+guest_pdpt:
+    .space  4096
+guest_pd:
+    .space  4 * 4096
+
+.section .bss.stack, "aw", @nobits
+.balign 16
+__stack_bottom:
+    .space  STACK_SIZE
+__stack_top:

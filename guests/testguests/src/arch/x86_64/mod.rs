@@ -1,0 +1,8 @@
+//! The x86_64 runtime of the test guests: the boot information parser and
+//! the fault tests (host-tested) and, on the bare-metal target, the
+//! runtime itself.
+
+pub mod fault_test;
+pub mod multiboot;
+#[cfg(target_os = "none")]
+pub mod runtime;

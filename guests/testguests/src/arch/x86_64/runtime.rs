@@ -1,0 +1,401 @@
+//! The x86_64 runtime of the test guests, under our hypervisor's VT-x.
+//!
+//! `entry.S` takes the multiboot2 hand-over (32-bit protected mode), sets
+//! up identity paging for the low 4 GiB and long mode, and calls
+//! [`start`]. The guest's own page tables sit on top of the hypervisor's
+//! EPT, so both translation stages are exercised. Hypercalls are `vmcall`
+//! (RCX control, RDX input, R8 output, RAX result).
+//!
+//! There is no virtual interrupt controller: the hypervisor delivers no
+//! interrupts, so the periodic tick is made by polling the TSC (the
+//! frequency comes from the hypervisor's CPUID leaf 0x4000_0010), with a
+//! `YIELD` hypercall between polls, and self-interrupts are not available. Exceptions are reported through an
+//! IDT of our own and stop the guest.
+
+use core::arch::x86_64::{__cpuid, _rdtsc, CpuidResult};
+use core::arch::{asm, global_asm};
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use hvcall::call;
+
+use super::fault_test::FaultTest;
+use super::multiboot::{self, MultibootError, BOOTLOADER_MAGIC, HEADER_LEN};
+use crate::args::Args;
+use crate::boot::{BootError, Region};
+use crate::psci::{Call, NOT_SUPPORTED};
+use crate::{Env, Guest, InterruptCounts, Line, Outcome, Psci, Request, Workload};
+
+global_asm!(include_str!("entry.S"), options(att_syntax));
+
+/// Defines the guest's entry point: `_start` in `entry.S` calls
+/// `testguest_main` with the multiboot2 magic and boot information. x86_64
+/// guests have one vCPU (the hypervisor emulates no INIT-SIPI), so a
+/// secondary workload is accepted and never runs.
+#[macro_export]
+macro_rules! entry {
+    ($workload:path) => {
+        #[no_mangle]
+        extern "C" fn testguest_main(magic: u32, info: u64) -> ! {
+            $crate::arch::x86_64::runtime::start(magic, info, $workload)
+        }
+    };
+    ($workload:path, secondary = $secondary:path) => {
+        $crate::entry!($workload);
+    };
+}
+
+/// The hypervisor's CPUID leaves (hypervisor/src/x86_guest/cpuid.rs):
+/// the signature leaf and the timing leaf (EAX = TSC kHz).
+const HV_LEAF_BASE: u32 = 0x4000_0000;
+const HV_LEAF_TIMING: u32 = 0x4000_0010;
+const HV_SIGNATURE: &[u8; 12] = b"hvluhvluhvlu";
+/// IA32_FEATURE_CONTROL (SDM Vol. 4 Table 2-2): not on the allow-list.
+const IA32_FEATURE_CONTROL: u32 = 0x3a;
+/// IDT gate (SDM Vol. 3A §7.14.1, Figure 7-8): a present 64-bit interrupt
+/// gate, DPL 0, in the 64-bit code segment.
+const IDT_GATE_INTERRUPT: u64 = 0x8e << 40;
+const IDT_ENTRIES: usize = 32;
+const STUB_STRIDE: u64 = 16;
+const SEL_CODE64: u64 = 0x08;
+
+/// Ticks counted by polling; the period (0: stopped) and the next tick.
+static TICKS: AtomicU64 = AtomicU64::new(0);
+static TICK_PERIOD: AtomicU64 = AtomicU64::new(0);
+static NEXT_TICK: AtomicU64 = AtomicU64::new(0);
+/// Set while an exception is being reported, so a fault in the report
+/// itself parks the vCPU instead of recursing.
+static REPORTING: AtomicBool = AtomicBool::new(false);
+
+#[repr(C, align(16))]
+struct Idt([u64; 2 * IDT_ENTRIES]);
+
+static mut IDT: Idt = Idt([0; 2 * IDT_ENTRIES]);
+
+/// The operand of LIDT (SDM Vol. 3A §7.10).
+#[repr(C, packed)]
+struct Idtr {
+    limit: u16,
+    base: u64,
+}
+
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+    /// The first exception stub in `entry.S`; only its address is used.
+    fn exception_stubs();
+}
+
+/// This vCPU, as the workloads see it.
+#[derive(Debug)]
+pub struct VmxGuest {
+    _private: (),
+}
+
+/// Names of the architectural exceptions (SDM Vol. 3A Table 7-1).
+const EXCEPTIONS: [&str; 32] = [
+    "de",
+    "db",
+    "nmi",
+    "bp",
+    "of",
+    "br",
+    "ud",
+    "nm",
+    "df",
+    "mf-old",
+    "ts",
+    "np",
+    "ss",
+    "gp",
+    "pf",
+    "reserved15",
+    "mf",
+    "ac",
+    "mc",
+    "xm",
+    "ve",
+    "cp",
+    "reserved22",
+    "reserved23",
+    "reserved24",
+    "reserved25",
+    "reserved26",
+    "reserved27",
+    "hv",
+    "vc",
+    "sx",
+    "reserved31",
+];
+
+/// Runs `workload` with the boot environment from the multiboot2
+/// information at `info`, then shuts the guest down.
+pub fn start(magic: u32, info: u64, workload: Workload<VmxGuest>) -> ! {
+    install_idt();
+    let mut guest = VmxGuest { _private: () };
+    match boot_env(magic, info) {
+        Ok((env, fault_test)) => {
+            if let Some(test) = fault_test {
+                guest.write_line(Line::event("fault-test").field("kind", test.name()));
+                match test {
+                    FaultTest::TripleFault => triple_fault_now(),
+                    FaultTest::ForbiddenMsr => read_forbidden_msr(),
+                }
+            }
+            workload(&mut guest, &env);
+        }
+        Err(e) => guest.write_line(&e.line()),
+    }
+    shutdown(&mut guest)
+}
+
+fn image() -> Region {
+    // linker.ld defines both symbols; only their addresses are used.
+    Region::new((&raw const __image_start) as u64, (&raw const __image_end) as u64)
+}
+
+/// Why the workload could not start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StartError {
+    Multiboot(MultibootError),
+    Boot(BootError),
+}
+
+impl StartError {
+    fn line(&self) -> Line {
+        match self {
+            Self::Multiboot(e) => e.line(),
+            Self::Boot(e) => e.line(),
+        }
+    }
+}
+
+/// Reads the boot information: RAM, arguments, and a fault test to run.
+fn boot_env(magic: u32, info: u64) -> Result<(Env, Option<FaultTest>), StartError> {
+    if magic != BOOTLOADER_MAGIC {
+        return Err(StartError::Multiboot(MultibootError::BadMagic(magic)));
+    }
+    let image = image();
+    if !info.is_multiple_of(8) || (image.start..image.end).contains(&info) {
+        return Err(StartError::Multiboot(MultibootError::BadAddress(info)));
+    }
+    // SAFETY: the hypervisor put the boot information in this guest's
+    // RAM, outside the image (checked above), identity-mapped by entry.S;
+    // nothing writes it. Only the fixed 8-byte header is read here.
+    let header = unsafe { &*(info as *const [u8; HEADER_LEN]) };
+    let size = multiboot::total_size(header).map_err(StartError::Multiboot)?;
+    // SAFETY: as above, for the size the header gives (bounded by
+    // MAX_INFO_SIZE); the parser checks every tag against it.
+    let bytes = unsafe { core::slice::from_raw_parts(info as *const u8, size) };
+    let boot = multiboot::parse(bytes, image).map_err(StartError::Multiboot)?;
+    let info_region = Region::new(info, info + size as u64);
+    if info_region.start < boot.ram.start || info_region.end > boot.ram.end {
+        return Err(StartError::Boot(BootError::OutsideRam(info_region)));
+    }
+    let args = Args::parse(boot.cmdline).map_err(|e| StartError::Boot(BootError::Args(e)))?;
+    let fault_test = FaultTest::from_cmdline(boot.cmdline).map_err(|e| StartError::Boot(BootError::Args(e)))?;
+    // SAFETY: entry.S identity-maps the low 4 GiB, which holds all of RAM;
+    // outside the image (code, data, bss with stack and page tables) and
+    // the boot information, nothing uses it.
+    Ok((unsafe { Env::with_free_ram(boot.ram, [image, info_region], args) }, fault_test))
+}
+
+/// Points IDT entries 0-31 at the stubs in `entry.S` (SDM Vol. 3A §7.14.1).
+fn install_idt() {
+    let stubs = exception_stubs as *const () as u64;
+    // SAFETY: only this vCPU runs, once, before any exception can be
+    // reported; the IDT is then only read by the processor.
+    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    for (vector, gate) in idt.0.chunks_exact_mut(2).enumerate() {
+        let handler = stubs + STUB_STRIDE * vector as u64;
+        gate[0] = (handler & 0xffff) | (SEL_CODE64 << 16) | IDT_GATE_INTERRUPT | ((handler >> 16) & 0xffff) << 48;
+        gate[1] = handler >> 32;
+    }
+    let idtr = Idtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt.0.as_ptr() as u64 };
+    // SAFETY: the IDT is static and complete; LIDT only reads the operand.
+    unsafe { asm!("lidt [{0}]", in(reg) &raw const idtr, options(nostack, readonly)) };
+}
+
+/// Makes an exception undeliverable: an empty IDT turns #UD into #GP,
+/// then #DF, then a triple fault (SDM Vol. 3A §7.15, "Interrupt 8").
+fn triple_fault_now() -> ! {
+    let idtr = Idtr { limit: 0, base: 0 };
+    // SAFETY: deliberately unrecoverable: the hypervisor sees the triple
+    // fault and stops this guest. Nothing else runs here.
+    unsafe {
+        asm!("lidt [{0}]", "ud2", in(reg) &raw const idtr, options(nostack, noreturn));
+    }
+}
+
+/// Reads an MSR the hypervisor does not allow: the #GP it injects is
+/// reported by the exception handler, which stops the guest.
+fn read_forbidden_msr() -> ! {
+    // SAFETY: RDMSR at CPL 0; under our hypervisor it exits and is
+    // answered with #GP, which the IDT reports before shutting down.
+    unsafe {
+        asm!("rdmsr", in("ecx") IA32_FEATURE_CONTROL, out("eax") _, out("edx") _, options(nomem, nostack));
+    }
+    let mut guest = VmxGuest { _private: () };
+    guest.write_line(Line::event("fault-test").field("kind", "forbidden-msr").flag("survived", true));
+    shutdown(&mut guest)
+}
+
+/// Stops this guest with `SHUTDOWN_SELF`; parks should it return.
+fn shutdown(guest: &mut VmxGuest) -> ! {
+    guest.hypercall(Request::shutdown_self());
+    park()
+}
+
+/// Stops this vCPU for good: HLT with interrupts off (the hypervisor
+/// treats it as the vCPU going off).
+pub fn park() -> ! {
+    loop {
+        // SAFETY: halting only affects this vCPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// CPUID; under our hypervisor it exits and the CPUID policy answers.
+fn cpuid(leaf: u32) -> CpuidResult {
+    __cpuid(leaf)
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC is allowed at CPL 0 and runs natively (no exit).
+    unsafe { _rdtsc() }
+}
+
+/// Called by `exception_common` in `entry.S`: reports the exception and
+/// stops the guest.
+#[no_mangle]
+extern "C" fn testguest_exception(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
+    if REPORTING.load(Ordering::Relaxed) {
+        park();
+    }
+    REPORTING.store(true, Ordering::Relaxed);
+    let mut guest = VmxGuest { _private: () };
+    let name = EXCEPTIONS.get(vector as usize).copied().unwrap_or("unknown");
+    guest
+        .write_line(Line::event("exception").field("vector", name).hex("error", error).hex("rip", rip).hex("cr2", cr2));
+    shutdown(&mut guest)
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    let mut guest = VmxGuest { _private: () };
+    let mut line = Line::event("panic");
+    if let Some(location) = info.location() {
+        line.field("file", location.file()).field("line", location.line());
+    }
+    line.field("message", info.message());
+    guest.write_line(&line);
+    shutdown(&mut guest)
+}
+
+impl Guest for VmxGuest {
+    fn hypercall(&mut self, request: Request) -> Outcome {
+        let (result, output): (u64, u64);
+        // SAFETY: `vmcall` exits to the hypervisor (HYPERCALLS.md), which
+        // only touches guest memory at the request's GPAs, inside this
+        // guest's RAM, and changes only RAX (result) and R8 (fast output).
+        unsafe {
+            asm!(
+                "vmcall",
+                inout("rcx") request.control => _,
+                inout("rdx") request.input => _,
+                inout("r8") request.output => output,
+                out("rax") result,
+                options(nostack),
+            );
+        }
+        Outcome { result, output }
+    }
+
+    fn gpa_of(&self, ptr: *const u8) -> u64 {
+        // entry.S identity-maps guest-physical memory.
+        ptr as u64
+    }
+
+    fn counter(&self) -> u64 {
+        rdtsc()
+    }
+
+    fn counter_frequency(&self) -> u64 {
+        let base = cpuid(HV_LEAF_BASE);
+        let mut signature = [0u8; 12];
+        signature[..4].copy_from_slice(&base.ebx.to_le_bytes());
+        signature[4..8].copy_from_slice(&base.ecx.to_le_bytes());
+        signature[8..].copy_from_slice(&base.edx.to_le_bytes());
+        if &signature != HV_SIGNATURE || base.eax < HV_LEAF_TIMING {
+            return 0;
+        }
+        u64::from(cpuid(HV_LEAF_TIMING).eax) * 1000
+    }
+
+    fn start_ticks(&mut self, period: u64) -> bool {
+        TICK_PERIOD.store(period, Ordering::Relaxed);
+        NEXT_TICK.store(rdtsc().saturating_add(period), Ordering::Relaxed);
+        true
+    }
+
+    fn stop_ticks(&mut self) {
+        TICK_PERIOD.store(0, Ordering::Relaxed);
+    }
+
+    fn send_self_ipi(&mut self) -> bool {
+        false
+    }
+
+    /// Polls the TSC until the next tick is due, yielding the physical CPU
+    /// to other vCPUs meanwhile (as `hlt` would if there were a timer
+    /// interrupt to wake it), then counts every tick that passed (several
+    /// if the vCPU was away meanwhile).
+    fn wait_for_interrupt(&mut self) {
+        let period = TICK_PERIOD.load(Ordering::Relaxed);
+        if period == 0 {
+            core::hint::spin_loop();
+            return;
+        }
+        let next = NEXT_TICK.load(Ordering::Relaxed);
+        let mut now = rdtsc();
+        while now < next {
+            self.hypercall(Request::fast(call::YIELD, 0));
+            now = rdtsc();
+        }
+        let due = (now - next) / period + 1;
+        TICKS.store(TICKS.load(Ordering::Relaxed) + due, Ordering::Relaxed);
+        NEXT_TICK.store(next + due * period, Ordering::Relaxed);
+    }
+
+    fn interrupt_counts(&self) -> InterruptCounts {
+        InterruptCounts { ticks: TICKS.load(Ordering::Relaxed), ipis: 0 }
+    }
+
+    fn probe(&mut self, gpa: u64) {
+        // SAFETY: the isolation probe touches `gpa` on purpose. Outside this
+        // guest's RAM the hypervisor stops the guest (EPT violation). If
+        // the load returns, the store writes back the value just read, so
+        // even an address inside this program's memory is left unchanged.
+        unsafe {
+            asm!(
+                "mov {value}, [{addr}]",
+                "mov [{addr}], {value}",
+                addr = in(reg) gpa,
+                value = out(reg) _,
+                options(nostack),
+            );
+        }
+    }
+}
+
+/// There is no PSCI on x86_64: every call is NOT_SUPPORTED, so the
+/// PSCI-based workloads report failures instead of not building.
+impl Psci for VmxGuest {
+    fn psci_call(&mut self, _call: Call) -> u64 {
+        NOT_SUPPORTED.cast_unsigned()
+    }
+
+    fn mpidr(&self) -> u64 {
+        0
+    }
+}

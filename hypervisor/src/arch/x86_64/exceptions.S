@@ -1,0 +1,64 @@
+// The hypervisor's own exception vectors (SDM Vol. 3A §7.3, Table 7-1):
+// the hypervisor takes no exceptions by design, so any is a bug to report
+// before powering off (rather than a silent triple fault and reset).
+// Vectors 8, 10-14, 17, 21, 29 and 30 push an error code; the others get
+// a 0 pushed so every frame is alike. Stubs are 16 bytes apart.
+
+.macro host_stub vector, has_error
+    .balign 16
+    .if \has_error == 0
+    pushq   $0
+    .endif
+    pushq   $\vector
+    jmp     host_exception_common
+.endm
+
+.section .text.host_exceptions, "ax"
+.code64
+.balign 16
+.global host_exception_stubs
+host_exception_stubs:
+    host_stub 0, 0
+    host_stub 1, 0
+    host_stub 2, 0
+    host_stub 3, 0
+    host_stub 4, 0
+    host_stub 5, 0
+    host_stub 6, 0
+    host_stub 7, 0
+    host_stub 8, 1
+    host_stub 9, 0
+    host_stub 10, 1
+    host_stub 11, 1
+    host_stub 12, 1
+    host_stub 13, 1
+    host_stub 14, 1
+    host_stub 15, 0
+    host_stub 16, 0
+    host_stub 17, 1
+    host_stub 18, 0
+    host_stub 19, 0
+    host_stub 20, 0
+    host_stub 21, 1
+    host_stub 22, 0
+    host_stub 23, 0
+    host_stub 24, 0
+    host_stub 25, 0
+    host_stub 26, 0
+    host_stub 27, 0
+    host_stub 28, 0
+    host_stub 29, 1
+    host_stub 30, 1
+    host_stub 31, 0
+
+// Frame: vector, error code, then RIP, CS, RFLAGS, RSP, SS.
+host_exception_common:
+    movq    0(%rsp), %rdi
+    movq    8(%rsp), %rsi
+    movq    16(%rsp), %rdx
+    movq    %cr2, %rcx
+    andq    $-16, %rsp
+    call    hv_host_exception
+1:  cli
+    hlt
+    jmp     1b

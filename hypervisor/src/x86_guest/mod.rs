@@ -1,0 +1,62 @@
+//! What an x86_64 guest sees of the machine, as pure policy the VM-exit
+//! handlers apply: CPUID ([`cpuid`]), the MSR allow-list ([`msr`]), the
+//! control-register bits it may change ([`cr`]), and how it is loaded and
+//! handed over to, the way a multiboot2 boot loader would ([`boot`]).
+//! Everything here takes guest-controlled values and is host-tested.
+
+pub mod boot;
+pub mod cpuid;
+pub mod cr;
+pub mod msr;
+
+/// Why a guest's instruction is answered with a general-protection fault
+/// (#GP(0)) instead of being carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpFault {
+    /// The MSR is not on the allow-list.
+    MsrNotAllowed,
+    /// The MSR is read-only.
+    MsrReadOnly,
+    /// Reserved bits set, or a value the register cannot hold.
+    ReservedBits,
+    /// An address that is not canonical (bits 63:47 not all equal).
+    NonCanonical,
+    /// A change the architecture forbids in the current mode (IA32_EFER.LME
+    /// with paging on, CR0.PG without CR0.PE, clearing CR4.PAE in long mode).
+    InvalidTransition,
+    /// A feature the guest's CPUID does not offer (CR4.VMXE, CR4.OSXSAVE ...).
+    HiddenFeature,
+}
+
+impl GpFault {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::MsrNotAllowed => "msr-not-allowed",
+            Self::MsrReadOnly => "msr-read-only",
+            Self::ReservedBits => "reserved-bits",
+            Self::NonCanonical => "non-canonical",
+            Self::InvalidTransition => "invalid-transition",
+            Self::HiddenFeature => "hidden-feature",
+        }
+    }
+}
+
+/// Whether `value` is a canonical 48-bit linear address (SDM Vol. 1 §3.3.7.1).
+pub const fn is_canonical(value: u64) -> bool {
+    let top = value.cast_signed() >> 47;
+    top == 0 || top == -1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_addresses() {
+        assert!(is_canonical(0));
+        assert!(is_canonical(0x0000_7fff_ffff_ffff));
+        assert!(is_canonical(0xffff_8000_0000_0000));
+        assert!(!is_canonical(0x0000_8000_0000_0000));
+        assert!(!is_canonical(0x1234_0000_0000_0000));
+    }
+}

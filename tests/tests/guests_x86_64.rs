@@ -1,0 +1,199 @@
+//! Partitions on x86_64 under VT-x with EPT, in Bochs (2 CPUs,
+//! `corei7_skylake_x`): the test guests run concurrently on both physical
+//! CPUs, each in its own EPT tree and VPID, every event they print is
+//! checked, and faults (an EPT violation, a triple fault, a forbidden
+//! MSR) stay with the guest that caused them.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunOutcome, RunSpec};
+use hv_tests::events::Event;
+use hv_tests::guests::{self, GuestArg};
+use hv_tests::image::{self, ImageSpec};
+use hv_tests::{Arch, Machine};
+
+/// One emulator at a time: the machine has two cores, and Bochs's RFB
+/// display listens on a fixed port.
+static EMULATOR: Mutex<()> = Mutex::new(());
+/// Guest RAM starts at 0x4000_0000; the isolation probe reads 64 MiB past
+/// the end of its 4 MiB.
+const ISOLATION_PROBE: u64 = 0x4000_0000 + (4 << 20) + (64 << 20);
+
+fn run_guests(name: &str, list: &[GuestArg]) -> RunOutcome {
+    let image = image::build(&ImageSpec { arch: Arch::X86_64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let mut spec = RunSpec::new(name, Machine::Bochs);
+    spec.cpus = 2;
+    spec.mem_mib = 128;
+    spec.timeout = Duration::from_mins(2);
+    let modules = guests::grub_modules(list).unwrap_or_else(|e| panic!("{e}"));
+    let iso = image::iso_with_modules(&image, &modules, &emulator::run_dir(&spec)).unwrap_or_else(|e| panic!("{e}"));
+    let _one = EMULATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    emulator::run(&iso, &spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn check(run: &RunOutcome, ok: bool, what: &str) {
+    assert!(ok, "{}", run.failure(what));
+}
+
+/// The partition id the hypervisor gave the guest named `name`.
+fn id_of(run: &RunOutcome, name: &str) -> u32 {
+    let started = run.hv("guest-start");
+    let e = started.iter().find(|e| e.get("name") == Some(name));
+    check(run, e.is_some(), &format!("no guest-start for {name}"));
+    e.and_then(|e| e.num("id")).map_or(0, |id| id as u32)
+}
+
+fn last<'a>(events: &[&'a Event]) -> Option<&'a Event> {
+    events.last().copied()
+}
+
+fn test_guest(bin: &str, options: &str) -> GuestArg {
+    let dir = guests::build_test_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
+    let spec = format!("{}{options}", dir.join(format!("{bin}.bin")).display());
+    GuestArg::parse(&spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The VMCS controls the hypervisor resolved against the TRUE capability
+/// MSRs: EPT, VPID and unrestricted guest on; the preemption timer,
+/// external-interrupt and NMI exiting on; HLT and I/O exiting on.
+fn check_controls(run: &RunOutcome) {
+    let controls = run.hv("vmcs-controls");
+    check(run, controls.len() == 1, "one vmcs-controls event");
+    let c = controls[0];
+    let has = |key: &str, bits: u64| c.num(key).is_some_and(|v| v & bits == bits);
+    check(run, has("proc2", (1 << 1) | (1 << 5) | (1 << 7)), "EPT, VPID, unrestricted guest");
+    check(run, has("pin", 1 | (1 << 3) | (1 << 6)), "external interrupts, NMIs, preemption timer");
+    check(run, has("proc", (1 << 7) | (1 << 24) | (1 << 31)), "HLT and I/O exiting, secondary controls");
+    check(run, c.num("proc").is_some_and(|v| v & (1 << 28) == 0), "no MSR bitmap: every MSR access exits");
+    check(run, c.num("entry").is_some_and(|v| v & (1 << 9) == 0), "guests start outside IA-32e mode");
+}
+
+#[test]
+fn default_guests_run_isolated_on_both_cpus() {
+    let list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
+    let run = run_guests("test-x86_64-guests", &list);
+    check(&run, run.clean_shutdown(), "no clean shutdown");
+    check_controls(&run);
+    let started = run.hv("guest-start");
+    check(&run, started.len() == 5, "five guests should start");
+    let cpus: BTreeSet<_> = started.iter().filter_map(|e| e.num("cpu")).collect();
+    check(&run, cpus.len() == 2, "guests should be spread over both physical CPUs");
+    let roots: BTreeSet<_> = started.iter().filter_map(|e| e.get("stage2_root")).collect();
+    check(&run, roots.len() == 5, "each guest has its own EPT root");
+    let vpids: BTreeSet<_> = started.iter().filter_map(|e| e.num("vpid")).collect();
+    check(&run, vpids.len() == 5 && !vpids.contains(&0), "each guest has its own non-zero VPID");
+    check(&run, started.iter().all(|e| e.num("ept_2m").unwrap_or(0) > 0), "guest RAM is mapped with 2 MiB pages");
+
+    // The hypercall exerciser: every status as documented.
+    let ex = id_of(&run, "exerciser");
+    let checks = run.guest(ex, "hypercall");
+    check(&run, checks.len() == 15, "15 hypercall checks");
+    for c in &checks {
+        check(&run, c.num("ok") == Some(1) && c.get("status") == c.get("expected"), &format!("check {c:?}"));
+    }
+    let verdict = last(&run.guest(ex, "exerciser"));
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1) && e.num("failed") == Some(0)), "exerciser verdict");
+    let info = last(&run.guest(ex, "info"));
+    check(&run, info.is_some_and(|e| e.num("cpus") == Some(2) && e.get("version").is_some()), "info line");
+
+    // memcheck over all of its RAM (through its own page tables on top of
+    // EPT), every pass ok.
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, passes.len() == 3, "three memcheck passes");
+    check(&run, passes.iter().all(|e| e.num("ok") == Some(1) && e.num("pages").unwrap_or(0) > 1900), "memcheck ok");
+
+    // heartbeat: the TSC-polled tick, its frequency from CPUID 0x4000_0010.
+    let hb = id_of(&run, "heartbeat");
+    let done = last(&run.guest(hb, "heartbeat"));
+    check(&run, done.is_some_and(|e| e.num("ticks") == Some(100)), "heartbeat reached 100 ticks");
+    let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
+    check(&run, ticks.windows(2).all(|w| w[0] < w[1]) && ticks.len() == 10, "alive ticks increase");
+
+    // The isolation probe hits an EPT violation and is stopped; nobody
+    // else is.
+    let iso = id_of(&run, "isolation");
+    let faults = run.hv("fault");
+    check(&run, faults.len() == 1, "exactly one fault");
+    let f = faults[0];
+    check(&run, f.get("kind") == Some("ept") && f.num("guest") == Some(u64::from(iso)), "EPT fault event");
+    check(&run, f.num("addr") == Some(ISOLATION_PROBE), "fault address = RAM end + 64 MiB");
+    check(&run, run.guest(iso, "probe").iter().all(|e| e.get("survived").is_none()), "probe must not survive");
+    let stopped = run.hv("guest-stop");
+    check(&run, stopped.iter().filter(|e| e.get("reason") == Some("fault")).count() == 1, "one guest stopped by fault");
+    check(&run, stopped.len() == 5, "every guest stopped");
+    check(&run, run.hv("unexpected-exit").is_empty(), "no unexpected exits");
+
+    // The blackout meter spins on the heartbeat's CPU; the preemption
+    // timer still lets the heartbeat tick while it spins.
+    let bo = id_of(&run, "blackout");
+    let cpu_of = |id: u32| started.iter().find(|e| e.num("id") == Some(u64::from(id))).and_then(|e| e.num("cpu"));
+    check(&run, cpu_of(bo) == cpu_of(hb), "blackout and heartbeat share a CPU in the default layout");
+    let lines: Vec<&str> = run.serial.lines().collect();
+    let pos = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    let first_bo = pos(&|l| l.starts_with(&format!("guest{bo}: blackout max_gap")));
+    let final_bo = pos(&|l| l.starts_with(&format!("guest{bo}: blackout")) && l.contains("final=1"));
+    let alive_between = match (first_bo, final_bo) {
+        (Some(a), Some(b)) => lines[a..b].iter().filter(|l| l.starts_with(&format!("guest{hb}: alive"))).count(),
+        _ => 0,
+    };
+    check(&run, alive_between > 0, "heartbeat ticks while the blackout meter spins on the same CPU");
+    let gap = last(&run.guest(bo, "blackout")).and_then(|e| e.num("max_gap_us"));
+    check(&run, gap.is_some_and(|g| g > 0), "blackout meter reports a gap");
+}
+
+#[test]
+fn triple_fault_and_forbidden_msr_stay_with_their_guest() {
+    let list = [
+        test_guest("heartbeat", ",name=crasher,mem=4,cmdline=\"fault_test=triple-fault\""),
+        test_guest("memcheck", ",mem=8,cmdline=\"passes=2\""),
+        test_guest("isolation", ",name=msr,mem=4,cmdline=\"fault_test=forbidden-msr\""),
+        test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30\""),
+    ];
+    let run = run_guests("test-x86_64-faults", &list);
+    check(&run, run.clean_shutdown(), "no clean shutdown");
+    let started = run.hv("guest-start");
+    check(&run, started.len() == 4, "four guests should start");
+
+    // The triple fault: one fault event, that guest stopped.
+    let crasher = id_of(&run, "crasher");
+    let armed = run.guest(crasher, "fault-test");
+    check(&run, armed.len() == 1 && armed[0].get("kind") == Some("triple-fault"), "crasher announces its test");
+    let faults = run.hv("fault");
+    check(&run, faults.len() == 1, "exactly one fault");
+    check(
+        &run,
+        faults[0].get("kind") == Some("triple-fault") && faults[0].num("guest") == Some(u64::from(crasher)),
+        "triple-fault event for the crasher",
+    );
+
+    // The forbidden MSR: #GP injected, reported by the guest's own IDT.
+    let msr = id_of(&run, "msr");
+    let injected = run.hv("inject");
+    check(&run, injected.len() == 1, "one injected exception");
+    check(
+        &run,
+        injected[0].get("vector") == Some("gp") && injected[0].get("reason") == Some("msr-not-allowed"),
+        "#GP for the MSR outside the allow-list",
+    );
+    let exception = run.guest(msr, "exception");
+    check(&run, exception.len() == 1 && exception[0].get("vector") == Some("gp"), "the guest took the #GP");
+    check(&run, run.guest(msr, "fault-test").iter().all(|e| e.get("survived").is_none()), "RDMSR must not succeed");
+
+    // The others ran to completion, unaffected.
+    let mc = id_of(&run, "memcheck");
+    let done = last(&run.guest(mc, "memcheck"));
+    check(&run, done.is_some_and(|e| e.num("done") == Some(1) && e.num("failed") == Some(0)), "memcheck verdict");
+    let hb = id_of(&run, "heartbeat");
+    let beat = last(&run.guest(hb, "heartbeat"));
+    check(&run, beat.is_some_and(|e| e.num("ticks") == Some(30)), "heartbeat reached 30 ticks");
+    let stopped = run.hv("guest-stop");
+    let reason = |id: u32| stopped.iter().find(|e| e.num("id") == Some(u64::from(id))).and_then(|e| e.get("reason"));
+    check(&run, reason(crasher) == Some("fault"), "crasher stopped by its fault");
+    check(&run, reason(msr) == Some("shutdown"), "msr guest shut itself down after the #GP");
+    check(&run, reason(mc) == Some("shutdown") && reason(hb) == Some("shutdown"), "the others finished");
+    let all = run.hv("all-guests-stopped");
+    check(&run, all.len() == 1 && all[0].num("faulted") == Some(1), "one faulted guest in the end");
+}
