@@ -19,6 +19,35 @@ pub trait HostMemory {
     fn write(&mut self, pa: u64, data: &[u8]);
 }
 
+/// Host memory as the hypervisor image sees it: RAM identity-mapped
+/// (physical address = virtual address), on both architectures.
+#[derive(Debug)]
+pub struct IdentityMemory(());
+
+impl IdentityMemory {
+    /// # Safety
+    /// RAM must be identity-mapped read-write for as long as the value is
+    /// used, and every address handed to it must have been translated
+    /// through the calling partition's `GuestRam` (so it is that partition's
+    /// RAM). Never true in host tests.
+    pub const unsafe fn new() -> Self {
+        Self(())
+    }
+}
+
+impl HostMemory for IdentityMemory {
+    fn read(&self, pa: u64, out: &mut [u8]) {
+        // SAFETY: `new`'s contract: `pa..pa + len` is the caller's own RAM,
+        // identity-mapped.
+        unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, out.as_mut_ptr(), out.len()) };
+    }
+
+    fn write(&mut self, pa: u64, data: &[u8]) {
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
+    }
+}
+
 /// What the hypervisor knows that calls report.
 pub trait HvContext {
     fn version(&self) -> &str;

@@ -18,7 +18,7 @@ use hypervisor::guest_dtb::{
     self, GuestDtbSpec, GUEST_GICD, GUEST_GICR, GUEST_GICR_STRIDE, GUEST_UART, GUEST_UART_SIZE,
 };
 use hypervisor::guest_image::{self, GuestLayout};
-use hypervisor::hypercall::{self, Action, HostMemory, HvContext};
+use hypervisor::hypercall::{self, Action, HvContext, IdentityMemory};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::sched::{pick_next, VcpuState};
 use hypervisor::stage2::{ArmStage2, Attrs, LinearMap, Perms, Stage2Table};
@@ -166,22 +166,6 @@ pub fn set_cpu(index: usize, mpidr: u64) {
 pub(super) fn cpu_index() -> usize {
     let me = super::mpidr() & 0xff_00ff_ffff;
     CPU_MPIDR.iter().position(|m| m.load(Ordering::Relaxed) == me).unwrap_or(0)
-}
-
-/// Guest memory is identity-mapped at EL2.
-struct IdentityMemory;
-
-impl HostMemory for IdentityMemory {
-    fn read(&self, pa: u64, out: &mut [u8]) {
-        // SAFETY: `pa` was translated through the caller's GuestRam, so the
-        // range is inside a RAM block owned by that partition, mapped RW.
-        unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, out.as_mut_ptr(), out.len()) };
-    }
-
-    fn write(&mut self, pa: u64, data: &[u8]) {
-        // SAFETY: as in `read`.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
-    }
 }
 
 struct Info<'a>(&'a Machine);
@@ -925,7 +909,10 @@ fn hypercall_exit(m: &mut Machine, v: usize) -> Exit {
     };
     let info = m.partitions[p].info.clone();
     let mut printed: Vec<u8> = Vec::new();
-    let outcome = hypercall::dispatch(&info, control, input, output, &Info(m), &mut IdentityMemory, &mut |b| {
+    // SAFETY: RAM is identity-mapped in the hypervisor, and `dispatch`
+    // translates every guest address through the caller's GuestRam first.
+    let mut memory = unsafe { IdentityMemory::new() };
+    let outcome = hypercall::dispatch(&info, control, input, output, &Info(m), &mut memory, &mut |b| {
         printed.extend_from_slice(b);
     });
     console_bytes(m, p, &printed);

@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use hvcall::{PartitionState, Status};
 use hypervisor::frames::FrameAllocator;
 use hypervisor::guest_console::LineBuffer;
-use hypervisor::hypercall::{self, Action, HostMemory, HvContext};
+use hypervisor::hypercall::{self, Action, HostMemory, HvContext, IdentityMemory};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::sched::{pick_next, VcpuState};
 use hypervisor::stage2::{Attrs, BlockSize, Ept, FrameSource, LinearMap, Perms, Stage2Table};
@@ -163,23 +163,6 @@ pub struct MachineSpec<'a> {
     pub controls: VmcsControls,
     pub cr_policy: GuestCrPolicy,
     pub tsc_hz: u64,
-}
-
-/// Guest memory is identity-mapped in the hypervisor.
-struct IdentityMemory;
-
-impl HostMemory for IdentityMemory {
-    fn read(&self, pa: u64, out: &mut [u8]) {
-        // SAFETY: `pa` was translated through the caller's GuestRam, so the
-        // range is inside a RAM block owned by that partition, below 4 GiB
-        // and identity-mapped.
-        unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, out.as_mut_ptr(), out.len()) };
-    }
-
-    fn write(&mut self, pa: u64, data: &[u8]) {
-        // SAFETY: as in `read`.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
-    }
 }
 
 struct Info<'a>(&'a Machine);
@@ -873,7 +856,10 @@ fn hypercall_exit(m: &mut Machine, v: usize) -> Result<Next, VmcsError> {
     };
     let info = m.partitions[p].info.clone();
     let mut printed: Vec<u8> = Vec::new();
-    let outcome = hypercall::dispatch(&info, control, input, output, &Info(m), &mut IdentityMemory, &mut |b| {
+    // SAFETY: RAM is identity-mapped in the hypervisor, and `dispatch`
+    // translates every guest address through the caller's GuestRam first.
+    let mut memory = unsafe { IdentityMemory::new() };
+    let outcome = hypercall::dispatch(&info, control, input, output, &Info(m), &mut memory, &mut |b| {
         printed.extend_from_slice(b);
     });
     console_bytes(m, p, &printed);
@@ -1016,7 +1002,8 @@ fn cr_exit(m: &mut Machine, v: usize, qualification: u64) -> Result<Next, VmcsEr
 fn read_pdptes(ram: GuestRam, cr3: u64) -> Option<[u64; 4]> {
     let pa = ram.translate(cr3 & PAE_PDPT_MASK, 32)?;
     let mut bytes = [0u8; 32];
-    IdentityMemory.read(pa, &mut bytes);
+    // SAFETY: `pa` was translated through the guest's RAM just above.
+    unsafe { IdentityMemory::new() }.read(pa, &mut bytes);
     let mut out = [0u64; 4];
     for (o, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
         let mut b = [0u8; 8];
