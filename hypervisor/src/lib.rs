@@ -15,6 +15,7 @@ pub mod guest_console;
 pub mod guest_dtb;
 pub mod guest_image;
 pub mod hypercall;
+pub mod live_update;
 pub mod partition;
 pub mod pci;
 pub mod sched;

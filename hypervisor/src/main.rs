@@ -28,12 +28,15 @@ fn main() {
 #[cfg(target_os = "none")]
 #[used]
 #[link_section = ".hvlu_descriptor"]
-static IMAGE_DESCRIPTOR: [u8; loader::image_desc::DESCRIPTOR_LEN] = loader::image_desc::descriptor(
-    arch::IMAGE_ARCH,
-    hypervisor::HANDOVER_ABI_MIN,
-    hypervisor::HANDOVER_ABI_MAX,
-    hypervisor::VERSION,
-    hypervisor::BUILD_ID,
+static IMAGE_DESCRIPTOR: [u8; loader::image_desc::DESCRIPTOR_LEN] = loader::image_desc::with_handover_entry(
+    loader::image_desc::descriptor(
+        arch::IMAGE_ARCH,
+        hypervisor::HANDOVER_ABI_MIN,
+        hypervisor::HANDOVER_ABI_MAX,
+        hypervisor::VERSION,
+        hypervisor::BUILD_ID,
+    ),
+    arch::HANDOVER_ENTRY,
 );
 
 #[cfg(target_os = "none")]

@@ -15,12 +15,20 @@
 //! | 20 | 4 | highest handover ABI the image reads (and writes) |
 //! | 24 | 8 | image size in bytes (the whole file) |
 //! | 32 | 4 | CRC-32 (kho's) of the file with these 4 bytes zeroed |
-//! | 36 | 4 | reserved, 0 |
+//! | 36 | 4 | handover entry: physical address the kexec enters (x86_64), 0 if none |
 //! | 40 | 32 | version, NUL-padded UTF-8 |
 //! | 72 | 32 | build id, NUL-padded UTF-8 |
 //!
 //! The image is built with size and checksum 0; the launcher seals it
 //! ([`seal`]) after linking.
+//!
+//! The handover entry (offset 36) is where a live update enters an x86_64
+//! image: in 64-bit mode, paging on with the low 4 GiB identity-mapped,
+//! interrupts off, RDI = the handover's physical address, RSI = the
+//! multiboot2 information's, RDX = the TSC at the jump (`kho/ABI.md`
+//! §4.6). Images with 0 there cannot be live-updated into on x86_64. The
+//! aarch64 kexec enters the image at its load address (x0 = DTB, x1 =
+//! handover), so aarch64 images leave it 0.
 
 use core::fmt;
 
@@ -34,6 +42,7 @@ const OFF_ABI_MIN: usize = 16;
 const OFF_ABI_MAX: usize = 20;
 const OFF_SIZE: usize = 24;
 const OFF_CRC: usize = 32;
+const OFF_HANDOVER_ENTRY: usize = 36;
 const OFF_VERSION: usize = 40;
 const OFF_BUILD: usize = 72;
 
@@ -137,6 +146,17 @@ pub const fn descriptor(
     out
 }
 
+/// `desc` with its handover entry (offset 36) set to `entry`.
+pub const fn with_handover_entry(mut desc: [u8; DESCRIPTOR_LEN], entry: u32) -> [u8; DESCRIPTOR_LEN] {
+    let bytes = entry.to_le_bytes();
+    let mut byte = 0;
+    while byte < bytes.len() {
+        desc[OFF_HANDOVER_ENTRY + byte] = bytes[byte];
+        byte += 1;
+    }
+    desc
+}
+
 /// A validated descriptor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Descriptor {
@@ -146,6 +166,8 @@ pub struct Descriptor {
     pub abi_max: u32,
     pub size: u64,
     pub crc: u32,
+    /// Physical address of the 64-bit handover entry (x86_64), 0 if none.
+    pub handover_entry: u32,
     pub version: [u8; 32],
     pub build: [u8; 32],
 }
@@ -200,6 +222,7 @@ pub fn find(image: &[u8]) -> Result<Descriptor, ImageError> {
         abi_max: le32(d, OFF_ABI_MAX),
         size: le64(d, OFF_SIZE),
         crc: le32(d, OFF_CRC),
+        handover_entry: le32(d, OFF_HANDOVER_ENTRY),
         version: v,
         build: b,
     })
@@ -274,6 +297,16 @@ mod tests {
         assert_eq!(d.version_str(), "0.2.0");
         assert_eq!(d.build_str(), "abc");
         assert_eq!(validate(&img, ImageArch::Aarch64, 1, 1 << 20).unwrap().size, 4096);
+    }
+
+    #[test]
+    fn handover_entry_round_trips() {
+        let mut img = image(2, (1, 1));
+        assert_eq!(find(&img).unwrap().handover_entry, 0);
+        let d = with_handover_entry(descriptor(ImageArch::X86_64, 1, 1, "0.2.0", "abc"), 0x20_0100);
+        img[64..64 + DESCRIPTOR_LEN].copy_from_slice(&d);
+        seal(&mut img).unwrap();
+        assert_eq!(validate(&img, ImageArch::X86_64, 1, 1 << 20).unwrap().handover_entry, 0x20_0100);
     }
 
     #[test]

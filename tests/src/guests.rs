@@ -206,7 +206,13 @@ pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Resul
         g.cmdline = match g.name.as_str() {
             "heartbeat" => format!("ticks={}", span_s * 100),
             "memcheck" => format!("passes={}", span_s * 15),
-            "blackout" => format!("seconds={span_s}"),
+            // Keep the other options (x86_64 reports only long gaps).
+            "blackout" => g
+                .cmdline
+                .split_whitespace()
+                .map(|w| if w.starts_with("seconds=") { format!("seconds={span_s}") } else { w.to_string() })
+                .collect::<Vec<_>>()
+                .join(" "),
             _ => g.cmdline.clone(),
         };
     }

@@ -9,7 +9,16 @@
 //! BENCH name=update_handover_bytes guest_mib=64 value=... unit=bytes
 //! ```
 //!
-//! Usage: `hvbench [--sizes 64,1024] [--updates N]`.
+//! `--arch x86_64` runs the same under Bochs (`clock: sync=none`: guest
+//! time follows the emulated instruction count, so it is reproducible too)
+//! with the guest as a multiboot2 module, and also prints the blackout of
+//! each update:
+//!
+//! ```text
+//! BENCH name=update_blackout_us arch=x86_64 guest_mib=16 update=1 value=210000 unit=us
+//! ```
+//!
+//! Usage: `hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--updates N]`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,10 +33,10 @@ fn median(mut v: Vec<u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-fn bench(size_mib: u64, updates: u32) -> Result<(), LaunchError> {
-    let a = image::build(&ImageSpec { arch: Arch::Aarch64, version: None })?;
-    let b = image::build(&ImageSpec { arch: Arch::Aarch64, version: Some(UPDATE_B_VERSION.into()) })?;
-    let dir = guests::build_test_guests(Arch::Aarch64)?;
+fn bench(arch: Arch, size_mib: u64, updates: u32) -> Result<(), LaunchError> {
+    let a = image::build(&ImageSpec { arch, version: None })?;
+    let b = image::build(&ImageSpec { arch, version: Some(UPDATE_B_VERSION.into()) })?;
+    let dir = guests::build_test_guests(arch)?;
     let meter = GuestArg {
         file: dir.join("blackout.bin"),
         name: "blackout".into(),
@@ -36,23 +45,42 @@ fn bench(size_mib: u64, updates: u32) -> Result<(), LaunchError> {
         privileged: false,
         initrd: None,
         devices: Vec::new(),
-        cmdline: format!("seconds={}", u64::from(updates) / 2 + 3),
+        // Under Bochs each serial report costs milliseconds: report only
+        // gaps longer than two time slices there.
+        cmdline: match arch {
+            Arch::Aarch64 => format!("seconds={}", u64::from(updates) / 2 + 3),
+            Arch::X86_64 => format!("seconds={} gap_report_us=20000", u64::from(updates) / 2 + 3),
+        },
     };
     let cmd = format!("updates={updates} delay_ms=300");
-    let driver = guests::updater_guest(Arch::Aarch64, &[b.bootable, a.bootable.clone()], 16, &cmd)?;
-    // RAM: the guest block is aligned to its size, and the blobs sit at the
-    // top, so leave room for an aligned block above 2 GiB.
-    let ram_mib = (size_mib * 2).max(512) + 1024;
-    let mut spec = RunSpec::new(&format!("bench-update-{size_mib}m"), Machine::Qemu);
-    spec.mem_mib = u32::try_from(ram_mib).unwrap_or(u32::MAX);
-    spec.timeout = Duration::from_mins(10);
-    spec.extra_args = vec!["-icount".into(), "shift=0,sleep=off".into()];
-    let run_dir = emulator::run_dir(&spec);
-    std::fs::create_dir_all(&run_dir).map_err(|err| LaunchError::Io { what: "run dir".into(), err })?;
-    let placed = guests::place(&[meter, driver], ram_mib, &run_dir)?;
-    spec.blobs = placed.blobs;
-    spec.cmdline = Some(placed.cmdline);
-    let run = emulator::run(&a, &spec)?;
+    let driver = guests::updater_guest(arch, &[b.update_image(), a.update_image()], 16, &cmd)?;
+    let run = match arch {
+        Arch::Aarch64 => {
+            // RAM: the guest block is aligned to its size, and the blobs sit
+            // at the top, so leave room for an aligned block above 2 GiB.
+            let ram_mib = (size_mib * 2).max(512) + 1024;
+            let mut spec = RunSpec::new(&format!("bench-update-{size_mib}m"), Machine::Qemu);
+            spec.mem_mib = u32::try_from(ram_mib).unwrap_or(u32::MAX);
+            spec.timeout = Duration::from_mins(10);
+            spec.extra_args = vec!["-icount".into(), "shift=0,sleep=off".into()];
+            let run_dir = emulator::run_dir(&spec);
+            std::fs::create_dir_all(&run_dir).map_err(|err| LaunchError::Io { what: "run dir".into(), err })?;
+            let placed = guests::place(&[meter, driver], ram_mib, &run_dir)?;
+            spec.blobs = placed.blobs;
+            spec.cmdline = Some(placed.cmdline);
+            emulator::run(&a, &spec)?
+        }
+        Arch::X86_64 => {
+            // RAM: the guests, the 32 MiB scratch and the 16 MiB kexec
+            // window, below 4 GiB.
+            let mut spec = RunSpec::new(&format!("bench-x86_64-update-{size_mib}m"), Machine::Bochs);
+            spec.mem_mib = u32::try_from(size_mib.next_power_of_two() * 2 + 128).unwrap_or(u32::MAX);
+            spec.timeout = Duration::from_mins(10);
+            let modules = guests::grub_modules(&[meter, driver])?;
+            let iso = image::iso_with_modules(&a, &modules, &emulator::run_dir(&spec))?;
+            emulator::run(&iso, &spec)?
+        }
+    };
     let done = run.hv("update-done");
     if done.len() != updates as usize || !run.clean_shutdown() {
         return Err(LaunchError::Image(run.failure(&format!("{} of {updates} updates done", done.len()))));
@@ -62,6 +90,14 @@ fn bench(size_mib: u64, updates: u32) -> Result<(), LaunchError> {
     let seen: Vec<u64> = rows.iter().filter_map(|r| r.guest_gap_us.values().max().copied()).collect();
     let phases = run.hv("update-phases");
     let phase = |k: &str| median(phases.iter().filter_map(|e| e.num(k)).collect());
+    if arch == Arch::X86_64 {
+        for (k, us) in field("blackout_us").iter().enumerate() {
+            println!(
+                "BENCH name=update_blackout_us arch=x86_64 guest_mib={size_mib} update={} value={us} unit=us",
+                k + 1
+            );
+        }
+    }
     println!("BENCH name=update_blackout_us guest_mib={size_mib} value={} unit=us", median(field("blackout_us")));
     println!("BENCH name=update_blackout_guest_seen_us guest_mib={size_mib} value={} unit=us", median(seen));
     println!(
@@ -80,22 +116,27 @@ fn bench(size_mib: u64, updates: u32) -> Result<(), LaunchError> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut sizes = vec![64u64, 1024];
+    let mut sizes = None;
     let mut updates = 4u32;
+    let mut arch = Arch::Aarch64;
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--sizes", Some(v)) => sizes = v.split(',').filter_map(|s| s.parse().ok()).collect(),
+        match (a.as_str(), it.next().map(String::as_str)) {
+            ("--sizes", Some(v)) => sizes = Some(v.split(',').filter_map(|s| s.parse().ok()).collect()),
+            ("--arch", Some("aarch64")) => arch = Arch::Aarch64,
+            ("--arch", Some("x86_64")) => arch = Arch::X86_64,
             ("--updates", Some(v)) => updates = v.parse().unwrap_or(updates),
             _ => {
-                eprintln!("usage: hvbench [--sizes 64,1024] [--updates N]");
+                eprintln!("usage: hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--updates N]");
                 return ExitCode::from(2);
             }
         }
     }
+    // Bochs emulates every instruction: smaller guests there.
+    let sizes: Vec<u64> = sizes.unwrap_or_else(|| if arch == Arch::X86_64 { vec![16, 64] } else { vec![64, 1024] });
     for size in sizes {
-        eprintln!("hvbench: {updates} updates with a {size} MiB guest (-icount)");
-        if let Err(e) = bench(size, updates) {
+        eprintln!("hvbench: {updates} updates with a {size} MiB guest on {}", arch.name());
+        if let Err(e) = bench(arch, size, updates) {
             eprintln!("hvbench: {e}");
             return ExitCode::from(1);
         }

@@ -15,7 +15,7 @@ usage: scripts/run [options] [-- emulator args...]
   --arch aarch64|x86_64      architecture (default: aarch64)
   --machine qemu|bochs|kvm   emulator (default: qemu for aarch64, bochs for x86_64)
                              kvm = QEMU/KVM on an Intel host with nested VMX
-  --timeout SECONDS          stop the emulator after this long (default: 120)
+  --timeout SECONDS          stop the emulator after this long (default: 300)
   --cpus N                   CPUs (default: 2)
   --mem MIB                  RAM in MiB (default: 512 on QEMU, 128 on Bochs)
   --guest FILE[,mem=SIZE][,vcpus=N][,privileged][,initrd=FILE][,device=BB:DD.F][,cmdline=\"...\"]
@@ -23,11 +23,12 @@ usage: scripts/run [options] [-- emulator args...]
                              built-in test guests run (x86_64: as multiboot2
                              modules on the ISO; initrd and device are aarch64-only)
   --no-guests                boot the hypervisor alone
-  --updates N                aarch64: live updates the updater guest requests (default 10),
+  --updates N                live updates the updater guest requests (default 10),
                              alternating between this build (A) and a build with
                              another version (B): A->B->A...
   --update-image FILE        stage FILE as the update image instead (your own build,
                              or a deliberately bad one) and report what happens
+                             (aarch64: an arm64 Image; x86_64: a sealed ELF)
   -h, --help                 this text
 
 Everything after -- goes to the emulator's command line unchanged.
@@ -58,7 +59,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
     let mut o = Options {
         arch: Arch::Aarch64,
         machine: None,
-        timeout: 120,
+        timeout: 300,
         cpus: 2,
         mem: None,
         guests: Vec::new(),
@@ -108,7 +109,7 @@ fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, hv_tests
         (None, _) => {
             eprintln!("hvrun: building update image B (version {UPDATE_B_VERSION})");
             let b = image::build(&ImageSpec { arch: o.arch, version: Some(UPDATE_B_VERSION.into()) })?;
-            vec![b.bootable, image.bootable.clone()]
+            vec![b.update_image(), image.update_image()]
         }
     };
     let updates = if o.update_image.is_some() { o.updates.min(1) } else { o.updates };
@@ -116,14 +117,9 @@ fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, hv_tests
 }
 
 /// The x86_64 ISO with the guests as multiboot2 modules: the user's, or
-/// the default test guests (no live update on x86_64, so no updater).
+/// the test guests and the updater.
 fn x86_iso(o: &Options, image: &BuiltImage, dir: &std::path::Path) -> Result<BuiltImage, hv_tests::LaunchError> {
-    let list = if o.guests.is_empty() {
-        eprintln!("hvrun: building the test guests");
-        guests::default_guests(Arch::X86_64)?
-    } else {
-        o.guests.clone()
-    };
+    let list = guest_list(o, image)?;
     let modules = guests::grub_modules(&list)?;
     eprintln!("hvrun: guest modules:");
     for m in &modules {

@@ -74,6 +74,39 @@ start64:
     hlt
     jmp     1b
 
+// The live-update handover entry (loader::image_desc, kho/ABI.md §4.6):
+// the previous image's kexec trampoline copied this image's PT_LOAD
+// segments to their physical addresses (bss zeroed) and jumps here in
+// 64-bit mode with interrupts off, on its own identity map of the low
+// 4 GiB, with RDI = handover, RSI = multiboot2 information, RDX = the TSC
+// at the jump. This image's own page tables and GDT are already in place
+// in its data (they are initialised data), so it only loads them.
+.section .text.handover, "ax"
+.code64
+.global hv_handover_entry
+hv_handover_entry:
+    cli
+    cld
+    movq    $boot_pml4, %rax
+    movq    %rax, %cr3
+    lgdt    gdt64_ptr(%rip)
+    movq    $boot_stack_top, %rsp
+    pushq   $0x08
+    leaq    1f(%rip), %rax
+    pushq   %rax
+    lretq
+1:  movw    $0x10, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    xorw    %ax, %ax
+    movw    %ax, %fs
+    movw    %ax, %gs
+    call    hv_x86_handover
+2:  cli
+    hlt
+    jmp     2b
+
 // Application processors start here in real mode at AP_TRAMPOLINE (SIPI
 // vector 8). The code is copied there, so it addresses itself as
 // AP_TRAMPOLINE + (label - ap_trampoline_start).

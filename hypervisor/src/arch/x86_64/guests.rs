@@ -10,12 +10,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use hvcall::{PartitionState, Status};
+use hvcall::PartitionState;
 use hypervisor::frames::FrameAllocator;
 use hypervisor::guest_console::LineBuffer;
 use hypervisor::hypercall::{self, Action, HostMemory, HvContext, IdentityMemory};
+use hypervisor::live_update;
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::sched::{pick_next, VcpuState};
 use hypervisor::stage2::{Attrs, BlockSize, Ept, FrameSource, LinearMap, Perms, Stage2Table};
@@ -31,6 +32,7 @@ use hypervisor::x86_guest::cr::{cr0, CrContext, GuestCrPolicy, PagingChange};
 use hypervisor::x86_guest::msr::{check_write, GuestMsr, MsrHome, WriteContext, EFER_LMA, PAT_DEFAULT};
 use hypervisor::x86_guest::GpFault;
 use hypervisor::{hv_event, hv_event_to, println, BUILD_ID, VERSION};
+use kho::ScratchPlan;
 use loader::manifest::GuestSpec;
 use loader::PhysRange;
 use spin::Mutex;
@@ -93,11 +95,11 @@ const UART_LCR_DLAB: u8 = 1 << 7;
 const UART_LSR_IDLE: u64 = 0x60;
 
 /// A partition at run time.
-struct Partition {
-    info: PartitionInfo,
-    state: PartitionState,
-    ept: Stage2Table<Ept, LinearMap>,
-    vpid: u16,
+pub(super) struct Partition {
+    pub(super) info: PartitionInfo,
+    pub(super) state: PartitionState,
+    pub(super) ept: Stage2Table<Ept, LinearMap>,
+    pub(super) vpid: u16,
     console: LineBuffer,
     vcpus: Vec<usize>,
     /// The emulated COM1's line control register (for DLAB).
@@ -119,38 +121,54 @@ impl Partition {
 
 /// A vCPU's scheduling record. The context behind `ctx` is touched only by
 /// the physical CPU the vCPU is pinned to.
-struct VcpuSlot {
-    ctx: NonNull<Vcpu>,
-    partition: usize,
-    index: u32,
-    pcpu: usize,
-    state: VcpuState,
+pub(super) struct VcpuSlot {
+    pub(super) ctx: NonNull<Vcpu>,
+    pub(super) partition: usize,
+    pub(super) index: u32,
+    pub(super) pcpu: usize,
+    pub(super) state: VcpuState,
 }
 
 // SAFETY: a slot's context is only dereferenced by its owning physical CPU
 // (`pcpu`), under the machine lock or while that CPU runs the vCPU.
 unsafe impl Send for VcpuSlot {}
 
-struct Machine {
-    partitions: Vec<Partition>,
-    vcpus: Vec<VcpuSlot>,
+pub(super) struct Machine {
+    pub(super) partitions: Vec<Partition>,
+    pub(super) vcpus: Vec<VcpuSlot>,
     queues: [Vec<usize>; MAX_CPUS],
     /// The vCPU whose VMCS is current and whose state is in each CPU.
     loaded: [Option<usize>; MAX_CPUS],
     /// When each CPU's time slice ends (TSC).
     slice_end: [u64; MAX_CPUS],
-    frames: FrameAllocator,
-    preserved: PreservedMap<IdentityPages>,
-    cpus: usize,
+    pub(super) frames: FrameAllocator,
+    pub(super) preserved: PreservedMap<IdentityPages>,
+    pub(super) cpus: usize,
     controls: VmcsControls,
     cr_policy: GuestCrPolicy,
     caps: VmxCaps,
-    tsc_hz: u64,
+    pub(super) tsc_hz: u64,
+    /// RAM and the scratch plan (where an update image is staged).
+    pub(super) ram: Vec<PhysRange>,
+    pub(super) scratch: ScratchPlan,
+    /// Updates so far in this run.
+    pub(super) update_count: u64,
+    /// The preserved copy of the multiboot2 information, handed to each
+    /// new image (it names RAM, the reserved ranges and the ACPI RSDP).
+    pub(super) mbi: PhysRange,
+    /// Test hook: the next update's freeze fails.
+    fail_next_freeze: bool,
+    /// A live update requested by the vCPU that just exited on each CPU
+    /// (that vCPU, the image's address and size), run once the machine
+    /// lock is released.
+    update_request: [Option<(usize, u64, u64)>; MAX_CPUS],
 }
 
 static MACHINE: Mutex<Option<Machine>> = Mutex::new(None);
 static STARTED: AtomicBool = AtomicBool::new(false);
 static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+/// The calibrated TSC frequency, for the update's timeouts.
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
 
 /// What the machine-wide set-up needs from boot.
 pub struct MachineSpec<'a> {
@@ -163,6 +181,9 @@ pub struct MachineSpec<'a> {
     pub controls: VmcsControls,
     pub cr_policy: GuestCrPolicy,
     pub tsc_hz: u64,
+    pub scratch: ScratchPlan,
+    /// The multiboot2 information's copy, preserved across updates.
+    pub mbi: PhysRange,
 }
 
 struct Info<'a>(&'a Machine);
@@ -175,7 +196,7 @@ impl HvContext for Info<'_> {
         BUILD_ID
     }
     fn update_count(&self) -> u64 {
-        0
+        self.0.update_count
     }
     fn cpus(&self) -> u64 {
         self.0.cpus as u64
@@ -305,6 +326,95 @@ fn build_partition(m: &mut Machine, id: u32, spec: &GuestSpec, ram_map: &[PhysRa
     Ok(())
 }
 
+/// A partition adopted from a handover: its EPT tree in place.
+pub(super) struct AdoptedPartition {
+    pub info: PartitionInfo,
+    pub state: PartitionState,
+    pub ept: Stage2Table<Ept, LinearMap>,
+    pub vpid: u16,
+}
+
+/// A vCPU adopted from a handover, pinned to `pcpu`.
+pub(super) struct AdoptedVcpu {
+    pub ctx: Vcpu,
+    /// Index into the adopted partitions.
+    pub partition: usize,
+    pub index: u32,
+    pub pcpu: usize,
+    pub state: VcpuState,
+}
+
+/// Everything the restore side hands to the scheduler.
+pub(super) struct Adoption {
+    pub partitions: Vec<AdoptedPartition>,
+    pub vcpus: Vec<AdoptedVcpu>,
+    pub frames: FrameAllocator,
+    pub preserved: PreservedMap<IdentityPages>,
+    pub cpus: usize,
+    pub caps: VmxCaps,
+    pub controls: VmcsControls,
+    pub cr_policy: GuestCrPolicy,
+    pub tsc_hz: u64,
+    pub ram: Vec<PhysRange>,
+    pub scratch: ScratchPlan,
+    pub update_count: u64,
+    pub mbi: PhysRange,
+}
+
+/// Installs an adopted machine; its vCPUs' VMCSs are rebuilt from their
+/// records on first entry. Returns how many CPUs have a vCPU to run.
+pub(super) fn install_adopted(a: Adoption) -> usize {
+    let mut m = Machine {
+        partitions: Vec::new(),
+        vcpus: Vec::new(),
+        queues: Default::default(),
+        loaded: [None; MAX_CPUS],
+        slice_end: [0; MAX_CPUS],
+        frames: a.frames,
+        preserved: a.preserved,
+        cpus: a.cpus,
+        controls: a.controls,
+        cr_policy: a.cr_policy,
+        caps: a.caps,
+        tsc_hz: a.tsc_hz,
+        ram: a.ram,
+        scratch: a.scratch,
+        update_count: a.update_count,
+        mbi: a.mbi,
+        fail_next_freeze: false,
+        update_request: [None; MAX_CPUS],
+    };
+    for p in a.partitions {
+        m.partitions.push(Partition {
+            info: p.info,
+            state: p.state,
+            ept: p.ept,
+            vpid: p.vpid,
+            console: LineBuffer::default(),
+            vcpus: Vec::new(),
+            uart_lcr: 0,
+            output: Vec::new(),
+            gp_injected: 0,
+        });
+    }
+    for v in a.vcpus {
+        let n = m.vcpus.len();
+        m.partitions[v.partition].vcpus.push(n);
+        m.queues[v.pcpu].push(n);
+        m.vcpus.push(VcpuSlot {
+            ctx: NonNull::from(Box::leak(Box::new(v.ctx))),
+            partition: v.partition,
+            index: v.index,
+            pcpu: v.pcpu,
+            state: v.state,
+        });
+    }
+    let busy = m.queues.iter().filter(|q| q.iter().any(|&v| runnable(&m, v))).count();
+    TSC_HZ.store(m.tsc_hz, Ordering::Relaxed);
+    *MACHINE.lock() = Some(m);
+    busy
+}
+
 /// Builds every partition. Returns how many started.
 pub fn create(spec: MachineSpec<'_>) -> usize {
     let cpus = spec.cpus.len().clamp(1, MAX_CPUS);
@@ -321,7 +431,17 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
         cr_policy: spec.cr_policy,
         caps: spec.caps,
         tsc_hz: spec.tsc_hz,
+        ram: spec.ram.to_vec(),
+        scratch: spec.scratch,
+        update_count: 0,
+        mbi: spec.mbi,
+        fail_next_freeze: false,
+        update_request: [None; MAX_CPUS],
     };
+    if m.preserved.preserve(&mut m.frames, spec.mbi.base..spec.mbi.base + spec.mbi.size).is_err() {
+        hv_event!("preserve-failed", what = "multiboot2-information");
+    }
+    TSC_HZ.store(spec.tsc_hz, Ordering::Relaxed);
     for (i, g) in spec.specs.iter().enumerate() {
         let id = i as u32 + 1;
         if let Err(reason) = build_partition(&mut m, id, g, spec.ram) {
@@ -342,6 +462,62 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
     let n = m.partitions.len();
     *MACHINE.lock() = Some(m);
     n
+}
+
+/// The calibrated TSC frequency in Hz.
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
+}
+
+/// Runs `f` on the machine, under its lock.
+pub(super) fn with_machine<R>(f: impl FnOnce(&mut Machine) -> R) -> Result<R, &'static str> {
+    MACHINE.lock().as_mut().map(f).ok_or("no-machine")
+}
+
+/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, then for
+/// every vCPU pinned here whose VMCS was used, reads its guest state
+/// (VMREAD needs the VMCS current on the CPU it is active on) and VMCLEARs
+/// it, so its data is in memory and the CPU holds no VMCS state (SDM Vol.
+/// 3C §25.11.1, §25.11.3). If the update is cancelled, the next entry is
+/// a VMLAUNCH of the same, intact VMCS.
+pub(super) fn put_loaded(cpu: usize) -> Result<(), &'static str> {
+    with_machine(|m| {
+        if let Some(v) = m.loaded[cpu].take() {
+            // SAFETY: `v` was loaded on this CPU, the only one touching it.
+            unsafe { m.vcpus[v].ctx.as_mut() }.put();
+        }
+        for slot in m.vcpus.iter_mut().filter(|s| s.pcpu == cpu) {
+            // SAFETY: pinned to this CPU, and not running (this CPU is at
+            // an exit boundary).
+            let ctx = unsafe { slot.ctx.as_mut() };
+            if !ctx.initialized {
+                continue;
+            }
+            vmcs::load(ctx.vmcs).and_then(|()| ctx.capture()).and_then(|()| vmcs::clear(ctx.vmcs)).map_err(|e| {
+                println!("freeze: vmcs {:#x}: {e}", ctx.vmcs);
+                "vmcs-capture"
+            })?;
+            ctx.launched = false;
+        }
+        Ok(())
+    })?
+}
+
+/// Takes (and disarms) the freeze-failure test hook.
+pub(super) fn take_fail_next_freeze() -> Result<bool, &'static str> {
+    with_machine(|m| core::mem::take(&mut m.fail_next_freeze))
+}
+
+/// Sets a register of vCPU `v`, which is not running (it exited on this
+/// CPU and waits for the update's outcome).
+pub(super) fn set_guest_reg(v: usize, r: Gpr, value: u64) {
+    let _ = with_machine(|m| {
+        if let Some(slot) = m.vcpus.get_mut(v) {
+            // SAFETY: `v` exited on this CPU and is not entered again
+            // before the update returns.
+            unsafe { slot.ctx.as_mut() }.regs.set(r, value);
+        }
+    });
 }
 
 /// Lets the other CPUs into the scheduler.
@@ -481,6 +657,12 @@ fn prepare_entry(m: &mut Machine, cpu: usize, v: usize, new_slice: bool, host: &
             vmcs::clear(ctx.vmcs)?;
             vmcs::load(ctx.vmcs)?;
             init_vmcs(m, v, ctx.entry, host)?;
+            if ctx.restored {
+                // Adopted from a handover: the guest state it had.
+                ctx.write_back()?;
+                sync_ia32e_mode()?;
+                ctx.restored = false;
+            }
             // Nothing cached under this EPTP or VPID may predate the
             // tree (SDM §29.4.3.1): frames and VPIDs can be reused.
             let p = &m.partitions[m.vcpus[v].partition];
@@ -503,6 +685,9 @@ fn prepare_entry(m: &mut Machine, cpu: usize, v: usize, new_slice: bool, host: &
 /// never woken).
 fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcpu>> {
     loop {
+        if live_update::freeze_requested() {
+            super::update::freeze_this_cpu(cpu);
+        }
         let mut guard = MACHINE.lock();
         let m = guard.as_mut()?;
         if SHUTTING_DOWN.load(Ordering::Acquire) {
@@ -529,8 +714,12 @@ fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcp
 pub fn run_cpu(cpu: usize) -> ! {
     let host = cpu::init(cpu);
     let mut yield_now = false;
+    let mut first = true;
     loop {
-        let Some(mut ctx) = schedule(cpu, yield_now, &host) else { super::halt_forever() };
+        let Some(mut ctx) = schedule(cpu, yield_now, &host) else { super::update::idle() };
+        if core::mem::take(&mut first) {
+            super::update::note_resumed();
+        }
         // SAFETY: `schedule` returned this CPU's loaded vCPU, whose VMCS is
         // current; only this CPU touches its context.
         let result = unsafe { ctx.as_mut() }.run();
@@ -539,9 +728,15 @@ pub fn run_cpu(cpu: usize) -> ! {
         let Some(v) = m.loaded[cpu] else { super::halt_forever() };
         yield_now = handle_run(m, v, result);
         let lines = take_output(m);
+        let update = m.update_request[cpu].take();
         drop(guard);
         for line in lines {
             println!("{line}");
+        }
+        if let Some((requester, image_pa, size)) = update {
+            // Returns once the update was refused or cancelled; the
+            // requester resumes with the status.
+            super::update::run(cpu, requester, image_pa, size);
         }
     }
 }
@@ -877,9 +1072,12 @@ fn hypercall_exit(m: &mut Machine, v: usize) -> Result<Next, VmcsError> {
             stop_partition(m, p, PartitionState::Stopped, "shutdown");
             Next::Reschedule
         }
-        // Live update is not implemented on x86_64 yet.
-        Action::LiveUpdate { .. } | Action::FailNextFreeze => {
-            ctx.regs.set(Gpr::RAX, Status::OperationDenied as u64);
+        Action::LiveUpdate { image_pa, size } => {
+            m.update_request[m.vcpus[v].pcpu] = Some((v, image_pa, size));
+            Next::Resume
+        }
+        Action::FailNextFreeze => {
+            m.fail_next_freeze = true;
             Next::Resume
         }
     })

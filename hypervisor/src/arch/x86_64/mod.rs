@@ -7,6 +7,7 @@ mod guests;
 mod serial;
 mod smp;
 mod tsc;
+mod update;
 mod vcpu;
 mod vmcs;
 mod vmx;
@@ -29,11 +30,21 @@ use x86::io::{outb, outw};
 global_asm!(include_str!("entry.S"), options(att_syntax));
 
 pub const MAX_CPUS: usize = 8;
+/// Where a live update enters the image (`hv_handover_entry` in
+/// `entry.S`, placed by `linker.ld`; named by the image descriptor).
+pub const HANDOVER_ENTRY: u32 = 0x20_0100;
+/// Memory from the image's load address reserved for hypervisor images
+/// since first boot: a new image's segments must fit in it, so copying
+/// them never touches anything preserved.
+const KEXEC_WINDOW: u64 = 16 << 20;
 /// The boot page tables identity-map the low 4 GiB.
 const MAPPED_LIMIT: u64 = 1 << 32;
 /// Below 1 MiB live the real-mode IVT, the BIOS data areas and the AP
 /// trampoline: never handed to guests.
 const LOW_MEMORY: u64 = 1 << 20;
+/// Room in scratch for a staged update image: a sealed x86_64 ELF with
+/// its debug information is about 10 MiB.
+const STAGING_BYTES: u64 = 16 << 20;
 /// Bytes of a boot module read to tell its format.
 const FORMAT_PROBE: u64 = 64;
 /// The 8259A PICs' data ports: writing 0xff masks every line (OCW1), so
@@ -109,21 +120,23 @@ impl PhysMemory for LowMemory {
     }
 }
 
-#[no_mangle]
-extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
+/// Heap, exception vectors and the console: the first steps of both
+/// entries.
+fn early_init() {
     crate::heap::init();
     cpu::install_idt();
     // SAFETY: the only COM1 owner.
     let console = Box::leak(Box::new(unsafe { serial::Com1::new() }));
     hypervisor::console::set_uart(console);
-    println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode");
+}
 
-    let mbi_len =
-        LowMemory.bytes(u64::from(mbi_phys), 8).map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize);
-    let Some(mbi) = LowMemory.bytes(u64::from(mbi_phys), mbi_len.min(multiboot2::MAX_MBI_SIZE)) else {
-        fail("boot-information-unreadable")
-    };
-    let (info, platform) = match multiboot2::parse(magic, mbi, u64::from(mbi_phys)) {
+/// The multiboot2 information at `mbi_phys` (GRUB's, or the preserved
+/// copy after an update), parsed, with the CPUs from the ACPI MADT.
+fn platform(magic: u32, mbi_phys: u64) -> (BootInfo, acpi::MadtCpus, PhysRange) {
+    let mbi_len = LowMemory.bytes(mbi_phys, 8).map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize);
+    let len = mbi_len.min(multiboot2::MAX_MBI_SIZE);
+    let Some(mbi) = LowMemory.bytes(mbi_phys, len) else { fail("boot-information-unreadable") };
+    let (info, platform) = match multiboot2::parse(magic, mbi, mbi_phys) {
         Ok(v) => v,
         Err(e) => {
             println!("multiboot2: {e}");
@@ -137,6 +150,70 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
             fail("acpi-madt")
         }
     };
+    (info, cpus, PhysRange::new(mbi_phys, len as u64))
+}
+
+/// Starts every other CPU with INIT-SIPI-SIPI (they run `hv_ap_main`).
+fn start_aps(info: &BootInfo, cpus: &acpi::MadtCpus) {
+    let trampoline = PhysRange::new(smp::TRAMPOLINE, 0x1000);
+    let trampoline_free =
+        info.ram.iter().any(|r| r.contains(&trampoline)) && !info.reserved.iter().any(|r| r.overlaps(&trampoline));
+    let me = smp::my_apic_id();
+    for (index, &apic_id) in (1..).zip(cpus.apic_ids.iter().filter(|&&id| id != me)) {
+        if !trampoline_free {
+            hv_event!("ap-start-failed", apic_id = apic_id, reason = "trampoline-page-not-free");
+            break;
+        }
+        if !smp::start_ap(apic_id, index, hv_ap_main) {
+            hv_event!("ap-start-failed", apic_id = apic_id, reason = "timeout");
+        }
+    }
+}
+
+/// What the image and the platform occupy: never handed out.
+fn reserved(info: &BootInfo) -> Vec<PhysRange> {
+    let mut reserved = info.reserved.clone();
+    reserved.push(PhysRange::new(image_range().base, KEXEC_WINDOW.max(image_range().size)));
+    reserved.push(PhysRange::new(0, LOW_MEMORY));
+    reserved.push(PhysRange::new(MAPPED_LIMIT, u64::MAX - MAPPED_LIMIT));
+    reserved
+}
+
+/// The live-update entry (`hv_handover_entry` in `entry.S`): the previous
+/// image kexeced into this one. Adopt its guests instead of booting them.
+#[no_mangle]
+extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> ! {
+    let entry_tsc = tsc::now();
+    early_init();
+    hypervisor::live_update::note_entry(kexec_tsc, entry_tsc);
+    println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode (live update)");
+    let (info, cpus, mbi) = platform(multiboot2::BOOTLOADER_MAGIC, mbi_phys);
+    let caps = match vmx::enable(0) {
+        Ok(caps) => caps,
+        Err(e) => {
+            println!("vmx: {}", e.reason());
+            fail("vmx-unavailable-after-update")
+        }
+    };
+    VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
+    CPU_READY[0].store(true, Ordering::Release);
+    start_aps(&info, &cpus);
+    let ready: Vec<usize> = (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect();
+    let spec = update::RestoreSpec { info: &info, reserved: reserved(&info), cpus: &ready, caps, mbi };
+    match update::restore(handover, spec) {
+        Ok(0) => fail("handover-has-no-partitions"),
+        Ok(_) => {}
+        Err(reason) => fail(reason),
+    }
+    guests::release_secondaries();
+    guests::run_cpu(0)
+}
+
+#[no_mangle]
+extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
+    early_init();
+    println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode");
+    let (info, cpus, mbi) = platform(magic, u64::from(mbi_phys));
 
     let vmx = vmx::enable(0);
     if vmx.is_ok() {
@@ -158,19 +235,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         );
     }
 
-    let trampoline = PhysRange::new(smp::TRAMPOLINE, 0x1000);
-    let trampoline_free =
-        info.ram.iter().any(|r| r.contains(&trampoline)) && !info.reserved.iter().any(|r| r.overlaps(&trampoline));
-    let me = smp::my_apic_id();
-    for (index, &apic_id) in (1..).zip(cpus.apic_ids.iter().filter(|&&id| id != me)) {
-        if !trampoline_free {
-            hv_event!("ap-start-failed", apic_id = apic_id, reason = "trampoline-page-not-free");
-            break;
-        }
-        if !smp::start_ap(apic_id, index, hv_ap_main) {
-            hv_event!("ap-start-failed", apic_id = apic_id, reason = "timeout");
-        }
-    }
+    start_aps(&info, &cpus);
 
     hv_event!(
         "boot",
@@ -197,7 +262,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         hv_event!("shutdown", status = "ok");
         shutdown(true)
     }
-    match start_guests(&info, &caps) {
+    match start_guests(&info, &caps, mbi) {
         Ok(0) => fail("no-guest-could-start"),
         Ok(_) => {}
         Err(reason) => fail(reason),
@@ -207,7 +272,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
 }
 
 /// The running image's physical extent (text to the end of bss).
-fn image_range() -> PhysRange {
+pub(crate) fn image_range() -> PhysRange {
     // SAFETY: linker-script symbols; only their addresses are used.
     let (start, end) =
         unsafe { (core::ptr::from_ref(&__image_start) as u64, core::ptr::from_ref(&__image_end) as u64) };
@@ -216,7 +281,7 @@ fn image_range() -> PhysRange {
 
 /// Reads the guests from the boot modules, checks what VMX offers against
 /// what they need, and builds the partitions. Returns how many started.
-fn start_guests(info: &BootInfo, caps: &VmxCaps) -> Result<usize, &'static str> {
+fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize, &'static str> {
     let specs = guest_modules::guests_from_modules(&info.modules, |range| {
         LowMemory.bytes(range.base, range.size.min(FORMAT_PROBE) as usize).map_or(ImageFormat::Flat, detect_format)
     })
@@ -240,12 +305,28 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps) -> Result<usize, &'static str> 
     );
     let tsc_hz = tsc::calibrate().ok_or("tsc-calibration-failed")?;
     hv_event!("tsc", hz = tsc_hz, preemption_timer_shift = caps.preemption_timer_shift);
-    let mut reserved = info.reserved.clone();
-    reserved.push(image_range());
-    reserved.push(PhysRange::new(0, LOW_MEMORY));
-    reserved.push(PhysRange::new(MAPPED_LIMIT, u64::MAX - MAPPED_LIMIT));
+    let mut reserved = reserved(info);
+    // Scratch: where an update image is staged, never preserved.
+    let scratch =
+        hypervisor::live_update::plan_scratch(&info.ram, &reserved, STAGING_BYTES).ok_or("no-room-for-scratch")?;
+    for r in scratch.regions() {
+        hv_event!(
+            "scratch",
+            kind = format_args!("{:?}", r.kind),
+            base = format_args!("{:#x}", r.range.base()),
+            size = r.range.size()
+        );
+        reserved.push(PhysRange::new(r.range.base(), r.range.size()));
+    }
     let free = hypervisor::frames::subtract(&info.ram, &reserved);
-    let frames = hypervisor::frames::FrameAllocator::new(&free);
+    let mut frames = hypervisor::frames::FrameAllocator::new(&free);
+    // The multiboot2 information goes with every update (RAM map, ACPI):
+    // GRUB left it in memory nobody keeps, so it gets a preserved copy.
+    let mbi_copy =
+        frames.alloc_block(mbi.size.next_multiple_of(hypervisor::frames::PAGE_SIZE)).ok_or("out-of-memory")?;
+    // SAFETY: GRUB's information (read-only, identity-mapped) into a block
+    // just allocated for it.
+    unsafe { core::ptr::copy_nonoverlapping(mbi.base as *const u8, mbi_copy.base as *mut u8, mbi.size as usize) };
     let cpus: Vec<usize> = (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect();
     // SAFETY: port writes to the PICs' mask registers; no interrupt is
     // wanted from them (guests' I/O never reaches them).
@@ -262,6 +343,8 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps) -> Result<usize, &'static str> 
         controls,
         cr_policy: GuestCrPolicy::new(&msrs),
         tsc_hz,
+        scratch,
+        mbi: mbi_copy,
     }))
 }
 

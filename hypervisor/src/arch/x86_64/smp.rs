@@ -22,6 +22,7 @@ const ICR_INIT: u32 = 0x0000_4500;
 const ICR_STARTUP: u32 = 0x0000_4600;
 const ICR_BUSY: u32 = 1 << 12;
 const STACK_SIZE: usize = 0x10000;
+const APIC_BASE_BSP: u64 = 1 << 8;
 const AP_WAIT_US: u64 = 200_000;
 
 extern "C" {
@@ -61,6 +62,14 @@ fn apic_write(reg: usize, value: u32) {
 /// (SDM §11.8.5): any value written to the EOI register does.
 pub fn apic_eoi() {
     apic_write(EOI, 0);
+}
+
+/// Whether this is the bootstrap processor: IA32_APIC_BASE bit 8 (SDM Vol.
+/// 3A §11.4.4). INIT makes the BSP run the firmware again instead of
+/// waiting for a SIPI, so only the BSP may enter a new image.
+pub fn is_bsp() -> bool {
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
+    unsafe { rdmsr(IA32_APIC_BASE) & APIC_BASE_BSP != 0 }
 }
 
 pub fn my_apic_id() -> u32 {

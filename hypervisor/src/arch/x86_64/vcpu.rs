@@ -8,6 +8,9 @@ use core::arch::{asm, global_asm};
 use hypervisor::vmx_exit::Gpr;
 use hypervisor::x86_guest::msr::GuestMsr;
 use x86::msr::{rdmsr, wrmsr};
+use x86::vmx::vmcs::{control, guest};
+
+use super::vmcs::{self, VmcsError};
 
 global_asm!(include_str!("vmentry.S"), options(att_syntax));
 
@@ -66,6 +69,89 @@ impl FxArea {
     }
 }
 
+/// The VMCS fields that carry a vCPU across a live update: the whole
+/// guest-state area a running guest can change (SDM Vol. 3C §25.4), the
+/// CR0/CR4 read shadows and a pending event injection (§25.8.3). The new
+/// image rebuilds the VMCS (its own controls, host state, EPTP, VPID),
+/// writes these back, and derives "IA-32e mode guest" from IA32_EFER.LMA.
+pub const SAVED_FIELDS: [u32; 54] = [
+    guest::ES_SELECTOR,
+    guest::CS_SELECTOR,
+    guest::SS_SELECTOR,
+    guest::DS_SELECTOR,
+    guest::FS_SELECTOR,
+    guest::GS_SELECTOR,
+    guest::LDTR_SELECTOR,
+    guest::TR_SELECTOR,
+    guest::ES_LIMIT,
+    guest::CS_LIMIT,
+    guest::SS_LIMIT,
+    guest::DS_LIMIT,
+    guest::FS_LIMIT,
+    guest::GS_LIMIT,
+    guest::LDTR_LIMIT,
+    guest::TR_LIMIT,
+    guest::GDTR_LIMIT,
+    guest::IDTR_LIMIT,
+    guest::ES_ACCESS_RIGHTS,
+    guest::CS_ACCESS_RIGHTS,
+    guest::SS_ACCESS_RIGHTS,
+    guest::DS_ACCESS_RIGHTS,
+    guest::FS_ACCESS_RIGHTS,
+    guest::GS_ACCESS_RIGHTS,
+    guest::LDTR_ACCESS_RIGHTS,
+    guest::TR_ACCESS_RIGHTS,
+    guest::ES_BASE,
+    guest::CS_BASE,
+    guest::SS_BASE,
+    guest::DS_BASE,
+    guest::FS_BASE,
+    guest::GS_BASE,
+    guest::LDTR_BASE,
+    guest::TR_BASE,
+    guest::GDTR_BASE,
+    guest::IDTR_BASE,
+    guest::CR0,
+    guest::CR3,
+    guest::CR4,
+    guest::DR7,
+    guest::RSP,
+    guest::RIP,
+    guest::RFLAGS,
+    guest::PENDING_DBG_EXCEPTIONS,
+    guest::INTERRUPTIBILITY_STATE,
+    guest::ACTIVITY_STATE,
+    guest::IA32_DEBUGCTL_FULL,
+    guest::IA32_SYSENTER_CS,
+    guest::IA32_SYSENTER_ESP,
+    guest::IA32_SYSENTER_EIP,
+    guest::IA32_PAT_FULL,
+    guest::IA32_EFER_FULL,
+    control::CR0_READ_SHADOW,
+    control::CR4_READ_SHADOW,
+];
+
+/// Fields saved only when they hold something: an event to inject at the
+/// next entry and the PAE PDPTEs (§25.4.2).
+const OPTIONAL_FIELDS: [u32; 7] = [
+    control::VMENTRY_INTERRUPTION_INFO_FIELD,
+    control::VMENTRY_EXCEPTION_ERR_CODE,
+    control::VMENTRY_INSTRUCTION_LEN,
+    guest::PDPTE0_FULL,
+    guest::PDPTE1_FULL,
+    guest::PDPTE2_FULL,
+    guest::PDPTE3_FULL,
+];
+
+/// The layout of an x86_64 vCPU record's context (`VcpuRecord`,
+/// `kho/ABI.md` §4.5): little-endian u64 words, in order: the 16 GPRs,
+/// CR2, CR8, DR0-3, the 5 switched MSRs, the VMCS region address, the
+/// entry point, then [`SAVED_FIELDS`] and the optional fields, then the
+/// 512-byte FXSAVE area.
+pub const CONTEXT_FORMAT: u32 = 0x8664_0001;
+const CONTEXT_WORDS: usize = 16 + 2 + 4 + 5 + 2 + SAVED_FIELDS.len() + OPTIONAL_FIELDS.len();
+pub const CONTEXT_LEN: usize = CONTEXT_WORDS * 8 + 512;
+
 /// How an entry attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunResult {
@@ -99,6 +185,11 @@ pub struct Vcpu {
     pub initialized: bool,
     /// VMLAUNCH succeeded once: later entries use VMRESUME (§27.1).
     pub launched: bool,
+    /// The VMCS fields ([`SAVED_FIELDS`], then the optional ones) captured
+    /// at a freeze or read from a handover, written back after the VMCS is
+    /// rebuilt (`restored` says they are pending).
+    pub fields: [u64; SAVED_FIELDS.len() + OPTIONAL_FIELDS.len()],
+    pub restored: bool,
 }
 
 impl Vcpu {
@@ -117,7 +208,75 @@ impl Vcpu {
             entry,
             initialized: false,
             launched: false,
+            fields: [0; SAVED_FIELDS.len() + OPTIONAL_FIELDS.len()],
+            restored: false,
         }
+    }
+
+    /// Reads the saved fields from this vCPU's VMCS, which must be
+    /// current on this CPU.
+    pub fn capture(&mut self) -> Result<(), VmcsError> {
+        for (slot, &field) in self.fields.iter_mut().zip(SAVED_FIELDS.iter().chain(OPTIONAL_FIELDS.iter())) {
+            *slot = vmcs::read(field)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the captured fields into this vCPU's VMCS (current, and just
+    /// rebuilt), optional ones only when set.
+    pub fn write_back(&self) -> Result<(), VmcsError> {
+        for (k, (&value, &field)) in
+            self.fields.iter().zip(SAVED_FIELDS.iter().chain(OPTIONAL_FIELDS.iter())).enumerate()
+        {
+            if k < SAVED_FIELDS.len() || value != 0 {
+                vmcs::write(field, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serialises the vCPU ([`CONTEXT_FORMAT`]); `None` if `out` is short.
+    pub fn to_context(&self, out: &mut [u8]) -> Option<usize> {
+        let out = out.get_mut(..CONTEXT_LEN)?;
+        let words = self
+            .regs
+            .gpr
+            .iter()
+            .copied()
+            .chain([self.cr2, self.cr8])
+            .chain(self.dr)
+            .chain(self.msrs)
+            .chain([self.vmcs, self.entry])
+            .chain(self.fields);
+        for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        out[CONTEXT_WORDS * 8..].copy_from_slice(&self.fx.0);
+        Some(CONTEXT_LEN)
+    }
+
+    /// Rebuilds a vCPU from [`Vcpu::to_context`]'s bytes. Its VMCS is
+    /// rebuilt on first entry, then the saved fields are written back.
+    pub fn from_context(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != CONTEXT_LEN {
+            return None;
+        }
+        let mut words = [0u64; CONTEXT_WORDS];
+        for (w, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(b);
+        }
+        let mut v = Self::new(words[27], words[28], 0, 0);
+        v.regs.gpr.copy_from_slice(&words[..16]);
+        v.cr2 = words[16];
+        v.cr8 = words[17];
+        v.dr.copy_from_slice(&words[18..22]);
+        v.msrs.copy_from_slice(&words[22..27]);
+        v.fields.copy_from_slice(&words[29..]);
+        v.fx.0.copy_from_slice(&bytes[CONTEXT_WORDS * 8..]);
+        v.restored = true;
+        Some(v)
     }
 
     /// Enters the guest with the current VMCS (this vCPU's) and returns
@@ -143,8 +302,9 @@ impl Vcpu {
     /// the processor.
     pub fn load(&self) {
         // SAFETY: FXRSTOR64 reads 512 bytes from an aligned area that was
-        // either the power-on image or written by FXSAVE64 (so MXCSR has no
-        // reserved bits); CR4.OSFXSR is set. CR2 is only read by guests.
+        // either the power-on image or written by FXSAVE64, here or in the
+        // previous image (from a checksummed vCPU record), so MXCSR has no
+        // reserved bits; CR4.OSFXSR is set. CR2 is only read by guests.
         // The switched MSRs exist on every x86_64 CPU and hold values the
         // allow-list accepted; the hypervisor itself does not use them.
         unsafe {

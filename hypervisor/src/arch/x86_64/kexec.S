@@ -1,0 +1,43 @@
+// The x86_64 kexec trampoline (update.rs): copied into scratch right after
+// the staged image and entered there with interrupts off and VMX off, RDI =
+// its parameter page:
+//   0: CR3 of its own identity map (in scratch)   8: handover entry
+//  16: handover address   24: multiboot2 information   32: TSC at the jump
+//  40: segment count      48: segments, 4 words each: src, dst, filesz, memsz
+// It switches to its page tables (the old image's, in the old image's
+// data, are about to be overwritten), copies every PT_LOAD segment to its
+// physical address, zeroes the rest of each (bss), and jumps to the new
+// image's handover entry with RDI = handover, RSI = multiboot2
+// information, RDX = TSC. It uses no stack and no memory of the old image,
+// and is position-independent.
+.section .text.kexec, "ax"
+.code64
+.global kexec_trampoline_start
+kexec_trampoline_start:
+    cli
+    cld
+    movq    %rdi, %r8
+    movq    0(%r8), %rax
+    movq    %rax, %cr3
+    movq    40(%r8), %r9
+    leaq    48(%r8), %r10
+1:  testq   %r9, %r9
+    jz      2f
+    movq    0(%r10), %rsi
+    movq    8(%r10), %rdi
+    movq    16(%r10), %rcx
+    rep movsb
+    movq    24(%r10), %rcx
+    subq    16(%r10), %rcx
+    xorl    %eax, %eax
+    rep stosb
+    addq    $32, %r10
+    decq    %r9
+    jmp     1b
+2:  movq    8(%r8), %r11
+    movq    16(%r8), %rdi
+    movq    24(%r8), %rsi
+    movq    32(%r8), %rdx
+    jmp     *%r11
+.global kexec_trampoline_end
+kexec_trampoline_end:

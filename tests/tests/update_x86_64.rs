@@ -1,0 +1,223 @@
+//! Live update on x86_64 under VT-x in Bochs (2 CPUs): successive updates
+//! A -> B -> A ... with the guests resident (same EPT roots, VMCSs rebuilt
+//! from the vCPU records, the second CPU restarted with INIT-SIPI-SIPI by
+//! each new image); bad images refused with the guests untouched; a
+//! failing freeze participant cancels the update with the guests intact.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunOutcome, RunSpec};
+use hv_tests::guests::{self, GuestArg};
+use hv_tests::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
+use hv_tests::{Arch, Machine};
+use loader::image_desc;
+
+/// One emulator at a time: the machine has two cores, and Bochs's RFB
+/// display listens on a fixed port.
+static EMULATOR: Mutex<()> = Mutex::new(());
+
+fn build(version: Option<&str>) -> BuiltImage {
+    image::build(&ImageSpec { arch: Arch::X86_64, version: version.map(String::from) })
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run(name: &str, image: &BuiltImage, list: &[GuestArg], mem_mib: u32) -> RunOutcome {
+    let mut spec = RunSpec::new(name, Machine::Bochs);
+    spec.cpus = 2;
+    spec.mem_mib = mem_mib;
+    spec.timeout = Duration::from_mins(3);
+    let modules = guests::grub_modules(list).unwrap_or_else(|e| panic!("{e}"));
+    let iso = image::iso_with_modules(image, &modules, &emulator::run_dir(&spec)).unwrap_or_else(|e| panic!("{e}"));
+    let _one = EMULATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    emulator::run(&iso, &spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn check(run: &RunOutcome, ok: bool, what: &str) {
+    assert!(ok, "{}", run.failure(what));
+}
+
+/// Index of the first serial line satisfying `pred` after line `from`.
+fn line_after(run: &RunOutcome, from: usize, pred: impl Fn(&str) -> bool) -> Option<usize> {
+    run.serial.lines().enumerate().skip(from).find(|(_, l)| pred(l)).map(|(i, _)| i)
+}
+
+fn id_of(run: &RunOutcome, name: &str) -> u32 {
+    let e = run.hv("guest-start").into_iter().find(|e| e.get("name") == Some(name));
+    check(run, e.is_some(), &format!("no guest-start for {name}"));
+    e.and_then(|e| e.num("id")).map_or(0, |id| id as u32)
+}
+
+/// heartbeat and memcheck, long enough to outlive the updater, and the
+/// updater carrying `images`.
+fn guests_with_updater(images: &[PathBuf], cmdline: &str) -> Vec<GuestArg> {
+    guests::build_test_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
+    let mut list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
+    list.retain(|g| g.name == "memcheck" || g.name == "heartbeat");
+    for g in &mut list {
+        g.cmdline = if g.name == "memcheck" { "passes=6".into() } else { "ticks=150".into() };
+    }
+    list.push(guests::updater_guest(Arch::X86_64, images, 32, cmdline).unwrap_or_else(|e| panic!("{e}")));
+    list
+}
+
+fn memcheck_ok(run: &RunOutcome) {
+    let mc = id_of(run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck unaffected");
+    let hb = id_of(run, "heartbeat");
+    let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
+    check(run, !ticks.is_empty() && ticks.windows(2).all(|w| w[0] < w[1]), "heartbeat ticks increase");
+}
+
+/// How many updates one Bochs run performs.
+const UPDATES: usize = 10;
+
+#[test]
+fn ten_updates_alternate_and_guests_stay_resident() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let list = guests::demo_guests(Arch::X86_64, &[b.update_image(), a.update_image()], UPDATES as u32)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let run = run("test-x86_64-update-ten", &a, &list, 128);
+    check(&run, run.clean_shutdown(), "clean shutdown after the updates");
+    check(&run, run.hv("boot").len() == 1, "hv: boot printed once per run");
+
+    let done = run.hv("update-done");
+    check(&run, done.len() == UPDATES, "every update done");
+    for (k, e) in done.iter().enumerate() {
+        let want = if k % 2 == 0 { UPDATE_B_VERSION } else { hypervisor::VERSION };
+        check(&run, e.num("count") == Some(k as u64 + 1), "update counts 1..=N");
+        check(&run, e.get("version") == Some(want), "versions alternate A -> B -> A");
+        for key in ["blackout_us", "handover_bytes", "preserved_pages"] {
+            check(&run, e.num(key).is_some_and(|v| v > 0), &format!("update-done {key}"));
+        }
+    }
+    check(&run, run.hv("update-phases").len() == UPDATES, "phases of every update");
+
+    // Same EPT roots before and after every update.
+    let started = run.hv("guest-start");
+    let adopted = run.hv("guest-adopted");
+    check(&run, adopted.len() == started.len() * UPDATES, "every partition adopted by every image");
+    for e in &adopted {
+        let before = started.iter().find(|s| s.num("id") == e.num("id")).and_then(|s| s.get("stage2_root"));
+        check(&run, before.is_some() && before == e.get("stage2_root"), "EPT root unchanged");
+    }
+    let restores = run.hv("update-restore");
+    check(&run, restores.len() == UPDATES, "a restore per update");
+    check(&run, restores.iter().all(|e| e.num("preserved_overlap") == Some(0)), "no preserved page in any allocator");
+    check(&run, run.hv("cpu-online").len() == UPDATES + 1, "the second CPU comes back after every update");
+
+    let upd = id_of(&run, "updater");
+    let reports: Vec<_> = run.guest(upd, "updater").into_iter().filter(|e| e.get("update").is_some()).collect();
+    check(&run, reports.len() == UPDATES, "an updater report per update");
+    for (k, r) in reports.iter().enumerate() {
+        check(&run, r.num("ok") == Some(1) && r.num("update_count") == Some(k as u64 + 1), "updater report");
+        check(&run, r.get("to") == done[k].get("version"), "guest reads the new version");
+    }
+
+    let hb = id_of(&run, "heartbeat");
+    let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
+    check(&run, ticks.windows(2).all(|w| w[0] < w[1]), "alive ticks strictly increase across updates");
+    let mc = id_of(&run, "memcheck");
+    let mc_lines: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, mc_lines.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");
+    let lines: Vec<&str> = run.serial.lines().collect();
+    for k in 0..UPDATES - 1 {
+        let at = lines.iter().enumerate().filter(|(_, l)| l.starts_with("hv: update-done")).nth(k).map(|(i, _)| i);
+        let next = at.and_then(|i| line_after(&run, i, |l| l.starts_with(&format!("guest{mc}: memcheck ok=1"))));
+        check(&run, next.is_some(), &format!("memcheck ok=1 after update {}", k + 1));
+    }
+
+    // The guests' blackout meter saw the pauses the hypervisor measured.
+    let rows = hv_tests::summary::updates(&run.events);
+    let bo = id_of(&run, "blackout");
+    for r in &rows {
+        let seen = r.guest_gap_us.get(&bo).copied().unwrap_or(0);
+        check(&run, seen > 0 && seen * 2 >= r.blackout_us, &format!("guest-seen blackout for update {}", r.count));
+    }
+    check(&run, run.hv("fault").len() == 1, "only the isolation probe faults");
+}
+
+#[test]
+fn bad_images_are_refused_and_guests_continue() {
+    let a = build(None);
+    let good = std::fs::read(a.update_image()).unwrap_or_else(|e| panic!("{e}"));
+    let dir = hv_tests::out_dir().join("bad-images-x86_64");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{e}"));
+        p
+    };
+    let truncated = write("truncated.elf", &good[..good.len() / 2]);
+    let arm = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x5a;
+    let corrupt = write("corrupt.elf", &corrupt);
+    let mut bad_abi = good.clone();
+    let d = image_desc::find(&bad_abi).unwrap_or_else(|e| panic!("{e}"));
+    bad_abi[d.offset + 16..d.offset + 24].copy_from_slice(&[2, 0, 0, 0, 2, 0, 0, 0]);
+    image_desc::seal(&mut bad_abi).unwrap_or_else(|e| panic!("{e}"));
+    let bad_abi = write("abi2.elf", &bad_abi);
+    let mut huge = good.clone();
+    huge.resize(33 << 20, 0);
+    image_desc::seal(&mut huge).unwrap_or_else(|e| panic!("{e}"));
+    let huge = write("huge.elf", &huge);
+    let garbage = write("garbage.elf", &vec![0x41u8; 8192]);
+    let mut no_entry = good.clone();
+    no_entry[d.offset + 36..d.offset + 40].copy_from_slice(&[0; 4]);
+    image_desc::seal(&mut no_entry).unwrap_or_else(|e| panic!("{e}"));
+    let no_entry = write("no-entry.elf", &no_entry);
+
+    let cases = [
+        (truncated, "size-mismatch"),
+        (arm.bootable.clone(), "wrong-arch"),
+        (corrupt, "bad-checksum"),
+        (bad_abi, "incompatible-abi"),
+        (huge, "too-large"),
+        (garbage, "no-descriptor"),
+        (no_entry, "no-handover-entry"),
+    ];
+    let images: Vec<PathBuf> = cases.iter().map(|(p, _)| p.clone()).collect();
+    let cmd = format!("updates={} delay_ms=50 expect_status=5", images.len());
+    let mut list = guests_with_updater(&images, &cmd);
+    // The image too large for the 32 MiB scratch needs a larger updater.
+    if let Some(u) = list.iter_mut().find(|g| g.name == "updater") {
+        u.mem_mib = 64;
+    }
+    let run = run("test-x86_64-update-refused", &a, &list, 256);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let refused = run.hv("update-refused");
+    let reasons: Vec<&str> = refused.iter().filter_map(|e| e.get("reason")).collect();
+    let want: Vec<&str> = cases.iter().map(|(_, r)| *r).collect();
+    check(&run, reasons == want, &format!("refusal reasons {reasons:?} != {want:?}"));
+    check(&run, run.hv("update-begin").is_empty() && run.hv("update-cancelled").is_empty(), "nothing started");
+    let upd = id_of(&run, "updater");
+    let verdict = run.guest(upd, "updater").into_iter().find(|e| e.get("done").is_some());
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1)), "every refusal returned INVALID_PARAMETER");
+    memcheck_ok(&run);
+}
+
+#[test]
+fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let list = guests_with_updater(&[b.update_image()], "updates=1 delay_ms=200 fail_freeze=1");
+    let run = run("test-x86_64-update-cancel", &a, &list, 128);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    check(&run, run.hv("boot").len() == 1, "hv: boot once");
+    let cancelled = run.hv("update-cancelled");
+    let reasons: Vec<&str> = cancelled.iter().filter_map(|e| e.get("reason")).collect();
+    check(&run, reasons == ["injected-freeze-failure"], &format!("cancel reasons {reasons:?}"));
+    let done = run.hv("update-done");
+    check(&run, done.len() == 1 && done[0].get("version") == Some(UPDATE_B_VERSION), "then one update to B");
+    let upd = id_of(&run, "updater");
+    let lines = run.guest(upd, "updater");
+    check(&run, lines.iter().any(|e| e.num("cancel_check") == Some(1) && e.num("ok") == Some(1)), "status 8");
+    check(&run, lines.iter().any(|e| e.get("done").is_some() && e.num("ok") == Some(1)), "updater verdict");
+    memcheck_ok(&run);
+    check(&run, run.hv("fault").is_empty(), "no guest faulted");
+}
