@@ -78,6 +78,10 @@ pub trait UpdatePlatform {
     /// Waits for, and sends, a wake-up between CPUs (WFE/SEV, PAUSE).
     fn wait(&self);
     fn wake(&self);
+    /// One turn of a busy-wait for another CPU (YIELD on aarch64: an
+    /// emulator that runs CPUs round-robin then switches to the CPU being
+    /// waited for instead of spinning out its time slice).
+    fn relax(&self);
 }
 
 /// Whether the other CPUs have been asked to stop at an exit boundary.
@@ -165,7 +169,7 @@ impl<P: UpdatePlatform> UpdateParticipant for CpuStopper<'_, P> {
             if elapsed_ms(self.platform, t0) > STOP_TIMEOUT_MS {
                 return Err("cpus-did-not-stop");
             }
-            core::hint::spin_loop();
+            self.platform.relax();
         }
         Ok(())
     }
@@ -638,6 +642,7 @@ mod tests {
         }
         fn free_handover(&self, _: PhysRange) {}
         fn wait(&self) {}
+        fn relax(&self) {}
         fn wake(&self) {
             self.woken.set(self.woken.get() + 1);
         }

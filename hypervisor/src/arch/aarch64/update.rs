@@ -136,6 +136,13 @@ impl live_update::UpdatePlatform for Arm {
         // SAFETY: SEV wakes CPUs waiting in WFE; no other effect.
         unsafe { asm!("dsb ish", "sev", options(nomem, nostack)) };
     }
+
+    fn relax(&self) {
+        // SAFETY: YIELD is a hint with no architectural effect. (Rust's
+        // spin_loop is ISB on aarch64, which QEMU's round-robin TCG does not
+        // treat as a reason to run another CPU.)
+        unsafe { asm!("yield", options(nomem, nostack)) };
+    }
 }
 
 /// A non-requesting CPU, at an exit boundary: saves its vCPU, reports
@@ -279,7 +286,7 @@ fn kexec(arm: &Arm, ready: &Ready) -> ! {
             if elapsed_ms(t0) > live_update::STOP_TIMEOUT_MS {
                 break;
             }
-            core::hint::spin_loop();
+            live_update::UpdatePlatform::relax(arm);
         }
     }
     let (t_start, t_end, image_start, image_end) = (

@@ -118,6 +118,10 @@ impl UpdatePlatform for Vmx {
     }
 
     fn wake(&self) {}
+
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
 }
 
 /// The image's PT_LOAD segments, checked: each inside the kexec window
