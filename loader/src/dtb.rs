@@ -156,24 +156,44 @@ fn cstr_len(bytes: &[u8]) -> Option<usize> {
     Some(len)
 }
 
+/// Where a node is in its token sequence. DTSpec §5.4.1 puts a node's
+/// properties before its child nodes; `fdt` 0.1.5 additionally asserts (and
+/// so panics) unless `FDT_NOP` tokens come only right before `FDT_END_NODE`.
+/// Blobs outside that shape are refused (dtc and QEMU never emit them).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Properties,
+    Children,
+    Nops,
+}
+
 fn walk_structure(s: &[u8], strings: &[u8]) -> Result<(), DtbError> {
     let mut off = 0usize;
     let mut depth = 0usize;
     let mut seen_root = false;
+    let mut phases = [Phase::Properties; MAX_DEPTH + 1];
     loop {
         let token = be32(s, off).ok_or(DtbError::Unbalanced)?;
         let at = off;
         off += 4;
+        let bad = DtbError::BadToken { offset: at, token };
         match token {
             FDT_BEGIN_NODE => {
                 if depth == 0 && seen_root {
-                    return Err(DtbError::BadToken { offset: at, token });
+                    return Err(bad);
+                }
+                if depth > 0 {
+                    if phases[depth] == Phase::Nops {
+                        return Err(bad);
+                    }
+                    phases[depth] = Phase::Children;
                 }
                 seen_root = true;
                 depth += 1;
                 if depth > MAX_DEPTH {
                     return Err(DtbError::TooDeep);
                 }
+                phases[depth] = Phase::Properties;
                 let name_len = s.get(off..).and_then(cstr_len).ok_or(DtbError::BadName { offset: at })?;
                 off = (off + name_len + 1 + 3) & !3;
             }
@@ -181,8 +201,8 @@ fn walk_structure(s: &[u8], strings: &[u8]) -> Result<(), DtbError> {
                 depth = depth.checked_sub(1).ok_or(DtbError::Unbalanced)?;
             }
             FDT_PROP => {
-                if depth == 0 {
-                    return Err(DtbError::BadToken { offset: at, token });
+                if depth == 0 || phases[depth] != Phase::Properties {
+                    return Err(bad);
                 }
                 let len = be32(s, off).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
                 let nameoff = be32(s, off + 4).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
@@ -193,11 +213,16 @@ fn walk_structure(s: &[u8], strings: &[u8]) -> Result<(), DtbError> {
                 }
                 off = (value_end + 3) & !3;
             }
-            FDT_NOP => {}
+            FDT_NOP => {
+                if depth == 0 {
+                    return Err(bad);
+                }
+                phases[depth] = Phase::Nops;
+            }
             FDT_END => {
                 return if depth == 0 && seen_root { Ok(()) } else { Err(DtbError::Unbalanced) };
             }
-            _ => return Err(DtbError::BadToken { offset: at, token }),
+            _ => return Err(bad),
         }
     }
 }
@@ -539,6 +564,25 @@ mod tests {
         assert_eq!(be32(&bad, off_struct + 8), Some(FDT_PROP));
         bad[off_struct + 12..off_struct + 16].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
         assert!(matches!(parse(&bad, 0), Err(DtbError::PropOutOfBounds { .. })));
+    }
+
+    /// A property after a child node, or a NOP before a property: valid to
+    /// the letter of DTSpec's token grammar in places, but `fdt` 0.1.5
+    /// panics on them, so they are refused (a proptest found the first).
+    #[test]
+    fn token_order_fdt_cannot_parse_is_refused() {
+        let off_struct = be32(QEMU_VIRT, 8).unwrap() as usize;
+        // Root: BEGIN_NODE, "\0" padding, first PROP at +8. Turn that PROP
+        // into a NOP followed by its own bytes: the next PROP then follows
+        // a NOP.
+        let mut nop_first = QEMU_VIRT.to_vec();
+        let len = be32(&nop_first, off_struct + 12).unwrap() as usize;
+        let words = (8 + len).div_ceil(4) + 1;
+        for w in 0..words {
+            let at = off_struct + 8 + 4 * w;
+            nop_first[at..at + 4].copy_from_slice(&FDT_NOP.to_be_bytes());
+        }
+        assert!(matches!(parse(&nop_first, 0), Err(DtbError::BadToken { token: FDT_PROP, .. })));
     }
 
     proptest! {
