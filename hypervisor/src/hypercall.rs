@@ -57,6 +57,34 @@ pub trait HvContext {
     fn partition_state(&self, id: u64) -> Option<PartitionState>;
 }
 
+/// The [`HvContext`] of the running image: its version and build, plus
+/// what the arch code knows (updates so far, CPUs, partition states).
+#[derive(Debug)]
+pub struct RunningHv<F: Fn(u64) -> Option<PartitionState>> {
+    pub update_count: u64,
+    pub cpus: u64,
+    /// The state of partition `id`, if it exists.
+    pub partition_state: F,
+}
+
+impl<F: Fn(u64) -> Option<PartitionState>> HvContext for RunningHv<F> {
+    fn version(&self) -> &str {
+        crate::VERSION
+    }
+    fn build(&self) -> &str {
+        crate::BUILD_ID
+    }
+    fn update_count(&self) -> u64 {
+        self.update_count
+    }
+    fn cpus(&self) -> u64 {
+        self.cpus
+    }
+    fn partition_state(&self, id: u64) -> Option<PartitionState> {
+        (self.partition_state)(id)
+    }
+}
+
 /// What the arch code must do after the call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {

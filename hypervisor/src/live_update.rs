@@ -21,7 +21,7 @@ use sparse_bitmap::MultiOrderBitmap;
 
 use crate::frames::{self, FrameAllocator, PAGE_SIZE};
 use crate::sched::VcpuState;
-use crate::update::{self, IdentityPages};
+use crate::update::{self, IdentityPages, PartitionRecord, VcpuRecord};
 use crate::{hv_event, println, BUILD_ID, VERSION};
 
 /// How long the requesting CPU waits for the others to stop.
@@ -404,6 +404,28 @@ pub fn plan_scratch(ram: &[PhysRange], occupied: &[PhysRange], image_bytes: u64)
 }
 
 /// Handover codes of the guest image formats.
+/// Writes one partition's record at `partitions/<id>`.
+pub fn add_partition(w: &mut HandoverWriter, rec: &PartitionRecord) -> Result<(), &'static str> {
+    w.subsystem(&alloc::format!("partitions/{}", rec.id))
+        .and_then(|mut s| s.add_record(rec))
+        .map_err(|_| "partition-record")
+}
+
+/// Writes vCPU `n`'s record at `vcpus/<n>`.
+pub fn add_vcpu(w: &mut HandoverWriter, n: usize, rec: &VcpuRecord) -> Result<(), &'static str> {
+    w.subsystem(&alloc::format!("vcpus/{n}")).and_then(|mut s| s.add_record(rec)).map_err(|_| "vcpu-record")
+}
+
+/// Records the preserved map's non-empty roots (in `PageSize::ALL` order).
+pub fn add_bitmap_roots(w: &mut HandoverWriter, roots: [u64; 3]) -> Result<(), &'static str> {
+    for (size, root) in sparse_bitmap::PageSize::ALL.iter().zip(roots) {
+        if root != 0 {
+            w.add_bitmap_root(kho::BitmapRoot { order: size.order(), root }).map_err(|_| "bitmap-root")?;
+        }
+    }
+    Ok(())
+}
+
 pub fn format_code(f: ImageFormat) -> u32 {
     match f {
         ImageFormat::Flat => 0,

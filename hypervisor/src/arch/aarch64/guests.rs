@@ -18,12 +18,12 @@ use hypervisor::guest_dtb::{
     self, GuestDtbSpec, GUEST_GICD, GUEST_GICR, GUEST_GICR_STRIDE, GUEST_UART, GUEST_UART_SIZE,
 };
 use hypervisor::guest_image::{self, GuestLayout};
-use hypervisor::hypercall::{self, Action, HvContext, IdentityMemory};
+use hypervisor::hypercall::{self, Action, IdentityMemory, RunningHv};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::sched::{pick_next, VcpuState};
 use hypervisor::stage2::{ArmStage2, Attrs, LinearMap, Perms, Stage2Table};
 use hypervisor::update::{IdentityPages, PreservedMap, PreservingFrames};
-use hypervisor::{hv_event, println, BUILD_ID, VERSION};
+use hypervisor::{hv_event, println};
 use kho::ScratchPlan;
 use loader::manifest::{GuestSpec, ImageFormat};
 use loader::PhysRange;
@@ -98,7 +98,24 @@ pub(super) struct Partition {
     pub(super) initrd: Option<PhysRange>,
     pub(super) cmdline: String,
     pub(super) layout: GuestLayout,
-    pub(super) dtb: Vec<u8>,
+}
+
+impl Partition {
+    /// The guest's device tree: derived from its RAM size, vCPUs, command
+    /// line and initrd, so it is rebuilt when needed (boot, SYSTEM_RESET)
+    /// rather than kept, or carried across a live update.
+    pub(super) fn device_tree(&self) -> Vec<u8> {
+        device_tree(self.info.ram.size, self.info.vcpus, &self.cmdline, &self.layout, self.initrd)
+    }
+}
+
+fn device_tree(ram_size: u64, vcpus: u32, bootargs: &str, layout: &GuestLayout, initrd: Option<PhysRange>) -> Vec<u8> {
+    guest_dtb::build(&GuestDtbSpec {
+        ram_size,
+        vcpus,
+        bootargs,
+        initrd: layout.initrd_offset.map(|o| GUEST_RAM_BASE + o).zip(initrd.map(|r| r.size)),
+    })
 }
 
 /// A vCPU's scheduling record. The context behind `ctx` is touched only by
@@ -166,26 +183,6 @@ pub fn set_cpu(index: usize, mpidr: u64) {
 pub(super) fn cpu_index() -> usize {
     let me = super::mpidr() & 0xff_00ff_ffff;
     CPU_MPIDR.iter().position(|m| m.load(Ordering::Relaxed) == me).unwrap_or(0)
-}
-
-struct Info<'a>(&'a Machine);
-
-impl HvContext for Info<'_> {
-    fn version(&self) -> &str {
-        VERSION
-    }
-    fn build(&self) -> &str {
-        BUILD_ID
-    }
-    fn update_count(&self) -> u64 {
-        self.0.update_count
-    }
-    fn cpus(&self) -> u64 {
-        self.0.cpus as u64
-    }
-    fn partition_state(&self, id: u64) -> Option<PartitionState> {
-        self.0.partitions.iter().find(|p| u64::from(p.info.id) == id).map(|p| p.state)
-    }
 }
 
 /// Errors building a partition; the partition is skipped, the others run.
@@ -263,7 +260,6 @@ fn build_partition(
     let ram = GuestRam { host_base: block.base, size: mem };
     // SAFETY: the block was just allocated for this partition.
     unsafe { core::ptr::write_bytes(block.base as *mut u8, 0, mem as usize) };
-    let initrd_ipa = layout.initrd_offset.map(|o| GUEST_RAM_BASE + o);
     if let (Some(bytes), Some(off)) = (initrd, layout.initrd_offset) {
         // SAFETY: `layout` placed the initrd inside RAM below the DTB slot.
         unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (block.base + off) as *mut u8, bytes.len()) };
@@ -286,12 +282,7 @@ fn build_partition(
         }
         assigned.push(a);
     }
-    let dtb = guest_dtb::build(&GuestDtbSpec {
-        ram_size: mem,
-        vcpus: spec.vcpus,
-        bootargs: &cmdline,
-        initrd: initrd_ipa.zip(initrd.map(|i| i.len() as u64)),
-    });
+    let dtb = device_tree(mem, spec.vcpus, &cmdline, &layout, spec.initrd);
     guest_image::check_dtb(dtb.len()).map_err(|_| "dtb-too-large")?;
     load_image(ram, image, &layout, &dtb);
     // SAFETY: RAM is identity-mapped at EL2, so physical = virtual.
@@ -365,7 +356,6 @@ fn build_partition(
         initrd: spec.initrd,
         cmdline,
         layout,
-        dtb,
     });
     Ok(())
 }
@@ -909,10 +899,15 @@ fn hypercall_exit(m: &mut Machine, v: usize) -> Exit {
     };
     let info = m.partitions[p].info.clone();
     let mut printed: Vec<u8> = Vec::new();
+    let hv = RunningHv {
+        update_count: m.update_count,
+        cpus: m.cpus as u64,
+        partition_state: |id: u64| m.partitions.iter().find(|p| u64::from(p.info.id) == id).map(|p| p.state),
+    };
     // SAFETY: RAM is identity-mapped in the hypervisor, and `dispatch`
     // translates every guest address through the caller's GuestRam first.
     let mut memory = unsafe { IdentityMemory::new() };
-    let outcome = hypercall::dispatch(&info, control, input, output, &Info(m), &mut memory, &mut |b| {
+    let outcome = hypercall::dispatch(&info, control, input, output, &hv, &mut memory, &mut |b| {
         printed.extend_from_slice(b);
     });
     console_bytes(m, p, &printed);
@@ -1008,7 +1003,7 @@ fn psci_call(m: &mut Machine, v: usize, function: u64) -> bool {
 fn reset_partition(m: &mut Machine, p: usize) {
     let part = &m.partitions[p];
     hv_event!("guest-reset", id = part.info.id);
-    load_image(part.info.ram, part.image, &part.layout, &part.dtb);
+    load_image(part.info.ram, part.image, &part.layout, &part.device_tree());
     let (entry, dtb) = (part.layout.entry_ipa, part.layout.dtb_ipa());
     for k in 0..m.partitions[p].vcpus.len() {
         let t = m.partitions[p].vcpus[k];

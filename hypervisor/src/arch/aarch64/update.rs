@@ -8,7 +8,6 @@
 //! stage-2, vCPU and SMMU records.
 
 use alloc::boxed::Box;
-use alloc::format;
 use alloc::vec::Vec;
 use core::arch::{asm, global_asm};
 use core::ptr::NonNull;
@@ -17,7 +16,6 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use hvcall::Status;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::guest_console::LineBuffer;
-use hypervisor::guest_dtb::{self, GuestDtbSpec};
 use hypervisor::guest_image;
 use hypervisor::live_update::{self, format_code, format_of, partition_state_of, state_code, state_of, Ready, Request};
 use hypervisor::partition::{GuestRam, PartitionInfo};
@@ -26,11 +24,10 @@ use hypervisor::update::{
     self, field_text, text_field, HvRecord, PartitionRecord, PreservedMap, VcpuRecord, CMDLINE_BYTES, CONTEXT_BYTES,
 };
 use hypervisor::{hv_event, println};
-use kho::{BitmapRoot, HandoverReader, HandoverWriter};
+use kho::{HandoverReader, HandoverWriter};
 use loader::dtb::DtbPlatform;
 use loader::image_desc::{Descriptor, ImageArch};
 use loader::{BootInfo, PhysRange};
-use sparse_bitmap::PageSize;
 
 use super::devices::PciHost;
 use super::guests::{self, Machine, Partition, Smmu, VcpuSlot, CPU_MPIDR, MACHINE};
@@ -192,9 +189,7 @@ fn save_state(w: &mut HandoverWriter, freeze_counter: u64) -> Result<(), &'stati
             cmdline_len: cmd.len().min(CMDLINE_BYTES) as u32,
             cmdline: text_field(&p.cmdline),
         };
-        w.subsystem(&format!("partitions/{}", p.info.id))
-            .and_then(|mut s| s.add_record(&rec))
-            .map_err(|_| "partition-record")?;
+        live_update::add_partition(w, &rec)?;
     }
     for (n, slot) in m.vcpus.iter().enumerate() {
         let mut context = [0u8; CONTEXT_BYTES];
@@ -211,18 +206,13 @@ fn save_state(w: &mut HandoverWriter, freeze_counter: u64) -> Result<(), &'stati
             context_len: len as u32,
             context,
         };
-        w.subsystem(&format!("vcpus/{n}")).and_then(|mut s| s.add_record(&rec)).map_err(|_| "vcpu-record")?;
+        live_update::add_vcpu(w, n, &rec)?;
     }
     if let Some(smmu) = m.smmu.as_ref() {
         let rec = update::IommuRecord::from_state(&smmu.state()).ok_or("too-many-iommu-assignments")?;
         w.subsystem("iommu").and_then(|mut s| s.add_record(&rec)).map_err(|_| "iommu-record")?;
     }
-    for (size, root) in PageSize::ALL.iter().zip(m.preserved.bitmap.roots()) {
-        if root != 0 {
-            w.add_bitmap_root(BitmapRoot { order: size.order(), root }).map_err(|_| "bitmap-root")?;
-        }
-    }
-    Ok(())
+    live_update::add_bitmap_roots(w, m.preserved.bitmap.roots())
 }
 
 fn elapsed_ms(t0: u64) -> u64 {
@@ -411,12 +401,6 @@ pub fn restore(
         let cmdline =
             alloc::string::String::from(field_text(&rec.cmdline[..(rec.cmdline_len as usize).min(CMDLINE_BYTES)]));
         let layout = guest_image::layout(format, image, rec.ram_size, initrd.map(|r| r.size)).map_err(|_| "layout")?;
-        let dtb = guest_dtb::build(&GuestDtbSpec {
-            ram_size: rec.ram_size,
-            vcpus: rec.vcpus,
-            bootargs: &cmdline,
-            initrd: layout.initrd_offset.map(|o| hypervisor::partition::GUEST_RAM_BASE + o).zip(initrd.map(|r| r.size)),
-        });
         partitions.push(Partition {
             info: PartitionInfo {
                 id: rec.id,
@@ -435,7 +419,6 @@ pub fn restore(
             initrd,
             cmdline,
             layout,
-            dtb,
         });
     }
     let mut slots: Vec<VcpuSlot> = Vec::new();

@@ -15,7 +15,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use hvcall::PartitionState;
 use hypervisor::frames::FrameAllocator;
 use hypervisor::guest_console::LineBuffer;
-use hypervisor::hypercall::{self, Action, HostMemory, HvContext, IdentityMemory};
+use hypervisor::hypercall::{self, Action, HostMemory, IdentityMemory, RunningHv};
 use hypervisor::live_update;
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::sched::{pick_next, VcpuState};
@@ -31,7 +31,7 @@ use hypervisor::x86_guest::cpuid::{guest_cpuid, CpuidRegs, GuestCpuidInfo};
 use hypervisor::x86_guest::cr::{cr0, CrContext, GuestCrPolicy, PagingChange};
 use hypervisor::x86_guest::msr::{check_write, GuestMsr, MsrHome, WriteContext, EFER_LMA, PAT_DEFAULT};
 use hypervisor::x86_guest::GpFault;
-use hypervisor::{hv_event, hv_event_to, println, BUILD_ID, VERSION};
+use hypervisor::{hv_event, hv_event_to, println};
 use kho::ScratchPlan;
 use loader::manifest::GuestSpec;
 use loader::PhysRange;
@@ -184,26 +184,6 @@ pub struct MachineSpec<'a> {
     pub scratch: ScratchPlan,
     /// The multiboot2 information's copy, preserved across updates.
     pub mbi: PhysRange,
-}
-
-struct Info<'a>(&'a Machine);
-
-impl HvContext for Info<'_> {
-    fn version(&self) -> &str {
-        VERSION
-    }
-    fn build(&self) -> &str {
-        BUILD_ID
-    }
-    fn update_count(&self) -> u64 {
-        self.0.update_count
-    }
-    fn cpus(&self) -> u64 {
-        self.0.cpus as u64
-    }
-    fn partition_state(&self, id: u64) -> Option<PartitionState> {
-        self.0.partitions.iter().find(|p| u64::from(p.info.id) == id).map(|p| p.state)
-    }
 }
 
 /// A boot module's bytes, if they lie in RAM below the identity-mapped
@@ -1051,10 +1031,15 @@ fn hypercall_exit(m: &mut Machine, v: usize) -> Result<Next, VmcsError> {
     };
     let info = m.partitions[p].info.clone();
     let mut printed: Vec<u8> = Vec::new();
+    let hv = RunningHv {
+        update_count: m.update_count,
+        cpus: m.cpus as u64,
+        partition_state: |id: u64| m.partitions.iter().find(|p| u64::from(p.info.id) == id).map(|p| p.state),
+    };
     // SAFETY: RAM is identity-mapped in the hypervisor, and `dispatch`
     // translates every guest address through the caller's GuestRam first.
     let mut memory = unsafe { IdentityMemory::new() };
-    let outcome = hypercall::dispatch(&info, control, input, output, &Info(m), &mut memory, &mut |b| {
+    let outcome = hypercall::dispatch(&info, control, input, output, &hv, &mut memory, &mut |b| {
         printed.extend_from_slice(b);
     });
     console_bytes(m, p, &printed);

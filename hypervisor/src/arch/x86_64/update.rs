@@ -14,7 +14,6 @@
 //! record in the same VMCS region: controls and host state are the new
 //! image's own, the guest state is the record's.
 
-use alloc::format;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -31,12 +30,11 @@ use hypervisor::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::vmx_exit::Gpr;
 use hypervisor::x86_guest::cr::GuestCrPolicy;
 use hypervisor::{hv_event, println};
-use kho::{BitmapRoot, HandoverReader, HandoverWriter};
+use kho::{HandoverReader, HandoverWriter};
 use loader::elf::{self, Machine as ElfMachine};
 use loader::image_desc::{Descriptor, ImageArch};
 use loader::manifest::ImageFormat;
 use loader::{BootInfo, PhysRange};
-use sparse_bitmap::PageSize;
 
 use super::guests::{self, AdoptedPartition, AdoptedVcpu, Adoption};
 use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_LEN};
@@ -182,9 +180,7 @@ fn save_state(m: &guests::Machine, w: &mut HandoverWriter, freeze_counter: u64) 
             cmdline_len: 0,
             cmdline: [0; CMDLINE_BYTES],
         };
-        w.subsystem(&format!("partitions/{}", p.info.id))
-            .and_then(|mut s| s.add_record(&rec))
-            .map_err(|_| "partition-record")?;
+        live_update::add_partition(w, &rec)?;
     }
     for (n, slot) in m.vcpus.iter().enumerate() {
         let mut context = [0u8; CONTEXT_BYTES];
@@ -201,14 +197,9 @@ fn save_state(m: &guests::Machine, w: &mut HandoverWriter, freeze_counter: u64) 
             context_len: len as u32,
             context,
         };
-        w.subsystem(&format!("vcpus/{n}")).and_then(|mut s| s.add_record(&rec)).map_err(|_| "vcpu-record")?;
+        live_update::add_vcpu(w, n, &rec)?;
     }
-    for (size, root) in PageSize::ALL.iter().zip(m.preserved.bitmap.roots()) {
-        if root != 0 {
-            w.add_bitmap_root(BitmapRoot { order: size.order(), root }).map_err(|_| "bitmap-root")?;
-        }
-    }
-    Ok(())
+    live_update::add_bitmap_roots(w, m.preserved.bitmap.roots())
 }
 
 /// A CPU other than the requester, at an exit boundary: frozen until the
