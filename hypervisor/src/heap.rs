@@ -5,7 +5,27 @@
 
 use buddy_system_allocator::LockedHeap;
 
-const HEAP_SIZE: usize = 4 << 20;
+const HEAP_SIZE: usize = (4 << 20) + (TEST_PAD_MIB << 20);
+
+/// Test builds only (`HV_TEST_BSS_PAD_MIB`): extra MiB of bss, to make an
+/// image whose footprint is larger than its slot without changing its code.
+const TEST_PAD_MIB: usize = match option_env!("HV_TEST_BSS_PAD_MIB") {
+    Some(s) => parse_decimal(s),
+    None => 0,
+};
+
+/// A decimal number at compile time (a build fails on anything else).
+const fn parse_decimal(s: &str) -> usize {
+    let b = s.as_bytes();
+    let mut n = 0;
+    let mut i = 0;
+    while i < b.len() {
+        assert!(b[i].is_ascii_digit(), "HV_TEST_BSS_PAD_MIB must be a decimal number");
+        n = n * 10 + (b[i] - b'0') as usize;
+        i += 1;
+    }
+    n
+}
 
 #[repr(C, align(4096))]
 struct HeapArea([u8; HEAP_SIZE]);

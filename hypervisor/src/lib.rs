@@ -16,14 +16,23 @@ pub mod guest_dtb;
 pub mod guest_image;
 pub mod hypercall;
 pub mod live_update;
+pub mod machine;
 pub mod partition;
 pub mod pci;
+pub mod preserved;
+pub mod records;
 pub mod sched;
 pub mod stage2;
-pub mod update;
-pub mod vmx_caps;
-pub mod vmx_exit;
-pub mod x86_guest;
+
+/// Each architecture's guest policy that is pure logic, host-tested here:
+/// the image's arch code (`src/arch/<arch>/`, built only into the image)
+/// applies it. The files live with the rest of their arch.
+pub mod arch {
+    /// x86_64: VMX capabilities and controls, exit decoding, and what a
+    /// guest sees (CPUID, MSRs, control registers, its boot protocol).
+    #[path = "x86_64/policy/mod.rs"]
+    pub mod x86_64;
+}
 
 /// The version this image reports in `hv: boot` and to guests. The
 /// launcher overrides it (`HV_VERSION`) to build distinct update images.

@@ -80,6 +80,10 @@ pub trait UpdateParticipant {
     /// In the incoming image: adopt the state the handover carries.
     fn restore(&mut self, handover: &HandoverReader<'_>) -> Result<(), Self::Error>;
 
+    /// In the incoming image, once every vCPU runs again: the blackout is
+    /// over (report it, stop refusing what the blackout refused).
+    fn resume(&mut self);
+
     /// After the blackout: deferred work (release what is no longer needed).
     fn finish(&mut self);
 }
@@ -276,6 +280,7 @@ impl<'p, E> UpdateStateMachine<'p, E> {
         if self.state != UpdateState::Restored {
             return Err(self.illegal(UpdateEvent::Resume));
         }
+        self.participants.iter_mut().for_each(|participant| participant.resume());
         self.state = UpdateState::Resumed;
         Ok(())
     }

@@ -54,7 +54,7 @@ pub fn build_id() -> String {
 
 /// Runs `cargo build` for the image. Images get their own target dir so a
 /// build from inside `cargo test` does not wait on the outer cargo's lock.
-fn cargo_build(spec: &ImageSpec, target_dir: &Path) -> Result<PathBuf, LaunchError> {
+fn cargo_build(spec: &ImageSpec, target_dir: &Path, bss_pad_mib: u32) -> Result<PathBuf, LaunchError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
@@ -62,6 +62,11 @@ fn cargo_build(spec: &ImageSpec, target_dir: &Path) -> Result<PathBuf, LaunchErr
         .arg(spec.arch.triple())
         .env("CARGO_TARGET_DIR", target_dir)
         .env("HV_BUILD_ID", build_id());
+    if bss_pad_mib == 0 {
+        cmd.env_remove("HV_TEST_BSS_PAD_MIB");
+    } else {
+        cmd.env("HV_TEST_BSS_PAD_MIB", bss_pad_mib.to_string());
+    }
     match &spec.version {
         Some(v) => cmd.env("HV_VERSION", v),
         None => cmd.env_remove("HV_VERSION"),
@@ -106,12 +111,20 @@ fn strip_debug(elf: &Path, out: &Path) -> Result<Vec<u8>, LaunchError> {
 /// Builds the image and wraps it: a flat arm64 Image for aarch64, a GRUB
 /// multiboot2 ISO for x86_64.
 pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
-    let tag = spec.version.as_deref().unwrap_or("default");
+    build_padded(spec, 0)
+}
+
+/// [`build`], with `bss_pad_mib` MiB more bss (`HV_TEST_BSS_PAD_MIB`): the
+/// same code with a larger footprint, for tests of the image-slot check.
+pub fn build_padded(spec: &ImageSpec, bss_pad_mib: u32) -> Result<BuiltImage, LaunchError> {
+    let version = spec.version.as_deref().unwrap_or("default");
+    let tag = if bss_pad_mib == 0 { version.to_string() } else { format!("{version}-pad{bss_pad_mib}") };
+    let tag = tag.as_str();
     let dir = out_dir().join(spec.arch.name()).join(tag);
     fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     // One target dir per version: the version is baked in at compile time.
     let target_dir = out_dir().join("cargo").join(tag);
-    let elf_path = cargo_build(spec, &target_dir)?;
+    let elf_path = cargo_build(spec, &target_dir, bss_pad_mib)?;
     let bytes = fs::read(&elf_path).map_err(io_err(format!("reading {}", elf_path.display())))?;
     let bootable = match spec.arch {
         Arch::Aarch64 => {

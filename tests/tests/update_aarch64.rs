@@ -204,3 +204,28 @@ fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
     let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
     check(&run, passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck ok through cancel and update");
 }
+
+/// An image whose footprint (bss and stacks included) is larger than the
+/// slot reserved for hypervisor images would be loaded over whatever
+/// follows the running image: it is refused before the freeze, and the
+/// guests never notice.
+#[test]
+fn an_image_larger_than_its_slot_is_refused_before_the_freeze() {
+    let big = image::build_padded(&ImageSpec { arch: Arch::Aarch64, version: Some("0.1.9".into()) }, 16)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bytes = std::fs::read(&big.bootable).unwrap_or_else(|e| panic!("{e}"));
+    let footprint = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or([0; 8]));
+    assert!(footprint > 16 << 20, "the padded image declares {footprint:#x} bytes");
+    assert!(bytes.len() < 16 << 20, "the file itself is small: only bss grew");
+    let run = refuse_run("test-update-too-big", std::slice::from_ref(&big.bootable));
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let reasons: Vec<&str> = run.hv("update-refused").iter().filter_map(|e| e.get("reason")).collect();
+    check(&run, reasons == ["image-larger-than-slot"], &format!("refusal reasons {reasons:?}"));
+    check(&run, run.hv("update-begin").is_empty() && run.hv("update-done").is_empty(), "no freeze, no kexec");
+    let upd = id_of(&run, "updater");
+    let verdict = run.guest(upd, "updater").into_iter().find(|e| e.get("done").is_some());
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1)), "the requester got INVALID_PARAMETER");
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck unaffected");
+}

@@ -103,6 +103,10 @@ impl UpdateParticipant for FakePartition {
         Ok(())
     }
 
+    fn resume(&mut self) {
+        self.log.borrow_mut().push(format!("{}:resume", self.name));
+    }
+
     fn finish(&mut self) {
         self.log.borrow_mut().push(format!("{}:finish", self.name));
     }
@@ -171,6 +175,9 @@ fn full_update_runs_every_callback_in_order() {
             "a:restore",
             "b:restore",
             "c:restore",
+            "a:resume",
+            "b:resume",
+            "c:resume",
             "a:finish",
             "b:finish",
             "c:finish"

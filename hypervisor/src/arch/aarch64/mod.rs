@@ -1,16 +1,20 @@
 //! aarch64 at EL2 (non-VHE): entry, console, PSCI, the EL2 stage-1 map.
 
+mod cpu;
 mod devices;
+mod exits;
 mod gic;
-mod guests;
+mod live_update;
 mod mmu;
+mod partitions;
 mod pl011;
+mod platform;
 mod psci;
-mod update;
+mod smmu;
 mod vcpu;
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use alloc::boxed::Box;
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
@@ -35,6 +39,14 @@ extern "C" {
 }
 
 static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(1);
+/// Bit per CPU index that came up (the boot CPU's is set at boot).
+static ONLINE_MASK: AtomicU32 = AtomicU32::new(0);
+
+/// The indices of the CPUs that came up, in order.
+fn online_cpus() -> alloc::vec::Vec<usize> {
+    let mask = ONLINE_MASK.load(Ordering::Acquire);
+    (0..MAX_CPUS).filter(|&i| mask & (1 << i) != 0).collect()
+}
 
 fn sym(s: &u8) -> u64 {
     core::ptr::from_ref(s) as u64
@@ -65,7 +77,7 @@ pub(crate) fn counter() -> (u64, u64) {
 }
 
 /// Fails the boot with an event and powers off.
-fn fail(reason: &str) -> ! {
+fn fail(reason: impl core::fmt::Display) -> ! {
     hv_event!("boot-failed", reason = reason);
     hv_event!("shutdown", status = "error");
     shutdown(false)
@@ -74,10 +86,10 @@ fn fail(reason: &str) -> ! {
 #[no_mangle]
 extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: u64) -> ! {
     if handover_phys != 0 {
-        update::note_entry(kexec_counter);
+        live_update::note_entry(kexec_counter);
     }
     crate::heap::init();
-    update::set_dtb(dtb_phys);
+    live_update::set_dtb(dtb_phys);
     // The DTB's header gives its size; `validate` re-checks it.
     // SAFETY: x0 at entry is the DTB address (arm64 boot protocol); the
     // header is 40 bytes and the MMU is off, so physical = virtual.
@@ -104,21 +116,24 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         fail(reason);
     }
     for (i, &c) in platform.cpus.iter().enumerate().take(MAX_CPUS) {
-        guests::set_cpu(i, c);
+        platform::set_cpu(i, c);
     }
+    ONLINE_MASK.fetch_or(1 << boot_cpu_index(&platform), Ordering::AcqRel);
     start_secondaries(&platform);
     let Some(gic) = platform.gic else { fail("no-gic") };
     gic::init_distributor(gic.distributor.base, gic.redistributors.base, gic.redistributors.size);
     let cpus = CPUS_ONLINE.load(Ordering::Acquire);
     if handover_phys != 0 {
         // A live update brought us here: adopt instead of booting afresh.
-        match update::restore(handover_phys, &info, &platform, cpus, image_range()) {
+        let mut reserved = info.reserved.clone();
+        reserved.push(image_slot());
+        match live_update::restore(handover_phys, &info, &platform, &online_cpus(), reserved) {
             Ok(0) => fail("handover-has-no-partitions"),
             Ok(_) => {}
             Err(reason) => fail(reason),
         }
-        guests::release_secondaries();
-        guests::run_cpu(boot_cpu_index(&platform), 0)
+        cpu::release_secondaries();
+        cpu::run_cpu(boot_cpu_index(&platform), 0)
     }
     hv_event!("boot", arch = "aarch64", version = VERSION, build = BUILD_ID, cpus = cpus, mem_mib = info.ram_mib(),);
     hv_event!(
@@ -134,15 +149,15 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         hv_event!("shutdown", status = "ok");
         shutdown(true)
     };
-    let started = match start_guests(manifest_addr, &info, &platform, cpus) {
+    let started = match start_guests(manifest_addr, &info, &platform) {
         Ok(n) => n,
         Err(reason) => fail(reason),
     };
     if started == 0 {
         fail("no-guest-could-start");
     }
-    guests::release_secondaries();
-    guests::run_cpu(boot_cpu_index(&platform), 0)
+    cpu::release_secondaries();
+    cpu::run_cpu(boot_cpu_index(&platform), 0)
 }
 
 /// The running image's physical extent (text to the end of bss).
@@ -152,6 +167,14 @@ fn image_range() -> PhysRange {
     PhysRange::new(start, end - start)
 }
 
+/// The image slot: memory from the image's load address reserved for
+/// hypervisor images at every boot, so the kexec may load a larger image
+/// (up to the slot) without touching anything else.
+fn image_slot() -> PhysRange {
+    let image = image_range();
+    PhysRange::new(image.base, image.size.max(live_update::IMAGE_SLOT))
+}
+
 fn boot_cpu_index(platform: &DtbPlatform) -> usize {
     let me = mpidr() & 0xff_00ff_ffff;
     platform.cpus.iter().position(|&c| c == me).unwrap_or(0)
@@ -159,12 +182,7 @@ fn boot_cpu_index(platform: &DtbPlatform) -> usize {
 
 /// Reads the manifest, reserves what it points at, plans the scratch
 /// regions, and builds the partitions. Returns how many started.
-fn start_guests(
-    manifest_addr: u64,
-    info: &BootInfo,
-    platform: &DtbPlatform,
-    cpus: usize,
-) -> Result<usize, &'static str> {
+fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> Result<usize, &'static str> {
     let ram_end = info.ram.iter().find(|r| r.base <= manifest_addr && r.end().is_some_and(|e| e > manifest_addr));
     let Some(ram) = ram_end else { return Err("manifest-outside-ram") };
     let window = (ram.base + ram.size - manifest_addr).min(loader::manifest::MAX_MANIFEST_SIZE as u64);
@@ -177,14 +195,23 @@ fn start_guests(
     })?;
     let manifest_len = bytes.iter().position(|&b| b == 0).map_or(window, |n| n as u64 + 1);
     let image = image_range();
+    let slot = image_slot();
+    if let Some(dtb) = info.reserved.iter().find(|r| r.overlaps(&slot) && !r.overlaps(&image)) {
+        hv_event!("image-slot-overlap", base = format_args!("{:#x}", dtb.base), size = dtb.size);
+        return Err("image-slot-not-free");
+    }
+    if specs.iter().any(|g| g.image.overlaps(&slot) || g.initrd.is_some_and(|r| r.overlaps(&slot))) {
+        return Err("guest-module-in-image-slot");
+    }
     let mut reserved = info.reserved.clone();
-    reserved.push(image);
+    reserved.push(slot);
     reserved.push(PhysRange::new(manifest_addr, manifest_len));
     for g in &specs {
         reserved.push(g.image);
         reserved.extend(g.initrd);
     }
-    let scratch = update::plan_scratch(&info.ram, &reserved, image.size).ok_or("no-room-for-scratch")?;
+    let scratch =
+        hypervisor::live_update::plan_scratch(&info.ram, &reserved, image.size).ok_or("no-room-for-scratch")?;
     for r in scratch.regions() {
         hv_event!(
             "scratch",
@@ -197,7 +224,7 @@ fn start_guests(
     let free = hypervisor::frames::subtract(&info.ram, &reserved);
     let frames = hypervisor::frames::FrameAllocator::new(&free);
     let pci = platform.pcie.as_ref().and_then(devices::PciHost::from_dtb);
-    Ok(guests::create(&specs, &info.ram, frames, scratch, cpus, (platform.smmu, pci)))
+    Ok(partitions::create(&specs, &info.ram, frames, scratch, &online_cpus(), (platform.smmu, pci)))
 }
 
 fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), &'static str> {
@@ -264,10 +291,11 @@ pub(crate) fn mpidr() -> u64 {
 #[no_mangle]
 extern "C" fn hv_secondary_main(index: u64) -> ! {
     mmu::activate_secondary();
+    ONLINE_MASK.fetch_or(1 << index, Ordering::AcqRel);
     let online = CPUS_ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
     hv_event!("cpu-online", cpu = index, mpidr = format_args!("{:#x}", mpidr() & 0xff_00ff_ffff), online = online);
-    guests::wait_for_start();
-    guests::run_cpu(index as usize, index as usize + 1)
+    cpu::wait_for_start();
+    cpu::run_cpu(index as usize, index as usize + 1)
 }
 
 /// Called from every EL2 vector: the hypervisor takes no exceptions of its

@@ -3,11 +3,14 @@
 //! the multiboot2 modules, under VT-x with EPT.
 
 mod cpu;
-mod guests;
+mod exits;
+mod live_update;
+mod partitions;
+mod platform;
+mod run;
 mod serial;
 mod smp;
 mod tsc;
-mod update;
 mod vcpu;
 mod vmcs;
 mod vmx;
@@ -17,8 +20,8 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use hypervisor::vmx_caps::{VmcsControls, VmxCaps};
-use hypervisor::x86_guest::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
 use loader::acpi::{self, PhysMemory};
 use loader::guest_modules::{self, detect_format};
@@ -99,7 +102,7 @@ pub fn delay_us(us: u64) {
     }
 }
 
-fn fail(reason: &str) -> ! {
+fn fail(reason: impl core::fmt::Display) -> ! {
     hv_event!("boot-failed", reason = reason);
     hv_event!("shutdown", status = "error");
     shutdown(false)
@@ -185,7 +188,7 @@ fn reserved(info: &BootInfo) -> Vec<PhysRange> {
 extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> ! {
     let entry_tsc = tsc::now();
     early_init();
-    hypervisor::live_update::note_entry(kexec_tsc, entry_tsc);
+    hypervisor::live_update::REPORT.note_entry(kexec_tsc, entry_tsc);
     println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode (live update)");
     let (info, cpus, mbi) = platform(multiboot2::BOOTLOADER_MAGIC, mbi_phys);
     let caps = match vmx::enable(0) {
@@ -199,14 +202,14 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> !
     CPU_READY[0].store(true, Ordering::Release);
     start_aps(&info, &cpus);
     let ready: Vec<usize> = (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect();
-    let spec = update::RestoreSpec { info: &info, reserved: reserved(&info), cpus: &ready, caps, mbi };
-    match update::restore(handover, spec) {
+    let spec = live_update::RestoreSpec { info: &info, reserved: reserved(&info), cpus: &ready, caps, mbi };
+    match live_update::restore(handover, spec) {
         Ok(0) => fail("handover-has-no-partitions"),
         Ok(_) => {}
         Err(reason) => fail(reason),
     }
-    guests::release_secondaries();
-    guests::run_cpu(0)
+    run::release_secondaries();
+    run::run_cpu(0)
 }
 
 #[no_mangle]
@@ -267,8 +270,8 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         Ok(_) => {}
         Err(reason) => fail(reason),
     }
-    guests::release_secondaries();
-    guests::run_cpu(0)
+    run::release_secondaries();
+    run::run_cpu(0)
 }
 
 /// The running image's physical extent (text to the end of bss).
@@ -289,7 +292,7 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize
         println!("boot modules: {e}");
         e.reason()
     })?;
-    caps.check_guest_support().map_err(hypervisor::vmx_caps::MissingFeature::reason)?;
+    caps.check_guest_support().map_err(hypervisor::arch::x86_64::vmx_caps::MissingFeature::reason)?;
     let msrs = vmx::read_msrs();
     let controls = VmcsControls::resolve(&msrs).map_err(|e| {
         println!("vmx controls: {e}");
@@ -334,7 +337,7 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize
         outb(PIC1_DATA, PIC_MASK_ALL);
         outb(PIC2_DATA, PIC_MASK_ALL);
     }
-    Ok(guests::create(guests::MachineSpec {
+    Ok(partitions::create(partitions::MachineSpec {
         specs: &specs,
         ram: &info.ram,
         frames,
@@ -378,8 +381,8 @@ extern "C" fn hv_ap_main(index: u64) -> ! {
         halt_forever()
     }
     // Wait for the boot CPU to build the partitions (or power off).
-    while !guests::started() {
+    while !run::started() {
         core::hint::spin_loop();
     }
-    guests::run_cpu(cpu)
+    run::run_cpu(cpu)
 }

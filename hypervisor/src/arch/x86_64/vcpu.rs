@@ -5,8 +5,8 @@
 
 use core::arch::{asm, global_asm};
 
-use hypervisor::vmx_exit::Gpr;
-use hypervisor::x86_guest::msr::GuestMsr;
+use hypervisor::arch::x86_64::msr::GuestMsr;
+use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use x86::msr::{rdmsr, wrmsr};
 use x86::vmx::vmcs::{control, guest};
 

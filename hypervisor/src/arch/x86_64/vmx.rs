@@ -2,7 +2,7 @@
 //! check CPUID.1:ECX.VMX, IA32_FEATURE_CONTROL, apply the CR0/CR4 fixed
 //! bits, set CR4.VMXE and execute VMXON on a per-CPU region.
 
-use hypervisor::vmx_caps::{VmxCaps, VmxMsrs, BASIC_TRUE_CTLS};
+use hypervisor::arch::x86_64::vmx_caps::{VmxCaps, VmxMsrs, BASIC_TRUE_CTLS};
 use raw_cpuid::CpuId;
 use x86::controlregs::{cr0, cr0_write, cr4, cr4_write, Cr0, Cr4};
 use x86::msr::{

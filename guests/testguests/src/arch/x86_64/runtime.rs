@@ -45,7 +45,7 @@ macro_rules! entry {
     };
 }
 
-/// The hypervisor's CPUID leaves (hypervisor/src/x86_guest/cpuid.rs):
+/// The hypervisor's CPUID leaves (hypervisor/src/arch/x86_64/policy/cpuid.rs):
 /// the signature leaf and the timing leaf (EAX = TSC kHz).
 const HV_LEAF_BASE: u32 = 0x4000_0000;
 const HV_LEAF_TIMING: u32 = 0x4000_0010;

@@ -1,21 +1,14 @@
-//! Live update, the arch-neutral parts (`shared/DESIGN.md` §3-5): the state
-//! records that cross the update, the preserved-memory map, and how an
-//! update request is checked.
-//!
-//! The records are `kho` state records: versioned, checksummed, fields
-//! declared once. The arch code fills a vCPU's register context into an
-//! opaque byte array with its own format number, so this module needs no
-//! arch knowledge.
+//! The state records the machine writes into the handover and reads back
+//! in the next image (`kho/ABI.md`): `kho` state records, versioned and
+//! checksummed, fields declared once. The arch code fills a vCPU's register
+//! context into an opaque byte array with its own format number, so these
+//! records need no arch knowledge.
 
-use core::fmt;
-use core::ops::Range;
-
+use hvcall::PartitionState;
 use kho::state_record;
-use loader::image_desc::{self, Descriptor, ImageArch, ImageError};
-use sparse_bitmap::{Fit, MultiOrderBitmap, PageSize};
+use loader::manifest::ImageFormat;
 
-use crate::frames::{FrameAllocator, PAGE_SIZE};
-use crate::stage2;
+use crate::sched::VcpuState;
 
 /// Bytes reserved for a vCPU's register context in [`VcpuRecord`].
 pub const CONTEXT_BYTES: usize = 2048;
@@ -192,49 +185,6 @@ impl IommuRecord {
     }
 }
 
-/// Why an update request is refused before anything changes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RequestError {
-    Image(ImageError),
-    /// The image does not fit the scratch staging area.
-    NoScratch,
-}
-
-impl RequestError {
-    /// Token for `hv: update-refused reason=...`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Image(e) => e.reason(),
-            Self::NoScratch => "no-scratch",
-        }
-    }
-}
-
-impl fmt::Display for RequestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Image(e) => write!(f, "{e}"),
-            Self::NoScratch => write!(f, "no scratch region to stage the image in"),
-        }
-    }
-}
-
-/// Checks a new image (copied out of guest memory) against what is running.
-pub fn check_request(image: &[u8], arch: ImageArch, staging_bytes: u64) -> Result<Descriptor, RequestError> {
-    if staging_bytes == 0 {
-        return Err(RequestError::NoScratch);
-    }
-    image_desc::validate(image, arch, crate::HANDOVER_ABI_MAX, staging_bytes).map_err(RequestError::Image)
-}
-
-/// The blackout in microseconds between two counter values.
-pub fn blackout_us(start: u64, end: u64, hz: u64) -> u64 {
-    if hz == 0 {
-        return 0;
-    }
-    (u128::from(end.wrapping_sub(start)) * 1_000_000 / u128::from(hz)) as u64
-}
-
 /// Fixed-size text field from a string (truncated, NUL-padded).
 pub fn text_field<const N: usize>(s: &str) -> [u8; N] {
     let mut out = [0u8; N];
@@ -249,137 +199,56 @@ pub fn field_text(field: &[u8]) -> &str {
     core::str::from_utf8(&field[..end]).unwrap_or("")
 }
 
-/// Identity phys→virt for the bitmap: the hypervisor maps RAM 1:1.
-#[derive(Clone, Copy, Debug)]
-pub struct IdentityPages;
+/// `hvcall::PartitionState` as its wire value in a partition record.
+pub fn partition_state_code(s: PartitionState) -> u32 {
+    s as u32
+}
 
-// SAFETY: RAM is identity-mapped read-write at EL2/long mode for the
-// hypervisor's whole life, and bitmap node pages come from the frame
-// allocator (or the preserved map), which hands each page to one owner.
-unsafe impl sparse_bitmap::PhysToVirt for IdentityPages {
-    fn phys_to_virt(&self, pa: u64) -> *mut u8 {
-        pa as *mut u8
+/// A partition state from its record code.
+pub fn partition_state_of(code: u32) -> Option<PartitionState> {
+    match code {
+        0 => Some(PartitionState::Running),
+        1 => Some(PartitionState::Stopped),
+        2 => Some(PartitionState::Faulted),
+        _ => None,
     }
 }
 
-// SAFETY: as for `stage2::FrameSource`: each frame is free RAM handed to one
-// owner at a time.
-unsafe impl sparse_bitmap::FrameSource for FrameAllocator {
-    fn alloc_frame(&mut self) -> Option<u64> {
-        <Self as stage2::FrameSource>::alloc_frame(self)
-    }
-
-    fn free_frame(&mut self, pa: u64) {
-        <Self as stage2::FrameSource>::free_frame(self, pa);
+/// Record codes of the vCPU scheduling states.
+pub fn vcpu_state_code(s: VcpuState) -> u32 {
+    match s {
+        VcpuState::Off => 0,
+        VcpuState::Runnable => 1,
+        VcpuState::Waiting => 2,
+        VcpuState::Stopped => 3,
     }
 }
 
-/// Errors recording preserved memory.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PreserveError(pub sparse_bitmap::Error);
-
-impl fmt::Display for PreserveError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "preserved-memory map: {:?}", self.0)
+pub fn vcpu_state_of(code: u32) -> Option<VcpuState> {
+    match code {
+        0 => Some(VcpuState::Off),
+        1 => Some(VcpuState::Runnable),
+        2 => Some(VcpuState::Waiting),
+        3 => Some(VcpuState::Stopped),
+        _ => None,
     }
 }
 
-/// Everything that must survive an update, recorded when it is allocated
-/// (never in a pass at update time): guest RAM at the largest orders, one
-/// bit per stage-2 table page, guest images.
-pub struct PreservedMap<M: sparse_bitmap::PhysToVirt + Clone> {
-    pub bitmap: MultiOrderBitmap<M>,
-}
-
-impl<M: sparse_bitmap::PhysToVirt + Clone> fmt::Debug for PreservedMap<M> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreservedMap").field("frames", &self.bitmap.frame_count()).finish_non_exhaustive()
+/// Record codes of the guest image formats.
+pub fn format_code(f: ImageFormat) -> u32 {
+    match f {
+        ImageFormat::Flat => 0,
+        ImageFormat::Arm64Image => 1,
+        ImageFormat::Elf => 2,
     }
 }
 
-impl<M: sparse_bitmap::PhysToVirt + Clone> PreservedMap<M> {
-    pub fn new(mapper: M) -> Self {
-        Self { bitmap: MultiOrderBitmap::new(mapper) }
-    }
-
-    /// Records `range` (page-rounded outwards) at the largest orders.
-    pub fn preserve<F: sparse_bitmap::FrameSource + ?Sized>(
-        &mut self,
-        frames: &mut F,
-        range: Range<u64>,
-    ) -> Result<(), PreserveError> {
-        let start = range.start & !(PAGE_SIZE - 1);
-        let end = range.end.next_multiple_of(PAGE_SIZE);
-        self.bitmap.insert_range(frames, start..end, Fit::Largest).map_err(PreserveError)
-    }
-
-    pub fn preserve_page<F: sparse_bitmap::FrameSource + ?Sized>(
-        &mut self,
-        frames: &mut F,
-        pa: u64,
-    ) -> Result<(), PreserveError> {
-        self.bitmap.insert(frames, pa, PageSize::Size4KiB).map_err(PreserveError)
-    }
-
-    pub fn release_page<F: sparse_bitmap::FrameSource + ?Sized>(
-        &mut self,
-        frames: &mut F,
-        pa: u64,
-    ) -> Result<(), PreserveError> {
-        self.bitmap.remove(frames, pa, PageSize::Size4KiB).map_err(PreserveError)
-    }
-}
-
-/// A frame source for second-stage tables that records every page it hands
-/// out in the preserved map, so the tables survive an update.
-pub struct PreservingFrames<'a, M: sparse_bitmap::PhysToVirt + Clone> {
-    pub frames: &'a mut FrameAllocator,
-    pub map: &'a mut PreservedMap<M>,
-}
-
-impl<M: sparse_bitmap::PhysToVirt + Clone> fmt::Debug for PreservingFrames<'_, M> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PreservingFrames").finish_non_exhaustive()
-    }
-}
-
-// SAFETY: forwards to the frame allocator (which upholds the contract) and
-// only adds bookkeeping.
-unsafe impl<M: sparse_bitmap::PhysToVirt + Clone> stage2::FrameSource for PreservingFrames<'_, M> {
-    fn alloc_frame(&mut self) -> Option<u64> {
-        let pa = <FrameAllocator as stage2::FrameSource>::alloc_frame(self.frames)?;
-        if self.map.preserve_page(self.frames, pa).is_err() {
-            <FrameAllocator as stage2::FrameSource>::free_frame(self.frames, pa);
-            return None;
-        }
-        Some(pa)
-    }
-
-    fn free_frame(&mut self, pa: u64) {
-        let _ = self.map.release_page(self.frames, pa);
-        <FrameAllocator as stage2::FrameSource>::free_frame(self.frames, pa);
-    }
-}
-
-// SAFETY: runs of pages come from the frame allocator (one owner each), are
-// recorded as preserved, and are naturally aligned to at least `align`.
-unsafe impl<M: sparse_bitmap::PhysToVirt + Clone> iommu::FrameSource for PreservingFrames<'_, M> {
-    fn alloc_pages(&mut self, count: usize, align: u64) -> Option<u64> {
-        let bytes = (count as u64).checked_mul(PAGE_SIZE)?.max(align);
-        let block = self.frames.alloc_block(bytes)?;
-        if self.map.preserve(self.frames, block.base..block.base + block.size).is_err() {
-            self.frames.free_block(block);
-            return None;
-        }
-        Some(block.base)
-    }
-
-    fn free_pages(&mut self, pa: u64, count: usize) {
-        // Blocks are powers of two of at least `count` pages; `alloc_pages`
-        // was asked for no stricter alignment than that by the driver.
-        let size = (count as u64 * PAGE_SIZE).next_power_of_two();
-        let _ = self.map.bitmap.remove_range(self.frames, pa..pa + size);
-        self.frames.free_block(loader::PhysRange::new(pa, size));
+pub fn format_of(code: u32) -> Option<ImageFormat> {
+    match code {
+        0 => Some(ImageFormat::Flat),
+        1 => Some(ImageFormat::Arm64Image),
+        2 => Some(ImageFormat::Elf),
+        _ => None,
     }
 }
 
@@ -388,7 +257,22 @@ mod tests {
     extern crate std;
     use super::*;
     use kho::StateRecord;
-    use loader::PhysRange;
+
+    #[test]
+    fn codes_round_trip() {
+        for f in [ImageFormat::Flat, ImageFormat::Arm64Image, ImageFormat::Elf] {
+            assert_eq!(format_of(format_code(f)), Some(f));
+        }
+        for s in [VcpuState::Off, VcpuState::Runnable, VcpuState::Waiting, VcpuState::Stopped] {
+            assert_eq!(vcpu_state_of(vcpu_state_code(s)), Some(s));
+        }
+        for s in [PartitionState::Running, PartitionState::Stopped, PartitionState::Faulted] {
+            assert_eq!(partition_state_of(partition_state_code(s)), Some(s));
+        }
+        assert_eq!(format_of(3), None);
+        assert_eq!(vcpu_state_of(4), None);
+        assert_eq!(partition_state_of(3), None);
+    }
 
     #[test]
     fn records_round_trip() {
@@ -451,51 +335,5 @@ mod tests {
         assert!(bad.to_state().is_none());
         let bad = IommuRecord { assignment_count: 99, ..back };
         assert!(bad.to_state().is_none());
-    }
-
-    #[test]
-    fn blackout_arithmetic() {
-        assert_eq!(blackout_us(1000, 63_500, 62_500_000), 1000);
-        assert_eq!(blackout_us(u64::MAX - 10, 52, 1_000_000), 63);
-        assert_eq!(blackout_us(0, 100, 0), 0);
-    }
-
-    #[test]
-    fn request_refuses_bad_images() {
-        let mut img = std::vec![0u8; 8192];
-        img[64..64 + image_desc::DESCRIPTOR_LEN].copy_from_slice(&image_desc::descriptor(
-            ImageArch::Aarch64,
-            1,
-            1,
-            "9.9.9",
-            "x",
-        ));
-        image_desc::seal(&mut img).unwrap();
-        assert_eq!(check_request(&img, ImageArch::Aarch64, 1 << 20).unwrap().version_str(), "9.9.9");
-        assert_eq!(check_request(&img, ImageArch::Aarch64, 0), Err(RequestError::NoScratch));
-        assert_eq!(check_request(&img, ImageArch::X86_64, 1 << 20).unwrap_err().reason(), "wrong-arch");
-        assert_eq!(check_request(&img[..4096], ImageArch::Aarch64, 1 << 20).unwrap_err().reason(), "size-mismatch");
-        assert_eq!(check_request(&img, ImageArch::Aarch64, 4096).unwrap_err().reason(), "too-large");
-    }
-
-    #[test]
-    fn stage2_pages_are_preserved_as_they_are_allocated() {
-        let arena = sparse_bitmap::testing::Arena::new(0x4000_0000, (64 << 20) / 4096);
-        let mapper = &arena;
-        let mut frames = FrameAllocator::new(&[PhysRange::new(0x4000_0000, 64 << 20)]);
-        let mut map = PreservedMap::new(mapper);
-        let guest = frames.alloc_block(16 << 20).unwrap();
-        map.preserve(&mut frames, guest.base..guest.base + guest.size).unwrap();
-        let before = map.bitmap.frame_count();
-        let mut pf = PreservingFrames { frames: &mut frames, map: &mut map };
-        let a = stage2::FrameSource::alloc_frame(&mut pf).unwrap();
-        let b = stage2::FrameSource::alloc_frame(&mut pf).unwrap();
-        assert!(map.bitmap.contains(a) && map.bitmap.contains(b));
-        assert_eq!(map.bitmap.frame_count(), before + 2);
-        // 16 MiB of guest RAM costs 8 bits at 2 MiB order, not 4096.
-        assert_eq!(map.bitmap.tree(PageSize::Size2MiB).count(), 8);
-        let mut pf = PreservingFrames { frames: &mut frames, map: &mut map };
-        stage2::FrameSource::free_frame(&mut pf, a);
-        assert!(!map.bitmap.contains(a));
     }
 }

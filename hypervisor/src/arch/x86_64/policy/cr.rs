@@ -9,7 +9,7 @@
 
 use super::msr::{EFER_LMA, EFER_LME};
 use super::GpFault;
-use crate::vmx_caps::{CrFixed, VmxMsrs};
+use crate::arch::x86_64::vmx_caps::{CrFixed, VmxMsrs};
 
 /// CR0 bits (SDM Vol. 3A §2.5).
 pub mod cr0 {

@@ -1,13 +1,18 @@
-//! What an x86_64 guest sees of the machine, as pure policy the VM-exit
-//! handlers apply: CPUID ([`cpuid`]), the MSR allow-list ([`msr`]), the
-//! control-register bits it may change ([`cr`]), and how it is loaded and
-//! handed over to, the way a multiboot2 boot loader would ([`boot`]).
-//! Everything here takes guest-controlled values and is host-tested.
+//! The x86_64 policy, as pure logic the image's VMX code applies: what
+//! VT-x offers and which controls the hypervisor runs with
+//! ([`vmx_caps`]), how a VM exit is decoded ([`vmx_exit`]), and what a
+//! guest sees of the machine: CPUID ([`cpuid`]), the MSR allow-list
+//! ([`msr`]), the control-register bits it may change ([`cr`]), and how it
+//! is loaded and handed over to, the way a multiboot2 boot loader would
+//! ([`boot`]). Everything here takes guest- or hardware-controlled values
+//! and is host-tested.
 
 pub mod boot;
 pub mod cpuid;
 pub mod cr;
 pub mod msr;
+pub mod vmx_caps;
+pub mod vmx_exit;
 
 /// Why a guest's instruction is answered with a general-protection fault
 /// (#GP(0)) instead of being carried out.

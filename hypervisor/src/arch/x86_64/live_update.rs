@@ -18,27 +18,23 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use hvcall::Status;
+use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
+use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use hypervisor::frames::PAGE_SIZE;
-use hypervisor::live_update::UpdatePlatform;
-use hypervisor::live_update::{self, format_code, partition_state_of, state_code, state_of, Ready, Request};
-use hypervisor::partition::{GuestRam, PartitionInfo};
-use hypervisor::stage2::{Ept, LinearMap, Stage2Table};
-use hypervisor::update::{
-    field_text, text_field, HvRecord, PartitionRecord, PreservedMap, VcpuRecord, CMDLINE_BYTES, CONTEXT_BYTES,
-};
-use hypervisor::vmx_caps::{VmcsControls, VmxCaps};
-use hypervisor::vmx_exit::Gpr;
-use hypervisor::x86_guest::cr::GuestCrPolicy;
+use hypervisor::live_update::handshake::{Generation, Handshake};
+use hypervisor::live_update::incoming::{self, AdoptSpec};
+use hypervisor::live_update::{self, Cancel, Ready, Request, UpdatePlatform, HANDSHAKE};
+use hypervisor::machine::{Machine, MachineLock, MAX_CPUS};
+use hypervisor::preserved::IdentityPages;
 use hypervisor::{hv_event, println};
-use kho::{HandoverReader, HandoverWriter};
+use kho::HandoverReader;
 use loader::elf::{self, Machine as ElfMachine};
 use loader::image_desc::{Descriptor, ImageArch};
-use loader::manifest::ImageFormat;
 use loader::{BootInfo, PhysRange};
 
-use super::guests::{self, AdoptedPartition, AdoptedVcpu, Adoption};
-use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_LEN};
-use super::{smp, tsc, vmx, KEXEC_WINDOW, MAPPED_LIMIT};
+use super::platform::{tsc_hz, MACHINE, X86};
+use super::{run, smp, tsc, vmx, KEXEC_WINDOW, MAPPED_LIMIT};
 
 /// Scratch after the staged image: the trampoline's code page, its
 /// parameter page, and its page tables (PML4, PDPT, 4 PDs).
@@ -73,42 +69,38 @@ struct Vmx {
 }
 
 impl UpdatePlatform for Vmx {
-    fn counter(&self) -> (u64, u64) {
-        (tsc::now(), guests::tsc_hz())
+    type Arch = X86;
+
+    fn machine(&self) -> &MachineLock<X86> {
+        &MACHINE
     }
 
-    fn kick_others(&self, _cpu: usize, _cpus: usize) {
+    fn handshake(&self) -> &Handshake {
+        &HANDSHAKE
+    }
+
+    fn counter(&self) -> (u64, u64) {
+        (tsc::now(), tsc_hz())
+    }
+
+    fn kick_others(&self, _: &Machine<X86>, _cpu: usize) {
         // Every guest entry arms the VMX-preemption timer for at most one
         // slice (SDM Vol. 3C §26.5.1), so each CPU reaches an exit
         // boundary within SLICE_MS without an IPI.
     }
 
-    fn put_loaded(&self, cpu: usize) -> Result<(), &'static str> {
-        guests::put_loaded(cpu)
-    }
-
-    fn take_fail_next_freeze(&self) -> Result<bool, &'static str> {
-        guests::take_fail_next_freeze()
-    }
-
-    fn save_state(&self, w: &mut HandoverWriter, freeze_counter: u64) -> Result<(), &'static str> {
-        guests::with_machine(|m| save_state(m, w, freeze_counter))?
+    fn freeze_cpu(&self, m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
+        run::freeze_cpu(m, cpu)
     }
 
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
         segments(staged, desc).map(|_| ())
     }
 
-    fn set_status(&self, status: Status) {
-        guests::set_guest_reg(self.v, Gpr::RAX, status as u64);
-    }
-
-    fn alloc_handover(&self, bytes: u64) -> Option<PhysRange> {
-        guests::with_machine(|m| m.frames.alloc_block(bytes)).ok().flatten()
-    }
-
-    fn free_handover(&self, block: PhysRange) {
-        let _ = guests::with_machine(|m| m.frames.free_block(block));
+    fn set_status(&self, m: &mut Machine<X86>, status: Status) {
+        // SAFETY: the requesting vCPU exited on this CPU, its owner, and is
+        // not entered again before the update returns.
+        unsafe { m.ctx_mut(self.v) }.regs.set(Gpr::RAX, status as u64);
     }
 
     fn wait(&self) {
@@ -151,134 +143,72 @@ fn segments(staged: &[u8], desc: &Descriptor) -> Result<Vec<elf::LoadSegment>, &
     Ok(image.segments)
 }
 
-fn save_state(m: &guests::Machine, w: &mut HandoverWriter, freeze_counter: u64) -> Result<(), &'static str> {
-    let hv = HvRecord {
-        freeze_counter,
-        counter_hz: m.tsc_hz,
-        cpus: m.cpus as u32,
-        partitions: m.partitions.len() as u32,
-        vcpus: m.vcpus.len() as u32,
-        images_preserved: false,
-    };
-    w.subsystem("hv").and_then(|mut s| s.add_record(&hv)).map_err(|_| "hv-record")?;
-    for p in &m.partitions {
-        let rec = PartitionRecord {
-            id: p.info.id,
-            name: text_field(&p.info.name),
-            privileged: p.info.privileged,
-            state: p.state as u32,
-            ram_host_base: p.info.ram.host_base,
-            ram_size: p.info.ram.size,
-            stage2_root: p.ept.root(),
-            vmid: u32::from(p.vpid),
-            vcpus: p.info.vcpus,
-            image_format: format_code(ImageFormat::Flat),
-            image_base: 0,
-            image_size: 0,
-            initrd_base: 0,
-            initrd_size: 0,
-            cmdline_len: 0,
-            cmdline: [0; CMDLINE_BYTES],
-        };
-        live_update::add_partition(w, &rec)?;
-    }
-    for (n, slot) in m.vcpus.iter().enumerate() {
-        let mut context = [0u8; CONTEXT_BYTES];
-        // SAFETY: every CPU has put its vCPUs and captured their VMCS
-        // state (all are frozen), so no context is changing.
-        let len = unsafe { slot.ctx.as_ref() }.to_context(&mut context).ok_or("context-too-large")?;
-        let rec = VcpuRecord {
-            partition: m.partitions[slot.partition].info.id,
-            index: slot.index,
-            pcpu: slot.pcpu as u32,
-            state: state_code(slot.state),
-            pending: 0,
-            context_format: CONTEXT_FORMAT,
-            context_len: len as u32,
-            context,
-        };
-        live_update::add_vcpu(w, n, &rec)?;
-    }
-    live_update::add_bitmap_roots(w, m.preserved.bitmap.roots())
-}
-
 /// A CPU other than the requester, at an exit boundary: frozen until the
 /// update is cancelled, or off for the kexec.
 pub fn freeze_this_cpu(cpu: usize) {
     live_update::freeze_this_cpu(&Vmx { v: 0 }, cpu, cpu_off);
 }
 
+fn cpu_off(generation: Generation) -> ! {
+    leave(smp_index(), generation)
+}
+
+/// This CPU's index among the machine's.
+fn smp_index() -> usize {
+    MACHINE.with(|m| hypervisor::machine::Arch::this_cpu(&m.arch)).unwrap_or(0)
+}
+
 /// Off for the kexec: the BSP enters the new image; any other CPU leaves
 /// VMX operation (INIT is blocked in VMX root operation, SDM Vol. 3C
 /// §24.8) and halts with interrupts off, so that the new image can restart
 /// it with INIT-SIPI-SIPI.
-fn cpu_off() -> ! {
+fn leave(cpu: usize, generation: Generation) -> ! {
     if smp::is_bsp() {
-        jump()
+        jump(cpu, generation)
     }
     vmx::disable();
     OFF_FOR_KEXEC.fetch_add(1, Ordering::AcqRel);
+    HANDSHAKE.left(cpu, generation);
     super::halt_forever()
 }
 
 /// A CPU with nothing left to run. The BSP keeps answering freezes (it is
 /// the one that enters a new image); another CPU leaves VMX operation and
 /// halts for good, and freezes no longer wait for it.
-pub fn idle() -> ! {
+pub fn idle(cpu: usize) -> ! {
     if smp::is_bsp() {
         loop {
-            if live_update::freeze_requested() {
-                freeze_this_cpu(0);
+            if HANDSHAKE.freeze_requested() {
+                freeze_this_cpu(cpu);
             }
             core::hint::spin_loop();
         }
     }
     vmx::disable();
-    live_update::note_parked();
+    HANDSHAKE.park(cpu);
     super::halt_forever()
 }
 
 /// Called by each CPU as it first enters a guest.
 pub fn note_resumed() {
-    live_update::note_resumed(tsc::now(), guests::tsc_hz());
+    incoming::cpu_resumed(tsc::now(), tsc_hz());
 }
 
 /// Runs a live update requested by vCPU `v` on `cpu`; returns only if it
 /// was refused or cancelled, with the guest's status set.
 pub fn run(cpu: usize, v: usize, image_pa: u64, size: u64) {
     let platform = Vmx { v };
-    if !live_update::begin() {
-        platform.set_status(Status::OperationDenied);
-        return;
-    }
-    let Ok((ram, scratch, update_count, cpus)) =
-        guests::with_machine(|m| (m.ram.clone(), m.scratch.clone(), m.update_count, m.cpus))
-    else {
-        live_update::end();
-        return;
-    };
-    let req = Request {
-        cpu,
-        cpus,
-        image_pa,
-        size,
-        arch: ImageArch::X86_64,
-        tail_bytes: TAIL_PAGES * PAGE_SIZE,
-        ram: &ram,
-        scratch: &scratch,
-        update_count,
-    };
-    if let Ok(ready) = live_update::prepare_and_freeze(&platform, &req) {
-        match prepare_jump(&ready, cpus) {
-            Ok(j) => {
-                *JUMP.lock() = Some(j);
-                live_update::release_for_kexec(&platform);
-                cpu_off()
-            }
-            Err(reason) => live_update::cancel_after_freeze(&platform, &ready, reason),
+    let req = Request { cpu, image_pa, size, arch: ImageArch::X86_64, tail_bytes: TAIL_PAGES * PAGE_SIZE };
+    let Ok(ready) = live_update::prepare_and_freeze(&platform, &req) else { return };
+    let online = MACHINE.with(|m| m.online.clone()).unwrap_or_default();
+    match prepare_jump(&ready, online) {
+        Ok(j) => {
+            *JUMP.lock() = Some(j);
+            HANDSHAKE.release_for_kexec(ready.generation);
+            leave(cpu, ready.generation)
         }
+        Err(reason) => live_update::cancel_after_freeze(&platform, &ready, &Cancel::Kexec(reason)),
     }
-    live_update::end();
 }
 
 /// Identity map of the low 4 GiB with 2 MiB pages (the top GiB uncached)
@@ -304,11 +234,11 @@ fn build_tables(tables: u64) {
 
 /// The prepared kexec: the trampoline and its parameter page in scratch,
 /// and how many CPUs must be off before the jump.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Jump {
     tramp: u64,
     params: u64,
-    cpus: usize,
+    online: Vec<usize>,
 }
 
 /// Set by the requesting CPU once the guests are frozen; taken by the BSP.
@@ -316,12 +246,12 @@ static JUMP: spin::Mutex<Option<Jump>> = spin::Mutex::new(None);
 
 /// Builds the trampoline, its page tables and its parameters in scratch
 /// after the staged image. Any CPU may do this; only the BSP jumps.
-fn prepare_jump(ready: &Ready, cpus: usize) -> Result<Jump, &'static str> {
+fn prepare_jump(ready: &Ready, online: Vec<usize>) -> Result<Jump, &'static str> {
     // SAFETY: the staged copy in scratch, checked by `prepare_and_freeze`.
     let staged = unsafe { core::slice::from_raw_parts(ready.stage.base as *const u8, ready.image_len as usize) };
     let desc = loader::image_desc::find(staged).map_err(|_| "no-descriptor")?;
     let segs = segments(staged, &desc)?;
-    let mbi = guests::with_machine(|m| m.mbi.base)?;
+    let mbi = MACHINE.with(|m| m.arch.mbi.base).ok_or("no-machine")?;
     let tramp = (ready.stage.base + ready.image_len).next_multiple_of(PAGE_SIZE);
     let params = tramp + PARAMS_PAGE * PAGE_SIZE;
     let tables = tramp + TABLES_PAGE * PAGE_SIZE;
@@ -346,20 +276,21 @@ fn prepare_jump(ready: &Ready, cpus: usize) -> Result<Jump, &'static str> {
             at.add(3).write(s.mem_size);
         }
     }
-    Ok(Jump { tramp, params, cpus })
+    Ok(Jump { tramp, params, online })
 }
 
-/// On the BSP: waits for the other CPUs to be off, leaves VMX operation
-/// and jumps to the trampoline, which copies the new image into place and
-/// enters it. Never returns.
-fn jump() -> ! {
-    let Some(j) = *JUMP.lock() else { super::halt_forever() };
-    let (t0, hz) = (tsc::now(), guests::tsc_hz());
-    while OFF_FOR_KEXEC.load(Ordering::Acquire) + live_update::parked() + 1 < j.cpus {
-        if hypervisor::update::blackout_us(t0, tsc::now(), hz) / 1000 > live_update::STOP_TIMEOUT_MS {
-            break;
-        }
-        core::hint::spin_loop();
+/// On the BSP: waits for the other CPUs to have left VMX operation,
+/// leaves it too and jumps to the trampoline, which copies the new image
+/// into place and enters it. Never returns.
+fn jump(me: usize, generation: Generation) -> ! {
+    let Some(j) = JUMP.lock().clone() else { super::halt_forever() };
+    let (t0, hz) = (tsc::now(), tsc_hz());
+    let expired = || live_update::blackout_us(t0, tsc::now(), hz) / 1000 > live_update::STOP_TIMEOUT_MS;
+    if let Err(t) = HANDSHAKE.wait_left(generation, me, &j.online, expired, core::hint::spin_loop) {
+        // It acknowledged the freeze, so it runs no guest code; it is late
+        // leaving VMX operation, and the new image's INIT-SIPI may not
+        // reach it. Its vCPUs are restored onto the CPUs that come up.
+        hv_event!("kexec-cpu-slow", cpu = t.cpu);
     }
     vmx::disable();
     // SAFETY: the parameter page prepared by `prepare_jump`; word 4 is the
@@ -393,105 +324,63 @@ pub struct RestoreSpec<'a> {
     pub mbi: PhysRange,
 }
 
+/// Why the new image could not take the machine over.
+#[derive(Debug)]
+pub enum RestoreFailure {
+    /// The handover blob itself (where it is, its header and checks).
+    Handover(&'static str),
+    VmxControls,
+    Adopt(live_update::AdoptFailure),
+}
+
+impl core::fmt::Display for RestoreFailure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Handover(reason) => f.write_str(reason),
+            Self::VmxControls => f.write_str("vmx-controls-unsupported"),
+            Self::Adopt(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 /// The restore side: validates the handover at `handover_pa`, adopts the
 /// preserved map and each partition's EPT tree in place, rebuilds the
-/// vCPUs from their records, and installs the machine. Returns how many
-/// partitions were adopted.
-pub fn restore(handover_pa: u64, spec: RestoreSpec<'_>) -> Result<usize, &'static str> {
+/// vCPUs from their records (each VMCS is rebuilt on first entry), and
+/// installs the machine. Returns how many partitions were adopted.
+pub fn restore(handover_pa: u64, spec: RestoreSpec<'_>) -> Result<usize, RestoreFailure> {
+    let h = RestoreFailure::Handover;
     let ram = &spec.info.ram;
-    let head = phys_bytes(PhysRange::new(handover_pa, 8), ram).ok_or("handover-outside-ram")?;
-    let size = HandoverReader::blob_size(head).map_err(|_| "handover-header")?;
-    let blob = phys_bytes(PhysRange::new(handover_pa, size as u64), ram).ok_or("handover-outside-ram")?;
-    let ram_map = live_update::ram_map(ram).ok_or("ram-map")?;
+    let head = phys_bytes(PhysRange::new(handover_pa, 8), ram).ok_or(h("handover-outside-ram"))?;
+    let size = HandoverReader::blob_size(head).map_err(|_| h("handover-header"))?;
+    let blob = phys_bytes(PhysRange::new(handover_pa, size as u64), ram).ok_or(h("handover-outside-ram"))?;
+    let ram_map = live_update::ram_map(ram).ok_or(h("ram-map"))?;
     let reader = HandoverReader::new(blob, handover_pa, &ram_map).map_err(|e| {
         println!("handover: {e}");
-        "handover-invalid"
+        h("handover-invalid")
     })?;
-    let scratch = reader.scratch().clone();
-    let adopted = live_update::adopt_preserved(&reader, ram, spec.reserved)?;
-    let hv = reader.subsystem("hv").and_then(|n| n.record::<HvRecord>().ok().flatten()).ok_or("hv-record")?;
     let msrs = vmx::read_msrs();
     let controls = VmcsControls::resolve(&msrs).map_err(|e| {
         println!("vmx controls: {e}");
-        "vmx-controls-unsupported"
+        RestoreFailure::VmxControls
     })?;
-    let adopt_ram: Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
-    let mut partitions: Vec<AdoptedPartition> = Vec::new();
-    for node in reader.children("partitions") {
-        let rec = node.record::<PartitionRecord>().ok().flatten().ok_or("partition-record")?;
-        if !adopted.bitmap.contains_range(rec.ram_host_base..rec.ram_host_base + rec.ram_size) {
-            return Err("partition-ram-not-preserved");
-        }
-        // SAFETY: RAM is identity-mapped, so physical = virtual.
-        let phys = unsafe { LinearMap::new(0) };
-        let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys).map_err(|e| {
-            println!("EPT of partition {}: {e}", rec.id);
-            "ept-adopt"
-        })?;
-        partitions.push(AdoptedPartition {
-            info: PartitionInfo {
-                id: rec.id,
-                name: alloc::string::String::from(field_text(&rec.name)),
-                privileged: rec.privileged,
-                ram: GuestRam { host_base: rec.ram_host_base, size: rec.ram_size },
-                vcpus: rec.vcpus,
-            },
-            state: partition_state_of(rec.state).ok_or("partition-state")?,
-            ept,
-            vpid: u16::try_from(rec.vmid).map_err(|_| "vpid")?,
-        });
-    }
-    let mut vcpus: Vec<AdoptedVcpu> = Vec::new();
-    for node in reader.children("vcpus") {
-        let rec = node.record::<VcpuRecord>().ok().flatten().ok_or("vcpu-record")?;
-        if rec.context_format != CONTEXT_FORMAT || rec.context_len as usize != CONTEXT_LEN {
-            return Err("vcpu-context-format");
-        }
-        let partition = partitions.iter().position(|p| p.info.id == rec.partition).ok_or("vcpu-partition")?;
-        let ctx = Vcpu::from_context(rec.context.get(..CONTEXT_LEN).ok_or("context")?).ok_or("context")?;
-        if !adopted.bitmap.contains_range(ctx.vmcs..ctx.vmcs + PAGE_SIZE) {
-            return Err("vmcs-not-preserved");
-        }
-        let pcpu = spec.cpus.get(rec.pcpu as usize).copied().unwrap_or(0);
-        vcpus.push(AdoptedVcpu {
-            ctx,
-            partition,
-            index: rec.index,
-            pcpu,
-            state: state_of(rec.state).ok_or("vcpu-state")?,
-        });
-    }
-    for p in &partitions {
-        hv_event!(
-            "guest-adopted",
-            id = p.info.id,
-            name = p.info.name,
-            stage2_root = format_args!("{:#x}", p.ept.root()),
-            ram = format_args!("{:#x}", p.info.ram.host_base),
-        );
-    }
-    let n = partitions.len();
-    let mut frames = adopted.frames;
-    // The consumed handover is not in the preserved map: it goes back to
-    // the allocator.
-    let footprint = reader.footprint();
-    frames.add_free(PhysRange::new(footprint.base(), footprint.size()));
-    live_update::note_restored(&reader, size as u64, adopted.preserved_pages, hv.freeze_counter, tsc::now());
-    let busy = guests::install_adopted(Adoption {
-        partitions,
-        vcpus,
-        frames,
-        preserved: PreservedMap { bitmap: adopted.bitmap },
-        cpus: spec.cpus.len().max(1),
-        caps: spec.caps,
+    let hv_hz = reader
+        .subsystem("hv")
+        .and_then(|n| n.record::<hypervisor::records::HvRecord>().ok().flatten())
+        .map_or(0, |r| r.counter_hz);
+    let arch = X86 {
         controls,
         cr_policy: GuestCrPolicy::new(&msrs),
-        tsc_hz: hv.counter_hz,
-        ram: ram.clone(),
-        scratch,
-        update_count: reader.update_count(),
+        caps: spec.caps,
+        tsc_hz: hv_hz,
         mbi: spec.mbi,
-    });
-    live_update::set_resume_cpus(busy);
-    Ok(n)
+        slice_end: [0; MAX_CPUS],
+        update_request: [None; MAX_CPUS],
+    };
+    super::platform::set_tsc_hz(hv_hz);
+    let spec = AdoptSpec { ram, reserved: spec.reserved, online: spec.cpus, counter: tsc::now };
+    // SAFETY: RAM below 4 GiB is identity-mapped, and only this CPU is up.
+    unsafe { incoming::adopt(&reader, &MACHINE, arch, IdentityPages, spec) }.map_err(|e| {
+        println!("restore: {e:?}");
+        RestoreFailure::Adopt(e)
+    })
 }

@@ -1,0 +1,279 @@
+//! Each physical CPU's life at EL2 on aarch64: per-CPU virtualization
+//! set-up, the scheduling loop over the machine's run queue, entering the
+//! chosen vCPU (its EL1 state, stage 2 and VMID loaded, its virtual
+//! interrupts in the list registers), and the exit path from `entry.S`.
+
+use alloc::vec::Vec;
+use core::arch::asm;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use hypervisor::live_update::HANDSHAKE;
+use hypervisor::machine::{Machine, Next};
+use hypervisor::println;
+use hypervisor::sched::VcpuState;
+use hypervisor::stage2::ArmStage2;
+
+use super::exits::{handle_sync, read_esr_far_hpfar};
+use super::gic::{self, PPI_HYP_TIMER, PPI_VIRT_TIMER};
+use super::platform::{cpu_index, Aarch64, MACHINE};
+use super::vcpu::{self, GuestRegs, CNTV_IMASK};
+use super::MAX_CPUS;
+
+/// HCR_EL2 for guests (Arm ARM D19.2.48): VM (stage 2 on), SWIO, FMO/IMO/
+/// AMO (physical interrupts to EL2, virtual ones to the guest), TWI (trap
+/// WFI), TSC (trap SMC), RW (EL1 is AArch64).
+const HCR_GUEST: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 13) | (1 << 19) | (1 << 31);
+/// VTCR_EL2 (D19.2.176): the stage-2 engine's geometry, RES1 bit 31, and
+/// PS from PARange.
+const VTCR_RES1: u64 = 1 << 31;
+const VTCR_PS_SHIFT: u64 = 16;
+/// CNTHCTL_EL2 (D19.2.25): EL1PCTEN = 1 (guest may read the physical
+/// counter), EL1PCEN = 0 (the EL1 physical timer traps).
+const CNTHCTL_GUEST: u64 = 1;
+/// Scheduling time slice.
+const SLICE_MS: u64 = 10;
+/// Bit of `VcpuSlot::pending` for the virtual timer (bits 0-15 are SGIs).
+pub const PENDING_VTIMER: u32 = 1 << 16;
+
+/// Set by the boot CPU once the machine exists: the others may schedule.
+static STARTED: AtomicBool = AtomicBool::new(false);
+/// Stack top of each CPU, for re-entering guests with an empty stack.
+static STACK_TOP: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
+
+extern "C" {
+    fn guest_enter(frame: *mut GuestRegs, stack_top: usize) -> !;
+}
+
+/// Lets the other CPUs into the scheduler.
+pub fn release_secondaries() {
+    STARTED.store(true, Ordering::Release);
+    // SAFETY: SEV wakes CPUs waiting in WFE; no other effect.
+    unsafe { asm!("dsb ish", "sev", options(nomem, nostack)) };
+}
+
+pub fn wait_for_start() {
+    while !STARTED.load(Ordering::Acquire) {
+        // SAFETY: waits for the boot CPU's SEV.
+        unsafe { asm!("wfe", options(nomem, nostack)) };
+    }
+}
+
+fn arm_tick() {
+    let (_, freq) = super::counter();
+    // SAFETY: programs this CPU's EL2 physical timer (CNTHP), which only the
+    // hypervisor uses.
+    unsafe {
+        asm!("msr cnthp_tval_el2, {0}", "msr cnthp_ctl_el2, {1}", "isb", in(reg) freq / 1000 * SLICE_MS, in(reg) 1u64,
+             options(nomem, nostack));
+    }
+}
+
+/// Per-CPU virtualization set-up, then the scheduler. Never returns.
+pub fn run_cpu(cpu: usize, stack_slot: usize) -> ! {
+    let bottom = core::ptr::addr_of!(super::__stacks_bottom) as usize;
+    STACK_TOP[cpu].store(bottom + (stack_slot + 1) * super::STACK_SIZE, Ordering::Relaxed);
+    let parange = super::mmu::parange();
+    // SAFETY: EL2 configuration for running guests on this CPU (see the
+    // constants); nothing runs at EL1 yet.
+    unsafe {
+        asm!(
+            "msr hcr_el2, {hcr}",
+            "msr vtcr_el2, {vtcr}",
+            "msr cnthctl_el2, {cnthctl}",
+            "msr cntvoff_el2, xzr",
+            "msr cntv_ctl_el0, xzr",
+            "isb",
+            hcr = in(reg) HCR_GUEST,
+            vtcr = in(reg) ArmStage2::VTCR_GEOMETRY | VTCR_RES1 | (parange.min(5) << VTCR_PS_SHIFT),
+            cnthctl = in(reg) CNTHCTL_GUEST,
+            options(nomem, nostack),
+        );
+    }
+    if let Err(reason) = gic::init_cpu(super::mpidr()) {
+        hypervisor::hv_event!("cpu-failed", cpu = cpu, reason = reason);
+        super::park();
+    }
+    arm_tick();
+    let next = schedule(cpu, false);
+    super::live_update::note_resumed();
+    // SAFETY: `next` is a live vCPU frame pinned to this CPU and loaded by
+    // `schedule`; the stack top is this CPU's own stack.
+    unsafe { guest_enter(next, STACK_TOP[cpu].load(Ordering::Relaxed)) }
+}
+
+/// Handles the physical interrupts pending on this CPU. Returns whether the
+/// time slice ended.
+fn handle_irqs(m: &mut Machine<Aarch64>, cpu: usize) -> bool {
+    let mut tick = false;
+    loop {
+        let intid = gic::ack();
+        if intid >= gic::INTID_SPECIAL {
+            break;
+        }
+        match intid {
+            PPI_HYP_TIMER => {
+                tick = true;
+                arm_tick();
+                super::smmu::poll_smmu(m);
+            }
+            PPI_VIRT_TIMER => {
+                // The loaded vCPU's timer fired: mask it until the guest has
+                // taken the virtual interrupt, then inject.
+                vcpu::write_cntv_ctl(vcpu::read_cntv_ctl() | CNTV_IMASK);
+                if let Some(v) = m.loaded[cpu] {
+                    // SAFETY: the loaded vCPU belongs to this CPU.
+                    unsafe { m.ctx_mut(v) }.timer_masked_by_hv = true;
+                    m.vcpus[v].pending |= PENDING_VTIMER;
+                    m.wake(v);
+                }
+            }
+            // SGI_KICK and anything else: the exit itself was the point.
+            _ => {}
+        }
+        gic::end(intid);
+    }
+    tick
+}
+
+/// Timers of vCPUs that are not loaded run in software.
+fn check_soft_timers(m: &mut Machine<Aarch64>, cpu: usize) {
+    let now = vcpu::counter();
+    for k in 0..m.queues[cpu].len() {
+        let v = m.queues[cpu][k];
+        if m.loaded[cpu] == Some(v) {
+            continue;
+        }
+        // SAFETY: the vCPU is pinned to this CPU and not loaded.
+        let ctx = unsafe { m.ctx_mut(v) };
+        let ctl = ctx.sys.cntv_ctl;
+        if ctl & vcpu::CNTV_ENABLE != 0 && ctl & CNTV_IMASK == 0 && now >= ctx.sys.cntv_cval {
+            ctx.sys.cntv_ctl |= CNTV_IMASK;
+            ctx.timer_masked_by_hv = true;
+            m.vcpus[v].pending |= PENDING_VTIMER;
+            m.wake(v);
+        }
+    }
+}
+
+/// Loads `v` on this CPU (if it is not already) and injects its pending
+/// virtual interrupts into free list registers.
+fn prepare_entry(m: &mut Machine<Aarch64>, cpu: usize, v: usize) {
+    if let Some((pc, x0)) = m.vcpus[v].start.take() {
+        // SAFETY: `v` is pinned to this CPU; a loaded copy is dropped below.
+        unsafe { m.ctx_mut(v) }.reset(pc, x0);
+        if m.loaded[cpu] == Some(v) {
+            m.loaded[cpu] = None;
+        }
+    }
+    if m.loaded[cpu] != Some(v) {
+        m.put_loaded(cpu);
+        let p = &m.partitions[m.vcpus[v].partition];
+        let vttbr = ArmStage2::vttbr(p.arch.stage2.root(), p.vmid);
+        // SAFETY: `v` is pinned to this CPU; its stage-2 table maps only its
+        // partition's RAM, under its own VMID.
+        unsafe {
+            m.ctx_mut(v).load();
+            asm!("msr vttbr_el2, {0}", "isb", in(reg) vttbr, options(nomem, nostack));
+        }
+        m.loaded[cpu] = Some(v);
+    }
+    // SAFETY: `v` is loaded on this CPU.
+    let ctx = unsafe { m.ctx_mut(v) };
+    let lrs = gic::lr_count();
+    let live: Vec<u64> = (0..lrs).map(gic::read_lr).collect();
+    if ctx.timer_masked_by_hv && !live.iter().any(|&lr| !gic::lr_free(lr) && gic::lr_intid(lr) == PPI_VIRT_TIMER) {
+        vcpu::write_cntv_ctl(vcpu::read_cntv_ctl() & !CNTV_IMASK);
+        ctx.timer_masked_by_hv = false;
+    }
+    let mut pending = m.vcpus[v].pending;
+    for (i, &lr) in live.iter().enumerate() {
+        if pending == 0 {
+            break;
+        }
+        if !gic::lr_free(lr) {
+            continue;
+        }
+        let bit = pending.trailing_zeros();
+        let intid = if 1 << bit == PENDING_VTIMER { PPI_VIRT_TIMER } else { bit };
+        gic::write_lr(i, gic::lr_pending(intid));
+        pending &= !(1 << bit);
+    }
+    m.vcpus[v].pending = pending;
+    if m.vcpus[v].state == VcpuState::Waiting {
+        m.vcpus[v].state = VcpuState::Runnable;
+    }
+}
+
+/// Chooses the vCPU to run on this CPU, idling (WFI, lock released) until
+/// one is runnable. `yield_now` prefers another vCPU over the current one.
+fn schedule(cpu: usize, yield_now: bool) -> *mut GuestRegs {
+    loop {
+        if HANDSHAKE.freeze_requested() {
+            super::live_update::freeze_this_cpu(cpu);
+            continue;
+        }
+        {
+            let mut guard = MACHINE.lock();
+            let Some(m) = guard.as_mut() else { super::park() };
+            if m.shutting_down {
+                drop(guard);
+                super::park();
+            }
+            check_soft_timers(m, cpu);
+            if let Some(v) = m.pick(cpu, yield_now) {
+                prepare_entry(m, cpu, v);
+                // The register frame is the first field of the repr(C) Vcpu.
+                return m.vcpus[v].ctx.as_ptr().cast::<GuestRegs>();
+            }
+            m.put_if_idle(cpu);
+        }
+        // Nothing to run: wait for an interrupt (WFI wakes on a pending
+        // interrupt even with PSTATE.I set), then take it.
+        // SAFETY: WFI only waits.
+        unsafe { asm!("wfi", options(nomem, nostack)) };
+        let mut guard = MACHINE.lock();
+        if let Some(m) = guard.as_mut() {
+            handle_irqs(m, cpu);
+        }
+    }
+}
+
+/// Called by entry.S on every guest exit with the exited vCPU's frame;
+/// returns the frame to enter next.
+#[no_mangle]
+extern "C" fn hv_guest_exit(_frame: *mut GuestRegs, kind: u64) -> *mut GuestRegs {
+    let cpu = cpu_index();
+    let (next, lines) = {
+        let mut guard = MACHINE.lock();
+        let Some(m) = guard.as_mut() else { super::park() };
+        let Some(v) = m.loaded[cpu] else { super::park() };
+        let next = match kind {
+            0 => handle_sync(m, v),
+            1 => {
+                if handle_irqs(m, cpu) {
+                    Next::Reschedule
+                } else {
+                    Next::Resume
+                }
+            }
+            _ => {
+                let (esr, far, _) = read_esr_far_hpfar();
+                m.fault(v, if kind == 3 { "serror" } else { "fiq" }, far, ("esr", esr));
+                Next::Reschedule
+            }
+        };
+        (next, m.take_output())
+    };
+    for line in lines {
+        println!("{line}");
+    }
+    match next {
+        Next::Resume => schedule(cpu, false),
+        Next::Reschedule => schedule(cpu, true),
+        Next::LiveUpdate { image_pa, size } => {
+            // Returns only if the update was refused or cancelled.
+            super::live_update::run(cpu, image_pa, size);
+            schedule(cpu, false)
+        }
+    }
+}

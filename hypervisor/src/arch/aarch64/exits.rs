@@ -1,0 +1,269 @@
+//! Trap decoding on aarch64: a guest's synchronous exception at EL2
+//! (ESR_EL2, Arm ARM D19.2.40) becomes a call on the machine (hypercall,
+//! PSCI, WFI, SGI) or an emulated access (the PL011 console, the GIC
+//! frames), and anything else is a fault that stops the partition.
+
+use core::arch::asm;
+
+use hvcall::{PartitionState, SMCCC_VENDOR_HYP_CALL};
+use hypervisor::guest_dtb::{self, GUEST_GICD, GUEST_GICR, GUEST_GICR_STRIDE, GUEST_UART, GUEST_UART_SIZE};
+use hypervisor::hypercall::IdentityMemory;
+use hypervisor::machine::{Machine, Next};
+use hypervisor::sched::VcpuState;
+
+use super::partitions::reset_partition;
+use super::platform::Aarch64;
+use super::vcpu::Vcpu;
+
+/// ESR_EL2.EC exception classes (Arm ARM D19.2.40, ESR_EL2).
+const EC_WFX: u64 = 0x01;
+const EC_HVC64: u64 = 0x16;
+const EC_SMC64: u64 = 0x17;
+const EC_SYSREG: u64 = 0x18;
+const EC_IABT_LOWER: u64 = 0x20;
+const EC_DABT_LOWER: u64 = 0x24;
+/// ISS of a trapped MSR/MRS (D19.2.40): Op0, Op2, Op1, CRn, Rt, CRm, Dir.
+const SYSREG_MASK: u64 = 0x3f_fc1e;
+/// ICC_SGI1R_EL1 = S3_0_C12_C11_5 in that encoding.
+const SYSREG_ICC_SGI1R: u64 = (3 << 20) | (5 << 17) | (12 << 10) | (11 << 1);
+/// Data abort ISS: ISV (24), SAS (23:22), SRT (20:16), WnR (6).
+const DABT_ISV: u64 = 1 << 24;
+const DABT_WNR: u64 = 1 << 6;
+/// PSCI function ids (DEN0022E §5.1) and return codes (§5.2.2).
+const PSCI_VERSION: u64 = 0x8400_0000;
+const PSCI_CPU_OFF: u64 = 0x8400_0002;
+const PSCI_CPU_ON_32: u64 = 0x8400_0003;
+const PSCI_CPU_ON_64: u64 = 0xc400_0003;
+const PSCI_AFFINITY_INFO_32: u64 = 0x8400_0004;
+const PSCI_AFFINITY_INFO_64: u64 = 0xc400_0004;
+const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
+const PSCI_SYSTEM_RESET: u64 = 0x8400_0009;
+const PSCI_FEATURES: u64 = 0x8400_000a;
+const PSCI_1_1: i64 = 0x1_0001;
+const PSCI_NOT_SUPPORTED: i64 = -1;
+const PSCI_INVALID_PARAMETERS: i64 = -2;
+const PSCI_ALREADY_ON: i64 = -4;
+/// PL011 registers the console emulation implements: UARTDR, UARTFR.
+const UART_DR: u64 = 0x000;
+const UART_FR: u64 = 0x018;
+/// UARTFR: TXFE | RXFE (transmit FIFO empty, nothing to receive).
+const UART_FR_IDLE: u64 = 0x90;
+
+pub fn read_esr_far_hpfar() -> (u64, u64, u64) {
+    let (esr, far, hpfar): (u64, u64, u64);
+    // SAFETY: reading the syndrome registers of the exception being handled.
+    unsafe {
+        asm!("mrs {0}, esr_el2", "mrs {1}, far_el2", "mrs {2}, hpfar_el2", out(reg) esr, out(reg) far, out(reg) hpfar,
+             options(nomem, nostack));
+    }
+    (esr, far, hpfar)
+}
+
+/// A guest register by number; 31 is XZR.
+fn reg(ctx: &Vcpu, r: u64) -> u64 {
+    if r < 31 {
+        ctx.regs.x[r as usize]
+    } else {
+        0
+    }
+}
+
+fn set_reg(ctx: &mut Vcpu, r: u64, value: u64) {
+    if r < 31 {
+        ctx.regs.x[r as usize] = value;
+    }
+}
+
+fn resched(yes: bool) -> Next {
+    if yes {
+        Next::Reschedule
+    } else {
+        Next::Resume
+    }
+}
+
+/// Handles a synchronous exit of `v`, which just ran on this CPU.
+pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
+    let (esr, far, hpfar) = read_esr_far_hpfar();
+    let ec = esr >> 26;
+    let p = m.vcpus[v].partition;
+    // SAFETY: `v` exited on this CPU (its owner), which is in the hypervisor.
+    let ctx = unsafe { m.ctx_mut(v) };
+    match ec {
+        EC_WFX => {
+            ctx.regs.elr += 4;
+            if m.vcpus[v].pending == 0 {
+                m.vcpus[v].state = VcpuState::Waiting;
+            }
+            Next::Reschedule
+        }
+        EC_HVC64 | EC_SMC64 => {
+            if ec == EC_SMC64 {
+                // A trapped SMC leaves ELR at the SMC itself (D1.11.2).
+                ctx.regs.elr += 4;
+            }
+            let function = ctx.regs.x[0];
+            if function == SMCCC_VENDOR_HYP_CALL {
+                let (control, input, output) = (ctx.regs.x[1], ctx.regs.x[2], ctx.regs.x[3]);
+                // SAFETY: RAM is identity-mapped in the hypervisor, and
+                // `dispatch` translates every guest address through the
+                // caller's GuestRam first.
+                let mut memory = unsafe { IdentityMemory::new() };
+                let r = m.hypercall(v, control, input, output, &mut memory);
+                // SAFETY: as above.
+                let ctx = unsafe { m.ctx_mut(v) };
+                ctx.regs.x[0] = r.result;
+                if let Some(out) = r.fast_output {
+                    ctx.regs.x[3] = out;
+                }
+                r.next
+            } else {
+                resched(psci_call(m, v, function))
+            }
+        }
+        EC_SYSREG => {
+            let rt = (esr >> 5) & 0x1f;
+            let is_read = esr & 1 == 1;
+            if esr & SYSREG_MASK == SYSREG_ICC_SGI1R && !is_read {
+                let value = reg(ctx, rt);
+                send_sgi(m, v, value);
+            } else if is_read {
+                // Other trapped registers (the EL1 physical timer) read as zero
+                // and ignore writes.
+                set_reg(ctx, rt, 0);
+            }
+            // SAFETY: as above (re-borrowed after `send_sgi`).
+            unsafe { m.ctx_mut(v) }.regs.elr += 4;
+            Next::Resume
+        }
+        EC_DABT_LOWER | EC_IABT_LOWER => {
+            // HPFAR_EL2.FIPA holds IPA[51:12] in bits [43:4] (D19.2.55).
+            let ipa = ((hpfar >> 4) << 12) | (far & 0xfff);
+            if ec == EC_DABT_LOWER && esr & DABT_ISV != 0 && emulate_mmio(m, v, p, ipa, esr) {
+                // SAFETY: as above.
+                unsafe { m.ctx_mut(v) }.regs.elr += 4;
+                return Next::Resume;
+            }
+            m.fault(v, "stage2", ipa, ("esr", esr));
+            Next::Reschedule
+        }
+        _ => {
+            let elr = ctx.regs.elr;
+            m.fault(v, "unexpected-exit", elr, ("esr", esr));
+            Next::Reschedule
+        }
+    }
+}
+
+/// The emulated PL011 (transmit only) and RAZ/WI GIC frames. Returns
+/// whether the access was emulated.
+fn emulate_mmio(m: &mut Machine<Aarch64>, v: usize, p: usize, ipa: u64, esr: u64) -> bool {
+    let rt = (esr >> 16) & 0x1f;
+    let write = esr & DABT_WNR != 0;
+    // SAFETY: `v` exited on this CPU.
+    let ctx = unsafe { m.ctx_mut(v) };
+    if (GUEST_UART..GUEST_UART + GUEST_UART_SIZE).contains(&ipa) {
+        let off = ipa - GUEST_UART;
+        if write && off == UART_DR {
+            let byte = reg(ctx, rt) as u8;
+            m.console_bytes(p, &[byte]);
+        } else if !write {
+            set_reg(ctx, rt, if off == UART_FR { UART_FR_IDLE } else { 0 });
+        }
+        return true;
+    }
+    let vcpus = u64::from(m.partitions[p].info.vcpus);
+    let gic = (GUEST_GICD..GUEST_GICD + guest_dtb::GUEST_GICD_SIZE).contains(&ipa)
+        || (GUEST_GICR..GUEST_GICR + GUEST_GICR_STRIDE * vcpus).contains(&ipa);
+    if gic {
+        if !write {
+            set_reg(ctx, rt, 0);
+        }
+        return true;
+    }
+    false
+}
+
+/// Emulates a write to ICC_SGI1R_EL1 (IHI 0069H §12.2.22): TargetList
+/// [15:0] (Aff0 bits), Aff1 [23:16], INTID [27:24], IRM [40].
+fn send_sgi(m: &mut Machine<Aarch64>, from: usize, value: u64) {
+    let intid = ((value >> 24) & 0xf) as u32;
+    let irm = value & (1 << 40) != 0;
+    let higher_aff = value & 0x00ff_00ff_00ff_0000;
+    let p = m.vcpus[from].partition;
+    for k in 0..m.partitions[p].vcpus.len() {
+        let t = m.partitions[p].vcpus[k];
+        let aff0 = u64::from(m.vcpus[t].index);
+        let hit = if irm { t != from } else { higher_aff == 0 && aff0 < 16 && value & (1 << aff0) != 0 };
+        if hit && m.vcpus[t].state != VcpuState::Stopped {
+            m.post(t, 1 << intid);
+        }
+    }
+}
+
+/// Guest PSCI (DEN0022E), over HVC or a trapped SMC. Returns whether to
+/// reschedule.
+fn psci_call(m: &mut Machine<Aarch64>, v: usize, function: u64) -> bool {
+    let p = m.vcpus[v].partition;
+    let (a1, a2, a3) = {
+        // SAFETY: `v` exited on this CPU.
+        let ctx = unsafe { m.ctx_mut(v) };
+        (ctx.regs.x[1], ctx.regs.x[2], ctx.regs.x[3])
+    };
+    let target = |m: &Machine<Aarch64>, mpidr: u64| -> Option<usize> {
+        // DEN0022E §5.1.4: bits [63:40] and [31:24] must be zero; our
+        // vCPUs differ in Aff0 only.
+        let aff0 = mpidr & 0xff;
+        if mpidr & !0xff != 0 {
+            return None;
+        }
+        m.partitions[p].vcpus.iter().copied().find(|&t| u64::from(m.vcpus[t].index) == aff0)
+    };
+    let mut resched = false;
+    let ret: i64 = match function {
+        PSCI_VERSION => PSCI_1_1,
+        PSCI_FEATURES => match a1 {
+            PSCI_VERSION
+            | PSCI_CPU_OFF
+            | PSCI_CPU_ON_32
+            | PSCI_CPU_ON_64
+            | PSCI_AFFINITY_INFO_32
+            | PSCI_AFFINITY_INFO_64
+            | PSCI_SYSTEM_OFF
+            | PSCI_SYSTEM_RESET
+            | PSCI_FEATURES => 0,
+            _ => PSCI_NOT_SUPPORTED,
+        },
+        PSCI_CPU_ON_32 | PSCI_CPU_ON_64 => match target(m, a1) {
+            None => PSCI_INVALID_PARAMETERS,
+            Some(t) if m.vcpus[t].state != VcpuState::Off => PSCI_ALREADY_ON,
+            Some(t) => {
+                m.vcpus[t].start = Some((a2, a3));
+                m.vcpus[t].state = VcpuState::Runnable;
+                m.post(t, 0);
+                0
+            }
+        },
+        PSCI_CPU_OFF => {
+            m.vcpus[v].state = VcpuState::Off;
+            resched = true;
+            0
+        }
+        PSCI_AFFINITY_INFO_32 | PSCI_AFFINITY_INFO_64 => match target(m, a1) {
+            None => PSCI_INVALID_PARAMETERS,
+            Some(t) => i64::from(matches!(m.vcpus[t].state, VcpuState::Off | VcpuState::Stopped)),
+        },
+        PSCI_SYSTEM_OFF => {
+            m.stop_partition(p, PartitionState::Stopped, "system-off");
+            return true;
+        }
+        PSCI_SYSTEM_RESET => {
+            reset_partition(m, p);
+            return true;
+        }
+        _ => PSCI_NOT_SUPPORTED,
+    };
+    // SAFETY: as above.
+    unsafe { m.ctx_mut(v) }.regs.x[0] = ret.cast_unsigned();
+    resched
+}

@@ -1,0 +1,302 @@
+//! Live update on aarch64, the arch side of `hypervisor::live_update`
+//! (`shared/DESIGN.md` §5): SGIs and WFE/SEV between CPUs, PSCI CPU_OFF
+//! for the frozen CPUs, the EL2 kexec through a trampoline in scratch,
+//! and on the restore side the SMMU adopted in place and the machine
+//! installed.
+
+use alloc::vec::Vec;
+use core::arch::{asm, global_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use hvcall::Status;
+use hypervisor::frames::PAGE_SIZE;
+use hypervisor::live_update::handshake::{Generation, Handshake};
+use hypervisor::live_update::incoming::{self, AdoptSpec};
+use hypervisor::live_update::{self, Cancel, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
+use hypervisor::machine::{Machine, MachineLock, RestoreError};
+use hypervisor::preserved::IdentityPages;
+use hypervisor::records::IommuRecord;
+use hypervisor::{hv_event, println};
+use kho::HandoverReader;
+use loader::dtb::DtbPlatform;
+use loader::image_desc::{Descriptor, ImageArch};
+use loader::{BootInfo, PhysRange};
+
+use super::devices::PciHost;
+use super::platform::{self, adopt_smmu, phys_bytes, Aarch64, CPU_MPIDR, MACHINE};
+use super::psci;
+
+global_asm!(include_str!("kexec.S"));
+
+extern "C" {
+    static kexec_trampoline_start: u8;
+    static kexec_trampoline_end: u8;
+    fn kexec_jump(dtb: u64, handover: u64, src: u64, dst: u64, len: u64, entry: u64, trampoline: u64, at: u64) -> !;
+}
+
+/// PSCI CPU_OFF and AFFINITY_INFO (DEN0022E §5.1); AFFINITY_INFO returns 1
+/// for OFF.
+const PSCI_CPU_OFF: u64 = 0x8400_0002;
+const PSCI_AFFINITY_INFO_64: u64 = 0xc400_0004;
+const PSCI_AFFINITY_OFF: i64 = 1;
+/// The arm64 Image header's effective image size, bss and stacks included
+/// (Linux `Documentation/arch/arm64/booting.rst`), at byte 16.
+const IMAGE_SIZE_OFFSET: usize = 16;
+
+/// Memory from the image's load address reserved for hypervisor images
+/// since first boot: the kexec loads the next image there, so an image
+/// whose footprint (file, bss, stacks) is larger is refused before the
+/// freeze, and nothing preserved is ever allocated in the slot.
+pub const IMAGE_SLOT: u64 = 16 << 20;
+
+/// Records when the new image was entered (and when the old one jumped).
+pub fn note_entry(kexec_counter: u64) {
+    let (now, _) = super::counter();
+    REPORT.note_entry(kexec_counter, now);
+}
+
+/// Platform DTB address, handed to the next image in x0.
+static DTB_PHYS: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_dtb(pa: u64) {
+    DTB_PHYS.store(pa, Ordering::Relaxed);
+}
+
+/// The aarch64 side of [`UpdatePlatform`]: the requesting vCPU `v`, GIC
+/// SGIs to kick the other CPUs, WFE/SEV between them.
+struct Arm {
+    v: usize,
+}
+
+/// The arm64 Image's declared footprint.
+fn image_footprint(staged: &[u8]) -> Option<u64> {
+    let bytes = staged.get(IMAGE_SIZE_OFFSET..IMAGE_SIZE_OFFSET + 8)?;
+    let mut b = [0u8; 8];
+    b.copy_from_slice(bytes);
+    Some(u64::from_le_bytes(b))
+}
+
+impl UpdatePlatform for Arm {
+    type Arch = Aarch64;
+
+    fn machine(&self) -> &MachineLock<Aarch64> {
+        &MACHINE
+    }
+
+    fn handshake(&self) -> &Handshake {
+        &HANDSHAKE
+    }
+
+    fn counter(&self) -> (u64, u64) {
+        super::counter()
+    }
+
+    fn kick_others(&self, m: &Machine<Aarch64>, cpu: usize) {
+        for &c in m.online.iter().filter(|&&c| c != cpu) {
+            platform::kick(c);
+        }
+    }
+
+    fn freeze_cpu(&self, m: &mut Machine<Aarch64>, cpu: usize) -> Result<(), &'static str> {
+        m.put_loaded(cpu);
+        Ok(())
+    }
+
+    fn check_image(&self, staged: &[u8], _: &Descriptor) -> Result<(), &'static str> {
+        let footprint = image_footprint(staged).ok_or("truncated")?;
+        if footprint < staged.len() as u64 || footprint > IMAGE_SLOT {
+            println!("update: the image needs {footprint:#x} bytes; its slot has {IMAGE_SLOT:#x}");
+            return Err("image-larger-than-slot");
+        }
+        Ok(())
+    }
+
+    fn set_status(&self, m: &mut Machine<Aarch64>, status: Status) {
+        // SAFETY: the requesting vCPU exited on this CPU, its owner; its
+        // registers are only touched here until it runs again.
+        unsafe { m.ctx_mut(self.v) }.regs.x[0] = status as u64;
+    }
+
+    fn wait(&self) {
+        // SAFETY: waits for an event.
+        unsafe { asm!("wfe", options(nomem, nostack)) };
+    }
+
+    fn wake(&self) {
+        // SAFETY: SEV wakes CPUs waiting in WFE; no other effect.
+        unsafe { asm!("dsb ish", "sev", options(nomem, nostack)) };
+    }
+
+    fn relax(&self) {
+        // SAFETY: YIELD is a hint with no architectural effect. (Rust's
+        // spin_loop is ISB on aarch64, which QEMU's round-robin TCG does not
+        // treat as a reason to run another CPU.)
+        unsafe { asm!("yield", options(nomem, nostack)) };
+    }
+}
+
+/// A non-requesting CPU, at an exit boundary: saves its vCPU, reports
+/// frozen, and waits to be thawed or to go off for the kexec (the new
+/// image restarts it with PSCI CPU_ON).
+pub fn freeze_this_cpu(cpu: usize) {
+    live_update::freeze_this_cpu(&Arm { v: 0 }, cpu, cpu_off);
+}
+
+fn cpu_off(generation: Generation) -> ! {
+    HANDSHAKE.left(platform::cpu_index(), generation);
+    let _ = psci::call(PSCI_CPU_OFF, 0, 0, 0);
+    super::park()
+}
+
+fn elapsed_ms(t0: u64) -> u64 {
+    let (now, freq) = super::counter();
+    live_update::blackout_us(t0, now, freq) / 1000
+}
+
+/// Runs a live update requested by the vCPU loaded on `cpu`. Returns only
+/// if the update was refused or cancelled (the guest then gets the status).
+pub fn run(cpu: usize, image_pa: u64, size: u64) {
+    let Some(Some(v)) = MACHINE.with(|m| m.loaded[cpu]) else { return };
+    let arm = Arm { v };
+    let req = Request { cpu, image_pa, size, arch: ImageArch::Aarch64, tail_bytes: PAGE_SIZE };
+    if let Ok(ready) = live_update::prepare_and_freeze(&arm, &req) {
+        kexec(&arm, cpu, &ready);
+    }
+}
+
+/// Sends the other CPUs off and jumps to the new image through the
+/// trampoline. Never returns, unless a frozen CPU fails to leave, in which
+/// case the update is cancelled.
+fn kexec(arm: &Arm, cpu: usize, ready: &Ready) {
+    let Some(online) = MACHINE.with(|m| m.online.clone()) else { return };
+    HANDSHAKE.release_for_kexec(ready.generation);
+    arm.wake();
+    let (t0, _) = super::counter();
+    let expired = || elapsed_ms(t0) > live_update::STOP_TIMEOUT_MS;
+    if let Err(t) = HANDSHAKE.wait_left(ready.generation, cpu, &online, expired, || arm.relax()) {
+        // Every CPU acknowledged the freeze, so none runs guest code; one
+        // that never leaves it is still in this image's code, which the
+        // kexec would overwrite.
+        hv_event!("kexec-cpu-stuck", cpu = t.cpu);
+        live_update::cancel_after_freeze(arm, ready, &Cancel::Kexec("cpu-did-not-leave"));
+        return;
+    }
+    for &c in online.iter().filter(|&&c| c != cpu) {
+        let target = CPU_MPIDR[c].load(Ordering::Relaxed);
+        let (t0, _) = super::counter();
+        while psci::call(PSCI_AFFINITY_INFO_64, target, 0, 0) != Some(PSCI_AFFINITY_OFF) {
+            if elapsed_ms(t0) > live_update::STOP_TIMEOUT_MS {
+                // It left the freeze and called CPU_OFF; the firmware is
+                // still turning it off. Nothing of the guests runs there.
+                hv_event!("kexec-cpu-off-slow", cpu = c);
+                break;
+            }
+            arm.relax();
+        }
+    }
+    jump(ready)
+}
+
+fn jump(ready: &Ready) -> ! {
+    let (stage, image_len, buf, len) = (ready.stage, ready.image_len, ready.handover, ready.handover_len);
+    let (t_start, t_end, image_start, image_end) = (
+        core::ptr::addr_of!(kexec_trampoline_start) as u64,
+        core::ptr::addr_of!(kexec_trampoline_end) as u64,
+        core::ptr::addr_of!(super::__image_start) as u64,
+        core::ptr::addr_of!(super::__image_end) as u64,
+    );
+    let tramp = (stage.base + image_len).next_multiple_of(PAGE_SIZE);
+    // SAFETY: the trampoline page lies in scratch right after the staged
+    // image (the size check left a page for it).
+    unsafe { core::ptr::copy_nonoverlapping(t_start as *const u8, tramp as *mut u8, (t_end - t_start) as usize) };
+    // SAFETY: stops this CPU's hypervisor timer before leaving.
+    unsafe { asm!("msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
+    // With the MMU about to go off, write back everything the new image or
+    // the trampoline reads, and drop the old image's lines so none is
+    // written back over the new one (Arm ARM D7.5.9).
+    for (base, end) in [(image_start, image_end), (stage.base, tramp + PAGE_SIZE), (buf.base, buf.base + len)] {
+        clean_invalidate(base, end);
+    }
+    let dtb = DTB_PHYS.load(Ordering::Relaxed);
+    let copy_len = image_len.next_multiple_of(8);
+    let (now, _) = super::counter();
+    // SAFETY: the trampoline copies the checked image (its footprint fits
+    // the image slot) over this one and enters it at its link address with
+    // x0 = DTB, x1 = handover; nothing of the old image is used after the
+    // jump.
+    unsafe { kexec_jump(dtb, buf.base, stage.base, image_start, copy_len, image_start, tramp, now) }
+}
+
+fn clean_invalidate(base: u64, end: u64) {
+    let mut a = base & !63;
+    while a < end {
+        // SAFETY: cache maintenance by VA on identity-mapped memory.
+        unsafe { asm!("dc civac, {0}", in(reg) a, options(nostack)) };
+        a += 64;
+    }
+    // SAFETY: completes the maintenance.
+    unsafe { asm!("dsb sy", options(nostack)) };
+}
+
+/// Called by each CPU as it first enters a guest: the last one to do so
+/// after an update ends the blackout and reports it.
+pub fn note_resumed() {
+    let (now, hz) = super::counter();
+    incoming::cpu_resumed(now, hz);
+}
+
+/// The restore side: validates the handover at `handover_pa`, adopts the
+/// preserved map, the SMMU, the stage-2 tables and every vCPU, and
+/// installs the machine. Returns how many partitions were adopted.
+pub fn restore(
+    handover_pa: u64,
+    info: &BootInfo,
+    platform: &DtbPlatform,
+    online: &[usize],
+    reserved: Vec<PhysRange>,
+) -> Result<usize, RestoreFailure> {
+    let ram = &info.ram;
+    let h = RestoreFailure::Handover;
+    let head = phys_bytes(PhysRange::new(handover_pa, 8), ram).ok_or(h("handover-outside-ram"))?;
+    let size = HandoverReader::blob_size(head).map_err(|_| h("handover-header"))?;
+    let blob = phys_bytes(PhysRange::new(handover_pa, size as u64), ram).ok_or(h("handover-outside-ram"))?;
+    let ram_map = live_update::ram_map(ram).ok_or(h("ram-map"))?;
+    let reader = HandoverReader::new(blob, handover_pa, &ram_map).map_err(|e| {
+        println!("handover: {e}");
+        h("handover-invalid")
+    })?;
+    let smmu = match reader.subsystem("iommu") {
+        None => None,
+        Some(node) => {
+            let rec = node.record::<IommuRecord>().ok().flatten().ok_or(h("iommu-record"))?;
+            let regs = platform.smmu.ok_or(h("handover-has-smmu-platform-has-none"))?;
+            Some(adopt_smmu(&rec, regs, ram).map_err(RestoreFailure::Smmu)?)
+        }
+    };
+    let pci = platform.pcie.as_ref().and_then(PciHost::from_dtb);
+    let spec = AdoptSpec { ram, reserved, online, counter: || super::counter().0 };
+    // SAFETY: RAM is identity-mapped, and only this CPU is up.
+    unsafe { incoming::adopt(&reader, &MACHINE, Aarch64 { smmu, pci }, IdentityPages, spec) }.map_err(|e| {
+        println!("restore: {e:?}");
+        RestoreFailure::Adopt(e)
+    })
+}
+
+/// Why the new image could not take the machine over.
+#[derive(Debug)]
+pub enum RestoreFailure {
+    /// The handover blob itself (where it is, its header and checks).
+    Handover(&'static str),
+    Smmu(RestoreError),
+    Adopt(live_update::AdoptFailure),
+}
+
+impl core::fmt::Display for RestoreFailure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Handover(reason) => f.write_str(reason),
+            Self::Smmu(e) => write!(f, "{e}"),
+            Self::Adopt(e) => write!(f, "{e}"),
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Building the partitions of the boot modules on x86_64: each guest's
+//! RAM below 4 GiB (preserved at allocation), its image and multiboot2
+//! boot information loaded, its EPT tree and VPID, and one VMCS region
+//! per vCPU (preserved: the next image rebuilds the VMCS in place).
+
+use alloc::vec::Vec;
+
+use hypervisor::arch::x86_64::boot::{self as guest_boot, BootLayout, BOOTLOADER_MAGIC};
+use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
+use hypervisor::frames::FrameAllocator;
+use hypervisor::machine::{Machine, MachineMemory};
+use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
+use hypervisor::preserved::{IdentityPages, PreservedMap};
+use hypervisor::stage2::{Attrs, BlockSize, Ept, FrameSource, LinearMap, Perms, Stage2Table};
+use hypervisor::{hv_event, println};
+use kho::ScratchPlan;
+use loader::manifest::GuestSpec;
+use loader::PhysRange;
+
+use super::platform::{set_tsc_hz, X86Partition, MACHINE, X86};
+use super::vcpu::Vcpu;
+use super::{MAPPED_LIMIT, MAX_CPUS};
+
+/// What the machine-wide set-up needs from boot.
+pub struct MachineSpec<'a> {
+    pub specs: &'a [GuestSpec],
+    pub ram: &'a [PhysRange],
+    pub frames: FrameAllocator,
+    /// Indices of the CPUs that run guests.
+    pub cpus: &'a [usize],
+    pub caps: VmxCaps,
+    pub controls: VmcsControls,
+    pub cr_policy: GuestCrPolicy,
+    pub tsc_hz: u64,
+    pub scratch: ScratchPlan,
+    /// The multiboot2 information's copy, preserved across updates.
+    pub mbi: PhysRange,
+}
+
+/// A boot module's bytes, if they lie in RAM below the identity-mapped
+/// 4 GiB.
+fn module_bytes(range: PhysRange, ram: &[PhysRange]) -> Option<&'static [u8]> {
+    let end = range.end()?;
+    if end > MAPPED_LIMIT || !ram.iter().any(|r| r.contains(&range)) {
+        return None;
+    }
+    // SAFETY: the range lies inside RAM below 4 GiB (identity-mapped), was
+    // reserved from the frame allocator as a boot module, and is only read.
+    Some(unsafe { core::slice::from_raw_parts(range.base as *const u8, usize::try_from(range.size).ok()?) })
+}
+
+/// Copies the image and the boot information into the partition's RAM.
+fn load_image(ram: GuestRam, image: &[u8], layout: &BootLayout, info: &[u8]) -> Result<(), &'static str> {
+    for c in &layout.copies {
+        let src = image
+            .get(c.src_offset as usize..c.src_offset.saturating_add(c.len) as usize)
+            .ok_or("image-shorter-than-its-segments")?;
+        let dst = ram.host_base + c.ram_offset;
+        // SAFETY: `guest_boot::layout` checked every copy against the RAM
+        // size (and below the boot information slot); the RAM block
+        // belongs to this partition only and is identity-mapped.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
+            core::ptr::write_bytes((dst + c.len) as *mut u8, 0, c.mem_len.saturating_sub(c.len) as usize);
+        }
+    }
+    // SAFETY: the boot information is at most BOOT_INFO_SLOT bytes
+    // (`boot_information` checks) and its slot is the top of RAM.
+    unsafe {
+        core::ptr::copy_nonoverlapping(info.as_ptr(), (ram.host_base + layout.info_offset) as *mut u8, info.len());
+    }
+    Ok(())
+}
+
+fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<(), &'static str> {
+    let image = module_bytes(spec.image, &m.ram).ok_or("image-outside-ram")?;
+    let mem = spec.mem_mib << 20;
+    let layout = guest_boot::layout(spec.format, image, mem).map_err(|e| {
+        println!("guest {}: {e}", spec.name);
+        e.reason()
+    })?;
+    let info = guest_boot::boot_information(mem, &spec.cmdline).map_err(|e| e.reason())?;
+    let vpid = u16::try_from(id).map_err(|_| "too-many-partitions")?;
+    let block = m.alloc_guest_ram(mem).map_err(|e| {
+        println!("guest {}: {e:?}", spec.name);
+        "out-of-memory"
+    })?;
+    if block.end().is_none_or(|e| e > MAPPED_LIMIT) {
+        m.free_guest_ram(block);
+        return Err("ram-above-4gib");
+    }
+    let ram = GuestRam { host_base: block.base, size: mem };
+    // SAFETY: the block was just allocated for this partition and is
+    // identity-mapped below 4 GiB.
+    unsafe { core::ptr::write_bytes(block.base as *mut u8, 0, mem as usize) };
+    load_image(ram, image, &layout, &info)?;
+    let largest = match (m.arch.caps.ept_1g, m.arch.caps.ept_2m) {
+        (true, _) => BlockSize::Size1G,
+        (false, true) => BlockSize::Size2M,
+        (false, false) => BlockSize::Size4K,
+    };
+    let revision = m.arch.caps.revision;
+    // SAFETY: RAM is identity-mapped, so physical = virtual.
+    let phys = unsafe { LinearMap::new(0) };
+    let mut frames = m.preserving_frames();
+    let mut ept = Stage2Table::<Ept, LinearMap>::new(&mut frames, phys).map_err(|_| "ept-alloc")?;
+    ept.set_max_block_size(largest);
+    ept.map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(|_| "ept-map")?;
+    let mut contexts = Vec::new();
+    for _ in 0..spec.vcpus {
+        let vmcs_page = frames.alloc_frame().ok_or("out-of-memory")?;
+        // SAFETY: a fresh page for this vCPU's VMCS; the region starts with
+        // the revision identifier and is otherwise zero (SDM §25.2).
+        unsafe {
+            core::ptr::write_bytes(vmcs_page as *mut u8, 0, 4096);
+            core::ptr::write_volatile(vmcs_page as *mut u32, revision);
+        }
+        contexts.push(Vcpu::new(vmcs_page, layout.entry_gpa, u64::from(BOOTLOADER_MAGIC), layout.info_gpa()));
+    }
+    let root = ept.root();
+    let (mib2, gib1) = (ept.leaf_count(BlockSize::Size2M), ept.leaf_count(BlockSize::Size1G));
+    let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
+    let part = X86Partition { ept, uart_lcr: 0, gp_injected: 0 };
+    let p = m.add_partition(info, vpid, part, contexts).map_err(|_| "no-vcpus")?;
+    hv_event!(
+        "guest-start",
+        id = id,
+        name = spec.name,
+        mem_mib = spec.mem_mib,
+        vcpus = spec.vcpus,
+        privileged = u8::from(spec.privileged),
+        entry = format_args!("{:#x}", layout.entry_gpa),
+        stage2_root = format_args!("{root:#x}"),
+        ept_2m = mib2,
+        ept_1g = gib1,
+        vpid = vpid,
+        cpu = m.vcpus[m.partitions[p].vcpus[0]].pcpu,
+    );
+    Ok(())
+}
+
+/// Builds every partition and installs the machine. Returns how many
+/// started.
+pub fn create(spec: MachineSpec<'_>) -> usize {
+    let memory = MachineMemory {
+        frames: spec.frames,
+        preserved: PreservedMap::new(IdentityPages),
+        scratch: spec.scratch,
+        ram: spec.ram.to_vec(),
+    };
+    let arch = X86 {
+        controls: spec.controls,
+        cr_policy: spec.cr_policy,
+        caps: spec.caps,
+        tsc_hz: spec.tsc_hz,
+        mbi: spec.mbi,
+        slice_end: [0; MAX_CPUS],
+        update_request: [None; MAX_CPUS],
+    };
+    set_tsc_hz(spec.tsc_hz);
+    let mut m = Machine::new(arch, memory, spec.cpus);
+    if m.preserved.preserve(&mut m.frames, spec.mbi.base..spec.mbi.base + spec.mbi.size).is_err() {
+        hv_event!("preserve-failed", what = "multiboot2-information");
+    }
+    for (i, g) in spec.specs.iter().enumerate() {
+        let id = i as u32 + 1;
+        if let Err(reason) = build_partition(&mut m, id, g) {
+            hv_event!("guest-refused", name = g.name, reason = reason);
+        }
+    }
+    let n = m.partitions.len();
+    MACHINE.install(m);
+    n
+}

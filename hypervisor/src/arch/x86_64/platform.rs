@@ -1,0 +1,146 @@
+//! The x86_64 side of the machine (`hypervisor::machine::Arch`) under
+//! VT-x: vCPU contexts with their VMCS, each partition's EPT tree and
+//! emulated COM1, the VMX capabilities and controls every VMCS is built
+//! from, and the EPT adopted in place after an update.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
+use hypervisor::frames::PAGE_SIZE;
+use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
+use hypervisor::preserved::IdentityPages;
+use hypervisor::records::{format_code, PartitionRecord};
+use hypervisor::stage2::{Ept, LinearMap, Stage2Table};
+use kho::HandoverWriter;
+use loader::manifest::ImageFormat;
+use loader::PhysRange;
+use sparse_bitmap::MultiOrderBitmap;
+
+use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_LEN};
+use super::{smp, MAX_CPUS};
+
+/// Machine-wide VT-x state.
+pub struct X86 {
+    pub controls: VmcsControls,
+    pub cr_policy: GuestCrPolicy,
+    pub caps: VmxCaps,
+    pub tsc_hz: u64,
+    /// The preserved copy of the multiboot2 information, handed to each
+    /// new image (it names RAM, the reserved ranges and the ACPI RSDP).
+    pub mbi: PhysRange,
+    /// When each CPU's time slice ends (TSC).
+    pub slice_end: [u64; MAX_CPUS],
+    /// A live update requested by the vCPU that just exited on each CPU
+    /// (that vCPU, the image's address and size), run once the machine
+    /// lock is released.
+    pub update_request: [Option<(usize, u64, u64)>; MAX_CPUS],
+}
+
+/// The x86_64 part of a partition.
+pub struct X86Partition {
+    pub ept: Stage2Table<Ept, LinearMap>,
+    /// The emulated COM1's line control register (for DLAB).
+    pub uart_lcr: u8,
+    /// #GP faults injected so far.
+    pub gp_injected: u64,
+}
+
+impl X86Partition {
+    pub fn eptp(&self) -> u64 {
+        Ept::eptp(self.ept.root())
+    }
+}
+
+/// The one machine of this image (the access rule: `hypervisor::machine`).
+pub static MACHINE: MachineLock<X86> = MachineLock::new();
+
+/// The calibrated TSC frequency, for timeouts outside the machine lock.
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+
+pub fn set_tsc_hz(hz: u64) {
+    TSC_HZ.store(hz, Ordering::Relaxed);
+}
+
+/// The calibrated TSC frequency in Hz.
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
+}
+
+/// The local APIC id of each CPU index that runs guests.
+static CPU_APIC: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
+const _: () = assert!(MAX_CPUS == hypervisor::machine::MAX_CPUS);
+
+/// Records that this CPU is CPU index `cpu`.
+pub fn register_cpu(cpu: usize) {
+    if let Some(slot) = CPU_APIC.get(cpu) {
+        slot.store(smp::my_apic_id(), Ordering::Relaxed);
+    }
+}
+
+impl Arch for X86 {
+    type Vcpu = Vcpu;
+    type Partition = X86Partition;
+    type Pages = IdentityPages;
+    const CONTEXT_FORMAT: u32 = CONTEXT_FORMAT;
+
+    fn this_cpu(&self) -> usize {
+        let me = smp::my_apic_id();
+        CPU_APIC.iter().position(|a| a.load(Ordering::Relaxed) == me).unwrap_or(0)
+    }
+
+    fn kick(&self, _cpu: usize) {
+        // Every guest entry arms the VMX-preemption timer for at most one
+        // slice (SDM Vol. 3C §26.5.1), so the CPU sees the change at its
+        // next exit without an IPI.
+    }
+
+    fn put(&mut self, vcpu: &mut Vcpu) {
+        vcpu.put();
+    }
+
+    fn power_off(&mut self, ok: bool) {
+        super::shutdown(ok)
+    }
+
+    fn stage2_root(p: &X86Partition) -> u64 {
+        p.ept.root()
+    }
+
+    fn save_context(vcpu: &Vcpu, out: &mut [u8]) -> Option<usize> {
+        vcpu.to_context(out)
+    }
+}
+
+impl Handover for X86 {
+    const IMAGES_PRESERVED: bool = false;
+
+    fn record_partition(p: &Partition<Self>, rec: &mut PartitionRecord) {
+        rec.stage2_root = p.arch.ept.root();
+        rec.image_format = format_code(ImageFormat::Flat);
+    }
+
+    fn record_devices(&self, _: &mut HandoverWriter) -> Result<(), SaveError> {
+        Ok(())
+    }
+
+    fn adopt_partition(&mut self, rec: &PartitionRecord, ram: &[PhysRange]) -> Result<X86Partition, RestoreError> {
+        let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
+        // SAFETY: RAM is identity-mapped, so physical = virtual.
+        let phys = unsafe { LinearMap::new(0) };
+        let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys)
+            .map_err(|error| RestoreError::Stage2 { id: rec.id, error })?;
+        Ok(X86Partition { ept, uart_lcr: 0, gp_injected: 0 })
+    }
+
+    fn restore_context(&self, bytes: &[u8], preserved: &MultiOrderBitmap<IdentityPages>) -> Result<Vcpu, RestoreError> {
+        if bytes.len() != CONTEXT_LEN {
+            return Err(RestoreError::Arch("vcpu-context-length"));
+        }
+        let ctx = Vcpu::from_context(bytes).ok_or(RestoreError::Arch("vcpu-context"))?;
+        if !preserved.contains_range(ctx.vmcs..ctx.vmcs + PAGE_SIZE) {
+            return Err(RestoreError::Arch("vmcs-not-preserved"));
+        }
+        Ok(ctx)
+    }
+}

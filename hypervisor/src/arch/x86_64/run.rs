@@ -1,0 +1,311 @@
+//! Each physical CPU's life in VMX root operation on x86_64: the
+//! scheduling loop over the machine's run queue, making a vCPU's VMCS
+//! current (built on first use, SDM Vol. 3C ch. 25), running it with the
+//! VMX-preemption timer bounding its slice, and acting on how the entry
+//! ended.
+
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use hypervisor::arch::x86_64::msr::PAT_DEFAULT;
+use hypervisor::live_update::HANDSHAKE;
+use hypervisor::machine::Machine;
+use hypervisor::{hv_event, println};
+use x86::vmx::vmcs::{control, guest, host, ro};
+
+use super::cpu::{self, HostState};
+use super::exits::{fault, handle_exit, sync_ia32e_mode, Step};
+use super::platform::{register_cpu, MACHINE, X86};
+use super::tsc;
+use super::vcpu::{self, RunResult, Vcpu};
+use super::vmcs::{self, VmcsError};
+
+/// Scheduling time slice.
+const SLICE_MS: u64 = 10;
+/// Guest segment state as a multiboot2 loader leaves it (Multiboot2 spec
+/// §3.3): flat 4 GiB 32-bit code and data. Selectors are the usual GDT
+/// slots; the guest loads its own GDT before reloading any of them.
+const GUEST_SEL_CODE: u64 = 0x08;
+const GUEST_SEL_DATA: u64 = 0x10;
+const FLAT_LIMIT: u64 = 0xffff_ffff;
+/// Segment access rights in the VMCS format (SDM §25.4.1, Table 25-2):
+/// type (3:0), S (4), DPL (6:5), P (7), L (13), D/B (14), G (15),
+/// unusable (16).
+const AR_CODE32: u64 = 0xc09b;
+const AR_DATA32: u64 = 0xc093;
+const AR_TSS32_BUSY: u64 = 0x008b;
+const AR_UNUSABLE: u64 = 1 << 16;
+/// A TSS limit for the placeholder TR (VM entry needs a usable busy TSS
+/// outside IA-32e mode, SDM §27.3.1.2).
+const TR_LIMIT: u64 = 0xff;
+/// RFLAGS bit 1 is reserved and reads as 1.
+const RFLAGS_FIXED: u64 = 1 << 1;
+/// DR7's reset value (SDM Vol. 3A §19.2.4).
+const DR7_INIT: u64 = 0x400;
+/// The VMCS link pointer must be all ones when unused (§27.3.1.5).
+const VMCS_LINK_NONE: u64 = u64::MAX;
+
+/// Set by the boot CPU once the machine exists: the others may schedule.
+static STARTED: AtomicBool = AtomicBool::new(false);
+
+/// Lets the other CPUs into the scheduler.
+pub fn release_secondaries() {
+    STARTED.store(true, Ordering::Release);
+}
+
+/// Whether the boot CPU has released the others into the scheduler.
+pub fn started() -> bool {
+    STARTED.load(Ordering::Acquire)
+}
+
+/// Writes the whole VMCS of a vCPU that has never run (SDM §25.4 guest
+/// state, §25.5 host state, §25.6-25.8 controls), as a multiboot2 loader
+/// would leave the machine.
+fn init_vmcs(m: &Machine<X86>, v: usize, entry: u64, host: &HostState) -> Result<(), VmcsError> {
+    let p = &m.partitions[m.vcpus[v].partition];
+    let ctl = &m.arch.controls;
+    let cr0v = m.arch.cr_policy.initial_cr0();
+    let cr4v = m.arch.cr_policy.initial_cr4();
+    let set = vmcs::write;
+    // Controls.
+    set(control::PINBASED_EXEC_CONTROLS, u64::from(ctl.pin))?;
+    set(control::PRIMARY_PROCBASED_EXEC_CONTROLS, u64::from(ctl.proc))?;
+    set(control::SECONDARY_PROCBASED_EXEC_CONTROLS, u64::from(ctl.proc2))?;
+    set(control::VMEXIT_CONTROLS, u64::from(ctl.exit))?;
+    set(control::VMENTRY_CONTROLS, u64::from(ctl.entry))?;
+    for field in [
+        control::EXCEPTION_BITMAP,
+        control::PAGE_FAULT_ERR_CODE_MASK,
+        control::PAGE_FAULT_ERR_CODE_MATCH,
+        control::CR3_TARGET_COUNT,
+        control::VMEXIT_MSR_STORE_COUNT,
+        control::VMEXIT_MSR_LOAD_COUNT,
+        control::VMENTRY_MSR_LOAD_COUNT,
+        control::VMENTRY_INTERRUPTION_INFO_FIELD,
+    ] {
+        set(field, 0)?;
+    }
+    set(control::CR0_GUEST_HOST_MASK, m.arch.cr_policy.cr0_mask())?;
+    set(control::CR4_GUEST_HOST_MASK, m.arch.cr_policy.cr4_mask())?;
+    set(control::CR0_READ_SHADOW, cr0v.shadow)?;
+    set(control::CR4_READ_SHADOW, cr4v.shadow)?;
+    set(control::EPTP_FULL, p.arch.eptp())?;
+    set(control::VPID, u64::from(p.vmid))?;
+    // Host state: this CPU's.
+    set(host::CR0, host.cr0)?;
+    set(host::CR3, host.cr3)?;
+    set(host::CR4, host.cr4)?;
+    set(host::CS_SELECTOR, u64::from(cpu::SEL_CODE))?;
+    for field in [host::SS_SELECTOR, host::DS_SELECTOR, host::ES_SELECTOR] {
+        set(field, u64::from(cpu::SEL_DATA))?;
+    }
+    set(host::FS_SELECTOR, 0)?;
+    set(host::GS_SELECTOR, 0)?;
+    set(host::TR_SELECTOR, u64::from(cpu::SEL_TSS))?;
+    set(host::FS_BASE, 0)?;
+    set(host::GS_BASE, 0)?;
+    set(host::TR_BASE, host.tr_base)?;
+    set(host::GDTR_BASE, host.gdtr_base)?;
+    set(host::IDTR_BASE, host.idtr_base)?;
+    set(host::IA32_SYSENTER_CS, 0)?;
+    set(host::IA32_SYSENTER_ESP, 0)?;
+    set(host::IA32_SYSENTER_EIP, 0)?;
+    set(host::IA32_EFER_FULL, host.efer)?;
+    set(host::IA32_PAT_FULL, host.pat)?;
+    set(host::RIP, vcpu::exit_stub_address())?;
+    // Guest state: 32-bit protected mode, paging off (Multiboot2 §3.3).
+    set(guest::CR0, cr0v.real)?;
+    set(guest::CR3, 0)?;
+    set(guest::CR4, cr4v.real)?;
+    set(guest::DR7, DR7_INIT)?;
+    set(guest::RSP, 0)?;
+    set(guest::RIP, entry)?;
+    set(guest::RFLAGS, RFLAGS_FIXED)?;
+    let segments = [
+        (guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS, GUEST_SEL_CODE, AR_CODE32),
+        (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS, GUEST_SEL_DATA, AR_DATA32),
+        (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS, GUEST_SEL_DATA, AR_DATA32),
+        (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS, GUEST_SEL_DATA, AR_DATA32),
+        (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS, GUEST_SEL_DATA, AR_DATA32),
+        (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS, GUEST_SEL_DATA, AR_DATA32),
+    ];
+    for (selector_field, base, limit, rights_field, selector, rights) in segments {
+        set(selector_field, selector)?;
+        set(base, 0)?;
+        set(limit, FLAT_LIMIT)?;
+        set(rights_field, rights)?;
+    }
+    set(guest::LDTR_SELECTOR, 0)?;
+    set(guest::LDTR_BASE, 0)?;
+    set(guest::LDTR_LIMIT, 0)?;
+    set(guest::LDTR_ACCESS_RIGHTS, AR_UNUSABLE)?;
+    set(guest::TR_SELECTOR, 0)?;
+    set(guest::TR_BASE, 0)?;
+    set(guest::TR_LIMIT, TR_LIMIT)?;
+    set(guest::TR_ACCESS_RIGHTS, AR_TSS32_BUSY)?;
+    for field in [guest::GDTR_BASE, guest::GDTR_LIMIT, guest::IDTR_BASE, guest::IDTR_LIMIT] {
+        set(field, 0)?;
+    }
+    for field in [
+        guest::INTERRUPTIBILITY_STATE,
+        guest::ACTIVITY_STATE,
+        guest::PENDING_DBG_EXCEPTIONS,
+        guest::IA32_DEBUGCTL_FULL,
+        guest::IA32_SYSENTER_CS,
+        guest::IA32_SYSENTER_ESP,
+        guest::IA32_SYSENTER_EIP,
+        guest::IA32_EFER_FULL,
+    ] {
+        set(field, 0)?;
+    }
+    set(guest::IA32_PAT_FULL, PAT_DEFAULT)?;
+    set(guest::LINK_PTR_FULL, VMCS_LINK_NONE)?;
+    Ok(())
+}
+
+/// Makes `v` the vCPU of this CPU: its processor state loaded, its VMCS
+/// current (initialised on first use, with its EPT and VPID translations
+/// invalidated), and the preemption timer set to the rest of the slice.
+fn prepare_entry(
+    m: &mut Machine<X86>,
+    cpu: usize,
+    v: usize,
+    new_slice: bool,
+    host: &HostState,
+) -> Result<(), VmcsError> {
+    if m.loaded[cpu] != Some(v) {
+        m.put_loaded(cpu);
+        // SAFETY: `v` is pinned to this CPU (it is in this CPU's queue).
+        let ctx = unsafe { m.ctx_mut(v) };
+        ctx.load();
+        if ctx.initialized {
+            vmcs::load(ctx.vmcs)?;
+        } else {
+            vmcs::clear(ctx.vmcs)?;
+            vmcs::load(ctx.vmcs)?;
+            init_vmcs(m, v, ctx.entry, host)?;
+            if ctx.restored {
+                // Adopted from a handover: the guest state it had.
+                ctx.write_back()?;
+                sync_ia32e_mode()?;
+                ctx.restored = false;
+            }
+            // Nothing cached under this EPTP or VPID may predate the
+            // tree (SDM §29.4.3.1): frames and VPIDs can be reused.
+            let p = &m.partitions[m.vcpus[v].partition];
+            vmcs::invept_single(p.arch.eptp())?;
+            vmcs::invvpid_single(p.vmid)?;
+            ctx.initialized = true;
+        }
+        m.loaded[cpu] = Some(v);
+    }
+    let now = tsc::now();
+    if new_slice || m.arch.slice_end[cpu] <= now {
+        m.arch.slice_end[cpu] = now + m.arch.tsc_hz / 1000 * SLICE_MS;
+    }
+    let ticks = (m.arch.slice_end[cpu] - now) >> m.arch.caps.preemption_timer_shift;
+    vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, ticks.min(u64::from(u32::MAX)))
+}
+
+/// Chooses what this CPU runs next and prepares it. `None` when nothing
+/// on this CPU can ever run again (x86 vCPUs that are off or stopped are
+/// never woken).
+fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcpu>> {
+    loop {
+        if HANDSHAKE.freeze_requested() {
+            super::live_update::freeze_this_cpu(cpu);
+            continue;
+        }
+        let mut guard = MACHINE.lock();
+        let m = guard.as_mut()?;
+        if m.shutting_down {
+            return None;
+        }
+        let current = m.loaded[cpu].filter(|&v| m.runnable(v));
+        let v = m.pick(cpu, yield_now)?;
+        match prepare_entry(m, cpu, v, yield_now || Some(v) != current, host) {
+            Ok(()) => return Some(m.vcpus[v].ctx),
+            Err(e) => {
+                fault(m, v, "vmcs-setup", 0);
+                println!("vcpu {v}: {e}");
+            }
+        }
+    }
+}
+
+/// Per-CPU set-up, then the scheduler. Never returns.
+pub fn run_cpu(cpu: usize) -> ! {
+    let host = cpu::init(cpu);
+    register_cpu(cpu);
+    let mut yield_now = false;
+    let mut first = true;
+    loop {
+        let Some(mut ctx) = schedule(cpu, yield_now, &host) else { super::live_update::idle(cpu) };
+        if core::mem::take(&mut first) {
+            super::live_update::note_resumed();
+        }
+        // SAFETY: `schedule` returned this CPU's loaded vCPU, whose VMCS is
+        // current; only this CPU touches its context.
+        let result = unsafe { ctx.as_mut() }.run();
+        let mut guard = MACHINE.lock();
+        let Some(m) = guard.as_mut() else { super::halt_forever() };
+        let Some(v) = m.loaded[cpu] else { super::halt_forever() };
+        yield_now = handle_run(m, v, result);
+        let lines = m.take_output();
+        let update = m.arch.update_request[cpu].take();
+        drop(guard);
+        for line in lines {
+            println!("{line}");
+        }
+        if let Some((requester, image_pa, size)) = update {
+            // Returns once the update was refused or cancelled; the
+            // requester resumes with the status.
+            super::live_update::run(cpu, requester, image_pa, size);
+        }
+    }
+}
+
+/// Acts on how a guest entry ended; returns whether to reschedule.
+fn handle_run(m: &mut Machine<X86>, v: usize, result: RunResult) -> bool {
+    match result {
+        RunResult::Exited => match handle_exit(m, v) {
+            Ok(next) => next == Step::Reschedule,
+            Err(e) => {
+                println!("vcpu {v}: {e}");
+                fault(m, v, "vmcs-access", 0);
+                true
+            }
+        },
+        RunResult::EntryFailed { valid } => {
+            let error = if valid { vmcs::read(ro::VM_INSTRUCTION_ERROR).unwrap_or(0) } else { 0 };
+            hv_event!("vm-entry-failed", vcpu = v, vm_instruction_error = error);
+            fault(m, v, "vm-entry-failed", error);
+            true
+        }
+    }
+}
+
+/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, then for
+/// every vCPU pinned here whose VMCS was used, reads its guest state
+/// (VMREAD needs the VMCS current on the CPU it is active on) and VMCLEARs
+/// it, so its data is in memory and the CPU holds no VMCS state (SDM Vol.
+/// 3C §25.11.1, §25.11.3). If the update is cancelled, the next entry is
+/// a VMLAUNCH of the same, intact VMCS.
+pub fn freeze_cpu(m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
+    m.put_loaded(cpu);
+    for k in 0..m.queues[cpu].len() {
+        let v = m.queues[cpu][k];
+        // SAFETY: pinned to this CPU, and not running (this CPU is at an
+        // exit boundary).
+        let ctx = unsafe { m.ctx_mut(v) };
+        if !ctx.initialized {
+            continue;
+        }
+        vmcs::load(ctx.vmcs).and_then(|()| ctx.capture()).and_then(|()| vmcs::clear(ctx.vmcs)).map_err(|e| {
+            println!("freeze: vmcs {:#x}: {e}", ctx.vmcs);
+            "vmcs-capture"
+        })?;
+        ctx.launched = false;
+    }
+    Ok(())
+}

@@ -1,0 +1,749 @@
+//! Live update, the arch-neutral orchestration (`shared/DESIGN.md` §5):
+//! checking and staging the new image, the update participants (CPU
+//! stopper, test fault injector, machine state) driven by
+//! `kho::UpdateStateMachine`, writing the handover, and on the restore
+//! side adopting the preserved map and the machine. The arch code supplies
+//! what differs behind [`UpdatePlatform`] (kicking CPUs, putting vCPUs
+//! away, the counter, its own image checks) and does the kexec itself.
+//!
+//! Shared state is owned here, once: the freeze [`HANDSHAKE`] between the
+//! CPUs and the incoming image's blackout [`REPORT`]; their modules give
+//! the access rules.
+
+pub mod handshake;
+pub mod incoming;
+pub mod report;
+pub mod request;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::fmt;
+
+use hvcall::Status;
+use kho::{HandoverError, HandoverIdentity, HandoverReader, HandoverWriter, RamMap, ScratchKind, ScratchPlan};
+use kho::{UpdateError, UpdateParticipant, UpdateStateMachine};
+use loader::image_desc::{Descriptor, ImageArch};
+use loader::PhysRange;
+use sparse_bitmap::MultiOrderBitmap;
+
+use crate::frames::{self, FrameAllocator, PAGE_SIZE};
+use crate::machine::{self, Handover, Machine, MachineLock, MachineMemory, RestoreError, SaveError};
+use crate::preserved::PreservedMap;
+use crate::{hv_event, println, BUILD_ID, VERSION};
+
+use handshake::{Generation, Handshake, Thawed};
+use report::BlackoutReport;
+pub use request::{blackout_us, check_request, RequestError};
+
+/// How long the requesting CPU waits for the others to stop.
+pub const STOP_TIMEOUT_MS: u64 = 1000;
+/// Room for the handover blob (records are ~1 KiB per vCPU).
+pub const HANDOVER_BYTES: u64 = 256 << 10;
+
+/// The freeze handshake of this image's CPUs.
+pub static HANDSHAKE: Handshake = Handshake::new();
+/// The blackout report of the update that started this image.
+pub static REPORT: BlackoutReport = BlackoutReport::new();
+
+/// What a live update needs from the architecture.
+pub trait UpdatePlatform {
+    type Arch: Handover;
+    /// The machine being updated.
+    fn machine(&self) -> &MachineLock<Self::Arch>;
+    /// The CPUs' freeze handshake.
+    fn handshake(&self) -> &Handshake;
+    /// The free-running counter and its frequency in Hz.
+    fn counter(&self) -> (u64, u64);
+    /// Makes every CPU but `cpu` leave its guest soon (an IPI, or nothing
+    /// where the time-slice timer bounds the wait).
+    fn kick_others(&self, m: &Machine<Self::Arch>, cpu: usize);
+    /// Puts this CPU's vCPUs away for a freeze: the loaded one saved, and
+    /// whatever else the CPU holds of them (VMCSs) written back.
+    fn freeze_cpu(&self, m: &mut Machine<Self::Arch>, cpu: usize) -> Result<(), &'static str>;
+    /// Arch checks of a staged image that passed the descriptor's (for
+    /// x86_64: its ELF segments and handover entry); a refusal reason.
+    fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str>;
+    /// Sets the status the requesting vCPU sees when it next runs.
+    fn set_status(&self, m: &mut Machine<Self::Arch>, status: Status);
+    /// Waits for, and sends, a wake-up between CPUs (WFE/SEV, PAUSE).
+    fn wait(&self);
+    fn wake(&self);
+    /// One turn of a busy-wait for another CPU (YIELD on aarch64: an
+    /// emulator that runs CPUs round-robin then switches to the CPU being
+    /// waited for instead of spinning out its time slice).
+    fn relax(&self);
+}
+
+/// Why a participant stopped an update after the freeze began.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cancel {
+    /// A CPU did not reach an exit boundary before the deadline.
+    FreezeTimeout {
+        cpu: usize,
+    },
+    /// The `TEST_FAIL_NEXT_FREEZE` hook fired.
+    InjectedFailure,
+    /// A CPU could not put its vCPUs away.
+    FreezeCpu(&'static str),
+    /// The machine's state could not be recorded.
+    Save(Box<SaveError>),
+    /// The handover could not be written out.
+    HandoverWrite(Box<HandoverError>),
+    /// The arch could not prepare the kexec.
+    Kexec(&'static str),
+    NoMachine,
+    /// The state machine refused a transition (a bug).
+    StateMachine,
+}
+
+impl fmt::Display for Cancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::FreezeTimeout { .. } => f.write_str("freeze-timeout"),
+            Self::InjectedFailure => f.write_str("injected-freeze-failure"),
+            Self::FreezeCpu(reason) | Self::Kexec(reason) => f.write_str(reason),
+            Self::Save(e) => write!(f, "{e}"),
+            Self::HandoverWrite(_) => f.write_str("handover-write"),
+            Self::NoMachine => f.write_str("no-machine"),
+            Self::StateMachine => f.write_str("state-machine"),
+        }
+    }
+}
+
+/// Why a request was refused before anything changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Another update is running.
+    Busy,
+    Request(RequestError),
+    /// The arch's own image checks.
+    Image(&'static str),
+    TooLarge,
+    RamMap,
+    HandoverWriter(HandoverError),
+    NoMemoryForHandover,
+    NoMachine,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Busy => f.write_str("update-in-progress"),
+            Self::Request(e) => f.write_str(e.reason()),
+            Self::Image(reason) => f.write_str(reason),
+            Self::TooLarge => f.write_str("too-large"),
+            Self::RamMap => f.write_str("ram-map"),
+            Self::HandoverWriter(_) => f.write_str("handover-writer"),
+            Self::NoMemoryForHandover => f.write_str("no-memory-for-handover"),
+            Self::NoMachine => f.write_str("no-machine"),
+        }
+    }
+}
+
+/// Why an update stopped before the kexec; the guests continue either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// The request or the image was refused (`hv: update-refused`).
+    Refused(Refusal),
+    /// A participant failed after the freeze began (`hv: update-cancelled`).
+    Cancelled(Cancel),
+}
+
+/// A non-requesting CPU, at an exit boundary: puts its vCPUs away,
+/// acknowledges the freeze and waits to be thawed (returns) or sent off
+/// for the kexec (`off`, which does not return, and calls
+/// [`Handshake::left`] once the CPU is out of the way). If its vCPUs cannot be
+/// put away it does not acknowledge (the requester times out and cancels)
+/// and waits for the thaw.
+pub fn freeze_this_cpu<P: UpdatePlatform>(p: &P, cpu: usize, off: fn(Generation) -> !) {
+    let put = p.machine().with(|m| p.freeze_cpu(m, cpu)).unwrap_or(Err("no-machine"));
+    if let Err(e) = put {
+        println!("update: cpu {cpu}: {e}");
+        while p.handshake().freeze_requested() {
+            p.wait();
+        }
+        return;
+    }
+    match p.handshake().freeze_here(cpu, || p.wait()) {
+        Thawed::Resume => {}
+        Thawed::Kexec(generation) => off(generation),
+    }
+}
+
+fn expired_after<P: UpdatePlatform>(p: &P, ms: u64) -> impl Fn() -> bool + '_ {
+    let (t0, _) = p.counter();
+    move || {
+        let (now, hz) = p.counter();
+        blackout_us(t0, now, hz) / 1000 > ms
+    }
+}
+
+/// Stops the other CPUs at exit boundaries (blackout starts here).
+struct CpuStopper<'a, P> {
+    platform: &'a P,
+    cpu: usize,
+    generation: &'a core::cell::Cell<Option<Generation>>,
+}
+
+impl<P: UpdatePlatform> UpdateParticipant for CpuStopper<'_, P> {
+    type Error = Cancel;
+
+    fn name(&self) -> &'static str {
+        "cpus"
+    }
+
+    fn prepare(&mut self, _: &mut HandoverWriter) -> Result<(), Cancel> {
+        Ok(())
+    }
+
+    fn freeze(&mut self, _: &mut HandoverWriter) -> Result<(), Cancel> {
+        let p = self.platform;
+        let generation = p.handshake().request_freeze();
+        self.generation.set(Some(generation));
+        let online = p
+            .machine()
+            .with(|m| {
+                p.kick_others(m, self.cpu);
+                p.freeze_cpu(m, self.cpu).map(|()| m.online.clone())
+            })
+            .ok_or(Cancel::NoMachine)
+            .and_then(|r| r.map_err(Cancel::FreezeCpu));
+        let online = match online {
+            Ok(online) => online,
+            Err(e) => {
+                self.unfreeze();
+                return Err(e);
+            }
+        };
+        let frozen =
+            p.handshake().wait_frozen(generation, self.cpu, &online, expired_after(p, STOP_TIMEOUT_MS), || p.relax());
+        if let Err(t) = frozen {
+            // The state machine unfreezes only the participants that froze:
+            // this one failed half-way, so it thaws the CPUs it stopped.
+            self.unfreeze();
+            return Err(Cancel::FreezeTimeout { cpu: t.cpu });
+        }
+        Ok(())
+    }
+
+    fn unfreeze(&mut self) {
+        if let Some(generation) = self.generation.take() {
+            self.platform.handshake().thaw(generation);
+            self.platform.wake();
+        }
+    }
+
+    fn restore(&mut self, _: &HandoverReader<'_>) -> Result<(), Cancel> {
+        Ok(())
+    }
+
+    fn resume(&mut self) {}
+
+    fn finish(&mut self) {}
+}
+
+/// Test hook: fails the freeze once when armed (`TEST_FAIL_NEXT_FREEZE`).
+struct FaultInjector<'a, P> {
+    platform: &'a P,
+}
+
+impl<P: UpdatePlatform> UpdateParticipant for FaultInjector<'_, P> {
+    type Error = Cancel;
+
+    fn name(&self) -> &'static str {
+        "fault-injector"
+    }
+
+    fn prepare(&mut self, _: &mut HandoverWriter) -> Result<(), Cancel> {
+        Ok(())
+    }
+
+    fn freeze(&mut self, _: &mut HandoverWriter) -> Result<(), Cancel> {
+        let armed = self.platform.machine().with(|m| core::mem::take(&mut m.fail_next_freeze));
+        match armed {
+            Some(true) => Err(Cancel::InjectedFailure),
+            Some(false) => Ok(()),
+            None => Err(Cancel::NoMachine),
+        }
+    }
+
+    fn unfreeze(&mut self) {}
+
+    fn restore(&mut self, _: &HandoverReader<'_>) -> Result<(), Cancel> {
+        Ok(())
+    }
+
+    fn resume(&mut self) {}
+
+    fn finish(&mut self) {}
+}
+
+/// Records the machine (partitions, vCPUs, devices, preserved map).
+struct StateSaver<'a, P> {
+    platform: &'a P,
+    freeze_counter: u64,
+}
+
+impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
+    type Error = Cancel;
+
+    fn name(&self) -> &'static str {
+        "machine"
+    }
+
+    fn prepare(&mut self, _: &mut HandoverWriter) -> Result<(), Cancel> {
+        Ok(())
+    }
+
+    fn freeze(&mut self, w: &mut HandoverWriter) -> Result<(), Cancel> {
+        let (_, hz) = self.platform.counter();
+        let counter = self.freeze_counter;
+        self.platform
+            .machine()
+            .with(|m| m.save_state(w, counter, hz))
+            .ok_or(Cancel::NoMachine)?
+            .map_err(|e| Cancel::Save(Box::new(e)))
+    }
+
+    fn unfreeze(&mut self) {}
+
+    fn restore(&mut self, _: &HandoverReader<'_>) -> Result<(), Cancel> {
+        Ok(())
+    }
+
+    fn resume(&mut self) {}
+
+    fn finish(&mut self) {}
+}
+
+/// A live-update request, as the arch code saw it.
+#[derive(Debug)]
+pub struct Request {
+    /// The requesting CPU.
+    pub cpu: usize,
+    /// The image in the caller's RAM (checked by the hypercall layer).
+    pub image_pa: u64,
+    pub size: u64,
+    pub arch: ImageArch,
+    /// Scratch kept free after the staged image (the kexec trampoline).
+    pub tail_bytes: u64,
+}
+
+/// Everything the kexec needs, once the guests are frozen.
+#[derive(Clone, Copy, Debug)]
+pub struct Ready {
+    /// The staged image in scratch and its length.
+    pub stage: PhysRange,
+    pub image_len: u64,
+    /// The handover blob in preserved memory and its length.
+    pub handover: PhysRange,
+    pub handover_len: u64,
+    /// The freeze, for sending the CPUs off.
+    pub generation: Generation,
+}
+
+fn refuse<P: UpdatePlatform>(p: &P, why: Refusal) -> Abort {
+    hv_event!("update-refused", reason = why);
+    p.machine().with(|m| p.set_status(m, Status::InvalidParameter));
+    Abort::Refused(why)
+}
+
+/// Stages and checks the image, allocates the handover (brownout), freezes
+/// every CPU through the participants, and writes the handover. On refusal
+/// (`hv: update-refused`) or cancel (`hv: update-cancelled`) the
+/// requester's status is set, the other CPUs are thawed, the update is
+/// released, and the guests continue.
+pub fn prepare_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Abort> {
+    if !p.handshake().begin() {
+        p.machine().with(|m| p.set_status(m, Status::OperationDenied));
+        return Err(Abort::Refused(Refusal::Busy));
+    }
+    let result = stage_and_freeze(p, req);
+    if result.is_err() {
+        p.handshake().end();
+    }
+    result
+}
+
+fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Abort> {
+    let Some((ram, scratch, update_count)) = p.machine().with(|m| (m.ram.clone(), m.scratch.clone(), m.update_count))
+    else {
+        return Err(Abort::Refused(Refusal::NoMachine));
+    };
+    let stage = staging(&scratch).unwrap_or(PhysRange::new(0, 0));
+    // Copy first, then validate the copy: the guest cannot change what was
+    // checked. The trampoline takes the tail after the image.
+    let limit = stage.size.saturating_sub(req.tail_bytes.next_multiple_of(PAGE_SIZE));
+    let len = usize::try_from(req.size).map_err(|_| refuse(p, Refusal::TooLarge))?;
+    if req.size > limit {
+        return Err(refuse(p, Refusal::TooLarge));
+    }
+    // SAFETY: `image_pa..+size` was checked to lie in the caller's RAM (the
+    // hypercall layer), the staging area is scratch that nothing else uses,
+    // and both are identity-mapped.
+    let staged = unsafe {
+        core::ptr::copy_nonoverlapping(req.image_pa as *const u8, stage.base as *mut u8, len);
+        core::slice::from_raw_parts(stage.base as *const u8, len)
+    };
+    let desc = match check_request(staged, req.arch, limit) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("update: {e}");
+            return Err(refuse(p, Refusal::Request(e)));
+        }
+    };
+    p.check_image(staged, &desc).map_err(|r| refuse(p, Refusal::Image(r)))?;
+    let count = update_count + 1;
+    hv_event!("update-begin", from = VERSION, to = desc.version_str(), image_bytes = req.size, count = count);
+    let identity = HandoverIdentity { version: VERSION, build_id: BUILD_ID, update_count: count };
+    let ram_map = ram_map(&ram).ok_or_else(|| refuse(p, Refusal::RamMap))?;
+    let mut writer =
+        HandoverWriter::new(&identity, ram_map, &scratch).map_err(|e| refuse(p, Refusal::HandoverWriter(e)))?;
+    let Some(handover) = p.machine().with(|m| m.frames.alloc_block(HANDOVER_BYTES)).flatten() else {
+        return Err(refuse(p, Refusal::NoMemoryForHandover));
+    };
+    let release = |why: Cancel| {
+        p.machine().with(|m| {
+            m.frames.free_block(handover);
+            p.set_status(m, Status::OperationDenied);
+        });
+        hv_event!("update-cancelled", reason = why);
+        Abort::Cancelled(why)
+    };
+    // The requester sees SUCCESS when it runs again, in the new image.
+    p.machine().with(|m| p.set_status(m, Status::Success));
+    let (freeze_counter, _) = p.counter();
+    let generation = core::cell::Cell::new(None);
+    let mut sm: UpdateStateMachine<'_, Cancel> = UpdateStateMachine::new();
+    let registered = sm
+        .register(Box::new(CpuStopper { platform: p, cpu: req.cpu, generation: &generation }))
+        .and_then(|()| sm.register(Box::new(FaultInjector { platform: p })))
+        .and_then(|()| sm.register(Box::new(StateSaver { platform: p, freeze_counter })));
+    let result = registered.and_then(|()| sm.prepare(&mut writer)).and_then(|()| sm.freeze(&mut writer));
+    if let Err(e) = result {
+        let _ = sm.cancel();
+        return Err(release(failure(e)));
+    }
+    // SAFETY: a block just allocated for the handover; identity-mapped.
+    let blob_out = unsafe { core::slice::from_raw_parts_mut(handover.base as *mut u8, handover.size as usize) };
+    let written = writer.write_to(blob_out, handover.base);
+    match (written, generation.get()) {
+        (Ok(n), Some(generation)) => {
+            Ok(Ready { stage, image_len: req.size, handover, handover_len: n as u64, generation })
+        }
+        (Err(e), _) => {
+            println!("update: handover: {e}");
+            let _ = sm.cancel();
+            Err(release(Cancel::HandoverWrite(Box::new(e))))
+        }
+        (Ok(_), None) => {
+            let _ = sm.cancel();
+            Err(release(Cancel::StateMachine))
+        }
+    }
+}
+
+/// Thaws the other CPUs after a freeze that succeeded but cannot be
+/// followed by a kexec: the update is cancelled for `why`.
+pub fn cancel_after_freeze<P: UpdatePlatform>(p: &P, ready: &Ready, why: &Cancel) {
+    p.handshake().thaw(ready.generation);
+    p.wake();
+    p.machine().with(|m| {
+        m.frames.free_block(ready.handover);
+        p.set_status(m, Status::OperationDenied);
+    });
+    hv_event!("update-cancelled", reason = why);
+    p.handshake().end();
+}
+
+/// The participant's error behind a failed prepare or freeze.
+fn failure(e: UpdateError<Cancel>) -> Cancel {
+    match e {
+        UpdateError::FreezeFailed { error, .. } | UpdateError::PrepareFailed { error, .. } => error,
+        _ => Cancel::StateMachine,
+    }
+}
+
+/// The global scratch region: where the next image is staged.
+pub fn staging(scratch: &ScratchPlan) -> Option<PhysRange> {
+    scratch
+        .regions()
+        .iter()
+        .find(|r| r.kind == ScratchKind::Global)
+        .map(|r| PhysRange::new(r.range.base(), r.range.size()))
+}
+
+fn to_kho(r: &PhysRange) -> Option<kho::PhysRange> {
+    kho::PhysRange::new(r.base, r.size).ok()
+}
+
+/// The RAM map in `kho`'s terms.
+pub fn ram_map(ram: &[PhysRange]) -> Option<RamMap> {
+    let ranges: Vec<kho::PhysRange> = ram.iter().filter_map(to_kho).collect();
+    RamMap::new(&ranges).ok()
+}
+
+/// Plans the scratch regions at first boot (`kho::ScratchPlan`): room for
+/// the next image, never used for anything preserved.
+pub fn plan_scratch(ram: &[PhysRange], occupied: &[PhysRange], image_bytes: u64) -> Option<ScratchPlan> {
+    let needs = kho::ScratchNeeds { image_bytes, heap_bytes: 0, dma32_bytes: 0 };
+    let occupied: Vec<kho::PhysRange> = occupied.iter().filter_map(to_kho).collect();
+    ScratchPlan::plan(&ram_map(ram)?, &needs, &kho::ScratchPolicy::default(), &occupied).ok()
+}
+
+/// What the restore side adopted from the preserved map.
+pub struct Adopted<P: sparse_bitmap::PhysToVirt + Clone> {
+    pub bitmap: MultiOrderBitmap<P>,
+    /// The allocator: free RAM, with no preserved page in it.
+    pub frames: FrameAllocator,
+    pub preserved_pages: u64,
+}
+
+impl<P: sparse_bitmap::PhysToVirt + Clone> core::fmt::Debug for Adopted<P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Adopted").field("preserved_pages", &self.preserved_pages).finish_non_exhaustive()
+    }
+}
+
+/// Why the new image could not adopt what the handover describes. The
+/// image cannot continue: it reports the reason and stops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdoptFailure {
+    NoGlobalScratch,
+    BitmapOrder(u32),
+    Bitmap(sparse_bitmap::AdoptError),
+    /// A preserved page would have been handed to the allocator.
+    PreservedInAllocator,
+    Machine(RestoreError),
+    /// The incoming state machine refused a transition (a bug).
+    StateMachine,
+}
+
+impl fmt::Display for AdoptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoGlobalScratch => f.write_str("no-global-scratch"),
+            Self::BitmapOrder(_) => f.write_str("bitmap-order"),
+            Self::Bitmap(_) => f.write_str("bitmap-adopt"),
+            Self::PreservedInAllocator => f.write_str("preserved-pages-in-allocator"),
+            Self::Machine(e) => write!(f, "{e}"),
+            Self::StateMachine => f.write_str("state-machine"),
+        }
+    }
+}
+
+/// Adopts the preserved map from the handover, allocating only from
+/// scratch until it is read, and builds the allocator around everything
+/// preserved, checking that no preserved page is in it (reported in
+/// `hv: update-restore`). `reserved` is what the platform and the running
+/// image occupy.
+///
+/// # Safety
+/// `pages` reaches the RAM the handover's bitmap lives in, and nothing
+/// else touches the bitmap pages while this runs (only this CPU is up).
+pub unsafe fn adopt_preserved<P: sparse_bitmap::PhysToVirt + Clone>(
+    reader: &HandoverReader<'_>,
+    ram: &[PhysRange],
+    mut reserved: Vec<PhysRange>,
+    pages: P,
+) -> Result<Adopted<P>, AdoptFailure> {
+    let scratch = reader.scratch();
+    let staging = staging(scratch).ok_or(AdoptFailure::NoGlobalScratch)?;
+    let mut scratch_frames = FrameAllocator::new(&[staging]);
+    let mut roots = [0u64; 3];
+    for r in reader.bitmap_roots() {
+        let slot = sparse_bitmap::PageSize::ALL
+            .iter()
+            .position(|s| s.order() == r.order)
+            .ok_or(AdoptFailure::BitmapOrder(r.order))?;
+        roots[slot] = r.root;
+    }
+    let ram_ranges: Vec<core::ops::Range<u64>> = ram.iter().map(|r| r.base..r.base + r.size).collect();
+    // SAFETY: the caller's contract.
+    let bitmap = unsafe { MultiOrderBitmap::adopt(pages, &mut scratch_frames, roots, &ram_ranges) }
+        .map_err(AdoptFailure::Bitmap)?;
+    reserved.extend(scratch.regions().iter().map(|r| PhysRange::new(r.range.base(), r.range.size())));
+    reserved.extend(reader.preserved_ranges().map(|r| PhysRange::new(r.base(), r.size())));
+    reserved.extend(bitmap.runs().map(|r| PhysRange::new(r.start, r.end - r.start)));
+    reserved.extend(bitmap.node_pages().map(|pa| PhysRange::new(pa, PAGE_SIZE)));
+    let free = frames::subtract(ram, &reserved);
+    let overlap = free.iter().filter(|r| bitmap.runs_in(r.base..r.base + r.size).next().is_some()).count();
+    hv_event!(
+        "update-restore",
+        free_ranges = free.len(),
+        preserved_overlap = overlap,
+        bitmap_nodes = bitmap.node_count()
+    );
+    if overlap != 0 {
+        return Err(AdoptFailure::PreservedInAllocator);
+    }
+    let preserved_pages = bitmap.frame_count();
+    Ok(Adopted { bitmap, frames: FrameAllocator::new(&free), preserved_pages })
+}
+
+/// The restore side, arch-neutral: adopts the preserved map, then the
+/// machine (partitions with their second-stage tables in place, vCPUs).
+/// Returns the machine and the figures for the report; the consumed
+/// handover blob is still reserved (the incoming side frees it at Finish).
+///
+/// # Safety
+/// As [`adopt_preserved`].
+pub unsafe fn restore<A: Handover>(
+    reader: &HandoverReader<'_>,
+    ram: &[PhysRange],
+    reserved: Vec<PhysRange>,
+    pages: <A as machine::Arch>::Pages,
+    arch: A,
+    online: &[usize],
+) -> Result<(Machine<A>, report::RestoreFigures), AdoptFailure> {
+    // SAFETY: the caller's contract.
+    let adopted = unsafe { adopt_preserved(reader, ram, reserved, pages) }?;
+    let preserved_pages = adopted.preserved_pages;
+    let memory = MachineMemory {
+        frames: adopted.frames,
+        preserved: PreservedMap { bitmap: adopted.bitmap },
+        scratch: reader.scratch().clone(),
+        ram: ram.to_vec(),
+    };
+    let restored = machine::restore(reader, arch, memory, online).map_err(AdoptFailure::Machine)?;
+    let m = restored.machine;
+    let figures = report::RestoreFigures {
+        update_count: reader.update_count(),
+        handover_bytes: reader.blob().len() as u64,
+        preserved_pages,
+        freeze_counter: restored.freeze_counter,
+        resume_cpus: 0,
+    };
+    Ok((m, figures))
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::machine::fake::{FakeArch, FakePartition, FakeVcpu};
+    use crate::partition::{GuestRam, PartitionInfo};
+    use alloc::string::ToString;
+    use core::cell::Cell;
+    use sparse_bitmap::testing::Arena;
+
+    /// The outgoing side on the fake arch: a counter that advances 100 ms
+    /// per read, so deadlines pass without waiting.
+    struct FakePlatform {
+        machine: MachineLock<FakeArch>,
+        handshake: Handshake,
+        now: Cell<u64>,
+        statuses: core::cell::RefCell<Vec<Status>>,
+    }
+
+    impl UpdatePlatform for FakePlatform {
+        type Arch = FakeArch;
+        fn machine(&self) -> &MachineLock<FakeArch> {
+            &self.machine
+        }
+        fn handshake(&self) -> &Handshake {
+            &self.handshake
+        }
+        fn counter(&self) -> (u64, u64) {
+            self.now.set(self.now.get() + 100_000);
+            (self.now.get(), 1_000_000)
+        }
+        fn kick_others(&self, m: &Machine<FakeArch>, cpu: usize) {
+            for &c in m.online.iter().filter(|&&c| c != cpu) {
+                crate::machine::Arch::kick(&m.arch, c);
+            }
+        }
+        fn freeze_cpu(&self, m: &mut Machine<FakeArch>, cpu: usize) -> Result<(), &'static str> {
+            m.put_loaded(cpu);
+            Ok(())
+        }
+        fn check_image(&self, _: &[u8], _: &Descriptor) -> Result<(), &'static str> {
+            Ok(())
+        }
+        fn set_status(&self, _: &mut Machine<FakeArch>, status: Status) {
+            self.statuses.borrow_mut().push(status);
+        }
+        fn wait(&self) {}
+        fn wake(&self) {}
+        fn relax(&self) {}
+    }
+
+    fn platform(online: &[usize]) -> FakePlatform {
+        let arena: &'static Arena = Box::leak(Box::new(Arena::new(0x4000_0000, 16384)));
+        let ram = alloc::vec![PhysRange::new(0x4000_0000, 64 << 20)];
+        let image = PhysRange::new(0x4000_0000, 1 << 20);
+        let scratch = plan_scratch(&ram, &[image], 4 << 20).expect("scratch");
+        let mut reserved = alloc::vec![image];
+        reserved.extend(scratch.regions().iter().map(|r| PhysRange::new(r.range.base(), r.range.size())));
+        let memory = MachineMemory {
+            frames: FrameAllocator::new(&frames::subtract(&ram, &reserved)),
+            preserved: PreservedMap::new(arena),
+            scratch,
+            ram,
+        };
+        let mut m = Machine::new(FakeArch::default(), memory, online);
+        let block = m.alloc_guest_ram(1 << 20).expect("ram");
+        let info = PartitionInfo {
+            id: 1,
+            name: "g".into(),
+            privileged: true,
+            ram: GuestRam { host_base: block.base, size: 1 << 20 },
+            vcpus: 2,
+        };
+        let part = FakePartition { stage2_root: block.base };
+        m.add_partition(info, 1, part, alloc::vec![FakeVcpu::at(0), FakeVcpu::at(0)]).expect("partition");
+        m.loaded[0] = Some(0);
+        let p = FakePlatform {
+            machine: MachineLock::new(),
+            handshake: Handshake::new(),
+            now: Cell::new(0),
+            statuses: core::cell::RefCell::new(Vec::new()),
+        };
+        p.machine.install(m);
+        p
+    }
+
+    /// Freezes through the same participants as `prepare_and_freeze`.
+    fn freeze(p: &FakePlatform) -> Result<HandoverWriter, Cancel> {
+        let (ram, scratch) = p.machine.with(|m| (m.ram.clone(), m.scratch.clone())).expect("machine");
+        let identity = HandoverIdentity { version: "t", build_id: "t", update_count: 1 };
+        let mut w = HandoverWriter::new(&identity, ram_map(&ram).expect("ram"), &scratch).expect("writer");
+        let generation = Cell::new(None);
+        let mut sm: UpdateStateMachine<'_, Cancel> = UpdateStateMachine::new();
+        sm.register(Box::new(CpuStopper { platform: p, cpu: 0, generation: &generation })).expect("register");
+        sm.register(Box::new(FaultInjector { platform: p })).expect("register");
+        sm.register(Box::new(StateSaver { platform: p, freeze_counter: 7 })).expect("register");
+        match sm.prepare(&mut w).and_then(|()| sm.freeze(&mut w)) {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                let _ = sm.cancel();
+                Err(failure(e))
+            }
+        }
+    }
+
+    #[test]
+    fn a_cpu_that_misses_the_freeze_cancels_the_update_and_thaws_the_rest() {
+        let p = platform(&[0, 1]);
+        assert!(matches!(freeze(&p), Err(Cancel::FreezeTimeout { cpu: 1 })));
+        assert_eq!(Cancel::FreezeTimeout { cpu: 1 }.to_string(), "freeze-timeout");
+        assert!(!p.handshake.freeze_requested(), "thawed: the other CPUs go back to their guests");
+        let kicked = p.machine.with(|m| m.arch.kicks.borrow().clone()).expect("machine");
+        assert_eq!(kicked, [1], "CPU 1 was asked to leave its guest");
+        // The requester's vCPU was put away; it is simply loaded again.
+        assert_eq!(p.machine.with(|m| m.loaded[0]), Some(None));
+    }
+
+    #[test]
+    fn the_freeze_hook_cancels_once_and_the_state_is_saved_after() {
+        let p = platform(&[0]);
+        p.machine.with(|m| m.fail_next_freeze = true);
+        assert!(matches!(freeze(&p), Err(Cancel::InjectedFailure)));
+        assert!(!p.handshake.freeze_requested());
+        let w = freeze(&p).expect("the hook fires once");
+        let mut blob = alloc::vec![0u8; 64 << 10];
+        let n = w.write_to(&mut blob, 0x4080_0000).expect("handover");
+        assert!(n > 0);
+        assert!(p.handshake.freeze_requested(), "frozen until the kexec or a cancel");
+    }
+}

@@ -1,0 +1,157 @@
+//! The blackout report of the incoming image: when the old image froze,
+//! jumped and the new one was entered and restored, and how many CPUs must
+//! re-enter guests before the blackout ends (`hv: update-done`,
+//! `hv: update-phases`).
+//!
+//! # Ownership
+//! One [`BlackoutReport`] exists (`live_update::REPORT`). The boot CPU
+//! writes it before it releases the other CPUs (entry, restore); after
+//! that each CPU only counts itself in, and the last one prints.
+
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::request::blackout_us;
+use crate::{hv_event, VERSION};
+
+/// Counter values and figures of the update being completed.
+#[derive(Debug)]
+pub struct BlackoutReport {
+    /// The freeze counter from the handover (0: no update to report).
+    resume_from: AtomicU64,
+    resumed: AtomicUsize,
+    resume_cpus: AtomicUsize,
+    count: AtomicU64,
+    handover_bytes: AtomicU64,
+    preserved_pages: AtomicU64,
+    /// The kexec jump, the new image's first Rust instruction, the end of
+    /// the restore.
+    kexec: AtomicU64,
+    entry: AtomicU64,
+    restored: AtomicU64,
+    /// When the last CPU re-entered a guest, and the counter's frequency.
+    resumed_at: AtomicU64,
+    hz: AtomicU64,
+}
+
+impl Default for BlackoutReport {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the restore side measured, for [`BlackoutReport::note_restored`].
+#[derive(Clone, Copy, Debug)]
+pub struct RestoreFigures {
+    pub update_count: u64,
+    pub handover_bytes: u64,
+    pub preserved_pages: u64,
+    pub freeze_counter: u64,
+    /// CPUs that must re-enter guests before the blackout ends.
+    pub resume_cpus: usize,
+}
+
+impl BlackoutReport {
+    pub const fn new() -> Self {
+        Self {
+            resume_from: AtomicU64::new(0),
+            resumed: AtomicUsize::new(0),
+            resume_cpus: AtomicUsize::new(0),
+            count: AtomicU64::new(0),
+            handover_bytes: AtomicU64::new(0),
+            preserved_pages: AtomicU64::new(0),
+            kexec: AtomicU64::new(0),
+            entry: AtomicU64::new(0),
+            restored: AtomicU64::new(0),
+            resumed_at: AtomicU64::new(0),
+            hz: AtomicU64::new(0),
+        }
+    }
+
+    /// Records when the new image was entered (and when the old one jumped).
+    pub fn note_entry(&self, kexec_counter: u64, now: u64) {
+        self.kexec.store(kexec_counter, Ordering::Relaxed);
+        self.entry.store(now, Ordering::Relaxed);
+    }
+
+    /// Arms the report once the machine is restored.
+    pub fn note_restored(&self, f: RestoreFigures, now: u64) {
+        self.count.store(f.update_count, Ordering::Relaxed);
+        self.handover_bytes.store(f.handover_bytes, Ordering::Relaxed);
+        self.preserved_pages.store(f.preserved_pages, Ordering::Relaxed);
+        self.resume_cpus.store(f.resume_cpus.max(1), Ordering::Relaxed);
+        self.resumed.store(0, Ordering::Relaxed);
+        self.restored.store(now, Ordering::Relaxed);
+        self.resume_from.store(f.freeze_counter.max(1), Ordering::Release);
+    }
+
+    /// Called by each CPU as it first enters a guest: true for the last
+    /// one to do so after an update, whose entry ends the blackout.
+    pub fn note_resumed(&self, now: u64, hz: u64) -> bool {
+        if self.resume_from.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let n = self.resumed.fetch_add(1, Ordering::AcqRel) + 1;
+        if n != self.resume_cpus.load(Ordering::Acquire) {
+            return false;
+        }
+        self.resumed_at.store(now, Ordering::Relaxed);
+        self.hz.store(hz, Ordering::Relaxed);
+        true
+    }
+
+    /// Prints the blackout (`hv: update-done`, `hv: update-phases`) once
+    /// the last CPU has resumed, and disarms the report.
+    pub fn print(&self) {
+        let t0 = self.resume_from.swap(0, Ordering::AcqRel);
+        if t0 == 0 {
+            return;
+        }
+        let (now, hz) = (self.resumed_at.load(Ordering::Relaxed), self.hz.load(Ordering::Relaxed));
+        hv_event!(
+            "update-done",
+            count = self.count.load(Ordering::Relaxed),
+            version = VERSION,
+            blackout_us = blackout_us(t0, now, hz),
+            handover_bytes = self.handover_bytes.load(Ordering::Relaxed),
+            preserved_pages = self.preserved_pages.load(Ordering::Relaxed),
+            freeze_at = t0,
+            resume_at = now,
+            counter_hz = hz,
+        );
+        let (kexec, entry, restored) = (
+            self.kexec.load(Ordering::Relaxed),
+            self.entry.load(Ordering::Relaxed),
+            self.restored.load(Ordering::Relaxed),
+        );
+        hv_event!(
+            "update-phases",
+            freeze_to_kexec_us = blackout_us(t0, kexec, hz),
+            kexec_to_entry_us = blackout_us(kexec, entry, hz),
+            entry_to_restored_us = blackout_us(entry, restored, hz),
+            restored_to_resumed_us = blackout_us(restored, now, hz),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_cpu_to_resume_reports_once() {
+        let r = BlackoutReport::new();
+        assert!(!r.note_resumed(10, 1_000_000), "nothing armed on a first boot");
+        let f = RestoreFigures {
+            update_count: 1,
+            handover_bytes: 4096,
+            preserved_pages: 9,
+            freeze_counter: 100,
+            resume_cpus: 2,
+        };
+        r.note_restored(f, 150);
+        assert!(!r.note_resumed(200, 1_000_000));
+        assert!(r.note_resumed(210, 1_000_000));
+        r.print();
+        assert!(!r.note_resumed(220, 1_000_000), "reported once");
+    }
+}

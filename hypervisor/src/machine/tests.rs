@@ -1,0 +1,359 @@
+//! The machine on the fake arch: scheduling, stopping and faulting a
+//! partition, posting interrupts, hypercall routing, and the handover
+//! records written and adopted again, all without an emulator.
+
+extern crate std;
+
+use alloc::boxed::Box;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use hvcall::{call, Control, PartitionState, UpdateRequest};
+use kho::{HandoverIdentity, HandoverReader, HandoverWriter};
+use loader::PhysRange;
+use sparse_bitmap::testing::Arena;
+
+use super::fake::{FakeArch, FakeMemory, FakePartition, FakeVcpu, FAKE_CONTEXT_FORMAT};
+use super::*;
+use crate::frames::{self, FrameAllocator};
+use crate::live_update;
+use crate::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
+use crate::preserved::PreservedMap;
+use crate::records::{VcpuRecord, CONTEXT_BYTES};
+use crate::sched::VcpuState;
+use crate::stage2::FrameSource as _;
+
+const RAM_BASE: u64 = 0x4000_0000;
+const RAM_BYTES: u64 = 64 << 20;
+/// What the "image" occupies at the bottom of RAM.
+const IMAGE: PhysRange = PhysRange { base: RAM_BASE, size: 1 << 20 };
+const GUEST_MEM: u64 = 2 << 20;
+
+struct Rig {
+    arena: &'static Arena,
+    ram: Vec<PhysRange>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        let arena: &'static Arena = Box::leak(Box::new(Arena::new(RAM_BASE, (RAM_BYTES / 4096) as usize)));
+        Self { arena, ram: vec![PhysRange::new(RAM_BASE, RAM_BYTES)] }
+    }
+
+    fn machine(&self, online: &[usize]) -> Machine<FakeArch> {
+        let scratch = live_update::plan_scratch(&self.ram, &[IMAGE], 4 << 20).expect("scratch");
+        let mut reserved = vec![IMAGE];
+        reserved.extend(scratch.regions().iter().map(|r| PhysRange::new(r.range.base(), r.range.size())));
+        let memory = MachineMemory {
+            frames: FrameAllocator::new(&frames::subtract(&self.ram, &reserved)),
+            preserved: PreservedMap::new(self.arena),
+            scratch,
+            ram: self.ram.clone(),
+        };
+        Machine::new(FakeArch::default(), memory, online)
+    }
+}
+
+fn add_guest(m: &mut Machine<FakeArch>, id: u32, vcpus: u32, privileged: bool) -> usize {
+    let block = m.alloc_guest_ram(GUEST_MEM).expect("guest RAM");
+    let root = m.preserving_frames().alloc_frame().expect("table page");
+    let info = PartitionInfo {
+        id,
+        name: alloc::format!("guest{id}"),
+        privileged,
+        ram: GuestRam { host_base: block.base, size: GUEST_MEM },
+        vcpus,
+    };
+    let contexts = (0..vcpus).map(|i| FakeVcpu::at(GUEST_RAM_BASE + u64::from(i) * 0x100)).collect();
+    m.add_partition(info, id as u16, FakePartition { stage2_root: root }, contexts).expect("partition")
+}
+
+fn ctl(code: u16, fast: bool, reps: u16) -> u64 {
+    Control { code, fast, rep_count: reps, rep_start: 0 }.encode()
+}
+
+#[test]
+fn vcpus_are_spread_round_robin_over_the_online_cpus() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    add_guest(&mut m, 1, 2, false);
+    add_guest(&mut m, 2, 1, false);
+    let pcpus: Vec<usize> = m.vcpus.iter().map(|s| s.pcpu).collect();
+    assert_eq!(pcpus, [0, 1, 0]);
+    assert_eq!(m.queues[0], [0, 2]);
+    assert_eq!(m.queues[1], [1]);
+    // Only each partition's boot vCPU starts.
+    let states: Vec<VcpuState> = m.vcpus.iter().map(|s| s.state).collect();
+    assert_eq!(states, [VcpuState::Runnable, VcpuState::Off, VcpuState::Runnable]);
+    assert!(!m.cpu_has_work(2));
+    // CPUs that are not contiguous (one failed to start) still get work.
+    let mut m = rig.machine(&[0, 3]);
+    add_guest(&mut m, 1, 2, false);
+    assert_eq!(m.vcpus.iter().map(|s| s.pcpu).collect::<Vec<_>>(), [0, 3]);
+}
+
+#[test]
+fn the_scheduler_keeps_the_loaded_vcpu_until_it_yields() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, false);
+    add_guest(&mut m, 2, 1, false);
+    assert_eq!(m.pick(0, false), Some(0));
+    m.loaded[0] = Some(0);
+    assert_eq!(m.pick(0, false), Some(0), "no yield: stays");
+    assert_eq!(m.pick(0, true), Some(1), "yield: the next one");
+    m.vcpus[1].state = VcpuState::Waiting;
+    assert_eq!(m.pick(0, true), Some(0), "a waiting vCPU without interrupts is skipped");
+    m.vcpus[0].state = VcpuState::Waiting;
+    assert_eq!(m.pick(0, true), None, "nothing to run: the CPU idles");
+    m.arch.cpu.set(0);
+    m.post(1, 1 << 3);
+    assert_eq!(m.vcpus[1].state, VcpuState::Runnable);
+    assert_eq!(m.vcpus[1].pending, 1 << 3);
+    assert!(m.arch.kicks.borrow().is_empty(), "same CPU: no kick");
+    assert_eq!(m.pick(0, true), Some(1));
+}
+
+#[test]
+fn posting_to_a_vcpu_on_another_cpu_kicks_it() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    add_guest(&mut m, 1, 2, false);
+    m.vcpus[1].state = VcpuState::Waiting;
+    m.arch.cpu.set(0);
+    m.post(1, 1);
+    assert_eq!(*m.arch.kicks.borrow(), [1]);
+    assert!(m.runnable(1));
+}
+
+#[test]
+fn put_loaded_saves_only_this_cpus_loaded_vcpu() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    add_guest(&mut m, 1, 2, false);
+    m.loaded[0] = Some(0);
+    m.put_loaded(0);
+    m.put_loaded(0);
+    assert_eq!(m.loaded[0], None);
+    // SAFETY: host test; nothing runs the vCPUs.
+    let (a, b) = unsafe { (m.ctx_mut(0).puts, m.ctx_mut(1).puts) };
+    assert_eq!((a, b), (1, 0));
+    m.loaded[1] = Some(1);
+    m.vcpus[1].state = VcpuState::Off;
+    m.put_if_idle(1);
+    assert_eq!(m.loaded[1], None);
+}
+
+#[test]
+fn stopping_a_partition_kicks_its_cpus_and_spares_the_others() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    add_guest(&mut m, 1, 2, false);
+    add_guest(&mut m, 2, 1, false);
+    m.vcpus[1].state = VcpuState::Runnable;
+    m.arch.cpu.set(0);
+    m.stop_partition(0, PartitionState::Stopped, "shutdown");
+    assert_eq!(m.partitions[0].state, PartitionState::Stopped);
+    assert!(m.partitions[0].vcpus.iter().all(|&v| m.vcpus[v].state == VcpuState::Stopped));
+    assert_eq!(*m.arch.kicks.borrow(), [1], "vCPU 1 runs on CPU 1: kicked");
+    assert_eq!(m.partitions[1].state, PartitionState::Running);
+    assert!(m.runnable(2));
+    assert_eq!(m.arch.powered_off, None);
+    assert!(m.cpu_has_work(0) && !m.cpu_has_work(1));
+    // Stopping twice changes nothing.
+    m.stop_partition(0, PartitionState::Faulted, "again");
+    assert_eq!(m.partitions[0].state, PartitionState::Stopped);
+    // The last one powers the machine off, once.
+    m.fault(2, "stage2", 0x4800_0000, ("esr", 0x8200_0006));
+    assert_eq!(m.partitions[1].state, PartitionState::Faulted);
+    assert_eq!(m.arch.powered_off, Some(true));
+    assert!(m.shutting_down);
+}
+
+#[test]
+fn a_fault_stops_only_the_faulting_partition() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, false);
+    add_guest(&mut m, 2, 1, false);
+    m.fault(1, "ept", 0xdead_0000, ("rip", 0x1000));
+    assert_eq!(m.partitions[1].state, PartitionState::Faulted);
+    assert_eq!(m.partitions[0].state, PartitionState::Running);
+    assert_eq!(m.pick(0, true), Some(0));
+    assert_eq!(m.pick(0, false), Some(0));
+}
+
+#[test]
+fn hypercalls_route_console_shutdown_updates_and_the_freeze_hook() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, true);
+    add_guest(&mut m, 2, 1, false);
+    let host = m.partitions[0].info.ram.host_base;
+    let mut mem = FakeMemory { base: host, bytes: vec![0; GUEST_MEM as usize] };
+    mem.bytes[0x100..0x10c].copy_from_slice(b"hello\nworld\n");
+    let r = m.hypercall(0, ctl(call::CONSOLE_WRITE, false, 12), GUEST_RAM_BASE + 0x100, 0, &mut mem);
+    assert_eq!((r.result, r.next), (12 << 32, Next::Resume));
+    assert_eq!(m.take_output(), [String::from("guest1: hello"), String::from("guest1: world")]);
+    assert!(m.take_output().is_empty());
+
+    mem.bytes[0x300..0x310]
+        .copy_from_slice(&UpdateRequest { image_gpa: GUEST_RAM_BASE + 0x1000, image_size: 0x800 }.to_bytes());
+    let r = m.hypercall(0, ctl(call::LIVE_UPDATE, false, 0), GUEST_RAM_BASE + 0x300, 0, &mut mem);
+    assert_eq!(r.next, Next::LiveUpdate { image_pa: host + 0x1000, size: 0x800 });
+
+    let r = m.hypercall(0, ctl(call::TEST_FAIL_NEXT_FREEZE, true, 0), 0, 0, &mut mem);
+    assert_eq!((r.result, r.next), (0, Next::Resume));
+    assert!(m.fail_next_freeze);
+
+    let r = m.hypercall(0, ctl(call::GET_PARTITION_STATE, true, 0), 2, 0, &mut mem);
+    assert_eq!(r.fast_output, Some(0), "partition 2 is running");
+
+    // An unprivileged partition is refused the update, and its bad input
+    // is a status, not a stop.
+    let r = m.hypercall(1, ctl(call::LIVE_UPDATE, false, 0), GUEST_RAM_BASE + 0x300, 0, &mut mem);
+    assert_eq!(r.next, Next::Resume);
+    assert_ne!(r.result & 0xffff, 0);
+    let r = m.hypercall(1, 0xffff_ffff_ffff_ffff, 0, 0, &mut mem);
+    assert_eq!(r.next, Next::Resume);
+    assert_eq!(m.partitions[1].state, PartitionState::Running);
+
+    let r = m.hypercall(1, ctl(call::SHUTDOWN_SELF, true, 0), 0, 0, &mut mem);
+    assert_eq!(r.next, Next::Reschedule);
+    assert_eq!(m.partitions[1].state, PartitionState::Stopped);
+    assert_eq!(m.partitions[0].state, PartitionState::Running);
+}
+
+/// Writes the machine's records into a handover blob placed in the
+/// machine's own (arena) RAM, as the outgoing image does.
+fn handover_of(m: &mut Machine<FakeArch>) -> (Vec<u8>, u64) {
+    let identity = HandoverIdentity { version: "test", build_id: "t", update_count: 1 };
+    let ram_map = live_update::ram_map(&m.ram).expect("ram map");
+    let mut w = HandoverWriter::new(&identity, ram_map, &m.scratch).expect("writer");
+    m.save_state(&mut w, 1234, 1_000_000).expect("save");
+    let block = m.frames.alloc_block(live_update::HANDOVER_BYTES).expect("handover block");
+    let mut blob = vec![0u8; block.size as usize];
+    let n = w.write_to(&mut blob, block.base).expect("write");
+    blob.truncate(n);
+    (blob, block.base)
+}
+
+#[test]
+fn the_machine_survives_its_own_handover() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    add_guest(&mut m, 1, 2, true);
+    add_guest(&mut m, 2, 1, false);
+    add_guest(&mut m, 3, 1, false);
+    m.vcpus[1].state = VcpuState::Waiting;
+    m.vcpus[1].pending = 1 << 16;
+    // SAFETY: host test; nothing runs the vCPUs.
+    unsafe { m.ctx_mut(2).x = [1, 2, 3, 4] };
+    m.fault(3, "stage2", 0, ("esr", 0));
+    m.update_count = 6;
+    let (blob, blob_pa) = handover_of(&mut m);
+    let preserved_before = m.preserved.bitmap.frame_count();
+
+    let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
+    let reader = HandoverReader::new(&blob, blob_pa, &ram_map).expect("valid handover");
+    // SAFETY: the arena holds the bitmap; nothing else uses it.
+    let (n, figures) =
+        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0, 1]) }
+            .expect("restore");
+    assert_eq!(figures.freeze_counter, 1234);
+    assert_eq!(figures.preserved_pages, preserved_before);
+    assert_eq!(n.update_count, 1, "the handover's count");
+    assert_eq!(n.partitions.len(), 3);
+    for (a, b) in m.partitions.iter().zip(&n.partitions) {
+        assert_eq!(a.info, b.info);
+        assert_eq!((a.state, a.vmid, &a.vcpus), (b.state, b.vmid, &b.vcpus));
+        assert_eq!(a.arch, b.arch, "the second-stage root is adopted in place");
+    }
+    for (v, (a, b)) in m.vcpus.iter().zip(&n.vcpus).enumerate() {
+        assert_eq!(
+            (a.partition, a.index, a.pcpu, a.state, a.pending),
+            (b.partition, b.index, b.pcpu, b.state, b.pending)
+        );
+        // SAFETY: host test; nothing runs the vCPUs.
+        let (x, y) = unsafe { (m.ctx_mut(v).clone(), n.ctx_mut(v).clone()) };
+        assert_eq!((x.pc, x.x), (y.pc, y.x));
+    }
+    assert_eq!(n.queues[0], m.queues[0]);
+    // Nothing preserved is free in the new allocator: guest RAM and
+    // table pages are never handed out again.
+    let mut n = n;
+    for p in &m.partitions {
+        let ram = p.info.ram;
+        while let Some(b) = n.frames.alloc_block(1 << 20) {
+            assert!(b.base >= ram.host_base + ram.size || b.base + b.size <= ram.host_base, "preserved RAM reused");
+            assert_ne!(b.base, p.arch.stage2_root & !0xf_ffff);
+        }
+    }
+
+    // On fewer CPUs, the vCPUs are folded onto the ones there are.
+    let reader = HandoverReader::new(&blob, blob_pa, &ram_map).expect("valid handover");
+    // SAFETY: as above.
+    let (one, _) =
+        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0]) }
+            .expect("restore on one CPU");
+    assert!(one.vcpus.iter().all(|s| s.pcpu == 0));
+    assert_eq!(one.queues[0].len(), 4);
+}
+
+#[test]
+fn restore_refuses_records_it_cannot_trust() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, false);
+    let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
+    let identity = HandoverIdentity { version: "test", build_id: "t", update_count: 1 };
+    let restore_with = |w: &HandoverWriter, m: &mut Machine<FakeArch>| {
+        let block = m.frames.alloc_block(live_update::HANDOVER_BYTES).expect("block");
+        let mut blob = vec![0u8; block.size as usize];
+        let len = w.write_to(&mut blob, block.base).expect("write");
+        blob.truncate(len);
+        let reader = HandoverReader::new(&blob, block.base, &ram_map).expect("reader");
+        // SAFETY: the arena holds the bitmap.
+        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0]) }
+            .map(|_| ())
+    };
+
+    // A vCPU context of another arch or version.
+    let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
+    m.save_state(&mut w, 1, 1).expect("save");
+    let bad = VcpuRecord {
+        partition: 1,
+        index: 1,
+        pcpu: 0,
+        state: 1,
+        pending: 0,
+        context_format: 0x8664_0001,
+        context_len: 8,
+        context: [0; CONTEXT_BYTES],
+    };
+    w.subsystem("vcpus/9").and_then(|mut s| s.add_record(&bad)).expect("record");
+    assert_eq!(
+        restore_with(&w, &mut m),
+        Err(live_update::AdoptFailure::Machine(RestoreError::ContextFormat(0x8664_0001)))
+    );
+
+    // A vCPU of a partition that is not there.
+    let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
+    m.save_state(&mut w, 1, 1).expect("save");
+    let orphan = VcpuRecord { partition: 7, context_format: FAKE_CONTEXT_FORMAT, context_len: 40, ..bad };
+    w.subsystem("vcpus/9").and_then(|mut s| s.add_record(&orphan)).expect("record");
+    assert_eq!(
+        restore_with(&w, &mut m),
+        Err(live_update::AdoptFailure::Machine(RestoreError::VcpuPartition { partition: 7 }))
+    );
+
+    // A partition whose RAM was never preserved.
+    let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
+    m.partitions[0].info.ram.host_base = RAM_BASE + RAM_BYTES - GUEST_MEM;
+    m.save_state(&mut w, 1, 1).expect("save");
+    assert_eq!(
+        restore_with(&w, &mut m),
+        Err(live_update::AdoptFailure::Machine(RestoreError::RamNotPreserved { id: 1 }))
+    );
+}
