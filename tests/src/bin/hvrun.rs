@@ -83,7 +83,10 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             "--timeout" => o.timeout = number(value(&mut it, a)?, a)?,
             "--cpus" => o.cpus = number(value(&mut it, a)?, a)?,
             "--mem" => o.mem = Some(number(value(&mut it, a)?, a)?),
-            "--guest" => o.guests.push(GuestArg::parse(value(&mut it, a)?)?),
+            "--guest" => {
+                let v = value(&mut it, a)?;
+                o.guests.push(GuestArg::parse(v).map_err(|e| format!("--guest {v}: {e}"))?);
+            }
             "--no-guests" => o.no_guests = true,
             "--updates" => o.updates = number(value(&mut it, a)?, a)?,
             "--update-image" => o.update_image = Some(value(&mut it, a)?.into()),
