@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::events::{parse_log, Event, Source};
+use crate::events::{parse_line, parse_log, Event, Source};
 use crate::image::BuiltImage;
-use crate::{io_err, Arch, LaunchError, Machine};
+use crate::{guests, io_err, Arch, LaunchError, Machine};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -31,6 +31,10 @@ pub struct RunSpec {
     /// aarch64: add the SMMUv3 (`iommu=smmuv3`) and QEMU's `edu` device,
     /// for device assignment.
     pub devices: bool,
+    /// Stop the emulator this long after the updater guest has stopped
+    /// (`hv: guest-stop` for the guest named [`guests::UPDATER`]): guests
+    /// that never stop on their own would otherwise run to the timeout.
+    pub stop_after_updater: Option<Duration>,
 }
 
 impl RunSpec {
@@ -46,6 +50,7 @@ impl RunSpec {
             blobs: Vec::new(),
             cmdline: None,
             devices: false,
+            stop_after_updater: None,
         }
     }
 }
@@ -56,6 +61,9 @@ pub struct RunOutcome {
     pub serial: String,
     pub events: Vec<Event>,
     pub timed_out: bool,
+    /// The launcher stopped the emulator after the updater guest stopped
+    /// ([`RunSpec::stop_after_updater`]).
+    pub stopped_after_updater: bool,
     pub exit_code: Option<i32>,
     pub log_path: PathBuf,
     pub elapsed: Duration,
@@ -86,8 +94,10 @@ impl RunOutcome {
     /// A failure report: the reason, then the tail of the log.
     pub fn failure(&self, reason: &str) -> String {
         format!(
-            "{reason}\n  timed_out={} exit={:?} elapsed={:.1}s log={}\n--- last serial lines ---\n{}\n---",
+            "{reason}\n  timed_out={} stopped_after_updater={} exit={:?} elapsed={:.1}s log={}\n\
+             --- last serial lines ---\n{}\n---",
             self.timed_out,
+            self.stopped_after_updater,
             self.exit_code,
             self.elapsed.as_secs_f64(),
             self.log_path.display(),
@@ -201,49 +211,101 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
     Ok(cmd)
 }
 
-/// Copies newly arrived bytes of the serial log to stdout.
-fn pump(file: &mut Option<fs::File>, path: &Path, stream: bool) {
+/// Reads newly arrived bytes of the serial log, copies them to stdout
+/// when streaming, and returns them.
+fn pump(file: &mut Option<fs::File>, path: &Path, stream: bool) -> Vec<u8> {
     if file.is_none() {
         *file = fs::File::open(path).ok();
     }
-    if let (Some(f), true) = (file.as_mut(), stream) {
-        let mut buf = Vec::new();
-        if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+    let mut buf = Vec::new();
+    if let Some(f) = file.as_mut() {
+        if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() && stream {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&buf);
             let _ = out.flush();
         }
     }
+    buf
 }
 
-fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> (bool, Option<i32>) {
+/// Follows the serial output for the updater guest's stop: its id from
+/// `hv: guest-start ... name=updater`, then `hv: guest-stop id=<that>`.
+#[derive(Debug, Default)]
+pub struct UpdaterWatch {
+    partial: Vec<u8>,
+    updater_id: Option<u64>,
+    stopped: bool,
+}
+
+impl UpdaterWatch {
+    /// Feeds serial bytes; true once the updater has stopped.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        self.partial.extend_from_slice(bytes);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            let Some(e) = parse_line(&String::from_utf8_lossy(&line)).filter(|e| e.source == Source::Hypervisor) else {
+                continue;
+            };
+            match e.name.as_str() {
+                "guest-start" if e.get("name") == Some(guests::UPDATER) => self.updater_id = e.num("id"),
+                "guest-stop" if self.updater_id.is_some() && e.num("id") == self.updater_id => self.stopped = true,
+                _ => {}
+            }
+        }
+        self.stopped
+    }
+}
+
+/// How the emulator process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    Exited(Option<i32>),
+    TimedOut,
+    StoppedAfterUpdater,
+}
+
+fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> Ended {
     let start = Instant::now();
     let mut file = None;
+    let mut watch = UpdaterWatch::default();
+    let mut stop_at: Option<Instant> = None;
+    let stop = |child: &mut Child, file: &mut Option<fs::File>| {
+        let _ = child.kill();
+        let _ = child.wait();
+        pump(file, serial, spec.stream);
+    };
     loop {
-        pump(&mut file, serial, spec.stream);
+        let fresh = pump(&mut file, serial, spec.stream);
+        if let Some(grace) = spec.stop_after_updater {
+            if stop_at.is_none() && watch.feed(&fresh) {
+                stop_at = Some(Instant::now() + grace);
+            }
+        }
         match child.try_wait() {
             Ok(Some(status)) => {
                 pump(&mut file, serial, spec.stream);
-                return (false, status.code());
+                return Ended::Exited(status.code());
+            }
+            Ok(None) if stop_at.is_some_and(|t| Instant::now() >= t) => {
+                stop(child, &mut file);
+                return Ended::StoppedAfterUpdater;
             }
             Ok(None) if start.elapsed() >= spec.timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                pump(&mut file, serial, spec.stream);
-                return (true, None);
+                stop(child, &mut file);
+                return Ended::TimedOut;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(_) => return (false, None),
+            Err(_) => return Ended::Exited(None),
         }
     }
 }
 
-/// Boots `image` as `spec` says and collects the serial output.
 /// The directory a run keeps its logs and generated files in.
 pub fn run_dir(spec: &RunSpec) -> PathBuf {
     crate::out_dir().join("runs").join(&spec.name)
 }
 
+/// Boots `image` as `spec` says and collects the serial output.
 pub fn run(image: &BuiltImage, spec: &RunSpec) -> Result<RunOutcome, LaunchError> {
     let dir = run_dir(spec);
     fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -256,16 +318,36 @@ pub fn run(image: &BuiltImage, spec: &RunSpec) -> Result<RunOutcome, LaunchError
     let start = Instant::now();
     let program = cmd.get_program().to_string_lossy().to_string();
     let mut child = cmd.spawn().map_err(io_err(format!("starting {program} (run scripts/setup to install it)")))?;
-    let (timed_out, exit_code) = wait(&mut child, spec, &serial);
+    let ended = wait(&mut child, spec, &serial);
     let elapsed = start.elapsed();
     let bytes = fs::read(&serial).map_err(io_err("reading the serial log"))?;
     let serial_text = String::from_utf8_lossy(&bytes).replace('\r', "");
     Ok(RunOutcome {
         events: parse_log(&serial_text),
         serial: serial_text,
-        timed_out,
-        exit_code,
+        timed_out: ended == Ended::TimedOut,
+        stopped_after_updater: ended == Ended::StoppedAfterUpdater,
+        exit_code: match ended {
+            Ended::Exited(code) => code,
+            Ended::TimedOut | Ended::StoppedAfterUpdater => None,
+        },
         log_path: serial,
         elapsed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updater_watch_waits_for_the_updaters_own_stop() {
+        let mut w = UpdaterWatch::default();
+        assert!(!w.feed(b"hv: guest-start id=1 name=kernel mem_mib=16 vcpus=1\r\nhv: guest-start id=2 na"));
+        assert!(!w.feed(b"me=updater mem_mib=16 vcpus=1\nhv: guest-stop id=1 reason=shutdown\n"));
+        assert!(!w.feed(b"guest2: updater done=1 ok=1 updates=2 failed=0\nhv: guest-stop id=2 reason=shut"));
+        assert!(w.feed(b"down\n"));
+        let mut none = UpdaterWatch::default();
+        assert!(!none.feed(b"hv: guest-stop id=2 reason=shutdown\n"));
+    }
 }

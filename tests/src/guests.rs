@@ -2,12 +2,13 @@
 //! [,initrd=FILE][,cmdline="..."]`, building the default test guests, and
 //! laying the images and the boot manifest out in the machine's RAM.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use loader::elf::{self, Machine as ElfMachine};
+use loader::manifest::{ImageFormat, MAX_GUEST_MEM_MIB, MAX_VCPUS};
 
 use crate::image::IsoModule;
 use crate::{io_err, out_dir, workspace_root, write_atomic, Arch, LaunchError};
@@ -31,6 +32,35 @@ pub struct GuestArg {
     pub cmdline: String,
 }
 
+/// The keys a `--guest` value may carry after its file.
+pub const GUEST_KEYS: [&str; 7] = ["mem", "vcpus", "privileged", "initrd", "device", "cmdline", "name"];
+
+/// Why a `--guest` value was refused. The launcher prefixes the value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestSpecError {
+    NoFile,
+    UnbalancedQuote,
+    EmptyField,
+    UnknownKey(String),
+    Repeated(&'static str),
+    BadValue { key: &'static str, value: String, want: &'static str },
+}
+
+impl fmt::Display for GuestSpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoFile => write!(f, "no file before the first comma"),
+            Self::UnbalancedQuote => write!(f, "a double quote is not closed"),
+            Self::EmptyField => write!(f, "an empty field (a stray comma?)"),
+            Self::UnknownKey(k) => write!(f, "unknown key '{k}' (keys: {})", GUEST_KEYS.join(", ")),
+            Self::Repeated(k) => write!(f, "{k}= given twice"),
+            Self::BadValue { key, value, want } => write!(f, "bad {key}='{value}' (want {want})"),
+        }
+    }
+}
+
+impl std::error::Error for GuestSpecError {}
+
 fn parse_size_mib(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
@@ -44,11 +74,11 @@ fn parse_size_mib(s: &str) -> Option<u64> {
             (&s[..i], mult)
         }
     };
-    num.parse::<u64>().ok().map(|n| n * mult).filter(|&n| n > 0)
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).filter(|&n| n > 0)
 }
 
-/// Splits on commas outside double quotes.
-fn split_fields(spec: &str) -> Vec<String> {
+/// Splits on commas outside double quotes, dropping the quotes.
+fn split_fields(spec: &str) -> Result<Vec<String>, GuestSpecError> {
     let mut out = vec![String::new()];
     let mut quoted = false;
     for c in spec.chars() {
@@ -58,18 +88,30 @@ fn split_fields(spec: &str) -> Vec<String> {
             _ => out.last_mut().map_or((), |s| s.push(c)),
         }
     }
-    out
+    if quoted {
+        return Err(GuestSpecError::UnbalancedQuote);
+    }
+    Ok(out)
+}
+
+/// A guest name the boot manifest and the multiboot2 module line accept
+/// (`loader::manifest`, `loader::guest_modules`).
+fn valid_name(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 32 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 impl GuestArg {
-    /// Parses the value of one `--guest` flag.
-    pub fn parse(spec: &str) -> Result<Self, String> {
-        let fields = split_fields(spec);
-        let file = PathBuf::from(fields[0].trim());
-        if fields[0].trim().is_empty() {
-            return Err(format!("--guest '{spec}': no file"));
+    /// Parses the value of one `--guest` flag: the file, then `key=value`
+    /// fields (`privileged` may stand alone). Every key at most once,
+    /// except `device`.
+    pub fn parse(spec: &str) -> Result<Self, GuestSpecError> {
+        let fields = split_fields(spec)?;
+        let (first, rest) = fields.split_first().ok_or(GuestSpecError::NoFile)?;
+        if first.trim().is_empty() {
+            return Err(GuestSpecError::NoFile);
         }
-        let stem = file.file_stem().map_or("guest".into(), |s| s.to_string_lossy().into_owned());
+        let file = PathBuf::from(first.trim());
+        let stem = file.file_stem().map_or(String::new(), |s| s.to_string_lossy().into_owned());
         let name: String = stem
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
@@ -77,7 +119,7 @@ impl GuestArg {
             .collect();
         let mut g = GuestArg {
             file,
-            name,
+            name: if name.is_empty() { "guest".into() } else { name },
             mem_mib: 16,
             vcpus: 1,
             privileged: false,
@@ -85,36 +127,60 @@ impl GuestArg {
             devices: Vec::new(),
             cmdline: String::new(),
         };
-        for f in &fields[1..] {
-            let (k, v) = f.split_once('=').map_or((f.as_str(), ""), |(k, v)| (k, v));
-            match k.trim() {
-                "mem" => g.mem_mib = parse_size_mib(v).ok_or(format!("--guest: bad mem '{v}'"))?,
+        let mut seen: Vec<&'static str> = Vec::new();
+        for f in rest {
+            let (k, v) = f.split_once('=').map_or((f.trim(), None), |(k, v)| (k.trim(), Some(v)));
+            if k.is_empty() {
+                return Err(GuestSpecError::EmptyField);
+            }
+            let key = GUEST_KEYS.into_iter().find(|&known| known == k).ok_or(GuestSpecError::UnknownKey(k.into()))?;
+            if key != "device" && seen.contains(&key) {
+                return Err(GuestSpecError::Repeated(key));
+            }
+            seen.push(key);
+            let bad = |want| GuestSpecError::BadValue { key, value: v.unwrap_or("").to_string(), want };
+            match key {
+                "mem" => {
+                    g.mem_mib = v
+                        .and_then(parse_size_mib)
+                        .filter(|&m| m <= MAX_GUEST_MEM_MIB)
+                        .ok_or_else(|| bad("MiB, or a size with an M or G suffix, at most 16G"))?;
+                }
                 "vcpus" => {
-                    g.vcpus =
-                        v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(format!("--guest: bad vcpus '{v}'"))?;
+                    g.vcpus = v
+                        .and_then(|v| v.parse().ok())
+                        .filter(|n| (1..=MAX_VCPUS).contains(n))
+                        .ok_or_else(|| bad("1 to 8"))?;
                 }
-                "privileged" => g.privileged = true,
-                "initrd" => g.initrd = Some(PathBuf::from(v)),
+                "privileged" => {
+                    g.privileged = match v {
+                        None | Some("1") => true,
+                        Some("0") => false,
+                        Some(_) => return Err(bad("privileged, privileged=1 or privileged=0")),
+                    };
+                }
+                "initrd" => {
+                    g.initrd = Some(v.filter(|v| !v.is_empty()).map(PathBuf::from).ok_or_else(|| bad("a file"))?);
+                }
                 "device" => {
-                    if loader::manifest::parse_bdf(v).is_none() {
-                        return Err(format!("--guest: bad device '{v}' (want BB:DD.F)"));
-                    }
-                    g.devices.push(v.to_string());
+                    let d = v.filter(|v| loader::manifest::parse_bdf(v).is_some()).ok_or_else(|| bad("BB:DD.F"))?;
+                    g.devices.push(d.to_string());
                 }
-                "cmdline" => g.cmdline = v.to_string(),
-                "name" => g.name = v.to_string(),
-                other => return Err(format!("--guest: unknown option '{other}'")),
+                "cmdline" => g.cmdline = v.ok_or_else(|| bad("cmdline=\"...\""))?.to_string(),
+                _ => {
+                    g.name =
+                        v.filter(|v| valid_name(v)).ok_or_else(|| bad("1 to 32 of A-Z a-z 0-9 - _ ."))?.to_string();
+                }
             }
         }
         Ok(g)
     }
 }
 
-/// Builds the test guests and returns the default set for `arch`: the
+/// The default set of test guests for `arch`, their images in `dir`: the
 /// heartbeat, memcheck, blackout meter, hypercall exerciser (privileged)
 /// and isolation probe.
-pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
-    let dir = build_test_guests(arch)?;
+pub fn default_guest_specs(arch: Arch, dir: &Path) -> Vec<GuestArg> {
     let g = |bin: &str, mem: u64, privileged: bool, cmdline: &str| GuestArg {
         file: dir.join(format!("{bin}.bin")),
         name: bin.to_string(),
@@ -125,7 +191,7 @@ pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
         devices: Vec::new(),
         cmdline: cmdline.to_string(),
     };
-    Ok(match arch {
+    match arch {
         Arch::Aarch64 => vec![
             g("heartbeat", 16, false, "ticks=100"),
             g("memcheck", 32, false, "passes=3"),
@@ -144,7 +210,14 @@ pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
             g("exerciser", 4, true, "privileged=1"),
             g("isolation", 4, false, ""),
         ],
-    })
+    }
+}
+
+/// Builds the test guests and returns the default set for `arch`
+/// ([`default_guest_specs`]).
+pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
+    let dir = build_test_guests(arch)?;
+    Ok(default_guest_specs(arch, &dir))
 }
 
 /// Characters GRUB's configuration language treats specially (quoting,
@@ -153,21 +226,35 @@ pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
 /// `module2` verbatim.
 const GRUB_SPECIAL: &str = "$\"'\\;{}|&<>#`";
 
+/// Why `g` cannot be an x86_64 guest (a multiboot2 module), if it cannot.
+pub fn x86_64_refusal(g: &GuestArg) -> Option<String> {
+    if g.initrd.is_some() {
+        return Some("an initrd is not supported on x86_64".into());
+    }
+    if !g.devices.is_empty() {
+        return Some("device passthrough is not supported on x86_64".into());
+    }
+    if g.vcpus > 1 {
+        // The hypervisor starts only vCPU 0 of an x86_64 guest (no
+        // INIT-SIPI for guests yet): the others would never run.
+        return Some(format!("vcpus={}: only vCPU 0 of an x86_64 guest runs for now", g.vcpus));
+    }
+    if g.cmdline.chars().any(|c| c.is_control() || GRUB_SPECIAL.contains(c)) {
+        return Some(format!(
+            "the command line may not contain control characters or any of {GRUB_SPECIAL} on x86_64 (GRUB module line)"
+        ));
+    }
+    None
+}
+
 /// The multiboot2 modules for an x86_64 run: one per guest, its module
 /// command line `name=.. mem=.. vcpus=.. privileged=.. [cmdline=...]`
 /// (`loader::guest_modules`).
 pub fn grub_modules(guests: &[GuestArg]) -> Result<Vec<IsoModule>, LaunchError> {
     let mut out = Vec::new();
     for g in guests {
-        let refuse = |why: &str| Err(LaunchError::Image(format!("guest {}: {why} on x86_64", g.name)));
-        if g.initrd.is_some() {
-            return refuse("an initrd is not supported");
-        }
-        if !g.devices.is_empty() {
-            return refuse("device passthrough is not supported");
-        }
-        if g.cmdline.chars().any(|c| c.is_control() || GRUB_SPECIAL.contains(c)) {
-            return refuse(&format!("the command line may not contain control characters or any of {GRUB_SPECIAL}"));
+        if let Some(why) = x86_64_refusal(g) {
+            return Err(LaunchError::Image(format!("guest {}: {why}", g.name)));
         }
         let mut args = vec![
             format!("name={}", g.name),
@@ -190,19 +277,24 @@ fn content_digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The default demo: the test guests, sized to keep running through the
-/// updates, plus the updater guest carrying `update_images`.
-pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Result<Vec<GuestArg>, LaunchError> {
-    let mut list = default_guests(arch)?;
-    if updates == 0 || update_images.is_empty() {
-        return Ok(list);
+/// How long the updater waits before each update.
+pub const UPDATE_DELAY_MS: u64 = 250;
+
+/// The updater's command line for `updates` updates.
+pub fn updater_cmdline(updates: u32) -> String {
+    format!("updates={updates} delay_ms={UPDATE_DELAY_MS}")
+}
+
+/// Lengthens the test guests in `list` so they keep running through
+/// `updates` updates (ticks are 10 ms, memcheck passes take ~50 ms,
+/// blackout counts seconds; each update waits [`UPDATE_DELAY_MS`] first).
+/// Guests that are not test guests are left alone.
+pub fn sized_for_updates(list: &mut [GuestArg], updates: u32) {
+    if updates == 0 {
+        return;
     }
-    // Each update waits `delay_ms` first; the other guests must outlive
-    // them all (ticks are 10 ms, memcheck passes take ~50 ms, blackout
-    // counts seconds).
-    let delay_ms = 250;
-    let span_s = u64::from(updates) * (delay_ms + 150) / 1000 + 2;
-    for g in &mut list {
+    let span_s = u64::from(updates) * (UPDATE_DELAY_MS + 150) / 1000 + 2;
+    for g in list {
         g.cmdline = match g.name.as_str() {
             "heartbeat" => format!("ticks={}", span_s * 100),
             "memcheck" => format!("passes={}", span_s * 15),
@@ -216,13 +308,28 @@ pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Resul
             _ => g.cmdline.clone(),
         };
     }
-    list.push(updater_guest(arch, update_images, 16, &format!("updates={updates} delay_ms={delay_ms}"))?);
+}
+
+/// The default demo: the test guests, sized to keep running through the
+/// updates, plus the updater guest carrying `update_images`.
+pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Result<Vec<GuestArg>, LaunchError> {
+    let mut list = default_guests(arch)?;
+    if updates == 0 || update_images.is_empty() {
+        return Ok(list);
+    }
+    sized_for_updates(&mut list, updates);
+    list.push(updater_guest(arch, update_images, UPDATER_MEM_MIB, &updater_cmdline(updates))?);
     Ok(list)
 }
 
 /// The test guest binaries, as flat images in the returned directory.
 pub const TEST_GUESTS: [&str; 9] =
     ["heartbeat", "memcheck", "blackout", "exerciser", "isolation", "smp", "updater", "reset", "dma"];
+
+/// The updater guest's name (the launcher ends a run on its stop).
+pub const UPDATER: &str = "updater";
+/// The updater's RAM in the demo; more when its bundle needs it.
+pub const UPDATER_MEM_MIB: u64 = 16;
 
 /// Magic at the start of the update bundle appended to the updater guest.
 pub const BUNDLE_MAGIC: &[u8; 8] = b"HVUPDBND";
@@ -231,11 +338,14 @@ pub const BUNDLE_MAGIC: &[u8; 8] = b"HVUPDBND";
 /// 4 KiB aligned.
 const BUNDLE_HEADER: usize = 4096;
 const MAX_BUNDLE_IMAGES: usize = (BUNDLE_HEADER - 16) / 16;
+/// The largest update image the launcher hands the updater: the
+/// hypervisor stages an image in scratch and accepts none larger than
+/// this (`loader::elf::MAX_IMAGE_SPAN`).
+pub const MAX_UPDATE_IMAGE: u64 = loader::elf::MAX_IMAGE_SPAN;
 
-/// Builds the privileged updater guest: its image (padded over its bss),
-/// followed by a bundle of hypervisor images it hands to LIVE_UPDATE in
-/// turn. `cmdline` carries `updates=N` and friends.
-pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str) -> Result<GuestArg, LaunchError> {
+/// Writes the updater guest's file: its image (padded over its bss),
+/// followed by a bundle of `images`. Returns the file and its length.
+fn updater_bundle(arch: Arch, images: &[PathBuf]) -> Result<(PathBuf, u64), LaunchError> {
     if images.is_empty() || images.len() > MAX_BUNDLE_IMAGES {
         return Err(LaunchError::Image(format!("the updater carries 1 to {MAX_BUNDLE_IMAGES} images")));
     }
@@ -262,16 +372,238 @@ pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str
     let digest = content_digest(&out);
     let file = dir.join(format!("updater-{digest:016x}.bin"));
     write_atomic(&file, &out)?;
-    Ok(GuestArg {
+    Ok((file, out.len() as u64))
+}
+
+fn updater_arg(file: PathBuf, mem_mib: u64, cmdline: &str) -> GuestArg {
+    GuestArg {
         file,
-        name: "updater".into(),
+        name: UPDATER.into(),
         mem_mib,
         vcpus: 1,
         privileged: true,
         initrd: None,
         devices: Vec::new(),
         cmdline: cmdline.to_string(),
-    })
+    }
+}
+
+/// Builds the privileged updater guest with `mem_mib` of RAM: its image
+/// followed by a bundle of hypervisor images it hands to LIVE_UPDATE in
+/// turn. `cmdline` carries `updates=N` and friends. Refused if the bundle
+/// does not fit in that RAM (the guest would only report `bad-bundle`).
+pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str) -> Result<GuestArg, LaunchError> {
+    let (file, len) = updater_bundle(arch, images)?;
+    if len > usable_ram(arch, mem_mib) {
+        return Err(LaunchError::Image(format!(
+            "the updater's {mem_mib} MiB of RAM cannot carry its image and bundle ({} KiB)",
+            len.div_ceil(1024)
+        )));
+    }
+    Ok(updater_arg(file, mem_mib, cmdline))
+}
+
+/// The updater guest as the demo runs it ([`UPDATER_MEM_MIB`] of RAM), with
+/// more RAM when its bundle needs it (a large `--update-image`).
+pub fn updater_guest_sized(arch: Arch, images: &[PathBuf], cmdline: &str) -> Result<GuestArg, LaunchError> {
+    let (file, len) = updater_bundle(arch, images)?;
+    let needed = (len + reserved_top(arch)).div_ceil(MIB);
+    Ok(updater_arg(file, needed.max(UPDATER_MEM_MIB), cmdline))
+}
+
+/// What the hypervisor keeps at the top of a guest's RAM: the device tree
+/// slot on aarch64 (`hypervisor/src/guest_image.rs`), the multiboot2
+/// information slot on x86_64 (`hypervisor/src/x86_guest/boot.rs`).
+fn reserved_top(arch: Arch) -> u64 {
+    match arch {
+        Arch::Aarch64 => 2 * MIB,
+        Arch::X86_64 => 0x2000,
+    }
+}
+
+/// The smallest guest RAM the hypervisor accepts, in MiB.
+fn min_guest_mib(arch: Arch) -> u64 {
+    match arch {
+        Arch::Aarch64 => 4,
+        Arch::X86_64 => 1,
+    }
+}
+
+/// Bytes of a guest's RAM an image may occupy.
+fn usable_ram(arch: Arch, mem_mib: u64) -> u64 {
+    (mem_mib * MIB).saturating_sub(reserved_top(arch))
+}
+
+/// Compression formats a guest file may arrive in, by magic number.
+const COMPRESSED: [(&[u8], &str); 5] = [
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\0", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+];
+
+/// Why a guest's file cannot boot on the chosen architecture.
+#[derive(Debug)]
+pub enum GuestImageError {
+    Unreadable(std::io::Error),
+    NotAFile,
+    Empty,
+    Compressed(&'static str),
+    Text,
+    LinuxBzImage,
+    PeExecutable,
+    Arm64ImageOnX86,
+    Elf(elf::ElfError),
+    ElfOutsideRam { paddr: u64, size: u64 },
+    DoesNotFit { bytes: u64, mem_mib: u64, usable: u64 },
+    RamTooSmall { mem_mib: u64, min_mib: u64 },
+    InitrdUnreadable(std::io::Error),
+    InitrdEmpty,
+}
+
+impl fmt::Display for GuestImageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreadable(e) => write!(f, "cannot read the file: {e}"),
+            Self::NotAFile => write!(f, "not a regular file"),
+            Self::Empty => write!(f, "the file is empty"),
+            Self::Compressed(what) => write!(f, "a {what}-compressed file: decompress it first"),
+            Self::Text => write!(f, "looks like a text file, not a flat binary, ELF or arm64 Image"),
+            Self::LinuxBzImage => {
+                write!(f, "a Linux bzImage (x86 boot protocol), which the hypervisor does not boot: use an ELF or flat image")
+            }
+            Self::PeExecutable => write!(f, "a PE/COFF (EFI) executable, not a flat binary, ELF or arm64 Image"),
+            Self::Arm64ImageOnX86 => write!(f, "an arm64 Image cannot boot on x86_64"),
+            Self::Elf(e) => write!(f, "not an ELF this architecture can boot: {e}"),
+            Self::ElfOutsideRam { paddr, size } => write!(
+                f,
+                "ELF segment {paddr:#x}+{size:#x} lies outside the guest's RAM (guest-physical {VIRT_RAM_BASE:#x} + mem)"
+            ),
+            Self::DoesNotFit { bytes, mem_mib, usable } => write!(
+                f,
+                "the image needs {} KiB, more than the {} KiB mem={mem_mib}M leaves for it: raise mem=",
+                bytes.div_ceil(1024),
+                usable / 1024
+            ),
+            Self::RamTooSmall { mem_mib, min_mib } => {
+                write!(f, "mem={mem_mib}M is below the {min_mib} MiB a guest needs")
+            }
+            Self::InitrdUnreadable(e) => write!(f, "cannot read the initrd: {e}"),
+            Self::InitrdEmpty => write!(f, "the initrd is empty"),
+        }
+    }
+}
+
+impl std::error::Error for GuestImageError {}
+
+fn elf_machine(arch: Arch) -> ElfMachine {
+    match arch {
+        Arch::Aarch64 => ElfMachine::Aarch64,
+        Arch::X86_64 => ElfMachine::X86_64,
+    }
+}
+
+/// What kind of image `bytes` is, refusing what `arch` cannot boot.
+fn classify(arch: Arch, bytes: &[u8]) -> Result<ImageFormat, GuestImageError> {
+    if bytes.is_empty() {
+        return Err(GuestImageError::Empty);
+    }
+    let format = loader::guest_modules::detect_format(bytes);
+    match format {
+        ImageFormat::Elf => {
+            elf::parse(bytes, elf_machine(arch)).map_err(GuestImageError::Elf)?;
+        }
+        ImageFormat::Arm64Image if arch == Arch::X86_64 => return Err(GuestImageError::Arm64ImageOnX86),
+        ImageFormat::Arm64Image => {}
+        ImageFormat::Flat => {
+            if let Some((_, what)) = COMPRESSED.iter().find(|(magic, _)| bytes.starts_with(magic)) {
+                return Err(GuestImageError::Compressed(what));
+            }
+            // Linux x86 boot protocol: "HdrS" at 0x202.
+            if bytes.get(0x202..0x206) == Some(b"HdrS".as_slice()) {
+                return Err(GuestImageError::LinuxBzImage);
+            }
+            if bytes.starts_with(b"MZ") {
+                return Err(GuestImageError::PeExecutable);
+            }
+            if looks_like_text(&bytes[..bytes.len().min(4096)]) {
+                return Err(GuestImageError::Text);
+            }
+        }
+    }
+    Ok(format)
+}
+
+/// UTF-8 without control characters other than tab and line ends (a
+/// character cut at the end of `head` allowed): no code image looks so.
+fn looks_like_text(head: &[u8]) -> bool {
+    let valid = match std::str::from_utf8(head) {
+        Ok(text) => text,
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default(),
+        Err(_) => return false,
+    };
+    !valid.is_empty() && valid.chars().all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r'))
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
+
+/// Whether an image of `format` fits in `mem_mib` of guest RAM below what
+/// the hypervisor reserves at the top.
+fn fits(arch: Arch, format: ImageFormat, bytes: &[u8], mem_mib: u64) -> Result<(), GuestImageError> {
+    let min_mib = min_guest_mib(arch);
+    if mem_mib < min_mib {
+        return Err(GuestImageError::RamTooSmall { mem_mib, min_mib });
+    }
+    let usable = usable_ram(arch, mem_mib);
+    let too_big = |bytes| GuestImageError::DoesNotFit { bytes, mem_mib, usable };
+    let len = bytes.len() as u64;
+    match format {
+        ImageFormat::Flat if len > usable => Err(too_big(len)),
+        ImageFormat::Flat => Ok(()),
+        ImageFormat::Arm64Image => {
+            // Linux arm64 booting.rst: text_offset at 8, image_size at 16
+            // (0 in old kernels: the file's length then).
+            let end = le_u64(bytes, 8).saturating_add(le_u64(bytes, 16).max(len));
+            if end > usable {
+                Err(too_big(end))
+            } else {
+                Ok(())
+            }
+        }
+        ImageFormat::Elf => {
+            let image = elf::parse(bytes, elf_machine(arch)).map_err(GuestImageError::Elf)?;
+            for s in &image.segments {
+                let end = s.paddr.checked_sub(VIRT_RAM_BASE).and_then(|o| o.checked_add(s.mem_size));
+                if end.is_none_or(|e| e > usable) {
+                    return Err(GuestImageError::ElfOutsideRam { paddr: s.paddr, size: s.mem_size });
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Checks that `g`'s file (and initrd) is something `arch` can boot in the
+/// RAM `g` asks for, before anything is built or booted: a flat binary,
+/// an ELF for `arch`, or (aarch64) an arm64 Image.
+pub fn check_image(arch: Arch, g: &GuestArg) -> Result<ImageFormat, GuestImageError> {
+    let meta = fs::metadata(&g.file).map_err(GuestImageError::Unreadable)?;
+    if !meta.is_file() {
+        return Err(GuestImageError::NotAFile);
+    }
+    let bytes = fs::read(&g.file).map_err(GuestImageError::Unreadable)?;
+    let format = classify(arch, &bytes)?;
+    fits(arch, format, &bytes, g.mem_mib)?;
+    if let Some(initrd) = &g.initrd {
+        let meta = fs::metadata(initrd).map_err(GuestImageError::InitrdUnreadable)?;
+        if meta.len() == 0 {
+            return Err(GuestImageError::InitrdEmpty);
+        }
+    }
+    Ok(format)
 }
 
 /// Builds `guests/testguests` for `arch` and flattens each ELF.
@@ -292,12 +624,8 @@ pub fn build_test_guests(arch: Arch) -> Result<PathBuf, LaunchError> {
     for bin in TEST_GUESTS {
         let elf_path = target_dir.join(arch.triple()).join("release").join(bin);
         let bytes = fs::read(&elf_path).map_err(io_err(format!("reading {}", elf_path.display())))?;
-        let machine = match arch {
-            Arch::Aarch64 => ElfMachine::Aarch64,
-            Arch::X86_64 => ElfMachine::X86_64,
-        };
-        let image =
-            elf::parse(&bytes, machine).map_err(|e| LaunchError::Image(format!("{}: {e}", elf_path.display())))?;
+        let image = elf::parse(&bytes, elf_machine(arch))
+            .map_err(|e| LaunchError::Image(format!("{}: {e}", elf_path.display())))?;
         // Flat image padded over bss, so whatever is appended to it (the
         // updater's bundle) is not cleared by the guest's bss zeroing.
         let mut flat = elf::flatten(&bytes, &image);
@@ -405,6 +733,76 @@ mod tests {
         assert!(GuestArg::parse("k,vcpus=0").is_err());
         assert!(GuestArg::parse("k,colour=red").is_err());
         assert!(GuestArg::parse("").is_err());
+    }
+
+    #[test]
+    fn guest_flag_values_are_all_checked() {
+        let g = GuestArg::parse("dir/my kernel.bin,privileged=0,name=k-1,device=00:02.0,device=00:03.0").unwrap();
+        assert_eq!((g.name.as_str(), g.privileged), ("k-1", false));
+        assert_eq!(g.devices, ["00:02.0", "00:03.0"]);
+        assert_eq!(GuestArg::parse("dir/my kernel.bin").unwrap().name, "my_kernel");
+        assert!(GuestArg::parse("k,privileged=1").unwrap().privileged);
+        assert_eq!(GuestArg::parse("k,cmdline=").unwrap().cmdline, "");
+        let err = |spec: &str| GuestArg::parse(spec).unwrap_err();
+        assert_eq!(
+            err("k,privileged=no"),
+            GuestSpecError::BadValue {
+                key: "privileged",
+                value: "no".into(),
+                want: "privileged, privileged=1 or privileged=0"
+            }
+        );
+        assert_eq!(err("k,vcpus=2,vcpus=3"), GuestSpecError::Repeated("vcpus"));
+        assert_eq!(
+            err("k,mem=32G"),
+            GuestSpecError::BadValue {
+                key: "mem",
+                value: "32G".into(),
+                want: "MiB, or a size with an M or G suffix, at most 16G"
+            }
+        );
+        assert_eq!(
+            err("k,mem=99999999999999999999G").to_string(),
+            "bad mem='99999999999999999999G' (want MiB, or a size with an M or G suffix, at most 16G)"
+        );
+        assert_eq!(err("k,initrd="), GuestSpecError::BadValue { key: "initrd", value: String::new(), want: "a file" });
+        assert_eq!(err("k,device=2"), GuestSpecError::BadValue { key: "device", value: "2".into(), want: "BB:DD.F" });
+        assert_eq!(
+            err("k,cmdline"),
+            GuestSpecError::BadValue { key: "cmdline", value: String::new(), want: "cmdline=\"...\"" }
+        );
+        assert_eq!(err("k,,mem=4"), GuestSpecError::EmptyField);
+        assert_eq!(err("k,cmdline=\"a,b"), GuestSpecError::UnbalancedQuote);
+        assert_eq!(err(" ,mem=4"), GuestSpecError::NoFile);
+        assert!(err("k,Mem=4").to_string().starts_with("unknown key 'Mem' (keys: mem, vcpus, privileged,"));
+    }
+
+    #[test]
+    fn test_guests_are_lengthened_for_the_updates() {
+        let mut list = default_guest_specs(Arch::Aarch64, Path::new("g"));
+        list.push(GuestArg::parse("mine.bin,cmdline=ticks=5").unwrap());
+        sized_for_updates(&mut list, 10);
+        let cmd = |name: &str| list.iter().find(|g| g.name == name).map(|g| g.cmdline.clone()).unwrap();
+        assert_eq!(cmd("heartbeat"), "ticks=600");
+        assert_eq!(cmd("memcheck"), "passes=90");
+        assert_eq!(cmd("blackout"), "seconds=6");
+        assert_eq!(cmd("mine"), "ticks=5", "guests that are not test guests are left alone");
+        let mut x86 = default_guest_specs(Arch::X86_64, Path::new("g"));
+        sized_for_updates(&mut x86, 2);
+        assert_eq!(x86[2].cmdline, "seconds=2 gap_report_us=20000");
+        assert_eq!(updater_cmdline(3), "updates=3 delay_ms=250");
+    }
+
+    #[test]
+    fn text_is_told_from_code() {
+        assert!(looks_like_text(b"# Notes\n\tplain ASCII\r\n"));
+        assert!(looks_like_text("a README \u{2014} with an em dash".as_bytes()));
+        let cut = "ends in \u{2014}".as_bytes();
+        assert!(looks_like_text(&cut[..cut.len() - 1]), "a character cut at the end of the window");
+        assert!(!looks_like_text(b"\x00\x00\x00\x14"));
+        assert!(!looks_like_text(b"text\x1b[0m with an escape"));
+        assert!(!looks_like_text(b"\xd5\x03\x20\x1f\xff\xff"));
+        assert!(!looks_like_text(b""));
     }
 
     #[test]

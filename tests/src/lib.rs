@@ -9,6 +9,7 @@ pub mod emulator;
 pub mod events;
 pub mod guests;
 pub mod image;
+pub mod launch;
 pub mod summary;
 
 use std::fmt;

@@ -64,8 +64,20 @@ fn ms(us: u64) -> String {
     format!("{}.{} ms", us / 1000, (us % 1000) / 100)
 }
 
-/// Renders the summary.
-pub fn render(events: &[Event]) -> String {
+/// How many console lines of each of the user's guests the summary shows.
+pub const LAST_LINES: usize = 3;
+
+/// The last `n` console lines of guest `id` (without the `guest<N>: `
+/// prefix).
+pub fn last_lines(serial: &str, id: u64, n: usize) -> Vec<&str> {
+    let prefix = format!("guest{id}: ");
+    let mine: Vec<&str> = serial.lines().filter_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix)).collect();
+    mine[mine.len().saturating_sub(n)..].to_vec()
+}
+
+/// Renders the summary. The guests named in `own` (the user's) also get
+/// their last console lines.
+pub fn render(events: &[Event], serial: &str, own: &[String]) -> String {
     let mut out = String::new();
     let names: BTreeMap<u64, &str> = events
         .iter()
@@ -81,6 +93,10 @@ pub fn render(events: &[Event]) -> String {
             }
             "update-cancelled" => {
                 let _ = writeln!(out, "update cancelled: {}", e.get("reason").unwrap_or("?"));
+            }
+            "guest-refused" => {
+                let _ =
+                    writeln!(out, "guest {} refused: {}", e.get("name").unwrap_or("?"), e.get("reason").unwrap_or("?"));
             }
             _ => {}
         }
@@ -114,6 +130,7 @@ pub fn render(events: &[Event]) -> String {
         let passes: Vec<&&Event> = mine.iter().filter(|e| e.name == "memcheck" && e.get("pass").is_some()).collect();
         let ok = passes.iter().filter(|e| e.num("ok") == Some(1)).count();
         let ticks = mine.iter().filter(|e| e.name == "alive").filter_map(|e| e.num("ticks")).max();
+        let updater = mine.iter().find(|e| e.name == "updater" && e.get("done").is_some());
         let stop = events
             .iter()
             .find(|e| e.name == "guest-stop" && e.num("id") == Some(id))
@@ -126,7 +143,20 @@ pub fn render(events: &[Event]) -> String {
         if let Some(t) = ticks {
             let _ = write!(line, " alive_ticks={t}");
         }
+        if let Some(u) = updater {
+            let (n, failed) = (u.num("updates").unwrap_or(0), u.num("failed").unwrap_or(0));
+            let _ = write!(line, " updates ok={}/{n}", n.saturating_sub(failed));
+        }
         let _ = writeln!(out, "{line}");
+        if own.iter().any(|o| o == name) {
+            let lines = last_lines(serial, id, LAST_LINES);
+            if lines.is_empty() {
+                let _ = writeln!(out, "    (no console output)");
+            }
+            for l in lines {
+                let _ = writeln!(out, "    | {l}");
+            }
+        }
     }
     out
 }
@@ -154,9 +184,37 @@ hv: guest-stop id=2 reason=shutdown
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].from.as_str(), rows[0].to.as_str()), ("0.1.0", "0.1.1"));
         assert_eq!(rows[0].guest_gap_us.get(&3), Some(&90000));
-        let text = render(&parse_log(LOG));
+        let text = render(&parse_log(LOG), LOG, &[]);
         assert!(text.contains("0.1.0 -> 0.1.1"), "{text}");
         assert!(text.contains("blackout=90.0 ms"), "{text}");
-        assert!(text.contains("guest2 memcheck   stopped=shutdown memcheck ok=2/2"), "{text}");
+        assert!(text.contains("guest2 memcheck   stopped=shutdown memcheck ok=2/2\n"), "{text}");
+        assert!(!text.contains("    | "), "only the user's guests get their last lines: {text}");
+    }
+
+    #[test]
+    fn the_users_guests_get_their_last_lines_and_the_updater_its_count() {
+        let log = "\
+hv: guest-start id=1 name=kernel mem_mib=64 vcpus=1
+hv: guest-start id=2 name=quiet mem_mib=64 vcpus=1
+hv: guest-start id=3 name=updater mem_mib=16 vcpus=1
+hv: guest-refused name=broken reason=bad-elf
+guest1: Booting
+guest1: tick 1
+hv: update-done count=1 version=0.1.1 blackout_us=9000 handover_bytes=1 preserved_pages=1
+guest1: tick 2
+guest1: tick 3
+guest3: updater done=1 ok=1 updates=1 failed=0
+hv: guest-stop id=3 reason=shutdown
+";
+        let own = ["kernel".to_string(), "quiet".to_string()];
+        let text = render(&parse_log(log), log, &own);
+        assert!(text.contains("guest broken refused: bad-elf\n"), "{text}");
+        assert!(
+            text.contains("guest1 kernel     stopped=running\n    | tick 1\n    | tick 2\n    | tick 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("guest2 quiet      stopped=running\n    (no console output)\n"), "{text}");
+        assert!(text.contains("guest3 updater    stopped=shutdown updates ok=1/1\n"), "{text}");
+        assert_eq!(last_lines(log, 1, 10), ["Booting", "tick 1", "tick 2", "tick 3"]);
     }
 }

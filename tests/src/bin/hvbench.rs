@@ -114,24 +114,60 @@ fn bench(arch: Arch, size_mib: u64, updates: u32) -> Result<(), LaunchError> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut sizes = None;
-    let mut updates = 4u32;
-    let mut arch = Arch::Aarch64;
+const USAGE: &str = "usage: hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--updates N]";
+
+/// What to measure.
+#[derive(Debug, PartialEq, Eq)]
+struct Options {
+    arch: Arch,
+    sizes: Option<Vec<u64>>,
+    updates: u32,
+}
+
+/// Parses the command line; every value is checked, none ignored.
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options { arch: Arch::Aarch64, sizes: None, updates: 4 };
     let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match (a.as_str(), it.next().map(String::as_str)) {
-            ("--sizes", Some(v)) => sizes = Some(v.split(',').filter_map(|s| s.parse().ok()).collect()),
-            ("--arch", Some("aarch64")) => arch = Arch::Aarch64,
-            ("--arch", Some("x86_64")) => arch = Arch::X86_64,
-            ("--updates", Some(v)) => updates = v.parse().unwrap_or(updates),
-            _ => {
-                eprintln!("usage: hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--updates N]");
-                return ExitCode::from(2);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--sizes" => {
+                let sizes = value
+                    .split(',')
+                    .map(|s| s.parse().ok().filter(|&n: &u64| n > 0))
+                    .collect::<Option<Vec<u64>>>()
+                    .ok_or_else(|| format!("--sizes '{value}': want guest sizes in MiB, e.g. 64,1024"))?;
+                o.sizes = Some(sizes);
             }
+            "--arch" => {
+                o.arch = Arch::parse(value).ok_or_else(|| format!("--arch '{value}': want aarch64 or x86_64"))?;
+            }
+            "--updates" => {
+                o.updates = value
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("--updates '{value}': want a number of updates, at least 1"))?;
+            }
+            other => return Err(format!("unknown option '{other}'")),
         }
     }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let Options { arch, sizes, updates } = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("hvbench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     // Bochs emulates every instruction: smaller guests there.
     let sizes: Vec<u64> = sizes.unwrap_or_else(|| if arch == Arch::X86_64 { vec![16, 64] } else { vec![64, 1024] });
     for size in sizes {
@@ -142,4 +178,28 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_line(line: &str) -> Result<Options, String> {
+        parse(&line.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn values_are_checked_not_ignored() {
+        assert_eq!(parse_line(""), Ok(Options { arch: Arch::Aarch64, sizes: None, updates: 4 }));
+        assert_eq!(
+            parse_line("--arch x86_64 --sizes 16,64 --updates 2"),
+            Ok(Options { arch: Arch::X86_64, sizes: Some(vec![16, 64]), updates: 2 })
+        );
+        assert!(parse_line("--sizes 64,lots").is_err_and(|e| e.starts_with("--sizes '64,lots'")));
+        assert!(parse_line("--updates ten").is_err_and(|e| e.starts_with("--updates 'ten'")));
+        assert!(parse_line("--updates 0").is_err());
+        assert!(parse_line("--arch arm").is_err());
+        assert!(parse_line("--updates").is_err_and(|e| e == "--updates needs a value"));
+        assert!(parse_line("--colour red").is_err_and(|e| e == "unknown option '--colour'"));
+    }
 }
