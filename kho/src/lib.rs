@@ -29,7 +29,7 @@ mod handover;
 mod memory;
 mod record;
 mod scratch;
-mod update;
+mod state_machine;
 
 pub use checksum::{crc32, crc32_parts};
 pub use handover::{
@@ -45,7 +45,7 @@ pub use record::{
 pub use scratch::{
     ScratchError, ScratchKind, ScratchNeeds, ScratchPlan, ScratchPolicy, ScratchRegion, MAX_SCRATCH_REGIONS,
 };
-pub use update::{UpdateError, UpdateEvent, UpdateParticipant, UpdateState, UpdateStateMachine};
+pub use state_machine::{UpdateError, UpdateEvent, UpdateParticipant, UpdateState, UpdateStateMachine};
 
 #[doc(hidden)]
 pub mod __private {

@@ -50,15 +50,19 @@ fn id_of(run: &RunOutcome, name: &str) -> u32 {
 }
 
 /// heartbeat and memcheck, long enough to outlive the updater, and the
-/// updater carrying `images`.
+/// updater carrying `images` in 32 MiB of RAM.
 fn guests_with_updater(images: &[PathBuf], cmdline: &str) -> Vec<GuestArg> {
+    guests_with_updater_in(images, cmdline, 32)
+}
+
+fn guests_with_updater_in(images: &[PathBuf], cmdline: &str, updater_mib: u64) -> Vec<GuestArg> {
     guests::build_test_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
     let mut list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
     list.retain(|g| g.name == "memcheck" || g.name == "heartbeat");
     for g in &mut list {
         g.cmdline = if g.name == "memcheck" { "passes=6".into() } else { "ticks=150".into() };
     }
-    list.push(guests::updater_guest(Arch::X86_64, images, 32, cmdline).unwrap_or_else(|e| panic!("{e}")));
+    list.push(guests::updater_guest(Arch::X86_64, images, updater_mib, cmdline).unwrap_or_else(|e| panic!("{e}")));
     list
 }
 
@@ -183,11 +187,8 @@ fn bad_images_are_refused_and_guests_continue() {
     ];
     let images: Vec<PathBuf> = cases.iter().map(|(p, _)| p.clone()).collect();
     let cmd = format!("updates={} delay_ms=50 expect_status=5", images.len());
-    let mut list = guests_with_updater(&images, &cmd);
     // The image too large for the 32 MiB scratch needs a larger updater.
-    if let Some(u) = list.iter_mut().find(|g| g.name == "updater") {
-        u.mem_mib = 64;
-    }
+    let list = guests_with_updater_in(&images, &cmd, 64);
     let run = run("test-x86_64-update-refused", &a, &list, 256);
     check(&run, run.clean_shutdown(), "clean shutdown");
     let refused = run.hv("update-refused");

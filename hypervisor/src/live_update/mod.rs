@@ -483,6 +483,23 @@ pub fn ram_map(ram: &[PhysRange]) -> Option<RamMap> {
     RamMap::new(&ranges).ok()
 }
 
+/// Plans the scratch regions at first boot with room for `image_bytes`,
+/// reports them (`hv: scratch`) and adds them to `reserved`, so the frame
+/// allocator never hands them out.
+pub fn reserve_scratch(ram: &[PhysRange], reserved: &mut Vec<PhysRange>, image_bytes: u64) -> Option<ScratchPlan> {
+    let scratch = plan_scratch(ram, reserved, image_bytes)?;
+    for r in scratch.regions() {
+        hv_event!(
+            "scratch",
+            kind = format_args!("{:?}", r.kind),
+            base = format_args!("{:#x}", r.range.base()),
+            size = r.range.size()
+        );
+        reserved.push(PhysRange::new(r.range.base(), r.range.size()));
+    }
+    Some(scratch)
+}
+
 /// Plans the scratch regions at first boot (`kho::ScratchPlan`): room for
 /// the next image, never used for anything preserved.
 pub fn plan_scratch(ram: &[PhysRange], occupied: &[PhysRange], image_bytes: u64) -> Option<ScratchPlan> {

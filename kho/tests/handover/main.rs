@@ -4,5 +4,5 @@
 mod compat;
 mod fixtures;
 mod fuzz;
-mod update;
+mod state_machine;
 mod validation;

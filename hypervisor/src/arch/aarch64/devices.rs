@@ -76,12 +76,43 @@ pub struct Assigned {
     pub ipas: Vec<u64>,
 }
 
+/// Why a PCI function cannot be given to a guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AssignError {
+    /// The DTB's host bridge has no `iommu-map`.
+    NoIommuMap,
+    /// The `iommu-map` does not cover the function's requester id.
+    NotBehindIommu(Bdf),
+    Bars(pci::PciError),
+}
+
+impl core::fmt::Display for AssignError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::NoIommuMap => "no-iommu-map",
+            Self::NotBehindIommu(_) => "device-not-behind-the-iommu",
+            Self::Bars(_) => "bar-assignment",
+        })
+    }
+}
+
+impl AssignError {
+    /// The cause, for a human-readable line.
+    pub fn cause(&self) -> Option<&dyn core::fmt::Display> {
+        match self {
+            Self::NotBehindIommu(bdf) => Some(bdf),
+            Self::Bars(e) => Some(e),
+            Self::NoIommuMap => None,
+        }
+    }
+}
+
 /// Places the BARs of `bdf`, enables it, and picks guest addresses for the
 /// BARs from `next_ipa` up.
-pub fn assign(host: &mut PciHost, bdf: Bdf, next_ipa: &mut u64) -> Result<Assigned, &'static str> {
-    let map = host.iommu_map.ok_or("no-iommu-map")?;
-    let stream_id = map.stream_id(bdf.rid()).ok_or("device-not-behind-the-iommu")?;
-    let bars = pci::assign(&mut host.ecam, bdf, &mut host.window).map_err(|_| "bar-assignment")?;
+pub fn assign(host: &mut PciHost, bdf: Bdf, next_ipa: &mut u64) -> Result<Assigned, AssignError> {
+    let map = host.iommu_map.ok_or(AssignError::NoIommuMap)?;
+    let stream_id = map.stream_id(bdf.rid()).ok_or(AssignError::NotBehindIommu(bdf))?;
+    let bars = pci::assign(&mut host.ecam, bdf, &mut host.window).map_err(AssignError::Bars)?;
     let mut ipas = Vec::new();
     for bar in &bars {
         let ipa = next_ipa.next_multiple_of(bar.cpu.size.max(0x1000));

@@ -76,8 +76,10 @@ pub(crate) fn counter() -> (u64, u64) {
     (cnt, freq)
 }
 
-/// Fails the boot with an event and powers off.
+/// Fails the boot with an event (its cause, if it has one, on the line
+/// before: `{:#}`) and powers off.
 fn fail(reason: impl core::fmt::Display) -> ! {
+    println!("boot failed: {reason:#}");
     hv_event!("boot-failed", reason = reason);
     hv_event!("shutdown", status = "error");
     shutdown(false)
@@ -180,28 +182,56 @@ fn boot_cpu_index(platform: &DtbPlatform) -> usize {
     platform.cpus.iter().position(|&c| c == me).unwrap_or(0)
 }
 
+/// Why the first boot cannot start the guests or map the hypervisor.
+#[derive(Debug)]
+enum BootError {
+    ManifestOutsideRam,
+    Manifest(loader::manifest::ManifestError),
+    /// Something the platform reserved lies in the image slot.
+    ImageSlotNotFree,
+    GuestModuleInImageSlot,
+    NoRoomForScratch,
+    /// The EL2 stage-1 map could not map `what`.
+    HostMap {
+        what: &'static str,
+        error: aarch64_paging::MapError,
+    },
+}
+
+impl core::fmt::Display for BootError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::ManifestOutsideRam => f.write_str("manifest-outside-ram"),
+            Self::Manifest(e) if f.alternate() => write!(f, "bad-manifest: {e}"),
+            Self::Manifest(_) => f.write_str("bad-manifest"),
+            Self::ImageSlotNotFree => f.write_str("image-slot-not-free"),
+            Self::GuestModuleInImageSlot => f.write_str("guest-module-in-image-slot"),
+            Self::NoRoomForScratch => f.write_str("no-room-for-scratch"),
+            Self::HostMap { what, error } if f.alternate() => write!(f, "map-{what}: {error}"),
+            Self::HostMap { what, .. } => write!(f, "map-{what}"),
+        }
+    }
+}
+
 /// Reads the manifest, reserves what it points at, plans the scratch
 /// regions, and builds the partitions. Returns how many started.
-fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> Result<usize, &'static str> {
+fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> Result<usize, BootError> {
     let ram_end = info.ram.iter().find(|r| r.base <= manifest_addr && r.end().is_some_and(|e| e > manifest_addr));
-    let Some(ram) = ram_end else { return Err("manifest-outside-ram") };
+    let Some(ram) = ram_end else { return Err(BootError::ManifestOutsideRam) };
     let window = (ram.base + ram.size - manifest_addr).min(loader::manifest::MAX_MANIFEST_SIZE as u64);
     // SAFETY: [manifest_addr, +window) lies inside RAM (checked above),
     // identity-mapped, and nothing writes it.
     let bytes = unsafe { core::slice::from_raw_parts(manifest_addr as *const u8, window as usize) };
-    let specs = loader::manifest::parse(bytes).map_err(|e| {
-        println!("manifest: {e}");
-        "bad-manifest"
-    })?;
+    let specs = loader::manifest::parse(bytes).map_err(BootError::Manifest)?;
     let manifest_len = bytes.iter().position(|&b| b == 0).map_or(window, |n| n as u64 + 1);
     let image = image_range();
     let slot = image_slot();
     if let Some(dtb) = info.reserved.iter().find(|r| r.overlaps(&slot) && !r.overlaps(&image)) {
         hv_event!("image-slot-overlap", base = format_args!("{:#x}", dtb.base), size = dtb.size);
-        return Err("image-slot-not-free");
+        return Err(BootError::ImageSlotNotFree);
     }
     if specs.iter().any(|g| g.image.overlaps(&slot) || g.initrd.is_some_and(|r| r.overlaps(&slot))) {
-        return Err("guest-module-in-image-slot");
+        return Err(BootError::GuestModuleInImageSlot);
     }
     let mut reserved = info.reserved.clone();
     reserved.push(slot);
@@ -210,47 +240,39 @@ fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> 
         reserved.push(g.image);
         reserved.extend(g.initrd);
     }
-    let scratch =
-        hypervisor::live_update::plan_scratch(&info.ram, &reserved, image.size).ok_or("no-room-for-scratch")?;
-    for r in scratch.regions() {
-        hv_event!(
-            "scratch",
-            kind = format_args!("{:?}", r.kind),
-            base = format_args!("{:#x}", r.range.base()),
-            size = r.range.size()
-        );
-        reserved.push(PhysRange::new(r.range.base(), r.range.size()));
-    }
+    let scratch = hypervisor::live_update::reserve_scratch(&info.ram, &mut reserved, image.size)
+        .ok_or(BootError::NoRoomForScratch)?;
     let free = hypervisor::frames::subtract(&info.ram, &reserved);
     let frames = hypervisor::frames::FrameAllocator::new(&free);
     let pci = platform.pcie.as_ref().and_then(devices::PciHost::from_dtb);
     Ok(partitions::create(&specs, &info.ram, frames, scratch, &online_cpus(), (platform.smmu, pci)))
 }
 
-fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), &'static str> {
+fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), BootError> {
+    let fail = |what: &'static str| move |error| BootError::HostMap { what, error };
     // SAFETY: linker-script symbols; only their addresses are used.
     let (start, text_end, ro_end, end) =
         unsafe { (sym(&__image_start), sym(&__text_end), sym(&__rodata_end), sym(&__image_end)) };
     let mut map = mmu::HostMap::new();
     for r in &info.ram {
-        map.map_data(r.base, r.size).map_err(|_| "map-ram")?;
+        map.map_data(r.base, r.size).map_err(fail("ram"))?;
     }
     // The image: text executable, rodata read-only, the rest writable.
-    map.map_code(start, text_end - start).map_err(|_| "map-text")?;
-    map.map_rodata(text_end, ro_end - text_end).map_err(|_| "map-rodata")?;
-    map.map_data(ro_end, end - ro_end).map_err(|_| "map-data")?;
+    map.map_code(start, text_end - start).map_err(fail("text"))?;
+    map.map_rodata(text_end, ro_end - text_end).map_err(fail("rodata"))?;
+    map.map_data(ro_end, end - ro_end).map_err(fail("data"))?;
     if let Some(uart) = platform.uart {
-        map.map_device(uart.base, uart.size.max(0x1000)).map_err(|_| "map-uart")?;
+        map.map_device(uart.base, uart.size.max(0x1000)).map_err(fail("uart"))?;
     }
     if let Some(gic) = platform.gic {
-        map.map_device(gic.distributor.base, gic.distributor.size).map_err(|_| "map-gicd")?;
-        map.map_device(gic.redistributors.base, gic.redistributors.size).map_err(|_| "map-gicr")?;
+        map.map_device(gic.distributor.base, gic.distributor.size).map_err(fail("gicd"))?;
+        map.map_device(gic.redistributors.base, gic.redistributors.size).map_err(fail("gicr"))?;
     }
     if let Some(smmu) = platform.smmu {
-        map.map_device(smmu.base, smmu.size).map_err(|_| "map-smmu")?;
+        map.map_device(smmu.base, smmu.size).map_err(fail("smmu"))?;
     }
     if let Some(pcie) = platform.pcie {
-        map.map_device(pcie.ecam.base, pcie.ecam.size).map_err(|_| "map-ecam")?;
+        map.map_device(pcie.ecam.base, pcie.ecam.size).map_err(fail("ecam"))?;
     }
     map.activate();
     Ok(())

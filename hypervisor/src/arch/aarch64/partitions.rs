@@ -5,21 +5,21 @@
 
 use alloc::vec::Vec;
 use core::arch::asm;
-use core::fmt::Write as _;
+use core::fmt::{self, Write as _};
 
 use hypervisor::frames::FrameAllocator;
-use hypervisor::guest_image::{self, GuestLayout};
-use hypervisor::machine::{Machine, MachineMemory};
+use hypervisor::guest_image::{self, GuestLayout, LayoutError};
+use hypervisor::machine::{BuildError, Machine, MachineMemory};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
-use hypervisor::preserved::{IdentityPages, PreservedMap};
+use hypervisor::preserved::{IdentityPages, PreserveError, PreservedMap};
 use hypervisor::sched::VcpuState;
-use hypervisor::stage2::{ArmStage2, Attrs, LinearMap, Perms, Stage2Table};
+use hypervisor::stage2::{ArmStage2, Attrs, LinearMap, MapError, Perms, Stage2Table};
 use hypervisor::{hv_event, println};
 use kho::ScratchPlan;
 use loader::manifest::GuestSpec;
 use loader::PhysRange;
 
-use super::devices::{self, PciHost, GUEST_DEVICE_IPA};
+use super::devices::{self, AssignError, PciHost, GUEST_DEVICE_IPA};
 use super::platform::{device_tree, phys_bytes, Aarch64, ArmPartition, Smmu, MACHINE};
 use super::vcpu::Vcpu;
 
@@ -56,26 +56,73 @@ pub fn load_image(ram: GuestRam, image: &[u8], layout: &GuestLayout, dtb: &[u8])
     clean_for_guest(ram.host_base, ram.size);
 }
 
-fn build_partition(m: &mut Machine<Aarch64>, id: u32, spec: &GuestSpec) -> Result<(), &'static str> {
-    let image = phys_bytes(spec.image, &m.ram).ok_or("image-outside-ram")?;
+/// Why a partition of the manifest is not built (`hv: guest-refused`);
+/// the others run.
+#[derive(Debug)]
+pub enum GuestError {
+    ImageOutsideRam,
+    InitrdOutsideRam,
+    Layout(LayoutError),
+    TooManyPartitions,
+    Machine(BuildError),
+    PreserveImage(PreserveError),
+    DeviceWithoutIommu,
+    NoPciHost,
+    Assign(AssignError),
+    DtbTooLarge(LayoutError),
+    Stage2(MapError),
+    Smmu(iommu::Error),
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ImageOutsideRam => f.write_str("image-outside-ram"),
+            Self::InitrdOutsideRam => f.write_str("initrd-outside-ram"),
+            Self::Layout(_) => f.write_str("bad-image-layout"),
+            Self::TooManyPartitions => f.write_str("too-many-partitions"),
+            Self::Machine(e) => write!(f, "{e}"),
+            Self::PreserveImage(_) => f.write_str("preserve-image"),
+            Self::DeviceWithoutIommu => f.write_str("device-without-iommu"),
+            Self::NoPciHost => f.write_str("no-pci-host"),
+            Self::Assign(e) => write!(f, "{e}"),
+            Self::DtbTooLarge(_) => f.write_str("dtb-too-large"),
+            Self::Stage2(_) => f.write_str("stage2-map"),
+            Self::Smmu(_) => f.write_str("smmu-assign"),
+        }
+    }
+}
+
+impl GuestError {
+    /// The cause, for the human-readable line before the event.
+    fn cause(&self) -> Option<&dyn fmt::Display> {
+        match self {
+            Self::Layout(e) | Self::DtbTooLarge(e) => Some(e),
+            Self::Machine(e) => Some(e),
+            Self::PreserveImage(e) => Some(e),
+            Self::Assign(e) => e.cause(),
+            Self::Stage2(e) => Some(e),
+            Self::Smmu(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+fn build_partition(m: &mut Machine<Aarch64>, id: u32, spec: &GuestSpec) -> Result<(), GuestError> {
+    let image = phys_bytes(spec.image, &m.ram).ok_or(GuestError::ImageOutsideRam)?;
     let initrd = match spec.initrd {
-        Some(r) => Some(phys_bytes(r, &m.ram).ok_or("initrd-outside-ram")?),
+        Some(r) => Some(phys_bytes(r, &m.ram).ok_or(GuestError::InitrdOutsideRam)?),
         None => None,
     };
     let mem = spec.mem_mib << 20;
-    let layout = guest_image::layout(spec.format, image, mem, initrd.map(|i| i.len() as u64)).map_err(|e| {
-        println!("guest {}: {e}", spec.name);
-        "bad-image-layout"
-    })?;
-    let vmid = u16::try_from(id).map_err(|_| "too-many-partitions")?;
-    let block = m.alloc_guest_ram(mem).map_err(|e| {
-        println!("guest {}: {e:?}", spec.name);
-        "out-of-memory"
-    })?;
+    let layout =
+        guest_image::layout(spec.format, image, mem, initrd.map(|i| i.len() as u64)).map_err(GuestError::Layout)?;
+    let vmid = u16::try_from(id).map_err(|_| GuestError::TooManyPartitions)?;
+    let block = m.alloc_guest_ram(mem).map_err(GuestError::Machine)?;
     // The image (SYSTEM_RESET reloads it) and the initrd survive updates
     // too: record them now, at allocation, not at update time.
     for r in core::iter::once(spec.image).chain(spec.initrd) {
-        m.preserved.preserve(&mut m.frames, r.base..r.base + r.size).map_err(|_| "preserve-image")?;
+        m.preserved.preserve(&mut m.frames, r.base..r.base + r.size).map_err(GuestError::PreserveImage)?;
     }
     let ram = GuestRam { host_base: block.base, size: mem };
     // SAFETY: the block was just allocated for this partition.
@@ -90,10 +137,10 @@ fn build_partition(m: &mut Machine<Aarch64>, id: u32, spec: &GuestSpec) -> Resul
     let mut cmdline = spec.cmdline.clone();
     for &bdf in &spec.devices {
         if m.arch.smmu.is_none() {
-            return Err("device-without-iommu");
+            return Err(GuestError::DeviceWithoutIommu);
         }
-        let host = m.arch.pci.as_mut().ok_or("no-pci-host")?;
-        let a = devices::assign(host, bdf.into(), &mut next_ipa)?;
+        let host = m.arch.pci.as_mut().ok_or(GuestError::NoPciHost)?;
+        let a = devices::assign(host, bdf.into(), &mut next_ipa).map_err(GuestError::Assign)?;
         // The guest learns where each BAR is from its command line:
         // dev0=<IPA> dev1=<IPA> ... in assignment order.
         let before = assigned.iter().map(|x: &devices::Assigned| x.ipas.len()).sum::<usize>();
@@ -103,25 +150,22 @@ fn build_partition(m: &mut Machine<Aarch64>, id: u32, spec: &GuestSpec) -> Resul
         assigned.push(a);
     }
     let dtb = device_tree(mem, spec.vcpus, &cmdline, &layout, spec.initrd);
-    guest_image::check_dtb(dtb.len()).map_err(|_| "dtb-too-large")?;
+    guest_image::check_dtb(dtb.len()).map_err(GuestError::DtbTooLarge)?;
     load_image(ram, image, &layout, &dtb);
     // SAFETY: RAM is identity-mapped at EL2, so physical = virtual.
     let phys = unsafe { LinearMap::new(0) };
     let Machine { frames, preserved, arch, .. } = m;
     let mut frames = hypervisor::preserved::PreservingFrames { frames, map: preserved };
-    let mut stage2 = Stage2Table::<ArmStage2, LinearMap>::new(&mut frames, phys).map_err(|_| "stage2-alloc")?;
+    let mut stage2 = Stage2Table::<ArmStage2, LinearMap>::new(&mut frames, phys).map_err(GuestError::Stage2)?;
     stage2
         .map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::new(true, true)), &mut frames)
-        .map_err(|_| "stage2-map")?;
+        .map_err(GuestError::Stage2)?;
     for a in &assigned {
         for (bar, &ipa) in a.bars.iter().zip(&a.ipas) {
-            stage2.map(ipa, bar.cpu.base, bar.cpu.size, Attrs::device(), &mut frames).map_err(|_| "stage2-map-bar")?;
+            stage2.map(ipa, bar.cpu.base, bar.cpu.size, Attrs::device(), &mut frames).map_err(GuestError::Stage2)?;
         }
-        let smmu = arch.smmu.as_mut().ok_or("device-without-iommu")?;
-        smmu.assign(&mut frames, a.stream_id, vmid, stage2.root()).map_err(|e| {
-            println!("smmu: assigning stream {:#x}: {e}", a.stream_id);
-            "smmu-assign"
-        })?;
+        let smmu = arch.smmu.as_mut().ok_or(GuestError::DeviceWithoutIommu)?;
+        smmu.assign(&mut frames, a.stream_id, vmid, stage2.root()).map_err(GuestError::Smmu)?;
         hv_event!(
             "device-assigned",
             guest = id,
@@ -138,7 +182,7 @@ fn build_partition(m: &mut Machine<Aarch64>, id: u32, spec: &GuestSpec) -> Resul
     let entry = layout.entry_ipa;
     let part = ArmPartition { stage2, image, format: spec.format, initrd: spec.initrd, cmdline, layout };
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
-    let p = m.add_partition(info, vmid, part, contexts).map_err(|_| "no-vcpus")?;
+    let p = m.add_partition(info, vmid, part, contexts).map_err(GuestError::Machine)?;
     hv_event!(
         "guest-start",
         id = id,
@@ -172,6 +216,9 @@ pub fn create(
     for (i, spec) in specs.iter().enumerate() {
         let id = i as u32 + 1;
         if let Err(reason) = build_partition(&mut m, id, spec) {
+            if let Some(cause) = reason.cause() {
+                println!("guest {}: {cause}", spec.name);
+            }
             hv_event!("guest-refused", name = spec.name, reason = reason);
         }
     }

@@ -21,7 +21,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
-use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
+use hypervisor::arch::x86_64::vmx_caps::{ControlError, MissingFeature, VmcsControls, VmxCaps};
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
 use loader::acpi::{self, PhysMemory};
 use loader::guest_modules::{self, detect_format};
@@ -102,7 +102,10 @@ pub fn delay_us(us: u64) {
     }
 }
 
+/// Fails the boot with an event (its cause, if it has one, on the line
+/// before: `{:#}`) and powers off.
 fn fail(reason: impl core::fmt::Display) -> ! {
+    println!("boot failed: {reason:#}");
     hv_event!("boot-failed", reason = reason);
     hv_event!("shutdown", status = "error");
     shutdown(false)
@@ -284,20 +287,42 @@ pub(crate) fn image_range() -> PhysRange {
 
 /// Reads the guests from the boot modules, checks what VMX offers against
 /// what they need, and builds the partitions. Returns how many started.
-fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize, &'static str> {
+/// Why the first boot cannot start the guests.
+#[derive(Debug)]
+enum BootError {
+    Modules(guest_modules::ModuleError),
+    MissingFeature(MissingFeature),
+    VmxControls(ControlError),
+    TscCalibration,
+    NoRoomForScratch,
+    OutOfMemory,
+}
+
+impl core::fmt::Display for BootError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Modules(e) => f.write_str(e.reason()),
+            Self::MissingFeature(m) => f.write_str(m.reason()),
+            Self::VmxControls(e) if f.alternate() => write!(f, "vmx-controls-unsupported: {e}"),
+            Self::VmxControls(_) => f.write_str("vmx-controls-unsupported"),
+            Self::TscCalibration => f.write_str("tsc-calibration-failed"),
+            Self::NoRoomForScratch => f.write_str("no-room-for-scratch"),
+            Self::OutOfMemory => f.write_str("out-of-memory"),
+        }
+    }
+}
+
+fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize, BootError> {
     let specs = guest_modules::guests_from_modules(&info.modules, |range| {
         LowMemory.bytes(range.base, range.size.min(FORMAT_PROBE) as usize).map_or(ImageFormat::Flat, detect_format)
     })
     .map_err(|e| {
         println!("boot modules: {e}");
-        e.reason()
+        BootError::Modules(e)
     })?;
-    caps.check_guest_support().map_err(hypervisor::arch::x86_64::vmx_caps::MissingFeature::reason)?;
+    caps.check_guest_support().map_err(BootError::MissingFeature)?;
     let msrs = vmx::read_msrs();
-    let controls = VmcsControls::resolve(&msrs).map_err(|e| {
-        println!("vmx controls: {e}");
-        "vmx-controls-unsupported"
-    })?;
+    let controls = VmcsControls::resolve(&msrs).map_err(BootError::VmxControls)?;
     hv_event!(
         "vmcs-controls",
         pin = format_args!("{:#x}", controls.pin),
@@ -306,27 +331,18 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize
         exit = format_args!("{:#x}", controls.exit),
         entry = format_args!("{:#x}", controls.entry),
     );
-    let tsc_hz = tsc::calibrate().ok_or("tsc-calibration-failed")?;
+    let tsc_hz = tsc::calibrate().ok_or(BootError::TscCalibration)?;
     hv_event!("tsc", hz = tsc_hz, preemption_timer_shift = caps.preemption_timer_shift);
     let mut reserved = reserved(info);
     // Scratch: where an update image is staged, never preserved.
-    let scratch =
-        hypervisor::live_update::plan_scratch(&info.ram, &reserved, STAGING_BYTES).ok_or("no-room-for-scratch")?;
-    for r in scratch.regions() {
-        hv_event!(
-            "scratch",
-            kind = format_args!("{:?}", r.kind),
-            base = format_args!("{:#x}", r.range.base()),
-            size = r.range.size()
-        );
-        reserved.push(PhysRange::new(r.range.base(), r.range.size()));
-    }
+    let scratch = hypervisor::live_update::reserve_scratch(&info.ram, &mut reserved, STAGING_BYTES)
+        .ok_or(BootError::NoRoomForScratch)?;
     let free = hypervisor::frames::subtract(&info.ram, &reserved);
     let mut frames = hypervisor::frames::FrameAllocator::new(&free);
     // The multiboot2 information goes with every update (RAM map, ACPI):
     // GRUB left it in memory nobody keeps, so it gets a preserved copy.
     let mbi_copy =
-        frames.alloc_block(mbi.size.next_multiple_of(hypervisor::frames::PAGE_SIZE)).ok_or("out-of-memory")?;
+        frames.alloc_block(mbi.size.next_multiple_of(hypervisor::frames::PAGE_SIZE)).ok_or(BootError::OutOfMemory)?;
     // SAFETY: GRUB's information (read-only, identity-mapped) into a block
     // just allocated for it.
     unsafe { core::ptr::copy_nonoverlapping(mbi.base as *const u8, mbi_copy.base as *mut u8, mbi.size as usize) };

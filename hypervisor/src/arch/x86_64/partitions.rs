@@ -4,15 +4,16 @@
 //! per vCPU (preserved: the next image rebuilds the VMCS in place).
 
 use alloc::vec::Vec;
+use core::fmt;
 
-use hypervisor::arch::x86_64::boot::{self as guest_boot, BootLayout, BOOTLOADER_MAGIC};
+use hypervisor::arch::x86_64::boot::{self as guest_boot, BootError, BootLayout, BOOTLOADER_MAGIC};
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::FrameAllocator;
-use hypervisor::machine::{Machine, MachineMemory};
+use hypervisor::machine::{BuildError, Machine, MachineMemory};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::preserved::{IdentityPages, PreservedMap};
-use hypervisor::stage2::{Attrs, BlockSize, Ept, FrameSource, LinearMap, Perms, Stage2Table};
+use hypervisor::stage2::{Attrs, BlockSize, Ept, FrameSource, LinearMap, MapError, Perms, Stage2Table};
 use hypervisor::{hv_event, println};
 use kho::ScratchPlan;
 use loader::manifest::GuestSpec;
@@ -50,12 +51,53 @@ fn module_bytes(range: PhysRange, ram: &[PhysRange]) -> Option<&'static [u8]> {
     Some(unsafe { core::slice::from_raw_parts(range.base as *const u8, usize::try_from(range.size).ok()?) })
 }
 
+/// Why a boot module's guest is not built (`hv: guest-refused`); the
+/// others run.
+#[derive(Debug)]
+pub enum GuestError {
+    ImageOutsideRam,
+    Boot(BootError),
+    TooManyPartitions,
+    Machine(BuildError),
+    RamAbove4Gib,
+    ImageShorterThanSegments,
+    Ept(MapError),
+    OutOfMemory,
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ImageOutsideRam => f.write_str("image-outside-ram"),
+            Self::Boot(e) => f.write_str(e.reason()),
+            Self::TooManyPartitions => f.write_str("too-many-partitions"),
+            Self::Machine(e) => write!(f, "{e}"),
+            Self::RamAbove4Gib => f.write_str("ram-above-4gib"),
+            Self::ImageShorterThanSegments => f.write_str("image-shorter-than-its-segments"),
+            Self::Ept(_) => f.write_str("ept-map"),
+            Self::OutOfMemory => f.write_str("out-of-memory"),
+        }
+    }
+}
+
+impl GuestError {
+    /// The cause, for the human-readable line before the event.
+    fn cause(&self) -> Option<&dyn fmt::Display> {
+        match self {
+            Self::Boot(e) => Some(e),
+            Self::Machine(e) => Some(e),
+            Self::Ept(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Copies the image and the boot information into the partition's RAM.
-fn load_image(ram: GuestRam, image: &[u8], layout: &BootLayout, info: &[u8]) -> Result<(), &'static str> {
+fn load_image(ram: GuestRam, image: &[u8], layout: &BootLayout, info: &[u8]) -> Result<(), GuestError> {
     for c in &layout.copies {
         let src = image
             .get(c.src_offset as usize..c.src_offset.saturating_add(c.len) as usize)
-            .ok_or("image-shorter-than-its-segments")?;
+            .ok_or(GuestError::ImageShorterThanSegments)?;
         let dst = ram.host_base + c.ram_offset;
         // SAFETY: `guest_boot::layout` checked every copy against the RAM
         // size (and below the boot information slot); the RAM block
@@ -73,22 +115,16 @@ fn load_image(ram: GuestRam, image: &[u8], layout: &BootLayout, info: &[u8]) -> 
     Ok(())
 }
 
-fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<(), &'static str> {
-    let image = module_bytes(spec.image, &m.ram).ok_or("image-outside-ram")?;
+fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<(), GuestError> {
+    let image = module_bytes(spec.image, &m.ram).ok_or(GuestError::ImageOutsideRam)?;
     let mem = spec.mem_mib << 20;
-    let layout = guest_boot::layout(spec.format, image, mem).map_err(|e| {
-        println!("guest {}: {e}", spec.name);
-        e.reason()
-    })?;
-    let info = guest_boot::boot_information(mem, &spec.cmdline).map_err(|e| e.reason())?;
-    let vpid = u16::try_from(id).map_err(|_| "too-many-partitions")?;
-    let block = m.alloc_guest_ram(mem).map_err(|e| {
-        println!("guest {}: {e:?}", spec.name);
-        "out-of-memory"
-    })?;
+    let layout = guest_boot::layout(spec.format, image, mem).map_err(GuestError::Boot)?;
+    let info = guest_boot::boot_information(mem, &spec.cmdline).map_err(GuestError::Boot)?;
+    let vpid = u16::try_from(id).map_err(|_| GuestError::TooManyPartitions)?;
+    let block = m.alloc_guest_ram(mem).map_err(GuestError::Machine)?;
     if block.end().is_none_or(|e| e > MAPPED_LIMIT) {
         m.free_guest_ram(block);
-        return Err("ram-above-4gib");
+        return Err(GuestError::RamAbove4Gib);
     }
     let ram = GuestRam { host_base: block.base, size: mem };
     // SAFETY: the block was just allocated for this partition and is
@@ -104,12 +140,12 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     // SAFETY: RAM is identity-mapped, so physical = virtual.
     let phys = unsafe { LinearMap::new(0) };
     let mut frames = m.preserving_frames();
-    let mut ept = Stage2Table::<Ept, LinearMap>::new(&mut frames, phys).map_err(|_| "ept-alloc")?;
+    let mut ept = Stage2Table::<Ept, LinearMap>::new(&mut frames, phys).map_err(GuestError::Ept)?;
     ept.set_max_block_size(largest);
-    ept.map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(|_| "ept-map")?;
+    ept.map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(GuestError::Ept)?;
     let mut contexts = Vec::new();
     for _ in 0..spec.vcpus {
-        let vmcs_page = frames.alloc_frame().ok_or("out-of-memory")?;
+        let vmcs_page = frames.alloc_frame().ok_or(GuestError::OutOfMemory)?;
         // SAFETY: a fresh page for this vCPU's VMCS; the region starts with
         // the revision identifier and is otherwise zero (SDM §25.2).
         unsafe {
@@ -122,7 +158,7 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     let (mib2, gib1) = (ept.leaf_count(BlockSize::Size2M), ept.leaf_count(BlockSize::Size1G));
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
     let part = X86Partition { ept, uart_lcr: 0, gp_injected: 0 };
-    let p = m.add_partition(info, vpid, part, contexts).map_err(|_| "no-vcpus")?;
+    let p = m.add_partition(info, vpid, part, contexts).map_err(GuestError::Machine)?;
     hv_event!(
         "guest-start",
         id = id,
@@ -166,6 +202,9 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
     for (i, g) in spec.specs.iter().enumerate() {
         let id = i as u32 + 1;
         if let Err(reason) = build_partition(&mut m, id, g) {
+            if let Some(cause) = reason.cause() {
+                println!("guest {}: {cause}", g.name);
+            }
             hv_event!("guest-refused", name = g.name, reason = reason);
         }
     }
