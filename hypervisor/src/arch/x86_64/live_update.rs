@@ -34,7 +34,7 @@ use loader::image_desc::{Descriptor, ImageArch};
 use loader::{BootInfo, PhysRange};
 
 use super::platform::{tsc_hz, MACHINE, X86};
-use super::{run, smp, tsc, vmx, KEXEC_WINDOW, MAPPED_LIMIT};
+use super::{smp, tsc, vmcs, vmx, KEXEC_WINDOW, MAPPED_LIMIT};
 
 /// Scratch after the staged image: the trampoline's code page, its
 /// parameter page, and its page tables (PML4, PDPT, 4 PDs).
@@ -90,7 +90,7 @@ impl UpdatePlatform for Vmx {
     }
 
     fn freeze_cpu(&self, m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
-        run::freeze_cpu(m, cpu)
+        freeze_cpu(m, cpu)
     }
 
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
@@ -112,6 +112,31 @@ impl UpdatePlatform for Vmx {
     fn relax(&self) {
         core::hint::spin_loop();
     }
+}
+
+/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, then for
+/// every vCPU pinned here whose VMCS was used, reads its guest state
+/// (VMREAD needs the VMCS current on the CPU it is active on) and VMCLEARs
+/// it, so its data is in memory and the CPU holds no VMCS state (SDM Vol.
+/// 3C §25.11.1, §25.11.3). If the update is cancelled, the next entry is
+/// a VMLAUNCH of the same, intact VMCS.
+fn freeze_cpu(m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
+    m.put_loaded(cpu);
+    for k in 0..m.queues[cpu].len() {
+        let v = m.queues[cpu][k];
+        // SAFETY: pinned to this CPU, and not running (this CPU is at an
+        // exit boundary).
+        let ctx = unsafe { m.ctx_mut(v) };
+        if !ctx.initialized {
+            continue;
+        }
+        vmcs::load(ctx.vmcs).and_then(|()| ctx.capture()).and_then(|()| vmcs::clear(ctx.vmcs)).map_err(|e| {
+            println!("freeze: vmcs {:#x}: {e}", ctx.vmcs);
+            "vmcs-capture"
+        })?;
+        ctx.launched = false;
+    }
+    Ok(())
 }
 
 /// The image's PT_LOAD segments, checked: each inside the kexec window

@@ -284,28 +284,3 @@ fn handle_run(m: &mut Machine<X86>, v: usize, result: RunResult) -> bool {
         }
     }
 }
-
-/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, then for
-/// every vCPU pinned here whose VMCS was used, reads its guest state
-/// (VMREAD needs the VMCS current on the CPU it is active on) and VMCLEARs
-/// it, so its data is in memory and the CPU holds no VMCS state (SDM Vol.
-/// 3C §25.11.1, §25.11.3). If the update is cancelled, the next entry is
-/// a VMLAUNCH of the same, intact VMCS.
-pub fn freeze_cpu(m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
-    m.put_loaded(cpu);
-    for k in 0..m.queues[cpu].len() {
-        let v = m.queues[cpu][k];
-        // SAFETY: pinned to this CPU, and not running (this CPU is at an
-        // exit boundary).
-        let ctx = unsafe { m.ctx_mut(v) };
-        if !ctx.initialized {
-            continue;
-        }
-        vmcs::load(ctx.vmcs).and_then(|()| ctx.capture()).and_then(|()| vmcs::clear(ctx.vmcs)).map_err(|e| {
-            println!("freeze: vmcs {:#x}: {e}", ctx.vmcs);
-            "vmcs-capture"
-        })?;
-        ctx.launched = false;
-    }
-    Ok(())
-}
