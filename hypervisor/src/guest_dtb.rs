@@ -23,10 +23,17 @@ pub const GUEST_UART_SIZE: u64 = 0x1000;
 /// PPIs of the architected timer, as binding numbers (INTID - 16):
 /// secure phys 13, non-secure phys 14, virtual 11, hypervisor 10.
 const TIMER_PPIS: [u32; 4] = [13, 14, 11, 10];
-/// GIC binding: first cell 1 = PPI; third cell 4 = level-high.
+/// GIC binding: first cell 0 = SPI, 1 = PPI; third cell 4 = level-high.
+const GIC_SPI: u32 = 0;
 const GIC_PPI: u32 = 1;
 const IRQ_LEVEL_HIGH: u32 = 4;
 const INTC_PHANDLE: u32 = 1;
+const CLOCK_PHANDLE: u32 = 2;
+/// The PL011's interrupt: SPI 1 (INTID 33), as on QEMU `virt`.
+pub const GUEST_UART_SPI: u32 = 1;
+/// The UART's reference and bus clock (a fixed 24 MHz clock, as on QEMU
+/// `virt`; Linux's amba bus needs `apb_pclk` to probe the PL011).
+const UART_CLOCK_HZ: u32 = 24_000_000;
 
 /// What goes into a guest's device tree.
 #[derive(Clone, Debug)]
@@ -121,9 +128,20 @@ pub fn build(spec: &GuestDtbSpec<'_>) -> Vec<u8> {
     intc.add_property(prop!("reg", reg64(&[(GUEST_GICD, GUEST_GICD_SIZE), (GUEST_GICR, gicr_size)])));
     root.add_child(intc);
 
+    let mut clock = node("apb-pclk");
+    clock.add_property(prop!("compatible", "fixed-clock"));
+    clock.add_property(prop!("#clock-cells", 0u32));
+    clock.add_property(prop!("clock-frequency", UART_CLOCK_HZ));
+    clock.add_property(prop!("clock-output-names", "clk24mhz"));
+    clock.add_property(prop!("phandle", CLOCK_PHANDLE));
+    root.add_child(clock);
+
     let mut uart = node("pl011@9000000");
     uart.add_property(prop!("compatible", strings(&["arm,pl011", "arm,primecell"])));
     uart.add_property(prop!("reg", reg64(&[(GUEST_UART, GUEST_UART_SIZE)])));
+    uart.add_property(prop!("interrupts", cells(&[GIC_SPI, GUEST_UART_SPI, IRQ_LEVEL_HIGH])));
+    uart.add_property(prop!("clocks", cells(&[CLOCK_PHANDLE, CLOCK_PHANDLE])));
+    uart.add_property(prop!("clock-names", strings(&["uartclk", "apb_pclk"])));
     root.add_child(uart);
 
     tree.to_dtb()

@@ -28,6 +28,9 @@ pub mod stage2;
 /// the image's arch code (`src/arch/<arch>/`, built only into the image)
 /// applies it. The files live with the rest of their arch.
 pub mod arch {
+    /// aarch64: the virtual GICv3 and the ID registers a guest sees.
+    #[path = "aarch64/policy/mod.rs"]
+    pub mod aarch64;
     /// x86_64: VMX capabilities and controls, exit decoding, and what a
     /// guest sees (CPUID, MSRs, control registers, its boot protocol).
     #[path = "x86_64/policy/mod.rs"]

@@ -85,6 +85,24 @@ state_record! {
     }
 }
 
+/// Bytes of a virtual GIC's state in [`VgicRecord`]: the distributor and
+/// up to 8 redistributors (`arch::aarch64::vgic` encodings).
+pub const VGIC_STATE_BYTES: usize = 1024;
+
+state_record! {
+    /// A partition's virtual GICv3 (aarch64): the distributor's encoding,
+    /// then each vCPU's redistributor in vCPU order.
+    pub struct VgicRecord {
+        const ID = 0x0001_0005;
+        const NAME = "vgic";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        pub vcpus: u32 [since 1],
+        pub len: u32 [since 1],
+        pub state: [u8; VGIC_STATE_BYTES] [since 1],
+    }
+}
+
 /// Most SMMU stream assignments the handover carries.
 pub const MAX_IOMMU_ASSIGNMENTS: usize = 16;
 /// Bytes per assignment in [`IommuRecord::assignments`]: stream id (u32),

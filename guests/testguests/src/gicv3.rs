@@ -18,6 +18,27 @@ pub const HEARTBEAT_SGI: u32 = 1;
 pub const IAR_INTID_MASK: u64 = 0xff_ffff;
 pub const FIRST_SPECIAL_INTID: u32 = 1020;
 
+/// Where the guest's distributor and redistributors are (the guest DTB's
+/// `arm,gic-v3` node, as on QEMU `virt`), and the registers the test
+/// guests program (IHI 0069H §12.9-12.11): GICD_CTLR ARE and
+/// EnableGrp1, GICR_WAKER ProcessorSleep/ChildrenAsleep, and the SGI
+/// frame's IGROUPR0 and ISENABLER0.
+pub const GICD_BASE: usize = 0x0800_0000;
+pub const GICR_BASE: usize = 0x080a_0000;
+pub const GICR_STRIDE: usize = 0x2_0000;
+pub const GICD_CTLR: usize = 0x0000;
+pub const GICD_CTLR_ENABLE_GRP1_ARE: u32 = (1 << 1) | (1 << 4);
+pub const GICR_WAKER: usize = 0x0014;
+pub const GICR_WAKER_CHILDREN_ASLEEP: u32 = 1 << 2;
+pub const GICR_SGI_IGROUPR0: usize = 0x1_0080;
+pub const GICR_SGI_ISENABLER0: usize = 0x1_0100;
+
+/// The redistributor of the vCPU with affinity `aff0` (one frame pair
+/// each, in vCPU order).
+pub fn redistributor(aff0: u64) -> usize {
+    GICR_BASE + aff0 as usize * GICR_STRIDE
+}
+
 /// ICC_SRE_EL1.SRE: use the system-register interface.
 pub const ICC_SRE_SRE: u64 = 1 << 0;
 /// ICC_PMR_EL1: lowest priority mask, every interrupt passes.

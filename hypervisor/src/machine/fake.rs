@@ -9,7 +9,7 @@ extern crate std;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 
-use kho::HandoverWriter;
+use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::PhysRange;
 use sparse_bitmap::testing::Arena;
 use sparse_bitmap::MultiOrderBitmap;
@@ -99,6 +99,10 @@ impl Handover for FakeArch {
         rec.stage2_root = p.arch.stage2_root;
     }
 
+    fn write_partition_records(_: &Partition<Self>, _: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
+        Ok(())
+    }
+
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError> {
         if let Some(note) = self.device_note {
             let rec = crate::records::HvRecord {
@@ -116,7 +120,12 @@ impl Handover for FakeArch {
         Ok(())
     }
 
-    fn adopt_partition(&mut self, rec: &PartitionRecord, ram: &[PhysRange]) -> Result<FakePartition, RestoreError> {
+    fn adopt_partition(
+        &mut self,
+        rec: &PartitionRecord,
+        _: &SubsystemNode<'_>,
+        ram: &[PhysRange],
+    ) -> Result<FakePartition, RestoreError> {
         if !ram.iter().any(|r| r.contains(&PhysRange::new(rec.stage2_root, 4096))) {
             return Err(RestoreError::Arch("stage2-root-outside-ram"));
         }

@@ -8,7 +8,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use kho::{HandoverError, HandoverReader, HandoverWriter, RecordError};
+use kho::{HandoverError, HandoverReader, HandoverWriter, RecordError, SubsystemNode, SubsystemWriter};
 use sparse_bitmap::MultiOrderBitmap;
 
 use super::{Arch, Machine, MachineMemory, Partition, VcpuSlot};
@@ -28,13 +28,17 @@ pub trait Handover: Arch {
     /// Fills in the arch's fields of a partition's record: second-stage
     /// root, and the image, initrd and command line if it keeps them.
     fn record_partition(p: &Partition<Self>, rec: &mut PartitionRecord);
+    /// Writes the arch's own records of a partition (its virtual interrupt
+    /// controller) into its node, beside the partition record.
+    fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError>;
     /// Writes the arch's own subsystems (the IOMMU).
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError>;
     /// Adopts a partition's arch state from its record (its second-stage
-    /// table in place, checked).
+    /// table in place, checked) and the arch's own records in its node.
     fn adopt_partition(
         &mut self,
         rec: &PartitionRecord,
+        node: &SubsystemNode<'_>,
         ram: &[loader::PhysRange],
     ) -> Result<Self::Partition, RestoreError>;
     /// Rebuilds a vCPU context from its record's bytes, checking what it
@@ -146,9 +150,9 @@ impl<A: Handover> Machine<A> {
                 cmdline: [0; crate::records::CMDLINE_BYTES],
             };
             A::record_partition(p, &mut rec);
-            w.subsystem(&alloc::format!("partitions/{}", rec.id))
-                .and_then(|mut s| s.add_record(&rec))
-                .map_err(handover("partition"))?;
+            let mut node = w.subsystem(&alloc::format!("partitions/{}", rec.id)).map_err(handover("partition"))?;
+            node.add_record(&rec).map_err(handover("partition"))?;
+            A::write_partition_records(p, &mut node)?;
         }
         for (n, slot) in self.vcpus.iter().enumerate() {
             let mut context = [0u8; CONTEXT_BYTES];
@@ -206,7 +210,7 @@ pub fn restore<A: Handover>(
         if rec.ram_size == 0 || !m.preserved.bitmap.contains_range(rec.ram_host_base..end) {
             return Err(RestoreError::RamNotPreserved { id: rec.id });
         }
-        let part = m.arch.adopt_partition(&rec, &m.ram)?;
+        let part = m.arch.adopt_partition(&rec, node, &m.ram)?;
         partitions.push(Partition {
             info: PartitionInfo {
                 id: rec.id,

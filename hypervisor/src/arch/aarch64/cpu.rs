@@ -3,7 +3,6 @@
 //! chosen vCPU (its EL1 state, stage 2 and VMID loaded, its virtual
 //! interrupts in the list registers), and the exit path from `entry.S`.
 
-use alloc::vec::Vec;
 use core::arch::asm;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -14,15 +13,18 @@ use hypervisor::sched::VcpuState;
 use hypervisor::stage2::ArmStage2;
 
 use super::exits::{handle_sync, read_esr_far_hpfar};
-use super::gic::{self, PPI_HYP_TIMER, PPI_VIRT_TIMER};
+use super::gic::{self, MAX_LRS, PPI_HYP_TIMER, PPI_VIRT_TIMER};
 use super::platform::{cpu_index, Aarch64, MACHINE};
 use super::vcpu::{self, GuestRegs, CNTV_IMASK};
 use super::MAX_CPUS;
 
 /// HCR_EL2 for guests (Arm ARM D19.2.48): VM (stage 2 on), SWIO, FMO/IMO/
 /// AMO (physical interrupts to EL2, virtual ones to the guest), TWI (trap
-/// WFI), TSC (trap SMC), RW (EL1 is AArch64).
-const HCR_GUEST: u64 = (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 13) | (1 << 19) | (1 << 31);
+/// WFI), TID3 (trap ID register reads: `id_regs`), TSC (trap SMC), RW
+/// (EL1 is AArch64). API and APK stay 0: pointer authentication traps,
+/// and the ID registers hide it.
+const HCR_GUEST: u64 =
+    (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 13) | (1 << 18) | (1 << 19) | (1 << 31);
 /// VTCR_EL2 (D19.2.176): the stage-2 engine's geometry, RES1 bit 31, and
 /// PS from PARange.
 const VTCR_RES1: u64 = 1 << 31;
@@ -32,8 +34,9 @@ const VTCR_PS_SHIFT: u64 = 16;
 const CNTHCTL_GUEST: u64 = 1;
 /// Scheduling time slice.
 const SLICE_MS: u64 = 10;
-/// Bit of `VcpuSlot::pending` for the virtual timer (bits 0-15 are SGIs).
-pub const PENDING_VTIMER: u32 = 1 << 16;
+/// `VcpuSlot::pending` has a bit per private INTID (SGIs 0-15, PPIs
+/// 16-31): the virtual timer's PPI.
+pub const PENDING_VTIMER: u32 = 1 << PPI_VIRT_TIMER;
 
 /// Set by the boot CPU once the machine exists: the others may schedule.
 static STARTED: AtomicBool = AtomicBool::new(false);
@@ -177,28 +180,40 @@ fn prepare_entry(m: &mut Machine<Aarch64>, cpu: usize, v: usize) {
         }
         m.loaded[cpu] = Some(v);
     }
+    // Interrupts posted to the vCPU become its virtual GIC's; then the
+    // list registers are read back (what the guest completed) and refilled
+    // in priority order.
+    let n = gic::lr_count().min(MAX_LRS);
+    let mut lrs = [0u64; MAX_LRS];
+    for (i, lr) in lrs.iter_mut().enumerate().take(n) {
+        *lr = gic::read_lr(i);
+    }
+    let before = lrs;
+    let index = m.vcpus[v].index as usize;
+    let posted = core::mem::take(&mut m.vcpus[v].pending);
+    let p = m.vcpus[v].partition;
+    let vgic = &mut m.partitions[p].arch.vgic;
+    vgic.sync_lrs(index, &lrs[..n]);
+    for intid in (0..32).filter(|&i| posted & (1 << i) != 0) {
+        vgic.set_private_pending(index, intid);
+    }
+    vgic.fill_lrs(index, &mut lrs[..n]);
+    let timer_in_flight = vgic
+        .cpus
+        .get(index)
+        .is_some_and(|c| c.irqs[PPI_VIRT_TIMER as usize].in_lr || c.irqs[PPI_VIRT_TIMER as usize].pending);
+    for (i, (&now, &was)) in lrs.iter().zip(&before).enumerate().take(n) {
+        if now != was {
+            gic::write_lr(i, now);
+        }
+    }
     // SAFETY: `v` is loaded on this CPU.
     let ctx = unsafe { m.ctx_mut(v) };
-    let lrs = gic::lr_count();
-    let live: Vec<u64> = (0..lrs).map(gic::read_lr).collect();
-    if ctx.timer_masked_by_hv && !live.iter().any(|&lr| !gic::lr_free(lr) && gic::lr_intid(lr) == PPI_VIRT_TIMER) {
+    if ctx.timer_masked_by_hv && !timer_in_flight {
+        // The guest has taken the timer interrupt: its timer may fire again.
         vcpu::write_cntv_ctl(vcpu::read_cntv_ctl() & !CNTV_IMASK);
         ctx.timer_masked_by_hv = false;
     }
-    let mut pending = m.vcpus[v].pending;
-    for (i, &lr) in live.iter().enumerate() {
-        if pending == 0 {
-            break;
-        }
-        if !gic::lr_free(lr) {
-            continue;
-        }
-        let bit = pending.trailing_zeros();
-        let intid = if 1 << bit == PENDING_VTIMER { PPI_VIRT_TIMER } else { bit };
-        gic::write_lr(i, gic::lr_pending(intid));
-        pending &= !(1 << bit);
-    }
-    m.vcpus[v].pending = pending;
     if m.vcpus[v].state == VcpuState::Waiting {
         m.vcpus[v].state = VcpuState::Runnable;
     }

@@ -6,17 +6,20 @@
 use core::arch::asm;
 
 use hvcall::{PartitionState, SMCCC_VENDOR_HYP_CALL};
-use hypervisor::guest_dtb::{self, GUEST_GICD, GUEST_GICR, GUEST_GICR_STRIDE, GUEST_UART, GUEST_UART_SIZE};
+use hypervisor::arch::aarch64::{id_regs, vgic};
+use hypervisor::guest_dtb::{GUEST_GICD, GUEST_GICR, GUEST_UART, GUEST_UART_SIZE};
 use hypervisor::hypercall::IdentityMemory;
 use hypervisor::machine::{Machine, Next};
 use hypervisor::sched::VcpuState;
 
 use super::partitions::reset_partition;
-use super::platform::Aarch64;
+use super::platform::{Aarch64, Pl011Regs};
 use super::vcpu::Vcpu;
 
 /// ESR_EL2.EC exception classes (Arm ARM D19.2.40, ESR_EL2).
 const EC_WFX: u64 = 0x01;
+const EC_PAUTH: u64 = 0x09;
+const EC_SVE: u64 = 0x19;
 const EC_HVC64: u64 = 0x16;
 const EC_SMC64: u64 = 0x17;
 const EC_SYSREG: u64 = 0x18;
@@ -43,11 +46,35 @@ const PSCI_1_1: i64 = 0x1_0001;
 const PSCI_NOT_SUPPORTED: i64 = -1;
 const PSCI_INVALID_PARAMETERS: i64 = -2;
 const PSCI_ALREADY_ON: i64 = -4;
-/// PL011 registers the console emulation implements: UARTDR, UARTFR.
+/// Data abort ISS: SAS [23:22], the access size as a power of two bytes.
+const DABT_SAS_SHIFT: u32 = 22;
+/// PL011 registers (Arm DDI 0183G §3.3) and ID values (§4.3: UARTPeriphID0-3
+/// = 0x11, 0x10, 0x14, 0x00 for r1p5; UARTPCellID0-3 = 0x0d, 0xf0, 0x05,
+/// 0xb1, what Linux's amba bus matches on).
 const UART_DR: u64 = 0x000;
 const UART_FR: u64 = 0x018;
+const UART_IBRD: u64 = 0x024;
+const UART_FBRD: u64 = 0x028;
+const UART_LCR_H: u64 = 0x02c;
+const UART_CR: u64 = 0x030;
+const UART_IFLS: u64 = 0x034;
+const UART_IMSC: u64 = 0x038;
+const UART_PERIPH_ID: u64 = 0xfe0;
+const UART_ID_BYTES: [u8; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
 /// UARTFR: TXFE | RXFE (transmit FIFO empty, nothing to receive).
 const UART_FR_IDLE: u64 = 0x90;
+/// ESR_EL1 for an UNDEFINED instruction (D19.2.40): EC 0 (unknown
+/// reason), IL (32-bit instruction).
+const ESR_UNKNOWN_IL: u64 = 1 << 25;
+/// Exception vector offsets from VBAR_EL1 (D1.10.2): current EL with
+/// SP_EL0, current EL with SP_ELx, lower EL in AArch64.
+const VECTOR_CURRENT_SP0: u64 = 0x000;
+const VECTOR_CURRENT_SPX: u64 = 0x200;
+const VECTOR_LOWER_A64: u64 = 0x400;
+/// SPSR.M[3:0] values (C5.2.19): EL1t, EL1h.
+const SPSR_M_MASK: u64 = 0xf;
+const SPSR_EL1T: u64 = 0b0100;
+const SPSR_EL1H: u64 = 0b0101;
 
 pub fn read_esr_far_hpfar() -> (u64, u64, u64) {
     let (esr, far, hpfar): (u64, u64, u64);
@@ -92,10 +119,17 @@ pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
     match ec {
         EC_WFX => {
             ctx.regs.elr += 4;
-            if m.vcpus[v].pending == 0 {
+            let index = m.vcpus[v].index as usize;
+            if m.vcpus[v].pending == 0 && !m.partitions[p].arch.vgic.has_deliverable(index) {
                 m.vcpus[v].state = VcpuState::Waiting;
             }
             Next::Reschedule
+        }
+        EC_SVE | EC_PAUTH => {
+            // Hidden by the ID registers (`id_regs`): to the guest the
+            // instruction does not exist.
+            inject_undef(ctx);
+            Next::Resume
         }
         EC_HVC64 | EC_SMC64 => {
             if ec == EC_SMC64 {
@@ -127,6 +161,8 @@ pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
             if esr & SYSREG_MASK == SYSREG_ICC_SGI1R && !is_read {
                 let value = reg(ctx, rt);
                 send_sgi(m, v, value);
+            } else if let Some(id) = id_regs::decode(esr & 0x1ff_ffff) {
+                set_reg(ctx, rt, id_regs::guest_value(id, read_id_register(id)));
             } else if is_read {
                 // Other trapped registers (the EL1 physical timer) read as zero
                 // and ignore writes.
@@ -155,33 +191,127 @@ pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
     }
 }
 
-/// The emulated PL011 (transmit only) and RAZ/WI GIC frames. Returns
-/// whether the access was emulated.
+/// The emulated PL011 and virtual GICv3 frames. Returns whether the
+/// access was emulated.
 fn emulate_mmio(m: &mut Machine<Aarch64>, v: usize, p: usize, ipa: u64, esr: u64) -> bool {
     let rt = (esr >> 16) & 0x1f;
     let write = esr & DABT_WNR != 0;
+    let width = 1u8 << ((esr >> DABT_SAS_SHIFT) & 0b11);
     // SAFETY: `v` exited on this CPU.
-    let ctx = unsafe { m.ctx_mut(v) };
+    let value = reg(unsafe { m.ctx_mut(v) }, rt);
     if (GUEST_UART..GUEST_UART + GUEST_UART_SIZE).contains(&ipa) {
         let off = ipa - GUEST_UART;
-        if write && off == UART_DR {
-            let byte = reg(ctx, rt) as u8;
-            m.console_bytes(p, &[byte]);
-        } else if !write {
-            set_reg(ctx, rt, if off == UART_FR { UART_FR_IDLE } else { 0 });
+        if write {
+            uart_write(m, p, off, value);
+        } else {
+            let read = uart_read(&m.partitions[p].arch.uart, off);
+            // SAFETY: as above.
+            set_reg(unsafe { m.ctx_mut(v) }, rt, read);
         }
         return true;
     }
-    let vcpus = u64::from(m.partitions[p].info.vcpus);
-    let gic = (GUEST_GICD..GUEST_GICD + guest_dtb::GUEST_GICD_SIZE).contains(&ipa)
-        || (GUEST_GICR..GUEST_GICR + GUEST_GICR_STRIDE * vcpus).contains(&ipa);
-    if gic {
-        if !write {
-            set_reg(ctx, rt, 0);
+    let vcpus = m.partitions[p].vcpus.len();
+    let Some(frame) = vgic::frame(ipa, GUEST_GICD, GUEST_GICR, vcpus) else { return false };
+    if write {
+        let wake = m.partitions[p].arch.vgic.write(frame, width, value);
+        for k in (0..vcpus).filter(|&k| wake & (1 << k) != 0) {
+            let t = m.partitions[p].vcpus[k];
+            if m.vcpus[t].state != VcpuState::Stopped {
+                m.post(t, 0);
+            }
         }
-        return true;
+    } else {
+        let read = m.partitions[p].arch.vgic.read(frame, width);
+        // SAFETY: as above.
+        set_reg(unsafe { m.ctx_mut(v) }, rt, read);
     }
-    false
+    true
+}
+
+/// A read of the emulated PL011: FIFOs always empty, nothing received.
+fn uart_read(uart: &Pl011Regs, off: u64) -> u64 {
+    match off {
+        UART_FR => UART_FR_IDLE,
+        UART_IBRD => u64::from(uart.ibrd),
+        UART_FBRD => u64::from(uart.fbrd),
+        UART_LCR_H => u64::from(uart.lcr_h),
+        UART_CR => u64::from(uart.cr),
+        UART_IFLS => u64::from(uart.ifls),
+        UART_IMSC => u64::from(uart.imsc),
+        o if (UART_PERIPH_ID..UART_PERIPH_ID + 0x20).contains(&o) && o % 4 == 0 => {
+            u64::from(UART_ID_BYTES[((o - UART_PERIPH_ID) / 4) as usize])
+        }
+        _ => 0,
+    }
+}
+
+/// A write to the emulated PL011: data goes to the partition's console;
+/// the control registers are kept for reading back.
+fn uart_write(m: &mut Machine<Aarch64>, p: usize, off: u64, value: u64) {
+    let uart = &mut m.partitions[p].arch.uart;
+    let value32 = value as u32;
+    match off {
+        UART_DR => m.console_bytes(p, &[value as u8]),
+        UART_IBRD => uart.ibrd = value32 & 0xffff,
+        UART_FBRD => uart.fbrd = value32 & 0x3f,
+        UART_LCR_H => uart.lcr_h = value32 & 0xff,
+        UART_CR => uart.cr = value32 & 0xffff,
+        UART_IFLS => uart.ifls = value32 & 0x3f,
+        UART_IMSC => uart.imsc = value32 & 0x7ff,
+        // ICR, DMACR and the rest: nothing is pending, nothing to do.
+        _ => {}
+    }
+}
+
+/// Delivers an UNDEFINED instruction exception to the guest's EL1 (Arm
+/// ARM D1.10): ESR_EL1, ELR_EL1 and SPSR_EL1 as the hardware would set
+/// them, and the guest resumes at its vector with interrupts masked. The
+/// vCPU is loaded, so its EL1 registers are the CPU's.
+fn inject_undef(ctx: &mut Vcpu) {
+    let from = ctx.regs.spsr & SPSR_M_MASK;
+    let offset = match from {
+        SPSR_EL1T => VECTOR_CURRENT_SP0,
+        SPSR_EL1H => VECTOR_CURRENT_SPX,
+        _ => VECTOR_LOWER_A64,
+    };
+    let vbar: u64;
+    // SAFETY: the exiting vCPU's EL1 registers are live on this CPU; this
+    // writes the exception state the architecture would and reads VBAR_EL1.
+    unsafe {
+        asm!(
+            "msr esr_el1, {esr}",
+            "msr elr_el1, {elr}",
+            "msr spsr_el1, {spsr}",
+            "mrs {vbar}, vbar_el1",
+            esr = in(reg) ESR_UNKNOWN_IL,
+            elr = in(reg) ctx.regs.elr,
+            spsr = in(reg) ctx.regs.spsr,
+            vbar = out(reg) vbar,
+            options(nomem, nostack),
+        );
+    }
+    ctx.regs.elr = vbar + offset;
+    ctx.regs.spsr = super::vcpu::SPSR_EL1H_MASKED;
+}
+
+/// Reads the hardware's ID register `id` (S3_0_C0_C<crm>_<op2>).
+fn read_id_register(id: id_regs::IdReg) -> u64 {
+    macro_rules! read {
+        ($($crm:literal: [$($op2:literal),*]),*) => {
+            match (id.crm, id.op2) {
+                $($(($crm, $op2) => {
+                    let v: u64;
+                    // SAFETY: reading an ID register has no side effects.
+                    unsafe { asm!(concat!("mrs {0}, S3_0_C0_C", $crm, "_", $op2), out(reg) v, options(nomem, nostack)) };
+                    v
+                })*)*
+                _ => 0,
+            }
+        };
+    }
+    read!(1: [0, 1, 2, 3, 4, 5, 6, 7], 2: [0, 1, 2, 3, 4, 5, 6, 7], 3: [0, 1, 2, 3, 4, 5, 6, 7],
+          4: [0, 1, 2, 3, 4, 5, 6, 7], 5: [0, 1, 2, 3, 4, 5, 6, 7], 6: [0, 1, 2, 3, 4, 5, 6, 7],
+          7: [0, 1, 2, 3, 4, 5, 6, 7])
 }
 
 /// Emulates a write to ICC_SGI1R_EL1 (IHI 0069H §12.2.22): TargetList

@@ -37,13 +37,6 @@ const PRIORITY: u8 = 0xa0;
 const ICC_SRE_EL2_VALUE: u64 = (1 << 0) | (1 << 3);
 /// ICH_HCR_EL2.En: the virtual CPU interface is enabled.
 const ICH_HCR_EN: u64 = 1;
-/// List register fields (§12.5.9 ICH_LR<n>_EL2): State[63:62] (01
-/// pending, 10 active, 11 both), Group[60], Priority[55:48], vINTID[31:0].
-const LR_STATE_SHIFT: u32 = 62;
-const LR_STATE_PENDING: u64 = 1;
-const LR_GROUP1: u64 = 1 << 60;
-const LR_PRIORITY_SHIFT: u32 = 48;
-const LR_INTID_MASK: u64 = 0xffff_ffff;
 /// Most list registers used (the architecture allows 16; QEMU has 4).
 pub const MAX_LRS: usize = 4;
 
@@ -158,20 +151,6 @@ pub fn kick(aff0: u64) {
     let v = (1u64 << (aff0 & 0xf)) | (u64::from(SGI_KICK) << 24);
     // SAFETY: generating an SGI has no memory effects.
     unsafe { asm!("dsb ishst", "msr icc_sgi1r_el1, {0}", "isb", in(reg) v, options(nostack)) };
-}
-
-/// A pending, group-1 list register value for `intid`.
-pub fn lr_pending(intid: u32) -> u64 {
-    (LR_STATE_PENDING << LR_STATE_SHIFT) | LR_GROUP1 | (u64::from(PRIORITY) << LR_PRIORITY_SHIFT) | u64::from(intid)
-}
-
-/// Whether a list register is free (State = invalid).
-pub fn lr_free(lr: u64) -> bool {
-    lr >> LR_STATE_SHIFT == 0
-}
-
-pub fn lr_intid(lr: u64) -> u32 {
-    (lr & LR_INTID_MASK) as u32
 }
 
 /// Number of list registers implemented (ICH_VTR_EL2.ListRegs + 1).

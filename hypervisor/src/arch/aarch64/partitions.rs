@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 use core::arch::asm;
 use core::fmt::{self, Write as _};
 
+use hypervisor::arch::aarch64::vgic::Vgic;
 use hypervisor::frames::FrameAllocator;
 use hypervisor::guest_image::{self, GuestLayout, LayoutError};
 use hypervisor::machine::{BuildError, Machine, MachineMemory};
@@ -20,7 +21,7 @@ use loader::manifest::GuestSpec;
 use loader::PhysRange;
 
 use super::devices::{self, AssignError, PciHost, GUEST_DEVICE_IPA};
-use super::platform::{device_tree, phys_bytes, Aarch64, ArmPartition, Smmu, MACHINE};
+use super::platform::{device_tree, phys_bytes, Aarch64, ArmPartition, Pl011Regs, Smmu, MACHINE};
 use super::vcpu::Vcpu;
 
 /// Cleans the data cache to the point of coherency and invalidates the
@@ -180,7 +181,17 @@ fn build_partition(m: &mut Machine<Aarch64>, id: u32, spec: &GuestSpec) -> Resul
         (0..spec.vcpus).map(|i| Vcpu::new(layout.entry_ipa, layout.dtb_ipa(), (1 << 31) | u64::from(i))).collect();
     let root = stage2.root();
     let entry = layout.entry_ipa;
-    let part = ArmPartition { stage2, image, format: spec.format, initrd: spec.initrd, cmdline, layout };
+    let vgic = Vgic::new(spec.vcpus as usize);
+    let part = ArmPartition {
+        stage2,
+        image,
+        format: spec.format,
+        initrd: spec.initrd,
+        cmdline,
+        layout,
+        vgic,
+        uart: Pl011Regs::default(),
+    };
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
     let p = m.add_partition(info, vmid, part, contexts).map_err(GuestError::Machine)?;
     hv_event!(
@@ -267,6 +278,10 @@ pub fn reset_partition(m: &mut Machine<Aarch64>, p: usize) {
     let dtb = device_tree(part.info.ram.size, part.info.vcpus, &a.cmdline, &a.layout, a.initrd);
     load_image(part.info.ram, a.image, &a.layout, &dtb);
     let (entry, dtb_ipa) = (a.layout.entry_ipa, a.layout.dtb_ipa());
+    // A reset GIC and UART, as on a machine that restarts.
+    let vcpus = m.partitions[p].vcpus.len();
+    m.partitions[p].arch.vgic = Vgic::new(vcpus);
+    m.partitions[p].arch.uart = Pl011Regs::default();
     for k in 0..m.partitions[p].vcpus.len() {
         let t = m.partitions[p].vcpus[k];
         let slot = &mut m.vcpus[t];

@@ -6,16 +6,18 @@ use alloc::string::String;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use hypervisor::arch::aarch64::vgic::Vgic;
 use hypervisor::guest_dtb::{self, GuestDtbSpec};
 use hypervisor::guest_image::{self, GuestLayout};
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::partition::GUEST_RAM_BASE;
 use hypervisor::preserved::IdentityPages;
 use hypervisor::records::{
-    field_text, format_code, format_of, text_field, IommuRecord, PartitionRecord, CMDLINE_BYTES,
+    field_text, format_code, format_of, text_field, IommuRecord, PartitionRecord, VgicRecord, CMDLINE_BYTES,
+    VGIC_STATE_BYTES,
 };
 use hypervisor::stage2::{ArmStage2, LinearMap, Stage2Table};
-use kho::HandoverWriter;
+use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
 use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
@@ -44,6 +46,24 @@ pub struct ArmPartition {
     pub initrd: Option<PhysRange>,
     pub cmdline: String,
     pub layout: GuestLayout,
+    /// The virtual GICv3 its vCPUs see.
+    pub vgic: Vgic,
+    /// The emulated PL011's registers the guest programs.
+    pub uart: Pl011Regs,
+}
+
+/// The PL011 registers a driver programs and reads back (PrimeCell
+/// UART, Arm DDI 0183G §3.3): control, line control, baud divisors and
+/// interrupt mask. Transmission is immediate, so the FIFOs are always
+/// empty and no interrupt is ever raised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pl011Regs {
+    pub cr: u32,
+    pub lcr_h: u32,
+    pub ibrd: u32,
+    pub fbrd: u32,
+    pub imsc: u32,
+    pub ifls: u32,
 }
 
 /// The one machine of this image (the access rule: `hypervisor::machine`).
@@ -148,6 +168,13 @@ impl Handover for Aarch64 {
         rec.cmdline = text_field(&a.cmdline);
     }
 
+    fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
+        let mut rec = VgicRecord { vcpus: p.info.vcpus, len: 0, state: [0; VGIC_STATE_BYTES] };
+        let len = p.arch.vgic.encode_into(&mut rec.state).ok_or(SaveError::Device("vgic-state-too-large"))?;
+        rec.len = len as u32;
+        node.add_record(&rec).map_err(|error| SaveError::Handover { what: "vgic", error })
+    }
+
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError> {
         if let Some(smmu) = self.smmu.as_ref() {
             let rec = IommuRecord::from_state(&smmu.state()).ok_or(SaveError::Device("too-many-iommu-assignments"))?;
@@ -158,7 +185,23 @@ impl Handover for Aarch64 {
         Ok(())
     }
 
-    fn adopt_partition(&mut self, rec: &PartitionRecord, ram: &[PhysRange]) -> Result<ArmPartition, RestoreError> {
+    fn adopt_partition(
+        &mut self,
+        rec: &PartitionRecord,
+        node: &SubsystemNode<'_>,
+        ram: &[PhysRange],
+    ) -> Result<ArmPartition, RestoreError> {
+        let vcpus = rec.vcpus as usize;
+        // A handover from an image without a virtual GIC: a fresh one
+        // (what that image's guests saw: nothing to restore).
+        let vgic = match node.record::<VgicRecord>() {
+            Ok(Some(v)) => {
+                let len = (v.len as usize).min(VGIC_STATE_BYTES);
+                Vgic::decode(&v.state[..len], vcpus).ok_or(RestoreError::BadField("vgic-state"))?
+            }
+            Ok(None) => Vgic::new(vcpus),
+            Err(e) => return Err(RestoreError::Record { what: "vgic", error: Some(e) }),
+        };
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
         // Assigned BARs are stage-2 leaves outside RAM, inside the PCI window.
         let devices: alloc::vec::Vec<(u64, u64)> = self.pci.iter().map(|p| (p.mmio32.base, p.mmio32.size)).collect();
@@ -173,7 +216,7 @@ impl Handover for Aarch64 {
         let cmdline = String::from(field_text(&rec.cmdline[..(rec.cmdline_len as usize).min(CMDLINE_BYTES)]));
         let layout = guest_image::layout(format, image, rec.ram_size, initrd.map(|r| r.size))
             .map_err(|_| RestoreError::BadField("image-layout"))?;
-        Ok(ArmPartition { stage2, image, format, initrd, cmdline, layout })
+        Ok(ArmPartition { stage2, image, format, initrd, cmdline, layout, vgic, uart: Pl011Regs::default() })
     }
 
     fn restore_context(&self, bytes: &[u8], _: &MultiOrderBitmap<IdentityPages>) -> Result<Vcpu, RestoreError> {

@@ -12,7 +12,7 @@ use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, 
 use hypervisor::preserved::IdentityPages;
 use hypervisor::records::{format_code, PartitionRecord};
 use hypervisor::stage2::{Ept, LinearMap, Stage2Table};
-use kho::HandoverWriter;
+use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
 use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
@@ -120,11 +120,20 @@ impl Handover for X86 {
         rec.image_format = format_code(ImageFormat::Flat);
     }
 
+    fn write_partition_records(_: &Partition<Self>, _: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
+        Ok(())
+    }
+
     fn record_devices(&self, _: &mut HandoverWriter) -> Result<(), SaveError> {
         Ok(())
     }
 
-    fn adopt_partition(&mut self, rec: &PartitionRecord, ram: &[PhysRange]) -> Result<X86Partition, RestoreError> {
+    fn adopt_partition(
+        &mut self,
+        rec: &PartitionRecord,
+        _: &SubsystemNode<'_>,
+        ram: &[PhysRange],
+    ) -> Result<X86Partition, RestoreError> {
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
         // SAFETY: RAM is identity-mapped, so physical = virtual.
         let phys = unsafe { LinearMap::new(0) };

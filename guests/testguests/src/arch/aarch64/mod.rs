@@ -20,7 +20,7 @@ use hvcall::SMCCC_VENDOR_HYP_CALL;
 
 use crate::boot::{dtb_total_size, BootError, BootLayout, FDT_HEADER_LEN};
 use crate::gicv3::{
-    acknowledged_intid, sgi1r_to_self, CNTV_CTL_ENABLE, HEARTBEAT_SGI, ICC_IGRPEN1_ENABLE, ICC_PMR_ALLOW_ALL,
+    self, acknowledged_intid, sgi1r_to_self, CNTV_CTL_ENABLE, HEARTBEAT_SGI, ICC_IGRPEN1_ENABLE, ICC_PMR_ALLOW_ALL,
     ICC_SRE_SRE, VIRTUAL_TIMER_INTID,
 };
 use crate::psci::Call;
@@ -167,9 +167,29 @@ fn mpidr() -> u64 {
     mpidr
 }
 
+/// Turns on the distributor and this vCPU's redistributor as a GICv3
+/// driver does: affinity routing and Group 1 forwarding, the
+/// redistributor awake, its interrupts in Group 1 and the virtual timer's
+/// PPI enabled (SGIs are always enabled).
+fn enable_gic() {
+    let rd = gicv3::redistributor(mpidr() & 0xff);
+    // SAFETY: MMIO to this partition's GICv3 frames at the addresses its
+    // device tree gives (the hypervisor emulates them); the MMU is off, so
+    // the accesses are Device-nGnRnE.
+    unsafe {
+        let ctlr = (gicv3::GICD_BASE + gicv3::GICD_CTLR) as *mut u32;
+        ctlr.write_volatile(ctlr.read_volatile() | gicv3::GICD_CTLR_ENABLE_GRP1_ARE);
+        ((rd + gicv3::GICR_WAKER) as *mut u32).write_volatile(0);
+        while ((rd + gicv3::GICR_WAKER) as *const u32).read_volatile() & gicv3::GICR_WAKER_CHILDREN_ASLEEP != 0 {}
+        ((rd + gicv3::GICR_SGI_IGROUPR0) as *mut u32).write_volatile(u32::MAX);
+        ((rd + gicv3::GICR_SGI_ISENABLER0) as *mut u32).write_volatile(1 << VIRTUAL_TIMER_INTID);
+    }
+}
+
 /// Enables this vCPU's GICv3 CPU interface: system registers, every
 /// priority, Group 1. Interrupts stay masked in PSTATE.
 fn enable_cpu_interface() {
+    enable_gic();
     // SAFETY: enables this vCPU's GICv3 CPU interface through its system
     // registers (SRE first, then isb before the other ICC_* accesses),
     // lets every priority through and enables Group 1.
