@@ -32,6 +32,10 @@ usage: scripts/run [options] [-- emulator args...]
                              updater guest runs beside your guests and live-updates
                              the hypervisor under them (see --updates).
                              x86_64: no initrd, no device, one vCPU
+  --linux                    (aarch64) run Debian's arm64 Linux kernel as a guest (2 vCPUs,
+                             256 MiB; scripts/setup fetches it): it boots to userspace,
+                             checks its memory and clock for 20 s while the updater
+                             live-updates the hypervisor under it, and powers off
   --with-test-guests         also run the test guests (heartbeat, memcheck, blackout
                              meter, exerciser, isolation probe) beside yours
   --no-updater               no updater guest, so no live update (as --updates 0)
@@ -63,7 +67,8 @@ pub const DEFAULT_LINGER_S: u64 = 3;
 /// `hypervisor/src/arch/*/mod.rs`); more would be silently idle.
 pub const MAX_CPUS: u32 = 8;
 
-/// The options of one run, as given and checked.
+/// The options of one run, as given and checked (one field per flag).
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     pub arch: Arch,
@@ -73,6 +78,8 @@ pub struct Options {
     pub mem: Option<u32>,
     /// The user's own guests (`--guest`).
     pub guests: Vec<GuestArg>,
+    /// `--linux`: the stock Linux guest (`hv_tests::linux`) runs first.
+    pub linux: bool,
     pub with_test_guests: bool,
     pub no_guests: bool,
     pub no_updater: bool,
@@ -93,10 +100,10 @@ impl Options {
         self.updates.unwrap_or(if self.update_image.is_some() { 1 } else { DEFAULT_UPDATES })
     }
 
-    /// Whether the test guests run: without `--guest`, or with
-    /// `--with-test-guests`.
+    /// Whether the test guests run: without `--guest` or `--linux`, or
+    /// with `--with-test-guests`.
     pub fn runs_test_guests(&self) -> bool {
-        !self.no_guests && (self.guests.is_empty() || self.with_test_guests)
+        !self.no_guests && ((self.guests.is_empty() && !self.linux) || self.with_test_guests)
     }
 
     /// How long the run goes on after the updater stopped, when the user's
@@ -106,9 +113,14 @@ impl Options {
             .then(|| Duration::from_secs(self.linger.unwrap_or(DEFAULT_LINGER_S)))
     }
 
-    /// The machine's RAM in MiB.
+    /// The machine's RAM in MiB (1 GiB with the Linux guest).
     pub fn mem_mib(&self) -> u32 {
-        self.mem.unwrap_or(if self.machine == Machine::Bochs { 128 } else { 512 })
+        let default = match (self.machine, self.linux) {
+            (Machine::Bochs, _) => 128,
+            (_, true) => 1024,
+            (_, false) => 512,
+        };
+        self.mem.unwrap_or(default)
     }
 }
 
@@ -202,8 +214,9 @@ impl fmt::Display for OptionError {
 impl std::error::Error for OptionError {}
 
 /// Every flag `parse` knows.
-const FLAGS: [&str; 14] = [
+const FLAGS: [&str; 15] = [
     "--arch",
+    "--linux",
     "--machine",
     "--timeout",
     "--cpus",
@@ -244,6 +257,7 @@ pub fn parse(args: &[String]) -> Result<Option<Options>, OptionError> {
         cpus: 2,
         mem: None,
         guests: Vec::new(),
+        linux: false,
         with_test_guests: false,
         no_guests: false,
         no_updater: false,
@@ -291,6 +305,7 @@ pub fn parse(args: &[String]) -> Result<Option<Options>, OptionError> {
                 o.guests.push(GuestArg::parse(v).map_err(|err| OptionError::Guest { spec: v.into(), err })?);
             }
             "--with-test-guests" => o.with_test_guests = true,
+            "--linux" => o.linux = true,
             "--no-updater" => o.no_updater = true,
             "--no-guests" => o.no_guests = true,
             "--updates" => o.updates = Some(number(flag, value()?, 0, None, "a number of updates")?),
@@ -342,6 +357,9 @@ fn check_combination(o: &Options) -> Result<(), OptionError> {
     }
     if o.no_guests {
         let why = "--no-guests boots the hypervisor alone";
+        if o.linux {
+            return Err(no_effect("--linux", why));
+        }
         let explicit = [first_guest, updates.filter(|_| o.updates != Some(0)), image, linger];
         if let Some(flag) = explicit.into_iter().flatten().next() {
             return Err(no_effect(&flag, why));
@@ -353,7 +371,10 @@ fn check_combination(o: &Options) -> Result<(), OptionError> {
         }
         return Ok(());
     }
-    if o.with_test_guests && o.guests.is_empty() {
+    if o.linux && o.arch != Arch::Aarch64 {
+        return Err(no_effect("--linux", "the Linux guest is Debian's arm64 kernel: it runs with --arch aarch64"));
+    }
+    if o.with_test_guests && o.guests.is_empty() && !o.linux {
         return Err(no_effect(
             "--with-test-guests",
             "adds the test guests beside your --guest ones, and none is given",
@@ -472,6 +493,10 @@ pub struct Prepared {
 fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, LaunchError> {
     let updates = o.updates();
     let mut list = o.guests.clone();
+    if o.linux {
+        eprintln!("hvrun: building the Linux guest's initramfs ({})", crate::linux::debian_dir().display());
+        list.insert(0, crate::linux::linux_guest(crate::linux::DEFAULT_CHECK_SECONDS)?);
+    }
     if o.runs_test_guests() || updates > 0 {
         eprintln!("hvrun: building the test guests");
         let dir = guests::build_test_guests(o.arch)?;
@@ -489,7 +514,11 @@ fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, LaunchEr
             image::build(&ImageSpec { arch: o.arch, version: Some(UPDATE_B_VERSION.into()) })?.update_image()
         };
         let images = [other, image.update_image()];
-        list.push(guests::updater_guest_sized(o.arch, &images, &guests::updater_cmdline(updates))?);
+        // Beside Linux, updates 1.5 s apart land while its check runs
+        // (it reaches userspace about 2 s in and checks for 20 s).
+        let cmdline =
+            if o.linux { format!("updates={updates} delay_ms=1500") } else { guests::updater_cmdline(updates) };
+        list.push(guests::updater_guest_sized(o.arch, &images, &cmdline)?);
     }
     Ok(list)
 }

@@ -10,6 +10,7 @@ pub mod events;
 pub mod guests;
 pub mod image;
 pub mod launch;
+pub mod linux;
 pub mod summary;
 
 use std::fmt;
