@@ -130,6 +130,8 @@ fn handle_irqs(m: &mut Machine<Aarch64>, cpu: usize) -> bool {
                     m.wake(v);
                 }
             }
+            // PPI_MAINTENANCE (the list registers drained while more
+            // interrupts wait: the entry after this exit refills them),
             // SGI_KICK and anything else: the exit itself was the point.
             _ => {}
         }
@@ -197,7 +199,7 @@ fn prepare_entry(m: &mut Machine<Aarch64>, cpu: usize, v: usize) {
     for intid in (0..32).filter(|&i| posted & (1 << i) != 0) {
         vgic.set_private_pending(index, intid);
     }
-    vgic.fill_lrs(index, &mut lrs[..n]);
+    let more_waiting = vgic.fill_lrs(index, &mut lrs[..n]);
     let timer_in_flight = vgic
         .cpus
         .get(index)
@@ -207,6 +209,7 @@ fn prepare_entry(m: &mut Machine<Aarch64>, cpu: usize, v: usize) {
             gic::write_lr(i, now);
         }
     }
+    gic::refill_when_drained(more_waiting);
     // SAFETY: `v` is loaded on this CPU.
     let ctx = unsafe { m.ctx_mut(v) };
     if ctx.timer_masked_by_hv && !timer_in_flight {

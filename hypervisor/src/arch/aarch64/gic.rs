@@ -10,6 +10,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 /// INTIDs the hypervisor uses (Arm BSA: architected timer PPIs).
 pub const SGI_KICK: u32 = 1;
 pub const PPI_HYP_TIMER: u32 = 26;
+/// The virtual CPU interface's maintenance interrupt (Arm BSA: PPI 9).
+pub const PPI_MAINTENANCE: u32 = 25;
 pub const PPI_VIRT_TIMER: u32 = 27;
 /// ICC_IAR1_EL1 values from 1020 up are special (spurious, etc.).
 pub const INTID_SPECIAL: u32 = 1020;
@@ -35,8 +37,11 @@ const PRIORITY: u8 = 0xa0;
 /// ICC_SRE_EL2: SRE (bit 0) system-register interface, Enable (bit 3)
 /// lets EL1 use ICC_SRE_EL1.
 const ICC_SRE_EL2_VALUE: u64 = (1 << 0) | (1 << 3);
-/// ICH_HCR_EL2.En: the virtual CPU interface is enabled.
+/// ICH_HCR_EL2 (§12.5.5): En, the virtual CPU interface is enabled;
+/// NPIE, a maintenance interrupt while no list register holds a pending
+/// interrupt.
 const ICH_HCR_EN: u64 = 1;
+const ICH_HCR_NPIE: u64 = 1 << 3;
 /// Most list registers used (the architecture allows 16; QEMU has 4).
 pub const MAX_LRS: usize = 4;
 
@@ -100,9 +105,9 @@ pub fn init_cpu(mpidr: u64) -> Result<(), &'static str> {
         core::hint::spin_loop();
     }
     let sgi = rd + GICR_SGI_FRAME;
-    let ours = (1u32 << SGI_KICK) | (1 << PPI_HYP_TIMER) | (1 << PPI_VIRT_TIMER);
+    let ours = (1u32 << SGI_KICK) | (1 << PPI_HYP_TIMER) | (1 << PPI_VIRT_TIMER) | (1 << PPI_MAINTENANCE);
     write32(sgi + GICR_IGROUPR0, read32(sgi + GICR_IGROUPR0) | ours);
-    for intid in [SGI_KICK, PPI_HYP_TIMER, PPI_VIRT_TIMER] {
+    for intid in [SGI_KICK, PPI_HYP_TIMER, PPI_VIRT_TIMER, PPI_MAINTENANCE] {
         let reg = sgi + GICR_IPRIORITYR + (intid as usize & !3);
         let shift = (intid % 4) * 8;
         write32(reg, (read32(reg) & !(0xff << shift)) | (u32::from(PRIORITY) << shift));
@@ -143,6 +148,17 @@ pub fn ack() -> u32 {
 pub fn end(intid: u32) {
     // SAFETY: ends an interrupt this CPU acknowledged.
     unsafe { asm!("msr icc_eoir1_el1, {0}", "isb", in(reg) u64::from(intid), options(nostack)) };
+}
+
+/// Asks for a maintenance interrupt once the guest has taken every
+/// pending interrupt in the list registers (`more_waiting`: the virtual
+/// GIC has more than fit), so they are refilled without waiting for the
+/// next time slice.
+pub fn refill_when_drained(more_waiting: bool) {
+    let hcr = ICH_HCR_EN | if more_waiting { ICH_HCR_NPIE } else { 0 };
+    // SAFETY: ICH_HCR_EL2 configures this CPU's virtual CPU interface; En
+    // stays set, only the maintenance condition changes.
+    unsafe { asm!("msr ich_hcr_el2, {0}", "isb", in(reg) hcr, options(nomem, nostack)) };
 }
 
 /// Sends the kick SGI to the physical CPU with affinity-0 `aff0`

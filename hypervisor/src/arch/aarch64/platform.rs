@@ -138,6 +138,8 @@ impl Arch for Aarch64 {
 
     fn put(&mut self, vcpu: &mut Vcpu) {
         vcpu.put();
+        // No maintenance interrupt for list registers nobody runs on.
+        gic::refill_when_drained(false);
     }
 
     fn power_off(&mut self, ok: bool) {
