@@ -165,8 +165,8 @@ fn a_console_line_written_across_updates_comes_out_whole() {
         &guests::updater_cmdline(LINE_UPDATES),
     );
     list.push(updater.unwrap_or_else(|e| panic!("{e}")));
-    // About 45 s under Bochs (the three light guests let each update take
-    // ~4 s); the 3-minute timeout is only a safety net.
+    // About 15 s under Bochs (with only these three light guests an update
+    // takes ~1.5 s); the 3-minute timeout is only a safety net.
     let run = run("test-x86_64-update-console-line", &a, &list, 128);
     check(&run, run.clean_shutdown(), "clean shutdown: every guest ended by itself");
     check(&run, run.hv("update-done").len() == LINE_UPDATES as usize, "every update done");
