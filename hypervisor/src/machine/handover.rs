@@ -219,8 +219,9 @@ pub struct Restored<A: Arch> {
 
 /// Adopts the machine from the handover: each partition (its RAM checked
 /// against the preserved map, its second-stage table adopted in place by
-/// the arch, its unfinished console line taken up) and each vCPU (its context rebuilt, pinned to the CPU of the
-/// same index among `online`, or spread over them if there are fewer).
+/// the arch, its unfinished console line taken up) and each vCPU (its
+/// context rebuilt, pinned to the CPU of the same index among `online`, or
+/// spread over them if there are fewer).
 pub fn restore<A: Handover>(
     reader: &HandoverReader<'_>,
     arch: A,
