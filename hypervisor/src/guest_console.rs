@@ -1,5 +1,10 @@
 //! Per-partition console: bytes a guest writes are collected into lines and
-//! printed whole, prefixed `guest<id>: ` (the serial event protocol).
+//! printed whole, prefixed `guest<id>: ` (the serial event protocol). A
+//! line not yet ended when a live update begins crosses it in the
+//! partition's `console` record ([`LineBuffer::pending`],
+//! [`LineBuffer::with_pending`]).
+
+use core::fmt;
 
 /// Longest line kept; longer lines are printed in pieces.
 pub const LINE_MAX: usize = 256;
@@ -16,7 +21,52 @@ impl Default for LineBuffer {
     }
 }
 
+/// Why bytes from a handover cannot be a partition's pending line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingLineError {
+    /// More bytes than a line holds.
+    TooLong { len: usize },
+    /// A byte [`LineBuffer::push`] never keeps (a newline or another
+    /// control byte): printed later, it could forge a line.
+    Byte { at: usize, byte: u8 },
+}
+
+impl fmt::Display for PendingLineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLong { len } => write!(f, "pending line of {len} bytes, at most {LINE_MAX}"),
+            Self::Byte { at, byte } => write!(f, "pending line byte {at} is {byte:#04x}"),
+        }
+    }
+}
+
+/// Whether a line keeps `b`: tab, printable ASCII and UTF-8 bytes.
+fn kept(b: u8) -> bool {
+    b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80
+}
+
 impl LineBuffer {
+    /// A buffer holding `bytes` as its unfinished line, as
+    /// [`Self::pending`] gave them in the previous image: checked to be
+    /// what `push` could have kept.
+    pub fn with_pending(bytes: &[u8]) -> Result<Self, PendingLineError> {
+        if bytes.len() > LINE_MAX {
+            return Err(PendingLineError::TooLong { len: bytes.len() });
+        }
+        if let Some((at, &byte)) = bytes.iter().enumerate().find(|(_, &b)| !kept(b)) {
+            return Err(PendingLineError::Byte { at, byte });
+        }
+        let mut lb = Self::default();
+        lb.buf[..bytes.len()].copy_from_slice(bytes);
+        lb.len = bytes.len();
+        Ok(lb)
+    }
+
+    /// The bytes of the line not yet ended.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     /// Appends bytes; calls `emit` with every completed line (without the
     /// newline). Carriage returns and other control bytes are dropped so a
     /// guest cannot forge other lines or escape sequences.
@@ -24,7 +74,7 @@ impl LineBuffer {
         for &b in bytes {
             if b == b'\n' {
                 self.flush(emit);
-            } else if b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80 {
+            } else if kept(b) {
                 if self.len == LINE_MAX {
                     self.flush(emit);
                 }
@@ -74,5 +124,31 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].len(), LINE_MAX);
         assert_eq!(out[1].len(), 10);
+    }
+
+    #[test]
+    fn a_pending_line_is_taken_up_where_it_stopped() {
+        let mut lb = LineBuffer::default();
+        let mut out = Vec::new();
+        lb.push(b"done\nhalf a \tli", &mut |l| out.push(l.to_string()));
+        assert_eq!(lb.pending(), b"half a \tli");
+        let mut next = LineBuffer::with_pending(lb.pending()).unwrap();
+        next.push(b"ne\n", &mut |l| out.push(l.to_string()));
+        assert_eq!(out, ["done", "half a \tline"]);
+        assert!(next.pending().is_empty());
+        let full = [b'y'; LINE_MAX];
+        assert_eq!(LineBuffer::with_pending(&full).unwrap().pending(), full);
+    }
+
+    #[test]
+    fn a_pending_line_is_checked() {
+        let long = [b'x'; LINE_MAX + 1];
+        assert_eq!(LineBuffer::with_pending(&long).unwrap_err(), PendingLineError::TooLong { len: LINE_MAX + 1 });
+        assert_eq!(LineBuffer::with_pending(b"ok\nforged").unwrap_err(), PendingLineError::Byte { at: 2, byte: b'\n' });
+        assert_eq!(LineBuffer::with_pending(b"\x1b[2J").unwrap_err(), PendingLineError::Byte { at: 0, byte: 0x1b });
+        assert_eq!(
+            std::format!("{}", PendingLineError::TooLong { len: 300 }),
+            "pending line of 300 bytes, at most 256"
+        );
     }
 }

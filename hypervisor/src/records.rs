@@ -203,6 +203,24 @@ impl IommuRecord {
     }
 }
 
+/// Bytes of a partition's unfinished console line in [`ConsoleRecord`].
+pub const CONSOLE_LINE_BYTES: usize = 256;
+
+state_record! {
+    /// A partition's console line not yet ended (`guest_console::LineBuffer`):
+    /// the bytes since its last newline, printed by the next image once
+    /// the guest ends the line. Stored next to the partition's record.
+    pub struct ConsoleRecord {
+        const ID = 0x0001_0006;
+        const NAME = "console";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        /// Bytes of `line` in use (at most [`CONSOLE_LINE_BYTES`]).
+        pub len: u32 [since 1],
+        pub line: [u8; CONSOLE_LINE_BYTES] [since 1],
+    }
+}
+
 /// Fixed-size text field from a string (truncated, NUL-padded).
 pub fn text_field<const N: usize>(s: &str) -> [u8; N] {
     let mut out = [0u8; N];
@@ -328,6 +346,18 @@ mod tests {
         let decoded = PartitionRecord::decode(&p.encode()).unwrap();
         assert_eq!(field_text(&decoded.name), "heartbeat");
         assert_eq!(field_text(&decoded.cmdline), "ticks=100");
+    }
+
+    #[test]
+    fn console_record_layout() {
+        let mut line = [0u8; CONSOLE_LINE_BYTES];
+        line[..3].copy_from_slice(b"abc");
+        let rec = ConsoleRecord { len: 3, line };
+        let bytes = rec.encode();
+        assert_eq!(bytes.len(), 16 + 4 + CONSOLE_LINE_BYTES, "header, len, line");
+        assert_eq!(bytes[..4], 0x0001_0006u32.to_be_bytes());
+        assert_eq!(bytes[16..23], [0, 0, 0, 3, b'a', b'b', b'c']);
+        assert_eq!(ConsoleRecord::decode(&bytes).unwrap(), rec);
     }
 
     #[test]

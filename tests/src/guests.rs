@@ -10,6 +10,7 @@ use std::process::Command;
 use loader::elf::{self, Machine as ElfMachine};
 use loader::manifest::{ImageFormat, MAX_GUEST_MEM_MIB, MAX_VCPUS};
 
+use crate::emulator::RunOutcome;
 use crate::image::IsoModule;
 use crate::{io_err, out_dir, workspace_root, write_atomic, Arch, LaunchError};
 
@@ -320,6 +321,70 @@ pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Resul
     sized_for_updates(&mut list, updates);
     list.push(updater_guest(arch, update_images, UPDATER_MEM_MIB, &updater_cmdline(updates))?);
     Ok(list)
+}
+
+/// A guest that writes one long console line two bytes at a time across
+/// `updates` live updates (the heartbeat guest with `line_updates=`,
+/// `guests/testguests/src/longline.rs`), named `name`.
+pub fn longline_guest(arch: Arch, name: &str, updates: u32) -> Result<GuestArg, LaunchError> {
+    let dir = build_test_guests(arch)?;
+    let mut g = default_guest_specs(arch, &dir)
+        .into_iter()
+        .find(|g| g.name == "heartbeat")
+        .ok_or_else(|| LaunchError::Image("no heartbeat guest".into()))?;
+    g.name = name.to_string();
+    g.cmdline = format!("line_updates={updates}");
+    Ok(g)
+}
+
+/// The line a [`longline_guest`] writes, without the `guest<N>: ` prefix.
+pub fn longline_text(updates: u32) -> String {
+    let mut line = format!("longline updates={updates} text=");
+    for k in 0..60 {
+        let _ = write!(line, "{k:02}.");
+    }
+    line
+}
+
+/// Checks what the [`longline_guest`] with id `id` printed in `run`: its
+/// line once, whole and in order, after the last image adopted the guest
+/// (`hv: update-done` may come later: it is printed once every CPU is
+/// back in a guest), then its report of having seen all `updates`, and no
+/// other line (a fragment of the line, even an empty one, would be one).
+/// The reason if not.
+pub fn check_longline(run: &RunOutcome, id: u32, updates: u32) -> Result<(), String> {
+    let text = longline_text(updates);
+    let lines: Vec<&str> = run.serial.lines().map(str::trim_end).collect();
+    let adopted = format!("hv: guest-adopted id={id} ");
+    let last_adopted = lines.iter().rposition(|l| l.starts_with(&adopted));
+    let adoptions = lines.iter().filter(|l| l.starts_with(&adopted)).count();
+    if adoptions != updates as usize {
+        return Err(format!("guest{id}: adopted {adoptions} times, not {updates}"));
+    }
+    let prefix = format!("guest{id}:");
+    let own: Vec<(usize, &str)> = lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.strip_prefix(&prefix).map(|t| (i, t.strip_prefix(' ').unwrap_or(t))))
+        .collect();
+    let [(at, line), (_, report)] = own[..] else {
+        return Err(format!("guest{id}: the long line and its report, nothing else: {own:?}"));
+    };
+    if line != text {
+        return Err(format!("guest{id}: not every byte in order:\n  got  {line}\n  want {text}"));
+    }
+    if last_adopted.is_none_or(|u| at < u) {
+        return Err(format!("guest{id}: the line ended before the last image adopted the guest"));
+    }
+    let want = format!(
+        "longline done=1 bytes={} pieces={} updates_seen={updates} stalled=0",
+        text.len(),
+        text.len().div_ceil(2)
+    );
+    if report != want {
+        return Err(format!("guest{id}: report {report}, want {want}"));
+    }
+    Ok(())
 }
 
 /// The test guest binaries, as flat images in the returned directory.

@@ -112,6 +112,44 @@ fn ten_updates_alternate_and_guests_stay_resident() {
     check(&run, run.hv("fault").len() == 1, "only the isolation probe faults");
 }
 
+/// No console byte lost across updates: two guests each write one long
+/// line two bytes per hypercall, 10 ms of guest time apart, spread over
+/// ten updates and ended after the last. Each line comes out once, whole
+/// and in order, as one `guest<N>:` line after the tenth update; nothing
+/// of it appears before.
+#[test]
+fn a_console_line_written_across_ten_updates_comes_out_whole() {
+    const UPDATES: u32 = 10;
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let names = ["longline-a", "longline-b"];
+    let mut list: Vec<GuestArg> = names
+        .iter()
+        .map(|n| guests::longline_guest(Arch::Aarch64, n, UPDATES).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let updater = guests::updater_guest(
+        Arch::Aarch64,
+        &[b.bootable.clone(), a.bootable.clone()],
+        guests::UPDATER_MEM_MIB,
+        &guests::updater_cmdline(UPDATES),
+    );
+    list.push(updater.unwrap_or_else(|e| panic!("{e}")));
+    let run = run("test-update-console-line", &a, &list, &[]);
+    check(&run, run.clean_shutdown(), "clean shutdown: every guest ended by itself");
+    let done = run.hv("update-done");
+    check(&run, done.len() == UPDATES as usize, "ten updates");
+
+    assert!(
+        guests::longline_text(UPDATES).len() < hypervisor::guest_console::LINE_MAX,
+        "the line is printed whole, not split"
+    );
+    for name in names {
+        let id = id_of(&run, name);
+        let verdict = guests::check_longline(&run, id, UPDATES);
+        check(&run, verdict.is_ok(), &format!("{name}: {}", verdict.err().unwrap_or_default()));
+    }
+}
+
 fn refuse_run(name: &str, images: &[PathBuf]) -> RunOutcome {
     let a = build(None);
     guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));

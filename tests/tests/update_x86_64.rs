@@ -144,6 +144,44 @@ fn ten_updates_alternate_and_guests_stay_resident() {
     check(&run, run.hv("fault").len() == 1, "only the isolation probe faults");
 }
 
+/// No console byte lost across updates: two guests each write one long
+/// line two bytes per hypercall, 10 ms of guest time apart, spread over
+/// the updates and ended after the last. Each line comes out once, whole
+/// and in order, as one `guest<N>:` line after the last update.
+#[test]
+fn a_console_line_written_across_updates_comes_out_whole() {
+    const LINE_UPDATES: u32 = 10;
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let names = ["longline-a", "longline-b"];
+    let mut list: Vec<GuestArg> = names
+        .iter()
+        .map(|n| guests::longline_guest(Arch::X86_64, n, LINE_UPDATES).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let updater = guests::updater_guest(
+        Arch::X86_64,
+        &[b.update_image(), a.update_image()],
+        32,
+        &guests::updater_cmdline(LINE_UPDATES),
+    );
+    list.push(updater.unwrap_or_else(|e| panic!("{e}")));
+    // About 15 s under Bochs (with only these three light guests an update
+    // takes ~1.5 s); the 3-minute timeout is only a safety net.
+    let run = run("test-x86_64-update-console-line", &a, &list, 128);
+    check(&run, run.clean_shutdown(), "clean shutdown: every guest ended by itself");
+    check(&run, run.hv("update-done").len() == LINE_UPDATES as usize, "every update done");
+
+    assert!(
+        guests::longline_text(LINE_UPDATES).len() < hypervisor::guest_console::LINE_MAX,
+        "the line is printed whole, not split"
+    );
+    for name in names {
+        let id = id_of(&run, name);
+        let verdict = guests::check_longline(&run, id, LINE_UPDATES);
+        check(&run, verdict.is_ok(), &format!("{name}: {}", verdict.err().unwrap_or_default()));
+    }
+}
+
 #[test]
 fn bad_images_are_refused_and_guests_continue() {
     let a = build(None);

@@ -37,6 +37,9 @@ pub struct Args {
     /// updater: arm the freeze-failure test hook first and expect the first
     /// update to be cancelled.
     pub fail_freeze: bool,
+    /// heartbeat: instead of ticking, write one long console line in
+    /// pieces across this many live updates (`longline`).
+    pub line_updates: Option<u64>,
 }
 
 /// Why the bootargs were refused.
@@ -84,6 +87,7 @@ impl Args {
                 "gap_report_us" => args.gap_report_us = Some(number("gap_report_us", value)?),
                 "delay_ms" => args.delay_ms = Some(number("delay_ms", value)?),
                 "expect_status" => args.expect_status = Some(number("expect_status", value)?),
+                "line_updates" => args.line_updates = Some(number("line_updates", value)?),
                 "fail_freeze" => {
                     args.fail_freeze = match value {
                         "1" => true,
@@ -157,6 +161,8 @@ mod tests {
         assert_eq!(Args::parse("passes="), Err(ArgError::InvalidNumber { key: "passes" }));
         assert_eq!(Args::parse("seconds"), Err(ArgError::InvalidNumber { key: "seconds" }));
         assert_eq!(Args::parse("addr=0x"), Err(ArgError::InvalidNumber { key: "addr" }));
+        assert_eq!(Args::parse("line_updates=x"), Err(ArgError::InvalidNumber { key: "line_updates" }));
+        assert_eq!(Args::parse("line_updates=10").unwrap().line_updates, Some(10));
         assert_eq!(Args::parse("privileged=yes"), Err(ArgError::InvalidFlag { key: "privileged" }));
         let e = Args::parse("ticks=99999999999999999999").unwrap_err();
         assert_eq!((e.key(), std::format!("{e}")), ("ticks", "invalid-number".into()));

@@ -15,8 +15,14 @@ use crate::{Guest, InterruptCounts, Outcome, Region, Request};
 pub struct FakeGuest {
     /// Console lines written, without their newlines.
     pub lines: Vec<String>,
+    /// Console bytes written since the last newline.
+    pub partial: String,
     /// Every hypercall made.
     pub requests: Vec<Request>,
+    /// The hypervisor's update count when each of `requests` was made.
+    pub update_counts: Vec<u64>,
+    /// A live update every this many counts (none: the count stays 1).
+    pub update_period: Option<u64>,
     /// What the fake hypervisor treats as this guest's RAM: the host's
     /// user address space, so stack buffers are inside.
     pub ram: Region,
@@ -47,7 +53,10 @@ impl FakeGuest {
     pub fn new() -> Self {
         Self {
             lines: Vec::new(),
+            partial: String::new(),
             requests: Vec::new(),
+            update_counts: Vec::new(),
+            update_period: None,
             ram: Region::new(0x1000, 1 << 47),
             privileged: false,
             partition_id: 3,
@@ -69,6 +78,11 @@ impl FakeGuest {
         }
     }
 
+    /// Live updates so far: 1, or one more every `update_period`.
+    fn update_count(&self) -> u64 {
+        1 + self.update_period.map_or(0, |p| self.now.get() / p)
+    }
+
     fn in_ram(&self, gpa: u64, len: u64) -> bool {
         gpa.checked_add(len).is_some_and(|end| self.ram.start <= gpa && end <= self.ram.end)
     }
@@ -87,8 +101,12 @@ impl FakeGuest {
                 }
                 // SAFETY: tests pass GPAs of live host buffers of that length.
                 let bytes = unsafe { core::slice::from_raw_parts(r.input as *const u8, len as usize) };
-                let text = core::str::from_utf8(bytes).unwrap();
-                self.lines.push(text.strip_suffix('\n').unwrap().into());
+                self.partial.push_str(core::str::from_utf8(bytes).unwrap());
+                while let Some((line, rest)) = self.partial.split_once('\n') {
+                    let (line, rest) = (line.into(), rest.into());
+                    self.lines.push(line);
+                    self.partial = rest;
+                }
                 (Status::Success, c.rep_count, 0)
             }
             call::GET_PARTITION_ID if c.fast => (Status::Success, 0, self.partition_id),
@@ -102,7 +120,7 @@ impl FakeGuest {
                 let info = HvInfo {
                     version: HvInfo::field("0.2.0"),
                     build: HvInfo::field("test-build"),
-                    update_count: 1,
+                    update_count: self.update_count(),
                     abi_version: ABI_VERSION,
                     cpus: 2,
                 };
@@ -133,6 +151,7 @@ impl FakeGuest {
 impl Guest for FakeGuest {
     fn hypercall(&mut self, request: Request) -> Outcome {
         self.requests.push(request);
+        self.update_counts.push(self.update_count());
         let (status, reps, output) = self.answer(request);
         let code = (request.control & 0xffff) as u16;
         let status = match self.override_status {

@@ -5,8 +5,11 @@
 //!
 //! Lines: `alive ticks=<total>` every 10 ticks, then
 //! `heartbeat done=1 ticks=<n> sgis_sent=<s> sgis_received=<r>`.
+//!
+//! With `line_updates=<n>` it writes one long line in pieces across n live
+//! updates instead ([`crate::longline`]).
 
-use crate::{Env, Guest, Line};
+use crate::{longline, Env, Guest, Line};
 
 pub const DEFAULT_TICKS: u64 = 100;
 /// 10 ms ticks.
@@ -15,8 +18,13 @@ const ALIVE_EVERY: u64 = 10;
 /// How long to wait for the last self-interrupts after the final tick.
 const DRAIN_DIVISOR: u64 = 10;
 
-/// The heartbeat workload (`ticks=`, default 100).
+/// The heartbeat workload (`ticks=`, default 100), or the longline one
+/// (`line_updates=`).
 pub fn run<G: Guest>(g: &mut G, env: &Env) {
+    if let Some(updates) = env.args().line_updates {
+        longline::run(g, updates);
+        return;
+    }
     let ticks = env.args().ticks.unwrap_or(DEFAULT_TICKS);
     let frequency = g.counter_frequency();
     let period = frequency / TICKS_PER_SECOND;
@@ -87,6 +95,17 @@ mod tests {
         assert_eq!(g.lines[9], "alive ticks=100");
         assert_eq!(g.lines[10], "heartbeat done=1 ticks=100 sgis_sent=100 sgis_received=4");
         assert_eq!(g.waits, 34);
+    }
+
+    #[test]
+    fn line_updates_selects_the_long_line() {
+        let mut g = FakeGuest::new();
+        g.update_period = Some(1);
+        let env =
+            Env::new(Region::default(), [Region::default(); 2], Args { line_updates: Some(1), ..Args::default() });
+        run(&mut g, &env);
+        assert_eq!(g.lines[0], longline::line(1).text());
+        assert_eq!(g.tick_period, None, "no tick");
     }
 
     #[test]

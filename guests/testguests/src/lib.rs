@@ -25,6 +25,7 @@ pub mod heartbeat;
 pub mod hypercall;
 pub mod isolation;
 pub mod line;
+pub mod longline;
 pub mod memcheck;
 pub mod psci;
 pub mod reset;

@@ -78,13 +78,15 @@ impl Bundle {
 #[repr(C, align(8))]
 struct Aligned<const N: usize>([u8; N]);
 
-fn hv_info<G: Guest>(g: &mut G) -> Option<HvInfo> {
+/// The hypervisor's identity and update count (`GET_HV_INFO`).
+pub(crate) fn hv_info<G: Guest>(g: &mut G) -> Option<HvInfo> {
     let buf = Aligned([0u8; HV_INFO_SIZE]);
     let out = g.hypercall(Request::memory(call::GET_HV_INFO, 0, g.gpa_of(buf.0.as_ptr())));
     (out.status() == Some(Status::Success)).then(|| HvInfo::from_bytes(&buf.0))
 }
 
-fn wait_ms<G: Guest>(g: &mut G, ms: u64) {
+/// Busy-waits `ms` milliseconds of guest time.
+pub(crate) fn wait_ms<G: Guest>(g: &mut G, ms: u64) {
     let deadline = g.counter().saturating_add(g.counter_frequency() / 1000 * ms);
     while g.counter() < deadline {
         core::hint::spin_loop();

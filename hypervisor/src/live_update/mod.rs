@@ -300,7 +300,15 @@ impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
         let counter = self.freeze_counter;
         self.platform
             .machine()
-            .with(|m| m.save_state(w, counter, hz))
+            .with(|m| {
+                // Complete lines still queued are not in the handover (only
+                // each partition's unfinished line is): they go out now,
+                // before it.
+                for line in m.take_output() {
+                    println!("{line}");
+                }
+                m.save_state(w, counter, hz)
+            })
             .ok_or(Cancel::NoMachine)?
             .map_err(|e| Cancel::Save(Box::new(e)))
     }
@@ -429,6 +437,9 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     let written = writer.write_to(blob_out, handover.base);
     match (written, generation.get()) {
         (Ok(n), Some(generation)) => {
+            // The next image resets the UART: every byte written so far
+            // leaves the transmitter first.
+            crate::console::flush();
             Ok(Ready { stage, image_len: req.size, handover, handover_len: n as u64, generation })
         }
         (Err(e), _) => {
@@ -757,10 +768,17 @@ mod tests {
         p.machine.with(|m| m.fail_next_freeze = true);
         assert!(matches!(freeze(&p), Err(Cancel::InjectedFailure)));
         assert!(!p.handshake.freeze_requested());
+        p.machine.with(|m| m.console_bytes(0, b"queued\nhalf a line"));
         let w = freeze(&p).expect("the hook fires once");
+        let queued = p.machine.with(Machine::take_output).expect("machine");
+        assert!(queued.is_empty(), "complete lines go out before the handover");
         let mut blob = alloc::vec![0u8; 64 << 10];
         let n = w.write_to(&mut blob, 0x4080_0000).expect("handover");
-        assert!(n > 0);
         assert!(p.handshake.freeze_requested(), "frozen until the kexec or a cancel");
+        let ram = p.machine.with(|m| m.ram.clone()).expect("machine");
+        let reader = HandoverReader::new(&blob[..n], 0x4080_0000, &ram_map(&ram).expect("ram")).expect("reader");
+        let node = reader.subsystem("partitions/1").expect("partition node");
+        let line = node.record::<crate::records::ConsoleRecord>().expect("decodes").expect("console record");
+        assert_eq!(line.line[..line.len as usize], *b"half a line", "the unfinished line is handed over");
     }
 }

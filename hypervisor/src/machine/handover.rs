@@ -1,6 +1,7 @@
 //! The machine's records in the handover (`kho/ABI.md`): the `hv`
-//! record, one `partitions/<id>` and one `vcpus/<n>` record each, the
-//! arch's device records, and the preserved map's roots; and the reverse,
+//! record, one `partitions/<id>` node (its `partition` and `console`
+//! records) per partition and one `vcpus/<n>` record each, the arch's
+//! device records, and the preserved map's roots; and the reverse,
 //! adopting a machine from them in the new image. The arch fills in and
 //! adopts what only it knows ([`Handover`]).
 
@@ -12,12 +13,15 @@ use kho::{HandoverError, HandoverReader, HandoverWriter, RecordError, SubsystemN
 use sparse_bitmap::MultiOrderBitmap;
 
 use super::{Arch, Machine, MachineMemory, Partition, VcpuSlot};
-use crate::guest_console::LineBuffer;
+use crate::guest_console::{LineBuffer, PendingLineError, LINE_MAX};
 use crate::partition::{GuestRam, PartitionInfo};
 use crate::records::{
-    field_text, partition_state_code, partition_state_of, text_field, vcpu_state_code, vcpu_state_of, HvRecord,
-    PartitionRecord, VcpuRecord, CONTEXT_BYTES,
+    field_text, partition_state_code, partition_state_of, text_field, vcpu_state_code, vcpu_state_of, ConsoleRecord,
+    HvRecord, PartitionRecord, VcpuRecord, CONSOLE_LINE_BYTES, CONTEXT_BYTES,
 };
+
+// A partition's unfinished console line always fits its record.
+const _: () = assert!(LINE_MAX <= CONSOLE_LINE_BYTES);
 
 /// The arch's part of the machine's records.
 pub trait Handover: Arch {
@@ -88,6 +92,9 @@ pub enum RestoreError {
     Stage2 { id: u32, error: crate::stage2::AdoptError },
     /// The arch refused something else it adopts.
     Arch(&'static str),
+    /// A partition's unfinished console line is not one this hypervisor
+    /// could have kept.
+    ConsoleLine { id: u32, error: PendingLineError },
 }
 
 impl fmt::Display for RestoreError {
@@ -100,6 +107,7 @@ impl fmt::Display for RestoreError {
             Self::ContextFormat(_) => f.write_str("vcpu-context-format"),
             Self::Stage2 { .. } => f.write_str("stage2-adopt"),
             Self::Arch(reason) => f.write_str(reason),
+            Self::ConsoleLine { .. } => f.write_str("console-line"),
         }
     }
 }
@@ -115,6 +123,28 @@ fn record<R: kho::StateRecord>(node: Option<&kho::SubsystemNode<'_>>, what: &'st
         Ok(None) => Err(RestoreError::Record { what, error: None }),
         Err(e) => Err(RestoreError::Record { what, error: Some(e) }),
     }
+}
+
+/// The `console` record of a partition's unfinished line.
+fn console_record(console: &LineBuffer) -> ConsoleRecord {
+    let pending = console.pending();
+    let mut line = [0u8; CONSOLE_LINE_BYTES];
+    line[..pending.len()].copy_from_slice(pending);
+    ConsoleRecord { len: pending.len() as u32, line }
+}
+
+/// A partition's console from its node: the unfinished line it had, or
+/// none if the handover predates the `console` record.
+fn console_of(node: &kho::SubsystemNode<'_>, id: u32) -> Result<LineBuffer, RestoreError> {
+    let rec = match node.record::<ConsoleRecord>() {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return Ok(LineBuffer::default()),
+        Err(e) => return Err(RestoreError::Record { what: "console", error: Some(e) }),
+    };
+    let len = rec.len as usize;
+    let bytes =
+        rec.line.get(..len).ok_or(RestoreError::ConsoleLine { id, error: PendingLineError::TooLong { len } })?;
+    LineBuffer::with_pending(bytes).map_err(|error| RestoreError::ConsoleLine { id, error })
 }
 
 impl<A: Handover> Machine<A> {
@@ -152,6 +182,7 @@ impl<A: Handover> Machine<A> {
             A::record_partition(p, &mut rec);
             let mut node = w.subsystem(&alloc::format!("partitions/{}", rec.id)).map_err(handover("partition"))?;
             node.add_record(&rec).map_err(handover("partition"))?;
+            node.add_record(&console_record(&p.console)).map_err(handover("console"))?;
             A::write_partition_records(p, &mut node)?;
         }
         for (n, slot) in self.vcpus.iter().enumerate() {
@@ -193,8 +224,9 @@ pub struct Restored<A: Arch> {
 
 /// Adopts the machine from the handover: each partition (its RAM checked
 /// against the preserved map, its second-stage table adopted in place by
-/// the arch) and each vCPU (its context rebuilt, pinned to the CPU of the
-/// same index among `online`, or spread over them if there are fewer).
+/// the arch, its unfinished console line taken up) and each vCPU (its
+/// context rebuilt, pinned to the CPU of the same index among `online`, or
+/// spread over them if there are fewer).
 pub fn restore<A: Handover>(
     reader: &HandoverReader<'_>,
     arch: A,
@@ -222,7 +254,7 @@ pub fn restore<A: Handover>(
             state: partition_state_of(rec.state).ok_or(RestoreError::BadField("partition-state"))?,
             vmid: u16::try_from(rec.vmid).map_err(|_| RestoreError::BadField("vmid"))?,
             vcpus: Vec::new(),
-            console: LineBuffer::default(),
+            console: console_of(node, rec.id)?,
             output: Vec::new(),
             arch: part,
         });

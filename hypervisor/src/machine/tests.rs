@@ -5,22 +5,23 @@
 extern crate std;
 
 use alloc::boxed::Box;
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 
 use hvcall::{call, Control, PartitionState, UpdateRequest};
-use kho::{HandoverIdentity, HandoverReader, HandoverWriter};
+use kho::{HandoverError, HandoverIdentity, HandoverReader, HandoverWriter, RecordError, StateRecord, SubsystemWriter};
 use loader::PhysRange;
 use sparse_bitmap::testing::Arena;
 
 use super::fake::{FakeArch, FakeMemory, FakePartition, FakeVcpu, FAKE_CONTEXT_FORMAT};
 use super::*;
 use crate::frames::{self, FrameAllocator};
+use crate::guest_console::{PendingLineError, LINE_MAX};
 use crate::live_update;
 use crate::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use crate::preserved::PreservedMap;
-use crate::records::{VcpuRecord, CONTEXT_BYTES};
+use crate::records::{ConsoleRecord, HvRecord, PartitionRecord, VcpuRecord, CONSOLE_LINE_BYTES, CONTEXT_BYTES};
 use crate::sched::VcpuState;
 use crate::stage2::FrameSource as _;
 
@@ -355,5 +356,177 @@ fn restore_refuses_records_it_cannot_trust() {
     assert_eq!(
         restore_with(&w, &mut m),
         Err(live_update::AdoptFailure::Machine(RestoreError::RamNotPreserved { id: 1 }))
+    );
+}
+
+/// Adopts a machine from a handover blob at `blob_pa` in the rig's RAM.
+fn restore_blob(rig: &Rig, blob: &[u8], blob_pa: u64) -> Result<Machine<FakeArch>, live_update::AdoptFailure> {
+    let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
+    let reader = HandoverReader::new(blob, blob_pa, &ram_map).expect("valid handover");
+    // SAFETY: the arena holds the bitmap; nothing else uses it.
+    unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0]) }
+        .map(|(m, _)| m)
+}
+
+/// The machine's handover written again record by record, each
+/// partition's `console` record replaced by what `console` adds in its
+/// place (nothing: as an image from before the record wrote it).
+fn rewritten(
+    m: &mut Machine<FakeArch>,
+    blob: &[u8],
+    blob_pa: u64,
+    console: impl Fn(&mut SubsystemWriter<'_>, ConsoleRecord) -> Result<(), HandoverError>,
+) -> (Vec<u8>, u64) {
+    let ram_map = live_update::ram_map(&m.ram).expect("ram map");
+    let reader = HandoverReader::new(blob, blob_pa, &ram_map).expect("valid handover");
+    let identity = HandoverIdentity {
+        version: reader.previous_version(),
+        build_id: reader.previous_build_id(),
+        update_count: reader.update_count(),
+    };
+    let mut w = HandoverWriter::new(&identity, ram_map.clone(), reader.scratch()).expect("writer");
+    for root in reader.bitmap_roots() {
+        w.add_bitmap_root(*root).expect("root");
+    }
+    let hv: HvRecord = reader.subsystem("hv").and_then(|n| n.record().ok().flatten()).expect("hv");
+    w.subsystem("hv").and_then(|mut s| s.add_record(&hv)).expect("hv");
+    for node in reader.children("partitions") {
+        let rec: PartitionRecord = node.record().ok().flatten().expect("partition");
+        let line: ConsoleRecord = node.record().ok().flatten().expect("console");
+        let mut s = w.subsystem(node.path()).expect("node");
+        s.add_record(&rec).expect("partition");
+        console(&mut s, line).expect("console");
+    }
+    for node in reader.children("vcpus") {
+        let rec: VcpuRecord = node.record().ok().flatten().expect("vcpu");
+        w.subsystem(node.path()).and_then(|mut s| s.add_record(&rec)).expect("vcpu");
+    }
+    let block = m.frames.alloc_block(live_update::HANDOVER_BYTES).expect("handover block");
+    let mut out = vec![0u8; block.size as usize];
+    let n = w.write_to(&mut out, block.base).expect("write");
+    out.truncate(n);
+    (out, block.base)
+}
+
+#[test]
+fn an_unfinished_console_line_crosses_updates_and_ends_as_one_line() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    for id in 1..=3 {
+        add_guest(&mut m, id, 1, false);
+    }
+    m.console_bytes(0, b"whole\nINFO: vtimer-busy-loop: Expected   : 0x00");
+    m.console_bytes(2, &[b'z'; LINE_MAX]);
+    assert_eq!(m.take_output(), ["guest1: whole"]);
+
+    let (blob, pa) = handover_of(&mut m);
+    let mut n = restore_blob(&rig, &blob, pa).expect("restore");
+    assert_eq!(n.partitions[0].console.pending(), b"INFO: vtimer-busy-loop: Expected   : 0x00");
+    assert!(n.partitions[1].console.pending().is_empty(), "nothing pending: an empty record");
+    assert_eq!(n.partitions[2].console.pending(), [b'z'; LINE_MAX], "a full line");
+    n.console_bytes(0, b"00002a");
+    n.console_bytes(1, b"fresh\n");
+    n.console_bytes(2, b"!\n");
+    n.console_bytes(0, b"\nnext ");
+    let z = "z".repeat(LINE_MAX);
+    assert_eq!(
+        n.take_output(),
+        [
+            "guest1: INFO: vtimer-busy-loop: Expected   : 0x0000002a".to_string(),
+            "guest2: fresh".to_string(),
+            std::format!("guest3: {z}"),
+            "guest3: !".to_string(),
+        ]
+    );
+
+    // The next update carries the next unfinished line.
+    let (blob, pa) = handover_of(&mut n);
+    let mut o = restore_blob(&rig, &blob, pa).expect("restore again");
+    o.console_bytes(0, b"line\n");
+    assert_eq!(o.take_output(), ["guest1: next line"]);
+}
+
+#[test]
+fn a_handover_without_console_records_restores_with_empty_lines() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, false);
+    add_guest(&mut m, 2, 2, true);
+    m.console_bytes(0, b"lost with an older image");
+    let (blob, pa) = handover_of(&mut m);
+    let (old, old_pa) = rewritten(&mut m, &blob, pa, |_, _| Ok(()));
+    let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
+    let reader = HandoverReader::new(&old, old_pa, &ram_map).expect("valid handover");
+    assert!(reader.children("partitions").all(|n| n.records().all(|(name, _)| name == "partition")));
+
+    let mut n = restore_blob(&rig, &old, old_pa).expect("an older handover restores");
+    assert_eq!(n.partitions.len(), 2);
+    assert!(n.partitions.iter().all(|p| p.console.pending().is_empty()));
+    assert_eq!(n.vcpus.len(), 3);
+    n.console_bytes(0, b"new line\n");
+    assert_eq!(n.take_output(), ["guest1: new line"]);
+}
+
+mod console_v2 {
+    kho::state_record! {
+        /// A later version of the console record that older readers must
+        /// refuse.
+        pub struct ConsoleRecord {
+            const ID = 0x0001_0006;
+            const NAME = "console";
+            const VERSION = 2;
+            const MIN_READER_VERSION = 2;
+            pub len: u32 [since 1],
+            pub line: [u8; 256] [since 1],
+            pub colour: u32 [since 2],
+        }
+    }
+}
+
+#[test]
+fn a_console_record_that_does_not_fit_is_refused() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, false);
+    m.console_bytes(0, b"half");
+    let (blob, pa) = handover_of(&mut m);
+    let refused = |m: &mut Machine<FakeArch>, edit: &dyn Fn(ConsoleRecord) -> ConsoleRecord| {
+        let (bad, bad_pa) = rewritten(m, &blob, pa, |s, rec| s.add_record(&edit(rec)));
+        match restore_blob(&rig, &bad, bad_pa) {
+            Err(live_update::AdoptFailure::Machine(e)) => e,
+            other => panic!("restored: {other:?}"),
+        }
+    };
+
+    let len = CONSOLE_LINE_BYTES as u32 + 1;
+    assert_eq!(
+        refused(&mut m, &|r| ConsoleRecord { len, ..r }),
+        RestoreError::ConsoleLine { id: 1, error: PendingLineError::TooLong { len: len as usize } }
+    );
+    assert_eq!(
+        refused(&mut m, &|r| ConsoleRecord { len: u32::MAX, ..r }),
+        RestoreError::ConsoleLine { id: 1, error: PendingLineError::TooLong { len: u32::MAX as usize } }
+    );
+    let e = refused(&mut m, &|mut r| {
+        r.line[1] = b'\n';
+        r
+    });
+    assert_eq!(e, RestoreError::ConsoleLine { id: 1, error: PendingLineError::Byte { at: 1, byte: b'\n' } });
+    assert_eq!(e.to_string(), "console-line");
+
+    let (newer, newer_pa) = rewritten(&mut m, &blob, pa, |s, r| {
+        s.add_record(&console_v2::ConsoleRecord { len: r.len, line: r.line, colour: 3 })
+    });
+    assert_eq!(
+        restore_blob(&rig, &newer, newer_pa).map(|_| ()),
+        Err(live_update::AdoptFailure::Machine(RestoreError::Record {
+            what: "console",
+            error: Some(RecordError::TooNew {
+                id: ConsoleRecord::ID,
+                version: 2,
+                min_reader_version: 2,
+                reader_version: 1
+            })
+        }))
     );
 }
