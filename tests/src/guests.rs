@@ -388,8 +388,8 @@ pub fn check_longline(run: &RunOutcome, id: u32, updates: u32) -> Result<(), Str
 }
 
 /// The test guest binaries, as flat images in the returned directory.
-pub const TEST_GUESTS: [&str; 9] =
-    ["heartbeat", "memcheck", "blackout", "exerciser", "isolation", "smp", "updater", "reset", "dma"];
+pub const TEST_GUESTS: [&str; 10] =
+    ["heartbeat", "memcheck", "blackout", "exerciser", "isolation", "smp", "updater", "reset", "dma", "debugpriv"];
 
 /// The updater guest's name (the launcher ends a run on its stop).
 pub const UPDATER: &str = "updater";

@@ -142,3 +142,42 @@ fn psci_system_reset_restarts_the_guest() {
     check(&run, run.guest(id, "reset").last().is_some_and(|e| e.num("ok") == Some(1)), "the mark survived the reset");
     check(&run, run.hv("guest-reset").len() == 1, "hv: guest-reset once");
 }
+
+/// Breakpoints and watchpoints are each guest's own: guest A arms them on
+/// code and data guest B uses, on the same (only) physical CPU, and they
+/// yield to each other; B sees its own reset values and takes no debug
+/// exception, and A's registers are intact when it looks again.
+#[test]
+fn breakpoints_and_watchpoints_stay_with_their_guest() {
+    let dir = guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let guest = |name: &str, cmdline: &str| GuestArg {
+        file: dir.join("debugpriv.bin"),
+        name: name.into(),
+        mem_mib: 16,
+        vcpus: 1,
+        privileged: false,
+        initrd: None,
+        devices: Vec::new(),
+        cmdline: cmdline.into(),
+    };
+    let list = [guest("armer", "arm=1 passes=300"), guest("prober", "passes=300")];
+    let image = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let mut spec = RunSpec::new("test-aarch64-debug-privacy", Machine::Qemu);
+    spec.cpus = 1;
+    spec.timeout = Duration::from_secs(90);
+    let dir = emulator::run_dir(&spec);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let placed = guests::place(&list, u64::from(spec.mem_mib), &dir).unwrap_or_else(|e| panic!("{e}"));
+    spec.blobs = placed.blobs;
+    spec.cmdline = Some(placed.cmdline);
+    let run = emulator::run(&image, &spec).unwrap_or_else(|e| panic!("{e}"));
+    check(&run, run.clean_shutdown(), "both guests finished");
+    let (a, b) = (id_of(&run, "armer"), id_of(&run, "prober"));
+    check(&run, run.guest(b, "exception").is_empty(), "the prober took no debug exception of the armer's");
+    let probe = last(&run.guest(b, "debugpriv"));
+    check(&run, probe.is_some_and(|e| e.num("foreign") == Some(0)), "the prober saw its own reset values");
+    check(&run, probe.is_some_and(|e| e.num("rounds") == Some(300)), "the prober ran every round");
+    let arm = last(&run.guest(a, "debugpriv"));
+    check(&run, arm.is_some_and(|e| e.num("kept") == Some(1)), "the armer's registers were kept");
+    check(&run, run.hv("fault").is_empty(), "no fault");
+}

@@ -37,6 +37,8 @@ pub struct Args {
     /// updater: arm the freeze-failure test hook first and expect the first
     /// update to be cancelled.
     pub fail_freeze: bool,
+    /// debugpriv: arm the breakpoints (`arm=1`) rather than probe them.
+    pub arm: bool,
     /// heartbeat: instead of ticking, write one long console line in
     /// pieces across this many live updates (`longline`).
     pub line_updates: Option<u64>,
@@ -88,6 +90,13 @@ impl Args {
                 "delay_ms" => args.delay_ms = Some(number("delay_ms", value)?),
                 "expect_status" => args.expect_status = Some(number("expect_status", value)?),
                 "line_updates" => args.line_updates = Some(number("line_updates", value)?),
+                "arm" => {
+                    args.arm = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(ArgError::InvalidFlag { key: "arm" }),
+                    }
+                }
                 "fail_freeze" => {
                     args.fail_freeze = match value {
                         "1" => true,

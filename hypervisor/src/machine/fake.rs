@@ -132,7 +132,12 @@ impl Handover for FakeArch {
         Ok(FakePartition { stage2_root: rec.stage2_root })
     }
 
-    fn restore_context(&self, bytes: &[u8], _: &MultiOrderBitmap<&'static Arena>) -> Result<FakeVcpu, RestoreError> {
+    fn restore_context(
+        &self,
+        _: u32,
+        bytes: &[u8],
+        _: &MultiOrderBitmap<&'static Arena>,
+    ) -> Result<FakeVcpu, RestoreError> {
         if bytes.len() != CONTEXT_WORDS * 8 {
             return Err(RestoreError::Arch("context-length"));
         }

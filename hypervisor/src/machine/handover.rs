@@ -49,6 +49,7 @@ pub trait Handover: Arch {
     /// points at (a VMCS region) against the preserved map.
     fn restore_context(
         &self,
+        format: u32,
         bytes: &[u8],
         preserved: &MultiOrderBitmap<Self::Pages>,
     ) -> Result<Self::Vcpu, RestoreError>;
@@ -262,7 +263,7 @@ pub fn restore<A: Handover>(
     let mut slots = Vec::new();
     for node in reader.children("vcpus") {
         let rec: VcpuRecord = record(Some(node), "vcpu")?;
-        if rec.context_format != A::CONTEXT_FORMAT {
+        if !A::reads_context_format(rec.context_format) {
             return Err(RestoreError::ContextFormat(rec.context_format));
         }
         let p = partitions
@@ -270,7 +271,7 @@ pub fn restore<A: Handover>(
             .position(|p| p.info.id == rec.partition)
             .ok_or(RestoreError::VcpuPartition { partition: rec.partition })?;
         let len = (rec.context_len as usize).min(CONTEXT_BYTES);
-        let ctx = m.arch.restore_context(&rec.context[..len], &m.preserved.bitmap)?;
+        let ctx = m.arch.restore_context(rec.context_format, &rec.context[..len], &m.preserved.bitmap)?;
         let want = rec.pcpu as usize;
         let pcpu = if m.online.contains(&want) { want } else { m.online[want % m.online.len()] };
         let n = slots.len();

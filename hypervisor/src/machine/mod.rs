@@ -76,6 +76,11 @@ pub trait Arch: Sized {
     fn power_off(&mut self, ok: bool);
     /// Root of the partition's second-stage table (EPT, stage 2).
     fn stage2_root(p: &Self::Partition) -> u64;
+    /// Whether a vCPU context of `format` (an older layout, say) can be
+    /// read back.
+    fn reads_context_format(format: u32) -> bool {
+        format == Self::CONTEXT_FORMAT
+    }
     /// Serialises a vCPU context for its handover record; `None` if it
     /// does not fit `out`.
     fn save_context(vcpu: &Self::Vcpu, out: &mut [u8]) -> Option<usize>;

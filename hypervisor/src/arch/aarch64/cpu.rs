@@ -6,6 +6,8 @@
 use core::arch::asm;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use hypervisor::arch::aarch64::ptimer::PPI_EL1_PHYS_TIMER;
+use hypervisor::arch::aarch64::traps::{CNTHCTL_GUEST, CPTR_GUEST, HCR_GUEST, MDCR_GUEST};
 use hypervisor::live_update::HANDSHAKE;
 use hypervisor::machine::{Machine, Next};
 use hypervisor::println;
@@ -18,20 +20,10 @@ use super::platform::{cpu_index, Aarch64, MACHINE};
 use super::vcpu::{self, GuestRegs, CNTV_IMASK};
 use super::MAX_CPUS;
 
-/// HCR_EL2 for guests (Arm ARM D19.2.48): VM (stage 2 on), SWIO, FMO/IMO/
-/// AMO (physical interrupts to EL2, virtual ones to the guest), TWI (trap
-/// WFI), TID3 (trap ID register reads: `id_regs`), TSC (trap SMC), RW
-/// (EL1 is AArch64). API and APK stay 0: pointer authentication traps,
-/// and the ID registers hide it.
-const HCR_GUEST: u64 =
-    (1 << 0) | (1 << 1) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 13) | (1 << 18) | (1 << 19) | (1 << 31);
 /// VTCR_EL2 (D19.2.176): the stage-2 engine's geometry, RES1 bit 31, and
 /// PS from PARange.
 const VTCR_RES1: u64 = 1 << 31;
 const VTCR_PS_SHIFT: u64 = 16;
-/// CNTHCTL_EL2 (D19.2.25): EL1PCTEN = 1 (guest may read the physical
-/// counter), EL1PCEN = 0 (the EL1 physical timer traps).
-const CNTHCTL_GUEST: u64 = 1;
 /// Scheduling time slice.
 const SLICE_MS: u64 = 10;
 /// `VcpuSlot::pending` has a bit per private INTID (SGIs 0-15, PPIs
@@ -76,19 +68,26 @@ pub fn run_cpu(cpu: usize, stack_slot: usize) -> ! {
     let bottom = core::ptr::addr_of!(super::__stacks_bottom) as usize;
     STACK_TOP[cpu].store(bottom + (stack_slot + 1) * super::STACK_SIZE, Ordering::Relaxed);
     let parange = super::mmu::parange();
-    // SAFETY: EL2 configuration for running guests on this CPU (see the
-    // constants); nothing runs at EL1 yet.
+    // SAFETY: EL2 configuration for running guests on this CPU (the
+    // policy's constants, `arch::aarch64::traps`); nothing runs at EL1 yet.
     unsafe {
         asm!(
             "msr hcr_el2, {hcr}",
             "msr vtcr_el2, {vtcr}",
             "msr cnthctl_el2, {cnthctl}",
+            "msr mdcr_el2, {mdcr}",
+            "msr cptr_el2, {cptr}",
+            // The OS lock is the hypervisor's (guests' accesses are RAZ/WI,
+            // MDCR_EL2.TDOSA): unlocked, so guests' debug exceptions work.
+            "msr oslar_el1, xzr",
             "msr cntvoff_el2, xzr",
             "msr cntv_ctl_el0, xzr",
             "isb",
             hcr = in(reg) HCR_GUEST,
             vtcr = in(reg) ArmStage2::VTCR_GEOMETRY | VTCR_RES1 | (parange.min(5) << VTCR_PS_SHIFT),
             cnthctl = in(reg) CNTHCTL_GUEST,
+            mdcr = in(reg) MDCR_GUEST | pmu_counters(),
+            cptr = in(reg) CPTR_GUEST,
             options(nomem, nostack),
         );
     }
@@ -140,11 +139,37 @@ fn handle_irqs(m: &mut Machine<Aarch64>, cpu: usize) -> bool {
     tick
 }
 
-/// Timers of vCPUs that are not loaded run in software.
+/// MDCR_EL2.HPMN: PMCR_EL0.N, the event counters implemented (the PMU
+/// traps, but HPMN must not exceed N, D19.2.87).
+fn pmu_counters() -> u64 {
+    let pmcr: u64;
+    // SAFETY: reading PMCR_EL0 at EL2 has no side effects.
+    unsafe { asm!("mrs {0}, pmcr_el0", out(reg) pmcr, options(nomem, nostack)) };
+    (pmcr >> 11) & 0x1f
+}
+
+/// Timers that run in software: the emulated EL1 physical timer of every
+/// vCPU here (its PPI 30 posted while it is asserted and not already
+/// pending), and the virtual timers of the vCPUs that are not loaded.
 fn check_soft_timers(m: &mut Machine<Aarch64>, cpu: usize) {
     let now = vcpu::counter();
+    let physical_now = super::counter().0;
     for k in 0..m.queues[cpu].len() {
         let v = m.queues[cpu][k];
+        // SAFETY: the vCPU is pinned to this CPU, which is in the
+        // hypervisor; the physical timer is software state either way.
+        let asserted = unsafe { m.ctx_mut(v) }.ptimer.asserted(physical_now);
+        let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index as usize);
+        let in_flight = m.partitions[p]
+            .arch
+            .vgic
+            .cpus
+            .get(index)
+            .is_some_and(|c| c.irqs[PPI_EL1_PHYS_TIMER].pending || c.irqs[PPI_EL1_PHYS_TIMER].in_lr);
+        if asserted && !in_flight && m.vcpus[v].pending & (1 << PPI_EL1_PHYS_TIMER) == 0 {
+            m.vcpus[v].pending |= 1 << PPI_EL1_PHYS_TIMER;
+            m.wake(v);
+        }
         if m.loaded[cpu] == Some(v) {
             continue;
         }

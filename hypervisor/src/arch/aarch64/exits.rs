@@ -6,7 +6,8 @@
 use core::arch::asm;
 
 use hvcall::{PartitionState, SMCCC_VENDOR_HYP_CALL};
-use hypervisor::arch::aarch64::{id_regs, vgic};
+use hypervisor::arch::aarch64::traps::{self, SysregClass};
+use hypervisor::arch::aarch64::{id_regs, ptimer, vgic};
 use hypervisor::guest_dtb::{GUEST_GICD, GUEST_GICR, GUEST_UART, GUEST_UART_SIZE};
 use hypervisor::hypercall::IdentityMemory;
 use hypervisor::machine::{Machine, Next};
@@ -158,14 +159,29 @@ pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
         EC_SYSREG => {
             let rt = (esr >> 5) & 0x1f;
             let is_read = esr & 1 == 1;
+            let iss = esr & 0x1ff_ffff;
             if esr & SYSREG_MASK == SYSREG_ICC_SGI1R && !is_read {
                 let value = reg(ctx, rt);
                 send_sgi(m, v, value);
-            } else if let Some(id) = id_regs::decode(esr & 0x1ff_ffff) {
+            } else if let Some(id) = id_regs::decode(iss) {
                 set_reg(ctx, rt, id_regs::guest_value(id, read_id_register(id)));
+            } else if let Some(timer) = ptimer::decode(iss) {
+                let now = super::counter().0;
+                if is_read {
+                    let value = ctx.ptimer.read(timer, now);
+                    set_reg(ctx, rt, value);
+                } else {
+                    let value = reg(ctx, rt);
+                    ctx.ptimer.write(timer, value, now);
+                }
+            } else if matches!(traps::classify(iss), SysregClass::Pmu | SysregClass::Trace) {
+                // Hidden by the ID registers: UNDEFINED, as on a CPU
+                // without them (the PC stays at the instruction).
+                inject_undef(ctx);
+                return Next::Resume;
             } else if is_read {
-                // Other trapped registers (the EL1 physical timer) read as zero
-                // and ignore writes.
+                // Other trapped registers (the OS lock and debug ROM
+                // registers) read as zero and ignore writes.
                 set_reg(ctx, rt, 0);
             }
             // SAFETY: as above (re-borrowed after `send_sgi`).

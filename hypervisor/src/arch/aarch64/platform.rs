@@ -23,7 +23,7 @@ use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
 
 use super::devices::PciHost;
-use super::vcpu::{Vcpu, CONTEXT_FORMAT};
+use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_FORMAT_V1};
 use super::{gic, MAX_CPUS};
 
 /// The SMMUv3 driver on the real registers, identity-mapped tables.
@@ -146,6 +146,10 @@ impl Arch for Aarch64 {
         super::shutdown(ok)
     }
 
+    fn reads_context_format(format: u32) -> bool {
+        format == CONTEXT_FORMAT || format == CONTEXT_FORMAT_V1
+    }
+
     fn stage2_root(p: &ArmPartition) -> u64 {
         p.stage2.root()
     }
@@ -221,8 +225,13 @@ impl Handover for Aarch64 {
         Ok(ArmPartition { stage2, image, format, initrd, cmdline, layout, vgic, uart: Pl011Regs::default() })
     }
 
-    fn restore_context(&self, bytes: &[u8], _: &MultiOrderBitmap<IdentityPages>) -> Result<Vcpu, RestoreError> {
-        Vcpu::from_context(bytes).ok_or(RestoreError::Arch("vcpu-context"))
+    fn restore_context(
+        &self,
+        format: u32,
+        bytes: &[u8],
+        _: &MultiOrderBitmap<IdentityPages>,
+    ) -> Result<Vcpu, RestoreError> {
+        Vcpu::from_context(format, bytes).ok_or(RestoreError::Arch("vcpu-context"))
     }
 }
 

@@ -5,6 +5,8 @@
 
 use core::arch::asm;
 
+use hypervisor::arch::aarch64::ptimer::PhysTimer;
+
 use super::gic::{VgicState, MAX_LRS};
 
 /// Saved by entry.S on every exit. Offsets are fixed: x0-x30 at 0,
@@ -124,13 +126,98 @@ pub struct Vcpu {
     /// The hypervisor set CNTV_CTL.IMASK when it injected the timer
     /// interrupt; cleared once the guest has taken it.
     pub timer_masked_by_hv: bool,
+    /// Breakpoint and watchpoint registers: the guest's own.
+    pub debug: DebugRegs,
+    /// The emulated EL1 physical timer.
+    pub ptimer: PhysTimer,
 }
+
+/// Most breakpoints and watchpoints switched (ID_AA64DFR0_EL1.BRPs and
+/// WRPs allow 16 each).
+pub const MAX_DEBUG_PAIRS: usize = 16;
+
+/// DBGBVR<n>_EL1, DBGBCR<n>_EL1, DBGWVR<n>_EL1, DBGWCR<n>_EL1 (D19.3):
+/// switched per vCPU (MDCR_EL2.TDA is clear), so one guest's breakpoints
+/// and watchpoints never arm in another.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DebugRegs {
+    pub bvr: [u64; MAX_DEBUG_PAIRS],
+    pub bcr: [u64; MAX_DEBUG_PAIRS],
+    pub wvr: [u64; MAX_DEBUG_PAIRS],
+    pub wcr: [u64; MAX_DEBUG_PAIRS],
+}
+
+/// Breakpoints and watchpoints this CPU implements (ID_AA64DFR0_EL1.BRPs
+/// [15:12] and WRPs [23:20], each the count minus one).
+fn debug_pairs() -> (usize, usize) {
+    let dfr0: u64;
+    // SAFETY: reading an ID register has no side effects.
+    unsafe { asm!("mrs {0}, id_aa64dfr0_el1", out(reg) dfr0, options(nomem, nostack)) };
+    ((((dfr0 >> 12) & 0xf) + 1) as usize, (((dfr0 >> 20) & 0xf) + 1) as usize)
+}
+
+macro_rules! debug_regs {
+    ($($n:literal),*) => {
+        impl DebugRegs {
+            /// Saves the CPU's first `brps` breakpoints and `wrps` watchpoints.
+            fn save(&mut self, brps: usize, wrps: usize) {
+                $(
+                    if $n < brps {
+                        // SAFETY: reading a guest debug register at EL2 has
+                        // no side effects; register $n is implemented.
+                        unsafe {
+                            asm!(concat!("mrs {0}, dbgbvr", $n, "_el1"), out(reg) self.bvr[$n], options(nomem, nostack));
+                            asm!(concat!("mrs {0}, dbgbcr", $n, "_el1"), out(reg) self.bcr[$n], options(nomem, nostack));
+                        }
+                    }
+                    if $n < wrps {
+                        // SAFETY: as above, for watchpoint $n.
+                        unsafe {
+                            asm!(concat!("mrs {0}, dbgwvr", $n, "_el1"), out(reg) self.wvr[$n], options(nomem, nostack));
+                            asm!(concat!("mrs {0}, dbgwcr", $n, "_el1"), out(reg) self.wcr[$n], options(nomem, nostack));
+                        }
+                    }
+                )*
+            }
+
+            /// Loads this vCPU's breakpoints and watchpoints into the CPU.
+            fn restore(&self, brps: usize, wrps: usize) {
+                $(
+                    if $n < brps {
+                        // SAFETY: this vCPU's own debug state; EL2 does not
+                        // use the EL1 breakpoints.
+                        unsafe {
+                            asm!(concat!("msr dbgbvr", $n, "_el1, {0}"), in(reg) self.bvr[$n], options(nomem, nostack));
+                            asm!(concat!("msr dbgbcr", $n, "_el1, {0}"), in(reg) self.bcr[$n], options(nomem, nostack));
+                        }
+                    }
+                    if $n < wrps {
+                        // SAFETY: as above, for watchpoint $n.
+                        unsafe {
+                            asm!(concat!("msr dbgwvr", $n, "_el1, {0}"), in(reg) self.wvr[$n], options(nomem, nostack));
+                            asm!(concat!("msr dbgwcr", $n, "_el1, {0}"), in(reg) self.wcr[$n], options(nomem, nostack));
+                        }
+                    }
+                )*
+            }
+        }
+    };
+}
+
+debug_regs!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 
 impl Vcpu {
     /// A vCPU that will start at `pc` with `x0`, with virtual MPIDR `mpidr`.
     pub fn new(pc: u64, x0: u64, mpidr: u64) -> Self {
         let sys = El1Sysregs { sctlr: SCTLR_EL1_RESET, vmpidr: mpidr, ..El1Sysregs::default() };
-        Self { regs: GuestRegs::at_entry(pc, x0), sys, vgic: VgicState::default(), timer_masked_by_hv: false }
+        Self {
+            regs: GuestRegs::at_entry(pc, x0),
+            sys,
+            vgic: VgicState::default(),
+            timer_masked_by_hv: false,
+            debug: DebugRegs::default(),
+            ptimer: PhysTimer::default(),
+        }
     }
 
     /// Resets to a fresh start at `pc` (PSCI CPU_ON, SYSTEM_RESET).
@@ -143,6 +230,8 @@ impl Vcpu {
     pub fn load(&self) {
         self.sys.restore();
         self.vgic.restore();
+        let (brps, wrps) = debug_pairs();
+        self.debug.restore(brps, wrps);
     }
 
     /// Saves the switched state and disarms the guest's timer, so it does
@@ -150,25 +239,34 @@ impl Vcpu {
     pub fn put(&mut self) {
         self.sys.save();
         self.vgic.save();
+        let (brps, wrps) = debug_pairs();
+        self.debug.save(brps, wrps);
+        // Nothing of this guest's stays armed for the next one.
+        DebugRegs::default().restore(brps, wrps);
         // SAFETY: CNTV_CTL_EL0 belongs to the vCPU that was just saved.
         unsafe { asm!("msr cntv_ctl_el0, xzr", "isb", options(nomem, nostack)) };
     }
 }
 
 /// Identifies the layout [`Vcpu::to_context`] writes: arch aarch64 (0xa64),
-/// layout version 1.
-pub const CONTEXT_FORMAT: u32 = 0x0a64_0001;
+/// layout version 2 (version 1 without the debug registers and the
+/// physical timer, which [`Vcpu::from_context`] still reads).
+pub const CONTEXT_FORMAT: u32 = 0x0a64_0002;
+pub const CONTEXT_FORMAT_V1: u32 = 0x0a64_0001;
+/// Words layout 2 adds: the debug registers, then CNTP_CTL and CNTP_CVAL.
+const CONTEXT_V2_WORDS: usize = 4 * MAX_DEBUG_PAIRS + 2;
 /// Words in the layout: x0-x30, ELR, SPSR, q0-q31 (two words each), FPCR,
 /// FPSR, the EL1 system registers, the list registers, VMCR, AP1R0, and
 /// the timer-mask flag.
 const CONTEXT_WORDS: usize = 31 + 2 + 64 + 2 + El1Sysregs::WORDS + MAX_LRS + 2 + 1;
+const CONTEXT_WORDS_V2: usize = CONTEXT_WORDS + CONTEXT_V2_WORDS;
 
 impl Vcpu {
     /// Serializes the whole context (little-endian words) into `out`;
     /// returns the length used, or `None` if `out` is too small.
     pub fn to_context(&self, out: &mut [u8]) -> Option<usize> {
         let r = &self.regs;
-        let mut words = [0u64; CONTEXT_WORDS];
+        let mut words = [0u64; CONTEXT_WORDS_V2];
         let mut n = 0;
         let mut push = |w: u64| {
             words[n] = w;
@@ -188,7 +286,11 @@ impl Vcpu {
         push(self.vgic.vmcr);
         push(self.vgic.ap1r0);
         push(u64::from(self.timer_masked_by_hv));
-        let len = CONTEXT_WORDS * 8;
+        let d = &self.debug;
+        d.bvr.iter().chain(&d.bcr).chain(&d.wvr).chain(&d.wcr).for_each(|&w| push(w));
+        push(self.ptimer.ctl);
+        push(self.ptimer.cval);
+        let len = CONTEXT_WORDS_V2 * 8;
         let dst = out.get_mut(..len)?;
         for (chunk, w) in dst.chunks_exact_mut(8).zip(words) {
             chunk.copy_from_slice(&w.to_le_bytes());
@@ -196,10 +298,17 @@ impl Vcpu {
         Some(len)
     }
 
-    /// Rebuilds a context written by [`Self::to_context`].
-    pub fn from_context(bytes: &[u8]) -> Option<Self> {
-        let src = bytes.get(..CONTEXT_WORDS * 8)?;
-        let mut words = [0u64; CONTEXT_WORDS];
+    /// Rebuilds a context written by [`Self::to_context`], of layout 2
+    /// or (without debug registers and physical timer, which start reset)
+    /// layout 1.
+    pub fn from_context(format: u32, bytes: &[u8]) -> Option<Self> {
+        let words_in = match format {
+            CONTEXT_FORMAT => CONTEXT_WORDS_V2,
+            CONTEXT_FORMAT_V1 => CONTEXT_WORDS,
+            _ => return None,
+        };
+        let src = bytes.get(..words_in * 8)?;
+        let mut words = [0u64; CONTEXT_WORDS_V2];
         for (w, chunk) in words.iter_mut().zip(src.chunks_exact(8)) {
             let mut b = [0u8; 8];
             b.copy_from_slice(chunk);
@@ -223,11 +332,20 @@ impl Vcpu {
         let lrs: [u64; MAX_LRS] = core::array::from_fn(|_| next());
         let (vmcr, ap1r0) = (next(), next());
         let timer_masked_by_hv = next() != 0;
+        let mut debug = DebugRegs::default();
+        for array in [&mut debug.bvr, &mut debug.bcr, &mut debug.wvr, &mut debug.wcr] {
+            for w in array.iter_mut() {
+                *w = next();
+            }
+        }
+        let ptimer = PhysTimer { ctl: next(), cval: next() };
         Some(Self {
             regs: GuestRegs { x, elr, spsr, pad: 0, q, fpcr: fp_control, fpsr: fp_status },
             sys,
             vgic: VgicState { lrs, vmcr, ap1r0 },
             timer_masked_by_hv,
+            debug,
+            ptimer,
         })
     }
 }

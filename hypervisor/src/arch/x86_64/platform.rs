@@ -142,7 +142,12 @@ impl Handover for X86 {
         Ok(X86Partition { ept, uart_lcr: 0, gp_injected: 0 })
     }
 
-    fn restore_context(&self, bytes: &[u8], preserved: &MultiOrderBitmap<IdentityPages>) -> Result<Vcpu, RestoreError> {
+    fn restore_context(
+        &self,
+        _: u32,
+        bytes: &[u8],
+        preserved: &MultiOrderBitmap<IdentityPages>,
+    ) -> Result<Vcpu, RestoreError> {
         if bytes.len() != CONTEXT_LEN {
             return Err(RestoreError::Arch("vcpu-context-length"));
         }

@@ -12,6 +12,7 @@
 //! the hypervisor backs with the virtual CPU interface; the distributor
 //! and redistributors are never touched.
 
+pub mod debugpriv;
 use core::arch::{asm, global_asm};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
