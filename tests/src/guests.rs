@@ -388,8 +388,19 @@ pub fn check_longline(run: &RunOutcome, id: u32, updates: u32) -> Result<(), Str
 }
 
 /// The test guest binaries, as flat images in the returned directory.
-pub const TEST_GUESTS: [&str; 10] =
-    ["heartbeat", "memcheck", "blackout", "exerciser", "isolation", "smp", "updater", "reset", "dma", "debugpriv"];
+pub const TEST_GUESTS: [&str; 11] = [
+    "heartbeat",
+    "memcheck",
+    "blackout",
+    "exerciser",
+    "isolation",
+    "smp",
+    "updater",
+    "reset",
+    "dma",
+    "debugpriv",
+    "ptimer",
+];
 
 /// The updater guest's name (the launcher ends a run on its stop).
 pub const UPDATER: &str = "updater";

@@ -217,8 +217,13 @@ fn prepare_entry(m: &mut Machine<Aarch64>, cpu: usize, v: usize) {
     }
     let before = lrs;
     let index = m.vcpus[v].index as usize;
-    let posted = core::mem::take(&mut m.vcpus[v].pending);
     let p = m.vcpus[v].partition;
+    // The UART's interrupt is a level: raised again once the guest has
+    // completed it while the condition holds.
+    if m.partitions[p].arch.uart.interrupt() {
+        super::exits::assert_uart_interrupt(m, p);
+    }
+    let posted = core::mem::take(&mut m.vcpus[v].pending);
     let vgic = &mut m.partitions[p].arch.vgic;
     vgic.sync_lrs(index, &lrs[..n]);
     for intid in (0..32).filter(|&i| posted & (1 << i) != 0) {

@@ -6,15 +6,16 @@
 use core::arch::asm;
 
 use hvcall::{PartitionState, SMCCC_VENDOR_HYP_CALL};
+use hypervisor::arch::aarch64::pl011::Effect;
 use hypervisor::arch::aarch64::traps::{self, SysregClass};
 use hypervisor::arch::aarch64::{id_regs, ptimer, vgic};
-use hypervisor::guest_dtb::{GUEST_GICD, GUEST_GICR, GUEST_UART, GUEST_UART_SIZE};
+use hypervisor::guest_dtb::{GUEST_GICD, GUEST_GICR, GUEST_UART, GUEST_UART_SIZE, GUEST_UART_SPI};
 use hypervisor::hypercall::IdentityMemory;
 use hypervisor::machine::{Machine, Next};
 use hypervisor::sched::VcpuState;
 
 use super::partitions::reset_partition;
-use super::platform::{Aarch64, Pl011Regs};
+use super::platform::Aarch64;
 use super::vcpu::Vcpu;
 
 /// ESR_EL2.EC exception classes (Arm ARM D19.2.40, ESR_EL2).
@@ -49,21 +50,6 @@ const PSCI_INVALID_PARAMETERS: i64 = -2;
 const PSCI_ALREADY_ON: i64 = -4;
 /// Data abort ISS: SAS [23:22], the access size as a power of two bytes.
 const DABT_SAS_SHIFT: u32 = 22;
-/// PL011 registers (Arm DDI 0183G §3.3) and ID values (§4.3: UARTPeriphID0-3
-/// = 0x11, 0x10, 0x14, 0x00 for r1p5; UARTPCellID0-3 = 0x0d, 0xf0, 0x05,
-/// 0xb1, what Linux's amba bus matches on).
-const UART_DR: u64 = 0x000;
-const UART_FR: u64 = 0x018;
-const UART_IBRD: u64 = 0x024;
-const UART_FBRD: u64 = 0x028;
-const UART_LCR_H: u64 = 0x02c;
-const UART_CR: u64 = 0x030;
-const UART_IFLS: u64 = 0x034;
-const UART_IMSC: u64 = 0x038;
-const UART_PERIPH_ID: u64 = 0xfe0;
-const UART_ID_BYTES: [u8; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
-/// UARTFR: TXFE | RXFE (transmit FIFO empty, nothing to receive).
-const UART_FR_IDLE: u64 = 0x90;
 /// ESR_EL1 for an UNDEFINED instruction (D19.2.40): EC 0 (unknown
 /// reason), IL (32-bit instruction).
 const ESR_UNKNOWN_IL: u64 = 1 << 25;
@@ -220,7 +206,7 @@ fn emulate_mmio(m: &mut Machine<Aarch64>, v: usize, p: usize, ipa: u64, esr: u64
         if write {
             uart_write(m, p, off, value);
         } else {
-            let read = uart_read(&m.partitions[p].arch.uart, off);
+            let read = m.partitions[p].arch.uart.read(off);
             // SAFETY: as above.
             set_reg(unsafe { m.ctx_mut(v) }, rt, read);
         }
@@ -244,38 +230,29 @@ fn emulate_mmio(m: &mut Machine<Aarch64>, v: usize, p: usize, ipa: u64, esr: u64
     true
 }
 
-/// A read of the emulated PL011: FIFOs always empty, nothing received.
-fn uart_read(uart: &Pl011Regs, off: u64) -> u64 {
-    match off {
-        UART_FR => UART_FR_IDLE,
-        UART_IBRD => u64::from(uart.ibrd),
-        UART_FBRD => u64::from(uart.fbrd),
-        UART_LCR_H => u64::from(uart.lcr_h),
-        UART_CR => u64::from(uart.cr),
-        UART_IFLS => u64::from(uart.ifls),
-        UART_IMSC => u64::from(uart.imsc),
-        o if (UART_PERIPH_ID..UART_PERIPH_ID + 0x20).contains(&o) && o % 4 == 0 => {
-            u64::from(UART_ID_BYTES[((o - UART_PERIPH_ID) / 4) as usize])
-        }
-        _ => 0,
+/// A write to the emulated PL011: data goes to the partition's console;
+/// an unmasked transmit interrupt is asserted on its SPI at once.
+fn uart_write(m: &mut Machine<Aarch64>, p: usize, off: u64, value: u64) {
+    if let Effect::Transmit(byte) = m.partitions[p].arch.uart.write(off, value) {
+        m.console_bytes(p, &[byte]);
+    }
+    if m.partitions[p].arch.uart.interrupt() {
+        assert_uart_interrupt(m, p);
     }
 }
 
-/// A write to the emulated PL011: data goes to the partition's console;
-/// the control registers are kept for reading back.
-fn uart_write(m: &mut Machine<Aarch64>, p: usize, off: u64, value: u64) {
-    let uart = &mut m.partitions[p].arch.uart;
-    let value32 = value as u32;
-    match off {
-        UART_DR => m.console_bytes(p, &[value as u8]),
-        UART_IBRD => uart.ibrd = value32 & 0xffff,
-        UART_FBRD => uart.fbrd = value32 & 0x3f,
-        UART_LCR_H => uart.lcr_h = value32 & 0xff,
-        UART_CR => uart.cr = value32 & 0xffff,
-        UART_IFLS => uart.ifls = value32 & 0x3f,
-        UART_IMSC => uart.imsc = value32 & 0x7ff,
-        // ICR, DMACR and the rest: nothing is pending, nothing to do.
-        _ => {}
+/// Makes the UART's SPI pending and wakes the vCPU it is routed to.
+pub fn assert_uart_interrupt(m: &mut Machine<Aarch64>, p: usize) {
+    let intid = vgic::PRIVATE + GUEST_UART_SPI as usize;
+    let vgic = &mut m.partitions[p].arch.vgic;
+    let spi = vgic.dist.spis[GUEST_UART_SPI as usize];
+    if spi.pending || spi.in_lr {
+        return;
+    }
+    if let Some(target) = vgic.set_spi_pending(intid) {
+        if let Some(&t) = m.partitions[p].vcpus.get(target) {
+            m.post(t, 0);
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use alloc::vec::Vec;
 use core::arch::asm;
 use core::fmt::{self, Write as _};
 
+use hypervisor::arch::aarch64::pl011::Pl011;
 use hypervisor::arch::aarch64::vgic::Vgic;
 use hypervisor::frames::FrameAllocator;
 use hypervisor::guest_image::{self, GuestLayout, LayoutError};
@@ -21,7 +22,7 @@ use loader::manifest::GuestSpec;
 use loader::PhysRange;
 
 use super::devices::{self, AssignError, PciHost, GUEST_DEVICE_IPA};
-use super::platform::{device_tree, phys_bytes, Aarch64, ArmPartition, Pl011Regs, Smmu, MACHINE};
+use super::platform::{device_tree, phys_bytes, Aarch64, ArmPartition, Smmu, MACHINE};
 use super::vcpu::Vcpu;
 
 /// Cleans the data cache to the point of coherency and invalidates the
@@ -190,7 +191,7 @@ fn build_partition(m: &mut Machine<Aarch64>, id: u32, spec: &GuestSpec) -> Resul
         cmdline,
         layout,
         vgic,
-        uart: Pl011Regs::default(),
+        uart: Pl011::default(),
     };
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
     let p = m.add_partition(info, vmid, part, contexts).map_err(GuestError::Machine)?;
@@ -281,7 +282,7 @@ pub fn reset_partition(m: &mut Machine<Aarch64>, p: usize) {
     // A reset GIC and UART, as on a machine that restarts.
     let vcpus = m.partitions[p].vcpus.len();
     m.partitions[p].arch.vgic = Vgic::new(vcpus);
-    m.partitions[p].arch.uart = Pl011Regs::default();
+    m.partitions[p].arch.uart = Pl011::default();
     for k in 0..m.partitions[p].vcpus.len() {
         let t = m.partitions[p].vcpus[k];
         let slot = &mut m.vcpus[t];

@@ -6,6 +6,7 @@ use alloc::string::String;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use hypervisor::arch::aarch64::pl011::Pl011;
 use hypervisor::arch::aarch64::vgic::Vgic;
 use hypervisor::guest_dtb::{self, GuestDtbSpec};
 use hypervisor::guest_image::{self, GuestLayout};
@@ -48,22 +49,8 @@ pub struct ArmPartition {
     pub layout: GuestLayout,
     /// The virtual GICv3 its vCPUs see.
     pub vgic: Vgic,
-    /// The emulated PL011's registers the guest programs.
-    pub uart: Pl011Regs,
-}
-
-/// The PL011 registers a driver programs and reads back (PrimeCell
-/// UART, Arm DDI 0183G §3.3): control, line control, baud divisors and
-/// interrupt mask. Transmission is immediate, so the FIFOs are always
-/// empty and no interrupt is ever raised.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pl011Regs {
-    pub cr: u32,
-    pub lcr_h: u32,
-    pub ibrd: u32,
-    pub fbrd: u32,
-    pub imsc: u32,
-    pub ifls: u32,
+    /// The emulated PL011.
+    pub uart: Pl011,
 }
 
 /// The one machine of this image (the access rule: `hypervisor::machine`).
@@ -222,7 +209,7 @@ impl Handover for Aarch64 {
         let cmdline = String::from(field_text(&rec.cmdline[..(rec.cmdline_len as usize).min(CMDLINE_BYTES)]));
         let layout = guest_image::layout(format, image, rec.ram_size, initrd.map(|r| r.size))
             .map_err(|_| RestoreError::BadField("image-layout"))?;
-        Ok(ArmPartition { stage2, image, format, initrd, cmdline, layout, vgic, uart: Pl011Regs::default() })
+        Ok(ArmPartition { stage2, image, format, initrd, cmdline, layout, vgic, uart: Pl011::default() })
     }
 
     fn restore_context(

@@ -13,6 +13,7 @@
 //! and redistributors are never touched.
 
 pub mod debugpriv;
+pub mod physical_timer;
 use core::arch::{asm, global_asm};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +64,10 @@ macro_rules! entry {
 /// Timer ticks and SGIs taken; written only by the IRQ handler.
 static TICKS: AtomicU64 = AtomicU64::new(0);
 static SGIS: AtomicU64 = AtomicU64::new(0);
+/// EL1 physical timer interrupts taken, and the period to re-arm it with
+/// (0: disable it); used by the physical-timer workload.
+pub(crate) static PHYS_TICKS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static PHYS_PERIOD: AtomicU64 = AtomicU64::new(0);
 /// The tick period in counter counts; 0 when the tick is stopped.
 static TICK_PERIOD: AtomicU64 = AtomicU64::new(0);
 /// Set while an exception is being reported, so a fault in the report
@@ -262,6 +267,10 @@ extern "C" fn testguest_irq() {
                 }
             }
             HEARTBEAT_SGI => bump(&SGIS),
+            physical_timer::PPI => {
+                bump(&PHYS_TICKS);
+                physical_timer::rearm(PHYS_PERIOD.load(Ordering::Relaxed));
+            }
             _ => {}
         }
         // SAFETY: ends the interrupt just acknowledged (priority drop and
