@@ -290,11 +290,24 @@ pub fn updater_cmdline(updates: u32) -> String {
 /// `updates` updates (ticks are 10 ms, memcheck passes take ~50 ms,
 /// blackout counts seconds; each update waits [`UPDATE_DELAY_MS`] first).
 /// Guests that are not test guests are left alone.
-pub fn sized_for_updates(list: &mut [GuestArg], updates: u32) {
+pub fn sized_for_updates(arch: Arch, list: &mut [GuestArg], updates: u32) {
     if updates == 0 {
         return;
     }
-    let span_s = u64::from(updates) * (UPDATE_DELAY_MS + 150) / 1000 + 2;
+    // Each update is the updater's delay plus its blackout in guest time.
+    // Under QEMU TCG (aarch64) the guests' clock is the host's, so a busy
+    // host stretches the blackout (100-250 ms seen): size for 600 ms, and
+    // the guests outlive the last update when the other core is busy too.
+    // Bochs's clock follows the instructions it ran: 150 ms is enough.
+    let per_update_ms = match arch {
+        Arch::Aarch64 => 600,
+        Arch::X86_64 => 150,
+    };
+    let extra_s = match arch {
+        Arch::Aarch64 => 3,
+        Arch::X86_64 => 2,
+    };
+    let span_s = u64::from(updates) * (UPDATE_DELAY_MS + per_update_ms) / 1000 + extra_s;
     for g in list {
         g.cmdline = match g.name.as_str() {
             "heartbeat" => format!("ticks={}", span_s * 100),
@@ -318,7 +331,7 @@ pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Resul
     if updates == 0 || update_images.is_empty() {
         return Ok(list);
     }
-    sized_for_updates(&mut list, updates);
+    sized_for_updates(arch, &mut list, updates);
     list.push(updater_guest(arch, update_images, UPDATER_MEM_MIB, &updater_cmdline(updates))?);
     Ok(list)
 }
@@ -857,14 +870,14 @@ mod tests {
     fn test_guests_are_lengthened_for_the_updates() {
         let mut list = default_guest_specs(Arch::Aarch64, Path::new("g"));
         list.push(GuestArg::parse("mine.bin,cmdline=ticks=5").unwrap());
-        sized_for_updates(&mut list, 10);
+        sized_for_updates(Arch::Aarch64, &mut list, 10);
         let cmd = |name: &str| list.iter().find(|g| g.name == name).map(|g| g.cmdline.clone()).unwrap();
-        assert_eq!(cmd("heartbeat"), "ticks=600");
-        assert_eq!(cmd("memcheck"), "passes=90");
-        assert_eq!(cmd("blackout"), "seconds=6");
+        assert_eq!(cmd("heartbeat"), "ticks=1100");
+        assert_eq!(cmd("memcheck"), "passes=165");
+        assert_eq!(cmd("blackout"), "seconds=11");
         assert_eq!(cmd("mine"), "ticks=5", "guests that are not test guests are left alone");
         let mut x86 = default_guest_specs(Arch::X86_64, Path::new("g"));
-        sized_for_updates(&mut x86, 2);
+        sized_for_updates(Arch::X86_64, &mut x86, 2);
         assert_eq!(x86[2].cmdline, "seconds=2 gap_report_us=20000");
         assert_eq!(updater_cmdline(3), "updates=3 delay_ms=250");
     }

@@ -502,7 +502,7 @@ fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, LaunchEr
         let dir = guests::build_test_guests(o.arch)?;
         if o.runs_test_guests() {
             let mut tests = guests::default_guest_specs(o.arch, &dir);
-            guests::sized_for_updates(&mut tests, updates);
+            guests::sized_for_updates(o.arch, &mut tests, updates);
             list.extend(tests);
         }
     }

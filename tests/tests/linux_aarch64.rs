@@ -77,5 +77,5 @@ fn linux_boots_on_two_vcpus_and_keeps_running_through_ten_updates() {
     let stops = run.hv("guest-stop");
     let linux_stop = stops.iter().find(|e| e.num("id") == Some(1));
     check(&run, linux_stop.and_then(|e| e.get("reason")) == Some("system-off"), "Linux powered itself off");
-    check(&run, run.hv("fault").len() == 1, "only the isolation probe faults");
+    check(&run, run.hv("fault").is_empty(), "no guest faulted (the isolation probe takes an abort)");
 }

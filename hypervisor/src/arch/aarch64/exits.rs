@@ -4,6 +4,7 @@
 //! frames), and anything else is a fault that stops the partition.
 
 use core::arch::asm;
+use core::fmt::Write as _;
 
 use hvcall::{PartitionState, SMCCC_VENDOR_HYP_CALL};
 use hypervisor::arch::aarch64::pl011::Effect;
@@ -53,6 +54,17 @@ const DABT_SAS_SHIFT: u32 = 22;
 /// ESR_EL1 for an UNDEFINED instruction (D19.2.40): EC 0 (unknown
 /// reason), IL (32-bit instruction).
 const ESR_UNKNOWN_IL: u64 = 1 << 25;
+const ESR_IL: u64 = 1 << 25;
+const ESR_EC_SHIFT: u32 = 26;
+/// The abort classes for an exception taken from the same EL (EL1):
+/// one above the "lower EL" ones (0x20 -> 0x21, 0x24 -> 0x25).
+const EC_SAME_EL_OFFSET: u64 = 1;
+/// DFSC/IFSC 0b010000: synchronous external abort, not on a table walk
+/// (D19.2.40, ISS encoding for an exception from a data abort).
+const FSC_SYNC_EXTERNAL: u64 = 0b01_0000;
+/// Aborts at one instruction in a row after which the guest is stopped:
+/// its handler returns to the access instead of handling it.
+const ABORT_LOOP_LIMIT: u32 = 64;
 /// Exception vector offsets from VBAR_EL1 (D1.10.2): current EL with
 /// SP_EL0, current EL with SP_ELx, lower EL in AArch64.
 const VECTOR_CURRENT_SP0: u64 = 0x000;
@@ -182,8 +194,18 @@ pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
                 unsafe { m.ctx_mut(v) }.regs.elr += 4;
                 return Next::Resume;
             }
-            m.fault(v, "stage2", ipa, ("esr", esr));
-            Next::Reschedule
+            let vcpus = m.partitions[p].vcpus.len();
+            let device = (GUEST_UART..GUEST_UART + GUEST_UART_SIZE).contains(&ipa)
+                || vgic::frame(ipa, GUEST_GICD, GUEST_GICR, vcpus).is_some();
+            if device {
+                // An emulated device the syndrome does not decode (no ISV:
+                // a load/store pair, writeback, ...): nothing defined to do.
+                m.fault(v, "undecodable-mmio", ipa, ("esr", esr));
+                return Next::Reschedule;
+            }
+            // Nothing is at this address: a synchronous external abort, as
+            // on a machine with nothing there.
+            abort(m, v, ec, esr, far, ipa)
         }
         _ => {
             let elr = ctx.regs.elr;
@@ -256,11 +278,65 @@ pub fn assert_uart_interrupt(m: &mut Machine<Aarch64>, p: usize) {
     }
 }
 
-/// Delivers an UNDEFINED instruction exception to the guest's EL1 (Arm
-/// ARM D1.10): ESR_EL1, ELR_EL1 and SPSR_EL1 as the hardware would set
-/// them, and the guest resumes at its vector with interrupts masked. The
-/// vCPU is loaded, so its EL1 registers are the CPU's.
+/// Delivers a synchronous external abort for an access to `ipa`, where
+/// nothing is (no RAM, no device): ESR_EL1 says data or instruction
+/// abort, external, not on a walk; FAR_EL1 is the faulting address. A
+/// guest that takes it at the same instruction over and over is stopped
+/// (`hv: fault kind=abort-loop`). The first, second, fourth ... abort of a
+/// vCPU is reported (`hv: inject kind=sea`).
+fn abort(m: &mut Machine<Aarch64>, v: usize, ec: u64, esr: u64, far: u64, ipa: u64) -> Next {
+    let p = m.vcpus[v].partition;
+    let (id, index) = (m.partitions[p].info.id, m.vcpus[v].index);
+    // SAFETY: `v` exited on this CPU.
+    let ctx = unsafe { m.ctx_mut(v) };
+    if ctx.abort_elr == ctx.regs.elr {
+        ctx.abort_streak += 1;
+    } else {
+        ctx.abort_elr = ctx.regs.elr;
+        ctx.abort_streak = 1;
+    }
+    if ctx.abort_streak > ABORT_LOOP_LIMIT {
+        m.fault(v, "abort-loop", ipa, ("esr", esr));
+        return Next::Reschedule;
+    }
+    ctx.aborts += 1;
+    let aborts = ctx.aborts;
+    let from_el1 = matches!(ctx.regs.spsr & SPSR_M_MASK, SPSR_EL1T | SPSR_EL1H);
+    let class = if from_el1 { ec + EC_SAME_EL_OFFSET } else { ec };
+    // A data abort keeps WnR; the fault status says "external".
+    let wnr = if ec == EC_DABT_LOWER { esr & DABT_WNR } else { 0 };
+    inject_sync(ctx, (class << ESR_EC_SHIFT) | ESR_IL | wnr | FSC_SYNC_EXTERNAL, Some(far));
+    if aborts.is_power_of_two() {
+        let mut line = alloc::string::String::new();
+        let _ = hypervisor::hv_event_to!(
+            line,
+            "inject",
+            kind = "sea",
+            guest = id,
+            vcpu = index,
+            addr = format_args!("{ipa:#x}"),
+            count = aborts
+        );
+        m.queue_line(p, alloc::string::String::from(line.trim_end()));
+    }
+    Next::Resume
+}
+
+/// Delivers an UNDEFINED instruction exception to the guest's EL1.
 fn inject_undef(ctx: &mut Vcpu) {
+    inject_sync(ctx, ESR_UNKNOWN_IL, None);
+}
+
+/// Delivers a synchronous exception with syndrome `esr` (and fault
+/// address `far`) to the guest's EL1 (Arm ARM D1.10): ESR_EL1, FAR_EL1,
+/// ELR_EL1 and SPSR_EL1 as the hardware would set them, and the guest
+/// resumes at its vector with interrupts masked. The vCPU is loaded, so
+/// its EL1 registers are the CPU's.
+fn inject_sync(ctx: &mut Vcpu, esr: u64, far: Option<u64>) {
+    if let Some(far) = far {
+        // SAFETY: the exiting vCPU's FAR_EL1 is live on this CPU.
+        unsafe { asm!("msr far_el1, {0}", in(reg) far, options(nomem, nostack)) };
+    }
     let from = ctx.regs.spsr & SPSR_M_MASK;
     let offset = match from {
         SPSR_EL1T => VECTOR_CURRENT_SP0,
@@ -276,7 +352,7 @@ fn inject_undef(ctx: &mut Vcpu) {
             "msr elr_el1, {elr}",
             "msr spsr_el1, {spsr}",
             "mrs {vbar}, vbar_el1",
-            esr = in(reg) ESR_UNKNOWN_IL,
+            esr = in(reg) esr,
             elr = in(reg) ctx.regs.elr,
             spsr = in(reg) ctx.regs.spsr,
             vbar = out(reg) vbar,

@@ -130,6 +130,11 @@ pub struct Vcpu {
     pub debug: DebugRegs,
     /// The emulated EL1 physical timer.
     pub ptimer: PhysTimer,
+    /// Synchronous external aborts injected: where the last one was, how
+    /// many in a row there, and how many in all (not handed over).
+    pub abort_elr: u64,
+    pub abort_streak: u32,
+    pub aborts: u64,
 }
 
 /// Most breakpoints and watchpoints switched (ID_AA64DFR0_EL1.BRPs and
@@ -217,6 +222,9 @@ impl Vcpu {
             timer_masked_by_hv: false,
             debug: DebugRegs::default(),
             ptimer: PhysTimer::default(),
+            abort_elr: 0,
+            abort_streak: 0,
+            aborts: 0,
         }
     }
 
@@ -346,6 +354,9 @@ impl Vcpu {
             timer_masked_by_hv,
             debug,
             ptimer,
+            abort_elr: 0,
+            abort_streak: 0,
+            aborts: 0,
         })
     }
 }
