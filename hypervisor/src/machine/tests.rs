@@ -530,3 +530,90 @@ fn a_console_record_that_does_not_fit_is_refused() {
         }))
     );
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Arbitrary field values for the records the machine restores.
+    fn vcpu_fields() -> impl Strategy<Value = (u32, u32, u32, u32, u32, u32, u32)> {
+        (
+            0..4u32,
+            0..4u32,
+            any::<u32>(),
+            0..6u32,
+            any::<u32>(),
+            prop_oneof![Just(FAKE_CONTEXT_FORMAT), any::<u32>()],
+            0..3000u32,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        /// A handover whose machine records hold arbitrary values (ids,
+        /// states, CPUs, context formats and lengths, RAM and table
+        /// addresses) restores or is refused with a typed error; it never
+        /// panics, and a machine it restores is consistent.
+        #[test]
+        fn arbitrary_machine_records_restore_or_are_refused(
+            part in (0..4u32, 0..5u32, any::<u64>(), prop_oneof![Just(0u64), any::<u64>()], any::<u64>(), 0..4u32),
+            vcpus in proptest::collection::vec(vcpu_fields(), 0..4),
+        ) {
+            let rig = Rig::new();
+            let mut m = rig.machine(&[0]);
+            add_guest(&mut m, 1, 1, false);
+            let identity = HandoverIdentity { version: "t", build_id: "t", update_count: 1 };
+            let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
+            let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
+            m.save_state(&mut w, 1, 1).expect("save");
+            // One more partition and its vCPUs, with arbitrary fields.
+            let (id, state, ram_base, ram_size, root, nvcpus) = part;
+            let rec = PartitionRecord {
+                id,
+                name: crate::records::text_field("x"),
+                privileged: false,
+                state,
+                ram_host_base: ram_base,
+                ram_size,
+                stage2_root: root,
+                vmid: id,
+                vcpus: nvcpus,
+                image_format: 0,
+                image_base: 0,
+                image_size: 0,
+                initrd_base: 0,
+                initrd_size: 0,
+                cmdline_len: 0,
+                cmdline: [0; crate::records::CMDLINE_BYTES],
+            };
+            w.subsystem("partitions/99").and_then(|mut s| s.add_record(&rec)).expect("partition");
+            for (k, (partition, index, pcpu, state, pending, format, len)) in vcpus.into_iter().enumerate() {
+                let rec = VcpuRecord {
+                    partition,
+                    index,
+                    pcpu,
+                    state,
+                    pending,
+                    context_format: format,
+                    context_len: len,
+                    context: [0; CONTEXT_BYTES],
+                };
+                w.subsystem(&alloc::format!("vcpus/{}", 90 + k)).and_then(|mut s| s.add_record(&rec)).expect("vcpu");
+            }
+            let block = m.frames.alloc_block(live_update::HANDOVER_BYTES).expect("block");
+            let mut blob = vec![0u8; block.size as usize];
+            let n = w.write_to(&mut blob, block.base).expect("write");
+            blob.truncate(n);
+            if let Ok(restored) = restore_blob(&rig, &blob, block.base) {
+                for slot in &restored.vcpus {
+                    prop_assert!(slot.partition < restored.partitions.len());
+                    prop_assert!(restored.online.contains(&slot.pcpu));
+                }
+                for (p, part) in restored.partitions.iter().enumerate() {
+                    prop_assert!(part.vcpus.iter().all(|&v| restored.vcpus[v].partition == p));
+                }
+            }
+        }
+    }
+}
