@@ -65,10 +65,12 @@ state_record! {
 
 state_record! {
     /// One vCPU: scheduling state plus the arch register context.
+    /// Version 2 adds `pending_private`; version-1 readers still read
+    /// `pending`, which keeps its version-1 meaning.
     pub struct VcpuRecord {
         const ID = 0x0001_0003;
         const NAME = "vcpu";
-        const VERSION = 1;
+        const VERSION = 2;
         const MIN_READER_VERSION = 1;
         pub partition: u32 [since 1],
         pub index: u32 [since 1],
@@ -76,12 +78,16 @@ state_record! {
         pub pcpu: u32 [since 1],
         /// `sched::VcpuState` as 0 off, 1 runnable, 2 waiting, 3 stopped.
         pub state: u32 [since 1],
-        /// Virtual interrupts not yet injected.
+        /// Virtual interrupts not yet injected, in version 1's terms (on
+        /// aarch64: bits 0-15 SGIs, bit 16 the virtual timer).
         pub pending: u32 [since 1],
         /// Identifies the layout of `context` (arch and version).
         pub context_format: u32 [since 1],
         pub context_len: u32 [since 1],
         pub context: [u8; CONTEXT_BYTES] [since 1],
+        /// The same, in the machine's terms (on aarch64 a bit per private
+        /// INTID: SGIs 0-15, PPIs 16-31).
+        pub pending_private: u32 [since 2],
     }
 }
 
@@ -321,6 +327,7 @@ mod tests {
             context_format: 0xa64_0001,
             context_len: 3,
             context: [0; CONTEXT_BYTES],
+            pending_private: 1 << 27,
         };
         v.context[..3].copy_from_slice(&[1, 2, 3]);
         let bytes = v.encode();

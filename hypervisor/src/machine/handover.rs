@@ -113,6 +113,11 @@ impl fmt::Display for RestoreError {
     }
 }
 
+/// The version the record `name` in `node` was written with (0 if absent).
+fn record_version(node: &SubsystemNode<'_>, name: &str) -> u16 {
+    node.records().find(|(n, _)| *n == name).map_or(0, |(_, header)| header.version)
+}
+
 fn handover(what: &'static str) -> impl Fn(HandoverError) -> SaveError {
     move |error| SaveError::Handover { what, error }
 }
@@ -197,7 +202,8 @@ impl<A: Handover> Machine<A> {
                 index: slot.index,
                 pcpu: slot.pcpu as u32,
                 state: vcpu_state_code(slot.state),
-                pending: slot.pending,
+                pending: A::pending_to_v1(slot.pending),
+                pending_private: slot.pending,
                 context_format: A::CONTEXT_FORMAT,
                 context_len: len as u32,
                 context,
@@ -283,7 +289,11 @@ pub fn restore<A: Handover>(
             index: rec.index,
             pcpu,
             state: vcpu_state_of(rec.state).ok_or(RestoreError::BadField("vcpu-state"))?,
-            pending: rec.pending,
+            pending: if record_version(node, "vcpu") >= 2 {
+                rec.pending_private
+            } else {
+                A::pending_from_v1(rec.pending)
+            },
             start: None,
         });
     }

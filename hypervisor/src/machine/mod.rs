@@ -76,6 +76,15 @@ pub trait Arch: Sized {
     fn power_off(&mut self, ok: bool);
     /// Root of the partition's second-stage table (EPT, stage 2).
     fn stage2_root(p: &Self::Partition) -> u64;
+    /// Posted interrupts (`VcpuSlot::pending`) in the `vcpu` record's
+    /// version-1 terms, for readers that know only those.
+    fn pending_to_v1(pending: u32) -> u32 {
+        pending
+    }
+    /// Posted interrupts from a version-1 `vcpu` record.
+    fn pending_from_v1(pending: u32) -> u32 {
+        pending
+    }
     /// Whether a vCPU context of `format` (an older layout, say) can be
     /// read back.
     fn reads_context_format(format: u32) -> bool {

@@ -332,6 +332,7 @@ fn restore_refuses_records_it_cannot_trust() {
         context_format: 0x8664_0001,
         context_len: 8,
         context: [0; CONTEXT_BYTES],
+        pending_private: 0,
     };
     w.subsystem("vcpus/9").and_then(|mut s| s.add_record(&bad)).expect("record");
     assert_eq!(
@@ -598,6 +599,7 @@ mod fuzz {
                     context_format: format,
                     context_len: len,
                     context: [0; CONTEXT_BYTES],
+                    pending_private: pending,
                 };
                 w.subsystem(&alloc::format!("vcpus/{}", 90 + k)).and_then(|mut s| s.add_record(&rec)).expect("vcpu");
             }
@@ -616,4 +618,81 @@ mod fuzz {
             }
         }
     }
+}
+
+mod vcpu_v1 {
+    kho::state_record! {
+        /// The `vcpu` record as version 1 wrote it (no `pending_private`).
+        pub struct VcpuRecord {
+            const ID = 0x0001_0003;
+            const NAME = "vcpu";
+            const VERSION = 1;
+            const MIN_READER_VERSION = 1;
+            pub partition: u32 [since 1],
+            pub index: u32 [since 1],
+            pub pcpu: u32 [since 1],
+            pub state: u32 [since 1],
+            pub pending: u32 [since 1],
+            pub context_format: u32 [since 1],
+            pub context_len: u32 [since 1],
+            pub context: [u8; 2048] [since 1],
+        }
+    }
+}
+
+/// A `vcpu` record from a version-1 writer is read through the arch's
+/// version-1 meaning of `pending`; a version-2 one through
+/// `pending_private`; and a version-1 reader still reads what version 2
+/// writes.
+#[test]
+fn vcpu_records_of_both_versions_restore() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, false);
+    m.vcpus[0].pending = 0b101;
+    let (blob, pa) = handover_of(&mut m);
+    let restored = restore_blob(&rig, &blob, pa).expect("restore");
+    assert_eq!(restored.vcpus[0].pending, 0b101, "version 2: pending_private");
+
+    let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
+    let reader = HandoverReader::new(&blob, pa, &ram_map).expect("reader");
+    let v2: VcpuRecord = reader.subsystem("vcpus/0").and_then(|n| n.record().ok().flatten()).expect("vcpu");
+    let node = reader.subsystem("vcpus/0").expect("node");
+    assert_eq!(node.record::<vcpu_v1::VcpuRecord>().expect("a v1 reader reads v2").map(|r| r.pending), Some(0b101));
+
+    // Written again with a version-1 record whose pending says 0b11.
+    let identity = HandoverIdentity { version: "t", build_id: "t", update_count: 1 };
+    let mut w = HandoverWriter::new(&identity, ram_map.clone(), reader.scratch()).expect("writer");
+    for root in reader.bitmap_roots() {
+        w.add_bitmap_root(*root).expect("root");
+    }
+    for node in reader.subsystems().iter().filter(|n| !n.path().starts_with("vcpus")) {
+        let mut s = w.subsystem(node.path()).expect("node");
+        for (name, _) in node.records() {
+            if name == "hv" {
+                s.add_record(&node.record::<HvRecord>().ok().flatten().expect("hv")).expect("hv");
+            } else if name == "partition" {
+                s.add_record(&node.record::<PartitionRecord>().ok().flatten().expect("p")).expect("p");
+            } else if name == "console" {
+                s.add_record(&node.record::<ConsoleRecord>().ok().flatten().expect("c")).expect("c");
+            }
+        }
+    }
+    let old = vcpu_v1::VcpuRecord {
+        partition: v2.partition,
+        index: v2.index,
+        pcpu: v2.pcpu,
+        state: v2.state,
+        pending: 0b11,
+        context_format: v2.context_format,
+        context_len: v2.context_len,
+        context: v2.context,
+    };
+    w.subsystem("vcpus/0").and_then(|mut s| s.add_record(&old)).expect("vcpu");
+    let block = m.frames.alloc_block(live_update::HANDOVER_BYTES).expect("block");
+    let mut out = vec![0u8; block.size as usize];
+    let n = w.write_to(&mut out, block.base).expect("write");
+    out.truncate(n);
+    let restored = restore_blob(&rig, &out, block.base).expect("restore from version 1");
+    assert_eq!(restored.vcpus[0].pending, FakeArch::pending_from_v1(0b11));
 }

@@ -24,8 +24,9 @@ use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
 
 use super::devices::PciHost;
+use super::gic::{self, PPI_VIRT_TIMER};
 use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_FORMAT_V1};
-use super::{gic, MAX_CPUS};
+use super::MAX_CPUS;
 
 /// The SMMUv3 driver on the real registers, identity-mapped tables.
 pub type Smmu = iommu::Smmu<iommu::MmioRegs, iommu::LinearMap>;
@@ -52,6 +53,9 @@ pub struct ArmPartition {
     /// The emulated PL011.
     pub uart: Pl011,
 }
+
+/// The virtual timer's bit in a version-1 `vcpu` record's `pending`.
+const V1_PENDING_VTIMER: u32 = 1 << 16;
 
 /// The one machine of this image (the access rule: `hypervisor::machine`).
 pub static MACHINE: MachineLock<Aarch64> = MachineLock::new();
@@ -133,6 +137,16 @@ impl Arch for Aarch64 {
         super::shutdown(ok)
     }
 
+    /// Version 1 of the `vcpu` record had SGIs in bits 0-15 and the
+    /// virtual timer in bit 16; now bit n is private INTID n.
+    fn pending_to_v1(pending: u32) -> u32 {
+        (pending & 0xffff) | if pending & (1 << PPI_VIRT_TIMER) != 0 { V1_PENDING_VTIMER } else { 0 }
+    }
+
+    fn pending_from_v1(pending: u32) -> u32 {
+        (pending & 0xffff) | if pending & V1_PENDING_VTIMER != 0 { 1 << PPI_VIRT_TIMER } else { 0 }
+    }
+
     fn reads_context_format(format: u32) -> bool {
         format == CONTEXT_FORMAT || format == CONTEXT_FORMAT_V1
     }
@@ -185,14 +199,15 @@ impl Handover for Aarch64 {
         ram: &[PhysRange],
     ) -> Result<ArmPartition, RestoreError> {
         let vcpus = rec.vcpus as usize;
-        // A handover from an image without a virtual GIC: a fresh one
-        // (what that image's guests saw: nothing to restore).
+        // A handover from an image without a virtual GIC: one that behaves
+        // as that image did, every interrupt enabled and forwarded, so its
+        // guests keep getting their interrupts.
         let vgic = match node.record::<VgicRecord>() {
             Ok(Some(v)) => {
                 let len = (v.len as usize).min(VGIC_STATE_BYTES);
                 Vgic::decode(&v.state[..len], vcpus).ok_or(RestoreError::BadField("vgic-state"))?
             }
-            Ok(None) => Vgic::new(vcpus),
+            Ok(None) => Vgic::permissive(vcpus),
             Err(e) => return Err(RestoreError::Record { what: "vgic", error: Some(e) }),
         };
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();

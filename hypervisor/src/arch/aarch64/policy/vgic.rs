@@ -261,6 +261,27 @@ impl Vgic {
         Self { dist: Distributor::default(), cpus: alloc::vec![Redistributor::default(); vcpus] }
     }
 
+    /// The GIC an image without a virtual GIC offered (the register frames
+    /// read as zero and every interrupt was injected): the distributor on,
+    /// the redistributors awake, every interrupt enabled in Group 1. Used
+    /// when a handover from such an image has no `vgic` record.
+    pub fn permissive(vcpus: usize) -> Self {
+        let mut g = Self::new(vcpus);
+        g.dist.ctlr = CTLR_ENABLE_GRP1;
+        for irq in &mut g.dist.spis {
+            irq.enabled = true;
+            irq.group1 = true;
+        }
+        for cpu in &mut g.cpus {
+            cpu.sleep = false;
+            for irq in &mut cpu.irqs {
+                irq.enabled = true;
+                irq.group1 = true;
+            }
+        }
+        g
+    }
+
     /// The whole state as bytes (distributor, then each redistributor) in
     /// `out`; the length used, or `None` if `out` is too small.
     pub fn encode_into(&self, out: &mut [u8]) -> Option<usize> {
@@ -747,6 +768,17 @@ mod tests {
         assert!(!g.fill_lrs(0, &mut lrs));
         assert_eq!(lrs[0] & LR_INTID_MASK, 1);
         assert!(!g.has_deliverable(0));
+    }
+
+    #[test]
+    fn an_upgrade_from_an_image_without_a_vgic_keeps_interrupts_flowing() {
+        let mut g = Vgic::permissive(2);
+        g.set_private_pending(1, 27);
+        g.set_private_pending(1, 3);
+        assert!(g.has_deliverable(1), "the timer and SGIs go on without the guest touching the GIC");
+        let mut lrs = [0u64; 4];
+        g.fill_lrs(1, &mut lrs);
+        assert_eq!(lrs.iter().filter(|&&l| l != 0).count(), 2);
     }
 
     #[test]
