@@ -196,6 +196,14 @@ impl fmt::Display for BuildError {
     }
 }
 
+/// Why the arch refused to build a partition: `Display` is the reason
+/// token of `hv: guest-refused`, [`Refusal::cause`] what lies beneath it.
+pub trait Refusal: fmt::Display {
+    fn cause(&self) -> Option<&dyn fmt::Display> {
+        None
+    }
+}
+
 /// What the machine is built from: memory, the preserved map and where
 /// the next image is staged.
 pub struct MachineMemory<P: sparse_bitmap::PhysToVirt + Clone> {
@@ -342,6 +350,25 @@ impl<A: Arch> Machine<A> {
             arch,
         });
         Ok(p)
+    }
+
+    /// Builds partition `i + 1` of each spec with the arch's `build`; a
+    /// partition it refuses is reported (`hv: guest-refused`) and the
+    /// others are built. Returns how many partitions there are.
+    pub fn build_partitions<E: Refusal>(
+        &mut self,
+        specs: &[loader::manifest::GuestSpec],
+        mut build: impl FnMut(&mut Self, u32, &loader::manifest::GuestSpec) -> Result<(), E>,
+    ) -> usize {
+        for (i, spec) in specs.iter().enumerate() {
+            if let Err(reason) = build(self, i as u32 + 1, spec) {
+                if let Some(cause) = reason.cause() {
+                    crate::println!("guest {}: {cause}", spec.name);
+                }
+                crate::hv_event!("guest-refused", name = spec.name, reason = reason);
+            }
+        }
+        self.partitions.len()
     }
 
     /// Whether vCPU `v` may run now.

@@ -696,3 +696,31 @@ fn vcpu_records_of_both_versions_restore() {
     let restored = restore_blob(&rig, &out, block.base).expect("restore from version 1");
     assert_eq!(restored.vcpus[0].pending, FakeArch::pending_from_v1(0b11));
 }
+
+/// A partition the arch refuses is skipped; the others are built.
+#[test]
+fn a_refused_partition_does_not_stop_the_others() {
+    #[derive(Debug)]
+    struct NoRoom;
+    impl core::fmt::Display for NoRoom {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.write_str("no-room")
+        }
+    }
+    impl Refusal for NoRoom {}
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    let specs: Vec<loader::manifest::GuestSpec> =
+        loader::manifest::parse(b"hvmanifest 1\nguest name=a image=0x40000000 image_size=0x1000 format=flat mem_mib=2 vcpus=1 privileged=0\nguest name=b image=0x40000000 image_size=0x1000 format=flat mem_mib=2 vcpus=1 privileged=0\nguest name=c image=0x40000000 image_size=0x1000 format=flat mem_mib=2 vcpus=1 privileged=0\n\0")
+            .expect("manifest");
+    let n = m.build_partitions(&specs, |m, id, _| {
+        if id == 2 {
+            return Err(NoRoom);
+        }
+        add_guest(m, id, 1, false);
+        Ok(())
+    });
+    assert_eq!(n, 2);
+    let ids: Vec<u32> = m.partitions.iter().map(|p| p.info.id).collect();
+    assert_eq!(ids, [1, 3]);
+}

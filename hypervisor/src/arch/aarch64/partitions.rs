@@ -11,7 +11,7 @@ use hypervisor::arch::aarch64::pl011::Pl011;
 use hypervisor::arch::aarch64::vgic::Vgic;
 use hypervisor::frames::FrameAllocator;
 use hypervisor::guest_image::{self, GuestLayout, LayoutError};
-use hypervisor::machine::{BuildError, Machine, MachineMemory};
+use hypervisor::machine::{BuildError, Machine, MachineMemory, Refusal};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::preserved::{IdentityPages, PreserveError, PreservedMap};
 use hypervisor::sched::VcpuState;
@@ -95,8 +95,7 @@ impl fmt::Display for GuestError {
     }
 }
 
-impl GuestError {
-    /// The cause, for the human-readable line before the event.
+impl Refusal for GuestError {
     fn cause(&self) -> Option<&dyn fmt::Display> {
         match self {
             Self::Layout(e) | Self::DtbTooLarge(e) => Some(e),
@@ -225,16 +224,7 @@ pub fn create(
     if let Some(regs) = io.0 {
         m.arch.smmu = init_smmu(&mut m, regs);
     }
-    for (i, spec) in specs.iter().enumerate() {
-        let id = i as u32 + 1;
-        if let Err(reason) = build_partition(&mut m, id, spec) {
-            if let Some(cause) = reason.cause() {
-                println!("guest {}: {cause}", spec.name);
-            }
-            hv_event!("guest-refused", name = spec.name, reason = reason);
-        }
-    }
-    let n = m.partitions.len();
+    let n = m.build_partitions(specs, build_partition);
     MACHINE.install(m);
     n
 }

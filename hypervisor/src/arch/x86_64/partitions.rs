@@ -10,11 +10,11 @@ use hypervisor::arch::x86_64::boot::{self as guest_boot, BootError, BootLayout, 
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::FrameAllocator;
-use hypervisor::machine::{BuildError, Machine, MachineMemory};
+use hypervisor::hv_event;
+use hypervisor::machine::{BuildError, Machine, MachineMemory, Refusal};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::preserved::{IdentityPages, PreservedMap};
 use hypervisor::stage2::{Attrs, BlockSize, Ept, FrameSource, LinearMap, MapError, Perms, Stage2Table};
-use hypervisor::{hv_event, println};
 use kho::ScratchPlan;
 use loader::manifest::GuestSpec;
 use loader::PhysRange;
@@ -80,8 +80,7 @@ impl fmt::Display for GuestError {
     }
 }
 
-impl GuestError {
-    /// The cause, for the human-readable line before the event.
+impl Refusal for GuestError {
     fn cause(&self) -> Option<&dyn fmt::Display> {
         match self {
             Self::Boot(e) => Some(e),
@@ -199,16 +198,7 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
     if m.preserved.preserve(&mut m.frames, spec.mbi.base..spec.mbi.base + spec.mbi.size).is_err() {
         hv_event!("preserve-failed", what = "multiboot2-information");
     }
-    for (i, g) in spec.specs.iter().enumerate() {
-        let id = i as u32 + 1;
-        if let Err(reason) = build_partition(&mut m, id, g) {
-            if let Some(cause) = reason.cause() {
-                println!("guest {}: {cause}", g.name);
-            }
-            hv_event!("guest-refused", name = g.name, reason = reason);
-        }
-    }
-    let n = m.partitions.len();
+    let n = m.build_partitions(spec.specs, build_partition);
     MACHINE.install(m);
     n
 }
