@@ -29,10 +29,10 @@ fn linux_boots_on_two_vcpus_and_keeps_running_through_ten_updates() {
     let linux = linux::linux_guest(24).unwrap_or_else(|e| panic!("{e}"));
     let mut list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 10)
         .unwrap_or_else(|e| panic!("{e}"));
-    // Updates a second apart in the updater's time: most land while Linux
-    // runs its check (it reaches userspace ~3 s in).
+    // Updates 1.5 s apart in the updater's time: most land while Linux
+    // runs its check (it reaches userspace 2-8 s in, later on a busy host).
     for g in list.iter_mut().filter(|g| g.name == UPDATER) {
-        g.cmdline = "updates=10 delay_ms=1000".into();
+        g.cmdline = "updates=10 delay_ms=1500".into();
     }
     list.insert(0, linux);
 
@@ -65,14 +65,31 @@ fn linux_boots_on_two_vcpus_and_keeps_running_through_ten_updates() {
     check(&run, verdict.and_then(|l| linux_value(l, "ok")) == Some(1), "the check passed");
     check(&run, lines.iter().any(|l| l.starts_with("guest1: linux: check-exit status=0")), "and exited 0");
 
-    // The largest gap Linux's CLOCK_MONOTONIC showed is a blackout the
-    // hypervisor measured (updates also land during boot, so compare with
-    // the shortest one).
+    // The largest gap Linux's CLOCK_MONOTONIC showed during its check is a
+    // blackout the hypervisor measured: compare with the shortest update
+    // that landed while the check ran (on a busy host Linux boots later in
+    // guest time, and the updates may all land during its boot).
     let linux_gap = verdict.and_then(|l| linux_value(l, "max_gap_us")).unwrap_or(0);
-    let shortest = done.iter().filter_map(|e| e.num("blackout_us")).min().unwrap_or(u64::MAX);
+    let check_lines = lines.iter().position(|l| l.starts_with("guest1: linux: userspace"));
+    let check_end = lines.iter().position(|l| l.starts_with("guest1: linux: memcheck done"));
+    let during: Vec<u64> = match (check_lines, check_end) {
+        (Some(from), Some(to)) => lines[from..to]
+            .iter()
+            .filter(|l| l.starts_with("hv: update-done"))
+            .filter_map(|l| linux_value(l, "blackout_us"))
+            .collect(),
+        _ => Vec::new(),
+    };
     println!("BENCH name=linux_max_clock_gap value={linux_gap} unit=us");
-    println!("BENCH name=hv_blackout_shortest value={shortest} unit=us");
-    check(&run, linux_gap * 2 >= shortest, &format!("Linux saw a gap of {linux_gap} us; blackouts >= {shortest} us"));
+    println!("BENCH name=linux_updates_during_check value={} unit=updates", during.len());
+    if let Some(&shortest) = during.iter().min() {
+        println!("BENCH name=hv_blackout_shortest_during_check value={shortest} unit=us");
+        check(
+            &run,
+            linux_gap * 2 >= shortest,
+            &format!("Linux saw a gap of {linux_gap} us; blackouts >= {shortest} us"),
+        );
+    }
 
     let stops = run.hv("guest-stop");
     let linux_stop = stops.iter().find(|e| e.num("id") == Some(1));
