@@ -4,9 +4,9 @@
 //! interrupts in the list registers), and the exit path from `entry.S`.
 
 use core::arch::asm;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use hypervisor::arch::aarch64::ptimer::PPI_EL1_PHYS_TIMER;
+use hypervisor::arch::aarch64::ptimer::{self, PPI_EL1_PHYS_TIMER};
 use hypervisor::arch::aarch64::traps::{CNTHCTL_GUEST, CPTR_GUEST, HCR_GUEST, MDCR_GUEST};
 use hypervisor::live_update::HANDSHAKE;
 use hypervisor::machine::{Machine, Next};
@@ -53,14 +53,45 @@ pub fn wait_for_start() {
     }
 }
 
-fn arm_tick() {
-    let (_, freq) = super::counter();
+/// When each CPU's time slice ends (physical counter).
+static SLICE_END: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Starts a new time slice on `cpu`.
+fn arm_tick(cpu: usize) {
+    let (now, freq) = super::counter();
+    SLICE_END[cpu].store(now + freq / 1000 * SLICE_MS, Ordering::Relaxed);
+    program_timer(cpu, None);
+}
+
+/// Programs this CPU's EL2 physical timer (CNTHP) for the end of the slice
+/// or, if earlier, `deadline`: the earliest emulated EL1 physical timer of
+/// a vCPU here, so it fires on time rather than at the next slice.
+fn program_timer(cpu: usize, deadline: Option<u64>) {
+    let end = SLICE_END[cpu].load(Ordering::Relaxed);
+    let at = deadline.map_or(end, |d| d.min(end));
     // SAFETY: programs this CPU's EL2 physical timer (CNTHP), which only the
     // hypervisor uses.
     unsafe {
-        asm!("msr cnthp_tval_el2, {0}", "msr cnthp_ctl_el2, {1}", "isb", in(reg) freq / 1000 * SLICE_MS, in(reg) 1u64,
+        asm!("msr cnthp_cval_el2, {0}", "msr cnthp_ctl_el2, {1}", "isb", in(reg) at, in(reg) 1u64,
              options(nomem, nostack));
     }
+}
+
+/// The earliest future deadline of an emulated EL1 physical timer among
+/// the vCPUs pinned to `cpu` (one already expired is `check_soft_timers`'
+/// to raise, not a reason to come back at once).
+fn next_physical_timer(m: &mut Machine<Aarch64>, cpu: usize) -> Option<u64> {
+    let now = super::counter().0;
+    let mut earliest: Option<u64> = None;
+    for k in 0..m.queues[cpu].len() {
+        let v = m.queues[cpu][k];
+        // SAFETY: pinned to this CPU, which is in the hypervisor.
+        let t = unsafe { m.ctx_mut(v) }.ptimer;
+        if t.ctl & ptimer::CTL_ENABLE != 0 && t.ctl & ptimer::CTL_IMASK == 0 && t.cval > now {
+            earliest = Some(earliest.map_or(t.cval, |e| e.min(t.cval)));
+        }
+    }
+    earliest
 }
 
 /// Per-CPU virtualization set-up, then the scheduler. Never returns.
@@ -95,7 +126,7 @@ pub fn run_cpu(cpu: usize, stack_slot: usize) -> ! {
         hypervisor::hv_event!("cpu-failed", cpu = cpu, reason = reason);
         super::park();
     }
-    arm_tick();
+    arm_tick(cpu);
     let next = schedule(cpu, false);
     super::live_update::note_resumed();
     // SAFETY: `next` is a live vCPU frame pinned to this CPU and loaded by
@@ -114,9 +145,15 @@ fn handle_irqs(m: &mut Machine<Aarch64>, cpu: usize) -> bool {
         }
         match intid {
             PPI_HYP_TIMER => {
-                tick = true;
-                arm_tick();
-                super::smmu::poll_smmu(m);
+                // The end of the slice, or an emulated physical timer's
+                // deadline before it (`check_soft_timers` raises that one).
+                if super::counter().0 >= SLICE_END[cpu].load(Ordering::Relaxed) {
+                    tick = true;
+                    arm_tick(cpu);
+                    super::smmu::poll_smmu(m);
+                } else {
+                    program_timer(cpu, None);
+                }
             }
             PPI_VIRT_TIMER => {
                 // The loaded vCPU's timer fired: mask it until the guest has
@@ -268,6 +305,8 @@ fn schedule(cpu: usize, yield_now: bool) -> *mut GuestRegs {
                 super::park();
             }
             check_soft_timers(m, cpu);
+            let deadline = next_physical_timer(m, cpu);
+            program_timer(cpu, deadline);
             if let Some(v) = m.pick(cpu, yield_now) {
                 prepare_entry(m, cpu, v);
                 // The register frame is the first field of the repr(C) Vcpu.

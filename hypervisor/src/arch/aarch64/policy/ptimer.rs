@@ -4,9 +4,10 @@
 //! no other partition can see or stop. It counts on the physical counter
 //! (CNTPCT_EL0, which the guest reads directly) and raises PPI 30, the
 //! non-secure EL1 physical timer interrupt, through the virtual GIC while
-//! it is enabled, unmasked and expired (a level). The hypervisor checks
-//! expiry at every scheduling decision and on its tick, so the interrupt
-//! arrives within a time slice of the deadline.
+//! it is enabled, unmasked and expired (a level). The hypervisor programs
+//! its own timer for the earliest deadline of the vCPUs on a CPU and
+//! checks expiry at every scheduling decision, so the interrupt arrives on
+//! time.
 
 /// The PPI the timer raises (Arm BSA: PPI 14, INTID 30).
 pub const PPI_EL1_PHYS_TIMER: usize = 30;
