@@ -45,7 +45,12 @@ impl BuiltImage {
 
 /// The git revision of the work tree, for `HV_BUILD_ID`.
 pub fn build_id() -> String {
-    let out = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(workspace_root()).output();
+    build_id_of(&workspace_root())
+}
+
+/// The git revision checked out at `src`.
+pub fn build_id_of(src: &Path) -> String {
+    let out = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(src).output();
     match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         _ => "unknown".to_string(),
@@ -54,14 +59,14 @@ pub fn build_id() -> String {
 
 /// Runs `cargo build` for the image. Images get their own target dir so a
 /// build from inside `cargo test` does not wait on the outer cargo's lock.
-fn cargo_build(spec: &ImageSpec, target_dir: &Path, bss_pad_mib: u32) -> Result<PathBuf, LaunchError> {
+fn cargo_build(spec: &ImageSpec, src: &Path, target_dir: &Path, bss_pad_mib: u32) -> Result<PathBuf, LaunchError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root())
+    cmd.current_dir(src)
         .args(["build", "--quiet", "--release", "-p", "hypervisor", "--bin", "hypervisor", "--target"])
         .arg(spec.arch.triple())
         .env("CARGO_TARGET_DIR", target_dir)
-        .env("HV_BUILD_ID", build_id());
+        .env("HV_BUILD_ID", build_id_of(src));
     if bss_pad_mib == 0 {
         cmd.env_remove("HV_TEST_BSS_PAD_MIB");
     } else {
@@ -119,12 +124,24 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
 pub fn build_padded(spec: &ImageSpec, bss_pad_mib: u32) -> Result<BuiltImage, LaunchError> {
     let version = spec.version.as_deref().unwrap_or("default");
     let tag = if bss_pad_mib == 0 { version.to_string() } else { format!("{version}-pad{bss_pad_mib}") };
-    let tag = tag.as_str();
-    let dir = out_dir().join(spec.arch.name()).join(tag);
-    fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let dir = out_dir().join(spec.arch.name()).join(&tag);
     // One target dir per version: the version is baked in at compile time.
-    let target_dir = out_dir().join("cargo").join(tag);
-    let elf_path = cargo_build(spec, &target_dir, bss_pad_mib)?;
+    let target_dir = out_dir().join("cargo").join(&tag);
+    build_from(spec, &workspace_root(), &dir, &target_dir, bss_pad_mib)
+}
+
+/// Builds the image of the source tree at `src` (another revision's work
+/// tree, say) into `dir`, compiling in `target_dir`; sealed and wrapped by
+/// this launcher, whose formats every revision shares.
+pub fn build_from(
+    spec: &ImageSpec,
+    src: &Path,
+    dir: &Path,
+    target_dir: &Path,
+    bss_pad_mib: u32,
+) -> Result<BuiltImage, LaunchError> {
+    fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let elf_path = cargo_build(spec, src, target_dir, bss_pad_mib)?;
     let bytes = fs::read(&elf_path).map_err(io_err(format!("reading {}", elf_path.display())))?;
     let bootable = match spec.arch {
         Arch::Aarch64 => {
@@ -149,7 +166,7 @@ pub fn build_padded(spec: &ImageSpec, bss_pad_mib: u32) -> Result<BuiltImage, La
             image_desc::seal(&mut sealed).map_err(|e| LaunchError::Image(format!("sealing the image: {e}")))?;
             let sealed_path = dir.join("hv.elf");
             write_atomic(&sealed_path, &sealed)?;
-            grub_iso(&sealed_path, &dir, &[])?
+            grub_iso(&sealed_path, dir, &[])?
         }
     };
     Ok(BuiltImage { arch: spec.arch, elf: elf_path, bootable })
