@@ -39,6 +39,13 @@ static IMAGE_DESCRIPTOR: [u8; loader::image_desc::DESCRIPTOR_LEN] = loader::imag
     arch::HANDOVER_ENTRY,
 );
 
+/// What this image reads (`loader::image_readers`): the running image
+/// checks it, record by record, before it freezes for an update to this one.
+#[cfg(target_os = "none")]
+#[used]
+#[link_section = ".hvlu_readers"]
+static READERS: [u8; loader::image_readers::TABLE_LEN] = loader::image_readers::table(&hypervisor::READS);
+
 #[cfg(target_os = "none")]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {

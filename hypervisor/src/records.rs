@@ -10,6 +10,11 @@ use loader::manifest::ImageFormat;
 
 use crate::sched::VcpuState;
 
+/// The vCPU-context formats the architectures write (upper 16 bits the
+/// arch, lower the layout): `kho/ABI.md` §4.6 gives the layouts.
+pub const AARCH64_CONTEXT_FORMAT: u32 = 0x0a64_0002;
+pub const X86_64_CONTEXT_FORMAT: u32 = 0x8664_0001;
+
 /// Bytes reserved for a vCPU's register context in [`VcpuRecord`].
 pub const CONTEXT_BYTES: usize = 2048;
 /// Bytes of a partition's command line kept for SYSTEM_RESET.

@@ -13,6 +13,7 @@ pub mod dtb;
 pub mod elf;
 pub mod guest_modules;
 pub mod image_desc;
+pub mod image_readers;
 pub mod manifest;
 pub mod multiboot2;
 

@@ -59,7 +59,12 @@ pub fn build_id_of(src: &Path) -> String {
 
 /// Runs `cargo build` for the image. Images get their own target dir so a
 /// build from inside `cargo test` does not wait on the outer cargo's lock.
-fn cargo_build(spec: &ImageSpec, src: &Path, target_dir: &Path, bss_pad_mib: u32) -> Result<PathBuf, LaunchError> {
+fn cargo_build(
+    spec: &ImageSpec,
+    src: &Path,
+    target_dir: &Path,
+    test_env: &[(&str, &str)],
+) -> Result<PathBuf, LaunchError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(src)
@@ -67,10 +72,11 @@ fn cargo_build(spec: &ImageSpec, src: &Path, target_dir: &Path, bss_pad_mib: u32
         .arg(spec.arch.triple())
         .env("CARGO_TARGET_DIR", target_dir)
         .env("HV_BUILD_ID", build_id_of(src));
-    if bss_pad_mib == 0 {
-        cmd.env_remove("HV_TEST_BSS_PAD_MIB");
-    } else {
-        cmd.env("HV_TEST_BSS_PAD_MIB", bss_pad_mib.to_string());
+    for var in TEST_ENV {
+        cmd.env_remove(var);
+    }
+    for (var, value) in test_env {
+        cmd.env(var, value);
     }
     match &spec.version {
         Some(v) => cmd.env("HV_VERSION", v),
@@ -119,15 +125,29 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
     build_padded(spec, 0)
 }
 
+/// The test-only build variables of the hypervisor: `HV_TEST_BSS_PAD_MIB`
+/// (more bss: a larger footprint) and `HV_TEST_READS_CONTEXT_MAX` (an image
+/// that claims to read only vCPU-context layout 1).
+const TEST_ENV: [&str; 2] = ["HV_TEST_BSS_PAD_MIB", "HV_TEST_READS_CONTEXT_MAX"];
+
 /// [`build`], with `bss_pad_mib` MiB more bss (`HV_TEST_BSS_PAD_MIB`): the
 /// same code with a larger footprint, for tests of the image-slot check.
 pub fn build_padded(spec: &ImageSpec, bss_pad_mib: u32) -> Result<BuiltImage, LaunchError> {
+    if bss_pad_mib == 0 {
+        return build_variant(spec, "", &[]);
+    }
+    build_variant(spec, &format!("-pad{bss_pad_mib}"), &[("HV_TEST_BSS_PAD_MIB", &bss_pad_mib.to_string())])
+}
+
+/// [`build`] with test-only build variables (`TEST_ENV`), in a directory
+/// and target dir of its own (`tag` is appended to the version's).
+pub fn build_variant(spec: &ImageSpec, tag: &str, test_env: &[(&str, &str)]) -> Result<BuiltImage, LaunchError> {
     let version = spec.version.as_deref().unwrap_or("default");
-    let tag = if bss_pad_mib == 0 { version.to_string() } else { format!("{version}-pad{bss_pad_mib}") };
+    let tag = format!("{version}{tag}");
     let dir = out_dir().join(spec.arch.name()).join(&tag);
     // One target dir per version: the version is baked in at compile time.
     let target_dir = out_dir().join("cargo").join(&tag);
-    build_from(spec, &workspace_root(), &dir, &target_dir, bss_pad_mib)
+    build_from(spec, &workspace_root(), &dir, &target_dir, test_env)
 }
 
 /// Builds the image of the source tree at `src` (another revision's work
@@ -138,10 +158,10 @@ pub fn build_from(
     src: &Path,
     dir: &Path,
     target_dir: &Path,
-    bss_pad_mib: u32,
+    test_env: &[(&str, &str)],
 ) -> Result<BuiltImage, LaunchError> {
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let elf_path = cargo_build(spec, src, target_dir, bss_pad_mib)?;
+    let elf_path = cargo_build(spec, src, target_dir, test_env)?;
     let bytes = fs::read(&elf_path).map_err(io_err(format!("reading {}", elf_path.display())))?;
     let bootable = match spec.arch {
         Arch::Aarch64 => {

@@ -268,3 +268,25 @@ fn an_image_larger_than_its_slot_is_refused_before_the_freeze() {
     let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
     check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck unaffected");
 }
+
+/// An image that cannot read what the running one hands over (here: it
+/// claims to read vCPU-context layout 1 only, as images did before layout
+/// 2) is refused before the freeze, naming what it cannot read; the guests
+/// never notice.
+#[test]
+fn an_image_that_cannot_read_the_handover_is_refused_before_the_freeze() {
+    let old = image::build_variant(
+        &ImageSpec { arch: Arch::Aarch64, version: Some("0.1.7".into()) },
+        "-reads-context-1",
+        &[("HV_TEST_READS_CONTEXT_MAX", "1")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let run = refuse_run("test-update-unreadable", std::slice::from_ref(&old.bootable));
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let reasons: Vec<&str> = run.hv("update-refused").iter().filter_map(|e| e.get("reason")).collect();
+    check(&run, reasons == ["unreadable-vcpu-context"], &format!("refusal reasons {reasons:?}"));
+    check(&run, run.hv("update-begin").is_empty(), "refused before the freeze");
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck unaffected");
+}

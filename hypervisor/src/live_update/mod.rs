@@ -23,6 +23,7 @@ use hvcall::Status;
 use kho::{HandoverError, HandoverIdentity, HandoverReader, HandoverWriter, RamMap, ScratchKind, ScratchPlan};
 use kho::{UpdateError, UpdateParticipant, UpdateStateMachine};
 use loader::image_desc::{Descriptor, ImageArch};
+use loader::image_readers;
 use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
 
@@ -123,6 +124,10 @@ pub enum Refusal {
     HandoverWriter(HandoverError),
     NoMemoryForHandover,
     NoMachine,
+    /// The image's table of what it reads is malformed.
+    Readers(image_readers::ReadersError),
+    /// The image cannot read a record (or vCPU context) this one writes.
+    Unreadable(image_readers::Unreadable),
 }
 
 impl fmt::Display for Refusal {
@@ -136,6 +141,8 @@ impl fmt::Display for Refusal {
             Self::HandoverWriter(_) => f.write_str("handover-writer"),
             Self::NoMemoryForHandover => f.write_str("no-memory-for-handover"),
             Self::NoMachine => f.write_str("no-machine"),
+            Self::Readers(e) => write!(f, "{e}"),
+            Self::Unreadable(u) => write!(f, "{u}"),
         }
     }
 }
@@ -401,6 +408,14 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
         }
     };
     p.check_image(staged, &desc).map_err(|r| refuse(p, Refusal::Image(r)))?;
+    // The new image must read what this one writes, record by record.
+    let readers = image_readers::find(staged).map_err(|e| refuse(p, Refusal::Readers(e)))?;
+    image_readers::check(readers.as_ref(), &crate::WRITES, <P::Arch as machine::Arch>::CONTEXT_FORMAT).map_err(
+        |u| {
+            println!("update: the image cannot read what this one hands over: {u:?}");
+            refuse(p, Refusal::Unreadable(u))
+        },
+    )?;
     let count = update_count + 1;
     hv_event!("update-begin", from = VERSION, to = desc.version_str(), image_bytes = req.size, count = count);
     let identity = HandoverIdentity { version: VERSION, build_id: BUILD_ID, update_count: count };

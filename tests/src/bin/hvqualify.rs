@@ -97,7 +97,7 @@ fn build(arch: Arch, commit: &str, src: &Path) -> Result<BuiltImage, String> {
     let spec = ImageSpec { arch, version: Some(format!("q-{}", &commit[..8.min(commit.len())])) };
     let dir = out_dir().join("qualify").join(commit).join(arch.name());
     let target = out_dir().join("qualify").join("cargo").join(commit);
-    image::build_from(&spec, src, &dir, &target, 0).map_err(|e| e.to_string())
+    image::build_from(&spec, src, &dir, &target, &[]).map_err(|e| e.to_string())
 }
 
 /// One direction's verdict.

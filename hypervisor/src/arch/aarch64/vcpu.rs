@@ -259,7 +259,7 @@ impl Vcpu {
 /// Identifies the layout [`Vcpu::to_context`] writes: arch aarch64 (0xa64),
 /// layout version 2 (version 1 without the debug registers and the
 /// physical timer, which [`Vcpu::from_context`] still reads).
-pub const CONTEXT_FORMAT: u32 = 0x0a64_0002;
+pub const CONTEXT_FORMAT: u32 = hypervisor::records::AARCH64_CONTEXT_FORMAT;
 pub const CONTEXT_FORMAT_V1: u32 = 0x0a64_0001;
 /// Words layout 2 adds: the debug registers, then CNTP_CTL and CNTP_CVAL.
 const CONTEXT_V2_WORDS: usize = 4 * MAX_DEBUG_PAIRS + 2;

@@ -148,7 +148,7 @@ const OPTIONAL_FIELDS: [u32; 7] = [
 /// CR2, CR8, DR0-3, the 5 switched MSRs, the VMCS region address, the
 /// entry point, then [`SAVED_FIELDS`] and the optional fields, then the
 /// 512-byte FXSAVE area.
-pub const CONTEXT_FORMAT: u32 = 0x8664_0001;
+pub const CONTEXT_FORMAT: u32 = hypervisor::records::X86_64_CONTEXT_FORMAT;
 const CONTEXT_WORDS: usize = 16 + 2 + 4 + 5 + 2 + SAVED_FIELDS.len() + OPTIONAL_FIELDS.len();
 pub const CONTEXT_LEN: usize = CONTEXT_WORDS * 8 + 512;
 
