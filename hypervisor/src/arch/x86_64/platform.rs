@@ -3,9 +3,11 @@
 //! emulated COM1, the VMX capabilities and controls every VMCS is built
 //! from, and the EPT adopted in place after an update.
 
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::lapic::VectorSet;
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
@@ -44,9 +46,31 @@ pub struct X86Partition {
     pub uart_lcr: u8,
     /// #GP faults injected so far.
     pub gp_injected: u64,
+    /// Fixed IPIs sent to each vCPU (by index) by the others, not yet
+    /// taken into its local APIC: vCPU contexts belong to their own
+    /// physical CPU (`hypervisor::machine`), so senders on another one
+    /// leave the vectors here, under the machine lock.
+    inbox: Vec<VectorSet>,
 }
 
 impl X86Partition {
+    pub fn new(ept: Stage2Table<Ept, LinearMap>) -> Self {
+        Self { ept, uart_lcr: 0, gp_injected: 0, inbox: Vec::new() }
+    }
+
+    /// Leaves `vector` for vCPU `index`.
+    pub fn post_vector(&mut self, index: usize, vector: u8) {
+        if self.inbox.len() <= index {
+            self.inbox.resize(index + 1, VectorSet::default());
+        }
+        self.inbox[index].set(vector);
+    }
+
+    /// Takes the vectors left for vCPU `index`.
+    pub fn take_inbox(&mut self, index: usize) -> VectorSet {
+        self.inbox.get_mut(index).map(core::mem::take).unwrap_or_default()
+    }
+
     pub fn eptp(&self) -> u64 {
         Ept::eptp(self.ept.root())
     }
@@ -139,7 +163,7 @@ impl Handover for X86 {
         let phys = unsafe { LinearMap::new(0) };
         let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys)
             .map_err(|error| RestoreError::Stage2 { id: rec.id, error })?;
-        Ok(X86Partition { ept, uart_lcr: 0, gp_injected: 0 })
+        Ok(X86Partition::new(ept))
     }
 
     fn restore_context(&self, bytes: &[u8], preserved: &MultiOrderBitmap<IdentityPages>) -> Result<Vcpu, RestoreError> {
