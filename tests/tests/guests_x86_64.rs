@@ -105,10 +105,13 @@ fn default_guests_run_isolated_on_both_cpus() {
     check(&run, passes.len() == 3, "three memcheck passes");
     check(&run, passes.iter().all(|e| e.num("ok") == Some(1) && e.num("pages").unwrap_or(0) > 1900), "memcheck ok");
 
-    // heartbeat: the TSC-polled tick, its frequency from CPUID 0x4000_0010.
+    // heartbeat: ticks are interrupts from its virtual x2APIC's periodic
+    // timer (taken after HLT), and every self-IPI arrived.
     let hb = id_of(&run, "heartbeat");
     let done = last(&run.guest(hb, "heartbeat"));
     check(&run, done.is_some_and(|e| e.num("ticks") == Some(100)), "heartbeat reached 100 ticks");
+    check(&run, done.is_some_and(|e| e.num("sgis_sent") == Some(100)), "one self-IPI per tick");
+    check(&run, done.is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "every self-IPI arrived");
     let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
     check(&run, ticks.windows(2).all(|w| w[0] < w[1]) && ticks.len() == 10, "alive ticks increase");
 
@@ -126,8 +129,8 @@ fn default_guests_run_isolated_on_both_cpus() {
     check(&run, stopped.len() == 5, "every guest stopped");
     check(&run, run.hv("unexpected-exit").is_empty(), "no unexpected exits");
 
-    // The blackout meter spins on the heartbeat's CPU; the preemption
-    // timer still lets the heartbeat tick while it spins.
+    // The blackout meter spins on the heartbeat's CPU; the APIC timer
+    // (through the preemption timer) still lets the heartbeat tick.
     let bo = id_of(&run, "blackout");
     let cpu_of = |id: u32| started.iter().find(|e| e.num("id") == Some(u64::from(id))).and_then(|e| e.num("cpu"));
     check(&run, cpu_of(bo) == cpu_of(hb), "blackout and heartbeat share a CPU in the default layout");
