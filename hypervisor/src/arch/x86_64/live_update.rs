@@ -114,8 +114,9 @@ impl UpdatePlatform for Vmx {
     }
 }
 
-/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, then for
-/// every vCPU pinned here whose VMCS was used, reads its guest state
+/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, copies every
+/// vCPU's local APIC for the `lapic` record, then for every vCPU pinned
+/// here whose VMCS was used, reads its guest state
 /// (VMREAD needs the VMCS current on the CPU it is active on) and VMCLEARs
 /// it, so its data is in memory and the CPU holds no VMCS state (SDM Vol.
 /// 3C §25.11.1, §25.11.3). If the update is cancelled, the next entry is
@@ -124,8 +125,18 @@ fn freeze_cpu(m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
     m.put_loaded(cpu);
     for k in 0..m.queues[cpu].len() {
         let v = m.queues[cpu][k];
-        // SAFETY: pinned to this CPU, and not running (this CPU is at an
-        // exit boundary).
+        let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index as usize);
+        let inbox = m.partitions[p].arch.take_inbox(index);
+        let apic = {
+            // SAFETY: pinned to this CPU, and not running (this CPU is at
+            // an exit boundary).
+            let lapic = &mut unsafe { m.ctx_mut(v) }.lapic;
+            // With the IPIs other vCPUs left for it, for the record.
+            lapic.accept_all(&inbox);
+            lapic.clone()
+        };
+        m.partitions[p].arch.stash_apic(index, &apic);
+        // SAFETY: as above.
         let ctx = unsafe { m.ctx_mut(v) };
         if !ctx.initialized {
             continue;

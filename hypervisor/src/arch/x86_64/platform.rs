@@ -7,12 +7,12 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
-use hypervisor::arch::x86_64::lapic::VectorSet;
+use hypervisor::arch::x86_64::lapic::{self, Lapic, VectorSet};
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::preserved::IdentityPages;
-use hypervisor::records::{format_code, PartitionRecord};
+use hypervisor::records::{format_code, LapicRecord, PartitionRecord, LAPIC_STATE_BYTES};
 use hypervisor::stage2::{Ept, LinearMap, Stage2Table};
 use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
@@ -51,11 +51,29 @@ pub struct X86Partition {
     /// physical CPU (`hypervisor::machine`), so senders on another one
     /// leave the vectors here, under the machine lock.
     inbox: Vec<VectorSet>,
+    /// Each vCPU's local APIC for a live update (by index): copied by the
+    /// owning CPU at the freeze for the `lapic` record, or read from it by
+    /// the next image and taken up by the owning CPU before the vCPU is
+    /// scheduled.
+    apic_handover: Vec<Option<Lapic>>,
 }
 
 impl X86Partition {
     pub fn new(ept: Stage2Table<Ept, LinearMap>) -> Self {
-        Self { ept, uart_lcr: 0, gp_injected: 0, inbox: Vec::new() }
+        Self { ept, uart_lcr: 0, gp_injected: 0, inbox: Vec::new(), apic_handover: Vec::new() }
+    }
+
+    /// Keeps a copy of vCPU `index`'s APIC for the handover.
+    pub fn stash_apic(&mut self, index: usize, apic: &Lapic) {
+        if self.apic_handover.len() <= index {
+            self.apic_handover.resize(index + 1, None);
+        }
+        self.apic_handover[index] = Some(apic.clone());
+    }
+
+    /// The APIC vCPU `index` had in the previous image, once.
+    pub fn take_apic(&mut self, index: usize) -> Option<Lapic> {
+        self.apic_handover.get_mut(index).and_then(Option::take)
     }
 
     /// Leaves `vector` for vCPU `index`.
@@ -144,26 +162,57 @@ impl Handover for X86 {
         rec.image_format = format_code(ImageFormat::Flat);
     }
 
-    fn write_partition_records(_: &Partition<Self>, _: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
-        Ok(())
+    /// The `lapic` record: every vCPU's APIC as its owning CPU copied it
+    /// at the freeze (a vCPU never scheduled has its reset APIC).
+    fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
+        let mut rec = LapicRecord { vcpus: p.info.vcpus, len: 0, state: [0; LAPIC_STATE_BYTES] };
+        let mut at = 0;
+        for index in 0..p.info.vcpus {
+            let apic = p.arch.apic_handover.get(index as usize).cloned().flatten().unwrap_or_else(|| Lapic::new(index));
+            let out = rec.state.get_mut(at..).ok_or(SaveError::Device("lapic-state-too-large"))?;
+            at += apic.encode(out).ok_or(SaveError::Device("lapic-state-too-large"))?;
+        }
+        rec.len = at as u32;
+        node.add_record(&rec).map_err(|error| SaveError::Handover { what: "lapic", error })
     }
 
     fn record_devices(&self, _: &mut HandoverWriter) -> Result<(), SaveError> {
         Ok(())
     }
 
+    /// Adopts the EPT in place and reads the `lapic` record (without one,
+    /// from an image before it, the guests get reset APICs: what that
+    /// image's guests had).
     fn adopt_partition(
         &mut self,
         rec: &PartitionRecord,
-        _: &SubsystemNode<'_>,
+        node: &SubsystemNode<'_>,
         ram: &[PhysRange],
     ) -> Result<X86Partition, RestoreError> {
+        let apics = match node.record::<LapicRecord>() {
+            Ok(Some(l)) => {
+                if l.vcpus != rec.vcpus || l.len as usize != rec.vcpus as usize * lapic::STATE_LEN {
+                    return Err(RestoreError::BadField("lapic-vcpus"));
+                }
+                let mut apics = Vec::new();
+                for (index, bytes) in (0..rec.vcpus).zip(l.state.chunks_exact(lapic::STATE_LEN)) {
+                    apics.push(Lapic::decode(bytes, index).map_err(|_| RestoreError::BadField("lapic-state"))?);
+                }
+                apics
+            }
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(RestoreError::Record { what: "lapic", error: Some(e) }),
+        };
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
         // SAFETY: RAM is identity-mapped, so physical = virtual.
         let phys = unsafe { LinearMap::new(0) };
         let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys)
             .map_err(|error| RestoreError::Stage2 { id: rec.id, error })?;
-        Ok(X86Partition::new(ept))
+        let mut part = X86Partition::new(ept);
+        for (index, apic) in apics.iter().enumerate() {
+            part.stash_apic(index, apic);
+        }
+        Ok(part)
     }
 
     fn restore_context(&self, bytes: &[u8], preserved: &MultiOrderBitmap<IdentityPages>) -> Result<Vcpu, RestoreError> {

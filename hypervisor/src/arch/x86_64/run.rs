@@ -269,8 +269,9 @@ struct ApicScan {
     waiting: bool,
 }
 
-/// Brings the local APICs of this CPU's vCPUs up to date: the IPIs other
-/// vCPUs left for them, timers that expired (whether or not the vCPU is
+/// Brings the local APICs of this CPU's vCPUs up to date: the APIC a
+/// vCPU adopted from a handover had, the IPIs other vCPUs left for them,
+/// timers that expired (whether or not the vCPU is
 /// loaded, as aarch64's soft timers). A vCPU whose APIC has an interrupt
 /// to deliver is marked [`PENDING_APIC`], which lets a waiting one run.
 fn update_apics(m: &mut Machine<X86>, cpu: usize) -> ApicScan {
@@ -278,11 +279,19 @@ fn update_apics(m: &mut Machine<X86>, cpu: usize) -> ApicScan {
     let mut scan = ApicScan { woke: false, deadline: None, waiting: false };
     for k in 0..m.queues[cpu].len() {
         let v = m.queues[cpu][k];
+        let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index as usize);
+        // SAFETY: `v` is pinned to this CPU, which is in the hypervisor.
+        if unsafe { m.ctx_mut(v) }.restored {
+            // Adopted from a handover: the APIC it had there.
+            if let Some(apic) = m.partitions[p].arch.take_apic(index) {
+                // SAFETY: as above.
+                unsafe { m.ctx_mut(v) }.lapic = apic;
+            }
+        }
         let state = m.vcpus[v].state;
         if matches!(state, VcpuState::Off | VcpuState::Stopped) {
             continue;
         }
-        let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index as usize);
         let inbox = m.partitions[p].arch.take_inbox(index);
         let (ready, deadline) = {
             // SAFETY: `v` is pinned to this CPU, which is in the

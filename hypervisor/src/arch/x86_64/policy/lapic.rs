@@ -578,6 +578,122 @@ impl Lapic {
     }
 }
 
+/// Bytes of one APIC's handover encoding ([`Lapic::encode`]).
+pub const STATE_LEN: usize = 160;
+/// The encoding's flags word: bit 0, a one-shot/periodic expiry is armed.
+const STATE_TIMER_ARMED: u32 = 1;
+/// The ESR's defined bits (§11.5.3, Figure 11-9).
+const ESR_DEFINED: u32 = 0xff;
+
+/// Why an APIC's handover encoding was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateError {
+    /// Fewer than [`STATE_LEN`] bytes.
+    Short,
+    /// The x2APIC ID is not the vCPU's index.
+    WrongId,
+    /// A register holds bits the APIC never sets.
+    ReservedBits(&'static str),
+}
+
+fn put_u32(out: &mut [u8], at: usize, v: u32) {
+    out[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut [u8], at: usize, v: u64) {
+    out[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get_u32(bytes: &[u8], at: usize) -> u32 {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(b)
+}
+
+fn get_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+impl Lapic {
+    /// The APIC's state for a live update (`kho/ABI.md`, `lapic` record):
+    /// [`STATE_LEN`] little-endian bytes. u32 at 0: ID, TPR, SVR, ESR,
+    /// errors not yet latched, initial count, divide configuration, flags
+    /// (bit 0: `timer_expiry` armed); IRR words at 32, ISR words at 64,
+    /// the seven LVT entries (CMCI, timer, thermal, perfmon, LINT0,
+    /// LINT1, error) at 96, 0 at 124; u64 at 128: ICR, one-shot/periodic
+    /// expiry (TSC), IA32_TSC_DEADLINE, 0. `None` if `out` is short.
+    pub fn encode(&self, out: &mut [u8]) -> Option<usize> {
+        let out = out.get_mut(..STATE_LEN)?;
+        out.fill(0);
+        let flags = if self.timer_expiry.is_some() { STATE_TIMER_ARMED } else { 0 };
+        for (k, v) in [self.id, self.tpr, self.svr, self.esr, self.esr_pending, self.initial_count, self.divide, flags]
+            .into_iter()
+            .enumerate()
+        {
+            put_u32(out, 4 * k, v);
+        }
+        for k in 0..8 {
+            put_u32(out, 32 + 4 * k, self.irr.0[k]);
+            put_u32(out, 64 + 4 * k, self.isr.0[k]);
+        }
+        for (k, &v) in self.lvt.iter().enumerate() {
+            put_u32(out, 96 + 4 * k, v);
+        }
+        put_u64(out, 128, self.icr);
+        put_u64(out, 136, self.timer_expiry.unwrap_or(0));
+        put_u64(out, 144, self.tsc_deadline);
+        Some(STATE_LEN)
+    }
+
+    /// Reads [`Lapic::encode`]'s bytes for vCPU `id`, refusing anything a
+    /// running APIC could not hold (so a bad handover cannot give a guest
+    /// an impossible APIC).
+    pub fn decode(bytes: &[u8], id: u32) -> Result<Self, StateError> {
+        let b = bytes.get(..STATE_LEN).ok_or(StateError::Short)?;
+        let word = |k: usize| get_u32(b, 4 * k);
+        if word(0) != id {
+            return Err(StateError::WrongId);
+        }
+        let mut a = Lapic::new(id);
+        a.tpr = word(1);
+        a.svr = word(2);
+        a.esr = word(3);
+        a.esr_pending = word(4);
+        a.initial_count = word(5);
+        a.divide = word(6);
+        let flags = word(7);
+        for k in 0..8 {
+            a.irr.0[k] = get_u32(b, 32 + 4 * k);
+            a.isr.0[k] = get_u32(b, 64 + 4 * k);
+        }
+        for (k, slot) in a.lvt.iter_mut().enumerate() {
+            *slot = get_u32(b, 96 + 4 * k);
+        }
+        a.icr = get_u64(b, 128);
+        a.timer_expiry = (flags & STATE_TIMER_ARMED != 0).then(|| get_u64(b, 136));
+        a.tsc_deadline = get_u64(b, 144);
+        let lvts = [Lvt::Cmci, Lvt::Timer, Lvt::Thermal, Lvt::Perfmon, Lvt::Lint0, Lvt::Lint1, Lvt::Error];
+        let checks = [
+            ("tpr", a.tpr & !TPR_WRITABLE == 0),
+            ("svr", a.svr & !(SVR_VECTOR | SVR_ENABLE) == 0),
+            ("esr", (a.esr | a.esr_pending) & !ESR_DEFINED == 0),
+            ("divide", a.divide & !DIVIDE_WRITABLE == 0),
+            ("flags", flags & !STATE_TIMER_ARMED == 0),
+            ("illegal-vector", (a.irr.0[0] | a.isr.0[0]).trailing_zeros() >= u32::from(FIRST_LEGAL_VECTOR)),
+            ("lvt", lvts.iter().zip(a.lvt).all(|(l, v)| v & !l.writable() == 0)),
+            ("timer-mode", TimerMode::of(a.lvt[Lvt::Timer as usize]).is_some()),
+            ("icr", a.icr & !ICR_WRITABLE == 0),
+            ("padding", get_u32(b, 124) == 0 && get_u64(b, 152) == 0),
+        ];
+        match checks.iter().find(|(_, ok)| !ok) {
+            Some((what, _)) => Err(StateError::ReservedBits(what)),
+            None => Ok(a),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,6 +933,48 @@ mod tests {
             assert_eq!(a.write(msr::ICR, 0x50 | (mode << 8) | (1 << 18), 0), Ok(WriteEffect::None));
             assert!(!a.irr.contains(0x50));
         }
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_refused() {
+        let mut a = enabled(3);
+        a.write(msr::TPR, 0x20, 0).unwrap();
+        a.write(msr::LVT_TIMER, TIMER_VECTOR | (1 << 17), 0).unwrap();
+        a.write(msr::TIMER_INITIAL_COUNT, 1000, 50).unwrap();
+        a.write(msr::ICR, 0x44 | (1 << 32), 0).unwrap();
+        a.accept(0x60);
+        a.acknowledge(0x60);
+        a.accept(0x70);
+        a.write(msr::SELF_IPI, 1, 0).unwrap();
+        let mut bytes = [0u8; STATE_LEN];
+        assert_eq!(a.encode(&mut bytes), Some(STATE_LEN));
+        assert_eq!(a.encode(&mut [0u8; STATE_LEN - 1]), None);
+        let b = Lapic::decode(&bytes, 3).unwrap();
+        assert_eq!(b, a);
+        assert_eq!(b.next_deadline(), Some(2050), "the timer's deadline and mode survive");
+        assert_eq!(b.deliverable(), Some(0x70));
+        let mut c = Lapic::new(0);
+        c.write(msr::SVR, 0x1ff, 0).unwrap();
+        c.write(msr::LVT_TIMER, TIMER_VECTOR | (2 << 17), 0).unwrap();
+        c.write(msr::IA32_TSC_DEADLINE, 9999, 0).unwrap();
+        c.encode(&mut bytes).unwrap();
+        assert_eq!(Lapic::decode(&bytes, 0).map(|d| d.next_deadline()), Ok(Some(9999)));
+
+        assert_eq!(Lapic::decode(&bytes[..STATE_LEN - 1], 0), Err(StateError::Short));
+        assert_eq!(Lapic::decode(&bytes, 1), Err(StateError::WrongId));
+        let bad = |at: usize, v: u32| {
+            let mut b = bytes;
+            b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+            Lapic::decode(&b, 0)
+        };
+        assert_eq!(bad(4, 0x100), Err(StateError::ReservedBits("tpr")));
+        assert_eq!(bad(8, 0x1000), Err(StateError::ReservedBits("svr")));
+        assert_eq!(bad(28, 2), Err(StateError::ReservedBits("flags")));
+        assert_eq!(bad(32, 1), Err(StateError::ReservedBits("illegal-vector")));
+        assert_eq!(bad(100, 3 << 17), Err(StateError::ReservedBits("timer-mode")));
+        assert_eq!(bad(100, 1 << 12), Err(StateError::ReservedBits("lvt")));
+        assert_eq!(bad(124, 1), Err(StateError::ReservedBits("padding")));
+        assert_eq!(bad(128, 1 << 12), Err(StateError::ReservedBits("icr")));
     }
 
     #[test]
