@@ -25,7 +25,7 @@ use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
 use hypervisor::live_update::{self, Cancel, Ready, Request, UpdatePlatform, HANDSHAKE};
-use hypervisor::machine::{Machine, MachineLock, MAX_CPUS};
+use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
 use hypervisor::{hv_event, println};
 use kho::HandoverReader;
@@ -62,8 +62,7 @@ extern "C" {
 static OFF_FOR_KEXEC: AtomicUsize = AtomicUsize::new(0);
 
 /// The x86_64 side of [`UpdatePlatform`]: the requesting vCPU `v`; other
-/// CPUs leave their guests at the next preemption-timer exit and spin
-/// with PAUSE while frozen.
+/// CPUs are kicked out of their guests and spin with PAUSE while frozen.
 struct Vmx {
     v: usize,
 }
@@ -83,10 +82,13 @@ impl UpdatePlatform for Vmx {
         (tsc::now(), tsc_hz())
     }
 
-    fn kick_others(&self, _: &Machine<X86>, _cpu: usize) {
-        // Every guest entry arms the VMX-preemption timer for at most one
-        // slice (SDM Vol. 3C §26.5.1), so each CPU reaches an exit
-        // boundary within SLICE_MS without an IPI.
+    /// A kick IPI makes every other CPU leave its guest at once instead of
+    /// at the end of its slice (the VMX-preemption timer, SDM Vol. 3C
+    /// §26.5.1, which still bounds the wait).
+    fn kick_others(&self, m: &Machine<X86>, cpu: usize) {
+        for &c in m.online.iter().filter(|&&c| c != cpu) {
+            m.arch.kick(c);
+        }
     }
 
     fn freeze_cpu(&self, m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {

@@ -131,10 +131,14 @@ impl Arch for X86 {
         CPU_APIC.iter().position(|a| a.load(Ordering::Relaxed) == me).unwrap_or(0)
     }
 
-    fn kick(&self, _cpu: usize) {
-        // Every guest entry arms the VMX-preemption timer for at most one
-        // slice (SDM Vol. 3C §26.5.1), so the CPU sees the change at its
-        // next exit without an IPI.
+    /// An IPI to the CPU: in a guest, it exits at once (external-interrupt
+    /// exiting) and reschedules; in the hypervisor, it sees the change at
+    /// its next scheduling decision anyway, and the IPI stays pending until
+    /// its next entry, which then exits at once.
+    fn kick(&self, cpu: usize) {
+        if let Some(apic) = CPU_APIC.get(cpu).map(|a| a.load(Ordering::Relaxed)).filter(|&a| a != u32::MAX) {
+            smp::send_kick(apic);
+        }
     }
 
     fn put(&mut self, vcpu: &mut Vcpu) {

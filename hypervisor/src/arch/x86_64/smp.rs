@@ -21,6 +21,13 @@ const EOI: usize = 0x0b0;
 const ICR_INIT: u32 = 0x0000_4500;
 const ICR_STARTUP: u32 = 0x0000_4600;
 const ICR_BUSY: u32 = 1 << 12;
+/// The kick: a fixed interrupt (delivery mode 000b, physical destination)
+/// with a vector of the hypervisor's own. It only makes a CPU running a
+/// guest exit (external-interrupt exiting, acknowledged on exit); the
+/// hypervisor runs with interrupts disabled and never takes it.
+pub const KICK_VECTOR: u32 = 0xf0;
+/// How long a kick waits for an earlier IPI to leave the ICR.
+const ICR_IDLE_POLLS: u32 = 1000;
 const STACK_SIZE: usize = 0x10000;
 const APIC_BASE_BSP: u64 = 1 << 8;
 const AP_WAIT_US: u64 = 200_000;
@@ -85,6 +92,19 @@ fn send_ipi(apic_id: u32, low: u32) {
         }
         delay_us(1);
     }
+}
+
+/// Sends the kick to the CPU with `apic_id` (SDM §11.6.1). Does not wait
+/// for delivery; an IPI still in the ICR is given a bounded time first.
+pub fn send_kick(apic_id: u32) {
+    for _ in 0..ICR_IDLE_POLLS {
+        if apic_read(ICR_LOW) & ICR_BUSY == 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    apic_write(ICR_HIGH, apic_id << 24);
+    apic_write(ICR_LOW, KICK_VECTOR);
 }
 
 fn sym(s: &u8) -> usize {
