@@ -200,3 +200,40 @@ fn triple_fault_and_forbidden_msr_stay_with_their_guest() {
     let all = run.hv("all-guests-stopped");
     check(&run, all.len() == 1 && all[0].num("faulted") == Some(1), "one faulted guest in the end");
 }
+
+#[test]
+fn a_misprogrammed_apic_stays_with_its_guest() {
+    let list = [
+        test_guest("isolation", ",name=badapic,mem=4,cmdline=\"fault_test=bad-apic\""),
+        test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30\""),
+    ];
+    let run = run_guests("test-x86_64-bad-apic", &list);
+    check(&run, run.clean_shutdown(), "no clean shutdown");
+
+    // Illegal vectors are dropped and set ESR "send illegal vector" (bit
+    // 5) and "receive illegal vector" (bit 6); the IPI to a vCPU the guest
+    // does not have goes nowhere; the reserved TPR bit gets #GP.
+    let bad = id_of(&run, "badapic");
+    let report = run.guest(bad, "fault-test");
+    let apic = report.iter().find(|e| e.get("esr").is_some());
+    check(&run, apic.is_some_and(|e| e.num("esr") == Some(0x60)), "ESR bits 5 and 6");
+    check(&run, apic.is_some_and(|e| e.num("irr") == Some(0)), "nothing pending");
+    check(&run, report.iter().all(|e| e.get("survived").is_none()), "the reserved TPR bit must not be taken");
+    let injected = run.hv("inject");
+    check(
+        &run,
+        injected.len() == 1
+            && injected[0].get("reason") == Some("reserved-bits")
+            && injected[0].num("guest") == Some(u64::from(bad)),
+        "one #GP, for the reserved bit",
+    );
+    let exception = run.guest(bad, "exception");
+    check(&run, exception.len() == 1 && exception[0].get("vector") == Some("gp"), "the guest took the #GP");
+    check(&run, run.hv("fault").is_empty(), "no guest faulted");
+
+    // The other guest's APIC is untouched: its ticks and self-IPIs all come.
+    let hb = id_of(&run, "heartbeat");
+    let beat = last(&run.guest(hb, "heartbeat"));
+    check(&run, beat.is_some_and(|e| e.num("ticks") == Some(30)), "heartbeat reached 30 ticks");
+    check(&run, beat.is_some_and(|e| e.num("sgis_received") == Some(30)), "every self-IPI arrived");
+}

@@ -70,7 +70,12 @@ const CPUID1_ECX_X2APIC: u32 = 1 << 21;
 /// SVR software enable (8) with spurious vector 0xff; LVT timer periodic
 /// mode (bits 18:17 = 01) and mask (16); divide configuration 0b1011 =
 /// divide by 1 (§11.5.4).
+const X2APIC_TPR: u32 = 0x808;
 const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_IRR0: u32 = 0x820;
+const X2APIC_ESR: u32 = 0x828;
+const X2APIC_ICR: u32 = 0x830;
+const X2APIC_CURRENT_COUNT: u32 = 0x839;
 const X2APIC_SVR: u32 = 0x80f;
 const X2APIC_LVT_TIMER: u32 = 0x832;
 const X2APIC_INITIAL_COUNT: u32 = 0x838;
@@ -165,6 +170,7 @@ pub fn start(magic: u32, info: u64, workload: Workload<VmxGuest>) -> ! {
                 match test {
                     FaultTest::TripleFault => triple_fault_now(),
                     FaultTest::ForbiddenMsr => read_forbidden_msr(),
+                    FaultTest::BadApic => misprogram_apic(),
                 }
             }
             workload(&mut guest, &env);
@@ -271,6 +277,34 @@ fn read_forbidden_msr() -> ! {
     shutdown(&mut guest)
 }
 
+/// Misprograms the local APIC (with interrupts off): a self-IPI and a
+/// timer with vectors below 16 (the APIC drops them and sets ESR bits 5
+/// and 6), an IPI to x2APIC ID 7, which this one-vCPU guest does not
+/// have (dropped), then a TPR write with a reserved bit: the #GP the
+/// hypervisor injects is reported by the IDT, which stops the guest.
+fn misprogram_apic() -> ! {
+    const ILLEGAL_VECTOR: u64 = 3;
+    const ILLEGAL_TIMER_VECTOR: u64 = 2;
+    const NO_SUCH_VCPU: u64 = 7;
+    const TPR_RESERVED_BIT: u64 = 1 << 8;
+    let mut guest = VmxGuest { _private: () };
+    wrmsr(X2APIC_SVR, SVR_ENABLE_SPURIOUS_FF);
+    wrmsr(X2APIC_SELF_IPI, ILLEGAL_VECTOR);
+    wrmsr(X2APIC_ICR, IPI_VECTOR | (NO_SUCH_VCPU << 32));
+    wrmsr(X2APIC_DIVIDE, DIVIDE_BY_1);
+    wrmsr(X2APIC_LVT_TIMER, ILLEGAL_TIMER_VECTOR);
+    wrmsr(X2APIC_INITIAL_COUNT, 1);
+    while rdmsr(X2APIC_CURRENT_COUNT) != 0 {
+        core::hint::spin_loop();
+    }
+    wrmsr(X2APIC_ESR, 0);
+    let irr = (0..8).fold(0, |any, k| any | rdmsr(X2APIC_IRR0 + k));
+    guest.write_line(Line::event("fault-test").field("kind", "bad-apic").hex("esr", rdmsr(X2APIC_ESR)).hex("irr", irr));
+    wrmsr(X2APIC_TPR, TPR_RESERVED_BIT);
+    guest.write_line(Line::event("fault-test").field("kind", "bad-apic").flag("survived", true));
+    shutdown(&mut guest)
+}
+
 /// Stops this guest with `SHUTDOWN_SELF`; parks should it return.
 fn shutdown(guest: &mut VmxGuest) -> ! {
     guest.hypercall(Request::shutdown_self());
@@ -298,6 +332,15 @@ fn wrmsr(msr: u32, value: u64) {
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack));
     }
+}
+
+/// RDMSR of an x2APIC register.
+fn rdmsr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: only ever called on the x2APIC registers, which have no read
+    // side effects; the hypervisor answers a bad read with #GP.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack)) };
+    (u64::from(high) << 32) | u64::from(low)
 }
 
 fn rdtsc() -> u64 {
