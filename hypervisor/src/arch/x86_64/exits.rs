@@ -405,7 +405,10 @@ fn wrmsr_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
     let index = ctx.regs.get(Gpr::RCX) as u32;
     let value = (ctx.regs.get(Gpr::RDX) << 32) | (ctx.regs.get(Gpr::RAX) & 0xffff_ffff);
     if lapic::is_apic_msr(index) {
-        match ctx.lapic.write(index, value, tsc::now()) {
+        let effect = ctx.lapic.write(index, value, tsc::now());
+        // CR8 mirrors the TPR's class (SDM Vol. 3A §11.8.6.1).
+        ctx.cr8 = u64::from(ctx.lapic.tpr >> CR8_TPR_SHIFT);
+        match effect {
             Ok(WriteEffect::None) => {}
             Ok(WriteEffect::Ipi(ipi)) => send_ipi(m, v, ipi),
             Err(e) => return Ok(Step::InjectGp(e)),

@@ -171,7 +171,9 @@ pub struct Vcpu {
     pub regs: GuestRegs,
     pub fx: FxArea,
     pub cr2: u64,
-    /// The guest's TPR as CR8 (CR8 accesses exit; SDM §26.1.3).
+    /// The class of the local APIC's TPR, as CR8 reads it (CR8 accesses
+    /// exit, SDM §26.1.3, and go to the APIC; this copy is the context
+    /// record's CR8 word).
     pub cr8: u64,
     /// DR0-DR3 as the guest last wrote them. They are not loaded into the
     /// processor: guest breakpoints are accepted and never fire.

@@ -346,9 +346,12 @@ impl Lapic {
 
     /// Accepts every vector of `set` (an inbox filled by other vCPUs).
     pub fn accept_all(&mut self, set: &VectorSet) {
-        for v in 0..=255u8 {
-            if set.contains(v) {
-                self.accept(v);
+        for (w, &word) in set.0.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let bit = bits.trailing_zeros();
+                bits &= bits - 1;
+                self.accept((w as u32 * 32 + bit) as u8);
             }
         }
     }
