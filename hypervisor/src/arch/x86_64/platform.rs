@@ -113,8 +113,9 @@ pub fn tsc_hz() -> u64 {
 static CPU_APIC: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
 const _: () = assert!(MAX_CPUS == hypervisor::machine::MAX_CPUS);
 
-/// Records that this CPU is CPU index `cpu`.
+/// Records that this CPU is CPU index `cpu`, and lets kicks reach it.
 pub fn register_cpu(cpu: usize) {
+    smp::enable_local_apic();
     if let Some(slot) = CPU_APIC.get(cpu) {
         slot.store(smp::my_apic_id(), Ordering::Relaxed);
     }

@@ -16,6 +16,11 @@ const APIC_ID: usize = 0x20;
 const ICR_LOW: usize = 0x300;
 const ICR_HIGH: usize = 0x310;
 const EOI: usize = 0x0b0;
+/// Spurious-interrupt vector register: bit 8 enables the APIC in software
+/// (SDM §11.9, §11.4.7.2). An AP comes out of INIT with it clear, and a
+/// software-disabled APIC accepts no fixed interrupts, kicks included.
+const SVR: usize = 0x0f0;
+const SVR_ENABLE: u32 = 1 << 8;
 /// ICR: delivery mode INIT (101b) / Start-Up (110b), level assert, and the
 /// delivery-status bit (SDM Figure 11-12).
 const ICR_INIT: u32 = 0x0000_4500;
@@ -92,6 +97,13 @@ fn send_ipi(apic_id: u32, low: u32) {
         }
         delay_us(1);
     }
+}
+
+/// Enables this CPU's local APIC in software, so that kicks reach it. The
+/// LVT entries keep their masks, and the hypervisor runs with interrupts
+/// disabled, so nothing else changes.
+pub fn enable_local_apic() {
+    apic_write(SVR, apic_read(SVR) | SVR_ENABLE);
 }
 
 /// Sends the kick to the CPU with `apic_id` (SDM §11.6.1). Does not wait
