@@ -271,9 +271,9 @@ struct ApicScan {
 
 /// Brings the local APICs of this CPU's vCPUs up to date: the APIC a
 /// vCPU adopted from a handover had, the IPIs other vCPUs left for them,
-/// timers that expired (whether or not the vCPU is
-/// loaded, as aarch64's soft timers). A vCPU whose APIC has an interrupt
-/// to deliver is marked [`PENDING_APIC`], which lets a waiting one run.
+/// timers that expired (whether or not the vCPU is loaded, as aarch64's
+/// soft timers). A vCPU whose APIC has an interrupt to deliver is marked
+/// [`PENDING_APIC`], which lets a waiting one run.
 fn update_apics(m: &mut Machine<X86>, cpu: usize) -> ApicScan {
     let now = tsc::now();
     let mut scan = ApicScan { woke: false, deadline: None, waiting: false };
