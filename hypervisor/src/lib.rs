@@ -53,10 +53,10 @@ pub const BUILD_ID: &str = match option_env!("HV_BUILD_ID") {
 /// What this image writes into a handover, record by record (id, name,
 /// the oldest reader version it needs), for the check before the freeze
 /// (`loader::image_readers`).
-pub const WRITES: [loader::image_readers::Written; 6] = {
+pub const WRITES: [loader::image_readers::Written; 7] = {
     use kho::StateRecord;
     use loader::image_readers::Written;
-    use records::{ConsoleRecord, HvRecord, IommuRecord, PartitionRecord, VcpuRecord, VgicRecord};
+    use records::{ConsoleRecord, HvRecord, IommuRecord, LapicRecord, PartitionRecord, VcpuRecord, VgicRecord};
     [
         Written { id: HvRecord::ID, name: HvRecord::NAME, min_reader: HvRecord::MIN_READER_VERSION },
         Written {
@@ -68,16 +68,17 @@ pub const WRITES: [loader::image_readers::Written; 6] = {
         Written { id: IommuRecord::ID, name: IommuRecord::NAME, min_reader: IommuRecord::MIN_READER_VERSION },
         Written { id: VgicRecord::ID, name: VgicRecord::NAME, min_reader: VgicRecord::MIN_READER_VERSION },
         Written { id: ConsoleRecord::ID, name: ConsoleRecord::NAME, min_reader: ConsoleRecord::MIN_READER_VERSION },
+        Written { id: LapicRecord::ID, name: LapicRecord::NAME, min_reader: LapicRecord::MIN_READER_VERSION },
     ]
 };
 
 /// What this image reads, as the table it embeds next to its descriptor
 /// (`loader::image_readers`): each record from version 1 to the version it
 /// writes, and the vCPU-context layouts of both architectures.
-pub const READS: [loader::image_readers::ReadRange; 8] = {
+pub const READS: [loader::image_readers::ReadRange; 9] = {
     use kho::StateRecord;
     use loader::image_readers::{ReadRange, CONTEXT_FAMILY};
-    use records::{ConsoleRecord, HvRecord, IommuRecord, PartitionRecord, VcpuRecord, VgicRecord};
+    use records::{ConsoleRecord, HvRecord, IommuRecord, LapicRecord, PartitionRecord, VcpuRecord, VgicRecord};
     [
         ReadRange { id: HvRecord::ID, min: 1, max: HvRecord::VERSION },
         ReadRange { id: PartitionRecord::ID, min: 1, max: PartitionRecord::VERSION },
@@ -85,6 +86,7 @@ pub const READS: [loader::image_readers::ReadRange; 8] = {
         ReadRange { id: IommuRecord::ID, min: 1, max: IommuRecord::VERSION },
         ReadRange { id: VgicRecord::ID, min: 1, max: VgicRecord::VERSION },
         ReadRange { id: ConsoleRecord::ID, min: 1, max: ConsoleRecord::VERSION },
+        ReadRange { id: LapicRecord::ID, min: 1, max: LapicRecord::VERSION },
         ReadRange {
             id: CONTEXT_FAMILY | (records::AARCH64_CONTEXT_FORMAT >> 16),
             min: 1,

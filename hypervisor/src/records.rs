@@ -232,6 +232,25 @@ state_record! {
     }
 }
 
+/// Bytes of a partition's local APICs in [`LapicRecord`]: up to 12 vCPUs
+/// of `arch::x86_64::lapic::STATE_LEN` bytes each.
+pub const LAPIC_STATE_BYTES: usize = 2048;
+
+state_record! {
+    /// A partition's virtual local APICs (x86_64), each vCPU's encoding in
+    /// vCPU order (`arch::x86_64::lapic::Lapic::encode`). Stored next to
+    /// the partition's record.
+    pub struct LapicRecord {
+        const ID = 0x0001_0007;
+        const NAME = "lapic";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        pub vcpus: u32 [since 1],
+        pub len: u32 [since 1],
+        pub state: [u8; LAPIC_STATE_BYTES] [since 1],
+    }
+}
+
 /// Fixed-size text field from a string (truncated, NUL-padded).
 pub fn text_field<const N: usize>(s: &str) -> [u8; N] {
     let mut out = [0u8; N];

@@ -105,10 +105,13 @@ fn default_guests_run_isolated_on_both_cpus() {
     check(&run, passes.len() == 3, "three memcheck passes");
     check(&run, passes.iter().all(|e| e.num("ok") == Some(1) && e.num("pages").unwrap_or(0) > 1900), "memcheck ok");
 
-    // heartbeat: the TSC-polled tick, its frequency from CPUID 0x4000_0010.
+    // heartbeat: ticks are interrupts from its virtual x2APIC's periodic
+    // timer (taken after HLT), and every self-IPI arrived.
     let hb = id_of(&run, "heartbeat");
     let done = last(&run.guest(hb, "heartbeat"));
     check(&run, done.is_some_and(|e| e.num("ticks") == Some(100)), "heartbeat reached 100 ticks");
+    check(&run, done.is_some_and(|e| e.num("sgis_sent") == Some(100)), "one self-IPI per tick");
+    check(&run, done.is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "every self-IPI arrived");
     let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
     check(&run, ticks.windows(2).all(|w| w[0] < w[1]) && ticks.len() == 10, "alive ticks increase");
 
@@ -126,8 +129,8 @@ fn default_guests_run_isolated_on_both_cpus() {
     check(&run, stopped.len() == 5, "every guest stopped");
     check(&run, run.hv("unexpected-exit").is_empty(), "no unexpected exits");
 
-    // The blackout meter spins on the heartbeat's CPU; the preemption
-    // timer still lets the heartbeat tick while it spins.
+    // The blackout meter spins on the heartbeat's CPU; the APIC timer
+    // (through the preemption timer) still lets the heartbeat tick.
     let bo = id_of(&run, "blackout");
     let cpu_of = |id: u32| started.iter().find(|e| e.num("id") == Some(u64::from(id))).and_then(|e| e.num("cpu"));
     check(&run, cpu_of(bo) == cpu_of(hb), "blackout and heartbeat share a CPU in the default layout");
@@ -196,4 +199,41 @@ fn triple_fault_and_forbidden_msr_stay_with_their_guest() {
     check(&run, reason(mc) == Some("shutdown") && reason(hb) == Some("shutdown"), "the others finished");
     let all = run.hv("all-guests-stopped");
     check(&run, all.len() == 1 && all[0].num("faulted") == Some(1), "one faulted guest in the end");
+}
+
+#[test]
+fn a_misprogrammed_apic_stays_with_its_guest() {
+    let list = [
+        test_guest("isolation", ",name=badapic,mem=4,cmdline=\"fault_test=bad-apic\""),
+        test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30\""),
+    ];
+    let run = run_guests("test-x86_64-bad-apic", &list);
+    check(&run, run.clean_shutdown(), "no clean shutdown");
+
+    // Illegal vectors are dropped and set ESR "send illegal vector" (bit
+    // 5) and "receive illegal vector" (bit 6); the IPI to a vCPU the guest
+    // does not have goes nowhere; the reserved TPR bit gets #GP.
+    let bad = id_of(&run, "badapic");
+    let report = run.guest(bad, "fault-test");
+    let apic = report.iter().find(|e| e.get("esr").is_some());
+    check(&run, apic.is_some_and(|e| e.num("esr") == Some(0x60)), "ESR bits 5 and 6");
+    check(&run, apic.is_some_and(|e| e.num("irr") == Some(0)), "nothing pending");
+    check(&run, report.iter().all(|e| e.get("survived").is_none()), "the reserved TPR bit must not be taken");
+    let injected = run.hv("inject");
+    check(
+        &run,
+        injected.len() == 1
+            && injected[0].get("reason") == Some("reserved-bits")
+            && injected[0].num("guest") == Some(u64::from(bad)),
+        "one #GP, for the reserved bit",
+    );
+    let exception = run.guest(bad, "exception");
+    check(&run, exception.len() == 1 && exception[0].get("vector") == Some("gp"), "the guest took the #GP");
+    check(&run, run.hv("fault").is_empty(), "no guest faulted");
+
+    // The other guest's APIC is untouched: its ticks and self-IPIs all come.
+    let hb = id_of(&run, "heartbeat");
+    let beat = last(&run.guest(hb, "heartbeat"));
+    check(&run, beat.is_some_and(|e| e.num("ticks") == Some(30)), "heartbeat reached 30 ticks");
+    check(&run, beat.is_some_and(|e| e.num("sgis_received") == Some(30)), "every self-IPI arrived");
 }

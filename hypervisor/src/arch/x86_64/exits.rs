@@ -1,8 +1,9 @@
 //! VM exits on x86_64 under VT-x: the exit reason (Intel SDM Vol. 3C
 //! ch. 28, Appendix C) becomes a call on the machine (hypercall, HLT) or
 //! is handled by the arch's own guest policy (CPUID, the MSR allow-list,
-//! control and debug registers, COM1 port I/O, exceptions to inject);
-//! anything else is a fault that stops the partition.
+//! the local APIC's MSRs, control and debug registers, COM1 port I/O,
+//! exceptions to inject); anything else is a fault that stops the
+//! partition.
 
 use alloc::string::String;
 use core::fmt::Write as _;
@@ -10,6 +11,7 @@ use core::fmt::Write as _;
 use hvcall::PartitionState;
 use hypervisor::arch::x86_64::cpuid::{guest_cpuid, CpuidRegs, GuestCpuidInfo};
 use hypervisor::arch::x86_64::cr::{cr0, CrContext, PagingChange};
+use hypervisor::arch::x86_64::lapic::{self, Ipi, WriteEffect};
 use hypervisor::arch::x86_64::msr::{check_write, GuestMsr, MsrHome, WriteContext, EFER_LMA};
 use hypervisor::arch::x86_64::vmx_caps::entry as entry_ctl;
 use hypervisor::arch::x86_64::vmx_exit::{
@@ -18,7 +20,7 @@ use hypervisor::arch::x86_64::vmx_exit::{
 };
 use hypervisor::arch::x86_64::GpFault;
 use hypervisor::hypercall::{HostMemory, IdentityMemory};
-use hypervisor::machine::{Machine, Next};
+use hypervisor::machine::{Arch, Machine, Next};
 use hypervisor::partition::GuestRam;
 use hypervisor::sched::VcpuState;
 use hypervisor::{hv_event, hv_event_to};
@@ -33,8 +35,12 @@ use vmcs::VmcsError;
 /// Interruptibility state: blocking by STI (bit 0) and by MOV SS (bit 1)
 /// end with the instruction a handler skips (§25.4.2, Table 25-3).
 const BLOCKING_STI_MOVSS: u64 = 0b11;
-/// CR8 holds a 4-bit priority; bits 63:4 are reserved (SDM Vol. 3A §11.8.6.1).
+/// CR8 holds a 4-bit priority, TPR bits 7:4; bits 63:4 are reserved
+/// (SDM Vol. 3A §11.8.6.1).
 const CR8_RESERVED: u64 = !0xf;
+const CR8_TPR_SHIFT: u32 = 4;
+/// RFLAGS.IF (SDM Vol. 1 §3.4.3.3).
+pub const RFLAGS_IF: u64 = 1 << 9;
 /// Guest-physical PDPTE fields (§25.4.2): PDPTE0..3.
 const GUEST_PDPTES: [u32; 4] = [guest::PDPTE0_FULL, guest::PDPTE1_FULL, guest::PDPTE2_FULL, guest::PDPTE3_FULL];
 /// CR3 bits 31:5 locate the PDPT with PAE paging (SDM Vol. 3A §5.4.1).
@@ -185,28 +191,20 @@ pub fn handle_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
     let ctx = unsafe { m.ctx_mut(v) };
     let next = match exit.reason {
         ExitReason::Vmcall => hypercall_exit(m, v)?,
-        ExitReason::Cpuid => {
-            let (leaf, subleaf) = (ctx.regs.get(Gpr::RAX) as u32, ctx.regs.get(Gpr::RCX) as u32);
-            let raw = raw_cpuid::cpuid!(leaf, subleaf);
-            let host = CpuidRegs { eax: raw.eax, ebx: raw.ebx, ecx: raw.ecx, edx: raw.edx };
-            let tsc_khz = u32::try_from(m.arch.tsc_hz / 1000).unwrap_or(u32::MAX);
-            let r = guest_cpuid(leaf, subleaf, host, GuestCpuidInfo { vcpu_index: m.vcpus[v].index, tsc_khz });
-            for (g, value) in [(Gpr::RAX, r.eax), (Gpr::RBX, r.ebx), (Gpr::RCX, r.ecx), (Gpr::RDX, r.edx)] {
-                ctx.regs.set(g, u64::from(value));
-            }
-            advance_rip()?;
-            Step::Resume
-        }
+        ExitReason::Cpuid => cpuid_exit(m, v)?,
         ExitReason::Rdmsr => rdmsr_exit(ctx)?,
-        ExitReason::Wrmsr => wrmsr_exit(ctx)?,
+        ExitReason::Wrmsr => wrmsr_exit(m, v)?,
         ExitReason::CrAccess => cr_exit(m, v, qualification)?,
         ExitReason::DrAccess => dr_exit(ctx, qualification)?,
         ExitReason::IoInstruction => io_exit(m, v, qualification)?,
         ExitReason::Hlt => {
             advance_rip()?;
-            hlt_exit(m, v);
+            hlt_exit(m, v, vmcs::read(guest::RFLAGS)? & RFLAGS_IF != 0);
             Step::Reschedule
         }
+        // The guest can take the interrupt its APIC holds: the next entry
+        // injects it (and clears the window exiting).
+        ExitReason::InterruptWindow => Step::Resume,
         ExitReason::ExternalInterrupt => {
             // Acknowledged on exit (exit control 15): end it at the local
             // APIC, which holds its in-service bit.
@@ -215,7 +213,14 @@ pub fn handle_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
             }
             Step::Resume
         }
-        ExitReason::PreemptionTimer => Step::Reschedule,
+        // The slice ended, or a local APIC timer of this CPU is due.
+        ExitReason::PreemptionTimer => {
+            if tsc::now() >= m.arch.slice_end[m.vcpus[v].pcpu] {
+                Step::Reschedule
+            } else {
+                Step::Resume
+            }
+        }
         ExitReason::EptViolation => {
             let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL)?;
             let access = EptViolation::decode(qualification).access();
@@ -279,15 +284,58 @@ pub fn handle_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
     Ok(next)
 }
 
-/// HLT: nothing will ever interrupt the vCPU (no virtual interrupts are
-/// delivered), so it is off for good; a partition whose vCPUs are all off
+/// HLT: with interrupts enabled the vCPU waits for its local APIC's next
+/// interrupt (the scheduler runs it again once one can be delivered);
+/// with them disabled nothing can ever wake it (there is no NMI or INIT
+/// to send), so it is off for good. A partition whose vCPUs are all off
 /// has halted.
-fn hlt_exit(m: &mut Machine<X86>, v: usize) {
+fn hlt_exit(m: &mut Machine<X86>, v: usize, interrupts_enabled: bool) {
+    if interrupts_enabled {
+        m.vcpus[v].state = VcpuState::Waiting;
+        return;
+    }
     m.vcpus[v].state = VcpuState::Off;
     let p = m.vcpus[v].partition;
-    if m.partitions[p].vcpus.iter().all(|&k| m.vcpus[k].state != VcpuState::Runnable) {
+    if m.partitions[p].vcpus.iter().all(|&k| matches!(m.vcpus[k].state, VcpuState::Off | VcpuState::Stopped)) {
         m.stop_partition(p, PartitionState::Stopped, "halted");
     }
+}
+
+/// Leaves a fixed IPI of vCPU `v` with every other vCPU of its partition
+/// the destination names (x2APIC ID = vCPU index); IDs no vCPU has match
+/// nothing and are dropped. A target on another CPU is kicked.
+fn send_ipi(m: &mut Machine<X86>, v: usize, ipi: Ipi) {
+    let p = m.vcpus[v].partition;
+    let sender = m.vcpus[v].index;
+    for k in 0..m.partitions[p].vcpus.len() {
+        let target = m.partitions[p].vcpus[k];
+        let id = m.vcpus[target].index;
+        if id == sender || !ipi.destination.includes(id, sender) {
+            continue;
+        }
+        m.partitions[p].arch.post_vector(id as usize, ipi.vector);
+        let pcpu = m.vcpus[target].pcpu;
+        if pcpu != m.vcpus[v].pcpu {
+            m.arch.kick(pcpu);
+        }
+    }
+}
+
+/// CPUID: the processor's answer, through the guest's CPUID policy.
+fn cpuid_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
+    let tsc_khz = u32::try_from(m.arch.tsc_hz / 1000).unwrap_or(u32::MAX);
+    let info = GuestCpuidInfo { vcpu_index: m.vcpus[v].index, tsc_khz };
+    // SAFETY: `v` exited on this CPU.
+    let ctx = unsafe { m.ctx_mut(v) };
+    let (leaf, subleaf) = (ctx.regs.get(Gpr::RAX) as u32, ctx.regs.get(Gpr::RCX) as u32);
+    let raw = raw_cpuid::cpuid!(leaf, subleaf);
+    let host = CpuidRegs { eax: raw.eax, ebx: raw.ebx, ecx: raw.ecx, edx: raw.edx };
+    let r = guest_cpuid(leaf, subleaf, host, info);
+    for (g, value) in [(Gpr::RAX, r.eax), (Gpr::RBX, r.ebx), (Gpr::RCX, r.ecx), (Gpr::RDX, r.edx)] {
+        ctx.regs.set(g, u64::from(value));
+    }
+    advance_rip()?;
+    Ok(Step::Resume)
 }
 
 fn hypercall_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
@@ -323,7 +371,18 @@ fn hypercall_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
 }
 
 fn rdmsr_exit(ctx: &mut Vcpu) -> Result<Step, VmcsError> {
-    let msr = match GuestMsr::from_index(ctx.regs.get(Gpr::RCX) as u32) {
+    let index = ctx.regs.get(Gpr::RCX) as u32;
+    if lapic::is_apic_msr(index) {
+        let value = match ctx.lapic.read(index, tsc::now()) {
+            Ok(value) => value,
+            Err(e) => return Ok(Step::InjectGp(e)),
+        };
+        ctx.regs.set(Gpr::RAX, value & 0xffff_ffff);
+        ctx.regs.set(Gpr::RDX, value >> 32);
+        advance_rip()?;
+        return Ok(Step::Resume);
+    }
+    let msr = match GuestMsr::from_index(index) {
         Ok(msr) => msr,
         Err(e) => return Ok(Step::InjectGp(e)),
     };
@@ -340,12 +399,27 @@ fn rdmsr_exit(ctx: &mut Vcpu) -> Result<Step, VmcsError> {
     Ok(Step::Resume)
 }
 
-fn wrmsr_exit(ctx: &mut Vcpu) -> Result<Step, VmcsError> {
-    let msr = match GuestMsr::from_index(ctx.regs.get(Gpr::RCX) as u32) {
+fn wrmsr_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
+    // SAFETY: `v` exited on this CPU.
+    let ctx = unsafe { m.ctx_mut(v) };
+    let index = ctx.regs.get(Gpr::RCX) as u32;
+    let value = (ctx.regs.get(Gpr::RDX) << 32) | (ctx.regs.get(Gpr::RAX) & 0xffff_ffff);
+    if lapic::is_apic_msr(index) {
+        let effect = ctx.lapic.write(index, value, tsc::now());
+        // CR8 mirrors the TPR's class (SDM Vol. 3A §11.8.6.1).
+        ctx.cr8 = u64::from(ctx.lapic.tpr >> CR8_TPR_SHIFT);
+        match effect {
+            Ok(WriteEffect::None) => {}
+            Ok(WriteEffect::Ipi(ipi)) => send_ipi(m, v, ipi),
+            Err(e) => return Ok(Step::InjectGp(e)),
+        }
+        advance_rip()?;
+        return Ok(Step::Resume);
+    }
+    let msr = match GuestMsr::from_index(index) {
         Ok(msr) => msr,
         Err(e) => return Ok(Step::InjectGp(e)),
     };
-    let value = (ctx.regs.get(Gpr::RDX) << 32) | (ctx.regs.get(Gpr::RAX) & 0xffff_ffff);
     let wctx =
         WriteContext { efer: vmcs::read(guest::IA32_EFER_FULL)?, paging: vmcs::read(guest::CR0)? & cr0::PG != 0 };
     let value = match check_write(msr, value, wctx) {
@@ -422,9 +496,11 @@ fn cr_exit(m: &mut Machine<X86>, v: usize, qualification: u64) -> Result<Step, V
             if value & CR8_RESERVED != 0 {
                 return Ok(Step::InjectGp(GpFault::ReservedBits));
             }
+            // CR8 is the TPR's priority class (SDM Vol. 3A §11.8.6.1).
             ctx.cr8 = value;
+            ctx.lapic.tpr = (value as u32) << CR8_TPR_SHIFT;
         }
-        CrAccess::MovFromCr { cr: 8, gpr } => set_reg(ctx, gpr, ctx.cr8)?,
+        CrAccess::MovFromCr { cr: 8, gpr } => set_reg(ctx, gpr, u64::from(ctx.lapic.tpr >> CR8_TPR_SHIFT))?,
         other => {
             hv_event!("unexpected-cr-access", access = format_args!("{other:?}"));
             fault(m, v, "unexpected-exit", qualification);

@@ -15,7 +15,6 @@
 //! image's own, the guest state is the record's.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicUsize, Ordering};
 
 use hvcall::Status;
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
@@ -25,7 +24,7 @@ use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
 use hypervisor::live_update::{self, Cancel, Ready, Request, UpdatePlatform, HANDSHAKE};
-use hypervisor::machine::{Machine, MachineLock, MAX_CPUS};
+use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
 use hypervisor::{hv_event, println};
 use kho::HandoverReader;
@@ -58,12 +57,8 @@ extern "C" {
     static kexec_trampoline_end: u8;
 }
 
-/// CPUs that left VMX operation and halted for the kexec.
-static OFF_FOR_KEXEC: AtomicUsize = AtomicUsize::new(0);
-
 /// The x86_64 side of [`UpdatePlatform`]: the requesting vCPU `v`; other
-/// CPUs leave their guests at the next preemption-timer exit and spin
-/// with PAUSE while frozen.
+/// CPUs are kicked out of their guests and spin with PAUSE while frozen.
 struct Vmx {
     v: usize,
 }
@@ -83,10 +78,13 @@ impl UpdatePlatform for Vmx {
         (tsc::now(), tsc_hz())
     }
 
-    fn kick_others(&self, _: &Machine<X86>, _cpu: usize) {
-        // Every guest entry arms the VMX-preemption timer for at most one
-        // slice (SDM Vol. 3C §26.5.1), so each CPU reaches an exit
-        // boundary within SLICE_MS without an IPI.
+    /// A kick IPI makes every other CPU leave its guest at once instead of
+    /// at the end of its slice (the VMX-preemption timer, SDM Vol. 3C
+    /// §26.5.1, which still bounds the wait).
+    fn kick_others(&self, m: &Machine<X86>, cpu: usize) {
+        for &c in m.online.iter().filter(|&&c| c != cpu) {
+            m.arch.kick(c);
+        }
     }
 
     fn freeze_cpu(&self, m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
@@ -114,8 +112,9 @@ impl UpdatePlatform for Vmx {
     }
 }
 
-/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, then for
-/// every vCPU pinned here whose VMCS was used, reads its guest state
+/// At a freeze, on `cpu`: saves and unloads the loaded vCPU, copies every
+/// vCPU's local APIC for the `lapic` record, then for every vCPU pinned
+/// here whose VMCS was used, reads its guest state
 /// (VMREAD needs the VMCS current on the CPU it is active on) and VMCLEARs
 /// it, so its data is in memory and the CPU holds no VMCS state (SDM Vol.
 /// 3C §25.11.1, §25.11.3). If the update is cancelled, the next entry is
@@ -124,8 +123,18 @@ fn freeze_cpu(m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
     m.put_loaded(cpu);
     for k in 0..m.queues[cpu].len() {
         let v = m.queues[cpu][k];
-        // SAFETY: pinned to this CPU, and not running (this CPU is at an
-        // exit boundary).
+        let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index as usize);
+        let inbox = m.partitions[p].arch.take_inbox(index);
+        let apic = {
+            // SAFETY: pinned to this CPU, and not running (this CPU is at
+            // an exit boundary).
+            let lapic = &mut unsafe { m.ctx_mut(v) }.lapic;
+            // With the IPIs other vCPUs left for it, for the record.
+            lapic.accept_all(&inbox);
+            lapic.clone()
+        };
+        m.partitions[p].arch.stash_apic(index, &apic);
+        // SAFETY: as above.
         let ctx = unsafe { m.ctx_mut(v) };
         if !ctx.initialized {
             continue;
@@ -192,7 +201,6 @@ fn leave(cpu: usize, generation: Generation) -> ! {
         jump(cpu, generation)
     }
     vmx::disable();
-    OFF_FOR_KEXEC.fetch_add(1, Ordering::AcqRel);
     HANDSHAKE.left(cpu, generation);
     super::halt_forever()
 }

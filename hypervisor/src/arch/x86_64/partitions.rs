@@ -143,7 +143,7 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     ept.set_max_block_size(largest);
     ept.map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(GuestError::Ept)?;
     let mut contexts = Vec::new();
-    for _ in 0..spec.vcpus {
+    for index in 0..spec.vcpus {
         let vmcs_page = frames.alloc_frame().ok_or(GuestError::OutOfMemory)?;
         // SAFETY: a fresh page for this vCPU's VMCS; the region starts with
         // the revision identifier and is otherwise zero (SDM §25.2).
@@ -151,12 +151,12 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
             core::ptr::write_bytes(vmcs_page as *mut u8, 0, 4096);
             core::ptr::write_volatile(vmcs_page as *mut u32, revision);
         }
-        contexts.push(Vcpu::new(vmcs_page, layout.entry_gpa, u64::from(BOOTLOADER_MAGIC), layout.info_gpa()));
+        contexts.push(Vcpu::new(index, vmcs_page, layout.entry_gpa, u64::from(BOOTLOADER_MAGIC), layout.info_gpa()));
     }
     let root = ept.root();
     let (mib2, gib1) = (ept.leaf_count(BlockSize::Size2M), ept.leaf_count(BlockSize::Size1G));
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
-    let part = X86Partition { ept, uart_lcr: 0, gp_injected: 0 };
+    let part = X86Partition::new(ept);
     let p = m.add_partition(info, vpid, part, contexts).map_err(GuestError::Machine)?;
     hv_event!(
         "guest-start",

@@ -3,14 +3,16 @@
 //! emulated COM1, the VMX capabilities and controls every VMCS is built
 //! from, and the EPT adopted in place after an update.
 
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::lapic::{self, Lapic, VectorSet};
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::preserved::IdentityPages;
-use hypervisor::records::{format_code, PartitionRecord};
+use hypervisor::records::{format_code, LapicRecord, PartitionRecord, LAPIC_STATE_BYTES};
 use hypervisor::stage2::{Ept, LinearMap, Stage2Table};
 use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
@@ -44,9 +46,49 @@ pub struct X86Partition {
     pub uart_lcr: u8,
     /// #GP faults injected so far.
     pub gp_injected: u64,
+    /// Fixed IPIs sent to each vCPU (by index) by the others, not yet
+    /// taken into its local APIC: vCPU contexts belong to their own
+    /// physical CPU (`hypervisor::machine`), so senders on another one
+    /// leave the vectors here, under the machine lock.
+    inbox: Vec<VectorSet>,
+    /// Each vCPU's local APIC for a live update (by index): copied by the
+    /// owning CPU at the freeze for the `lapic` record, or read from it by
+    /// the next image and taken up by the owning CPU before the vCPU is
+    /// scheduled.
+    apic_handover: Vec<Option<Lapic>>,
 }
 
 impl X86Partition {
+    pub fn new(ept: Stage2Table<Ept, LinearMap>) -> Self {
+        Self { ept, uart_lcr: 0, gp_injected: 0, inbox: Vec::new(), apic_handover: Vec::new() }
+    }
+
+    /// Keeps a copy of vCPU `index`'s APIC for the handover.
+    pub fn stash_apic(&mut self, index: usize, apic: &Lapic) {
+        if self.apic_handover.len() <= index {
+            self.apic_handover.resize(index + 1, None);
+        }
+        self.apic_handover[index] = Some(apic.clone());
+    }
+
+    /// The APIC vCPU `index` had in the previous image, once.
+    pub fn take_apic(&mut self, index: usize) -> Option<Lapic> {
+        self.apic_handover.get_mut(index).and_then(Option::take)
+    }
+
+    /// Leaves `vector` for vCPU `index`.
+    pub fn post_vector(&mut self, index: usize, vector: u8) {
+        if self.inbox.len() <= index {
+            self.inbox.resize(index + 1, VectorSet::default());
+        }
+        self.inbox[index].set(vector);
+    }
+
+    /// Takes the vectors left for vCPU `index`.
+    pub fn take_inbox(&mut self, index: usize) -> VectorSet {
+        self.inbox.get_mut(index).map(core::mem::take).unwrap_or_default()
+    }
+
     pub fn eptp(&self) -> u64 {
         Ept::eptp(self.ept.root())
     }
@@ -71,8 +113,9 @@ pub fn tsc_hz() -> u64 {
 static CPU_APIC: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
 const _: () = assert!(MAX_CPUS == hypervisor::machine::MAX_CPUS);
 
-/// Records that this CPU is CPU index `cpu`.
+/// Records that this CPU is CPU index `cpu`, and lets kicks reach it.
 pub fn register_cpu(cpu: usize) {
+    smp::enable_local_apic();
     if let Some(slot) = CPU_APIC.get(cpu) {
         slot.store(smp::my_apic_id(), Ordering::Relaxed);
     }
@@ -89,10 +132,14 @@ impl Arch for X86 {
         CPU_APIC.iter().position(|a| a.load(Ordering::Relaxed) == me).unwrap_or(0)
     }
 
-    fn kick(&self, _cpu: usize) {
-        // Every guest entry arms the VMX-preemption timer for at most one
-        // slice (SDM Vol. 3C §26.5.1), so the CPU sees the change at its
-        // next exit without an IPI.
+    /// An IPI to the CPU: in a guest, it exits at once (external-interrupt
+    /// exiting) and reschedules; in the hypervisor, it sees the change at
+    /// its next scheduling decision anyway, and the IPI stays pending until
+    /// its next entry, which then exits at once.
+    fn kick(&self, cpu: usize) {
+        if let Some(apic) = CPU_APIC.get(cpu).map(|a| a.load(Ordering::Relaxed)).filter(|&a| a != u32::MAX) {
+            smp::send_kick(apic);
+        }
     }
 
     fn put(&mut self, vcpu: &mut Vcpu) {
@@ -120,26 +167,57 @@ impl Handover for X86 {
         rec.image_format = format_code(ImageFormat::Flat);
     }
 
-    fn write_partition_records(_: &Partition<Self>, _: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
-        Ok(())
+    /// The `lapic` record: every vCPU's APIC as its owning CPU copied it
+    /// at the freeze (a vCPU never scheduled has its reset APIC).
+    fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
+        let mut rec = LapicRecord { vcpus: p.info.vcpus, len: 0, state: [0; LAPIC_STATE_BYTES] };
+        let mut at = 0;
+        for index in 0..p.info.vcpus {
+            let apic = p.arch.apic_handover.get(index as usize).cloned().flatten().unwrap_or_else(|| Lapic::new(index));
+            let out = rec.state.get_mut(at..).ok_or(SaveError::Device("lapic-state-too-large"))?;
+            at += apic.encode(out).ok_or(SaveError::Device("lapic-state-too-large"))?;
+        }
+        rec.len = at as u32;
+        node.add_record(&rec).map_err(|error| SaveError::Handover { what: "lapic", error })
     }
 
     fn record_devices(&self, _: &mut HandoverWriter) -> Result<(), SaveError> {
         Ok(())
     }
 
+    /// Adopts the EPT in place and reads the `lapic` record (without one,
+    /// from an image before it, the guests get reset APICs: what that
+    /// image's guests had).
     fn adopt_partition(
         &mut self,
         rec: &PartitionRecord,
-        _: &SubsystemNode<'_>,
+        node: &SubsystemNode<'_>,
         ram: &[PhysRange],
     ) -> Result<X86Partition, RestoreError> {
+        let apics = match node.record::<LapicRecord>() {
+            Ok(Some(l)) => {
+                if l.vcpus != rec.vcpus || l.len as usize != rec.vcpus as usize * lapic::STATE_LEN {
+                    return Err(RestoreError::BadField("lapic-vcpus"));
+                }
+                let mut apics = Vec::new();
+                for (index, bytes) in (0..rec.vcpus).zip(l.state.chunks_exact(lapic::STATE_LEN)) {
+                    apics.push(Lapic::decode(bytes, index).map_err(|_| RestoreError::BadField("lapic-state"))?);
+                }
+                apics
+            }
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(RestoreError::Record { what: "lapic", error: Some(e) }),
+        };
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
         // SAFETY: RAM is identity-mapped, so physical = virtual.
         let phys = unsafe { LinearMap::new(0) };
         let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys)
             .map_err(|error| RestoreError::Stage2 { id: rec.id, error })?;
-        Ok(X86Partition { ept, uart_lcr: 0, gp_injected: 0 })
+        let mut part = X86Partition::new(ept);
+        for (index, apic) in apics.iter().enumerate() {
+            part.stash_apic(index, apic);
+        }
+        Ok(part)
     }
 
     fn restore_context(

@@ -1,20 +1,26 @@
 //! Each physical CPU's life in VMX root operation on x86_64: the
-//! scheduling loop over the machine's run queue, making a vCPU's VMCS
-//! current (built on first use, SDM Vol. 3C ch. 25), running it with the
-//! VMX-preemption timer bounding its slice, and acting on how the entry
+//! scheduling loop over the machine's run queue, bringing the vCPUs'
+//! local APICs up to date (IPIs, timers), making a vCPU's VMCS current
+//! (built on first use, SDM Vol. 3C ch. 25), injecting its APIC's
+//! interrupt, running it with the VMX-preemption timer bounding its slice
+//! and the next APIC timer of this CPU, and acting on how the entry
 //! ended.
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use hypervisor::arch::x86_64::lapic::Lapic;
 use hypervisor::arch::x86_64::msr::PAT_DEFAULT;
+use hypervisor::arch::x86_64::vmx_caps::proc as proc_ctl;
+use hypervisor::arch::x86_64::vmx_exit::{inject_interrupt, is_valid_interruption};
 use hypervisor::live_update::HANDSHAKE;
 use hypervisor::machine::Machine;
+use hypervisor::sched::VcpuState;
 use hypervisor::{hv_event, println};
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use super::cpu::{self, HostState};
-use super::exits::{fault, handle_exit, sync_ia32e_mode, Step};
+use super::exits::{fault, handle_exit, sync_ia32e_mode, Step, RFLAGS_IF};
 use super::platform::{register_cpu, MACHINE, X86};
 use super::tsc;
 use super::vcpu::{self, RunResult, Vcpu};
@@ -44,6 +50,12 @@ const RFLAGS_FIXED: u64 = 1 << 1;
 const DR7_INIT: u64 = 0x400;
 /// The VMCS link pointer must be all ones when unused (§27.3.1.5).
 const VMCS_LINK_NONE: u64 = u64::MAX;
+/// Interruptibility state: blocking by STI (bit 0) and by MOV SS (bit 1)
+/// hold off external interrupts (§25.4.2, Table 25-3; §26.7.5).
+const BLOCKING_STI_MOVSS: u64 = 0b11;
+/// `VcpuSlot::pending` on x86_64: the vCPU's local APIC has an interrupt
+/// to deliver (a waiting vCPU may run).
+pub const PENDING_APIC: u32 = 1;
 
 /// Set by the boot CPU once the machine exists: the others may schedule.
 static STARTED: AtomicBool = AtomicBool::new(false);
@@ -165,12 +177,15 @@ fn init_vmcs(m: &Machine<X86>, v: usize, entry: u64, host: &HostState) -> Result
 
 /// Makes `v` the vCPU of this CPU: its processor state loaded, its VMCS
 /// current (initialised on first use, with its EPT and VPID translations
-/// invalidated), and the preemption timer set to the rest of the slice.
+/// invalidated), its APIC's interrupt injected, and the preemption timer
+/// set to the rest of the slice or the next APIC timer of this CPU
+/// (`apic_deadline`), whichever comes first.
 fn prepare_entry(
     m: &mut Machine<X86>,
     cpu: usize,
     v: usize,
     new_slice: bool,
+    apic_deadline: Option<u64>,
     host: &HostState,
 ) -> Result<(), VmcsError> {
     if m.loaded[cpu] != Some(v) {
@@ -199,17 +214,114 @@ fn prepare_entry(
         }
         m.loaded[cpu] = Some(v);
     }
+    if m.vcpus[v].state == VcpuState::Waiting {
+        m.vcpus[v].state = VcpuState::Runnable;
+    }
+    // SAFETY: `v` is loaded on this CPU, which is in the hypervisor.
+    inject_apic_interrupt(&mut unsafe { m.ctx_mut(v) }.lapic)?;
     let now = tsc::now();
     if new_slice || m.arch.slice_end[cpu] <= now {
         m.arch.slice_end[cpu] = now + m.arch.tsc_hz / 1000 * SLICE_MS;
     }
-    let ticks = (m.arch.slice_end[cpu] - now) >> m.arch.caps.preemption_timer_shift;
+    let until = apic_deadline.map_or(m.arch.slice_end[cpu], |d| d.min(m.arch.slice_end[cpu]));
+    let ticks = until.saturating_sub(now) >> m.arch.caps.preemption_timer_shift;
     vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, ticks.min(u64::from(u32::MAX)))
 }
 
-/// Chooses what this CPU runs next and prepares it. `None` when nothing
-/// on this CPU can ever run again (x86 vCPUs that are off or stopped are
-/// never woken).
+/// Injects the interrupt the current vCPU's APIC would deliver now, as an
+/// external interrupt through the VM-entry interruption-information
+/// field (§27.6.1), when the guest can take it: RFLAGS.IF set, no STI or
+/// MOV SS blocking, and no other event already being injected. Otherwise
+/// interrupt-window exiting brings the vCPU back as soon as it can
+/// (§26.7.5, §27.2).
+fn inject_apic_interrupt(lapic: &mut Lapic) -> Result<(), VmcsError> {
+    let mut window = false;
+    if let Some(vector) = lapic.deliverable() {
+        let busy = is_valid_interruption(vmcs::read32(control::VMENTRY_INTERRUPTION_INFO_FIELD)?);
+        let open = vmcs::read(guest::RFLAGS)? & RFLAGS_IF != 0
+            && vmcs::read(guest::INTERRUPTIBILITY_STATE)? & BLOCKING_STI_MOVSS == 0;
+        if open && !busy {
+            lapic.acknowledge(vector);
+            vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, u64::from(inject_interrupt(vector)))?;
+        } else {
+            window = true;
+        }
+    }
+    let controls = vmcs::read(control::PRIMARY_PROCBASED_EXEC_CONTROLS)?;
+    let want = if window {
+        controls | u64::from(proc_ctl::INTERRUPT_WINDOW_EXITING)
+    } else {
+        controls & !u64::from(proc_ctl::INTERRUPT_WINDOW_EXITING)
+    };
+    if want != controls {
+        vmcs::write(control::PRIMARY_PROCBASED_EXEC_CONTROLS, want)?;
+    }
+    Ok(())
+}
+
+/// What [`update_apics`] found on a CPU.
+struct ApicScan {
+    /// A waiting vCPU has an interrupt to take now.
+    woke: bool,
+    /// The earliest armed APIC timer.
+    deadline: Option<u64>,
+    /// Some vCPU waits for an interrupt.
+    waiting: bool,
+}
+
+/// Brings the local APICs of this CPU's vCPUs up to date: the APIC a
+/// vCPU adopted from a handover had, the IPIs other vCPUs left for them,
+/// timers that expired (whether or not the vCPU is loaded, as aarch64's
+/// soft timers). A vCPU whose APIC has an interrupt to deliver is marked
+/// [`PENDING_APIC`], which lets a waiting one run.
+fn update_apics(m: &mut Machine<X86>, cpu: usize) -> ApicScan {
+    let now = tsc::now();
+    let mut scan = ApicScan { woke: false, deadline: None, waiting: false };
+    for k in 0..m.queues[cpu].len() {
+        let v = m.queues[cpu][k];
+        let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index as usize);
+        // SAFETY: `v` is pinned to this CPU, which is in the hypervisor.
+        if unsafe { m.ctx_mut(v) }.restored {
+            // Adopted from a handover: the APIC it had there.
+            if let Some(apic) = m.partitions[p].arch.take_apic(index) {
+                // SAFETY: as above.
+                unsafe { m.ctx_mut(v) }.lapic = apic;
+            }
+        }
+        let state = m.vcpus[v].state;
+        if matches!(state, VcpuState::Off | VcpuState::Stopped) {
+            continue;
+        }
+        let inbox = m.partitions[p].arch.take_inbox(index);
+        let (ready, deadline) = {
+            // SAFETY: `v` is pinned to this CPU, which is in the
+            // hypervisor; no other reference to the context is live.
+            let lapic = &mut unsafe { m.ctx_mut(v) }.lapic;
+            lapic.accept_all(&inbox);
+            lapic.advance(now);
+            (lapic.deliverable().is_some(), lapic.next_deadline())
+        };
+        let slot = &mut m.vcpus[v];
+        if ready {
+            scan.woke |= state == VcpuState::Waiting && slot.pending & PENDING_APIC == 0;
+            slot.pending |= PENDING_APIC;
+        } else {
+            slot.pending &= !PENDING_APIC;
+        }
+        scan.waiting |= state == VcpuState::Waiting;
+        scan.deadline = match (scan.deadline, deadline) {
+            (Some(earliest), Some(this)) => Some(earliest.min(this)),
+            (earliest, this) => earliest.or(this),
+        };
+    }
+    scan
+}
+
+/// Chooses what this CPU runs next and prepares it, spinning (lock
+/// released) while its vCPUs only wait for interrupts. `None` when
+/// nothing on this CPU can ever run again (x86 vCPUs that are off or
+/// stopped are never woken). A waiting vCPU whose interrupt arrived goes
+/// before the current one.
 fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcpu>> {
     loop {
         if HANDSHAKE.freeze_requested() {
@@ -221,9 +333,18 @@ fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcp
         if m.shutting_down {
             return None;
         }
+        let scan = update_apics(m, cpu);
+        let yield_now = yield_now || scan.woke;
         let current = m.loaded[cpu].filter(|&v| m.runnable(v));
-        let v = m.pick(cpu, yield_now)?;
-        match prepare_entry(m, cpu, v, yield_now || Some(v) != current, host) {
+        let Some(v) = m.pick(cpu, yield_now) else {
+            if !scan.waiting {
+                return None;
+            }
+            drop(guard);
+            core::hint::spin_loop();
+            continue;
+        };
+        match prepare_entry(m, cpu, v, yield_now || Some(v) != current, scan.deadline, host) {
             Ok(()) => return Some(m.vcpus[v].ctx),
             Err(e) => {
                 fault(m, v, "vmcs-setup", 0);

@@ -16,11 +16,23 @@ const APIC_ID: usize = 0x20;
 const ICR_LOW: usize = 0x300;
 const ICR_HIGH: usize = 0x310;
 const EOI: usize = 0x0b0;
+/// Spurious-interrupt vector register: bit 8 enables the APIC in software
+/// (SDM §11.9, §11.4.7.2). An AP comes out of INIT with it clear, and a
+/// software-disabled APIC accepts no fixed interrupts, kicks included.
+const SVR: usize = 0x0f0;
+const SVR_ENABLE: u32 = 1 << 8;
 /// ICR: delivery mode INIT (101b) / Start-Up (110b), level assert, and the
 /// delivery-status bit (SDM Figure 11-12).
 const ICR_INIT: u32 = 0x0000_4500;
 const ICR_STARTUP: u32 = 0x0000_4600;
 const ICR_BUSY: u32 = 1 << 12;
+/// The kick: a fixed interrupt (delivery mode 000b, physical destination)
+/// with a vector of the hypervisor's own. It only makes a CPU running a
+/// guest exit (external-interrupt exiting, acknowledged on exit); the
+/// hypervisor runs with interrupts disabled and never takes it.
+pub const KICK_VECTOR: u32 = 0xf0;
+/// How long a kick waits for an earlier IPI to leave the ICR.
+const ICR_IDLE_POLLS: u32 = 1000;
 const STACK_SIZE: usize = 0x10000;
 const APIC_BASE_BSP: u64 = 1 << 8;
 const AP_WAIT_US: u64 = 200_000;
@@ -85,6 +97,26 @@ fn send_ipi(apic_id: u32, low: u32) {
         }
         delay_us(1);
     }
+}
+
+/// Enables this CPU's local APIC in software, so that kicks reach it. The
+/// LVT entries keep their masks, and the hypervisor runs with interrupts
+/// disabled, so nothing else changes.
+pub fn enable_local_apic() {
+    apic_write(SVR, apic_read(SVR) | SVR_ENABLE);
+}
+
+/// Sends the kick to the CPU with `apic_id` (SDM §11.6.1). Does not wait
+/// for delivery; an IPI still in the ICR is given a bounded time first.
+pub fn send_kick(apic_id: u32) {
+    for _ in 0..ICR_IDLE_POLLS {
+        if apic_read(ICR_LOW) & ICR_BUSY == 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    apic_write(ICR_HIGH, apic_id << 24);
+    apic_write(ICR_LOW, KICK_VECTOR);
 }
 
 fn sym(s: &u8) -> usize {

@@ -1,10 +1,11 @@
 //! A vCPU's state outside the VMCS: the general-purpose registers VM entry
 //! does not load (`vmentry.S`), CR2, the x87/SSE state (FXSAVE format,
 //! SDM Vol. 1 §10.5.1), the MSRs switched in software, and what the
-//! exit handlers emulate (CR8, DR0-DR3).
+//! exit handlers emulate (the local APIC with CR8 as its TPR, DR0-DR3).
 
 use core::arch::{asm, global_asm};
 
+use hypervisor::arch::x86_64::lapic::Lapic;
 use hypervisor::arch::x86_64::msr::GuestMsr;
 use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use x86::msr::{rdmsr, wrmsr};
@@ -170,7 +171,9 @@ pub struct Vcpu {
     pub regs: GuestRegs,
     pub fx: FxArea,
     pub cr2: u64,
-    /// The guest's TPR as CR8 (CR8 accesses exit; SDM §26.1.3).
+    /// The class of the local APIC's TPR, as CR8 reads it (CR8 accesses
+    /// exit, SDM §26.1.3, and go to the APIC; this copy is the context
+    /// record's CR8 word).
     pub cr8: u64,
     /// DR0-DR3 as the guest last wrote them. They are not loaded into the
     /// processor: guest breakpoints are accepted and never fire.
@@ -190,10 +193,13 @@ pub struct Vcpu {
     /// rebuilt (`restored` says they are pending).
     pub fields: [u64; SAVED_FIELDS.len() + OPTIONAL_FIELDS.len()],
     pub restored: bool,
+    /// The virtual local APIC (x2APIC ID = the vCPU index).
+    pub lapic: Lapic,
 }
 
 impl Vcpu {
-    pub fn new(vmcs: u64, entry: u64, rax: u64, rbx: u64) -> Self {
+    /// vCPU `index` of its partition, starting at `entry` with RAX and RBX.
+    pub fn new(index: u32, vmcs: u64, entry: u64, rax: u64, rbx: u64) -> Self {
         let mut regs = GuestRegs::default();
         regs.set(Gpr::RAX, rax);
         regs.set(Gpr::RBX, rbx);
@@ -210,6 +216,7 @@ impl Vcpu {
             launched: false,
             fields: [0; SAVED_FIELDS.len() + OPTIONAL_FIELDS.len()],
             restored: false,
+            lapic: Lapic::new(index),
         }
     }
 
@@ -267,7 +274,7 @@ impl Vcpu {
             b.copy_from_slice(chunk);
             *w = u64::from_le_bytes(b);
         }
-        let mut v = Self::new(words[27], words[28], 0, 0);
+        let mut v = Self::new(0, words[27], words[28], 0, 0);
         v.regs.gpr.copy_from_slice(&words[..16]);
         v.cr2 = words[16];
         v.cr8 = words[17];

@@ -142,6 +142,53 @@ exception_stubs:
     stub 30, 1
     stub 31, 0
 
+// Interrupt stubs, 16 bytes apart, for the vectors after the exceptions
+// (TIMER_VECTOR, IPI_VECTOR in runtime.rs).
+.macro irq_stub vector
+    .balign 16
+    pushq   $\vector
+    jmp     interrupt_common
+.endm
+
+.balign 16
+.global interrupt_stubs
+interrupt_stubs:
+    irq_stub 0x20
+    irq_stub 0x21
+
+// Frame: vector, then what the processor pushed (RIP, CS, RFLAGS, RSP,
+// SS). Saves the registers the C ABI lets a callee change (the runtime
+// is built without SSE), calls `testguest_interrupt(vector)` on an
+// aligned stack, and returns to the interrupted code.
+interrupt_common:
+    pushq   %rax
+    pushq   %rcx
+    pushq   %rdx
+    pushq   %rsi
+    pushq   %rdi
+    pushq   %r8
+    pushq   %r9
+    pushq   %r10
+    pushq   %r11
+    pushq   %rbp
+    movq    %rsp, %rbp
+    movq    80(%rsp), %rdi
+    andq    $-16, %rsp
+    call    testguest_interrupt
+    movq    %rbp, %rsp
+    popq    %rbp
+    popq    %r11
+    popq    %r10
+    popq    %r9
+    popq    %r8
+    popq    %rdi
+    popq    %rsi
+    popq    %rdx
+    popq    %rcx
+    popq    %rax
+    addq    $8, %rsp
+    iretq
+
 // Frame: vector, error code, then what the processor pushed (RIP, CS,
 // RFLAGS, RSP, SS). The report never returns.
 exception_common:

@@ -7,7 +7,9 @@ use crate::args::ArgError;
 /// workload, for the integration tests of fault containment:
 /// `fault_test=triple-fault` (an exception with no IDT) or
 /// `fault_test=forbidden-msr` (RDMSR of IA32_FEATURE_CONTROL, which the
-/// hypervisor answers with #GP).
+/// hypervisor answers with #GP), `fault_test=bad-apic` (illegal vectors
+/// and an IPI to a vCPU it does not have, then a reserved TPR bit, which
+/// the hypervisor answers with #GP).
 pub const FAULT_TEST_KEY: &str = "fault_test";
 
 /// A deliberate failure (see [`FAULT_TEST_KEY`]).
@@ -15,6 +17,7 @@ pub const FAULT_TEST_KEY: &str = "fault_test";
 pub enum FaultTest {
     TripleFault,
     ForbiddenMsr,
+    BadApic,
 }
 
 impl FaultTest {
@@ -28,6 +31,7 @@ impl FaultTest {
             test = Some(match value {
                 "triple-fault" => Self::TripleFault,
                 "forbidden-msr" => Self::ForbiddenMsr,
+                "bad-apic" => Self::BadApic,
                 _ => return Err(ArgError::InvalidFlag { key: FAULT_TEST_KEY }),
             });
         }
@@ -38,6 +42,7 @@ impl FaultTest {
         match self {
             Self::TripleFault => "triple-fault",
             Self::ForbiddenMsr => "forbidden-msr",
+            Self::BadApic => "bad-apic",
         }
     }
 }
@@ -55,5 +60,7 @@ mod tests {
         assert_eq!(FaultTest::from_cmdline("fault_test=oops"), Err(ArgError::InvalidFlag { key: FAULT_TEST_KEY }));
         assert_eq!(FaultTest::from_cmdline("fault_tests=1"), Ok(None));
         assert_eq!(FaultTest::ForbiddenMsr.name(), "forbidden-msr");
+        assert_eq!(FaultTest::from_cmdline("fault_test=bad-apic"), Ok(Some(FaultTest::BadApic)));
+        assert_eq!(FaultTest::BadApic.name(), "bad-apic");
     }
 }

@@ -6,18 +6,17 @@
 //! EPT, so both translation stages are exercised. Hypercalls are `vmcall`
 //! (RCX control, RDX input, R8 output, RAX result).
 //!
-//! There is no virtual interrupt controller: the hypervisor delivers no
-//! interrupts, so the periodic tick is made by polling the TSC (the
-//! frequency comes from the hypervisor's CPUID leaf 0x4000_0010), with a
-//! `YIELD` hypercall between polls, and self-interrupts are not available. Exceptions are reported through an
-//! IDT of our own and stop the guest.
+//! Interrupts come from the hypervisor's virtual local APIC in x2APIC
+//! mode (MSRs 0x800-0x8ff): the periodic tick is its timer (counting at
+//! the rate CPUID leaf 0x4000_0010 EBX gives), self-interrupts go through
+//! the SELF_IPI register, `hlt` waits for the next one, and each handler
+//! ends with an EOI. Exceptions are reported through the same IDT and
+//! stop the guest.
 
 use core::arch::x86_64::{__cpuid, _rdtsc, CpuidResult};
 use core::arch::{asm, global_asm};
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use hvcall::call;
 
 use super::fault_test::FaultTest;
 use super::multiboot::{self, MultibootError, BOOTLOADER_MAGIC, HEADER_LEN};
@@ -55,14 +54,43 @@ const IA32_FEATURE_CONTROL: u32 = 0x3a;
 /// IDT gate (SDM Vol. 3A §7.14.1, Figure 7-8): a present 64-bit interrupt
 /// gate, DPL 0, in the 64-bit code segment.
 const IDT_GATE_INTERRUPT: u64 = 0x8e << 40;
-const IDT_ENTRIES: usize = 32;
+/// Exceptions 0-31, then the interrupt vectors this runtime uses; the
+/// rest are not present (one would be reported as #NP).
+const IDT_ENTRIES: usize = 34;
+const EXCEPTION_VECTORS: usize = 32;
 const STUB_STRIDE: u64 = 16;
 const SEL_CODE64: u64 = 0x08;
+/// The interrupt vectors (`entry.S` has a stub for each): the APIC timer
+/// and the self-IPI.
+const TIMER_VECTOR: u64 = 0x20;
+const IPI_VECTOR: u64 = 0x21;
+/// CPUID leaf 1 ECX bit 21: x2APIC (SDM Vol. 2A, "CPUID").
+const CPUID1_ECX_X2APIC: u32 = 1 << 21;
+/// x2APIC registers (SDM Vol. 3A §11.12.1.2, Table 11-6) and their bits:
+/// SVR software enable (8) with spurious vector 0xff; LVT timer periodic
+/// mode (bits 18:17 = 01) and mask (16); divide configuration 0b1011 =
+/// divide by 1 (§11.5.4).
+const X2APIC_TPR: u32 = 0x808;
+const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_IRR0: u32 = 0x820;
+const X2APIC_ESR: u32 = 0x828;
+const X2APIC_ICR: u32 = 0x830;
+const X2APIC_CURRENT_COUNT: u32 = 0x839;
+const X2APIC_SVR: u32 = 0x80f;
+const X2APIC_LVT_TIMER: u32 = 0x832;
+const X2APIC_INITIAL_COUNT: u32 = 0x838;
+const X2APIC_DIVIDE: u32 = 0x83e;
+const X2APIC_SELF_IPI: u32 = 0x83f;
+const SVR_ENABLE_SPURIOUS_FF: u64 = 0x1ff;
+const LVT_PERIODIC: u64 = 1 << 17;
+const LVT_MASKED: u64 = 1 << 16;
+const DIVIDE_BY_1: u64 = 0b1011;
 
-/// Ticks counted by polling; the period (0: stopped) and the next tick.
+/// Interrupts taken: timer ticks and self-IPIs.
 static TICKS: AtomicU64 = AtomicU64::new(0);
-static TICK_PERIOD: AtomicU64 = AtomicU64::new(0);
-static NEXT_TICK: AtomicU64 = AtomicU64::new(0);
+static IPIS: AtomicU64 = AtomicU64::new(0);
+/// The local APIC is enabled and interrupts are unmasked.
+static APIC_ON: AtomicBool = AtomicBool::new(false);
 /// Set while an exception is being reported, so a fault in the report
 /// itself parks the vCPU instead of recursing.
 static REPORTING: AtomicBool = AtomicBool::new(false);
@@ -84,6 +112,8 @@ extern "C" {
     static __image_end: u8;
     /// The first exception stub in `entry.S`; only its address is used.
     fn exception_stubs();
+    /// The interrupt stubs for [`TIMER_VECTOR`] and [`IPI_VECTOR`].
+    fn interrupt_stubs();
 }
 
 /// This vCPU, as the workloads see it.
@@ -140,6 +170,7 @@ pub fn start(magic: u32, info: u64, workload: Workload<VmxGuest>) -> ! {
                 match test {
                     FaultTest::TripleFault => triple_fault_now(),
                     FaultTest::ForbiddenMsr => read_forbidden_msr(),
+                    FaultTest::BadApic => misprogram_apic(),
                 }
             }
             workload(&mut guest, &env);
@@ -200,14 +231,20 @@ fn boot_env(magic: u32, info: u64) -> Result<(Env, Option<FaultTest>), StartErro
     Ok((unsafe { Env::with_free_ram(boot.ram, [image, info_region], args) }, fault_test))
 }
 
-/// Points IDT entries 0-31 at the stubs in `entry.S` (SDM Vol. 3A §7.14.1).
+/// Points IDT entries 0-31 at the exception stubs in `entry.S` and the
+/// next ones at its interrupt stubs (SDM Vol. 3A §7.14.1).
 fn install_idt() {
-    let stubs = exception_stubs as *const () as u64;
+    let exceptions = exception_stubs as *const () as u64;
+    let interrupts = interrupt_stubs as *const () as u64;
     // SAFETY: only this vCPU runs, once, before any exception can be
     // reported; the IDT is then only read by the processor.
     let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
     for (vector, gate) in idt.0.chunks_exact_mut(2).enumerate() {
-        let handler = stubs + STUB_STRIDE * vector as u64;
+        let handler = if vector < EXCEPTION_VECTORS {
+            exceptions + STUB_STRIDE * vector as u64
+        } else {
+            interrupts + STUB_STRIDE * (vector - EXCEPTION_VECTORS) as u64
+        };
         gate[0] = (handler & 0xffff) | (SEL_CODE64 << 16) | IDT_GATE_INTERRUPT | ((handler >> 16) & 0xffff) << 48;
         gate[1] = handler >> 32;
     }
@@ -240,6 +277,34 @@ fn read_forbidden_msr() -> ! {
     shutdown(&mut guest)
 }
 
+/// Misprograms the local APIC (with interrupts off): a self-IPI and a
+/// timer with vectors below 16 (the APIC drops them and sets ESR bits 5
+/// and 6), an IPI to x2APIC ID 7, which this one-vCPU guest does not
+/// have (dropped), then a TPR write with a reserved bit: the #GP the
+/// hypervisor injects is reported by the IDT, which stops the guest.
+fn misprogram_apic() -> ! {
+    const ILLEGAL_VECTOR: u64 = 3;
+    const ILLEGAL_TIMER_VECTOR: u64 = 2;
+    const NO_SUCH_VCPU: u64 = 7;
+    const TPR_RESERVED_BIT: u64 = 1 << 8;
+    let mut guest = VmxGuest { _private: () };
+    wrmsr(X2APIC_SVR, SVR_ENABLE_SPURIOUS_FF);
+    wrmsr(X2APIC_SELF_IPI, ILLEGAL_VECTOR);
+    wrmsr(X2APIC_ICR, IPI_VECTOR | (NO_SUCH_VCPU << 32));
+    wrmsr(X2APIC_DIVIDE, DIVIDE_BY_1);
+    wrmsr(X2APIC_LVT_TIMER, ILLEGAL_TIMER_VECTOR);
+    wrmsr(X2APIC_INITIAL_COUNT, 1);
+    while rdmsr(X2APIC_CURRENT_COUNT) != 0 {
+        core::hint::spin_loop();
+    }
+    wrmsr(X2APIC_ESR, 0);
+    let irr = (0..8).fold(0, |any, k| any | rdmsr(X2APIC_IRR0 + k));
+    guest.write_line(Line::event("fault-test").field("kind", "bad-apic").hex("esr", rdmsr(X2APIC_ESR)).hex("irr", irr));
+    wrmsr(X2APIC_TPR, TPR_RESERVED_BIT);
+    guest.write_line(Line::event("fault-test").field("kind", "bad-apic").flag("survived", true));
+    shutdown(&mut guest)
+}
+
 /// Stops this guest with `SHUTDOWN_SELF`; parks should it return.
 fn shutdown(guest: &mut VmxGuest) -> ! {
     guest.hypercall(Request::shutdown_self());
@@ -260,6 +325,24 @@ fn cpuid(leaf: u32) -> CpuidResult {
     __cpuid(leaf)
 }
 
+/// WRMSR; the x2APIC registers exit to the hypervisor's APIC model.
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: only ever called on the x2APIC registers, which affect this
+    // vCPU's interrupts only; the hypervisor answers a bad write with #GP.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack));
+    }
+}
+
+/// RDMSR of an x2APIC register.
+fn rdmsr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: only ever called on the x2APIC registers, which have no read
+    // side effects; the hypervisor answers a bad read with #GP.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack)) };
+    (u64::from(high) << 32) | u64::from(low)
+}
+
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC is allowed at CPL 0 and runs natively (no exit).
     unsafe { _rdtsc() }
@@ -278,6 +361,18 @@ extern "C" fn testguest_exception(vector: u64, error: u64, rip: u64, cr2: u64) -
     guest
         .write_line(Line::event("exception").field("vector", name).hex("error", error).hex("rip", rip).hex("cr2", cr2));
     shutdown(&mut guest)
+}
+
+/// Called by `interrupt_common` in `entry.S` for an interrupt vector:
+/// counts it and ends it at the APIC (EOI).
+#[no_mangle]
+extern "C" fn testguest_interrupt(vector: u64) {
+    match vector {
+        TIMER_VECTOR => TICKS.fetch_add(1, Ordering::Relaxed),
+        IPI_VECTOR => IPIS.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
+    wrmsr(X2APIC_EOI, 0);
 }
 
 #[panic_handler]
@@ -332,43 +427,57 @@ impl Guest for VmxGuest {
         u64::from(cpuid(HV_LEAF_TIMING).eax) * 1000
     }
 
+    /// The APIC timer in periodic mode, dividing by 1: its rate over the
+    /// TSC's scales `period`. Interrupts stay enabled from here on.
     fn start_ticks(&mut self, period: u64) -> bool {
-        TICK_PERIOD.store(period, Ordering::Relaxed);
-        NEXT_TICK.store(rdtsc().saturating_add(period), Ordering::Relaxed);
+        let timing = cpuid(HV_LEAF_TIMING);
+        if cpuid(1).ecx & CPUID1_ECX_X2APIC == 0 || timing.eax == 0 || self.counter_frequency() == 0 {
+            return false;
+        }
+        let count = u128::from(period) * u128::from(timing.ebx) / u128::from(timing.eax);
+        let Ok(count) = u32::try_from(count) else { return false };
+        if count == 0 {
+            return false;
+        }
+        wrmsr(X2APIC_SVR, SVR_ENABLE_SPURIOUS_FF);
+        wrmsr(X2APIC_DIVIDE, DIVIDE_BY_1);
+        wrmsr(X2APIC_LVT_TIMER, LVT_PERIODIC | TIMER_VECTOR);
+        wrmsr(X2APIC_INITIAL_COUNT, u64::from(count));
+        APIC_ON.store(true, Ordering::Relaxed);
+        // SAFETY: the IDT has a handler for every vector the APIC raises.
+        unsafe { asm!("sti", options(nomem, nostack)) };
         true
     }
 
     fn stop_ticks(&mut self) {
-        TICK_PERIOD.store(0, Ordering::Relaxed);
+        if APIC_ON.load(Ordering::Relaxed) {
+            wrmsr(X2APIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
+            wrmsr(X2APIC_INITIAL_COUNT, 0);
+        }
     }
 
     fn send_self_ipi(&mut self) -> bool {
-        false
+        if !APIC_ON.load(Ordering::Relaxed) {
+            return false;
+        }
+        wrmsr(X2APIC_SELF_IPI, IPI_VECTOR);
+        true
     }
 
-    /// Polls the TSC until the next tick is due, yielding the physical CPU
-    /// to other vCPUs meanwhile (as `hlt` would if there were a timer
-    /// interrupt to wake it), then counts every tick that passed (several
-    /// if the vCPU was away meanwhile).
+    /// HLT with interrupts enabled: the hypervisor runs this vCPU again
+    /// when its APIC has an interrupt for it. Without the APIC, a pause.
     fn wait_for_interrupt(&mut self) {
-        let period = TICK_PERIOD.load(Ordering::Relaxed);
-        if period == 0 {
+        if APIC_ON.load(Ordering::Relaxed) {
+            // SAFETY: STI's shadow covers HLT, so an interrupt pending now
+            // ends the HLT instead of being taken before it.
+            unsafe { asm!("sti", "hlt", options(nomem, nostack)) };
+        } else {
             core::hint::spin_loop();
-            return;
         }
-        let next = NEXT_TICK.load(Ordering::Relaxed);
-        let mut now = rdtsc();
-        while now < next {
-            self.hypercall(Request::fast(call::YIELD, 0));
-            now = rdtsc();
-        }
-        let due = (now - next) / period + 1;
-        TICKS.store(TICKS.load(Ordering::Relaxed) + due, Ordering::Relaxed);
-        NEXT_TICK.store(next + due * period, Ordering::Relaxed);
     }
 
     fn interrupt_counts(&self) -> InterruptCounts {
-        InterruptCounts { ticks: TICKS.load(Ordering::Relaxed), ipis: 0 }
+        InterruptCounts { ticks: TICKS.load(Ordering::Relaxed), ipis: IPIS.load(Ordering::Relaxed) }
     }
 
     fn probe(&mut self, gpa: u64) {

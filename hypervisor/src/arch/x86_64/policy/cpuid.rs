@@ -3,11 +3,12 @@
 //! real instruction and passes its result through [`guest_cpuid`], which
 //! keeps only features the hypervisor virtualizes completely: what a guest
 //! can use without help (SSE through SSE4.2, AES, 1 GiB pages, SYSCALL,
-//! SYSENTER, PAT, FSGSBASE, SMEP/SMAP ...), and nothing that needs a
-//! virtual device or MSRs the allow-list refuses (no local APIC, x2APIC,
-//! VMX, XSAVE/AVX, MONITOR/MWAIT, MTRRs, machine checks, performance
+//! SYSENTER, PAT, FSGSBASE, SMEP/SMAP ...), the virtual local APIC in
+//! x2APIC mode with its TSC-deadline timer (`lapic.rs`), and nothing that
+//! needs a virtual device or MSRs the allow-list refuses (no VMX,
+//! XSAVE/AVX, MONITOR/MWAIT, MTRRs, machine checks, performance
 //! counters). Leaves 0x4000_0000 and 0x4000_0010 identify the hypervisor
-//! and give the TSC frequency, as other hypervisors do.
+//! and give the TSC and APIC timer frequencies, as other hypervisors do.
 
 /// The four result registers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,7 +23,7 @@ pub struct CpuidRegs {
 /// = the signature.
 pub const HV_LEAF_BASE: u32 = 0x4000_0000;
 /// Timing leaf: EAX = TSC frequency in kHz, EBX = local APIC timer
-/// frequency in kHz (0: there is no local APIC).
+/// frequency in kHz (the virtual APIC's timer counts at the TSC's rate).
 pub const HV_LEAF_TIMING: u32 = 0x4000_0010;
 /// The signature in EBX, ECX, EDX of [`HV_LEAF_BASE`].
 pub const HV_SIGNATURE: &[u8; 12] = b"hvluhvluhvlu";
@@ -41,6 +42,10 @@ pub struct GuestCpuidInfo {
 /// RDRAND (30).
 const LEAF1_ECX: u32 =
     (1 << 0) | (1 << 1) | (1 << 9) | (1 << 13) | (1 << 19) | (1 << 20) | (1 << 22) | (1 << 23) | (1 << 25) | (1 << 30);
+/// Leaf 1 features of the virtual local APIC, whatever the host has:
+/// ECX x2APIC (21), TSC-deadline timer (24); EDX APIC on chip (9).
+const LEAF1_ECX_APIC: u32 = (1 << 21) | (1 << 24);
+const LEAF1_EDX_APIC: u32 = 1 << 9;
 /// Leaf 1 ECX bit 31: reserved for a hypervisor to say it is there.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX features passed through: FPU (0), VME (1), DE (2), PSE (3),
@@ -89,8 +94,8 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: CpuidRegs, info: GuestCpuidInf
         1 => CpuidRegs {
             eax: host.eax,
             ebx: (host.ebx & LEAF1_EBX_KEEP) | LEAF1_EBX_ONE_LOGICAL | (info.vcpu_index << LEAF1_EBX_APIC_ID_SHIFT),
-            ecx: (host.ecx & LEAF1_ECX) | LEAF1_ECX_HYPERVISOR,
-            edx: host.edx & LEAF1_EDX,
+            ecx: (host.ecx & LEAF1_ECX) | LEAF1_ECX_APIC | LEAF1_ECX_HYPERVISOR,
+            edx: (host.edx & LEAF1_EDX) | LEAF1_EDX_APIC,
         },
         7 if subleaf == 0 => CpuidRegs { ebx: host.ebx & LEAF7_EBX, ..zero },
         HV_LEAF_BASE => {
@@ -99,7 +104,7 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: CpuidRegs, info: GuestCpuidInf
             };
             CpuidRegs { eax: HV_LEAF_TIMING, ebx: word(0), ecx: word(4), edx: word(8) }
         }
-        HV_LEAF_TIMING => CpuidRegs { eax: info.tsc_khz, ..zero },
+        HV_LEAF_TIMING => CpuidRegs { eax: info.tsc_khz, ebx: info.tsc_khz, ..zero },
         0x8000_0001 => CpuidRegs { ecx: host.ecx & EXT1_ECX, edx: host.edx & EXT1_EDX, ..zero },
         0x8000_0007 => CpuidRegs { edx: host.edx & EXT7_EDX_INVARIANT_TSC, ..zero },
         0x8000_0008 => CpuidRegs { eax: host.eax & EXT8_EAX_ADDRESS_SIZES, ..zero },
@@ -125,20 +130,25 @@ mod tests {
         sig[4..8].copy_from_slice(&r.ecx.to_le_bytes());
         sig[8..].copy_from_slice(&r.edx.to_le_bytes());
         assert_eq!(&sig, HV_SIGNATURE);
-        assert_eq!(guest_cpuid(HV_LEAF_TIMING, 0, ALL, INFO), CpuidRegs { eax: 50_000, ..CpuidRegs::default() });
+        assert_eq!(
+            guest_cpuid(HV_LEAF_TIMING, 0, ALL, INFO),
+            CpuidRegs { eax: 50_000, ebx: 50_000, ..CpuidRegs::default() }
+        );
         assert_eq!(guest_cpuid(HV_LEAF_BASE + 1, 0, ALL, INFO), CpuidRegs::default());
     }
 
     #[test]
-    fn leaf1_hides_vmx_apic_xsave_and_sets_hypervisor() {
+    fn leaf1_hides_vmx_xsave_offers_x2apic_and_sets_hypervisor() {
         let r = guest_cpuid(1, 0, ALL, INFO);
         assert_eq!(r.ecx & (1 << 5), 0, "VMX");
-        assert_eq!(r.ecx & (1 << 21), 0, "x2APIC");
+        let none = guest_cpuid(1, 0, CpuidRegs::default(), INFO);
+        assert_ne!(none.ecx & (1 << 21), 0, "x2APIC, even if the host has none");
+        assert_ne!(none.ecx & (1 << 24), 0, "TSC deadline");
+        assert_ne!(none.edx & (1 << 9), 0, "local APIC");
         assert_eq!(r.ecx & (1 << 26), 0, "XSAVE");
         assert_eq!(r.ecx & (1 << 28), 0, "AVX");
         assert_eq!(r.ecx & (1 << 3), 0, "MONITOR");
         assert_ne!(r.ecx & LEAF1_ECX_HYPERVISOR, 0);
-        assert_eq!(r.edx & (1 << 9), 0, "local APIC");
         assert_eq!(r.edx & (1 << 12), 0, "MTRR");
         assert_ne!(r.edx & (1 << 24), 0, "FXSR");
         assert_eq!(r.ebx >> 24, 2, "initial APIC ID = vCPU index");

@@ -308,8 +308,8 @@ impl VmcsControls {
         | proc::ACTIVATE_SECONDARY;
     /// What the hypervisor does not implement or must not have: exits for
     /// CR3 accesses and INVLPG (EPT makes them unnecessary), PAUSE, RDTSC,
-    /// interrupt/NMI windows and the monitor trap flag; a TPR shadow; TSC
-    /// offsetting (it would hide pauses from the guests' meters).
+    /// NMI windows and the monitor trap flag; a TPR shadow; TSC offsetting
+    /// (it would hide pauses from the guests' meters).
     const PROC_FORBIDDEN: u32 = proc::CR3_LOAD_EXITING
         | proc::CR3_STORE_EXITING
         | proc::INVLPG_EXITING
@@ -317,9 +317,12 @@ impl VmcsControls {
         | proc::USE_TPR_SHADOW
         | proc::RDTSC_EXITING
         | proc::TSC_OFFSETTING
-        | proc::INTERRUPT_WINDOW_EXITING
         | proc::NMI_WINDOW_EXITING
         | proc::MONITOR_TRAP_FLAG;
+    /// Set and cleared per entry, so they must be allowed both ways:
+    /// interrupt-window exiting, armed while a virtual interrupt waits for
+    /// the guest to accept it (SDM Vol. 3C §26.7.5).
+    pub const PROC_TOGGLED: u32 = proc::INTERRUPT_WINDOW_EXITING;
     const PROC2: u32 = proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST;
     /// Return to a 64-bit host, acknowledge the interrupt that caused an
     /// exit (so it does not stay pending), and switch PAT and EFER.
@@ -337,7 +340,12 @@ impl VmcsControls {
     pub fn resolve(m: &VmxMsrs) -> Result<Self, ControlError> {
         Ok(Self {
             pin: resolve_control(ControlField::PinBased, m.pinbased, Self::PIN, pin::POSTED_INTERRUPTS)?,
-            proc: resolve_control(ControlField::PrimaryProcBased, m.procbased, Self::PROC, Self::PROC_FORBIDDEN)?,
+            proc: resolve_control(
+                ControlField::PrimaryProcBased,
+                m.procbased,
+                Self::PROC | Self::PROC_TOGGLED,
+                Self::PROC_FORBIDDEN | Self::PROC_TOGGLED,
+            )? & !Self::PROC_TOGGLED,
             proc2: resolve_control(ControlField::SecondaryProcBased, m.procbased2, Self::PROC2, 0)?,
             exit: resolve_control(ControlField::Exit, m.exit, Self::EXIT, 0)?,
             entry: resolve_control(ControlField::Entry, m.entry, Self::ENTRY, Self::ENTRY_FORBIDDEN)?,

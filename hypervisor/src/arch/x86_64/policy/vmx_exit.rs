@@ -409,6 +409,19 @@ pub const fn inject_exception(vector: u8, error_code: bool) -> u32 {
         | vector as u32
 }
 
+/// The VM-entry interruption-information value that injects external
+/// interrupt `vector` (Table 25-17, type 0), as a virtual local APIC
+/// delivers it (§27.6.1).
+pub const fn inject_interrupt(vector: u8) -> u32 {
+    INTR_VALID | vector as u32
+}
+
+/// Whether a VM-entry interruption-information value has an event to
+/// inject (its valid bit, §25.8.3).
+pub const fn is_valid_interruption(raw: u32) -> bool {
+    raw & INTR_VALID != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,6 +486,8 @@ mod tests {
     fn interruption_info() {
         assert_eq!(inject_exception(vector::GP, true), 0x8000_0b0d);
         assert_eq!(inject_exception(vector::UD, false), 0x8000_0306);
+        assert_eq!(inject_interrupt(0x20), 0x8000_0020);
+        assert!(is_valid_interruption(inject_interrupt(0x20)) && !is_valid_interruption(0x20));
         let ext = Interruption::decode(0x8000_00f0).unwrap();
         assert_eq!((ext.vector, ext.kind, ext.has_error_code), (0xf0, InterruptionType::ExternalInterrupt, false));
         assert_eq!(Interruption::decode(0x8000_0202).unwrap().kind, InterruptionType::Nmi);
