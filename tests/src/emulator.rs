@@ -35,6 +35,10 @@ pub struct RunSpec {
     /// (`hv: guest-stop` for the guest named [`guests::UPDATER`]): guests
     /// that never stop on their own would otherwise run to the timeout.
     pub stop_after_updater: Option<Duration>,
+    /// aarch64 QEMU: after the hypervisor's `shutdown` event, save guest
+    /// RAM (all of it, from 0x4000_0000) to this file through the QEMU
+    /// monitor before the emulator exits (`-no-shutdown` keeps it there).
+    pub ram_dump: Option<PathBuf>,
 }
 
 impl RunSpec {
@@ -51,6 +55,7 @@ impl RunSpec {
             cmdline: None,
             devices: false,
             stop_after_updater: None,
+            ram_dump: None,
         }
     }
 }
@@ -205,7 +210,13 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
     };
     cmd.arg("-smp").arg(spec.cpus.to_string());
     cmd.arg("-m").arg(format!("{}M", spec.mem_mib));
-    cmd.args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+    cmd.args(["-display", "none", "-no-reboot"]);
+    if spec.ram_dump.is_some() {
+        cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()));
+        cmd.arg("-no-shutdown");
+    } else {
+        cmd.args(["-monitor", "none"]);
+    }
     cmd.arg("-serial").arg(format!("file:{}", serial.display()));
     cmd.args(&spec.extra_args);
     Ok(cmd)
@@ -264,9 +275,29 @@ enum Ended {
     StoppedAfterUpdater,
 }
 
+/// The aarch64 `virt` machine's RAM base.
+const AARCH64_RAM_BASE: u64 = 0x4000_0000;
+
+/// Saves guest RAM to `out` through the QEMU monitor at `sock`, then quits
+/// QEMU. Errors go to the run's emulator output; the caller sees a missing
+/// or short file.
+fn dump_ram(sock: &Path, mem_mib: u32, out: &Path) -> Result<(), String> {
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(sock).map_err(|e| format!("monitor {}: {e}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_mins(1))).map_err(|e| e.to_string())?;
+    let cmd = format!("pmemsave {AARCH64_RAM_BASE:#x} {:#x} \"{}\"\nquit\n", u64::from(mem_mib) << 20, out.display());
+    s.write_all(cmd.as_bytes()).map_err(|e| format!("monitor: {e}"))?;
+    // QEMU closes the socket when it quits, after the save.
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    Ok(())
+}
+
 fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> Ended {
     let start = Instant::now();
     let mut file = None;
+    let mut seen = String::new();
+    let mut dumped = false;
     let mut watch = UpdaterWatch::default();
     let mut stop_at: Option<Instant> = None;
     let stop = |child: &mut Child, file: &mut Option<fs::File>| {
@@ -276,6 +307,19 @@ fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> Ended {
     };
     loop {
         let fresh = pump(&mut file, serial, spec.stream);
+        if let (Some(out), false) = (&spec.ram_dump, dumped) {
+            seen.push_str(&String::from_utf8_lossy(&fresh));
+            if seen.contains("hv: shutdown ") {
+                dumped = true;
+                // The hypervisor powers off right after the event; QEMU
+                // then stops (-no-shutdown) with RAM as it was.
+                std::thread::sleep(Duration::from_millis(500));
+                let sock = serial.with_file_name("monitor.sock");
+                if let Err(e) = dump_ram(&sock, spec.mem_mib, out) {
+                    eprintln!("ram dump: {e}");
+                }
+            }
+        }
         if let Some(grace) = spec.stop_after_updater {
             if stop_at.is_none() && watch.feed(&fresh) {
                 stop_at = Some(Instant::now() + grace);

@@ -18,12 +18,15 @@ use hv_tests::image::{self, BuiltImage, ImageSpec};
 use hv_tests::{out_dir, summary, workspace_root, Arch, Machine};
 
 const USAGE: &str = "\
-usage: scripts/qualify FROM TO [--arch aarch64] [--updates N]
+usage: scripts/qualify FROM TO [--arch aarch64] [--updates N] [--golden FILE]
 
   FROM, TO         git revisions (commits, tags, HEAD, a line of releases.txt)
   --arch aarch64   the architecture (x86_64 is not qualified yet)
   --updates N      live updates, alternating FROM->TO and TO->FROM (default 4,
                    at least 2 so that both directions are crossed)
+  --golden FILE    also save the last handover FROM wrote, taken from guest RAM
+                   after the run, to FILE (and where it lay to FILE.txt): a
+                   golden handover for kho/testdata (kho/ABI.md §7.2)
 
 Builds both revisions in work trees under target/qualify, boots FROM with the
 test guests and updates FROM->TO->FROM..., and prints a verdict per direction;
@@ -35,12 +38,14 @@ struct Options {
     to: String,
     arch: Arch,
     updates: u32,
+    golden: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
     let mut revs = Vec::new();
     let mut arch = Arch::Aarch64;
     let mut updates = 4;
+    let mut golden = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -54,6 +59,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
                 updates =
                     v.parse().ok().filter(|&n| n >= 2).ok_or_else(|| format!("--updates '{v}': want 2 or more"))?;
             }
+            "--golden" => golden = Some(PathBuf::from(it.next().ok_or("--golden needs a file")?)),
             o if o.starts_with('-') => return Err(format!("unknown option '{o}'")),
             rev => revs.push(rev.to_string()),
         }
@@ -62,7 +68,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         return Err("--arch x86_64: qualification runs on aarch64 only for now".into());
     }
     match <[String; 2]>::try_from(revs) {
-        Ok([from, to]) => Ok(Some(Options { from, to, arch, updates })),
+        Ok([from, to]) => Ok(Some(Options { from, to, arch, updates, golden })),
         Err(_) => Err("want two revisions, FROM and TO".into()),
     }
 }
@@ -231,7 +237,15 @@ fn qualify(o: &Options) -> Result<bool, String> {
     spec.blobs = placed.blobs;
     spec.cmdline = Some(placed.cmdline);
     eprintln!("hvqualify: booting {from} with the test guests; updates {from} -> {to} -> {from} ...");
+    let ram = dir.join("ram.bin");
+    if o.golden.is_some() {
+        let _ = std::fs::remove_file(&ram);
+        spec.ram_dump = Some(ram.clone());
+    }
     let run = emulator::run(&a, &spec).map_err(|e| e.to_string())?;
+    if let Some(out) = &o.golden {
+        save_golden(&ram, &format!("q-{}", &from[..8.min(from.len())]), out)?;
+    }
     let (dirs, guest_failures) = verdicts(&run, &from, &to, o.updates);
     let text = report(o, &from, &to, &dirs, &guest_failures, &run);
     let path = workspace_root().join("target").join("qualify").join(format!("report-{from}-{to}-{}.md", o.arch.name()));
@@ -243,6 +257,48 @@ fn qualify(o: &Options) -> Result<bool, String> {
         eprintln!("{}", run.failure("qualification failed"));
     }
     Ok(ok)
+}
+
+/// RAM base of the aarch64 `virt` machine, where the dump starts.
+const RAM_BASE: u64 = 0x4000_0000;
+
+/// Finds, in a dump of guest RAM, the handover blobs that `writer` wrote
+/// and that a reader still accepts (freed ones may be partly overwritten);
+/// returns (physical address, update count, blob) of the latest.
+fn last_handover<'a>(ram: &'a [u8], writer: &str) -> Option<(u64, u64, &'a [u8])> {
+    let map = kho::RamMap::new(&[kho::PhysRange::new(RAM_BASE, ram.len() as u64).ok()?]).ok()?;
+    let mut best: Option<(u64, u64, &[u8])> = None;
+    // Handovers are page-aligned blocks (FDT magic 0xd00dfeed, big-endian).
+    for off in (0..ram.len().saturating_sub(8)).step_by(4096) {
+        if ram[off..off + 4] != [0xd0, 0x0d, 0xfe, 0xed] {
+            continue;
+        }
+        let size = u32::from_be_bytes([ram[off + 4], ram[off + 5], ram[off + 6], ram[off + 7]]) as usize;
+        let Some(blob) = ram.get(off..off + size) else { continue };
+        let phys = RAM_BASE + off as u64;
+        let Ok(reader) = kho::HandoverReader::new(blob, phys, &map) else { continue };
+        if reader.previous_version() == writer && best.is_none_or(|(_, n, _)| reader.update_count() > n) {
+            best = Some((phys, reader.update_count(), blob));
+        }
+    }
+    best
+}
+
+fn save_golden(ram: &Path, writer: &str, out: &Path) -> Result<(), String> {
+    let bytes = std::fs::read(ram).map_err(|e| format!("reading the RAM dump {}: {e}", ram.display()))?;
+    let (phys, count, blob) = last_handover(&bytes, writer)
+        .ok_or_else(|| format!("no readable handover written by {writer} in {}", ram.display()))?;
+    std::fs::write(out, blob).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    let meta = format!(
+        "writer={writer} arch=aarch64 phys={phys:#x} ram_base={RAM_BASE:#x} ram_bytes={:#x} update_count={count}\n",
+        bytes.len()
+    );
+    let side = PathBuf::from(format!("{}.txt", out.display()));
+    std::fs::write(&side, meta).map_err(|e| format!("writing {}: {e}", side.display()))?;
+    eprintln!("hvqualify: golden handover ({} bytes, update {count}) written to {}", blob.len(), out.display());
+    // The dump is as large as guest RAM.
+    let _ = std::fs::remove_file(ram);
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -285,6 +341,9 @@ mod tests {
         assert!(parse(&args("a b --arch x86_64")).is_err());
         assert!(parse(&args("a b --frobnicate")).is_err());
         assert!(parse(&args("--help")).expect("help").is_none());
+        let g = parse(&args("a b --golden g.dtb")).expect("parse").expect("options");
+        assert_eq!(g.golden.as_deref(), Some(Path::new("g.dtb")));
+        assert!(parse(&args("a b --golden")).is_err());
     }
 
     #[test]
