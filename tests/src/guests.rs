@@ -327,12 +327,24 @@ pub fn sized_for_updates(arch: Arch, list: &mut [GuestArg], updates: u32) {
 /// The default demo: the test guests, sized to keep running through the
 /// updates, plus the updater guest carrying `update_images`.
 pub fn demo_guests(arch: Arch, update_images: &[PathBuf], updates: u32) -> Result<Vec<GuestArg>, LaunchError> {
-    let mut list = default_guests(arch)?;
+    let dir = build_test_guests(arch)?;
+    demo_guests_in(arch, &dir, update_images, updates)
+}
+
+/// [`demo_guests`] with the test guests already built in `dir` (by
+/// [`build_test_guests_from`], from another revision's tree).
+pub fn demo_guests_in(
+    arch: Arch,
+    dir: &Path,
+    update_images: &[PathBuf],
+    updates: u32,
+) -> Result<Vec<GuestArg>, LaunchError> {
+    let mut list = default_guest_specs(arch, dir);
     if updates == 0 || update_images.is_empty() {
         return Ok(list);
     }
     sized_for_updates(arch, &mut list, updates);
-    list.push(updater_guest(arch, update_images, UPDATER_MEM_MIB, &updater_cmdline(updates))?);
+    list.push(updater_guest_in(arch, dir, update_images, UPDATER_MEM_MIB, &updater_cmdline(updates))?);
     Ok(list)
 }
 
@@ -433,12 +445,12 @@ const MAX_BUNDLE_IMAGES: usize = (BUNDLE_HEADER - 16) / 16;
 pub const MAX_UPDATE_IMAGE: u64 = loader::elf::MAX_IMAGE_SPAN;
 
 /// Writes the updater guest's file: its image (padded over its bss),
-/// followed by a bundle of `images`. Returns the file and its length.
-fn updater_bundle(arch: Arch, images: &[PathBuf]) -> Result<(PathBuf, u64), LaunchError> {
+/// followed by a bundle of `images`, in `dir` (where the test guests were
+/// built). Returns the file and its length.
+fn updater_bundle(dir: &Path, images: &[PathBuf]) -> Result<(PathBuf, u64), LaunchError> {
     if images.is_empty() || images.len() > MAX_BUNDLE_IMAGES {
         return Err(LaunchError::Image(format!("the updater carries 1 to {MAX_BUNDLE_IMAGES} images")));
     }
-    let dir = out_dir().join(arch.name()).join("guests");
     let base = dir.join("updater.bin");
     let mut out = fs::read(&base).map_err(io_err(format!("reading {}", base.display())))?;
     out.resize(out.len().next_multiple_of(BLOB_ALIGN as usize), 0);
@@ -482,7 +494,18 @@ fn updater_arg(file: PathBuf, mem_mib: u64, cmdline: &str) -> GuestArg {
 /// turn. `cmdline` carries `updates=N` and friends. Refused if the bundle
 /// does not fit in that RAM (the guest would only report `bad-bundle`).
 pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str) -> Result<GuestArg, LaunchError> {
-    let (file, len) = updater_bundle(arch, images)?;
+    updater_guest_in(arch, &guests_dir(arch), images, mem_mib, cmdline)
+}
+
+/// [`updater_guest`] with the updater built in `dir`.
+fn updater_guest_in(
+    arch: Arch,
+    dir: &Path,
+    images: &[PathBuf],
+    mem_mib: u64,
+    cmdline: &str,
+) -> Result<GuestArg, LaunchError> {
+    let (file, len) = updater_bundle(dir, images)?;
     if len > usable_ram(arch, mem_mib) {
         return Err(LaunchError::Image(format!(
             "the updater's {mem_mib} MiB of RAM cannot carry its image and bundle ({} KiB)",
@@ -495,7 +518,7 @@ pub fn updater_guest(arch: Arch, images: &[PathBuf], mem_mib: u64, cmdline: &str
 /// The updater guest as the demo runs it ([`UPDATER_MEM_MIB`] of RAM), with
 /// more RAM when its bundle needs it (a large `--update-image`).
 pub fn updater_guest_sized(arch: Arch, images: &[PathBuf], cmdline: &str) -> Result<GuestArg, LaunchError> {
-    let (file, len) = updater_bundle(arch, images)?;
+    let (file, len) = updater_bundle(&guests_dir(arch), images)?;
     let needed = (len + reserved_top(arch)).div_ceil(MIB);
     Ok(updater_arg(file, needed.max(UPDATER_MEM_MIB), cmdline))
 }
@@ -697,21 +720,37 @@ pub fn check_image(arch: Arch, g: &GuestArg) -> Result<ImageFormat, GuestImageEr
 
 /// Builds `guests/testguests` for `arch` and flattens each ELF.
 pub fn build_test_guests(arch: Arch) -> Result<PathBuf, LaunchError> {
-    let target_dir = out_dir().join("cargo").join("guests");
+    build_test_guests_from(arch, &workspace_root(), &out_dir().join("cargo").join("guests"), &guests_dir(arch))?;
+    Ok(guests_dir(arch))
+}
+
+/// Where [`build_test_guests`] puts the flat images.
+fn guests_dir(arch: Arch) -> PathBuf {
+    out_dir().join(arch.name()).join("guests")
+}
+
+/// Builds the test guests of the source tree at `root` (another
+/// revision's work tree, for qualification) with `target_dir` as cargo's,
+/// and writes their flat images to `dir`. A guest that tree does not have
+/// yet is left out; a run that names it fails on the missing file.
+pub fn build_test_guests_from(arch: Arch, root: &Path, target_dir: &Path, dir: &Path) -> Result<(), LaunchError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let status = Command::new(cargo)
-        .current_dir(workspace_root())
+        .current_dir(root)
         .args(["build", "--quiet", "--release", "-p", "testguests", "--bins", "--target", arch.triple()])
-        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("CARGO_TARGET_DIR", target_dir)
         .status()
         .map_err(io_err("running cargo build for the test guests"))?;
     if !status.success() {
         return Err(LaunchError::Build(format!("building the test guests failed ({status})")));
     }
-    let dir = out_dir().join(arch.name()).join("guests");
-    fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let current = root == workspace_root();
+    fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     for bin in TEST_GUESTS {
         let elf_path = target_dir.join(arch.triple()).join("release").join(bin);
+        if !current && !elf_path.exists() {
+            continue;
+        }
         let bytes = fs::read(&elf_path).map_err(io_err(format!("reading {}", elf_path.display())))?;
         let image = elf::parse(&bytes, elf_machine(arch))
             .map_err(|e| LaunchError::Image(format!("{}: {e}", elf_path.display())))?;
@@ -721,7 +760,7 @@ pub fn build_test_guests(arch: Arch) -> Result<PathBuf, LaunchError> {
         flat.resize(((image.end() - image.base()) as usize).next_multiple_of(BLOB_ALIGN as usize), 0);
         write_atomic(&dir.join(format!("{bin}.bin")), &flat)?;
     }
-    Ok(dir)
+    Ok(())
 }
 
 fn format_of(bytes: &[u8]) -> &'static str {

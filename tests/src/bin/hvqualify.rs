@@ -1,6 +1,6 @@
 //! `hvqualify FROM TO`: qualifies a live update between two revisions.
 //! Builds the hypervisor at both (git work trees under
-//! `target/qualify/<commit>`), boots FROM with the test guests, and has the
+//! `target/qualify/<commit>`), boots FROM with FROM's test guests, and has the
 //! updater alternate TO, FROM, TO ... so that every update crosses between
 //! the two versions in one direction or the other; then checks every
 //! update and the guests, prints a verdict per direction, and writes the
@@ -227,8 +227,14 @@ fn qualify(o: &Options) -> Result<bool, String> {
     let (to, to_dir) = work_tree(&o.to)?;
     let a = build(o.arch, &from, &from_dir)?;
     let b = build(o.arch, &to, &to_dir)?;
-    let list =
-        guests::demo_guests(o.arch, &[b.update_image(), a.update_image()], o.updates).map_err(|e| e.to_string())?;
+    // FROM's own test guests (and updater): a guest from a newer tree may
+    // use what FROM does not offer.
+    eprintln!("hvqualify: building {from}'s test guests");
+    let guests_dir = out_dir().join("qualify").join(&from).join(o.arch.name()).join("guests");
+    let guests_target = out_dir().join("qualify").join("cargo").join(format!("{from}-guests"));
+    guests::build_test_guests_from(o.arch, &from_dir, &guests_target, &guests_dir).map_err(|e| e.to_string())?;
+    let list = guests::demo_guests_in(o.arch, &guests_dir, &[b.update_image(), a.update_image()], o.updates)
+        .map_err(|e| e.to_string())?;
     let mut spec = RunSpec::new(&format!("qualify-{from}-{to}"), Machine::Qemu);
     spec.timeout = Duration::from_mins(5);
     let dir = emulator::run_dir(&spec);
