@@ -220,10 +220,10 @@ fn jump(ready: &Ready) -> ! {
     let dtb = DTB_PHYS.load(Ordering::Relaxed);
     let copy_len = image_len.next_multiple_of(8);
     let (now, _) = super::counter();
-    // SAFETY: the trampoline copies the checked image (its footprint fits
-    // the image slot) over this one and enters it at its link address with
-    // x0 = DTB, x1 = handover; nothing of the old image is used after the
-    // jump.
+    // The trampoline enters the new image at its link address with x0 =
+    // DTB, x1 = handover.
+    // SAFETY: it copies the checked image (its footprint fits the image
+    // slot) over this one; nothing of the old image is used after the jump.
     unsafe { kexec_jump(dtb, buf.base, stage.base, image_start, copy_len, image_start, tramp, now) }
 }
 

@@ -329,11 +329,11 @@ fn jump(me: usize, generation: Generation) -> ! {
     // SAFETY: the parameter page prepared by `prepare_jump`; word 4 is the
     // TSC at the jump.
     unsafe { (j.params as *mut u64).add(4).write(tsc::now()) };
-    // SAFETY: interrupts off; the trampoline switches to its own page
-    // tables in scratch, copies the checked segments over this image
-    // (nothing of which is used after the jump) and enters the new image's
-    // handover entry with RDI = handover, RSI = multiboot2 information,
-    // RDX = the TSC at the jump.
+    // The trampoline enters the new image's handover entry with RDI =
+    // handover, RSI = multiboot2 information, RDX = the TSC at the jump.
+    // SAFETY: interrupts off; the trampoline runs on its own page tables in
+    // scratch and copies the checked segments over this image, none of
+    // which is used after the jump.
     unsafe { core::arch::asm!("cli", "jmp {t}", t = in(reg) j.tramp, in("rdi") j.params, options(noreturn)) }
 }
 

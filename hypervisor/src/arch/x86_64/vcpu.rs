@@ -289,10 +289,10 @@ impl Vcpu {
     /// Enters the guest with the current VMCS (this vCPU's) and returns
     /// when it exits.
     pub fn run(&mut self) -> RunResult {
+        // `vmx_run` saves and restores the callee-saved registers and
+        // returns through `vmx_exit_stub` on the stack it was called on.
         // SAFETY: this vCPU's VMCS is current on this CPU and complete
-        // (initialised by the owning CPU); `vmx_run` saves and restores the
-        // callee-saved registers and returns through `vmx_exit_stub` on the
-        // stack it was called on, with the guest registers in `regs`.
+        // (initialised by the owning CPU); guest registers go to `regs`.
         let r = unsafe { vmx_run(&raw mut self.regs, u64::from(self.launched)) };
         match r {
             RUN_EXITED => {
@@ -308,12 +308,12 @@ impl Vcpu {
     /// Puts this vCPU's processor state (x87/SSE, CR2, switched MSRs) into
     /// the processor.
     pub fn load(&self) {
-        // SAFETY: FXRSTOR64 reads 512 bytes from an aligned area that was
-        // either the power-on image or written by FXSAVE64, here or in the
-        // previous image (from a checksummed vCPU record), so MXCSR has no
-        // reserved bits; CR4.OSFXSR is set. CR2 is only read by guests.
-        // The switched MSRs exist on every x86_64 CPU and hold values the
-        // allow-list accepted; the hypervisor itself does not use them.
+        // The FXRSTOR64 area is the power-on image or was written by
+        // FXSAVE64, here or in the previous image (checksummed vCPU record),
+        // so MXCSR has no reserved bits. CR2 is only read by guests. The
+        // switched MSRs exist on every x86_64 CPU, hold values the allow-list
+        // accepted, and are not used by the hypervisor itself.
+        // SAFETY: 512 aligned bytes as above; CR4.OSFXSR is set.
         unsafe {
             asm!("fxrstor64 [{0}]", in(reg) &raw const self.fx, options(nostack, readonly));
             asm!("mov cr2, {0}", in(reg) self.cr2, options(nostack, nomem));

@@ -308,10 +308,10 @@ fn panic(info: &PanicInfo<'_>) -> ! {
 impl Guest for El1Guest {
     fn hypercall(&mut self, request: Request) -> Outcome {
         let (result, output): (u64, u64);
+        // The hypervisor returns the result in x0 and a fast output in x3;
+        // SMCCC allows it to clobber x4-x17.
         // SAFETY: `hvc #0` traps to the hypervisor (HYPERCALLS.md), which
-        // only touches guest memory at the request's GPAs, inside this
-        // guest's RAM, and returns the result in x0 and a fast output in
-        // x3. SMCCC allows it to clobber x4-x17.
+        // touches guest memory only at the request's GPAs, in this guest's RAM.
         unsafe {
             asm!(
                 "hvc #0",
@@ -378,11 +378,11 @@ impl Guest for El1Guest {
     }
 
     fn probe(&mut self, gpa: u64) {
-        // SAFETY: the isolation probe touches `gpa` on purpose. Outside this
-        // guest's RAM the hypervisor stops the guest or injects an abort,
-        // which the vector table reports. If the load returns, the store
-        // writes back the value just read, so even an address inside this
-        // program's own memory is left unchanged.
+        // The isolation probe touches `gpa` on purpose: outside this guest's
+        // RAM the hypervisor stops the guest or injects an abort, which the
+        // vector table reports.
+        // SAFETY: if the load returns, the store writes back the value just
+        // read, so even an address in this program's memory is unchanged.
         unsafe {
             asm!(
                 "ldr {value}, [{addr}]",
@@ -401,12 +401,11 @@ impl Psci for El1Guest {
         let entry = secondary_start as *const () as u64;
         let (function, args) = (call.function(), call.arguments(entry));
         let result: u64;
-        // SAFETY: `hvc #0` with a PSCI function id reaches the hypervisor's
-        // PSCI (DEN0022E), which reads no guest memory. CPU_ON starts a
-        // vCPU only at `secondary_start`, which gives vCPU 1 its own stack
-        // and parks any other; CPU_OFF and SYSTEM_OFF do not return. Not
-        // `nomem`: another vCPU may start or stop and touch shared memory.
-        // SMCCC lets the callee clobber x1-x17.
+        // PSCI (DEN0022E) reads no guest memory; CPU_OFF and SYSTEM_OFF do
+        // not return. Not `nomem`: another vCPU may start or stop and touch
+        // shared memory. SMCCC lets the callee clobber x1-x17.
+        // SAFETY: CPU_ON starts a vCPU only at `secondary_start`, which
+        // gives vCPU 1 its own stack and parks any other.
         unsafe {
             asm!(
                 "hvc #0",

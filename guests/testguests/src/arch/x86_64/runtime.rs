@@ -481,10 +481,10 @@ impl Guest for VmxGuest {
     }
 
     fn probe(&mut self, gpa: u64) {
-        // SAFETY: the isolation probe touches `gpa` on purpose. Outside this
-        // guest's RAM the hypervisor stops the guest (EPT violation). If
-        // the load returns, the store writes back the value just read, so
-        // even an address inside this program's memory is left unchanged.
+        // The isolation probe touches `gpa` on purpose: outside this guest's
+        // RAM the hypervisor stops the guest (EPT violation).
+        // SAFETY: if the load returns, the store writes back the value just
+        // read, so even an address in this program's memory is unchanged.
         unsafe {
             asm!(
                 "mov {value}, [{addr}]",
