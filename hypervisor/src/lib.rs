@@ -50,43 +50,38 @@ pub const BUILD_ID: &str = match option_env!("HV_BUILD_ID") {
     None => "dev",
 };
 
-/// What this image writes into a handover, record by record (id, name,
-/// the oldest reader version it needs), for the check before the freeze
-/// (`loader::image_readers`).
-pub const WRITES: [loader::image_readers::Written; 7] = {
-    use kho::StateRecord;
-    use loader::image_readers::Written;
-    use records::{ConsoleRecord, HvRecord, IommuRecord, LapicRecord, PartitionRecord, VcpuRecord, VgicRecord};
-    [
-        Written { id: HvRecord::ID, name: HvRecord::NAME, min_reader: HvRecord::MIN_READER_VERSION },
-        Written {
-            id: PartitionRecord::ID,
-            name: PartitionRecord::NAME,
-            min_reader: PartitionRecord::MIN_READER_VERSION,
-        },
-        Written { id: VcpuRecord::ID, name: VcpuRecord::NAME, min_reader: VcpuRecord::MIN_READER_VERSION },
-        Written { id: IommuRecord::ID, name: IommuRecord::NAME, min_reader: IommuRecord::MIN_READER_VERSION },
-        Written { id: VgicRecord::ID, name: VgicRecord::NAME, min_reader: VgicRecord::MIN_READER_VERSION },
-        Written { id: ConsoleRecord::ID, name: ConsoleRecord::NAME, min_reader: ConsoleRecord::MIN_READER_VERSION },
-        Written { id: LapicRecord::ID, name: LapicRecord::NAME, min_reader: LapicRecord::MIN_READER_VERSION },
-    ]
-};
+/// The state records this image writes and reads, listed once for
+/// [`WRITES`] and [`READS`].
+macro_rules! handover_records {
+    ($($r:ident),* $(,)?) => {
+        /// What this image writes into a handover, record by record (id,
+        /// name, the oldest reader version it needs), for the check before
+        /// the freeze (`loader::image_readers`).
+        pub const WRITES: [loader::image_readers::Written; [$(<records::$r as kho::StateRecord>::ID),*].len()] = {
+            use kho::StateRecord;
+            [$(loader::image_readers::Written {
+                id: records::$r::ID,
+                name: records::$r::NAME,
+                min_reader: records::$r::MIN_READER_VERSION,
+            }),*]
+        };
+        /// The records' part of [`READS`]: each from version 1 to the
+        /// version this image writes.
+        const RECORD_READS: [loader::image_readers::ReadRange; WRITES.len()] = {
+            use kho::StateRecord;
+            [$(loader::image_readers::ReadRange { id: records::$r::ID, min: 1, max: records::$r::VERSION }),*]
+        };
+    };
+}
+
+handover_records!(HvRecord, PartitionRecord, VcpuRecord, IommuRecord, VgicRecord, ConsoleRecord, LapicRecord);
 
 /// What this image reads, as the table it embeds next to its descriptor
 /// (`loader::image_readers`): each record from version 1 to the version it
 /// writes, and the vCPU-context layouts of both architectures.
-pub const READS: [loader::image_readers::ReadRange; 9] = {
-    use kho::StateRecord;
+pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 2] = {
     use loader::image_readers::{ReadRange, CONTEXT_FAMILY};
-    use records::{ConsoleRecord, HvRecord, IommuRecord, LapicRecord, PartitionRecord, VcpuRecord, VgicRecord};
-    [
-        ReadRange { id: HvRecord::ID, min: 1, max: HvRecord::VERSION },
-        ReadRange { id: PartitionRecord::ID, min: 1, max: PartitionRecord::VERSION },
-        ReadRange { id: VcpuRecord::ID, min: 1, max: VcpuRecord::VERSION },
-        ReadRange { id: IommuRecord::ID, min: 1, max: IommuRecord::VERSION },
-        ReadRange { id: VgicRecord::ID, min: 1, max: VgicRecord::VERSION },
-        ReadRange { id: ConsoleRecord::ID, min: 1, max: ConsoleRecord::VERSION },
-        ReadRange { id: LapicRecord::ID, min: 1, max: LapicRecord::VERSION },
+    let contexts = [
         ReadRange {
             id: CONTEXT_FAMILY | (records::AARCH64_CONTEXT_FORMAT >> 16),
             min: 1,
@@ -102,7 +97,14 @@ pub const READS: [loader::image_readers::ReadRange; 9] = {
             min: 1,
             max: (records::X86_64_CONTEXT_FORMAT & 0xffff) as u16,
         },
-    ]
+    ];
+    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 2];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = if i < RECORD_READS.len() { RECORD_READS[i] } else { contexts[i - RECORD_READS.len()] };
+        i += 1;
+    }
+    out
 };
 
 /// The handover ABI versions this image reads. It writes the newest.
