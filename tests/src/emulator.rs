@@ -308,8 +308,13 @@ fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> Ended {
     loop {
         let fresh = pump(&mut file, serial, spec.stream);
         if let (Some(out), false) = (&spec.ram_dump, dumped) {
+            // The fresh bytes after the end of what came before, so a
+            // line split across two reads is still found.
             seen.push_str(&String::from_utf8_lossy(&fresh));
-            if seen.contains("hv: shutdown ") {
+            let found = seen.contains("hv: shutdown ");
+            let keep = seen.len().saturating_sub(64);
+            seen = seen.split_off(seen.ceil_char_boundary(keep));
+            if found {
                 dumped = true;
                 // The hypervisor powers off right after the event; QEMU
                 // then stops (-no-shutdown) with RAM as it was.
