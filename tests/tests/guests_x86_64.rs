@@ -22,9 +22,13 @@ static EMULATOR: Mutex<()> = Mutex::new(());
 const ISOLATION_PROBE: u64 = 0x4000_0000 + (4 << 20) + (64 << 20);
 
 fn run_guests(name: &str, list: &[GuestArg]) -> RunOutcome {
+    run_guests_on(name, list, 2)
+}
+
+fn run_guests_on(name: &str, list: &[GuestArg], cpus: u32) -> RunOutcome {
     let image = image::build(&ImageSpec { arch: Arch::X86_64, version: None }).unwrap_or_else(|e| panic!("{e}"));
     let mut spec = RunSpec::new(name, Machine::Bochs);
-    spec.cpus = 2;
+    spec.cpus = cpus;
     spec.mem_mib = 128;
     spec.timeout = Duration::from_mins(2);
     let modules = guests::grub_modules(list).unwrap_or_else(|e| panic!("{e}"));
@@ -57,7 +61,8 @@ fn test_guest(bin: &str, options: &str) -> GuestArg {
 
 /// The VMCS controls the hypervisor resolved against the TRUE capability
 /// MSRs: EPT, VPID and unrestricted guest on; the preemption timer,
-/// external-interrupt and NMI exiting on; HLT and I/O exiting on.
+/// external-interrupt and NMI exiting on; HLT and I/O exiting on; the
+/// guest's DR7 switched by entry and exit.
 fn check_controls(run: &RunOutcome) {
     let controls = run.hv("vmcs-controls");
     check(run, controls.len() == 1, "one vmcs-controls event");
@@ -68,6 +73,8 @@ fn check_controls(run: &RunOutcome) {
     check(run, has("proc", (1 << 7) | (1 << 24) | (1 << 31)), "HLT and I/O exiting, secondary controls");
     check(run, c.num("proc").is_some_and(|v| v & (1 << 28) == 0), "no MSR bitmap: every MSR access exits");
     check(run, c.num("entry").is_some_and(|v| v & (1 << 9) == 0), "guests start outside IA-32e mode");
+    check(run, c.num("exit").is_some_and(|v| v & (1 << 2) != 0), "DR7 and DEBUGCTL saved at exit");
+    check(run, c.num("entry").is_some_and(|v| v & (1 << 2) != 0), "DR7 and DEBUGCTL loaded at entry");
 }
 
 #[test]
@@ -236,4 +243,33 @@ fn a_misprogrammed_apic_stays_with_its_guest() {
     let beat = last(&run.guest(hb, "heartbeat"));
     check(&run, beat.is_some_and(|e| e.num("ticks") == Some(30)), "heartbeat reached 30 ticks");
     check(&run, beat.is_some_and(|e| e.num("sgis_received") == Some(30)), "every self-IPI arrived");
+}
+
+/// Debug registers are each guest's own: guest A arms an instruction
+/// breakpoint and a watchpoint on code and data guest B uses, B arms its
+/// own on places nobody touches, and they yield to each other on the
+/// one physical CPU. B sees reset values and takes no #DB; A's registers
+/// are intact and its watchpoint still fires for A alone. Neither is
+/// offered a PMU.
+#[test]
+fn debug_registers_stay_with_their_guest() {
+    let list = [
+        test_guest("debugpriv", ",name=armer,mem=4,cmdline=\"arm=1 passes=200\""),
+        test_guest("debugpriv", ",name=prober,mem=4,cmdline=\"passes=200\""),
+    ];
+    let run = run_guests_on("test-x86_64-debug-privacy", &list, 1);
+    check(&run, run.clean_shutdown(), "both guests finished");
+    check_controls(&run);
+    let (a, b) = (id_of(&run, "armer"), id_of(&run, "prober"));
+    check(&run, run.guest(b, "exception").is_empty(), "the prober took no #DB of the armer's");
+    check(&run, run.guest(a, "exception").is_empty(), "the armer took no #DB of the prober's");
+    let probe = last(&run.guest(b, "debugpriv"));
+    check(&run, probe.is_some_and(|e| e.num("foreign") == Some(0)), "the prober saw reset values");
+    check(&run, probe.is_some_and(|e| e.num("rounds") == Some(200)), "the prober ran every round");
+    check(&run, probe.is_some_and(|e| e.num("pmu") == Some(0)), "no PMU offered");
+    let arm = last(&run.guest(a, "debugpriv"));
+    check(&run, arm.is_some_and(|e| e.num("kept") == Some(1)), "the armer's registers were kept");
+    check(&run, arm.is_some_and(|e| e.num("fired") == Some(1)), "the armer's watchpoint fired once, for it");
+    check(&run, arm.is_some_and(|e| e.num("b1") == Some(1)), "DR6.B1 said which");
+    check(&run, run.hv("fault").is_empty(), "no fault");
 }

@@ -10,7 +10,8 @@ use core::fmt::Write as _;
 
 use hvcall::PartitionState;
 use hypervisor::arch::x86_64::cpuid::{guest_cpuid, CpuidRegs, GuestCpuidInfo};
-use hypervisor::arch::x86_64::cr::{cr0, CrContext, PagingChange};
+use hypervisor::arch::x86_64::cr::{cr0, cr4, CrContext, PagingChange};
+use hypervisor::arch::x86_64::debug::{self, DebugReg, DrDecision};
 use hypervisor::arch::x86_64::lapic::{self, Ipi, WriteEffect};
 use hypervisor::arch::x86_64::msr::{check_write, GuestMsr, MsrHome, WriteContext, EFER_LMA};
 use hypervisor::arch::x86_64::vmx_caps::entry as entry_ctl;
@@ -29,7 +30,7 @@ use x86::vmx::vmcs::{control, guest, ro};
 
 use super::platform::X86;
 use super::vcpu::Vcpu;
-use super::{smp, tsc, vmcs};
+use super::{smp, tsc, vcpu, vmcs};
 use vmcs::VmcsError;
 
 /// Interruptibility state: blocking by STI (bit 0) and by MOV SS (bit 1)
@@ -45,10 +46,6 @@ pub const RFLAGS_IF: u64 = 1 << 9;
 const GUEST_PDPTES: [u32; 4] = [guest::PDPTE0_FULL, guest::PDPTE1_FULL, guest::PDPTE2_FULL, guest::PDPTE3_FULL];
 /// CR3 bits 31:5 locate the PDPT with PAE paging (SDM Vol. 3A §5.4.1).
 const PAE_PDPT_MASK: u64 = 0xffff_ffe0;
-/// DR6's reset value (SDM Vol. 3A §19.2.3).
-const DR6_INIT: u64 = 0xffff_0ff0;
-/// DR7 bits 63:32 are reserved.
-const DR7_RESERVED_HIGH: u64 = 0xffff_ffff_0000_0000;
 /// Segment access rights (SDM §25.4.1, Table 25-2): DPL (6:5), L (13).
 const AR_DPL_SHIFT: u32 = 5;
 const AR_DPL_MASK: u64 = 0x3;
@@ -527,26 +524,42 @@ fn read_pdptes(ram: GuestRam, cr3: u64) -> Option<[u64; 4]> {
 }
 
 /// MOV DR (exits with control 23 so guests never see each other's debug
-/// registers): DR0-DR3 are kept per vCPU but not armed, DR6 reads as its
-/// reset value, DR7 lives in the VMCS.
+/// registers; `policy::debug` decides). DR0-DR3 and DR6 are this vCPU's
+/// own, in its context and in the processor while it is loaded; DR7 lives
+/// in the VMCS.
 fn dr_exit(ctx: &mut Vcpu, qualification: u64) -> Result<Step, VmcsError> {
     let a = DrAccess::decode(qualification);
+    let dr7 = vmcs::read(guest::DR7)?;
+    let cr4_de = vmcs::read(guest::CR4)? & cr4::DE != 0;
+    let target = match debug::decide(a.dr, cr4_de, dr7) {
+        DrDecision::Access(reg) => reg,
+        DrDecision::Undefined => return inject(vector::UD, None),
+        DrDecision::GeneralDetect => {
+            let (dr6, dr7) = debug::general_detect(vcpu::read_dr6(), dr7);
+            vcpu::write_debug_register(6, dr6);
+            vmcs::write(guest::DR7, dr7)?;
+            return inject(vector::DB, None);
+        }
+    };
     if a.read {
-        let value = match a.dr {
-            0..=3 => ctx.dr[a.dr as usize],
-            6 => DR6_INIT,
-            7 => vmcs::read(guest::DR7)?,
-            _ => return inject(vector::UD, None),
+        let value = match target {
+            DebugReg::Address(n) => ctx.dr[n],
+            DebugReg::Status => vcpu::read_dr6(),
+            DebugReg::Control => dr7,
         };
         set_reg(ctx, a.gpr, value)?;
     } else {
-        let value = reg(ctx, a.gpr)?;
-        match a.dr {
-            0..=3 => ctx.dr[a.dr as usize] = value,
-            6 => {}
-            7 if value & DR7_RESERVED_HIGH != 0 => return Ok(Step::InjectGp(GpFault::ReservedBits)),
-            7 => vmcs::write(guest::DR7, value)?,
-            _ => return inject(vector::UD, None),
+        let value = match debug::write_value(target, reg(ctx, a.gpr)?) {
+            Ok(value) => value,
+            Err(gp) => return Ok(Step::InjectGp(gp)),
+        };
+        match target {
+            DebugReg::Address(n) => {
+                ctx.dr[n] = value;
+                vcpu::write_debug_register(n, value);
+            }
+            DebugReg::Status => vcpu::write_debug_register(6, value),
+            DebugReg::Control => vmcs::write(guest::DR7, value)?,
         }
     }
     advance_rip()?;

@@ -9,6 +9,7 @@
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use hypervisor::arch::x86_64::debug::DR7_INIT;
 use hypervisor::arch::x86_64::lapic::Lapic;
 use hypervisor::arch::x86_64::msr::PAT_DEFAULT;
 use hypervisor::arch::x86_64::vmx_caps::proc as proc_ctl;
@@ -46,8 +47,6 @@ const AR_UNUSABLE: u64 = 1 << 16;
 const TR_LIMIT: u64 = 0xff;
 /// RFLAGS bit 1 is reserved and reads as 1.
 const RFLAGS_FIXED: u64 = 1 << 1;
-/// DR7's reset value (SDM Vol. 3A §19.2.4).
-const DR7_INIT: u64 = 0x400;
 /// The VMCS link pointer must be all ones when unused (§27.3.1.5).
 const VMCS_LINK_NONE: u64 = u64::MAX;
 /// Interruptibility state: blocking by STI (bit 0) and by MOV SS (bit 1)

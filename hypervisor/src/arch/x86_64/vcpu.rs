@@ -5,6 +5,7 @@
 
 use core::arch::{asm, global_asm};
 
+use hypervisor::arch::x86_64::debug::DR6_INIT;
 use hypervisor::arch::x86_64::lapic::Lapic;
 use hypervisor::arch::x86_64::msr::GuestMsr;
 use hypervisor::arch::x86_64::vmx_exit::Gpr;
@@ -175,9 +176,12 @@ pub struct Vcpu {
     /// exit, SDM §26.1.3, and go to the APIC; this copy is the context
     /// record's CR8 word).
     pub cr8: u64,
-    /// DR0-DR3 as the guest last wrote them. They are not loaded into the
-    /// processor: guest breakpoints are accepted and never fire.
+    /// DR0-DR3 as the guest last wrote them, loaded into the processor
+    /// with the vCPU (`policy::debug`); DR7 is in the VMCS.
     pub dr: [u64; 4],
+    /// DR6 while the vCPU is not loaded. Not in the context record: a
+    /// handover restores it to its reset value.
+    pub dr6: u64,
     /// Values of [`GuestMsr::SWITCHED`] while the vCPU is not loaded.
     pub msrs: [u64; 5],
     /// Physical address of the VMCS region (4 KiB, revision id first).
@@ -209,6 +213,7 @@ impl Vcpu {
             cr2: 0,
             cr8: 0,
             dr: [0; 4],
+            dr6: DR6_INIT,
             msrs: [0; 5],
             vmcs,
             entry,
@@ -305,8 +310,8 @@ impl Vcpu {
         }
     }
 
-    /// Puts this vCPU's processor state (x87/SSE, CR2, switched MSRs) into
-    /// the processor.
+    /// Puts this vCPU's processor state (x87/SSE, CR2, switched MSRs,
+    /// DR0-DR3 and DR6) into the processor.
     pub fn load(&self) {
         // The FXRSTOR64 area is the power-on image or was written by
         // FXSAVE64, here or in the previous image (checksummed vCPU record),
@@ -321,6 +326,7 @@ impl Vcpu {
                 wrmsr(msr.index(), value);
             }
         }
+        load_debug_registers(&self.dr, self.dr6);
     }
 
     /// Takes this vCPU's processor state back before another vCPU loads.
@@ -336,5 +342,47 @@ impl Vcpu {
             }
         }
         self.cr2 = cr2;
+        self.dr6 = read_dr6();
     }
+}
+
+/// Loads DR0-DR3 and DR6. The hypervisor sets no breakpoints of its own
+/// and VM exit leaves DR7 = 0x400 (SDM §28.5.1), so in root operation
+/// these values arm nothing; in the guest, its DR7 (from the VMCS) does.
+pub fn load_debug_registers(dr: &[u64; 4], dr6: u64) {
+    // SAFETY: writing debug registers at CPL 0 has no effect while DR7
+    // enables nothing, which holds in root operation (above). DR6 holds a
+    // value `policy::debug::write_value` produced or the processor set
+    // (bits 63:32 clear, so no #GP).
+    unsafe {
+        asm!(
+            "mov dr0, {0}", "mov dr1, {1}", "mov dr2, {2}", "mov dr3, {3}", "mov dr6, {4}",
+            in(reg) dr[0], in(reg) dr[1], in(reg) dr[2], in(reg) dr[3], in(reg) dr6,
+            options(nostack, nomem)
+        );
+    }
+}
+
+/// Writes one breakpoint address register (`n` < 4) or DR6 (`n` = 6);
+/// other numbers are ignored.
+pub fn write_debug_register(n: usize, value: u64) {
+    // SAFETY: as in `load_debug_registers`.
+    unsafe {
+        match n {
+            0 => asm!("mov dr0, {0}", in(reg) value, options(nostack, nomem)),
+            1 => asm!("mov dr1, {0}", in(reg) value, options(nostack, nomem)),
+            2 => asm!("mov dr2, {0}", in(reg) value, options(nostack, nomem)),
+            3 => asm!("mov dr3, {0}", in(reg) value, options(nostack, nomem)),
+            6 => asm!("mov dr6, {0}", in(reg) value, options(nostack, nomem)),
+            _ => {}
+        }
+    }
+}
+
+/// The processor's DR6: the loaded vCPU's, updated by any #DB it took.
+pub fn read_dr6() -> u64 {
+    let v: u64;
+    // SAFETY: reading DR6 at CPL 0 has no side effects.
+    unsafe { asm!("mov {0}, dr6", out(reg) v, options(nostack, nomem)) };
+    v
 }

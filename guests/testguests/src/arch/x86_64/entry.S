@@ -156,6 +156,14 @@ interrupt_stubs:
     irq_stub 0x20
     irq_stub 0x21
 
+// A #DB that returns (debugpriv counts its own watchpoint's traps):
+// vector 1, then the common interrupt path.
+.balign 16
+.global debug_trap_stub
+debug_trap_stub:
+    pushq   $1
+    jmp     interrupt_common
+
 // Frame: vector, then what the processor pushed (RIP, CS, RFLAGS, RSP,
 // SS). Saves the registers the C ABI lets a callee change (the runtime
 // is built without SSE), calls `testguest_interrupt(vector)` on an

@@ -2,6 +2,8 @@
 //! the fault tests (host-tested) and, on the bare-metal target, the
 //! runtime itself.
 
+#[cfg(target_os = "none")]
+pub mod debugpriv;
 pub mod fault_test;
 pub mod multiboot;
 #[cfg(target_os = "none")]

@@ -89,6 +89,10 @@ const DIVIDE_BY_1: u64 = 0b1011;
 /// Interrupts taken: timer ticks and self-IPIs.
 static TICKS: AtomicU64 = AtomicU64::new(0);
 static IPIS: AtomicU64 = AtomicU64::new(0);
+/// Debug exceptions taken through [`catch_debug_traps`]'s handler.
+static DEBUG_TRAPS: AtomicU64 = AtomicU64::new(0);
+/// The #DB vector (SDM Vol. 3A Table 7-1).
+const DEBUG_VECTOR: u64 = 1;
 /// The local APIC is enabled and interrupts are unmasked.
 static APIC_ON: AtomicBool = AtomicBool::new(false);
 /// Set while an exception is being reported, so a fault in the report
@@ -114,6 +118,8 @@ extern "C" {
     fn exception_stubs();
     /// The interrupt stubs for [`TIMER_VECTOR`] and [`IPI_VECTOR`].
     fn interrupt_stubs();
+    /// A #DB handler that counts the trap and returns.
+    fn debug_trap_stub();
 }
 
 /// This vCPU, as the workloads see it.
@@ -236,21 +242,42 @@ fn boot_env(magic: u32, info: u64) -> Result<(Env, Option<FaultTest>), StartErro
 fn install_idt() {
     let exceptions = exception_stubs as *const () as u64;
     let interrupts = interrupt_stubs as *const () as u64;
-    // SAFETY: only this vCPU runs, once, before any exception can be
-    // reported; the IDT is then only read by the processor.
-    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
-    for (vector, gate) in idt.0.chunks_exact_mut(2).enumerate() {
+    for vector in 0..IDT_ENTRIES {
         let handler = if vector < EXCEPTION_VECTORS {
             exceptions + STUB_STRIDE * vector as u64
         } else {
             interrupts + STUB_STRIDE * (vector - EXCEPTION_VECTORS) as u64
         };
+        set_gate(vector, handler);
+    }
+    let base = core::ptr::addr_of!(IDT) as u64;
+    let idtr = Idtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base };
+    // SAFETY: the IDT is static and complete; LIDT only reads the operand.
+    unsafe { asm!("lidt [{0}]", in(reg) &raw const idtr, options(nostack, readonly)) };
+}
+
+/// Points IDT entry `vector` at `handler`: a 64-bit interrupt gate.
+fn set_gate(vector: usize, handler: u64) {
+    // SAFETY: only this vCPU uses the IDT, and it writes one gate while no
+    // exception of that vector can be in delivery (at start, or from a
+    // workload before it sets the condition the gate handles).
+    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    if let Some(gate) = idt.0.get_mut(2 * vector..2 * vector + 2) {
         gate[0] = (handler & 0xffff) | (SEL_CODE64 << 16) | IDT_GATE_INTERRUPT | ((handler >> 16) & 0xffff) << 48;
         gate[1] = handler >> 32;
     }
-    let idtr = Idtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt.0.as_ptr() as u64 };
-    // SAFETY: the IDT is static and complete; LIDT only reads the operand.
-    unsafe { asm!("lidt [{0}]", in(reg) &raw const idtr, options(nostack, readonly)) };
+}
+
+/// From now on a debug exception is counted ([`debug_traps`]) and the
+/// guest goes on, instead of being reported and stopped. For traps
+/// (data breakpoints): a fault-class #DB would be taken again and again.
+pub fn catch_debug_traps() {
+    set_gate(DEBUG_VECTOR as usize, debug_trap_stub as *const () as u64);
+}
+
+/// Debug exceptions taken since [`catch_debug_traps`].
+pub fn debug_traps() -> u64 {
+    DEBUG_TRAPS.load(Ordering::Relaxed)
 }
 
 /// Makes an exception undeliverable: an empty IDT turns #UD into #GP,
@@ -367,6 +394,11 @@ extern "C" fn testguest_exception(vector: u64, error: u64, rip: u64, cr2: u64) -
 /// counts it and ends it at the APIC (EOI).
 #[no_mangle]
 extern "C" fn testguest_interrupt(vector: u64) {
+    if vector == DEBUG_VECTOR {
+        // An exception: nothing to end at the APIC.
+        DEBUG_TRAPS.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     match vector {
         TIMER_VECTOR => TICKS.fetch_add(1, Ordering::Relaxed),
         IPI_VECTOR => IPIS.fetch_add(1, Ordering::Relaxed),

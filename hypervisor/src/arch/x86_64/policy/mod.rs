@@ -2,7 +2,8 @@
 //! VT-x offers and which controls the hypervisor runs with
 //! ([`vmx_caps`]), how a VM exit is decoded ([`vmx_exit`]), and what a
 //! guest sees of the machine: CPUID ([`cpuid`]), the MSR allow-list
-//! ([`msr`]), the control-register bits it may change ([`cr`]), its local
+//! ([`msr`]), the control-register bits it may change ([`cr`]), its debug
+//! registers ([`debug`]), its local
 //! APIC ([`lapic`]), and how it is loaded and handed over to, the way a
 //! multiboot2 boot loader would ([`boot`]). Everything here takes guest-
 //! or hardware-controlled values and is host-tested.
@@ -10,6 +11,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod cr;
+pub mod debug;
 pub mod lapic;
 pub mod msr;
 pub mod vmx_caps;

@@ -86,6 +86,8 @@ pub mod proc2 {
 
 /// Primary VM-exit controls (SDM §25.7.1, Table 25-13).
 pub mod exit {
+    /// Save DR7 and IA32_DEBUGCTL into the guest-state area.
+    pub const SAVE_DEBUG_CONTROLS: u32 = 1 << 2;
     pub const HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
     pub const ACK_INTERRUPT_ON_EXIT: u32 = 1 << 15;
     pub const SAVE_PAT: u32 = 1 << 18;
@@ -96,6 +98,8 @@ pub mod exit {
 
 /// VM-entry controls (SDM §25.8.1, Table 25-15).
 pub mod entry {
+    /// Load DR7 and IA32_DEBUGCTL from the guest-state area.
+    pub const LOAD_DEBUG_CONTROLS: u32 = 1 << 2;
     pub const IA32E_MODE_GUEST: u32 = 1 << 9;
     pub const ENTRY_TO_SMM: u32 = 1 << 10;
     pub const LOAD_PAT: u32 = 1 << 14;
@@ -325,14 +329,18 @@ impl VmcsControls {
     pub const PROC_TOGGLED: u32 = proc::INTERRUPT_WINDOW_EXITING;
     const PROC2: u32 = proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST;
     /// Return to a 64-bit host, acknowledge the interrupt that caused an
-    /// exit (so it does not stay pending), and switch PAT and EFER.
-    const EXIT: u32 = exit::HOST_ADDRESS_SPACE_SIZE
+    /// exit (so it does not stay pending), and switch PAT, EFER, DR7 and
+    /// IA32_DEBUGCTL. The debug controls are default1 bits that the TRUE
+    /// capability MSRs let be 0 (SDM A.4, A.5); without them DR7 is the
+    /// host's while a guest runs and the guest's own DR7 is never armed.
+    const EXIT: u32 = exit::SAVE_DEBUG_CONTROLS
+        | exit::HOST_ADDRESS_SPACE_SIZE
         | exit::ACK_INTERRUPT_ON_EXIT
         | exit::SAVE_PAT
         | exit::LOAD_PAT
         | exit::SAVE_EFER
         | exit::LOAD_EFER;
-    const ENTRY: u32 = entry::LOAD_PAT | entry::LOAD_EFER;
+    const ENTRY: u32 = entry::LOAD_DEBUG_CONTROLS | entry::LOAD_PAT | entry::LOAD_EFER;
     const ENTRY_FORBIDDEN: u32 = entry::IA32E_MODE_GUEST | entry::ENTRY_TO_SMM;
 
     /// Resolves every field against the capability MSRs (the TRUE ones
@@ -463,6 +471,19 @@ mod tests {
         assert_eq!(c.exit & VmcsControls::EXIT, VmcsControls::EXIT);
         assert_eq!(c.entry & entry::IA32E_MODE_GUEST, 0);
         assert_eq!(c.entry & VmcsControls::ENTRY, VmcsControls::ENTRY);
+    }
+
+    /// Bochs's TRUE MSRs allow "save/load debug controls" to be 0, and
+    /// before they were required they were: guests' DR7 never reached the
+    /// processor. They are required now.
+    #[test]
+    fn debug_controls_are_switched_even_where_the_true_msrs_allow_0() {
+        let m = SKYLAKE_X;
+        assert_eq!(m.exit as u32 & exit::SAVE_DEBUG_CONTROLS, 0);
+        assert_eq!(m.entry as u32 & entry::LOAD_DEBUG_CONTROLS, 0);
+        let c = VmcsControls::resolve(&m).unwrap();
+        assert_ne!(c.exit & exit::SAVE_DEBUG_CONTROLS, 0);
+        assert_ne!(c.entry & entry::LOAD_DEBUG_CONTROLS, 0);
     }
 
     #[test]

@@ -392,6 +392,8 @@ impl Interruption {
 
 /// Exception vectors the hypervisor injects (SDM Vol. 3A §7.15).
 pub mod vector {
+    /// Debug exception (a general detect, §19.2.4).
+    pub const DB: u8 = 1;
     /// Invalid opcode.
     pub const UD: u8 = 6;
     /// General protection; pushes an error code.
