@@ -28,6 +28,23 @@ pub mod stage2;
 /// the image's arch code (`src/arch/<arch>/`, built only into the image)
 /// applies it. The files live with the rest of their arch.
 pub mod arch {
+    /// How a class of registers a guest can reach is handled, in each
+    /// arch's inventory (`aarch64::traps`, `x86_64::traps`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Handling {
+        /// The guest's own: saved and loaded when another vCPU takes the
+        /// CPU (or switched by the hardware on entry and exit).
+        Switched,
+        /// Every access traps and the hypervisor answers.
+        Emulated,
+        /// Absent: the ID registers / CPUID say so, and accesses raise the
+        /// architecture's exception (UNDEFINED, #UD or #GP) in the guest.
+        Hidden,
+        /// A clock every guest reads alike and none can write: it holds no
+        /// guest state.
+        Clock,
+    }
+
     /// aarch64: the virtual GICv3 and the ID registers a guest sees.
     #[path = "aarch64/policy/mod.rs"]
     pub mod aarch64;

@@ -4,24 +4,20 @@
 //! state saved and loaded when another vCPU takes the CPU), *emulated*
 //! (every access traps and the hypervisor answers), or *hidden* (the ID
 //! registers say it is absent and its accesses trap to an UNDEFINED
-//! exception in the guest). Nothing passes through unswitched; the tests
-//! below hold the trap bits to the table.
+//! exception in the guest); the counters are a *clock* every guest reads
+//! alike. Nothing passes through unswitched; the tests below hold the trap
+//! bits to the table.
 
-/// How a register class is handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Handling {
-    Switched,
-    Emulated,
-    Hidden,
-}
+pub use crate::arch::Handling;
 
 /// The inventory: every architectural register class an EL1 guest can
 /// reach.
-pub const INVENTORY: [(&str, Handling); 17] = [
+pub const INVENTORY: [(&str, Handling); 18] = [
     ("general-purpose registers, PC, PSTATE", Handling::Switched),
     ("FP/AdvSIMD: Q0-Q31, FPCR, FPSR", Handling::Switched),
     ("EL1 system registers: SCTLR, TTBR0/1, TCR, MAIR, AMAIR, VBAR, CONTEXTIDR, TPIDRs, SP_EL0/1, ELR/SPSR/ESR/FAR, AFSRs, PAR, CPACR, CNTKCTL, CSSELR", Handling::Switched),
     ("virtual timer: CNTV_CTL, CNTV_CVAL", Handling::Switched),
+    ("counters: CNTPCT, CNTVCT (CNTVOFF 0)", Handling::Clock),
     ("debug: MDSCR_EL1, DBGBVR/DBGBCR/DBGWVR/DBGWCR", Handling::Switched),
     ("GICv3 CPU interface (virtual: ICH_LR, ICH_VMCR, ICH_AP1R)", Handling::Switched),
     ("ID registers (ID_AA64*, the ID space)", Handling::Emulated),

@@ -14,6 +14,7 @@ pub mod cr;
 pub mod debug;
 pub mod lapic;
 pub mod msr;
+pub mod traps;
 pub mod vmx_caps;
 pub mod vmx_exit;
 
