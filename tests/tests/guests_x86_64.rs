@@ -77,6 +77,23 @@ fn check_controls(run: &RunOutcome) {
     check(run, c.num("entry").is_some_and(|v| v & (1 << 2) != 0), "DR7 and DEBUGCTL loaded at entry");
 }
 
+/// The isolation probe's accesses past its RAM: read, write, read, write,
+/// each completed as on a PC (reads all ones, writes dropped), reported as
+/// `hv: unbacked-access` for the 1st, 2nd and 4th.
+fn check_unbacked_probe(run: &RunOutcome) {
+    let iso = id_of(run, "isolation");
+    let survived = last(&run.guest(iso, "probe")).filter(|e| e.num("survived") == Some(1));
+    check(run, survived.is_some_and(|e| e.num("addr") == Some(ISOLATION_PROBE)), "the probe came back");
+    check(run, survived.is_some_and(|e| e.num("value") == Some(u64::MAX)), "the read returned all ones");
+    check(run, survived.is_some_and(|e| e.num("reread") == Some(u64::MAX)), "the write was dropped");
+    let seen = run.hv("unbacked-access");
+    let ours = |e: &&&Event| e.num("guest") == Some(u64::from(iso)) && e.num("addr") == Some(ISOLATION_PROBE);
+    let counts: Vec<u64> = seen.iter().filter(ours).filter_map(|e| e.num("count")).collect();
+    check(run, counts == [1, 2, 4], "unbacked-access reported for the 1st, 2nd and 4th");
+    let access: Vec<&str> = seen.iter().filter(ours).filter_map(|e| e.get("access")).collect();
+    check(run, access == ["read", "write", "write"], "read, write ... write");
+}
+
 #[test]
 fn default_guests_run_isolated_on_both_cpus() {
     let list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
@@ -122,17 +139,13 @@ fn default_guests_run_isolated_on_both_cpus() {
     let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
     check(&run, ticks.windows(2).all(|w| w[0] < w[1]) && ticks.len() == 10, "alive ticks increase");
 
-    // The isolation probe hits an EPT violation and is stopped; nobody
-    // else is.
-    let iso = id_of(&run, "isolation");
-    let faults = run.hv("fault");
-    check(&run, faults.len() == 1, "exactly one fault");
-    let f = faults[0];
-    check(&run, f.get("kind") == Some("ept") && f.num("guest") == Some(u64::from(iso)), "EPT fault event");
-    check(&run, f.num("addr") == Some(ISOLATION_PROBE), "fault address = RAM end + 64 MiB");
-    check(&run, run.guest(iso, "probe").iter().all(|e| e.get("survived").is_none()), "probe must not survive");
+    // The isolation probe reads and writes where nothing is: as on a PC,
+    // both reads return all ones and the write lands nowhere; nobody is
+    // stopped.
+    check_unbacked_probe(&run);
+    check(&run, run.hv("fault").is_empty(), "no fault");
     let stopped = run.hv("guest-stop");
-    check(&run, stopped.iter().filter(|e| e.get("reason") == Some("fault")).count() == 1, "one guest stopped by fault");
+    check(&run, stopped.iter().all(|e| e.get("reason") == Some("shutdown")), "every guest shut itself down");
     check(&run, stopped.len() == 5, "every guest stopped");
     check(&run, run.hv("unexpected-exit").is_empty(), "no unexpected exits");
 
@@ -272,4 +285,29 @@ fn debug_registers_stay_with_their_guest() {
     check(&run, arm.is_some_and(|e| e.num("fired") == Some(1)), "the armer's watchpoint fired once, for it");
     check(&run, arm.is_some_and(|e| e.num("b1") == Some(1)), "DR6.B1 said which");
     check(&run, run.hv("fault").is_empty(), "no fault");
+}
+
+/// An access where nothing is that the hypervisor cannot complete (an
+/// ADD, a read-modify-write) stops that guest with a reason; the guest
+/// beside it keeps ticking.
+#[test]
+fn an_access_to_nothing_it_cannot_decode_stops_only_its_guest() {
+    let list = [
+        test_guest("isolation", ",name=rmw,mem=4,cmdline=\"fault_test=unbacked-rmw\""),
+        test_guest("heartbeat", ",mem=4,cmdline=\"ticks=20\""),
+    ];
+    let run = run_guests("test-x86_64-unbacked-rmw", &list);
+    check(&run, run.clean_shutdown(), "no clean shutdown");
+    let rmw = id_of(&run, "rmw");
+    let faults = run.hv("fault");
+    check(&run, faults.len() == 1, "exactly one fault");
+    check(&run, faults[0].get("kind") == Some("undecodable-mmio"), "undecodable-mmio");
+    check(&run, faults[0].num("guest") == Some(u64::from(rmw)), "for the rmw guest");
+    check(&run, faults[0].num("addr") == Some(ISOLATION_PROBE), "at the address it touched");
+    let why = run.hv("undecodable-mmio");
+    check(&run, why.len() == 1 && why[0].get("reason") == Some("unsupported"), "the reason: not a load or store");
+    check(&run, run.guest(rmw, "fault-test").iter().all(|e| e.get("survived").is_none()), "the ADD must not complete");
+    let hb = id_of(&run, "heartbeat");
+    let beat = last(&run.guest(hb, "heartbeat"));
+    check(&run, beat.is_some_and(|e| e.num("ticks") == Some(20)), "heartbeat reached 20 ticks");
 }

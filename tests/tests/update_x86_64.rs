@@ -153,7 +153,7 @@ fn ten_updates_alternate_and_guests_stay_resident() {
         let seen = r.guest_gap_us.get(&bo).copied().unwrap_or(0);
         check(&run, seen > 0 && seen * 2 >= r.blackout_us, &format!("guest-seen blackout for update {}", r.count));
     }
-    check(&run, run.hv("fault").len() == 1, "only the isolation probe faults");
+    check(&run, run.hv("fault").is_empty(), "no guest faults (the isolation probe reads all ones)");
 }
 
 /// No console byte lost across updates: two guests each write one long

@@ -207,7 +207,8 @@ impl Guest for FakeGuest {
         self.counts
     }
 
-    fn probe(&mut self, gpa: u64) {
+    fn probe(&mut self, gpa: u64) -> [u64; 2] {
         self.probes.push(gpa);
+        [u64::MAX; 2]
     }
 }

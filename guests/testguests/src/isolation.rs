@@ -1,10 +1,12 @@
-//! isolation: touches memory outside its RAM. The hypervisor should stop
-//! the guest with a stage-2 fault (`hv: fault kind=stage2 guest=N
-//! addr=...`) or inject an abort (then the runtime prints an `exception`
-//! line and shuts down); if the access returns, isolation is broken.
+//! isolation: touches memory outside its RAM (read, write the complement,
+//! read again, restore). On aarch64 the hypervisor injects a synchronous
+//! external abort (the runtime prints an `exception` line and shuts
+//! down) or stops the guest; on x86_64 it completes the accesses as a PC
+//! would: both reads return all ones and the write lands nowhere.
 //!
 //! Lines: `probe addr=0x.. kind=<outside-ram|inside-ram>`, then, only if
-//! the access came back, `probe survived=1 addr=0x..`.
+//! the accesses came back, `probe survived=1 addr=0x.. value=0x..
+//! reread=0x..` (what the two reads returned).
 
 use crate::{Env, Guest, Line};
 
@@ -22,8 +24,10 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
     let addr = probe_address(env);
     let kind = if env.ram().contains(addr) { "inside-ram" } else { "outside-ram" };
     g.write_line(Line::event("probe").hex("addr", addr).field("kind", kind));
-    g.probe(addr);
-    g.write_line(Line::event("probe").flag("survived", true).hex("addr", addr));
+    let [value, reread] = g.probe(addr);
+    g.write_line(
+        Line::event("probe").flag("survived", true).hex("addr", addr).hex("value", value).hex("reread", reread),
+    );
 }
 
 #[cfg(test)]
@@ -41,7 +45,13 @@ mod tests {
         let mut g = FakeGuest::new();
         run(&mut g, &env);
         assert_eq!(g.probes, [0x4500_0000]);
-        assert_eq!(g.lines, ["probe addr=0x45000000 kind=outside-ram", "probe survived=1 addr=0x45000000"]);
+        assert_eq!(
+            g.lines,
+            [
+                "probe addr=0x45000000 kind=outside-ram",
+                "probe survived=1 addr=0x45000000 value=0xffffffffffffffff reread=0xffffffffffffffff"
+            ]
+        );
     }
 
     #[test]

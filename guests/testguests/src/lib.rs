@@ -85,9 +85,12 @@ pub trait Guest {
     /// Interrupts taken since boot.
     fn interrupt_counts(&self) -> InterruptCounts;
 
-    /// Reads the 64-bit word at `gpa` and writes it back (the isolation
-    /// probe: outside this guest's RAM the hypervisor should stop it).
-    fn probe(&mut self, gpa: u64);
+    /// Reads the 64-bit word at `gpa`, writes its complement, reads it
+    /// again and writes the first value back; returns both reads. The
+    /// isolation probe: outside this guest's RAM the hypervisor stops the
+    /// guest or injects an abort (aarch64), or completes it as a PC would,
+    /// reads all ones and the write dropped (x86_64).
+    fn probe(&mut self, gpa: u64) -> [u64; 2];
 
     /// Writes one console line through `CONSOLE_WRITE`. The status is
     /// ignored: a failing console has nowhere to report to.

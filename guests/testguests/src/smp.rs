@@ -399,7 +399,7 @@ mod tests {
             InterruptCounts::default()
         }
 
-        fn probe(&mut self, _gpa: u64) {
+        fn probe(&mut self, _gpa: u64) -> [u64; 2] {
             unreachable!("smp probes nothing");
         }
     }

@@ -12,6 +12,7 @@ use hvcall::PartitionState;
 use hypervisor::arch::x86_64::cpuid::{guest_cpuid, CpuidRegs, GuestCpuidInfo};
 use hypervisor::arch::x86_64::cr::{cr0, cr4, CrContext, PagingChange};
 use hypervisor::arch::x86_64::debug::{self, DebugReg, DrDecision};
+use hypervisor::arch::x86_64::emulate::{self, Access, CodeSize, Paging};
 use hypervisor::arch::x86_64::lapic::{self, Ipi, WriteEffect};
 use hypervisor::arch::x86_64::msr::{check_write, GuestMsr, MsrHome, WriteContext, EFER_LMA};
 use hypervisor::arch::x86_64::vmx_caps::entry as entry_ctl;
@@ -80,7 +81,12 @@ pub enum Step {
 fn advance_rip() -> Result<(), VmcsError> {
     let rip = vmcs::read(guest::RIP)?;
     let len = vmcs::read(ro::VMEXIT_INSTRUCTION_LEN)?;
-    vmcs::write(guest::RIP, rip.wrapping_add(len))?;
+    step_to(rip.wrapping_add(len))
+}
+
+/// Resumes the guest at `next`, past the instruction that exited.
+fn step_to(next: u64) -> Result<(), VmcsError> {
+    vmcs::write(guest::RIP, next)?;
     let blocking = vmcs::read(guest::INTERRUPTIBILITY_STATE)?;
     if blocking & BLOCKING_STI_MOVSS != 0 {
         vmcs::write(guest::INTERRUPTIBILITY_STATE, blocking & !BLOCKING_STI_MOVSS)?;
@@ -220,10 +226,17 @@ pub fn handle_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
         }
         ExitReason::EptViolation => {
             let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL)?;
-            let access = EptViolation::decode(qualification).access();
-            hv_event!("ept-violation", guest = m.partitions[m.vcpus[v].partition].info.id, access = access);
-            fault(m, v, "ept", gpa);
-            Step::Reschedule
+            let violation = EptViolation::decode(qualification);
+            let p = m.vcpus[v].partition;
+            if m.partitions[p].info.ram.contains_gpa(gpa) {
+                // RAM is mapped with every permission: a violation there
+                // means the tables are not what the hypervisor built.
+                hv_event!("ept-violation", guest = m.partitions[p].info.id, access = violation.access());
+                fault(m, v, "ept", gpa);
+                Step::Reschedule
+            } else {
+                unbacked_access(m, v, gpa, violation)?
+            }
         }
         ExitReason::EptMisconfig => {
             fault(m, v, "ept-misconfig", vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL)?);
@@ -521,6 +534,110 @@ fn read_pdptes(ram: GuestRam, cr3: u64) -> Option<[u64; 4]> {
         *o = u64::from_le_bytes(b);
     }
     Some(out)
+}
+
+/// An access to a guest-physical address with nothing behind it (no RAM,
+/// and x86 partitions have no emulated MMIO), completed as on a PC: a read
+/// returns all ones, a write is dropped (`policy::emulate`). A fetch from
+/// there would read 0xff bytes, an invalid opcode: #UD. An instruction
+/// the decoder does not complete stops the partition.
+fn unbacked_access(m: &mut Machine<X86>, v: usize, gpa: u64, violation: EptViolation) -> Result<Step, VmcsError> {
+    let p = m.vcpus[v].partition;
+    let part = &mut m.partitions[p];
+    part.arch.unbacked += 1;
+    let count = part.arch.unbacked;
+    if count.is_power_of_two() {
+        let mut line = String::new();
+        let rip = vmcs::read(guest::RIP)?;
+        let _ = hv_event_to!(
+            line,
+            "unbacked-access",
+            guest = part.info.id,
+            access = violation.access(),
+            addr = format_args!("{gpa:#x}"),
+            rip = format_args!("{rip:#x}"),
+            count = count
+        );
+        m.queue_line(p, String::from(line.trim_end()));
+    }
+    if violation.fetch {
+        return inject(vector::UD, None);
+    }
+    let ram = m.partitions[p].info.ram;
+    let code = CodeSize::of(
+        vmcs::read(guest::CR0)? & cr0::PE != 0,
+        vmcs::read(guest::IA32_EFER_FULL)? & EFER_LMA != 0,
+        vmcs::read(guest::CS_ACCESS_RIGHTS)?,
+    );
+    let paging = Paging {
+        cr0: vmcs::read(guest::CR0)?,
+        cr3: vmcs::read(guest::CR3)?,
+        cr4: vmcs::read(guest::CR4)?,
+        efer: vmcs::read(guest::IA32_EFER_FULL)?,
+    };
+    let rip = vmcs::read(guest::RIP)?;
+    let cs_base = if code == CodeSize::Bits64 { 0 } else { vmcs::read(guest::CS_BASE)? };
+    let (bytes, len) = fetch_instruction(ram, &paging, code, cs_base, rip);
+    let decoded = match emulate::decode(&bytes[..len], code) {
+        Ok(d) => d,
+        Err(e) => {
+            hv_event!("undecodable-mmio", guest = m.partitions[p].info.id, reason = e.reason(), bytes = len);
+            fault(m, v, "undecodable-mmio", gpa);
+            return Ok(Step::Reschedule);
+        }
+    };
+    if let Access::Load { dst, size, extend } = decoded.access {
+        // SAFETY: `v` exited on this CPU.
+        let ctx = unsafe { m.ctx_mut(v) };
+        let old = reg(ctx, dst.gpr)?;
+        set_reg(ctx, dst.gpr, emulate::apply_load(old, dst, size, extend, u64::MAX))?;
+    }
+    let next = rip.wrapping_add(decoded.len as u64);
+    let next = match code {
+        CodeSize::Bits64 => next,
+        CodeSize::Bits32 => next & 0xffff_ffff,
+        CodeSize::Bits16 => next & 0xffff,
+    };
+    step_to(next)?;
+    Ok(Step::Resume)
+}
+
+/// Up to 15 bytes of the instruction at CS:RIP, read through the guest's
+/// paging from its RAM; fewer if a page of it does not translate.
+fn fetch_instruction(
+    ram: GuestRam,
+    paging: &Paging,
+    code: CodeSize,
+    cs_base: u64,
+    rip: u64,
+) -> ([u8; emulate::MAX_INSTRUCTION], usize) {
+    // SAFETY: every address read is translated through this partition's
+    // `GuestRam` first, so it is that partition's RAM.
+    let memory = unsafe { IdentityMemory::new() };
+    let read = |gpa: u64| {
+        ram.translate(gpa, 8).map(|pa| {
+            let mut b = [0u8; 8];
+            memory.read(pa, &mut b);
+            u64::from_le_bytes(b)
+        })
+    };
+    let mut bytes = [0u8; emulate::MAX_INSTRUCTION];
+    let mut got = 0;
+    while got < bytes.len() {
+        let mut linear = cs_base.wrapping_add(rip).wrapping_add(got as u64);
+        if code != CodeSize::Bits64 {
+            linear &= 0xffff_ffff;
+        }
+        let in_page = (0x1000 - (linear & 0xfff)) as usize;
+        let n = in_page.min(bytes.len() - got);
+        let Some(pa) = emulate::translate(linear, paging, read).ok().and_then(|gpa| ram.translate(gpa, n as u64))
+        else {
+            break;
+        };
+        memory.read(pa, &mut bytes[got..got + n]);
+        got += n;
+    }
+    (bytes, got)
 }
 
 /// MOV DR (exits with control 23 so guests never see each other's debug

@@ -46,6 +46,9 @@ pub struct X86Partition {
     pub uart_lcr: u8,
     /// #GP faults injected so far.
     pub gp_injected: u64,
+    /// Accesses to guest-physical addresses with nothing behind them,
+    /// completed as a PC would (reads all ones, writes dropped).
+    pub unbacked: u64,
     /// Fixed IPIs sent to each vCPU (by index) by the others, not yet
     /// taken into its local APIC: vCPU contexts belong to their own
     /// physical CPU (`hypervisor::machine`), so senders on another one
@@ -60,7 +63,7 @@ pub struct X86Partition {
 
 impl X86Partition {
     pub fn new(ept: Stage2Table<Ept, LinearMap>) -> Self {
-        Self { ept, uart_lcr: 0, gp_injected: 0, inbox: Vec::new(), apic_handover: Vec::new() }
+        Self { ept, uart_lcr: 0, gp_injected: 0, unbacked: 0, inbox: Vec::new(), apic_handover: Vec::new() }
     }
 
     /// Keeps a copy of vCPU `index`'s APIC for the handover.

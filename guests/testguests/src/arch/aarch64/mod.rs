@@ -377,21 +377,29 @@ impl Guest for El1Guest {
         InterruptCounts { ticks: TICKS.load(Ordering::Relaxed), ipis: SGIS.load(Ordering::Relaxed) }
     }
 
-    fn probe(&mut self, gpa: u64) {
+    fn probe(&mut self, gpa: u64) -> [u64; 2] {
+        let (first, reread): (u64, u64);
         // The isolation probe touches `gpa` on purpose: outside this guest's
         // RAM the hypervisor stops the guest or injects an abort, which the
         // vector table reports.
-        // SAFETY: if the load returns, the store writes back the value just
-        // read, so even an address in this program's memory is unchanged.
+        // SAFETY: if the accesses return, the last store writes back the
+        // value first read, so even an address in this program's memory
+        // ends unchanged (this guest has one vCPU doing this).
         unsafe {
             asm!(
-                "ldr {value}, [{addr}]",
-                "str {value}, [{addr}]",
+                "ldr {first}, [{addr}]",
+                "mvn {t}, {first}",
+                "str {t}, [{addr}]",
+                "ldr {reread}, [{addr}]",
+                "str {first}, [{addr}]",
                 addr = in(reg) gpa,
-                value = out(reg) _,
+                first = out(reg) first,
+                reread = out(reg) reread,
+                t = out(reg) _,
                 options(nostack),
             );
         }
+        [first, reread]
     }
 }
 

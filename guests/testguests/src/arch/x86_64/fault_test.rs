@@ -9,7 +9,9 @@ use crate::args::ArgError;
 /// `fault_test=forbidden-msr` (RDMSR of IA32_FEATURE_CONTROL, which the
 /// hypervisor answers with #GP), `fault_test=bad-apic` (illegal vectors
 /// and an IPI to a vCPU it does not have, then a reserved TPR bit, which
-/// the hypervisor answers with #GP).
+/// the hypervisor answers with #GP), `fault_test=unbacked-rmw` (an ADD to
+/// memory outside its RAM, which the hypervisor does not complete and
+/// stops the guest for).
 pub const FAULT_TEST_KEY: &str = "fault_test";
 
 /// A deliberate failure (see [`FAULT_TEST_KEY`]).
@@ -18,6 +20,7 @@ pub enum FaultTest {
     TripleFault,
     ForbiddenMsr,
     BadApic,
+    UnbackedRmw,
 }
 
 impl FaultTest {
@@ -32,6 +35,7 @@ impl FaultTest {
                 "triple-fault" => Self::TripleFault,
                 "forbidden-msr" => Self::ForbiddenMsr,
                 "bad-apic" => Self::BadApic,
+                "unbacked-rmw" => Self::UnbackedRmw,
                 _ => return Err(ArgError::InvalidFlag { key: FAULT_TEST_KEY }),
             });
         }
@@ -43,6 +47,7 @@ impl FaultTest {
             Self::TripleFault => "triple-fault",
             Self::ForbiddenMsr => "forbidden-msr",
             Self::BadApic => "bad-apic",
+            Self::UnbackedRmw => "unbacked-rmw",
         }
     }
 }
@@ -62,5 +67,7 @@ mod tests {
         assert_eq!(FaultTest::ForbiddenMsr.name(), "forbidden-msr");
         assert_eq!(FaultTest::from_cmdline("fault_test=bad-apic"), Ok(Some(FaultTest::BadApic)));
         assert_eq!(FaultTest::BadApic.name(), "bad-apic");
+        assert_eq!(FaultTest::from_cmdline("fault_test=unbacked-rmw"), Ok(Some(FaultTest::UnbackedRmw)));
+        assert_eq!(FaultTest::UnbackedRmw.name(), "unbacked-rmw");
     }
 }

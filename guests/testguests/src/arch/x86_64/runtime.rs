@@ -177,6 +177,7 @@ pub fn start(magic: u32, info: u64, workload: Workload<VmxGuest>) -> ! {
                     FaultTest::TripleFault => triple_fault_now(),
                     FaultTest::ForbiddenMsr => read_forbidden_msr(),
                     FaultTest::BadApic => misprogram_apic(),
+                    FaultTest::UnbackedRmw => add_to_nothing(env.ram().end + crate::isolation::PAST_RAM),
                 }
             }
             workload(&mut guest, &env);
@@ -293,6 +294,18 @@ fn triple_fault_now() -> ! {
 
 /// Reads an MSR the hypervisor does not allow: the #GP it injects is
 /// reported by the exception handler, which stops the guest.
+/// An ADD to memory where nothing is: a read-modify-write the hypervisor
+/// does not complete, so it stops the guest (`undecodable-mmio`).
+fn add_to_nothing(gpa: u64) -> ! {
+    // SAFETY: the address is outside this guest's RAM (nothing of this
+    // program is there); under our hypervisor the access exits and the
+    // partition is stopped.
+    unsafe { asm!("add qword ptr [{0}], 1", in(reg) gpa, options(nostack)) };
+    let mut guest = VmxGuest { _private: () };
+    guest.write_line(Line::event("fault-test").field("kind", "unbacked-rmw").flag("survived", true));
+    shutdown(&mut guest)
+}
+
 fn read_forbidden_msr() -> ! {
     // SAFETY: RDMSR at CPL 0; under our hypervisor it exits and is
     // answered with #GP, which the IDT reports before shutting down.
@@ -512,20 +525,29 @@ impl Guest for VmxGuest {
         InterruptCounts { ticks: TICKS.load(Ordering::Relaxed), ipis: IPIS.load(Ordering::Relaxed) }
     }
 
-    fn probe(&mut self, gpa: u64) {
+    fn probe(&mut self, gpa: u64) -> [u64; 2] {
+        let (first, reread): (u64, u64);
         // The isolation probe touches `gpa` on purpose: outside this guest's
-        // RAM the hypervisor stops the guest (EPT violation).
-        // SAFETY: if the load returns, the store writes back the value just
-        // read, so even an address in this program's memory is unchanged.
+        // RAM the hypervisor completes the accesses as a PC would (reads
+        // all ones, writes dropped).
+        // SAFETY: the last store writes back the value first read, so even
+        // an address in this program's memory ends unchanged (one vCPU).
         unsafe {
             asm!(
-                "mov {value}, [{addr}]",
-                "mov [{addr}], {value}",
+                "mov {first}, [{addr}]",
+                "mov {t}, {first}",
+                "not {t}",
+                "mov [{addr}], {t}",
+                "mov {reread}, [{addr}]",
+                "mov [{addr}], {first}",
                 addr = in(reg) gpa,
-                value = out(reg) _,
+                first = out(reg) first,
+                reread = out(reg) reread,
+                t = out(reg) _,
                 options(nostack),
             );
         }
+        [first, reread]
     }
 }
 

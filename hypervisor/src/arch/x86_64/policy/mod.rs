@@ -12,6 +12,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod cr;
 pub mod debug;
+pub mod emulate;
 pub mod lapic;
 pub mod msr;
 pub mod traps;

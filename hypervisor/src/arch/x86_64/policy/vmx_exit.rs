@@ -192,6 +192,12 @@ impl Gpr {
         self.0 as usize
     }
 
+    /// Register `n` (its low four bits) in the instruction encoding's
+    /// numbering, which is the same (SDM Vol. 2A Table 2-2, REX.R/B as bit 3).
+    pub const fn from_number(n: u8) -> Gpr {
+        Gpr(n & 0xf)
+    }
+
     const fn from_field(qualification: u64, shift: u32) -> Gpr {
         Gpr(((qualification >> shift) & 0xf) as u8)
     }
