@@ -22,6 +22,7 @@ pub mod pci;
 pub mod preserved;
 pub mod records;
 pub mod sched;
+pub mod slots;
 pub mod stage2;
 
 /// Each architecture's guest policy that is pure logic, host-tested here:
@@ -95,10 +96,14 @@ handover_records!(HvRecord, PartitionRecord, VcpuRecord, IommuRecord, VgicRecord
 
 /// What this image reads, as the table it embeds next to its descriptor
 /// (`loader::image_readers`): each record from version 1 to the version it
-/// writes, and the vCPU-context layouts of both architectures.
-pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 2] = {
+/// writes, the handoff record (written only for images that read it), and
+/// the vCPU-context layouts of both architectures.
+pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 3] = {
+    use kho::StateRecord;
     use loader::image_readers::{ReadRange, CONTEXT_FAMILY};
-    let contexts = [
+    let extra = [
+        // Written only for an image that reads it (`live_update`).
+        ReadRange { id: records::HandoffRecord::ID, min: 1, max: records::HandoffRecord::VERSION },
         ReadRange {
             id: CONTEXT_FAMILY | (records::AARCH64_CONTEXT_FORMAT >> 16),
             min: 1,
@@ -115,10 +120,10 @@ pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 2] = {
             max: (records::X86_64_CONTEXT_FORMAT & 0xffff) as u16,
         },
     ];
-    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 2];
+    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 3];
     let mut i = 0;
     while i < out.len() {
-        out[i] = if i < RECORD_READS.len() { RECORD_READS[i] } else { contexts[i - RECORD_READS.len()] };
+        out[i] = if i < RECORD_READS.len() { RECORD_READS[i] } else { extra[i - RECORD_READS.len()] };
         i += 1;
     }
     out

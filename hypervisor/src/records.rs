@@ -251,6 +251,45 @@ state_record! {
     }
 }
 
+state_record! {
+    /// How the update that wrote this handover hands over what is not
+    /// machine state: the CPUs parked in the old image's code, and the old
+    /// image itself. Written only for an image whose reader table names
+    /// it (so older images, which restart the CPUs through PSCI CPU_OFF /
+    /// CPU_ON or INIT-SIPI, are not refused for lack of it).
+    pub struct HandoffRecord {
+        const ID = 0x0001_0008;
+        const NAME = "handoff";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        /// Where the parked CPUs wait: one u64 per CPU index, each 0
+        /// until the new image writes the entry the CPU should jump to
+        /// (with x0 / RDI = its index); 0 if no CPU is parked.
+        pub mailbox: u64 [since 1],
+        /// The CPU indices parked there (bit n: CPU n).
+        pub parked: u64 [since 1],
+        /// The old image's code and read-only data, and a hash of them
+        /// taken before the freeze ([`code_hash`]): the new image checks
+        /// them after the guests resume (the old image must stay intact).
+        pub old_code_base: u64 [since 1],
+        pub old_code_len: u64 [since 1],
+        pub old_code_hash: u64 [since 1],
+        /// 1 if the new image was staged in its own slot before the
+        /// freeze (nothing copied in the blackout), 0 if it was copied
+        /// over the old one.
+        pub staged: u32 [since 1],
+    }
+}
+
+/// A 64-bit hash of `words` (FNV-1a over 64-bit words): cheap enough to
+/// run over an image's code after the guests resume, and any change to
+/// the bytes changes it with overwhelming likelihood.
+pub fn code_hash(words: impl IntoIterator<Item = u64>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    words.into_iter().fold(OFFSET, |h, w| (h ^ w).wrapping_mul(PRIME))
+}
+
 /// Fixed-size text field from a string (truncated, NUL-padded).
 pub fn text_field<const N: usize>(s: &str) -> [u8; N] {
     let mut out = [0u8; N];

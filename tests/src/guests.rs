@@ -298,10 +298,11 @@ pub fn sized_for_updates(arch: Arch, list: &mut [GuestArg], updates: u32) {
     // Under QEMU TCG (aarch64) the guests' clock is the host's, so a busy
     // host stretches the blackout (100-250 ms seen): size for 600 ms, and
     // the guests outlive the last update when the other core is busy too.
-    // Bochs's clock follows the instructions it ran: 150 ms is enough.
+    // Bochs's clock follows the instructions it ran: its blackouts are
+    // ~220 ms of guest time (`update-done`); size for 400.
     let per_update_ms = match arch {
         Arch::Aarch64 => 600,
-        Arch::X86_64 => 150,
+        Arch::X86_64 => 400,
     };
     let extra_s = match arch {
         Arch::Aarch64 => 3,

@@ -20,6 +20,20 @@ pub struct ImageSpec {
     pub arch: Arch,
     /// Overrides the version the image reports (`HV_VERSION`).
     pub version: Option<String>,
+    /// The image slot it is linked for (`HV_SLOT`, `hypervisor::slots`):
+    /// images boot from slot 0; a live update stages an image linked for
+    /// the other slot before the freeze.
+    pub slot: u8,
+}
+
+/// The slot update images (the B side of A -> B -> A ...) are built for
+/// on `arch`: the other slot where the architecture stages updates in it
+/// (aarch64); x86_64 still copies the image in place during the blackout.
+pub fn update_slot(arch: Arch) -> u8 {
+    match arch {
+        Arch::Aarch64 => 1,
+        Arch::X86_64 => 0,
+    }
 }
 
 /// A bootable artefact.
@@ -82,6 +96,7 @@ fn cargo_build(
         Some(v) => cmd.env("HV_VERSION", v),
         None => cmd.env_remove("HV_VERSION"),
     };
+    cmd.env("HV_SLOT", spec.slot.to_string());
     let status = cmd.status().map_err(io_err("running cargo build"))?;
     if !status.success() {
         return Err(LaunchError::Build(format!("cargo build for {} failed ({status})", spec.arch.triple())));
@@ -143,7 +158,8 @@ pub fn build_padded(spec: &ImageSpec, bss_pad_mib: u32) -> Result<BuiltImage, La
 /// and target dir of its own (`tag` is appended to the version's).
 pub fn build_variant(spec: &ImageSpec, tag: &str, test_env: &[(&str, &str)]) -> Result<BuiltImage, LaunchError> {
     let version = spec.version.as_deref().unwrap_or("default");
-    let tag = format!("{version}{tag}");
+    let slot = if spec.slot == 0 { String::new() } else { format!("-slot{}", spec.slot) };
+    let tag = format!("{version}{slot}{tag}");
     let dir = out_dir().join(spec.arch.name()).join(&tag);
     // One target dir per version: the version is baked in at compile time.
     let target_dir = out_dir().join("cargo").join(&tag);

@@ -511,7 +511,12 @@ fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, LaunchEr
             file.clone()
         } else {
             eprintln!("hvrun: building update image B (version {UPDATE_B_VERSION})");
-            image::build(&ImageSpec { arch: o.arch, version: Some(UPDATE_B_VERSION.into()) })?.update_image()
+            image::build(&ImageSpec {
+                arch: o.arch,
+                version: Some(UPDATE_B_VERSION.into()),
+                slot: image::update_slot(o.arch),
+            })?
+            .update_image()
         };
         let images = [other, image.update_image()];
         // Beside Linux, updates 1.5 s apart land while its check runs
@@ -528,7 +533,7 @@ fn guest_list(o: &Options, image: &BuiltImage) -> Result<Vec<GuestArg>, LaunchEr
 /// under `target/hv/runs`.
 pub fn prepare(o: &Options, run_name: &str) -> Result<Prepared, LaunchError> {
     eprintln!("hvrun: building the {} image", o.arch.name());
-    let mut image = image::build(&ImageSpec { arch: o.arch, version: None })?;
+    let mut image = image::build(&ImageSpec { arch: o.arch, version: None, slot: 0 })?;
     let mut spec = RunSpec::new(run_name, o.machine);
     spec.cpus = o.cpus;
     spec.mem_mib = o.mem_mib();

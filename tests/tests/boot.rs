@@ -13,7 +13,7 @@ use hv_tests::{Arch, Machine};
 static EMULATOR: Mutex<()> = Mutex::new(());
 
 fn build(arch: Arch) -> BuiltImage {
-    image::build(&ImageSpec { arch, version: None }).unwrap_or_else(|e| panic!("building {arch:?}: {e}"))
+    image::build(&ImageSpec { arch, version: None, slot: 0 }).unwrap_or_else(|e| panic!("building {arch:?}: {e}"))
 }
 
 fn boot(arch: Arch, machine: Machine, cpus: u32, mem_mib: u32) -> RunOutcome {

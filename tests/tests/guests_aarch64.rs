@@ -11,7 +11,8 @@ use hv_tests::image::{self, ImageSpec};
 use hv_tests::{Arch, Machine};
 
 fn run_guests(name: &str, list: &[GuestArg]) -> RunOutcome {
-    let image = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let image =
+        image::build(&ImageSpec { arch: Arch::Aarch64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
     let mut spec = RunSpec::new(name, Machine::Qemu);
     spec.timeout = Duration::from_secs(90);
     let dir = emulator::run_dir(&spec);
@@ -173,7 +174,8 @@ fn breakpoints_and_watchpoints_stay_with_their_guest() {
         cmdline: cmdline.into(),
     };
     let list = [guest("armer", "arm=1 passes=300"), guest("prober", "passes=300")];
-    let image = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let image =
+        image::build(&ImageSpec { arch: Arch::Aarch64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
     let mut spec = RunSpec::new("test-aarch64-debug-privacy", Machine::Qemu);
     spec.cpus = 1;
     spec.timeout = Duration::from_secs(90);

@@ -26,7 +26,8 @@ fn run_guests(name: &str, list: &[GuestArg]) -> RunOutcome {
 }
 
 fn run_guests_on(name: &str, list: &[GuestArg], cpus: u32) -> RunOutcome {
-    let image = image::build(&ImageSpec { arch: Arch::X86_64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let image =
+        image::build(&ImageSpec { arch: Arch::X86_64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
     let mut spec = RunSpec::new(name, Machine::Bochs);
     spec.cpus = cpus;
     spec.mem_mib = 128;

@@ -15,7 +15,8 @@ fn guest(bin: &str, opts: &str) -> GuestArg {
 }
 
 fn boot(name: &str, list: &[GuestArg]) -> RunOutcome {
-    let image = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let image =
+        image::build(&ImageSpec { arch: Arch::Aarch64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
     let mut spec = RunSpec::new(name, Machine::Qemu);
     spec.timeout = Duration::from_secs(150);
     let dir = emulator::run_dir(&spec);
@@ -80,8 +81,9 @@ fn dma_through_the_smmu_and_isolation() {
 
 #[test]
 fn dma_keeps_flowing_across_ten_updates() {
-    let image_a = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
-    let image_b = image::build(&ImageSpec { arch: Arch::Aarch64, version: Some(UPDATE_B_VERSION.into()) })
+    let image_a =
+        image::build(&ImageSpec { arch: Arch::Aarch64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
+    let image_b = image::build(&ImageSpec { arch: Arch::Aarch64, version: Some(UPDATE_B_VERSION.into()), slot: 1 })
         .unwrap_or_else(|e| panic!("{e}"));
     guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
     let dma = guest("dma", ",device=00:02.0,cmdline=\"transfers=30\"");

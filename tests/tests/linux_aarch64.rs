@@ -23,8 +23,8 @@ fn linux_value(line: &str, key: &str) -> Option<u64> {
 
 #[test]
 fn linux_boots_on_two_vcpus_and_keeps_running_through_ten_updates() {
-    let a = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
-    let b = image::build(&ImageSpec { arch: Arch::Aarch64, version: Some(UPDATE_B_VERSION.into()) })
+    let a = image::build(&ImageSpec { arch: Arch::Aarch64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
+    let b = image::build(&ImageSpec { arch: Arch::Aarch64, version: Some(UPDATE_B_VERSION.into()), slot: 1 })
         .unwrap_or_else(|e| panic!("{e}"));
     let linux = linux::linux_guest(24).unwrap_or_else(|e| panic!("{e}"));
     let mut list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 10)

@@ -10,8 +10,11 @@ use hv_tests::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
 use hv_tests::{Arch, Machine};
 use loader::image_desc;
 
+/// The boot image (no version given: slot 0) or an update image (linked
+/// for slot 1, so an update from the boot image is staged there).
 fn build(version: Option<&str>) -> BuiltImage {
-    image::build(&ImageSpec { arch: Arch::Aarch64, version: version.map(String::from) })
+    let slot = u8::from(version.is_some());
+    image::build(&ImageSpec { arch: Arch::Aarch64, version: version.map(String::from), slot })
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -74,6 +77,26 @@ fn ten_updates_alternate_and_guests_stay_resident() {
     check(&run, restores.len() == 10, "ten restores");
     check(&run, restores.iter().all(|e| e.num("preserved_overlap") == Some(0)), "no preserved page in any allocator");
     check(&run, run.hv("cpu-online").len() == 11, "the second CPU comes back after every update");
+
+    // Staged updates (`hypervisor::slots`): each new image was put in the
+    // other slot before the freeze and entered there, nothing copied in
+    // the blackout; the second CPU waited in the old image's code and no
+    // CPU went through the firmware; the old image was intact after the
+    // guests resumed, and the slots alternate.
+    let begins = run.hv("update-begin");
+    check(&run, begins.iter().all(|e| e.get("image") == Some("slot")), "every image staged in its slot");
+    check(&run, begins.iter().all(|e| e.get("cpus") == Some("parked")), "every update parks the CPUs");
+    for e in &done {
+        check(&run, e.num("staged") == Some(1), "update-done staged=1: no image bytes copied in the blackout");
+        check(&run, e.num("parked_cpus") == Some(1), "the other CPU was released from its parking place");
+        check(&run, e.num("firmware_calls") == Some(0), "no firmware call (PSCI) by the new image");
+    }
+    let old = run.hv("old-image");
+    check(&run, old.len() == 10 && old.iter().all(|e| e.num("intact") == Some(1)), "the old image intact after resume");
+    let bases: Vec<u64> = old.iter().filter_map(|e| e.num("base")).collect();
+    let slots = hypervisor::slots::AARCH64.bases;
+    let alternating = bases.iter().enumerate().all(|(k, &b)| b == slots[k % 2]);
+    check(&run, alternating, &format!("old images alternate between the slots: {bases:x?}"));
 
     // The updater saw every update succeed, and the new version through the
     // info hypercall.
@@ -173,7 +196,7 @@ fn bad_images_are_refused_and_guests_continue() {
         p
     };
     let truncated = write("truncated.img", &good[..good.len() / 2]);
-    let x86 = image::build(&ImageSpec { arch: Arch::X86_64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let x86 = image::build(&ImageSpec { arch: Arch::X86_64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
     let wrong_arch = x86.bootable.parent().map(|d| d.join("hv.elf")).unwrap_or_default();
     let mut corrupt = good.clone();
     let mid = corrupt.len() / 2;
@@ -250,7 +273,7 @@ fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
 /// guests never notice.
 #[test]
 fn an_image_larger_than_its_slot_is_refused_before_the_freeze() {
-    let big = image::build_padded(&ImageSpec { arch: Arch::Aarch64, version: Some("0.1.9".into()) }, 16)
+    let big = image::build_padded(&ImageSpec { arch: Arch::Aarch64, version: Some("0.1.9".into()), slot: 0 }, 16)
         .unwrap_or_else(|e| panic!("{e}"));
     let bytes = std::fs::read(&big.bootable).unwrap_or_else(|e| panic!("{e}"));
     let footprint = u64::from_le_bytes(bytes[16..24].try_into().unwrap_or([0; 8]));
@@ -276,7 +299,7 @@ fn an_image_larger_than_its_slot_is_refused_before_the_freeze() {
 #[test]
 fn an_image_that_cannot_read_the_handover_is_refused_before_the_freeze() {
     let old = image::build_variant(
-        &ImageSpec { arch: Arch::Aarch64, version: Some("0.1.7".into()) },
+        &ImageSpec { arch: Arch::Aarch64, version: Some("0.1.7".into()), slot: 0 },
         "-reads-context-1",
         &[("HV_TEST_READS_CONTEXT_MAX", "1")],
     )

@@ -19,7 +19,7 @@ use loader::image_desc;
 static EMULATOR: Mutex<()> = Mutex::new(());
 
 fn build(version: Option<&str>) -> BuiltImage {
-    image::build(&ImageSpec { arch: Arch::X86_64, version: version.map(String::from) })
+    image::build(&ImageSpec { arch: Arch::X86_64, version: version.map(String::from), slot: 0 })
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -206,7 +206,8 @@ fn bad_images_are_refused_and_guests_continue() {
         p
     };
     let truncated = write("truncated.elf", &good[..good.len() / 2]);
-    let arm = image::build(&ImageSpec { arch: Arch::Aarch64, version: None }).unwrap_or_else(|e| panic!("{e}"));
+    let arm =
+        image::build(&ImageSpec { arch: Arch::Aarch64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
     let mut corrupt = good.clone();
     let mid = corrupt.len() / 2;
     corrupt[mid] ^= 0x5a;

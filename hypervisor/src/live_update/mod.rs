@@ -30,6 +30,8 @@ use sparse_bitmap::MultiOrderBitmap;
 use crate::frames::{self, FrameAllocator, PAGE_SIZE};
 use crate::machine::{self, Handover, Machine, MachineLock, MachineMemory, RestoreError, SaveError};
 use crate::preserved::PreservedMap;
+use crate::records::{code_hash, HandoffRecord};
+use crate::slots::Placement;
 use crate::{hv_event, println, BUILD_ID, VERSION};
 
 use handshake::{Generation, Handshake, Thawed};
@@ -64,6 +66,14 @@ pub trait UpdatePlatform {
     /// Arch checks of a staged image that passed the descriptor's (for
     /// x86_64: its ELF segments and handover entry); a refusal reason.
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str>;
+    /// Where the checked image goes ([`crate::slots`]). For the other slot
+    /// the arch puts it there now, while the guests run: copied, bss
+    /// cleared, caches made coherent, ready to be entered. A refusal
+    /// reason if it fits no slot.
+    fn place(&self, staged: &[u8]) -> Result<Placement, &'static str>;
+    /// This image's code and read-only data (for the handoff record's
+    /// intactness check) and where its CPUs park for a direct handover.
+    fn handoff(&self) -> HandoffPlan;
     /// Sets the status the requesting vCPU sees when it next runs.
     fn set_status(&self, m: &mut Machine<Self::Arch>, status: Status);
     /// Waits for, and sends, a wake-up between CPUs (WFE/SEV, PAUSE).
@@ -73,6 +83,15 @@ pub trait UpdatePlatform {
     /// emulator that runs CPUs round-robin then switches to the CPU being
     /// waited for instead of spinning out its time slice).
     fn relax(&self);
+}
+
+/// What the arch contributes to the handoff record.
+#[derive(Clone, Copy, Debug)]
+pub struct HandoffPlan {
+    /// The parking mailbox: one u64 per CPU index.
+    pub mailbox: u64,
+    /// The image's code and read-only data.
+    pub code: PhysRange,
 }
 
 /// Why a participant stopped an update after the freeze began.
@@ -285,10 +304,15 @@ impl<P: UpdatePlatform> UpdateParticipant for FaultInjector<'_, P> {
     fn finish(&mut self) {}
 }
 
-/// Records the machine (partitions, vCPUs, devices, preserved map).
+/// Records the machine (partitions, vCPUs, devices, preserved map), and
+/// the handoff record if the new image reads it.
 struct StateSaver<'a, P> {
     platform: &'a P,
     freeze_counter: u64,
+    /// The handoff record, but for the CPUs to park (filled in at the
+    /// freeze: every online CPU but the requester's).
+    handoff: Option<HandoffRecord>,
+    cpu: usize,
 }
 
 impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
@@ -314,10 +338,22 @@ impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
                 for line in m.take_output() {
                     println!("{line}");
                 }
-                m.save_state(w, counter, hz)
+                let parked = m.online.iter().filter(|&&c| c != self.cpu && c < 64).fold(0u64, |a, &c| a | 1 << c);
+                m.save_state(w, counter, hz).map(|()| parked)
             })
             .ok_or(Cancel::NoMachine)?
             .map_err(|e| Cancel::Save(Box::new(e)))
+            .and_then(|parked| match self.handoff.clone() {
+                None => Ok(()),
+                Some(mut rec) => {
+                    if rec.mailbox != 0 {
+                        rec.parked = parked;
+                    }
+                    w.subsystem("handoff")
+                        .and_then(|mut s| s.add_record(&rec))
+                        .map_err(|e| Cancel::HandoverWrite(Box::new(e)))
+                }
+            })
     }
 
     fn unfreeze(&mut self) {}
@@ -353,6 +389,11 @@ pub struct Ready {
     /// The handover blob in preserved memory and its length.
     pub handover: PhysRange,
     pub handover_len: u64,
+    /// Where the image was put; the kexec enters it there.
+    pub placement: Placement,
+    /// The other CPUs park in this image's code for the new one to
+    /// release (instead of leaving through the firmware).
+    pub park: bool,
     /// The freeze, for sending the CPUs off.
     pub generation: Generation,
 }
@@ -416,8 +457,25 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
             refuse(p, Refusal::Unreadable(u))
         },
     )?;
+    // Brownout: the image goes where it will run (for the other slot:
+    // copied, bss cleared, caches coherent) while the guests still run.
+    let placement = p.place(staged).map_err(|r| refuse(p, Refusal::Image(r)))?;
+    // A direct handover needs the new image to read the handoff record and
+    // the old image's code to stay where the parked CPUs wait.
+    let reads_handoff =
+        readers.as_ref().and_then(|r| r.range(<HandoffRecord as kho::StateRecord>::ID)).is_some_and(|r| r.min <= 1);
+    let handoff = reads_handoff.then(|| plan_handoff(&p.handoff(), placement));
+    let park = handoff.as_ref().is_some_and(|h| h.mailbox != 0);
     let count = update_count + 1;
-    hv_event!("update-begin", from = VERSION, to = desc.version_str(), image_bytes = req.size, count = count);
+    hv_event!(
+        "update-begin",
+        from = VERSION,
+        to = desc.version_str(),
+        image_bytes = req.size,
+        count = count,
+        image = placement.name(),
+        cpus = if park { "parked" } else { "firmware" },
+    );
     let identity = HandoverIdentity { version: VERSION, build_id: BUILD_ID, update_count: count };
     let ram_map = ram_map(&ram).ok_or_else(|| refuse(p, Refusal::RamMap))?;
     let mut writer =
@@ -441,7 +499,7 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     let registered = sm
         .register(Box::new(CpuStopper { platform: p, cpu: req.cpu, generation: &generation }))
         .and_then(|()| sm.register(Box::new(FaultInjector { platform: p })))
-        .and_then(|()| sm.register(Box::new(StateSaver { platform: p, freeze_counter })));
+        .and_then(|()| sm.register(Box::new(StateSaver { platform: p, freeze_counter, handoff, cpu: req.cpu })));
     let result = registered.and_then(|()| sm.prepare(&mut writer)).and_then(|()| sm.freeze(&mut writer));
     if let Err(e) = result {
         let _ = sm.cancel();
@@ -455,7 +513,7 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
             // The next image resets the UART: every byte written so far
             // leaves the transmitter first.
             crate::console::flush();
-            Ok(Ready { stage, image_len: req.size, handover, handover_len: n as u64, generation })
+            Ok(Ready { stage, image_len: req.size, handover, handover_len: n as u64, placement, park, generation })
         }
         (Err(e), _) => {
             println!("update: handover: {e}");
@@ -466,6 +524,24 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
             let _ = sm.cancel();
             Err(release(Cancel::StateMachine))
         }
+    }
+}
+
+/// The handoff record for an image that reads it, but for the CPUs to
+/// park (known at the freeze). The CPUs park only where this image stays
+/// (the new one was staged in the other slot).
+fn plan_handoff(plan: &HandoffPlan, placement: Placement) -> HandoffRecord {
+    let alternate = matches!(placement, Placement::Alternate { .. });
+    // SAFETY: this image's own code and read-only data, identity-mapped;
+    // nothing writes them.
+    let code = unsafe { core::slice::from_raw_parts(plan.code.base as *const u64, (plan.code.size / 8) as usize) };
+    HandoffRecord {
+        mailbox: if alternate { plan.mailbox } else { 0 },
+        parked: 0,
+        old_code_base: plan.code.base,
+        old_code_len: plan.code.size,
+        old_code_hash: code_hash(code.iter().copied()),
+        staged: u32::from(alternate),
     }
 }
 
@@ -703,6 +779,14 @@ mod tests {
         fn check_image(&self, _: &[u8], _: &Descriptor) -> Result<(), &'static str> {
             Ok(())
         }
+        fn place(&self, _: &[u8]) -> Result<Placement, &'static str> {
+            Ok(Placement::InPlace)
+        }
+        fn handoff(&self) -> HandoffPlan {
+            // "Code" the host can read, for the hash.
+            let code: &'static [u64] = Box::leak(alloc::vec![0x5a5a_u64; 64].into_boxed_slice());
+            HandoffPlan { mailbox: 0, code: PhysRange::new(code.as_ptr() as u64, 512) }
+        }
         fn set_status(&self, _: &mut Machine<FakeArch>, status: Status) {
             self.statuses.borrow_mut().push(status);
         }
@@ -755,7 +839,7 @@ mod tests {
         let mut sm: UpdateStateMachine<'_, Cancel> = UpdateStateMachine::new();
         sm.register(Box::new(CpuStopper { platform: p, cpu: 0, generation: &generation })).expect("register");
         sm.register(Box::new(FaultInjector { platform: p })).expect("register");
-        sm.register(Box::new(StateSaver { platform: p, freeze_counter: 7 })).expect("register");
+        sm.register(Box::new(StateSaver { platform: p, freeze_counter: 7, handoff: None, cpu: 0 })).expect("register");
         match sm.prepare(&mut w).and_then(|()| sm.freeze(&mut w)) {
             Ok(()) => Ok(w),
             Err(e) => {

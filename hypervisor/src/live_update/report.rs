@@ -31,6 +31,12 @@ pub struct BlackoutReport {
     /// When the last CPU re-entered a guest, and the counter's frequency.
     resumed_at: AtomicU64,
     hz: AtomicU64,
+    /// How the old image handed over: staged in its own slot (1) or
+    /// copied over the old one (0); CPUs released from the parking
+    /// mailbox; calls this image made into the firmware before resuming.
+    staged: AtomicU64,
+    parked_cpus: AtomicU64,
+    firmware_calls: AtomicU64,
 }
 
 impl Default for BlackoutReport {
@@ -64,7 +70,17 @@ impl BlackoutReport {
             restored: AtomicU64::new(0),
             resumed_at: AtomicU64::new(0),
             hz: AtomicU64::new(0),
+            staged: AtomicU64::new(0),
+            parked_cpus: AtomicU64::new(0),
+            firmware_calls: AtomicU64::new(0),
         }
+    }
+
+    /// Records how the CPUs and the image were handed over.
+    pub fn note_handoff(&self, staged: bool, parked_cpus: u64, firmware_calls: u64) {
+        self.staged.store(u64::from(staged), Ordering::Relaxed);
+        self.parked_cpus.store(parked_cpus, Ordering::Relaxed);
+        self.firmware_calls.store(firmware_calls, Ordering::Relaxed);
     }
 
     /// Records when the new image was entered (and when the old one jumped).
@@ -117,6 +133,9 @@ impl BlackoutReport {
             freeze_at = t0,
             resume_at = now,
             counter_hz = hz,
+            staged = self.staged.load(Ordering::Relaxed),
+            parked_cpus = self.parked_cpus.load(Ordering::Relaxed),
+            firmware_calls = self.firmware_calls.load(Ordering::Relaxed),
         );
         let (kexec, entry, restored) = (
             self.kexec.load(Ordering::Relaxed),

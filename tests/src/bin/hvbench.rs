@@ -34,8 +34,8 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 fn bench(arch: Arch, size_mib: u64, updates: u32) -> Result<(), LaunchError> {
-    let a = image::build(&ImageSpec { arch, version: None })?;
-    let b = image::build(&ImageSpec { arch, version: Some(UPDATE_B_VERSION.into()) })?;
+    let a = image::build(&ImageSpec { arch, version: None, slot: 0 })?;
+    let b = image::build(&ImageSpec { arch, version: Some(UPDATE_B_VERSION.into()), slot: image::update_slot(arch) })?;
     let dir = guests::build_test_guests(arch)?;
     let meter = GuestArg {
         file: dir.join("blackout.bin"),

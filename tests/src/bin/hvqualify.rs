@@ -98,11 +98,11 @@ fn work_tree(rev: &str) -> Result<(String, PathBuf), String> {
 
 /// The image of `commit` (checked out at `src`), its version string naming
 /// the commit so the two sides of every update are told apart.
-fn build(arch: Arch, commit: &str, src: &Path) -> Result<BuiltImage, String> {
-    eprintln!("hvqualify: building {commit}");
-    let spec = ImageSpec { arch, version: Some(format!("q-{}", &commit[..8.min(commit.len())])) };
-    let dir = out_dir().join("qualify").join(commit).join(arch.name());
-    let target = out_dir().join("qualify").join("cargo").join(commit);
+fn build(arch: Arch, commit: &str, src: &Path, slot: u8) -> Result<BuiltImage, String> {
+    eprintln!("hvqualify: building {commit} (slot {slot})");
+    let spec = ImageSpec { arch, version: Some(format!("q-{}", &commit[..8.min(commit.len())])), slot };
+    let dir = out_dir().join("qualify").join(commit).join(format!("{}-slot{slot}", arch.name()));
+    let target = out_dir().join("qualify").join("cargo").join(format!("{commit}-slot{slot}"));
     image::build_from(&spec, src, &dir, &target, &[]).map_err(|e| e.to_string())
 }
 
@@ -239,8 +239,13 @@ fn report(o: &Options, from: &str, to: &str, dirs: &[Direction], guests: &[Strin
 fn qualify(o: &Options) -> Result<bool, String> {
     let (from, from_dir) = work_tree(&o.from)?;
     let (to, to_dir) = work_tree(&o.to)?;
-    let a = build(o.arch, &from, &from_dir)?;
-    let b = build(o.arch, &to, &to_dir)?;
+    // FROM boots from slot 0. TO is linked for slot 1 (staged there before
+    // the freeze) when both revisions know image slots; an older FROM
+    // copies TO over itself, so TO must then be linked where FROM runs.
+    let has_slots = |dir: &Path| dir.join("hypervisor/src/slot_bases.rs").exists();
+    let to_slot = if has_slots(&from_dir) && has_slots(&to_dir) { image::update_slot(o.arch) } else { 0 };
+    let a = build(o.arch, &from, &from_dir, 0)?;
+    let b = build(o.arch, &to, &to_dir, to_slot)?;
     // FROM's own test guests (and updater): a guest from a newer tree may
     // use what FROM does not offer.
     eprintln!("hvqualify: building {from}'s test guests");

@@ -13,7 +13,7 @@
 _start:
     b       primary_entry           // code0
     .long   0                       // code1
-    .quad   0                       // text_offset
+    .quad   __text_offset           // text_offset: 0 in slot 0, 16 MiB in slot 1
     .quad   __image_size            // image_size, including bss
     .quad   0xa                     // flags: LE, 4K pages, anywhere in RAM
     .quad   0                       // res2
@@ -26,6 +26,7 @@ primary_entry:
     mov     x19, x0                 // DTB
     mov     x20, x1                 // handover (live update), or 0
     mov     x21, x2                 // counter at the kexec jump, or 0
+    mov     x22, x3                 // HVLU_STAGED: bss already clear
     mrs     x1, CurrentEL
     cmp     x1, #(2 << 2)
     b.ne    wrong_el
@@ -33,7 +34,15 @@ primary_entry:
     add     x1, x1, :lo12:__stacks_bottom
     add     x1, x1, #STACK_SIZE
     mov     sp, x1
-    // Zero bss (the loader does not).
+    // Zero bss (the loader does not), unless the previous image staged
+    // this one in its slot and cleared it before the freeze (x3 =
+    // "HVLUSTGD", kexec_enter). The arm64 boot protocol has x3 = 0.
+    movz    x1, #0x4744
+    movk    x1, #0x5453, lsl #16
+    movk    x1, #0x4c55, lsl #32
+    movk    x1, #0x4856, lsl #48
+    cmp     x22, x1
+    b.eq    2f
     adrp    x1, __bss_start
     add     x1, x1, :lo12:__bss_start
     adrp    x2, __bss_end

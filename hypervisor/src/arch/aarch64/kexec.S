@@ -42,3 +42,63 @@ kexec_trampoline_start:
     br      x5
 .global kexec_trampoline_end
 kexec_trampoline_end:
+
+// The staged update's jump (the new image is already in its own slot,
+// bss cleared, caches clean): kexec_enter(x0 = DTB, x1 = handover,
+// x2 = counter at the jump, x3 = entry) turns the EL2 MMU and caches off
+// and enters the new image with x0-x2 unchanged and x3 = HVLU_STAGED (the
+// new image's bss is already zero). Nothing is copied.
+.global kexec_enter
+kexec_enter:
+    msr     daifset, #0xf
+    mov     x4, x3
+    mrs     x9, sctlr_el2
+    bic     x9, x9, #(1 << 0)
+    bic     x9, x9, #(1 << 2)
+    bic     x9, x9, #(1 << 12)
+    dsb     sy
+    msr     sctlr_el2, x9
+    isb
+    tlbi    alle2
+    dsb     sy
+    ic      iallu
+    dsb     sy
+    isb
+    movz    x3, #0x4744
+    movk    x3, #0x5453, lsl #16
+    movk    x3, #0x4c55, lsl #32
+    movk    x3, #0x4856, lsl #48
+    br      x4
+
+// A frozen CPU's wait for the new image (direct CPU handover):
+// park_in_mailbox(x0 = its mailbox word, x1 = its CPU index) stops its
+// hypervisor timer, turns its MMU and caches off, and waits (WFE) until
+// the new image writes an entry address into the word (cleaned to the
+// point of coherency, then SEV); it enters there with x0 = its index, as
+// PSCI CPU_ON would. It runs from the old image, which stays intact until
+// the new image reports the guests resumed.
+.global park_in_mailbox
+park_in_mailbox:
+    msr     daifset, #0xf
+    msr     cnthp_ctl_el2, xzr
+    msr     ich_hcr_el2, xzr
+    dc      civac, x0
+    dsb     sy
+    mrs     x9, sctlr_el2
+    bic     x9, x9, #(1 << 0)
+    bic     x9, x9, #(1 << 2)
+    bic     x9, x9, #(1 << 12)
+    msr     sctlr_el2, x9
+    isb
+    tlbi    alle2
+    dsb     sy
+    isb
+1:  ldr     x2, [x0]
+    cbnz    x2, 2f
+    wfe
+    b       1b
+2:  ic      iallu
+    dsb     sy
+    isb
+    mov     x0, x1
+    br      x2

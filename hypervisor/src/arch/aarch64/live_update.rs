@@ -1,21 +1,26 @@
 //! Live update on aarch64, the arch side of `hypervisor::live_update`
-//! (`shared/DESIGN.md` §5): SGIs and WFE/SEV between CPUs, PSCI CPU_OFF
-//! for the frozen CPUs, the EL2 kexec through a trampoline in scratch,
-//! and on the restore side the SMMU adopted in place and the machine
-//! installed.
+//! (`shared/DESIGN.md` §5): SGIs and WFE/SEV between CPUs; the new image
+//! staged in the other image slot before the freeze (`hypervisor::slots`)
+//! and entered there directly, with the frozen CPUs parked in this
+//! image's code until the new image releases them (no PSCI CPU_OFF /
+//! CPU_ON); for an image linked for the running slot, the old path (PSCI
+//! CPU_OFF, and a trampoline in scratch that copies the image over this
+//! one). On the restore side: the SMMU adopted in place, the parked CPUs
+//! released, the machine installed.
 
 use alloc::vec::Vec;
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hvcall::Status;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
-use hypervisor::live_update::{self, Cancel, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
+use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Machine, MachineLock, RestoreError};
 use hypervisor::preserved::IdentityPages;
-use hypervisor::records::IommuRecord;
+use hypervisor::records::{HandoffRecord, IommuRecord};
+use hypervisor::slots::{self, Placement};
 use hypervisor::{hv_event, println};
 use kho::HandoverReader;
 use loader::dtb::DtbPlatform;
@@ -32,7 +37,23 @@ extern "C" {
     static kexec_trampoline_start: u8;
     static kexec_trampoline_end: u8;
     fn kexec_jump(dtb: u64, handover: u64, src: u64, dst: u64, len: u64, entry: u64, trampoline: u64, at: u64) -> !;
+    fn kexec_enter(dtb: u64, handover: u64, at: u64, entry: u64) -> !;
+    fn park_in_mailbox(word: u64, index: u64) -> !;
 }
+
+/// Where the frozen CPUs wait for the new image (`HandoffRecord::mailbox`):
+/// one word per CPU index, 0 until the new image writes its secondary
+/// entry there. A cache line of its own.
+#[repr(C, align(64))]
+struct Mailbox([AtomicU64; super::MAX_CPUS]);
+
+static MAILBOX: Mailbox = Mailbox([const { AtomicU64::new(0) }; super::MAX_CPUS]);
+/// Set by the requesting CPU before it releases the frozen ones: park in
+/// [`MAILBOX`] rather than leave through PSCI CPU_OFF.
+static PARK: AtomicBool = AtomicBool::new(false);
+/// The arm64 Image header's text_offset (byte 8): where in RAM, from
+/// slot 0's base, the image is linked (`linker.ld`).
+const TEXT_OFFSET_OFFSET: usize = 8;
 
 /// PSCI CPU_OFF and AFFINITY_INFO (DEN0022E §5.1); AFFINITY_INFO returns 1
 /// for OFF.
@@ -111,6 +132,43 @@ impl UpdatePlatform for Arm {
         Ok(())
     }
 
+    fn place(&self, staged: &[u8]) -> Result<Placement, &'static str> {
+        let footprint = image_footprint(staged).ok_or("truncated")?;
+        let offset = staged.get(TEXT_OFFSET_OFFSET..TEXT_OFFSET_OFFSET + 8).ok_or("truncated")?;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(offset);
+        let base = slots::AARCH64.bases[0].checked_add(u64::from_le_bytes(b)).ok_or("image-not-linked-for-a-slot")?;
+        let running = super::image_range().base;
+        let placement = slots::AARCH64.place(running, base, footprint).map_err(|e| {
+            println!("update: {e:?}");
+            e.reason()
+        })?;
+        if let Placement::Alternate { range, .. } = placement {
+            // check_image: the file is no longer than the footprint, which
+            // fits the slot.
+            let (len, footprint) = (staged.len(), footprint as usize);
+            // SAFETY: the other slot is reserved for images since boot;
+            // nothing lives or runs there (the image that ran there
+            // before this one is gone), and it is identity-mapped.
+            unsafe {
+                core::ptr::copy_nonoverlapping(staged.as_ptr(), range.base as *mut u8, len);
+                core::ptr::write_bytes((range.base as usize + len) as *mut u8, 0, footprint - len);
+            }
+            // The new image starts with the MMU and caches off: its bytes
+            // must be in memory, and no stale instruction of whatever ran
+            // there before may be fetched (Arm ARM D7.5.9, D7.5.10).
+            clean(range.base, range.base + footprint as u64);
+            // SAFETY: invalidates instruction caches; no other effect.
+            unsafe { asm!("ic ialluis", "dsb ish", "isb", options(nostack)) };
+        }
+        Ok(placement)
+    }
+
+    fn handoff(&self) -> HandoffPlan {
+        let code = super::code_range();
+        HandoffPlan { mailbox: MAILBOX.0.as_ptr() as u64, code }
+    }
+
     fn set_status(&self, m: &mut Machine<Aarch64>, status: Status) {
         // SAFETY: the requesting vCPU exited on this CPU, its owner; its
         // registers are only touched here until it runs again.
@@ -143,7 +201,16 @@ pub fn freeze_this_cpu(cpu: usize) {
 }
 
 fn cpu_off(generation: Generation) -> ! {
-    HANDSHAKE.left(platform::cpu_index(), generation);
+    let cpu = platform::cpu_index();
+    if PARK.load(Ordering::Acquire) {
+        let word = MAILBOX.0[cpu].as_ptr() as u64;
+        HANDSHAKE.left(cpu, generation);
+        // SAFETY: the word is this CPU's in the mailbox the handoff record
+        // names; the code it waits in is this image's, which stays intact
+        // until the new image has resumed the guests.
+        unsafe { park_in_mailbox(word, cpu as u64) }
+    }
+    HANDSHAKE.left(cpu, generation);
     let _ = psci::call(PSCI_CPU_OFF, 0, 0, 0);
     super::park()
 }
@@ -169,6 +236,14 @@ pub fn run(cpu: usize, image_pa: u64, size: u64) {
 /// case the update is cancelled.
 fn kexec(arm: &Arm, cpu: usize, ready: &Ready) {
     let Some(online) = MACHINE.with(|m| m.online.clone()) else { return };
+    if ready.park {
+        for word in &MAILBOX.0 {
+            word.store(0, Ordering::Relaxed);
+        }
+        let base = MAILBOX.0.as_ptr() as u64;
+        clean(base, base + core::mem::size_of::<Mailbox>() as u64);
+    }
+    PARK.store(ready.park, Ordering::Release);
     HANDSHAKE.release_for_kexec(ready.generation);
     arm.wake();
     let (t0, _) = super::counter();
@@ -181,7 +256,7 @@ fn kexec(arm: &Arm, cpu: usize, ready: &Ready) {
         live_update::cancel_after_freeze(arm, ready, &Cancel::Kexec("cpu-did-not-leave"));
         return;
     }
-    for &c in online.iter().filter(|&&c| c != cpu) {
+    for &c in online.iter().filter(|&&c| c != cpu && !ready.park) {
         let target = CPU_MPIDR[c].load(Ordering::Relaxed);
         let (t0, _) = super::counter();
         while psci::call(PSCI_AFFINITY_INFO_64, target, 0, 0) != Some(PSCI_AFFINITY_OFF) {
@@ -199,6 +274,17 @@ fn kexec(arm: &Arm, cpu: usize, ready: &Ready) {
 
 fn jump(ready: &Ready) -> ! {
     let (stage, image_len, buf, len) = (ready.stage, ready.image_len, ready.handover, ready.handover_len);
+    if let Placement::Alternate { range, .. } = ready.placement {
+        // SAFETY: stops this CPU's hypervisor timer before leaving.
+        unsafe { asm!("msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
+        // The new image reads the handover with its MMU off.
+        clean_invalidate(buf.base, buf.base + len);
+        let dtb = DTB_PHYS.load(Ordering::Relaxed);
+        let (now, _) = super::counter();
+        // SAFETY: the new image is complete in its slot since before the
+        // freeze (`place`); this image stays where it is.
+        unsafe { kexec_enter(dtb, buf.base, now, range.base) }
+    }
     let (t_start, t_end, image_start, image_end) = (
         core::ptr::addr_of!(kexec_trampoline_start) as u64,
         core::ptr::addr_of!(kexec_trampoline_end) as u64,
@@ -227,6 +313,18 @@ fn jump(ready: &Ready) -> ! {
     unsafe { kexec_jump(dtb, buf.base, stage.base, image_start, copy_len, image_start, tramp, now) }
 }
 
+/// Cleans `[base, end)` to the point of coherency (Arm ARM D7.5.9).
+fn clean(base: u64, end: u64) {
+    let mut a = base & !63;
+    while a < end {
+        // SAFETY: cache maintenance by VA on identity-mapped memory.
+        unsafe { asm!("dc cvac, {0}", in(reg) a, options(nostack)) };
+        a += 64;
+    }
+    // SAFETY: completes the maintenance.
+    unsafe { asm!("dsb sy", options(nostack)) };
+}
+
 fn clean_invalidate(base: u64, end: u64) {
     let mut a = base & !63;
     while a < end {
@@ -245,14 +343,37 @@ pub fn note_resumed() {
     incoming::cpu_resumed(now, hz);
 }
 
-/// The restore side: validates the handover at `handover_pa`, adopts the
-/// preserved map, the SMMU, the stage-2 tables and every vCPU, and
-/// installs the machine. Returns how many partitions were adopted.
+pub use hypervisor::live_update::incoming::Parked;
+
+/// Lets a CPU the previous image parked go: writes `entry` into its
+/// mailbox word (which `Parked` checked lies in the old image's slot),
+/// pushes it to memory (the CPU waits with its caches off) and wakes it.
+pub fn release_parked(word: u64, entry: u64) {
+    // SAFETY: `word` is 8-aligned in the old image's slot (`Parked`),
+    // identity-mapped RAM this image does not use.
+    unsafe { core::ptr::write_volatile(word as *mut u64, entry) };
+    clean(word, word + 8);
+    // SAFETY: wakes CPUs waiting in WFE; no other effect.
+    unsafe { asm!("sev", options(nomem, nostack)) };
+}
+
+/// The slot this image does not run from: the previous image's.
+fn other_slot() -> PhysRange {
+    let running = super::image_range().base;
+    let s = slots::AARCH64;
+    s.range(usize::from(s.slot_of(running) != Some(1)))
+}
+
+/// The restore side: validates the handover at `handover_pa`, brings the
+/// other CPUs up (`start_cpus`: the parked ones released, if the previous
+/// image parked them; it returns the CPUs online), adopts the preserved
+/// map, the SMMU, the stage-2 tables and every vCPU, and installs the
+/// machine. Returns how many partitions were adopted.
 pub fn restore(
     handover_pa: u64,
     info: &BootInfo,
     platform: &DtbPlatform,
-    online: &[usize],
+    start_cpus: impl FnOnce(Option<&Parked>) -> Vec<usize>,
     reserved: Vec<PhysRange>,
 ) -> Result<usize, RestoreFailure> {
     let ram = &info.ram;
@@ -265,6 +386,17 @@ pub fn restore(
         println!("handover: {e}");
         h("handover-invalid")
     })?;
+    let handoff = reader.subsystem("handoff").and_then(|n| n.record::<HandoffRecord>().ok().flatten());
+    let old_slot = other_slot();
+    let parked = handoff.as_ref().and_then(|r| Parked::from_record(r, old_slot, super::MAX_CPUS));
+    let online = start_cpus(parked.as_ref());
+    let staged = handoff.as_ref().is_some_and(|r| r.staged == 1);
+    REPORT.note_handoff(staged, parked.map_or(0, |p| p.count()), psci::calls());
+    if let Some(old) = handoff.as_ref().and_then(|r| incoming::old_image_of(r, old_slot)) {
+        // SAFETY: `old_image_of` checked the range lies in the other slot,
+        // identity-mapped RAM this image does not use.
+        unsafe { incoming::expect_old_image(old) };
+    }
     let smmu = match reader.subsystem("iommu") {
         None => None,
         Some(node) => {
@@ -274,7 +406,7 @@ pub fn restore(
         }
     };
     let pci = platform.pcie.as_ref().and_then(PciHost::from_dtb);
-    let spec = AdoptSpec { ram, reserved, online, counter: || super::counter().0 };
+    let spec = AdoptSpec { ram, reserved, online: &online, counter: || super::counter().0 };
     // SAFETY: RAM is identity-mapped, and only this CPU is up.
     unsafe { incoming::adopt(&reader, &MACHINE, Aarch64 { smmu, pci }, IdentityPages, spec) }.map_err(|e| {
         println!("restore: {e:?}");

@@ -121,15 +121,21 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         platform::set_cpu(i, c);
     }
     ONLINE_MASK.fetch_or(1 << boot_cpu_index(&platform), Ordering::AcqRel);
-    start_secondaries(&platform);
+    if handover_phys == 0 {
+        start_secondaries(&platform, None);
+    }
     let Some(gic) = platform.gic else { fail("no-gic") };
     gic::init_distributor(gic.distributor.base, gic.redistributors.base, gic.redistributors.size);
     let cpus = CPUS_ONLINE.load(Ordering::Acquire);
     if handover_phys != 0 {
         // A live update brought us here: adopt instead of booting afresh.
         let mut reserved = info.reserved.clone();
-        reserved.push(image_slot());
-        match live_update::restore(handover_phys, &info, &platform, &online_cpus(), reserved) {
+        reserved.extend(image_slots());
+        let start_cpus = |handoff: Option<&live_update::Parked>| {
+            start_secondaries(&platform, handoff);
+            online_cpus()
+        };
+        match live_update::restore(handover_phys, &info, &platform, start_cpus, reserved) {
             Ok(0) => fail("handover-has-no-partitions"),
             Ok(_) => {}
             Err(reason) => fail(reason),
@@ -169,12 +175,19 @@ fn image_range() -> PhysRange {
     PhysRange::new(start, end - start)
 }
 
-/// The image slot: memory from the image's load address reserved for
-/// hypervisor images at every boot, so the kexec may load a larger image
-/// (up to the slot) without touching anything else.
-fn image_slot() -> PhysRange {
-    let image = image_range();
-    PhysRange::new(image.base, image.size.max(live_update::IMAGE_SLOT))
+/// The image's code and read-only data (what the handoff record hashes).
+fn code_range() -> PhysRange {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (start, end) = unsafe { (sym(&__image_start), sym(&__rodata_end)) };
+    PhysRange::new(start, end - start)
+}
+
+/// The image slots (`hypervisor::slots`): reserved for hypervisor images
+/// at every boot, so a live update stages the next image in the one this
+/// image does not run from, and may load a larger image (up to a slot)
+/// without touching anything else.
+fn image_slots() -> [PhysRange; 2] {
+    hypervisor::slots::AARCH64.ranges()
 }
 
 fn boot_cpu_index(platform: &DtbPlatform) -> usize {
@@ -225,16 +238,20 @@ fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> 
     let specs = loader::manifest::parse(bytes).map_err(BootError::Manifest)?;
     let manifest_len = bytes.iter().position(|&b| b == 0).map_or(window, |n| n as u64 + 1);
     let image = image_range();
-    let slot = image_slot();
-    if let Some(dtb) = info.reserved.iter().find(|r| r.overlaps(&slot) && !r.overlaps(&image)) {
+    let slots = image_slots();
+    let in_slots = |r: &PhysRange| slots.iter().any(|s| r.overlaps(s));
+    if let Some(dtb) = info.reserved.iter().find(|r| in_slots(r) && !r.overlaps(&image)) {
         hv_event!("image-slot-overlap", base = format_args!("{:#x}", dtb.base), size = dtb.size);
         return Err(BootError::ImageSlotNotFree);
     }
-    if specs.iter().any(|g| g.image.overlaps(&slot) || g.initrd.is_some_and(|r| r.overlaps(&slot))) {
+    if !slots.iter().all(|s| info.ram.iter().any(|r| r.contains(s))) {
+        return Err(BootError::ImageSlotNotFree);
+    }
+    if specs.iter().any(|g| in_slots(&g.image) || g.initrd.as_ref().is_some_and(in_slots)) {
         return Err(BootError::GuestModuleInImageSlot);
     }
     let mut reserved = info.reserved.clone();
-    reserved.push(slot);
+    reserved.extend(slots);
     reserved.push(PhysRange::new(manifest_addr, manifest_len));
     for g in &specs {
         reserved.push(g.image);
@@ -278,7 +295,10 @@ fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), BootErr
     Ok(())
 }
 
-fn start_secondaries(platform: &DtbPlatform) {
+/// Brings the other CPUs up: those the previous image parked (a live
+/// update's direct handover) by writing this image's secondary entry into
+/// their mailbox word, the others with PSCI CPU_ON.
+fn start_secondaries(platform: &DtbPlatform, parked: Option<&live_update::Parked>) {
     let me = mpidr() & 0xff_00ff_ffff;
     let entry = secondary_entry as *const () as u64;
     for (index, &target) in platform.cpus.iter().enumerate().take(MAX_CPUS) {
@@ -286,10 +306,14 @@ fn start_secondaries(platform: &DtbPlatform) {
             continue;
         }
         let before = CPUS_ONLINE.load(Ordering::Acquire);
-        let status = psci::call(psci::CPU_ON_64, target, entry, index as u64);
-        if status != Some(psci::SUCCESS) {
-            hv_event!("cpu-on-failed", mpidr = format_args!("{target:#x}"), status = status.unwrap_or(i64::MIN));
-            continue;
+        if let Some(word) = parked.and_then(|p| p.word(index)) {
+            live_update::release_parked(word, entry);
+        } else {
+            let status = psci::call(psci::CPU_ON_64, target, entry, index as u64);
+            if status != Some(psci::SUCCESS) {
+                hv_event!("cpu-on-failed", mpidr = format_args!("{target:#x}"), status = status.unwrap_or(i64::MIN));
+                continue;
+            }
         }
         let (t0, freq) = counter();
         while CPUS_ONLINE.load(Ordering::Acquire) == before {

@@ -5,7 +5,7 @@
 //! hypervisor's own vectors.
 
 use core::arch::asm;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub const CPU_ON_64: u64 = 0xc400_0003;
 pub const SYSTEM_OFF: u64 = 0x8400_0008;
@@ -14,6 +14,14 @@ pub const SYSTEM_OFF: u64 = 0x8400_0008;
 pub const SUCCESS: i64 = 0;
 
 static SMC_AVAILABLE: AtomicBool = AtomicBool::new(false);
+/// Calls made into the firmware by this image (a live update with a
+/// direct CPU handover makes none).
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// How many PSCI calls this image has made.
+pub fn calls() -> u64 {
+    CALLS.load(Ordering::Relaxed)
+}
 
 /// Records that the DTB declared `method = "smc"`.
 pub fn enable_smc() {
@@ -25,6 +33,7 @@ pub fn call(function: u64, a1: u64, a2: u64, a3: u64) -> Option<i64> {
     if !SMC_AVAILABLE.load(Ordering::Relaxed) {
         return None;
     }
+    CALLS.fetch_add(1, Ordering::Relaxed);
     let mut x0 = function;
     // SAFETY: a PSCI call per DEN0022E; the firmware preserves all
     // registers but x0-x3 (SMCCC v1.1 §2.6), which are declared clobbered.

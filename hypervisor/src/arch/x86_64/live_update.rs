@@ -23,9 +23,10 @@ use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
-use hypervisor::live_update::{self, Cancel, Ready, Request, UpdatePlatform, HANDSHAKE};
+use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE};
 use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
+use hypervisor::slots::Placement;
 use hypervisor::{hv_event, println};
 use kho::HandoverReader;
 use loader::elf::{self, Machine as ElfMachine};
@@ -93,6 +94,17 @@ impl UpdatePlatform for Vmx {
 
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
         segments(staged, desc).map(|_| ())
+    }
+
+    /// x86_64 keeps the old path for now: the trampoline copies the
+    /// image's segments to their addresses during the blackout, and the
+    /// other CPUs are restarted with INIT-SIPI-SIPI.
+    fn place(&self, _: &[u8]) -> Result<Placement, &'static str> {
+        Ok(Placement::InPlace)
+    }
+
+    fn handoff(&self) -> HandoffPlan {
+        HandoffPlan { mailbox: 0, code: super::code_range() }
     }
 
     fn set_status(&self, m: &mut Machine<X86>, status: Status) {

@@ -63,6 +63,7 @@ static CPU_READY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MA
 
 extern "C" {
     static __image_start: u8;
+    static __rodata_end: u8;
     static __image_end: u8;
 }
 
@@ -282,6 +283,14 @@ pub(crate) fn image_range() -> PhysRange {
     // SAFETY: linker-script symbols; only their addresses are used.
     let (start, end) =
         unsafe { (core::ptr::from_ref(&__image_start) as u64, core::ptr::from_ref(&__image_end) as u64) };
+    PhysRange::new(start, end - start)
+}
+
+/// The image's code and read-only data (what the handoff record hashes).
+pub(crate) fn code_range() -> PhysRange {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (start, end) =
+        unsafe { (core::ptr::from_ref(&__image_start) as u64, core::ptr::from_ref(&__rodata_end) as u64) };
     PhysRange::new(start, end - start)
 }
 
