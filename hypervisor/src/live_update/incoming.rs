@@ -174,8 +174,8 @@ pub unsafe fn adopt<A: Handover + 'static>(
 
 /// Called by each CPU as it first enters a guest. The last one after an
 /// update drives Restored → Resumed → Finished.
-pub fn cpu_resumed(now: u64, hz: u64) {
-    if !REPORT.note_resumed(now, hz) {
+pub fn cpu_resumed(cpu: usize, now: u64, hz: u64) {
+    if !REPORT.note_resumed(cpu, now, hz) {
         return;
     }
     let Some(Incoming(mut sm)) = INCOMING.lock().take() else { return };

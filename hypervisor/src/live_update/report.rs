@@ -11,6 +11,9 @@
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::request::blackout_us;
+use core::fmt::Write as _;
+
+use crate::machine::MAX_CPUS;
 use crate::{hv_event, VERSION};
 
 /// Counter values and figures of the update being completed.
@@ -37,7 +40,15 @@ pub struct BlackoutReport {
     staged: AtomicU64,
     parked_cpus: AtomicU64,
     firmware_calls: AtomicU64,
+    /// When each CPU (by index) re-entered a guest.
+    cpu_resumed_at: [AtomicU64; MAX_CPUS],
+    /// Steps of the boot CPU between entry and the end of the restore
+    /// ([`BlackoutReport::mark`]), in order.
+    marks: spin::Mutex<[(&'static str, u64); MAX_MARKS]>,
 }
+
+/// How many restore steps the report keeps.
+const MAX_MARKS: usize = 8;
 
 impl Default for BlackoutReport {
     fn default() -> Self {
@@ -73,6 +84,19 @@ impl BlackoutReport {
             staged: AtomicU64::new(0),
             parked_cpus: AtomicU64::new(0),
             firmware_calls: AtomicU64::new(0),
+            cpu_resumed_at: [const { AtomicU64::new(0) }; MAX_CPUS],
+            marks: spin::Mutex::new([("", 0); MAX_MARKS]),
+        }
+    }
+
+    /// Records that the boot CPU finished restore step `name` at `now`
+    /// (printed as `hv: update-steps <name>_us=...`, each from the one
+    /// before, the first from the entry). Steps past the eighth are not
+    /// kept.
+    pub fn mark(&self, name: &'static str, now: u64) {
+        let mut marks = self.marks.lock();
+        if let Some(slot) = marks.iter_mut().find(|(n, _)| n.is_empty()) {
+            *slot = (name, now);
         }
     }
 
@@ -96,15 +120,30 @@ impl BlackoutReport {
         self.preserved_pages.store(f.preserved_pages, Ordering::Relaxed);
         self.resume_cpus.store(f.resume_cpus.max(1), Ordering::Relaxed);
         self.resumed.store(0, Ordering::Relaxed);
+        for at in &self.cpu_resumed_at {
+            at.store(0, Ordering::Relaxed);
+        }
         self.restored.store(now, Ordering::Relaxed);
         self.resume_from.store(f.freeze_counter.max(1), Ordering::Release);
     }
 
+    /// CPUs that have still to re-enter a guest before the blackout ends
+    /// (0 when no update is being completed).
+    pub fn waiting_for(&self) -> usize {
+        if self.resume_from.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        self.resume_cpus.load(Ordering::Acquire).saturating_sub(self.resumed.load(Ordering::Acquire))
+    }
+
     /// Called by each CPU as it first enters a guest: true for the last
     /// one to do so after an update, whose entry ends the blackout.
-    pub fn note_resumed(&self, now: u64, hz: u64) -> bool {
+    pub fn note_resumed(&self, cpu: usize, now: u64, hz: u64) -> bool {
         if self.resume_from.load(Ordering::Acquire) == 0 {
             return false;
+        }
+        if let Some(at) = self.cpu_resumed_at.get(cpu) {
+            at.store(now, Ordering::Relaxed);
         }
         let n = self.resumed.fetch_add(1, Ordering::AcqRel) + 1;
         if n != self.resume_cpus.load(Ordering::Acquire) {
@@ -149,6 +188,24 @@ impl BlackoutReport {
             entry_to_restored_us = blackout_us(entry, restored, hz),
             restored_to_resumed_us = blackout_us(restored, now, hz),
         );
+        // Per CPU: from the end of the restore to its first guest entry.
+        let mut line = alloc::string::String::new();
+        for (cpu, at) in self.cpu_resumed_at.iter().enumerate() {
+            let at = at.load(Ordering::Relaxed);
+            if at != 0 {
+                let _ = write!(line, " cpu{cpu}_resumed_us={}", blackout_us(restored, at, hz));
+            }
+        }
+        crate::println!("hv: update-cpus{line}");
+        let mut steps = alloc::string::String::new();
+        let mut before = entry;
+        for (name, at) in core::mem::replace(&mut *self.marks.lock(), [("", 0); MAX_MARKS]) {
+            if !name.is_empty() {
+                let _ = write!(steps, " {name}_us={}", blackout_us(before, at, hz));
+                before = at;
+            }
+        }
+        crate::println!("hv: update-steps{steps}");
     }
 }
 
@@ -159,7 +216,7 @@ mod tests {
     #[test]
     fn the_last_cpu_to_resume_reports_once() {
         let r = BlackoutReport::new();
-        assert!(!r.note_resumed(10, 1_000_000), "nothing armed on a first boot");
+        assert!(!r.note_resumed(0, 10, 1_000_000), "nothing armed on a first boot");
         let f = RestoreFigures {
             update_count: 1,
             handover_bytes: 4096,
@@ -168,9 +225,9 @@ mod tests {
             resume_cpus: 2,
         };
         r.note_restored(f, 150);
-        assert!(!r.note_resumed(200, 1_000_000));
-        assert!(r.note_resumed(210, 1_000_000));
+        assert!(!r.note_resumed(0, 200, 1_000_000));
+        assert!(r.note_resumed(1, 210, 1_000_000));
         r.print();
-        assert!(!r.note_resumed(220, 1_000_000), "reported once");
+        assert!(!r.note_resumed(0, 220, 1_000_000), "reported once");
     }
 }

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use hypervisor::arch::aarch64::ptimer::{self, PPI_EL1_PHYS_TIMER};
 use hypervisor::arch::aarch64::traps::{CNTHCTL_GUEST, CPTR_GUEST, HCR_GUEST, MDCR_GUEST};
-use hypervisor::live_update::HANDSHAKE;
+use hypervisor::live_update::{HANDSHAKE, REPORT};
 use hypervisor::machine::{Machine, Next};
 use hypervisor::println;
 use hypervisor::sched::VcpuState;
@@ -53,6 +53,13 @@ pub fn wait_for_start() {
     }
 }
 
+/// While an update completes and other CPUs are not back in their guests
+/// yet, a CPU that is leaves its guest this often (µs) and yields: an
+/// emulator that runs CPUs round-robin on one host thread (QEMU with
+/// -icount) otherwise runs the first guest for a whole time slice before
+/// the others get to return. On hardware it costs a timer exit or two.
+const RESUME_POLL_US: u64 = 20;
+
 /// When each CPU's time slice ends (physical counter).
 static SLICE_END: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
@@ -68,7 +75,13 @@ fn arm_tick(cpu: usize) {
 /// a vCPU here, so it fires on time rather than at the next slice.
 fn program_timer(cpu: usize, deadline: Option<u64>) {
     let end = SLICE_END[cpu].load(Ordering::Relaxed);
-    let at = deadline.map_or(end, |d| d.min(end));
+    let mut at = deadline.map_or(end, |d| d.min(end));
+    if REPORT.waiting_for() > 0 {
+        // An update is completing and some CPU is not back in a guest:
+        // come back soon and let it run (see `schedule`).
+        let (now, freq) = super::counter();
+        at = at.min(now + freq / 1_000_000 * RESUME_POLL_US);
+    }
     // SAFETY: programs this CPU's EL2 physical timer (CNTHP), which only the
     // hypervisor uses.
     unsafe {
@@ -128,7 +141,7 @@ pub fn run_cpu(cpu: usize, stack_slot: usize) -> ! {
     }
     arm_tick(cpu);
     let next = schedule(cpu, false);
-    super::live_update::note_resumed();
+    super::live_update::note_resumed(cpu);
     // SAFETY: `next` is a live vCPU frame pinned to this CPU and loaded by
     // `schedule`; the stack top is this CPU's own stack.
     unsafe { guest_enter(next, STACK_TOP[cpu].load(Ordering::Relaxed)) }
@@ -292,6 +305,11 @@ fn prepare_entry(m: &mut Machine<Aarch64>, cpu: usize, v: usize) {
 /// Chooses the vCPU to run on this CPU, idling (WFI, lock released) until
 /// one is runnable. `yield_now` prefers another vCPU over the current one.
 fn schedule(cpu: usize, yield_now: bool) -> *mut GuestRegs {
+    if REPORT.waiting_for() > 0 {
+        // SAFETY: YIELD is a hint with no architectural effect (see
+        // `RESUME_POLL_US`).
+        unsafe { asm!("yield", options(nomem, nostack)) };
+    }
     loop {
         if HANDSHAKE.freeze_requested() {
             super::live_update::freeze_this_cpu(cpu);

@@ -51,6 +51,8 @@ static MAILBOX: Mailbox = Mailbox([const { AtomicU64::new(0) }; super::MAX_CPUS]
 /// Set by the requesting CPU before it releases the frozen ones: park in
 /// [`MAILBOX`] rather than leave through PSCI CPU_OFF.
 static PARK: AtomicBool = AtomicBool::new(false);
+/// How much of the new image `place` copies (or clears) between yields.
+const STAGE_CHUNK: usize = 64 << 10;
 /// The arm64 Image header's text_offset (byte 8): where in RAM, from
 /// slot 0's base, the image is linked (`linker.ld`).
 const TEXT_OFFSET_OFFSET: usize = 8;
@@ -69,6 +71,11 @@ const IMAGE_SIZE_OFFSET: usize = 16;
 /// whose footprint (file, bss, stacks) is larger is refused before the
 /// freeze, and nothing preserved is ever allocated in the slot.
 pub const IMAGE_SLOT: u64 = 16 << 20;
+
+/// Records that the boot CPU finished a restore step (`hv: update-steps`).
+pub fn mark(step: &'static str) {
+    REPORT.mark(step, super::counter().0);
+}
 
 /// Records when the new image was entered (and when the old one jumped).
 pub fn note_entry(kexec_counter: u64) {
@@ -145,19 +152,29 @@ impl UpdatePlatform for Arm {
         })?;
         if let Placement::Alternate { range, .. } = placement {
             // check_image: the file is no longer than the footprint, which
-            // fits the slot.
-            let (len, footprint) = (staged.len(), footprint as usize);
-            // SAFETY: the other slot is reserved for images since boot;
-            // nothing lives or runs there (the image that ran there
-            // before this one is gone), and it is identity-mapped.
-            unsafe {
-                core::ptr::copy_nonoverlapping(staged.as_ptr(), range.base as *mut u8, len);
-                core::ptr::write_bytes((range.base as usize + len) as *mut u8, 0, footprint - len);
+            // fits the slot. In chunks, with a YIELD between them: the
+            // guests on the other CPUs run meanwhile, and an emulator that
+            // runs CPUs round-robin (QEMU -icount) lets them.
+            let footprint = footprint as usize;
+            for at in (0..footprint).step_by(STAGE_CHUNK) {
+                let end = (at + STAGE_CHUNK).min(footprint);
+                let dst = range.base as usize + at;
+                let from_file = staged.get(at..end.min(staged.len())).unwrap_or(&[]);
+                // SAFETY: the other slot is reserved for images since
+                // boot; nothing lives or runs there (the image that ran
+                // there before this one is gone), and it is identity-
+                // mapped; `end` is within the footprint, within the slot.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(from_file.as_ptr(), dst as *mut u8, from_file.len());
+                    core::ptr::write_bytes((dst + from_file.len()) as *mut u8, 0, end - at - from_file.len());
+                }
+                // The new image starts with the MMU and caches off: its
+                // bytes must be in memory, and no stale instruction of
+                // whatever ran there before may be fetched (Arm ARM
+                // D7.5.9, D7.5.10).
+                clean(dst as u64, (range.base as usize + end) as u64);
+                self.relax();
             }
-            // The new image starts with the MMU and caches off: its bytes
-            // must be in memory, and no stale instruction of whatever ran
-            // there before may be fetched (Arm ARM D7.5.9, D7.5.10).
-            clean(range.base, range.base + footprint as u64);
             // SAFETY: invalidates instruction caches; no other effect.
             unsafe { asm!("ic ialluis", "dsb ish", "isb", options(nostack)) };
         }
@@ -338,9 +355,9 @@ fn clean_invalidate(base: u64, end: u64) {
 
 /// Called by each CPU as it first enters a guest: the last one to do so
 /// after an update ends the blackout and reports it.
-pub fn note_resumed() {
+pub fn note_resumed(cpu: usize) {
     let (now, hz) = super::counter();
-    incoming::cpu_resumed(now, hz);
+    incoming::cpu_resumed(cpu, now, hz);
 }
 
 pub use hypervisor::live_update::incoming::Parked;
@@ -386,10 +403,12 @@ pub fn restore(
         println!("handover: {e}");
         h("handover-invalid")
     })?;
+    mark("handover");
     let handoff = reader.subsystem("handoff").and_then(|n| n.record::<HandoffRecord>().ok().flatten());
     let old_slot = other_slot();
     let parked = handoff.as_ref().and_then(|r| Parked::from_record(r, old_slot, super::MAX_CPUS));
     let online = start_cpus(parked.as_ref());
+    mark("cpus");
     let staged = handoff.as_ref().is_some_and(|r| r.staged == 1);
     REPORT.note_handoff(staged, parked.map_or(0, |p| p.count()), psci::calls());
     if let Some(old) = handoff.as_ref().and_then(|r| incoming::old_image_of(r, old_slot)) {
@@ -406,6 +425,7 @@ pub fn restore(
         }
     };
     let pci = platform.pcie.as_ref().and_then(PciHost::from_dtb);
+    mark("smmu");
     let spec = AdoptSpec { ram, reserved, online: &online, counter: || super::counter().0 };
     // SAFETY: RAM is identity-mapped, and only this CPU is up.
     unsafe { incoming::adopt(&reader, &MACHINE, Aarch64 { smmu, pci }, IdentityPages, spec) }.map_err(|e| {

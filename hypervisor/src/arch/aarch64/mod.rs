@@ -102,6 +102,9 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
     // 2 MiB DTB limit, and validation rejects a lying totalsize.
     let blob = unsafe { core::slice::from_raw_parts(dtb_phys as *const u8, len) };
     let parsed = dtb::parse(blob, dtb_phys);
+    if handover_phys != 0 {
+        live_update::mark("dtb");
+    }
     // Without a DTB there is no known console; nothing can be reported.
     let Ok((info, platform)) = parsed else { park() };
     let Some(uart) = platform.uart else { park() };
@@ -116,6 +119,9 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
     }
     if let Err(reason) = build_host_map(&info, &platform) {
         fail(reason);
+    }
+    if handover_phys != 0 {
+        live_update::mark("host-map");
     }
     for (i, &c) in platform.cpus.iter().enumerate().take(MAX_CPUS) {
         platform::set_cpu(i, c);
@@ -322,7 +328,10 @@ fn start_secondaries(platform: &DtbPlatform, parked: Option<&live_update::Parked
                 hv_event!("cpu-on-timeout", mpidr = format_args!("{target:#x}"));
                 break;
             }
-            core::hint::spin_loop();
+            // SAFETY: YIELD is a hint with no architectural effect (an
+            // emulator that runs CPUs round-robin switches to the one being
+            // waited for; spin_loop's ISB does not make it switch).
+            unsafe { asm!("yield", options(nomem, nostack)) };
         }
     }
 }

@@ -235,8 +235,8 @@ pub fn idle(cpu: usize) -> ! {
 }
 
 /// Called by each CPU as it first enters a guest.
-pub fn note_resumed() {
-    incoming::cpu_resumed(tsc::now(), tsc_hz());
+pub fn note_resumed(cpu: usize) {
+    incoming::cpu_resumed(cpu, tsc::now(), tsc_hz());
 }
 
 /// Runs a live update requested by vCPU `v` on `cpu`; returns only if it

@@ -362,7 +362,7 @@ pub fn run_cpu(cpu: usize) -> ! {
     loop {
         let Some(mut ctx) = schedule(cpu, yield_now, &host) else { super::live_update::idle(cpu) };
         if core::mem::take(&mut first) {
-            super::live_update::note_resumed();
+            super::live_update::note_resumed(cpu);
         }
         // SAFETY: `schedule` returned this CPU's loaded vCPU, whose VMCS is
         // current; only this CPU touches its context.
