@@ -918,7 +918,7 @@ mod tests {
         assert_eq!(cmd("mine"), "ticks=5", "guests that are not test guests are left alone");
         let mut x86 = default_guest_specs(Arch::X86_64, Path::new("g"));
         sized_for_updates(Arch::X86_64, &mut x86, 2);
-        assert_eq!(x86[2].cmdline, "seconds=2 gap_report_us=20000");
+        assert_eq!(x86[2].cmdline, "seconds=3 gap_report_us=20000");
         assert_eq!(updater_cmdline(3), "updates=3 delay_ms=250");
     }
 

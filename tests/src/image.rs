@@ -26,14 +26,11 @@ pub struct ImageSpec {
     pub slot: u8,
 }
 
-/// The slot update images (the B side of A -> B -> A ...) are built for
-/// on `arch`: the other slot where the architecture stages updates in it
-/// (aarch64); x86_64 still copies the image in place during the blackout.
-pub fn update_slot(arch: Arch) -> u8 {
-    match arch {
-        Arch::Aarch64 => 1,
-        Arch::X86_64 => 0,
-    }
+/// The slot update images (the B side of A -> B -> A ...) are built for:
+/// slot 1, since images boot from slot 0, so every update of an
+/// A -> B -> A ... sequence is staged in the slot not running.
+pub fn update_slot(_arch: Arch) -> u8 {
+    1
 }
 
 /// A bootable artefact.

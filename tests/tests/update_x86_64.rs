@@ -18,8 +18,11 @@ use loader::image_desc;
 /// display listens on a fixed port.
 static EMULATOR: Mutex<()> = Mutex::new(());
 
+/// The boot image (no version given: slot 0) or an update image (linked
+/// for slot 1, so an update from the boot image is staged there).
 fn build(version: Option<&str>) -> BuiltImage {
-    image::build(&ImageSpec { arch: Arch::X86_64, version: version.map(String::from), slot: 0 })
+    let slot = u8::from(version.is_some());
+    image::build(&ImageSpec { arch: Arch::X86_64, version: version.map(String::from), slot })
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -154,6 +157,17 @@ fn ten_updates_alternate_and_guests_stay_resident() {
         check(&run, seen > 0 && seen * 2 >= r.blackout_us, &format!("guest-seen blackout for update {}", r.count));
     }
     check(&run, run.hv("fault").is_empty(), "no guest faults (the isolation probe reads all ones)");
+
+    // Staged updates: every image was put in the other slot before the
+    // freeze (the trampoline copied nothing), and the old image was
+    // intact after the guests resumed; the slots alternate.
+    check(&run, run.hv("update-begin").iter().all(|e| e.get("image") == Some("slot")), "every image staged");
+    check(&run, done.iter().all(|e| e.num("staged") == Some(1)), "update-done staged=1");
+    let old = run.hv("old-image");
+    check(&run, old.len() == UPDATES && old.iter().all(|e| e.num("intact") == Some(1)), "old image intact");
+    let bases: Vec<u64> = old.iter().filter_map(|e| e.num("base")).collect();
+    let slots = hypervisor::slots::X86_64.bases;
+    check(&run, bases.iter().enumerate().all(|(k, &b)| b == slots[k % 2]), &format!("slots alternate: {bases:x?}"));
 }
 
 /// No console byte lost across updates: two guests each write one long

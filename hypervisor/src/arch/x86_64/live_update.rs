@@ -23,10 +23,10 @@ use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
-use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE};
+use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
-use hypervisor::slots::Placement;
+use hypervisor::slots::{self, Placement};
 use hypervisor::{hv_event, println};
 use kho::HandoverReader;
 use loader::elf::{self, Machine as ElfMachine};
@@ -34,7 +34,7 @@ use loader::image_desc::{Descriptor, ImageArch};
 use loader::{BootInfo, PhysRange};
 
 use super::platform::{tsc_hz, MACHINE, X86};
-use super::{smp, tsc, vmcs, vmx, KEXEC_WINDOW, MAPPED_LIMIT};
+use super::{smp, tsc, vmcs, vmx, MAPPED_LIMIT};
 
 /// Scratch after the staged image: the trampoline's code page, its
 /// parameter page, and its page tables (PML4, PDPT, 4 PDs).
@@ -96,11 +96,33 @@ impl UpdatePlatform for Vmx {
         segments(staged, desc).map(|_| ())
     }
 
-    /// x86_64 keeps the old path for now: the trampoline copies the
-    /// image's segments to their addresses during the blackout, and the
-    /// other CPUs are restarted with INIT-SIPI-SIPI.
-    fn place(&self, _: &[u8]) -> Result<Placement, &'static str> {
-        Ok(Placement::InPlace)
+    /// An image for the other slot: its segments copied there and the
+    /// rest of each cleared now, while the guests run (the trampoline then
+    /// only enters it). One for the running slot: copied by the
+    /// trampoline during the blackout.
+    fn place(&self, staged: &[u8]) -> Result<Placement, &'static str> {
+        let desc = loader::image_desc::find(staged).map_err(|_| "no-descriptor")?;
+        let (segs, placement) = segments(staged, &desc)?;
+        if let Placement::Alternate { range, .. } = placement {
+            let mbi = MACHINE.with(|m| m.arch.mbi).ok_or("no-machine")?;
+            if mbi.overlaps(&range) {
+                // The next image reads the multiboot2 information there.
+                return Err("boot-information-in-image-slot");
+            }
+            for s in &segs {
+                // SAFETY: `segments` checked each lies in the other image
+                // slot (reserved for images since boot: nothing lives or
+                // runs there) and its file bytes in `staged`; identity-
+                // mapped.
+                unsafe {
+                    let src = staged.as_ptr().add(s.file_offset as usize);
+                    core::ptr::copy_nonoverlapping(src, s.paddr as *mut u8, s.file_size as usize);
+                    let bss = (s.paddr + s.file_size) as *mut u8;
+                    core::ptr::write_bytes(bss, 0, (s.mem_size - s.file_size) as usize);
+                }
+            }
+        }
+        Ok(placement)
     }
 
     fn handoff(&self) -> HandoffPlan {
@@ -160,12 +182,20 @@ fn freeze_cpu(m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The image's PT_LOAD segments, checked: each inside the kexec window
-/// (memory reserved for hypervisor images since first boot, so no
-/// preserved page is there), and the handover entry inside one.
-fn segments(staged: &[u8], desc: &Descriptor) -> Result<Vec<elf::LoadSegment>, &'static str> {
+/// The image's PT_LOAD segments, checked: all inside the image slot the
+/// image is linked for (memory reserved for hypervisor images since first
+/// boot, so no preserved page is there), and the handover entry inside
+/// one; and where the image goes.
+fn segments(staged: &[u8], desc: &Descriptor) -> Result<(Vec<elf::LoadSegment>, Placement), &'static str> {
     let image = elf::parse(staged, ElfMachine::X86_64).map_err(|_| "bad-elf")?;
-    let window = super::image_range().base..super::image_range().base + KEXEC_WINDOW;
+    let base = image.segments.iter().map(|s| s.paddr).min().ok_or("bad-elf")?;
+    let end = image.segments.iter().filter_map(|s| s.paddr.checked_add(s.mem_size)).max().ok_or("bad-elf")?;
+    let placement = slots::X86_64.place(super::image_range().base, base, end - base).map_err(|e| {
+        println!("update: {e:?}");
+        e.reason()
+    })?;
+    let slot = slots::X86_64.range(slots::X86_64.slot_of(base).unwrap_or(0));
+    let window = slot.base..slot.base + slot.size;
     for s in &image.segments {
         let end = s.paddr.checked_add(s.mem_size).ok_or("bad-elf")?;
         let file_end = s.file_offset.checked_add(s.file_size).ok_or("bad-elf")?;
@@ -186,7 +216,7 @@ fn segments(staged: &[u8], desc: &Descriptor) -> Result<Vec<elf::LoadSegment>, &
     if !image.segments.iter().any(|s| (s.paddr..s.paddr + s.file_size).contains(&entry)) {
         return Err("handover-entry-outside-image");
     }
-    Ok(image.segments)
+    Ok((image.segments, placement))
 }
 
 /// A CPU other than the requester, at an exit boundary: frozen until the
@@ -295,7 +325,9 @@ fn prepare_jump(ready: &Ready, online: Vec<usize>) -> Result<Jump, &'static str>
     // SAFETY: the staged copy in scratch, checked by `prepare_and_freeze`.
     let staged = unsafe { core::slice::from_raw_parts(ready.stage.base as *const u8, ready.image_len as usize) };
     let desc = loader::image_desc::find(staged).map_err(|_| "no-descriptor")?;
-    let segs = segments(staged, &desc)?;
+    let (segs, _) = segments(staged, &desc)?;
+    // A staged image is in place already: the trampoline copies nothing.
+    let segs = if matches!(ready.placement, Placement::Alternate { .. }) { Vec::new() } else { segs };
     let mbi = MACHINE.with(|m| m.arch.mbi.base).ok_or("no-machine")?;
     let tramp = (ready.stage.base + ready.image_len).next_multiple_of(PAGE_SIZE);
     let params = tramp + PARAMS_PAGE * PAGE_SIZE;
@@ -403,6 +435,19 @@ pub fn restore(handover_pa: u64, spec: RestoreSpec<'_>) -> Result<usize, Restore
         println!("handover: {e}");
         h("handover-invalid")
     })?;
+    let handoff =
+        reader.subsystem("handoff").and_then(|n| n.record::<hypervisor::records::HandoffRecord>().ok().flatten());
+    let staged = handoff.as_ref().is_some_and(|r| r.staged == 1);
+    // The other CPUs came up through INIT-SIPI-SIPI (no CPU is parked on
+    // x86_64 yet).
+    REPORT.note_handoff(staged, 0, 0);
+    let running = super::image_range().base;
+    let old_slot = slots::X86_64.range(usize::from(slots::X86_64.slot_of(running) != Some(1)));
+    if let Some(old) = handoff.as_ref().and_then(|r| incoming::old_image_of(r, old_slot)) {
+        // SAFETY: `old_image_of` checked the range lies in the other slot,
+        // identity-mapped RAM this image does not use.
+        unsafe { incoming::expect_old_image(old) };
+    }
     let msrs = vmx::read_msrs();
     let controls = VmcsControls::resolve(&msrs).map_err(|e| {
         println!("vmx controls: {e}");

@@ -34,12 +34,15 @@ global_asm!(include_str!("entry.S"), options(att_syntax));
 
 pub const MAX_CPUS: usize = 8;
 /// Where a live update enters the image (`hv_handover_entry` in
-/// `entry.S`, placed by `linker.ld`; named by the image descriptor).
-pub const HANDOVER_ENTRY: u32 = 0x20_0100;
-/// Memory from the image's load address reserved for hypervisor images
-/// since first boot: a new image's segments must fit in it, so copying
-/// them never touches anything preserved.
-const KEXEC_WINDOW: u64 = 16 << 20;
+/// `entry.S`, placed by `linker.ld` 0x100 into the image; named by the
+/// image descriptor): in the slot the image is linked for (`HV_SLOT`).
+pub const HANDOVER_ENTRY: u32 = {
+    let slot = match option_env!("HV_SLOT") {
+        Some(s) if !s.is_empty() && s.as_bytes()[0] == b'1' => 1,
+        _ => 0,
+    };
+    (hypervisor::slots::X86_64.bases[slot] + 0x100) as u32
+};
 /// The boot page tables identity-map the low 4 GiB.
 const MAPPED_LIMIT: u64 = 1 << 32;
 /// Below 1 MiB live the real-mode IVT, the BIOS data areas and the AP
@@ -180,7 +183,9 @@ fn start_aps(info: &BootInfo, cpus: &acpi::MadtCpus) {
 /// What the image and the platform occupy: never handed out.
 fn reserved(info: &BootInfo) -> Vec<PhysRange> {
     let mut reserved = info.reserved.clone();
-    reserved.push(PhysRange::new(image_range().base, KEXEC_WINDOW.max(image_range().size)));
+    // Both image slots (`hypervisor::slots`): a new image is put in one
+    // of them, so copying it never touches anything preserved.
+    reserved.extend(hypervisor::slots::X86_64.ranges());
     reserved.push(PhysRange::new(0, LOW_MEMORY));
     reserved.push(PhysRange::new(MAPPED_LIMIT, u64::MAX - MAPPED_LIMIT));
     reserved
