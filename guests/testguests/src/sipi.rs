@@ -17,6 +17,12 @@
 //! and release), never a read-modify-write, except the start-up count,
 //! which only vCPU 1's start-up code increments.
 //!
+//! With `updates=<n>` on its command line (n ≥ 3) the guest spreads its
+//! vCPU 1 over live updates instead ([`ACROSS_UPDATES`]): vCPU 1 waits
+//! for its SIPI across one update, runs across the next, is halted across
+//! the third, and INIT-SIPI starts it again after that; the hypervisor's
+//! update count (`GET_HV_INFO`) says when each update has happened.
+//!
 //! Lines, the same grammar as the PSCI smp workload: one
 //! `sipi check=<name> result=<r> expected=<e> ok=<0|1>` per check; from
 //! vCPU 1 at each start, `smp cpu=<id> context=0x.. apic_id=0x.. ok=<0|1>`;
@@ -25,6 +31,7 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::updater::hv_info;
 use crate::{Env, Guest, Line};
 
 /// The x2APIC ID of vCPU 1 (the vCPU index).
@@ -52,6 +59,12 @@ const INIT_DELAY_US: u64 = 10_000;
 const SIPI_DELAY_US: u64 = 200;
 /// How long a check waits for a vCPU that should not start.
 const QUIET_US: u64 = 50_000;
+/// Across updates: how long either vCPU waits for the next update (or
+/// for the other) before giving up, and how often vCPU 0 looks.
+const UPDATE_WAIT_SECONDS: u64 = 60;
+const UPDATE_POLL_US: u64 = 10_000;
+/// A wait for an update that did not come.
+pub const NO_UPDATE: i64 = -2;
 
 /// What vCPU 1 reported, in [`Handshake::report`].
 const REPORT_NONE: u64 = 0;
@@ -91,11 +104,22 @@ pub struct Handshake {
     /// Written by vCPU 1: the start-up count of the run that is about to
     /// halt.
     halted: AtomicU64,
+    /// Written by vCPU 0 before it starts vCPU 1: wait for `go` across
+    /// live updates, not just [`WAIT_SECONDS`].
+    patient: AtomicBool,
+    /// Written by vCPU 1: how many times it has looked for `go`.
+    beats: AtomicU64,
 }
 
 impl Handshake {
     pub const fn new() -> Self {
-        Self { report: AtomicU64::new(REPORT_NONE), go: AtomicBool::new(false), halted: AtomicU64::new(0) }
+        Self {
+            report: AtomicU64::new(REPORT_NONE),
+            go: AtomicBool::new(false),
+            halted: AtomicU64::new(0),
+            patient: AtomicBool::new(false),
+            beats: AtomicU64::new(0),
+        }
     }
 
     fn report(&self, ok: bool) {
@@ -147,6 +171,15 @@ enum Step {
     /// INIT then SIPI to vCPU 1, waits for it to halt again: the start-up
     /// count it halted in.
     Restart,
+    /// Waits for the next live update ([`NO_UPDATE`] if none comes), then
+    /// INIT-SIPI-SIPI to vCPU 1 and waits for its report.
+    StartAfterUpdate,
+    /// Waits for the next live update while vCPU 1 runs: 1 if vCPU 1
+    /// still runs after it (its beats advance).
+    RunAcrossUpdate,
+    /// Waits for the next live update while vCPU 1 is halted, then INIT
+    /// and SIPI: the start-up count it halted in again.
+    RestartAfterUpdate,
 }
 
 /// One row of the expectations table.
@@ -179,9 +212,26 @@ pub const CHECKS: [Check; 12] = [
     Check::new("no-error", Step::Errors, 0),
 ];
 
-/// The smp workload of vCPU 0.
-pub fn run<G: Guest + ApicStartup>(g: &mut G, _env: &Env) {
-    run_with(g, &HANDSHAKE);
+/// The checks with `updates=<n>`: vCPU 1 waits for its SIPI across an
+/// update, runs across one, and is halted across one.
+pub const ACROSS_UPDATES: [Check; 7] = [
+    Check::new("startup-code", Step::PlaceCode, 1),
+    Check::new("start-after-update", Step::StartAfterUpdate, REPORTED_OK),
+    Check::new("ran-across-update", Step::RunAcrossUpdate, 1),
+    Check::new("halted", Step::ReleaseAndAwaitHalt, 1),
+    Check::new("restart-after-update", Step::RestartAfterUpdate, 2),
+    Check::new("startups", Step::Startups, 2),
+    Check::new("no-error", Step::Errors, 0),
+];
+
+/// The smp workload of vCPU 0: [`CHECKS`], or [`ACROSS_UPDATES`] with
+/// `updates=<n>`.
+pub fn run<G: Guest + ApicStartup>(g: &mut G, env: &Env) {
+    if env.args().updates.is_some() {
+        run_checks(g, &HANDSHAKE, &ACROSS_UPDATES);
+    } else {
+        run_with(g, &HANDSHAKE);
+    }
 }
 
 /// The smp workload of vCPU 1, started by a SIPI with `context` (the
@@ -190,10 +240,14 @@ pub fn secondary<G: Guest + ApicStartup>(g: &mut G, context: u64) {
     secondary_with(g, context, &HANDSHAKE);
 }
 
-/// Runs every check and prints the verdict.
+/// Runs every check of [`CHECKS`] and prints the verdict.
 pub fn run_with<G: Guest + ApicStartup>(g: &mut G, handshake: &Handshake) {
+    run_checks(g, handshake, &CHECKS);
+}
+
+fn run_checks<G: Guest + ApicStartup>(g: &mut G, handshake: &Handshake, checks: &[Check]) {
     let mut failed = 0_u32;
-    for check in &CHECKS {
+    for check in checks {
         let result = step(g, check.step, handshake);
         let ok = result == check.expected;
         failed += u32::from(!ok);
@@ -205,7 +259,7 @@ pub fn run_with<G: Guest + ApicStartup>(g: &mut G, handshake: &Handshake) {
                 .flag("ok", ok),
         );
     }
-    g.write_line(Line::event("smp").flag("ok", failed == 0).field("checks", CHECKS.len()).field("failed", failed));
+    g.write_line(Line::event("smp").flag("ok", failed == 0).field("checks", checks.len()).field("failed", failed));
 }
 
 fn count(n: u64) -> i64 {
@@ -242,14 +296,56 @@ fn step<G: Guest + ApicStartup>(g: &mut G, step: Step, handshake: &Handshake) ->
             pause(g, QUIET_US);
             count(handshake.halted.load(Ordering::Acquire))
         }
-        Step::Restart => {
-            g.write_icr(init(SECONDARY));
-            pause(g, INIT_DELAY_US);
-            g.write_icr(sipi(SECONDARY));
-            wait_until(g, WAIT_SECONDS, || handshake.halted.load(Ordering::Acquire) >= 2);
-            count(handshake.halted.load(Ordering::Acquire))
+        Step::Restart => restart(g, handshake),
+        Step::StartAfterUpdate => {
+            if !await_update(g) {
+                return NO_UPDATE;
+            }
+            handshake.patient.store(true, Ordering::Release);
+            init_sipi_sipi(g, SECONDARY);
+            wait_until(g, WAIT_SECONDS, || handshake.reported() != NOT_REPORTED);
+            handshake.reported()
+        }
+        Step::RunAcrossUpdate => {
+            if !await_update(g) {
+                return NO_UPDATE;
+            }
+            let before = handshake.beats.load(Ordering::Acquire);
+            pause(g, QUIET_US);
+            i64::from(handshake.beats.load(Ordering::Acquire) > before)
+        }
+        Step::RestartAfterUpdate => {
+            if !await_update(g) {
+                return NO_UPDATE;
+            }
+            restart(g, handshake)
         }
     }
+}
+
+/// INIT then SIPI to vCPU 1, and a wait for it to halt again: the
+/// start-up count it halted in.
+fn restart<G: Guest + ApicStartup>(g: &mut G, handshake: &Handshake) -> i64 {
+    g.write_icr(init(SECONDARY));
+    pause(g, INIT_DELAY_US);
+    g.write_icr(sipi(SECONDARY));
+    wait_until(g, WAIT_SECONDS, || handshake.halted.load(Ordering::Acquire) >= 2);
+    count(handshake.halted.load(Ordering::Acquire))
+}
+
+/// Waits until the hypervisor's update count rises (looking every
+/// [`UPDATE_POLL_US`]); false if it did not within
+/// [`UPDATE_WAIT_SECONDS`] or cannot be read.
+fn await_update<G: Guest>(g: &mut G) -> bool {
+    let Some(start) = hv_info(g).map(|i| i.update_count) else { return false };
+    let end = deadline(g, UPDATE_WAIT_SECONDS.saturating_mul(1_000_000));
+    while g.counter() < end {
+        pause(g, UPDATE_POLL_US);
+        if hv_info(g).is_some_and(|i| i.update_count > start) {
+            return true;
+        }
+    }
+    false
 }
 
 const fn init(apic_id: u64) -> u64 {
@@ -289,15 +385,19 @@ fn wait_until<G: Guest>(g: &G, seconds: u64, done: impl Fn() -> bool) {
     }
 }
 
-/// vCPU 1: reports its x2APIC ID and the context, waits to be let go,
-/// and says it is about to halt.
+/// vCPU 1: reports its x2APIC ID and the context, waits to be let go
+/// (counting beats, across updates if vCPU 0 asked for patience), and
+/// says it is about to halt.
 pub fn secondary_with<G: Guest + ApicStartup>(g: &mut G, context: u64, handshake: &Handshake) {
     let id = g.apic_id();
     let ok = context == SECONDARY_CONTEXT && id == SECONDARY;
     g.write_line(Line::event("smp").field("cpu", id).hex("context", context).hex("apic_id", id).flag("ok", ok));
     handshake.report(ok);
-    let end = deadline(g, WAIT_SECONDS.saturating_mul(1_000_000));
+    let seconds = if handshake.patient.load(Ordering::Acquire) { UPDATE_WAIT_SECONDS * 3 } else { WAIT_SECONDS };
+    let end = deadline(g, seconds.saturating_mul(1_000_000));
     while !handshake.go.load(Ordering::Acquire) {
+        // vCPU 1 is the only writer.
+        handshake.beats.store(handshake.beats.load(Ordering::Relaxed).wrapping_add(1), Ordering::Release);
         if g.counter() >= end {
             g.write_line(Line::event("smp").field("cpu", id).field("error", "no-go"));
             break;
@@ -426,7 +526,10 @@ mod tests {
     }
 
     impl Guest for Vcpu {
+        /// Each hypercall advances the fake hypervisor's clock, so with
+        /// `update_period` its update count rises as the guest polls it.
         fn hypercall(&mut self, request: Request) -> Outcome {
+            let _ = self.console.counter();
             self.console.hypercall(request)
         }
 
@@ -545,6 +648,42 @@ mod tests {
     fn a_sipi_that_should_be_ignored_shows_in_the_count() {
         let (lines, _, _) = run_smp(Bus { sipi_always: true, ..bus() }, 1_000_000_000);
         assert!(lines.contains(&check_line("second-sipi-ignored", 2, 1)), "{lines:?}");
+        assert!(lines.last().unwrap().starts_with("smp ok=0"));
+    }
+
+    /// Runs vCPU 0's across-updates checks with the fake hypervisor
+    /// updating every `period` hypercalls (none: never).
+    fn run_across(period: Option<u64>, frequency: u64) -> (Vec<String>, Vec<String>, Bus) {
+        let mut vcpu = Vcpu::boot(bus(), frequency);
+        vcpu.console.update_period = period;
+        let handshake = Arc::clone(&vcpu.handshake);
+        run_checks(&mut vcpu, &handshake, &ACROSS_UPDATES);
+        let threads = core::mem::take(&mut vcpu.bus.lock().unwrap().threads);
+        let secondary = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let bus = Arc::into_inner(vcpu.bus).unwrap().into_inner().unwrap();
+        (vcpu.console.lines, secondary, bus)
+    }
+
+    #[test]
+    fn across_updates_vcpu_1_waits_runs_and_halts_over_one_update_each() {
+        let (lines, secondary, bus) = run_across(Some(3), 1_000_000_000);
+        let mut expected: Vec<String> =
+            ACROSS_UPDATES.iter().map(|c| check_line(c.name, c.expected, c.expected)).collect();
+        expected.push(std::format!("smp ok=1 checks={} failed=0", ACROSS_UPDATES.len()));
+        assert_eq!(lines, expected);
+        assert_eq!(secondary.len(), 2);
+        assert_eq!(bus.startups, 2);
+        // Nothing was sent before the first update, or to another ID.
+        assert!(bus.icrs.iter().all(|(_, icr)| icr >> 32 == SECONDARY));
+    }
+
+    #[test]
+    fn across_updates_without_updates_says_so() {
+        // Timeouts of a nominal 60 s take 60 ms.
+        let (lines, secondary, _) = run_across(None, 1_000_000);
+        assert!(secondary.is_empty(), "vCPU 1 is not started before an update");
+        assert!(lines.contains(&check_line("start-after-update", NO_UPDATE, REPORTED_OK)));
+        assert!(lines.contains(&check_line("restart-after-update", NO_UPDATE, 2)));
         assert!(lines.last().unwrap().starts_with("smp ok=0"));
     }
 
