@@ -210,8 +210,9 @@ impl Handover for X86 {
     }
 
     /// The `lapic` record: every vCPU's APIC as its owning CPU copied it
-    /// at the freeze (a vCPU never scheduled has its reset APIC), and
-    /// where each is in the INIT-SIPI protocol.
+    /// at the freeze (a vCPU never scheduled has its reset APIC) with the
+    /// IPIs other vCPUs left for it since (a sender on another CPU may
+    /// have frozen after it), and where each is in the INIT-SIPI protocol.
     fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
         let mut rec = LapicRecord {
             vcpus: p.info.vcpus,
@@ -221,7 +222,11 @@ impl Handover for X86 {
         };
         let mut at = 0;
         for index in 0..p.info.vcpus {
-            let apic = p.arch.apic_handover.get(index as usize).cloned().flatten().unwrap_or_else(|| Lapic::new(index));
+            let mut apic =
+                p.arch.apic_handover.get(index as usize).cloned().flatten().unwrap_or_else(|| Lapic::new(index));
+            if let Some(inbox) = p.arch.inbox.get(index as usize) {
+                apic.accept_all(inbox);
+            }
             let out = rec.state.get_mut(at..).ok_or(SaveError::Device("lapic-state-too-large"))?;
             at += apic.encode(out).ok_or(SaveError::Device("lapic-state-too-large"))?;
             let k = index as usize * startup::ENCODED_LEN;
