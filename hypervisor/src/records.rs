@@ -235,19 +235,28 @@ state_record! {
 /// Bytes of a partition's local APICs in [`LapicRecord`]: up to 12 vCPUs
 /// of `arch::x86_64::lapic::STATE_LEN` bytes each.
 pub const LAPIC_STATE_BYTES: usize = 2048;
+/// Bytes of [`LapicRecord::startup`]: two per vCPU, up to 16 vCPUs.
+pub const LAPIC_STARTUP_BYTES: usize = 32;
 
 state_record! {
     /// A partition's virtual local APICs (x86_64), each vCPU's encoding in
     /// vCPU order (`arch::x86_64::lapic::Lapic::encode`). Stored next to
-    /// the partition's record.
+    /// the partition's record. Version 2 adds where each vCPU is in the
+    /// INIT-SIPI protocol; a version-1 reader ignores it (its image starts
+    /// no vCPU but the first).
     pub struct LapicRecord {
         const ID = 0x0001_0007;
         const NAME = "lapic";
-        const VERSION = 1;
+        const VERSION = 2;
         const MIN_READER_VERSION = 1;
         pub vcpus: u32 [since 1],
         pub len: u32 [since 1],
         pub state: [u8; LAPIC_STATE_BYTES] [since 1],
+        /// Per vCPU, in vCPU order, `arch::x86_64::startup::Startup::encode`:
+        /// a state (1 running, 2 waiting for a SIPI, 3 a SIPI received and
+        /// not yet carried out) and the SIPI's vector; all zero from a
+        /// version-1 writer, and beyond `vcpus`.
+        pub startup: [u8; LAPIC_STARTUP_BYTES] [since 2],
     }
 }
 
@@ -428,6 +437,30 @@ mod tests {
         assert_eq!(bytes[..4], 0x0001_0006u32.to_be_bytes());
         assert_eq!(bytes[16..23], [0, 0, 0, 3, b'a', b'b', b'c']);
         assert_eq!(ConsoleRecord::decode(&bytes).unwrap(), rec);
+    }
+
+    #[test]
+    fn lapic_record_version_2_reads_version_1_and_is_read_by_it() {
+        let mut startup = [0u8; LAPIC_STARTUP_BYTES];
+        startup[..4].copy_from_slice(&[1, 0, 3, 0x08]);
+        let v2 = LapicRecord { vcpus: 2, len: 320, state: [7; LAPIC_STATE_BYTES], startup };
+        let bytes = v2.encode();
+        assert_eq!(LapicRecord::decode(&bytes).unwrap(), v2);
+        // A version-1 record: the same header but version 1 and no startup
+        // bytes, re-checksummed. Its startup reads as all zero.
+        let payload = &bytes[16..bytes.len() - LAPIC_STARTUP_BYTES];
+        let mut v1 = std::vec::Vec::new();
+        v1.extend_from_slice(&LapicRecord::ID.to_be_bytes());
+        v1.extend_from_slice(&1u16.to_be_bytes());
+        v1.extend_from_slice(&1u16.to_be_bytes());
+        v1.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        let mut crc_input = v1.clone();
+        crc_input.extend_from_slice(payload);
+        v1.extend_from_slice(&kho::crc32(&crc_input).to_be_bytes());
+        v1.extend_from_slice(payload);
+        let old = LapicRecord::decode(&v1).unwrap();
+        assert_eq!((old.vcpus, old.len, old.startup), (2, 320, [0; LAPIC_STARTUP_BYTES]));
+        assert_eq!(LapicRecord::MIN_READER_VERSION, 1, "a version-1 reader still reads version 2");
     }
 
     #[test]

@@ -235,11 +235,6 @@ pub fn x86_64_refusal(g: &GuestArg) -> Option<String> {
     if !g.devices.is_empty() {
         return Some("device passthrough is not supported on x86_64".into());
     }
-    if g.vcpus > 1 {
-        // The hypervisor starts only vCPU 0 of an x86_64 guest (no
-        // INIT-SIPI for guests yet): the others would never run.
-        return Some(format!("vcpus={}: only vCPU 0 of an x86_64 guest runs for now", g.vcpus));
-    }
     if g.cmdline.chars().any(|c| c.is_control() || GRUB_SPECIAL.contains(c)) {
         return Some(format!(
             "the command line may not contain control characters or any of {GRUB_SPECIAL} on x86_64 (GRUB module line)"

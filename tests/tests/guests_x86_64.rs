@@ -2,7 +2,8 @@
 //! `corei7_skylake_x`): the test guests run concurrently on both physical
 //! CPUs, each in its own EPT tree and VPID, every event they print is
 //! checked, and faults (an EPT violation, a triple fault, a forbidden
-//! MSR) stay with the guest that caused them.
+//! MSR) stay with the guest that caused them. A two-vCPU guest starts its
+//! second vCPU, on the other physical CPU, with INIT-SIPI-SIPI.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -311,4 +312,66 @@ fn an_access_to_nothing_it_cannot_decode_stops_only_its_guest() {
     let hb = id_of(&run, "heartbeat");
     let beat = last(&run.guest(hb, "heartbeat"));
     check(&run, beat.is_some_and(|e| e.num("ticks") == Some(20)), "heartbeat reached 20 ticks");
+}
+
+/// INIT-SIPI-SIPI (SDM Vol. 3A §9.4.4): the smp guest's vCPU 0 starts
+/// vCPU 1, which the hypervisor placed on the other physical CPU, in real
+/// mode at the page of its SIPI vector in the guest's conventional memory;
+/// vCPU 1 enters long mode and reports its x2APIC ID. INIT-SIPI-SIPI to
+/// an APIC ID the guest does not have starts nothing and latches no error;
+/// SIPIs to a running or halted vCPU are ignored; INIT then SIPI starts it
+/// again. A heartbeat beside it on vCPU 0's CPU ticks through all of it.
+#[test]
+fn init_sipi_sipi_starts_the_second_vcpu_on_the_other_cpu() {
+    let list = [test_guest("smp", ",vcpus=2,mem=4"), test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30\"")];
+    let run = run_guests("test-x86_64-smp", &list);
+    check(&run, run.clean_shutdown(), "no clean shutdown");
+    let id = id_of(&run, "smp");
+    let started = run.hv("guest-start");
+    let smp = started.iter().find(|e| e.num("id") == Some(u64::from(id)));
+    check(&run, smp.is_some_and(|e| e.num("vcpus") == Some(2)), "two vCPUs");
+    check(
+        &run,
+        smp.is_some_and(|e| e.num("conventional_kib") == Some(512)),
+        "conventional memory for the start-up code",
+    );
+    let bsp_cpu = smp.and_then(|e| e.num("cpu"));
+
+    let checks = run.guest(id, "sipi");
+    check(&run, checks.len() == 12, "twelve INIT-SIPI checks");
+    for c in &checks {
+        check(&run, c.num("ok") == Some(1), &format!("sipi check {c:?}"));
+    }
+    let lines = run.guest(id, "smp");
+    let verdict = lines.iter().find(|e| e.get("checks").is_some());
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1) && e.num("failed") == Some(0)), "smp verdict");
+    // vCPU 1 ran twice (INIT-SIPI-SIPI, then INIT-SIPI), each time with
+    // the context vCPU 0 left and its own x2APIC ID.
+    let secondary: Vec<_> = lines.iter().filter(|e| e.num("cpu") == Some(1)).collect();
+    check(&run, secondary.len() == 2, "vCPU 1 started twice");
+    for e in &secondary {
+        let good = e.num("ok") == Some(1) && e.num("context") == Some(0x5a5a) && e.num("apic_id") == Some(1);
+        check(&run, good, &format!("vCPU 1 line {e:?}"));
+    }
+    check(&run, lines.iter().all(|e| e.get("error").is_none()), "vCPU 1 was let go");
+
+    // The hypervisor started vCPU 1 on the other physical CPU, once per
+    // accepted SIPI, at the page of vector 0x08.
+    let starts = run.hv("vcpu-start");
+    check(&run, starts.len() == 2, "two vcpu-start events");
+    for e in &starts {
+        let good = e.num("guest") == Some(u64::from(id)) && e.num("vcpu") == Some(1) && e.num("vector") == Some(8);
+        check(&run, good, &format!("vcpu-start {e:?}"));
+        check(&run, bsp_cpu.is_some() && e.num("cpu").is_some() && e.num("cpu") != bsp_cpu, "vCPU 1 on the other CPU");
+    }
+
+    let stop = run.hv("guest-stop");
+    let reason = |id: u32| stop.iter().find(|e| e.num("id") == Some(u64::from(id))).and_then(|e| e.get("reason"));
+    check(&run, reason(id) == Some("shutdown"), "the smp guest shut itself down");
+    let hb = id_of(&run, "heartbeat");
+    let beat = last(&run.guest(hb, "heartbeat"));
+    check(&run, beat.is_some_and(|e| e.num("ticks") == Some(30)), "heartbeat reached 30 ticks");
+    check(&run, reason(hb) == Some("shutdown"), "the heartbeat finished");
+    check(&run, run.hv("fault").is_empty(), "no fault");
+    check(&run, run.hv("unexpected-exit").is_empty(), "no unexpected exits");
 }

@@ -1,8 +1,10 @@
 //! Live update on x86_64 under VT-x in Bochs (2 CPUs): successive updates
 //! A -> B -> A ... with the guests resident (same EPT roots, VMCSs rebuilt
 //! from the vCPU records, the second CPU restarted with INIT-SIPI-SIPI by
-//! each new image); bad images refused with the guests untouched; a
-//! failing freeze participant cancels the update with the guests intact.
+//! each new image); a two-vCPU guest's second vCPU waiting for its SIPI,
+//! running and halted across updates; bad images refused with the guests
+//! untouched; a failing freeze participant cancels the update with the
+//! guests intact.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -206,6 +208,64 @@ fn a_console_line_written_across_updates_comes_out_whole() {
         let verdict = guests::check_longline(&run, id, LINE_UPDATES);
         check(&run, verdict.is_ok(), &format!("{name}: {}", verdict.err().unwrap_or_default()));
     }
+}
+
+/// A two-vCPU guest across live updates (the smp guest with `updates=3`):
+/// vCPU 1 waits for its SIPI across the first update (its place in the
+/// INIT-SIPI protocol crosses in the `lapic` record) and INIT-SIPI-SIPI
+/// then starts it on the other physical CPU; it runs across the second
+/// (its guest state crosses in its vCPU record); it is halted across the
+/// third, and INIT then SIPI start it again.
+#[test]
+fn a_second_vcpu_waits_runs_and_restarts_across_updates() {
+    const SMP_UPDATES: u32 = 4;
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let dir = guests::build_test_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
+    let spec = format!("{},vcpus=2,mem=4,cmdline=\"updates=3\"", dir.join("smp.bin").display());
+    let smp = GuestArg::parse(&spec).unwrap_or_else(|e| panic!("{e}"));
+    let updater = guests::updater_guest(
+        Arch::X86_64,
+        &[b.update_image(), a.update_image()],
+        32,
+        &guests::updater_cmdline(SMP_UPDATES),
+    );
+    let list = [smp, updater.unwrap_or_else(|e| panic!("{e}"))];
+    let run = run("test-x86_64-update-smp", &a, &list, 128);
+    check(&run, run.clean_shutdown(), "clean shutdown: both guests ended by themselves");
+    let done = run.hv("update-done");
+    check(&run, done.len() == SMP_UPDATES as usize, "every update done");
+
+    let id = id_of(&run, "smp");
+    let checks = run.guest(id, "sipi");
+    check(&run, checks.len() == 7, "seven checks across updates");
+    for c in &checks {
+        check(&run, c.num("ok") == Some(1), &format!("sipi check {c:?}"));
+    }
+    let lines = run.guest(id, "smp");
+    let verdict = lines.iter().find(|e| e.get("checks").is_some());
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1)), "smp verdict");
+    let secondary: Vec<_> = lines.iter().filter(|e| e.num("cpu") == Some(1)).collect();
+    check(&run, secondary.len() == 2 && secondary.iter().all(|e| e.num("ok") == Some(1)), "vCPU 1 ran twice");
+
+    // vCPU 1 started after the first update and again after the third,
+    // each time on the CPU that is not vCPU 0's.
+    let serial: Vec<&str> = run.serial.lines().collect();
+    let at = |prefix: &str| -> Vec<usize> {
+        serial.iter().enumerate().filter(|(_, l)| l.starts_with(prefix)).map(|(i, _)| i).collect()
+    };
+    let done_at = at("hv: update-done");
+    let starts = at(&format!("hv: vcpu-start guest={id} vcpu=1 "));
+    check(&run, starts.len() == 2, "two vcpu-start events");
+    let ordered =
+        matches!((&starts[..], &done_at[..]), ([first, second], [u1, _, u3, ..]) if u1 < first && u3 < second);
+    check(&run, ordered, "vCPU 1 started after the first update, and again after the third");
+    let bsp_cpu = run.hv("guest-start").iter().find(|e| e.num("id") == Some(u64::from(id))).and_then(|e| e.num("cpu"));
+    let cpus: Vec<_> = run.hv("vcpu-start").iter().filter_map(|e| e.num("cpu")).collect();
+    check(&run, bsp_cpu.is_some() && cpus.iter().all(|&c| Some(c) != bsp_cpu), "vCPU 1 on the other CPU");
+    let adopted = run.hv("guest-adopted").into_iter().filter(|e| e.num("id") == Some(u64::from(id))).count();
+    check(&run, adopted >= 3, "the smp guest was adopted by every image while it ran");
+    check(&run, run.hv("fault").is_empty(), "no fault");
 }
 
 #[test]

@@ -28,7 +28,8 @@ pub struct Args {
     pub transfers: Option<u64>,
     /// dma: DMA into this address instead (an isolation probe).
     pub dma_addr: Option<u64>,
-    /// updater: live updates to request.
+    /// updater: live updates to request. smp (x86_64): spread the second
+    /// vCPU's start, run and restart over live updates (`sipi`).
     pub updates: Option<u64>,
     /// updater: milliseconds to wait before each update.
     pub delay_ms: Option<u64>,

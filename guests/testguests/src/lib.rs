@@ -9,7 +9,8 @@
 //! Every guest prints machine-readable lines `<event> key=value ...` (the
 //! hypervisor adds the `guest<N>: ` prefix) and ends with `SHUTDOWN_SELF`
 //! (smp with PSCI `SYSTEM_OFF`). The smp workload also needs the
-//! [`Psci`] conduit and runs a second vCPU.
+//! [`Psci`] conduit and runs a second vCPU; on x86_64 it is [`sipi`], which
+//! starts the second vCPU with INIT-SIPI-SIPI through the local APIC.
 #![no_std]
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ pub mod longline;
 pub mod memcheck;
 pub mod psci;
 pub mod reset;
+pub mod sipi;
 pub mod smp;
 pub mod updater;
 
@@ -104,6 +106,7 @@ pub trait Guest {
 /// A workload: runs to completion; the runtime then shuts the guest down.
 pub type Workload<G> = fn(&mut G, &Env);
 
-/// The workload of a vCPU started by PSCI CPU_ON, given its context id.
-/// It ends by turning its vCPU off; should it return, the vCPU parks.
+/// The workload of a vCPU started by PSCI CPU_ON (aarch64) or INIT-SIPI-SIPI
+/// (x86_64), given its context id. It ends by turning its vCPU off; should
+/// it return, the vCPU parks (on x86_64, halts with interrupts off).
 pub type SecondaryWorkload<G> = fn(&mut G, u64);

@@ -13,7 +13,7 @@ use hypervisor::arch::x86_64::cpuid::{guest_cpuid, CpuidRegs, GuestCpuidInfo};
 use hypervisor::arch::x86_64::cr::{cr0, cr4, CrContext, PagingChange};
 use hypervisor::arch::x86_64::debug::{self, DebugReg, DrDecision};
 use hypervisor::arch::x86_64::emulate::{self, Access, CodeSize, Paging};
-use hypervisor::arch::x86_64::lapic::{self, Ipi, WriteEffect};
+use hypervisor::arch::x86_64::lapic::{self, Ipi, StartupIpi, StartupKind, WriteEffect};
 use hypervisor::arch::x86_64::msr::{check_write, GuestMsr, MsrHome, WriteContext, EFER_LMA};
 use hypervisor::arch::x86_64::vmx_caps::entry as entry_ctl;
 use hypervisor::arch::x86_64::vmx_exit::{
@@ -296,9 +296,9 @@ pub fn handle_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
 
 /// HLT: with interrupts enabled the vCPU waits for its local APIC's next
 /// interrupt (the scheduler runs it again once one can be delivered);
-/// with them disabled nothing can ever wake it (there is no NMI or INIT
-/// to send), so it is off for good. A partition whose vCPUs are all off
-/// has halted.
+/// with them disabled only an INIT from another vCPU can (there is no NMI
+/// to send), and a SIPI then restarts it, so it is off. A partition whose
+/// vCPUs are all off has halted: none is left to send an INIT.
 fn hlt_exit(m: &mut Machine<X86>, v: usize, interrupts_enabled: bool) {
     if interrupts_enabled {
         m.vcpus[v].state = VcpuState::Waiting;
@@ -328,6 +328,40 @@ fn send_ipi(m: &mut Machine<X86>, v: usize, ipi: Ipi) {
         if pcpu != m.vcpus[v].pcpu {
             m.arch.kick(pcpu);
         }
+    }
+}
+
+/// INIT and start-up IPIs of vCPU `v` to the other vCPUs of its partition
+/// the destination names (SDM Vol. 3A §9.4.4, §11.6.1). INIT sends a vCPU
+/// to wait for a SIPI: off at once (its CPU is kicked, so it leaves the
+/// guest), its context reset when a SIPI starts it. A SIPI starts a vCPU
+/// that waits for one: runnable, and its own CPU resets it into real mode
+/// at VV00:0000 before entering it (`run::prepare_entry`), as PSCI CPU_ON
+/// does on aarch64; any other vCPU ignores it. IDs no vCPU has match
+/// nothing and are dropped, as fixed IPIs are; other partitions are never
+/// looked at.
+fn send_startup(m: &mut Machine<X86>, v: usize, ipi: StartupIpi) {
+    let p = m.vcpus[v].partition;
+    let sender = m.vcpus[v].index;
+    for k in 0..m.partitions[p].vcpus.len() {
+        let target = m.partitions[p].vcpus[k];
+        let id = m.vcpus[target].index;
+        if id == sender || !ipi.destination.includes(id, sender) || m.vcpus[target].state == VcpuState::Stopped {
+            continue;
+        }
+        match ipi.kind {
+            StartupKind::Init => {
+                m.partitions[p].arch.init_vcpu(id);
+                m.vcpus[target].state = VcpuState::Off;
+            }
+            StartupKind::Sipi(vector) => {
+                if !m.partitions[p].arch.sipi_vcpu(id, vector) {
+                    continue;
+                }
+                m.vcpus[target].state = VcpuState::Runnable;
+            }
+        }
+        m.post(target, 0);
     }
 }
 
@@ -421,6 +455,7 @@ fn wrmsr_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
         match effect {
             Ok(WriteEffect::None) => {}
             Ok(WriteEffect::Ipi(ipi)) => send_ipi(m, v, ipi),
+            Ok(WriteEffect::Startup(ipi)) => send_startup(m, v, ipi),
             Err(e) => return Ok(Step::InjectGp(e)),
         }
         advance_rip()?;

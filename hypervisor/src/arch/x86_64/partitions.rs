@@ -1,5 +1,7 @@
 //! Building the partitions of the boot modules on x86_64: each guest's
-//! RAM below 4 GiB (preserved at allocation), its image and multiboot2
+//! RAM below 4 GiB (preserved at allocation), and the conventional memory
+//! at guest-physical 0 of a guest with more than one vCPU (where its
+//! application processors' start-up code goes), its image and multiboot2
 //! boot information loaded, its EPT tree and VPID, and one VMCS region
 //! per vCPU (preserved: the next image rebuilds the VMCS in place).
 
@@ -118,7 +120,8 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     let image = module_bytes(spec.image, &m.ram).ok_or(GuestError::ImageOutsideRam)?;
     let mem = spec.mem_mib << 20;
     let layout = guest_boot::layout(spec.format, image, mem).map_err(GuestError::Boot)?;
-    let info = guest_boot::boot_information(mem, &spec.cmdline).map_err(GuestError::Boot)?;
+    let conventional = guest_boot::conventional_memory(spec.vcpus);
+    let info = guest_boot::boot_information(mem, conventional, &spec.cmdline).map_err(GuestError::Boot)?;
     let vpid = u16::try_from(id).map_err(|_| GuestError::TooManyPartitions)?;
     let block = m.alloc_guest_ram(mem).map_err(GuestError::Machine)?;
     if block.end().is_none_or(|e| e > MAPPED_LIMIT) {
@@ -130,6 +133,21 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     // identity-mapped below 4 GiB.
     unsafe { core::ptr::write_bytes(block.base as *mut u8, 0, mem as usize) };
     load_image(ram, image, &layout, &info)?;
+    // Conventional memory is preserved like the rest of its RAM; only the
+    // EPT names it, so the next image keeps it mapped without a record.
+    let low = if conventional == 0 {
+        None
+    } else {
+        let low = m.alloc_guest_ram(conventional).map_err(GuestError::Machine)?;
+        if low.end().is_none_or(|e| e > MAPPED_LIMIT) {
+            m.free_guest_ram(low);
+            return Err(GuestError::RamAbove4Gib);
+        }
+        // SAFETY: the block was just allocated for this partition and is
+        // identity-mapped below 4 GiB.
+        unsafe { core::ptr::write_bytes(low.base as *mut u8, 0, conventional as usize) };
+        Some(low)
+    };
     let largest = match (m.arch.caps.ept_1g, m.arch.caps.ept_2m) {
         (true, _) => BlockSize::Size1G,
         (false, true) => BlockSize::Size2M,
@@ -142,6 +160,9 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     let mut ept = Stage2Table::<Ept, LinearMap>::new(&mut frames, phys).map_err(GuestError::Ept)?;
     ept.set_max_block_size(largest);
     ept.map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(GuestError::Ept)?;
+    if let Some(low) = low {
+        ept.map(0, low.base, conventional, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(GuestError::Ept)?;
+    }
     let mut contexts = Vec::new();
     for index in 0..spec.vcpus {
         let vmcs_page = frames.alloc_frame().ok_or(GuestError::OutOfMemory)?;
@@ -156,7 +177,7 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     let root = ept.root();
     let (mib2, gib1) = (ept.leaf_count(BlockSize::Size2M), ept.leaf_count(BlockSize::Size1G));
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
-    let part = X86Partition::new(ept);
+    let part = X86Partition::new(ept, spec.vcpus);
     let p = m.add_partition(info, vpid, part, contexts).map_err(GuestError::Machine)?;
     hv_event!(
         "guest-start",
@@ -171,6 +192,7 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
         ept_1g = gib1,
         vpid = vpid,
         cpu = m.vcpus[m.partitions[p].vcpus[0]].pcpu,
+        conventional_kib = conventional >> 10,
     );
     Ok(())
 }

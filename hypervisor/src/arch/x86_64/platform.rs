@@ -8,11 +8,12 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
 use hypervisor::arch::x86_64::lapic::{self, Lapic, VectorSet};
+use hypervisor::arch::x86_64::startup::{self, Startup};
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::preserved::IdentityPages;
-use hypervisor::records::{format_code, LapicRecord, PartitionRecord, LAPIC_STATE_BYTES};
+use hypervisor::records::{format_code, LapicRecord, PartitionRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES};
 use hypervisor::stage2::{Ept, LinearMap, Stage2Table};
 use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
@@ -59,11 +60,49 @@ pub struct X86Partition {
     /// the next image and taken up by the owning CPU before the vCPU is
     /// scheduled.
     apic_handover: Vec<Option<Lapic>>,
+    /// Where each vCPU (by index) is in the INIT-SIPI protocol: kept here,
+    /// under the machine lock, so that a vCPU on any CPU can send INIT and
+    /// SIPI, and recorded from here at the freeze (after every CPU has
+    /// stopped, so a SIPI sent after its target's CPU froze is not lost).
+    startup: Vec<Startup>,
 }
 
 impl X86Partition {
-    pub fn new(ept: Stage2Table<Ept, LinearMap>) -> Self {
-        Self { ept, uart_lcr: 0, gp_injected: 0, unbacked: 0, inbox: Vec::new(), apic_handover: Vec::new() }
+    /// A partition of `vcpus` vCPUs at power-on: vCPU 0 running, the
+    /// others waiting for a SIPI.
+    pub fn new(ept: Stage2Table<Ept, LinearMap>, vcpus: u32) -> Self {
+        Self {
+            ept,
+            uart_lcr: 0,
+            gp_injected: 0,
+            unbacked: 0,
+            inbox: Vec::new(),
+            apic_handover: Vec::new(),
+            startup: (0..vcpus).map(Startup::at_reset).collect(),
+        }
+    }
+
+    /// Where vCPU `index` is in the INIT-SIPI protocol.
+    pub fn startup(&self, index: u32) -> Startup {
+        self.startup.get(index as usize).copied().unwrap_or(Startup::at_reset(index))
+    }
+
+    /// An INIT for vCPU `index`: it waits for a SIPI.
+    pub fn init_vcpu(&mut self, index: u32) {
+        if let Some(s) = self.startup.get_mut(index as usize) {
+            s.init();
+        }
+    }
+
+    /// A SIPI with `vector` for vCPU `index`: whether it was waiting for
+    /// one (it then starts; otherwise the SIPI is ignored).
+    pub fn sipi_vcpu(&mut self, index: u32, vector: u8) -> bool {
+        self.startup.get_mut(index as usize).is_some_and(|s| s.sipi(vector))
+    }
+
+    /// The SIPI vCPU `index`'s own CPU must carry out before entering it.
+    pub fn take_sipi(&mut self, index: u32) -> Option<u8> {
+        self.startup.get_mut(index as usize).and_then(Startup::take_sipi)
     }
 
     /// Keeps a copy of vCPU `index`'s APIC for the handover.
@@ -171,14 +210,28 @@ impl Handover for X86 {
     }
 
     /// The `lapic` record: every vCPU's APIC as its owning CPU copied it
-    /// at the freeze (a vCPU never scheduled has its reset APIC).
+    /// at the freeze (a vCPU never scheduled has its reset APIC) with the
+    /// IPIs other vCPUs left for it since (a sender on another CPU may
+    /// have frozen after it), and where each is in the INIT-SIPI protocol.
     fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
-        let mut rec = LapicRecord { vcpus: p.info.vcpus, len: 0, state: [0; LAPIC_STATE_BYTES] };
+        let mut rec = LapicRecord {
+            vcpus: p.info.vcpus,
+            len: 0,
+            state: [0; LAPIC_STATE_BYTES],
+            startup: [0; LAPIC_STARTUP_BYTES],
+        };
         let mut at = 0;
         for index in 0..p.info.vcpus {
-            let apic = p.arch.apic_handover.get(index as usize).cloned().flatten().unwrap_or_else(|| Lapic::new(index));
+            let mut apic =
+                p.arch.apic_handover.get(index as usize).cloned().flatten().unwrap_or_else(|| Lapic::new(index));
+            if let Some(inbox) = p.arch.inbox.get(index as usize) {
+                apic.accept_all(inbox);
+            }
             let out = rec.state.get_mut(at..).ok_or(SaveError::Device("lapic-state-too-large"))?;
             at += apic.encode(out).ok_or(SaveError::Device("lapic-state-too-large"))?;
+            let k = index as usize * startup::ENCODED_LEN;
+            let slot = rec.startup.get_mut(k..k + startup::ENCODED_LEN).ok_or(SaveError::Device("too-many-vcpus"))?;
+            slot.copy_from_slice(&p.arch.startup(index).encode());
         }
         rec.len = at as u32;
         node.add_record(&rec).map_err(|error| SaveError::Handover { what: "lapic", error })
@@ -190,14 +243,15 @@ impl Handover for X86 {
 
     /// Adopts the EPT in place and reads the `lapic` record (without one,
     /// from an image before it, the guests get reset APICs: what that
-    /// image's guests had).
+    /// image's guests had; without its `startup` field, vCPU 0 running and
+    /// the others waiting for a SIPI: the only state such an image knew).
     fn adopt_partition(
         &mut self,
         rec: &PartitionRecord,
         node: &SubsystemNode<'_>,
         ram: &[PhysRange],
     ) -> Result<X86Partition, RestoreError> {
-        let apics = match node.record::<LapicRecord>() {
+        let (apics, startups) = match node.record::<LapicRecord>() {
             Ok(Some(l)) => {
                 if l.vcpus != rec.vcpus || l.len as usize != rec.vcpus as usize * lapic::STATE_LEN {
                     return Err(RestoreError::BadField("lapic-vcpus"));
@@ -206,9 +260,18 @@ impl Handover for X86 {
                 for (index, bytes) in (0..rec.vcpus).zip(l.state.chunks_exact(lapic::STATE_LEN)) {
                     apics.push(Lapic::decode(bytes, index).map_err(|_| RestoreError::BadField("lapic-state"))?);
                 }
-                apics
+                let mut startups = Vec::new();
+                let mut pairs = l.startup.chunks_exact(startup::ENCODED_LEN).map(|b| [b[0], b[1]]);
+                for index in 0..rec.vcpus {
+                    let bytes = pairs.next().ok_or(RestoreError::BadField("lapic-vcpus"))?;
+                    startups.push(Startup::decode(bytes, index).map_err(|_| RestoreError::BadField("lapic-startup"))?);
+                }
+                if pairs.any(|b| b != [0, 0]) {
+                    return Err(RestoreError::BadField("lapic-startup"));
+                }
+                (apics, Some(startups))
             }
-            Ok(None) => Vec::new(),
+            Ok(None) => (Vec::new(), None),
             Err(e) => return Err(RestoreError::Record { what: "lapic", error: Some(e) }),
         };
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
@@ -216,9 +279,12 @@ impl Handover for X86 {
         let phys = unsafe { LinearMap::new(0) };
         let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys)
             .map_err(|error| RestoreError::Stage2 { id: rec.id, error })?;
-        let mut part = X86Partition::new(ept);
+        let mut part = X86Partition::new(ept, rec.vcpus);
         for (index, apic) in apics.iter().enumerate() {
             part.stash_apic(index, apic);
+        }
+        if let Some(startups) = startups {
+            part.startup = startups;
         }
         Ok(part)
     }

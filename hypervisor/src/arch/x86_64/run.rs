@@ -1,23 +1,28 @@
 //! Each physical CPU's life in VMX root operation on x86_64: the
 //! scheduling loop over the machine's run queue, bringing the vCPUs'
-//! local APICs up to date (IPIs, timers), making a vCPU's VMCS current
-//! (built on first use, SDM Vol. 3C ch. 25), injecting its APIC's
-//! interrupt, running it with the VMX-preemption timer bounding its slice
-//! and the next APIC timer of this CPU, and acting on how the entry
-//! ended.
+//! local APICs up to date (IPIs, timers), carrying out a start-up IPI
+//! another vCPU sent (the vCPU reset into real mode), making a vCPU's
+//! VMCS current (built on first use, SDM Vol. 3C ch. 25), injecting its
+//! APIC's interrupt, running it with the VMX-preemption timer bounding
+//! its slice and the next APIC timer of this CPU, and acting on how the
+//! entry ended.
 
+use core::fmt::Write as _;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use hypervisor::arch::x86_64::cr::GuestCrPolicy;
 use hypervisor::arch::x86_64::debug::DR7_INIT;
 use hypervisor::arch::x86_64::lapic::Lapic;
 use hypervisor::arch::x86_64::msr::PAT_DEFAULT;
+use hypervisor::arch::x86_64::startup::{self, Segment, Startup};
 use hypervisor::arch::x86_64::vmx_caps::proc as proc_ctl;
+use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use hypervisor::arch::x86_64::vmx_exit::{inject_interrupt, is_valid_interruption};
 use hypervisor::live_update::HANDSHAKE;
 use hypervisor::machine::Machine;
 use hypervisor::sched::VcpuState;
-use hypervisor::{hv_event, println};
+use hypervisor::{hv_event, hv_event_to, println};
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use super::cpu::{self, HostState};
@@ -174,6 +179,71 @@ fn init_vmcs(m: &Machine<X86>, v: usize, entry: u64, host: &HostState) -> Result
     Ok(())
 }
 
+/// Overwrites the guest state of a VMCS [`init_vmcs`] just wrote with
+/// where a start-up IPI with `vector` starts a vCPU: real-address mode at
+/// VV00:0000, the rest as INIT leaves it (`startup::sipi_state`; CR0 from
+/// `GuestCrPolicy::reset_cr0`, which unrestricted guest allows). Returns
+/// the EDX the vCPU starts with.
+fn write_sipi_state(policy: &GuestCrPolicy, vector: u8) -> Result<u64, VmcsError> {
+    let signature = raw_cpuid::cpuid!(1).eax;
+    let s = startup::sipi_state(vector, signature);
+    let set = vmcs::write;
+    let cr0 = policy.reset_cr0();
+    set(guest::CR0, cr0.real)?;
+    set(control::CR0_READ_SHADOW, cr0.shadow)?;
+    let segment = |fields: (u32, u32, u32, u32), seg: Segment| -> Result<(), VmcsError> {
+        set(fields.0, u64::from(seg.selector))?;
+        set(fields.1, seg.base)?;
+        set(fields.2, u64::from(seg.limit))?;
+        set(fields.3, u64::from(seg.rights))
+    };
+    segment((guest::CS_SELECTOR, guest::CS_BASE, guest::CS_LIMIT, guest::CS_ACCESS_RIGHTS), s.cs)?;
+    for fields in [
+        (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+        (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
+        (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
+        (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
+        (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+    ] {
+        segment(fields, s.data)?;
+    }
+    segment((guest::LDTR_SELECTOR, guest::LDTR_BASE, guest::LDTR_LIMIT, guest::LDTR_ACCESS_RIGHTS), s.ldtr)?;
+    segment((guest::TR_SELECTOR, guest::TR_BASE, guest::TR_LIMIT, guest::TR_ACCESS_RIGHTS), s.tr)?;
+    set(guest::GDTR_LIMIT, u64::from(s.table_limit))?;
+    set(guest::IDTR_LIMIT, u64::from(s.table_limit))?;
+    set(guest::RIP, s.rip)?;
+    set(guest::RFLAGS, s.rflags)?;
+    set(guest::DR7, DR7_INIT)?;
+    Ok(s.rdx)
+}
+
+/// Carries out a start-up IPI another vCPU sent `v` (pinned to this CPU)
+/// since it last ran, if any: the vCPU is reset as INIT leaves it (its
+/// x87/SSE state and MSRs saved first, as INIT keeps them; the IPIs left
+/// for it dropped, as an APIC after INIT accepts none) and its VMCS is
+/// rebuilt on this entry. Returns the SIPI's vector.
+fn take_startup(m: &mut Machine<X86>, cpu: usize, v: usize) -> Option<u8> {
+    let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index);
+    let vector = m.partitions[p].arch.take_sipi(index)?;
+    if m.loaded[cpu] == Some(v) {
+        m.put_loaded(cpu);
+    }
+    let _dropped = m.partitions[p].arch.take_inbox(index as usize);
+    // SAFETY: `v` is pinned to this CPU, which is in the hypervisor.
+    unsafe { m.ctx_mut(v) }.reset_for_startup(index);
+    let mut line = alloc::string::String::new();
+    let _ = hv_event_to!(
+        line,
+        "vcpu-start",
+        guest = m.partitions[p].info.id,
+        vcpu = index,
+        cpu = cpu,
+        vector = format_args!("{vector:#04x}"),
+    );
+    m.queue_line(p, alloc::string::String::from(line.trim_end()));
+    Some(vector)
+}
+
 /// Makes `v` the vCPU of this CPU: its processor state loaded, its VMCS
 /// current (initialised on first use, with its EPT and VPID translations
 /// invalidated), its APIC's interrupt injected, and the preemption timer
@@ -187,6 +257,7 @@ fn prepare_entry(
     apic_deadline: Option<u64>,
     host: &HostState,
 ) -> Result<(), VmcsError> {
+    let sipi = take_startup(m, cpu, v);
     if m.loaded[cpu] != Some(v) {
         m.put_loaded(cpu);
         // SAFETY: `v` is pinned to this CPU (it is in this CPU's queue).
@@ -203,6 +274,11 @@ fn prepare_entry(
                 ctx.write_back()?;
                 sync_ia32e_mode()?;
                 ctx.restored = false;
+            }
+            if let Some(vector) = sipi {
+                let rdx = write_sipi_state(&m.arch.cr_policy, vector)?;
+                ctx.regs.set(Gpr::RDX, rdx);
+                sync_ia32e_mode()?;
             }
             // Nothing cached under this EPTP or VPID may predate the
             // tree (SDM §29.4.3.1): frames and VPIDs can be reused.
@@ -317,10 +393,10 @@ fn update_apics(m: &mut Machine<X86>, cpu: usize) -> ApicScan {
 }
 
 /// Chooses what this CPU runs next and prepares it, spinning (lock
-/// released) while its vCPUs only wait for interrupts. `None` when
-/// nothing on this CPU can ever run again (x86 vCPUs that are off or
-/// stopped are never woken). A waiting vCPU whose interrupt arrived goes
-/// before the current one.
+/// released) while its vCPUs only wait: for an interrupt, or, off, for
+/// another vCPU of their partition to start them with INIT-SIPI. `None`
+/// when nothing on this CPU can ever run again (every vCPU here stopped).
+/// A waiting vCPU whose interrupt arrived goes before the current one.
 fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcpu>> {
     loop {
         if HANDSHAKE.freeze_requested() {
@@ -336,7 +412,7 @@ fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcp
         let yield_now = yield_now || scan.woke;
         let current = m.loaded[cpu].filter(|&v| m.runnable(v));
         let Some(v) = m.pick(cpu, yield_now) else {
-            if !scan.waiting {
+            if !scan.waiting && !m.cpu_has_work(cpu) {
                 return None;
             }
             drop(guard);
@@ -389,7 +465,7 @@ pub fn run_cpu(cpu: usize) -> ! {
 fn handle_run(m: &mut Machine<X86>, v: usize, result: RunResult) -> bool {
     match result {
         RunResult::Exited => match handle_exit(m, v) {
-            Ok(next) => next == Step::Reschedule,
+            Ok(next) => follow_startup(m, v) || next == Step::Reschedule,
             Err(e) => {
                 println!("vcpu {v}: {e}");
                 fault(m, v, "vmcs-access", 0);
@@ -403,4 +479,21 @@ fn handle_run(m: &mut Machine<X86>, v: usize, result: RunResult) -> bool {
             true
         }
     }
+}
+
+/// An INIT or SIPI another vCPU sent `v` while it ran outranks what its
+/// own exit asked (a HLT's wait, say): after INIT it is off, waiting for
+/// a SIPI; after a SIPI it is runnable and starts afresh. Returns whether
+/// that takes it off this CPU's current choice.
+fn follow_startup(m: &mut Machine<X86>, v: usize) -> bool {
+    let (p, index) = (m.vcpus[v].partition, m.vcpus[v].index);
+    let state = match m.partitions[p].arch.startup(index) {
+        Startup::Running => return false,
+        Startup::WaitForSipi => VcpuState::Off,
+        Startup::Sipi(_) => VcpuState::Runnable,
+    };
+    if m.vcpus[v].state != VcpuState::Stopped {
+        m.vcpus[v].state = state;
+    }
+    true
 }

@@ -225,6 +225,26 @@ impl Vcpu {
         }
     }
 
+    /// Resets the vCPU for a start-up IPI, after INIT (SDM Vol. 3A
+    /// §10.1.1, Table 10-1): general-purpose registers, CR2, CR8 and DR0-3
+    /// clear, DR6 at its reset value, the local APIC as at power-on with
+    /// x2APIC ID `index`
+    /// (§11.4.7.3), and the VMCS to be built afresh (its guest state is
+    /// written on first entry). The x87/SSE state and the switched MSRs
+    /// are kept, as INIT keeps them; the VMCS region stays the same.
+    pub fn reset_for_startup(&mut self, index: u32) {
+        self.regs = GuestRegs::default();
+        self.cr2 = 0;
+        self.cr8 = 0;
+        self.dr = [0; 4];
+        self.dr6 = DR6_INIT;
+        self.initialized = false;
+        self.launched = false;
+        self.fields = [0; SAVED_FIELDS.len() + OPTIONAL_FIELDS.len()];
+        self.restored = false;
+        self.lapic = Lapic::new(index);
+    }
+
     /// Reads the saved fields from this vCPU's VMCS, which must be
     /// current on this CPU.
     pub fn capture(&mut self) -> Result<(), VmcsError> {

@@ -5,6 +5,10 @@
 // Before any Rust runs: our own GDT, a stack, zeroed bss, identity page
 // tables for the low 4 GiB (2 MiB pages, SDM Vol. 3A §5.5), long mode
 // (SDM Vol. 3A §10.8.5), then `testguest_main(magic, info)`.
+//
+// Other vCPUs start from a SIPI in real-address mode at VV00:0000 (SDM
+// Vol. 3A §9.4.4), in conventional memory where vCPU 0 copied
+// `ap_trampoline`: see there.
 
 .equ CR0_PG, 1 << 31
 .equ CR4_PAE, 1 << 5
@@ -18,6 +22,11 @@
 .equ SEL_CODE64, 0x08
 .equ SEL_DATA, 0x10
 .equ SEL_CODE32, 0x18
+// CR0 for protected mode without paging: PE | ET.
+.equ CR0_PE_ET, 0x11
+// The x2APIC ID register (SDM Vol. 3A §11.12.1.2) and vCPU 1's ID.
+.equ X2APIC_ID_MSR, 0x802
+.equ SECONDARY_APIC_ID, 1
 
 .section .text.head, "ax"
 .code32
@@ -91,6 +100,78 @@ long_mode:
 3:  cli
     hlt
     jmp     3b
+
+// The start-up code of the other vCPUs: vCPU 0 copies the bytes from
+// `ap_trampoline` to `ap_trampoline_end` to the page a SIPI vector names
+// (below 1 MiB) before it sends INIT-SIPI-SIPI. A SIPI starts a vCPU
+// there in real-address mode, CS = VV00h (base 000VV000H), IP = 0, with
+// interrupts off (SDM Vol. 3A §9.4.4, Table 10-1): only CS-relative
+// addresses work until the guest's GDT is loaded. It loads that GDT (its
+// 32-bit base, in the copied `ap_gdt_ptr`), enters protected mode and
+// jumps into the image at `ap_start32`.
+.code16
+.balign 16
+.global ap_trampoline
+ap_trampoline:
+    cli
+    cld
+    lgdtl   %cs:(ap_gdt_ptr - ap_trampoline)
+    movl    $CR0_PE_ET, %eax
+    movl    %eax, %cr0
+    ljmpl   $SEL_CODE32, $ap_start32
+.balign 8
+ap_gdt_ptr:
+    .short  gdt_end - gdt - 1
+    .long   gdt
+.global ap_trampoline_end
+ap_trampoline_end:
+
+// In the image, 32-bit protected mode: the flat data segments, vCPU 0's
+// page tables (already built: it started this vCPU from long mode), long
+// mode, then 64-bit code. Every entry is counted (`ap_startups`, which
+// the workload reads); vCPU 1 then takes the secondary stack and calls
+// `testguest_secondary(ap_context)`, whose return halts it with
+// interrupts off.
+.code32
+ap_start32:
+    movw    $SEL_DATA, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    movw    %ax, %fs
+    movw    %ax, %gs
+    movl    %cr4, %eax
+    orl     $CR4_PAE, %eax
+    movl    %eax, %cr4
+    movl    $guest_pml4, %eax
+    movl    %eax, %cr3
+    movl    $EFER_MSR, %ecx
+    rdmsr
+    orl     $EFER_LME, %eax
+    wrmsr
+    movl    %cr0, %eax
+    orl     $CR0_PG, %eax
+    movl    %eax, %cr0
+    ljmpl   $SEL_CODE64, $ap_long_mode
+
+.code64
+ap_long_mode:
+    movw    $SEL_DATA, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    lock incq ap_startups(%rip)
+    // One secondary stack, for vCPU 1 (x2APIC ID 1): any other halts.
+    movl    $X2APIC_ID_MSR, %ecx
+    rdmsr
+    cmpl    $SECONDARY_APIC_ID, %eax
+    jne     5f
+    movq    $__ap_stack_top, %rsp
+    movq    ap_context(%rip), %rdi
+    call    testguest_secondary
+5:  cli
+    hlt
+    jmp     5b
 
 // Exception stubs (SDM Vol. 3A §7.3, Table 7-1): vectors 8, 10-14, 17,
 // 21, 29 and 30 push an error code; the others get a 0 pushed so every
@@ -236,3 +317,6 @@ guest_pd:
 __stack_bottom:
     .space  STACK_SIZE
 __stack_top:
+__ap_stack_bottom:
+    .space  STACK_SIZE
+__ap_stack_top:

@@ -1,8 +1,9 @@
 //! What an x86_64 test guest learns at boot: the multiboot2 boot
 //! information the hypervisor hands over as a boot loader would
 //! (Multiboot2 Specification 2.0, §3.2 machine state, §3.6 boot
-//! information): its RAM from the memory map (§3.6.8) and its arguments
-//! from the command line (§3.6.3). The structure is untrusted input,
+//! information): its RAM from the memory map (§3.6.8), and the
+//! conventional memory at 0 where a guest with more than one vCPU puts
+//! their start-up code, and its arguments from the command line (§3.6.3). The structure is untrusted input,
 //! validated here; the runtime reads it through a bounded slice.
 
 use core::fmt;
@@ -23,6 +24,9 @@ const MMAP_AVAILABLE: u32 = 1;
 /// A memory map entry: base_addr u64, length u64, type u32, reserved u32.
 const MMAP_ENTRY_MIN: usize = 24;
 const TAG_ALIGN: usize = 8;
+/// Conventional memory ends at 1 MiB: what lies above is no use to the
+/// start-up code of a SIPI (000VV000H).
+const CONVENTIONAL_LIMIT: u64 = 1 << 20;
 
 /// Why the boot information was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +78,9 @@ impl fmt::Display for MultibootError {
 pub struct BootInfo<'a> {
     /// The available memory region that holds the image.
     pub ram: Region,
+    /// The available memory region that starts at 0, if any
+    /// (conventional memory, below 1 MiB).
+    pub conventional: Option<Region>,
     /// The command line, empty if absent.
     pub cmdline: &'a str,
 }
@@ -102,6 +109,7 @@ pub fn total_size(header: &[u8; HEADER_LEN]) -> Result<usize, MultibootError> {
 pub fn parse(bytes: &[u8], image: Region) -> Result<BootInfo<'_>, MultibootError> {
     let mut cmdline = "";
     let mut ram = None;
+    let mut conventional = None;
     let mut at = HEADER_LEN;
     loop {
         let (Some(tag), Some(size)) = (le32(bytes, at), le32(bytes, at + 4)) else {
@@ -132,13 +140,16 @@ pub fn parse(bytes: &[u8], image: Region) -> Result<BootInfo<'_>, MultibootError
                     if kind == MMAP_AVAILABLE && base <= image.start && image.end <= end {
                         ram = Some(Region::new(base, end));
                     }
+                    if kind == MMAP_AVAILABLE && base == 0 && len != 0 {
+                        conventional = Some(Region::new(0, end.min(CONVENTIONAL_LIMIT)));
+                    }
                 }
             }
             _ => {}
         }
         at = at.checked_add(size.next_multiple_of(TAG_ALIGN)).ok_or(MultibootError::BadTag)?;
     }
-    Ok(BootInfo { ram: ram.ok_or(MultibootError::NoRam)?, cmdline })
+    Ok(BootInfo { ram: ram.ok_or(MultibootError::NoRam)?, conventional, cmdline })
 }
 
 #[cfg(test)]
@@ -186,7 +197,14 @@ mod tests {
         assert_eq!(total_size(&header), Ok(info.len()));
         let b = parse(&info, IMAGE).unwrap();
         assert_eq!(b.ram, Region::new(0x4000_0000, 0x4100_0000));
+        assert_eq!(b.conventional, Some(Region::new(0, 0x9f000)));
         assert_eq!(b.cmdline, "ticks=40 triple_fault=1");
+        let one = build(&[(TAG_MMAP, mmap(&[(0x4000_0000, 0x100_0000, 1)]))]);
+        assert_eq!(parse(&one, IMAGE).unwrap().conventional, None, "a one-vCPU guest has none");
+        let reserved_low = build(&[(TAG_MMAP, mmap(&[(0, 0x8_0000, 2), (0x4000_0000, 0x100_0000, 1)]))]);
+        assert_eq!(parse(&reserved_low, IMAGE).unwrap().conventional, None);
+        let big = build(&[(TAG_MMAP, mmap(&[(0, 0x4100_0000, 1)]))]);
+        assert_eq!(parse(&big, IMAGE).unwrap().conventional, Some(Region::new(0, 1 << 20)), "up to 1 MiB");
     }
 
     #[test]

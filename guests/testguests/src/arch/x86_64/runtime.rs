@@ -12,6 +12,12 @@
 //! the SELF_IPI register, `hlt` waits for the next one, and each handler
 //! ends with an EOI. Exceptions are reported through the same IDT and
 //! stop the guest.
+//!
+//! Other vCPUs start the x86 way: vCPU 0 copies the real-mode start-up
+//! code (`ap_trampoline` in `entry.S`) to conventional memory and sends
+//! INIT-SIPI-SIPI through its x2APIC ([`ApicStartup`]); the started vCPU
+//! enters long mode on vCPU 0's page tables and runs the secondary
+//! workload.
 
 use core::arch::x86_64::{__cpuid, _rdtsc, CpuidResult};
 use core::arch::{asm, global_asm};
@@ -23,14 +29,16 @@ use super::multiboot::{self, MultibootError, BOOTLOADER_MAGIC, HEADER_LEN};
 use crate::args::Args;
 use crate::boot::{BootError, Region};
 use crate::psci::{Call, NOT_SUPPORTED};
-use crate::{Env, Guest, InterruptCounts, Line, Outcome, Psci, Request, Workload};
+use crate::sipi::ApicStartup;
+use crate::{Env, Guest, InterruptCounts, Line, Outcome, Psci, Request, SecondaryWorkload, Workload};
 
 global_asm!(include_str!("entry.S"), options(att_syntax));
 
-/// Defines the guest's entry point: `_start` in `entry.S` calls
-/// `testguest_main` with the multiboot2 magic and boot information. x86_64
-/// guests have one vCPU (the hypervisor emulates no INIT-SIPI), so a
-/// secondary workload is accepted and never runs.
+/// Defines the guest's entry points: `_start` in `entry.S` calls
+/// `testguest_main` with the multiboot2 magic and boot information, and
+/// the start-up code of a vCPU started by INIT-SIPI-SIPI calls
+/// `testguest_secondary` with the context vCPU 0 left for it. Without a
+/// secondary workload such a vCPU halts.
 #[macro_export]
 macro_rules! entry {
     ($workload:path) => {
@@ -38,9 +46,22 @@ macro_rules! entry {
         extern "C" fn testguest_main(magic: u32, info: u64) -> ! {
             $crate::arch::x86_64::runtime::start(magic, info, $workload)
         }
+
+        #[no_mangle]
+        extern "C" fn testguest_secondary(_context: u64) -> ! {
+            $crate::arch::x86_64::runtime::park()
+        }
     };
     ($workload:path, secondary = $secondary:path) => {
-        $crate::entry!($workload);
+        #[no_mangle]
+        extern "C" fn testguest_main(magic: u32, info: u64) -> ! {
+            $crate::arch::x86_64::runtime::start(magic, info, $workload)
+        }
+
+        #[no_mangle]
+        extern "C" fn testguest_secondary(context: u64) -> ! {
+            $crate::arch::x86_64::runtime::start_secondary(context, $secondary)
+        }
     };
 }
 
@@ -70,6 +91,7 @@ const CPUID1_ECX_X2APIC: u32 = 1 << 21;
 /// SVR software enable (8) with spurious vector 0xff; LVT timer periodic
 /// mode (bits 18:17 = 01) and mask (16); divide configuration 0b1011 =
 /// divide by 1 (§11.5.4).
+const X2APIC_ID: u32 = 0x802;
 const X2APIC_TPR: u32 = 0x808;
 const X2APIC_EOI: u32 = 0x80b;
 const X2APIC_IRR0: u32 = 0x820;
@@ -98,6 +120,14 @@ static APIC_ON: AtomicBool = AtomicBool::new(false);
 /// Set while an exception is being reported, so a fault in the report
 /// itself parks the vCPU instead of recursing.
 static REPORTING: AtomicBool = AtomicBool::new(false);
+/// The end of conventional memory (0: none), from the memory map.
+static CONVENTIONAL_END: AtomicU64 = AtomicU64::new(0);
+/// Entries into the start-up code (`entry.S` increments it) and the
+/// context it passes to `testguest_secondary`.
+#[export_name = "ap_startups"]
+static AP_STARTUPS: AtomicU64 = AtomicU64::new(0);
+#[export_name = "ap_context"]
+static AP_CONTEXT: AtomicU64 = AtomicU64::new(0);
 
 #[repr(C, align(16))]
 struct Idt([u64; 2 * IDT_ENTRIES]);
@@ -120,6 +150,9 @@ extern "C" {
     fn interrupt_stubs();
     /// A #DB handler that counts the trap and returns.
     fn debug_trap_stub();
+    /// The real-mode start-up code; only the addresses are used.
+    static ap_trampoline: u8;
+    static ap_trampoline_end: u8;
 }
 
 /// This vCPU, as the workloads see it.
@@ -187,6 +220,16 @@ pub fn start(magic: u32, info: u64, workload: Workload<VmxGuest>) -> ! {
     shutdown(&mut guest)
 }
 
+/// Runs `workload` on a vCPU started by INIT-SIPI-SIPI, called through
+/// `testguest_secondary` with the context vCPU 0 left; halts with
+/// interrupts off when it returns.
+pub fn start_secondary(context: u64, workload: SecondaryWorkload<VmxGuest>) -> ! {
+    load_idt();
+    let mut guest = VmxGuest { _private: () };
+    workload(&mut guest, context);
+    park()
+}
+
 fn image() -> Region {
     // linker.ld defines both symbols; only their addresses are used.
     Region::new((&raw const __image_start) as u64, (&raw const __image_end) as u64)
@@ -226,6 +269,7 @@ fn boot_env(magic: u32, info: u64) -> Result<(Env, Option<FaultTest>), StartErro
     // MAX_INFO_SIZE); the parser checks every tag against it.
     let bytes = unsafe { core::slice::from_raw_parts(info as *const u8, size) };
     let boot = multiboot::parse(bytes, image).map_err(StartError::Multiboot)?;
+    CONVENTIONAL_END.store(boot.conventional.map_or(0, |c| c.end), Ordering::Relaxed);
     let info_region = Region::new(info, info + size as u64);
     if info_region.start < boot.ram.start || info_region.end > boot.ram.end {
         return Err(StartError::Boot(BootError::OutsideRam(info_region)));
@@ -251,17 +295,23 @@ fn install_idt() {
         };
         set_gate(vector, handler);
     }
+    load_idt();
+}
+
+/// Loads the IDT [`install_idt`] filled (on every vCPU: IDTR is per CPU).
+fn load_idt() {
     let base = core::ptr::addr_of!(IDT) as u64;
     let idtr = Idtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base };
-    // SAFETY: the IDT is static and complete; LIDT only reads the operand.
+    // SAFETY: the IDT is static and complete (vCPU 0 filled it before it
+    // started any other); LIDT only reads the operand.
     unsafe { asm!("lidt [{0}]", in(reg) &raw const idtr, options(nostack, readonly)) };
 }
 
 /// Points IDT entry `vector` at `handler`: a 64-bit interrupt gate.
 fn set_gate(vector: usize, handler: u64) {
-    // SAFETY: only this vCPU uses the IDT, and it writes one gate while no
-    // exception of that vector can be in delivery (at start, or from a
-    // workload before it sets the condition the gate handles).
+    // SAFETY: only vCPU 0 writes the IDT (another vCPU only loads it), one
+    // gate while no exception of that vector can be in delivery (at start,
+    // or from a workload before it sets the condition the gate handles).
     let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
     if let Some(gate) = idt.0.get_mut(2 * vector..2 * vector + 2) {
         gate[0] = (handler & 0xffff) | (SEL_CODE64 << 16) | IDT_GATE_INTERRUPT | ((handler >> 16) & 0xffff) << 48;
@@ -548,6 +598,43 @@ impl Guest for VmxGuest {
             );
         }
         [first, reread]
+    }
+}
+
+impl ApicStartup for VmxGuest {
+    /// Copies `entry.S`'s start-up code to page `vector` (000VV000H) of
+    /// conventional memory. Page 0 is refused: it is where real-mode
+    /// interrupt vectors live, and the null address.
+    fn place_startup_code(&mut self, vector: u8, context: u64) -> bool {
+        // linker-resolved symbols; only their addresses are used.
+        let code = Region::new((&raw const ap_trampoline) as u64, (&raw const ap_trampoline_end) as u64);
+        let page = u64::from(vector) << 12;
+        if page == 0 || page + code.len() > CONVENTIONAL_END.load(Ordering::Relaxed) {
+            return false;
+        }
+        AP_CONTEXT.store(context, Ordering::Release);
+        // SAFETY: [page, page + len) lies in this guest's conventional
+        // memory (the memory map says so; entry.S identity-maps it), which
+        // nothing else uses; the source is the image's own code.
+        unsafe { core::ptr::copy_nonoverlapping(code.start as *const u8, page as *mut u8, code.len() as usize) };
+        true
+    }
+
+    fn write_icr(&mut self, icr: u64) {
+        wrmsr(X2APIC_ICR, icr);
+    }
+
+    fn apic_errors(&mut self) -> u64 {
+        wrmsr(X2APIC_ESR, 0);
+        rdmsr(X2APIC_ESR)
+    }
+
+    fn apic_id(&mut self) -> u64 {
+        rdmsr(X2APIC_ID)
+    }
+
+    fn startups(&self) -> u64 {
+        AP_STARTUPS.load(Ordering::Acquire)
     }
 }
 

@@ -8,7 +8,11 @@
 //! GDT, IDT, stack and paging, and may switch to long mode.
 //!
 //! Guest RAM is [`GUEST_RAM_BASE`]..+size, as on aarch64, so the hypercall
-//! ABI's address checks are the same on both architectures.
+//! ABI's address checks are the same on both architectures. A guest with
+//! more than one vCPU also gets [`CONVENTIONAL_MEMORY`] bytes at
+//! guest-physical 0, in the memory map as available RAM: a start-up IPI
+//! starts a vCPU at a page below 1 MiB (SDM Vol. 3A §9.4.4, 000VV000H),
+//! so that is where its start-up code must be.
 
 use alloc::vec::Vec;
 use core::fmt;
@@ -39,6 +43,19 @@ const MMAP_AVAILABLE: u32 = 1;
 const TAG_ALIGN: usize = 8;
 /// What the boot information names as its loader.
 pub const LOADER_NAME: &str = "hvlu";
+/// Conventional memory at guest-physical 0 of a guest with more than one
+/// vCPU, for its application processors' start-up code: 512 KiB, SIPI
+/// vectors 00H-7FH.
+pub const CONVENTIONAL_MEMORY: u64 = 0x8_0000;
+
+/// The conventional memory a guest with `vcpus` vCPUs gets (0: none).
+pub const fn conventional_memory(vcpus: u32) -> u64 {
+    if vcpus > 1 {
+        CONVENTIONAL_MEMORY
+    } else {
+        0
+    }
+}
 
 /// Why a guest cannot be laid out.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,18 +166,23 @@ fn c_string(s: &str) -> Vec<u8> {
 }
 
 /// The boot information for a guest with `ram_size` bytes of RAM at
-/// [`GUEST_RAM_BASE`] and command line `cmdline` (§3.6.3, §3.6.4, §3.6.8).
-pub fn boot_information(ram_size: u64, cmdline: &str) -> Result<Vec<u8>, BootError> {
+/// [`GUEST_RAM_BASE`], `conventional` bytes at 0 (see
+/// [`conventional_memory`]) and command line `cmdline` (§3.6.3, §3.6.4,
+/// §3.6.8).
+pub fn boot_information(ram_size: u64, conventional: u64, cmdline: &str) -> Result<Vec<u8>, BootError> {
     let mut out = alloc::vec![0u8; 8];
     push_tag(&mut out, TAG_CMDLINE, &c_string(cmdline));
     push_tag(&mut out, TAG_LOADER_NAME, &c_string(LOADER_NAME));
     let mut mmap = Vec::new();
     mmap.extend_from_slice(&MMAP_ENTRY_SIZE.to_le_bytes());
     mmap.extend_from_slice(&MMAP_ENTRY_VERSION.to_le_bytes());
-    mmap.extend_from_slice(&GUEST_RAM_BASE.to_le_bytes());
-    mmap.extend_from_slice(&ram_size.to_le_bytes());
-    mmap.extend_from_slice(&MMAP_AVAILABLE.to_le_bytes());
-    mmap.extend_from_slice(&0u32.to_le_bytes());
+    let regions = [(0, conventional), (GUEST_RAM_BASE, ram_size)];
+    for (base, len) in regions.into_iter().filter(|&(_, len)| len != 0) {
+        mmap.extend_from_slice(&base.to_le_bytes());
+        mmap.extend_from_slice(&len.to_le_bytes());
+        mmap.extend_from_slice(&MMAP_AVAILABLE.to_le_bytes());
+        mmap.extend_from_slice(&0u32.to_le_bytes());
+    }
     push_tag(&mut out, TAG_MMAP, &mmap);
     push_tag(&mut out, TAG_END, &[]);
     if out.len() as u64 > BOOT_INFO_SLOT {
@@ -198,12 +220,22 @@ mod tests {
 
     #[test]
     fn boot_information_parses_as_multiboot2() {
-        let info = boot_information(16 * MIB, "ticks=40 passes=2").unwrap();
+        let info = boot_information(16 * MIB, conventional_memory(1), "ticks=40 passes=2").unwrap();
         assert!(info.len().is_multiple_of(8));
         let (boot, _) = multiboot2::parse(BOOTLOADER_MAGIC, &info, 0x1000).unwrap();
         assert_eq!(boot.cmdline, "ticks=40 passes=2");
         assert_eq!(boot.ram, [loader::PhysRange::new(GUEST_RAM_BASE, 16 * MIB)]);
         let long = "x".repeat(BOOT_INFO_SLOT as usize);
-        assert_eq!(boot_information(MIB, &long), Err(BootError::CmdlineTooLong));
+        assert_eq!(boot_information(MIB, 0, &long), Err(BootError::CmdlineTooLong));
+    }
+
+    #[test]
+    fn more_than_one_vcpu_brings_conventional_memory_for_the_start_up_code() {
+        assert_eq!((conventional_memory(1), conventional_memory(2)), (0, 0x8_0000));
+        let info = boot_information(16 * MIB, conventional_memory(2), "").unwrap();
+        let (boot, _) = multiboot2::parse(BOOTLOADER_MAGIC, &info, 0x1000).unwrap();
+        assert_eq!(boot.ram, [loader::PhysRange::new(0, 0x8_0000), loader::PhysRange::new(GUEST_RAM_BASE, 16 * MIB)]);
+        // SIPI vectors 00H-7FH address it (000VV000H).
+        const { assert!(0x7f_000 + 0x1000 <= CONVENTIONAL_MEMORY) };
     }
 }

@@ -143,6 +143,17 @@ impl GuestCrPolicy {
         CrValue { real: self.cr0.apply(shadow), shadow }
     }
 
+    /// CR0 after INIT, where a start-up IPI starts a vCPU (SDM Vol. 3A
+    /// §10.1.1, Table 10-1: 60000010H): real mode, no paging, ET. CD and
+    /// NW stay clear in the register, where the guest reads them: VM entry
+    /// does not load them (SDM Vol. 3C §27.3.2.1), so the processor keeps
+    /// caching on whatever the field says. NE reads as 0 (the shadow) and
+    /// is 1: VMX pins it.
+    pub fn reset_cr0(&self) -> CrValue {
+        let shadow = cr0::ET;
+        CrValue { real: self.cr0.apply(shadow), shadow }
+    }
+
     pub fn initial_cr4(&self) -> CrValue {
         CrValue { real: self.cr4.apply(0), shadow: 0 }
     }
@@ -222,6 +233,9 @@ mod tests {
         assert_eq!(mask & (cr4::PAE | cr4::OSFXSR | cr4::SMEP), 0);
         assert_eq!(p.initial_cr0(), CrValue { real: 0x31, shadow: 0x31 });
         assert_eq!(p.initial_cr4(), CrValue { real: cr4::VMXE, shadow: 0 });
+        // After INIT: real mode (PE and PG clear, which unrestricted guest
+        // allows), NE pinned in the register and 0 in what the guest reads.
+        assert_eq!(p.reset_cr0(), CrValue { real: cr0::ET | cr0::NE, shadow: cr0::ET });
     }
 
     #[test]

@@ -14,8 +14,10 @@
 //! #GP(0) (§11.12.1.3); vectors 0-15 are illegal: sent, they set ESR
 //! "send illegal vector" and go nowhere, received, "receive illegal vector"
 //! and are dropped (§11.5.3); IPIs to destinations that match no vCPU of
-//! the partition are dropped. NMI, SMI, INIT and SIPI IPIs are not
-//! delivered (issue 17 item 2). The APIC comes up enabled in x2APIC mode,
+//! the partition are dropped. INIT and start-up IPIs (delivery modes 101b
+//! and 110b) go to the caller, which runs the vCPUs' start-up protocol
+//! (`startup`); NMI and SMI IPIs are not delivered. The APIC comes up
+//! enabled in x2APIC mode,
 //! as firmware may leave it (§11.12.5): leaving x2APIC mode (there is no
 //! xAPIC MMIO page) is refused with #GP.
 
@@ -101,9 +103,16 @@ const ICR_LOGICAL: u64 = 1 << 11;
 const ICR_SHORTHAND_SHIFT: u32 = 18;
 const ICR_SHORTHAND_MASK: u64 = 0x3;
 const ICR_DEST_SHIFT: u32 = 32;
-/// Delivery modes (§11.6.1, Table): fixed and lowest priority.
+/// Delivery modes (§11.6.1): fixed, lowest priority, INIT, start-up.
 const DELIVERY_FIXED: u64 = 0;
 const DELIVERY_LOWEST: u64 = 1;
+const DELIVERY_INIT: u64 = 0b101;
+const DELIVERY_STARTUP: u64 = 0b110;
+/// ICR level (14) and trigger mode (15): an INIT with trigger mode level
+/// and level de-assert is "INIT level de-assert", which the Pentium 4 and
+/// later processors do not carry out (§11.6.1).
+const ICR_LEVEL_ASSERT: u64 = 1 << 14;
+const ICR_TRIGGER_LEVEL: u64 = 1 << 15;
 /// The x2APIC broadcast destination (§11.12.9).
 const BROADCAST: u32 = u32::MAX;
 /// Vectors 0-15 are reserved for exceptions (§11.5.2).
@@ -196,12 +205,34 @@ impl VectorSet {
     }
 }
 
+/// What an INIT or start-up IPI asks of the vCPUs it names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartupKind {
+    /// INIT (delivery mode 101b, level assert): back to wait-for-SIPI.
+    Init,
+    /// Start-up (delivery mode 110b) with this vector: start in real mode
+    /// at VV00:0000 if waiting for it.
+    Sipi(u8),
+}
+
+/// An INIT or start-up IPI for other vCPUs of the partition. The sender
+/// is never among them: "self" is not a valid shorthand for either
+/// (§11.6.1, the valid ICR combinations: its outcome is undefined), and
+/// an "all including self" one reaches only the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartupIpi {
+    pub kind: StartupKind,
+    pub destination: Destination,
+}
+
 /// What a write asks of the caller beyond the APIC itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteEffect {
     None,
     /// Deliver this IPI to the other vCPUs it names.
     Ipi(Ipi),
+    /// Carry out this INIT or start-up IPI on the other vCPUs it names.
+    Startup(StartupIpi),
 }
 
 /// One vCPU's local APIC.
@@ -554,13 +585,6 @@ impl Lapic {
     fn send(&mut self, icr: u64) -> WriteEffect {
         let vector = (icr & 0xff) as u8;
         let mode = (icr >> ICR_DELIVERY_SHIFT) & ICR_DELIVERY_MASK;
-        if mode != DELIVERY_FIXED && mode != DELIVERY_LOWEST {
-            return WriteEffect::None;
-        }
-        if vector < FIRST_LEGAL_VECTOR {
-            self.error(ESR_SEND_ILLEGAL_VECTOR);
-            return WriteEffect::None;
-        }
         let dest = (icr >> ICR_DEST_SHIFT) as u32;
         let (to_self, others) = match (icr >> ICR_SHORTHAND_SHIFT) & ICR_SHORTHAND_MASK {
             0 => {
@@ -571,6 +595,30 @@ impl Lapic {
             2 => (true, Some(Destination::AllButSelf)),
             _ => (false, Some(Destination::AllButSelf)),
         };
+        let startup = match mode {
+            DELIVERY_INIT if icr & (ICR_TRIGGER_LEVEL | ICR_LEVEL_ASSERT) == ICR_TRIGGER_LEVEL => {
+                return WriteEffect::None
+            }
+            DELIVERY_INIT => StartupKind::Init,
+            // The vector is a page number, not an interrupt: any is legal.
+            DELIVERY_STARTUP => StartupKind::Sipi(vector),
+            DELIVERY_FIXED | DELIVERY_LOWEST => {
+                if vector < FIRST_LEGAL_VECTOR {
+                    self.error(ESR_SEND_ILLEGAL_VECTOR);
+                    return WriteEffect::None;
+                }
+                return self.send_fixed(vector, to_self, others);
+            }
+            _ => return WriteEffect::None,
+        };
+        match others {
+            Some(destination) => WriteEffect::Startup(StartupIpi { kind: startup, destination }),
+            None => WriteEffect::None,
+        }
+    }
+
+    /// A fixed IPI: the part for this vCPU here, the rest for the caller.
+    fn send_fixed(&mut self, vector: u8, to_self: bool, others: Option<Destination>) -> WriteEffect {
         if to_self {
             self.accept(vector);
         }
@@ -931,11 +979,46 @@ mod tests {
         let d = Destination::Logical(0b101);
         assert!(d.includes(0, 1) && d.includes(2, 1) && !d.includes(1, 1) && !d.includes(16, 1));
         assert!(Destination::Logical(0x0001_0001).includes(16, 1));
-        // INIT, SIPI, NMI are not delivered.
+        // SMI and NMI are not delivered; INIT and SIPI to self go nowhere.
         for mode in [2u64, 4, 5, 6] {
             assert_eq!(a.write(msr::ICR, 0x50 | (mode << 8) | (1 << 18), 0), Ok(WriteEffect::None));
             assert!(!a.irr.contains(0x50));
         }
+        assert_eq!(a.write(msr::ICR, 0x50 | (4 << 8) | (3 << 32), 0), Ok(WriteEffect::None), "NMI");
+    }
+
+    #[test]
+    fn init_and_startup_ipis_go_to_the_caller() {
+        let mut a = enabled(0);
+        let startup = |kind, destination| Ok(WriteEffect::Startup(StartupIpi { kind, destination }));
+        // INIT assert, as Linux and the SDM's example send it (level,
+        // assert), and as an edge; a vector is ignored.
+        let init = 0x0000_c500 | (1 << 32);
+        assert_eq!(a.write(msr::ICR, init, 0), startup(StartupKind::Init, Destination::Physical(1)));
+        assert_eq!(a.write(msr::ICR, 0x0000_4500 | (1 << 32), 0), startup(StartupKind::Init, Destination::Physical(1)));
+        assert_eq!(a.write(msr::ICR, 0x0000_0512 | (1 << 32), 0), startup(StartupKind::Init, Destination::Physical(1)));
+        // INIT level de-assert: nothing.
+        assert_eq!(a.write(msr::ICR, 0x0000_8500 | (1 << 32), 0), Ok(WriteEffect::None));
+        // SIPI vector 0x08 to ID 1; any vector, even below 16, is legal.
+        let sipi = |v: u64, dest: u64| 0x0000_4600 | v | (dest << 32);
+        assert_eq!(a.write(msr::ICR, sipi(0x08, 1), 0), startup(StartupKind::Sipi(0x08), Destination::Physical(1)));
+        assert_eq!(a.write(msr::ICR, sipi(0x00, 2), 0), startup(StartupKind::Sipi(0x00), Destination::Physical(2)));
+        assert_eq!(a.esr_pending, 0, "a SIPI vector is a page, not an interrupt vector");
+        // Shorthands: all excluding self and all including self reach the
+        // others only; logical destinations as for fixed IPIs.
+        assert_eq!(a.write(msr::ICR, 0x0000_4500 | (3 << 18), 0), startup(StartupKind::Init, Destination::AllButSelf));
+        assert_eq!(
+            a.write(msr::ICR, sipi(0x9f, 0) | (2 << 18), 0),
+            startup(StartupKind::Sipi(0x9f), Destination::AllButSelf)
+        );
+        assert_eq!(
+            a.write(msr::ICR, 0x0000_4500 | ICR_LOGICAL | (0b110 << 32), 0),
+            startup(StartupKind::Init, Destination::Logical(0b110))
+        );
+        assert!(a.irr.is_empty(), "nothing reaches the sender's own IRR");
+        // An INIT or SIPI to an ID no vCPU has still goes to the caller,
+        // which finds no vCPU to give it to.
+        assert_eq!(a.write(msr::ICR, sipi(0x08, 7), 0), startup(StartupKind::Sipi(0x08), Destination::Physical(7)));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! ([`vmx_caps`]), how a VM exit is decoded ([`vmx_exit`]), and what a
 //! guest sees of the machine: CPUID ([`cpuid`]), the MSR allow-list
 //! ([`msr`]), the control-register bits it may change ([`cr`]), its debug
-//! registers ([`debug`]), its local
-//! APIC ([`lapic`]), and how it is loaded and handed over to, the way a
+//! registers ([`debug`]), its local APIC ([`lapic`]), how its vCPUs start
+//! with INIT and start-up IPIs ([`startup`]), and how it is loaded and
+//! handed over to, the way a
 //! multiboot2 boot loader would ([`boot`]). Everything here takes guest-
 //! or hardware-controlled values and is host-tested.
 
@@ -15,6 +16,7 @@ pub mod debug;
 pub mod emulate;
 pub mod lapic;
 pub mod msr;
+pub mod startup;
 pub mod traps;
 pub mod vmx_caps;
 pub mod vmx_exit;
