@@ -195,7 +195,7 @@ fn a_console_line_written_across_updates_comes_out_whole() {
     list.push(updater.unwrap_or_else(|e| panic!("{e}")));
     // About 15 s under Bochs (with only these three light guests an update
     // takes ~1.5 s); the 3-minute timeout is only a safety net.
-    let run = run("test-x86_64-update-console-line", &a, &list, 128);
+    let run = run("test-x86_64-update-console-line", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown: every guest ended by itself");
     check(&run, run.hv("update-done").len() == LINE_UPDATES as usize, "every update done");
 
@@ -231,7 +231,7 @@ fn a_second_vcpu_waits_runs_and_restarts_across_updates() {
         &guests::updater_cmdline(SMP_UPDATES),
     );
     let list = [smp, updater.unwrap_or_else(|e| panic!("{e}"))];
-    let run = run("test-x86_64-update-smp", &a, &list, 128);
+    let run = run("test-x86_64-update-smp", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown: both guests ended by themselves");
     let done = run.hv("update-done");
     check(&run, done.len() == SMP_UPDATES as usize, "every update done");
@@ -332,7 +332,7 @@ fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
     let list = guests_with_updater(&[b.update_image()], "updates=1 delay_ms=200 fail_freeze=1");
-    let run = run("test-x86_64-update-cancel", &a, &list, 128);
+    let run = run("test-x86_64-update-cancel", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown");
     check(&run, run.hv("boot").len() == 1, "hv: boot once");
     let cancelled = run.hv("update-cancelled");
