@@ -90,6 +90,7 @@ fn ten_updates_alternate_and_guests_stay_resident() {
         check(&run, e.num("staged") == Some(1), "update-done staged=1: no image bytes copied in the blackout");
         check(&run, e.num("parked_cpus") == Some(1), "the other CPU was released from its parking place");
         check(&run, e.num("firmware_calls") == Some(0), "no firmware call (PSCI) by the new image");
+        check(&run, e.num("cpu_restarts") == Some(0), "no CPU started with PSCI CPU_ON");
     }
     let old = run.hv("old-image");
     check(&run, old.len() == 10 && old.iter().all(|e| e.num("intact") == Some(1)), "the old image intact after resume");

@@ -165,6 +165,15 @@ fn ten_updates_alternate_and_guests_stay_resident() {
     // intact after the guests resumed; the slots alternate.
     check(&run, run.hv("update-begin").iter().all(|e| e.get("image") == Some("slot")), "every image staged");
     check(&run, done.iter().all(|e| e.num("staged") == Some(1)), "update-done staged=1");
+    // Direct CPU handover: the second CPU waited in the old image's
+    // mailbox and was released into the new image; no CPU went through
+    // INIT-SIPI-SIPI during an update.
+    check(&run, run.hv("update-begin").iter().all(|e| e.get("cpus") == Some("parked")), "every update parks the CPUs");
+    for e in &done {
+        check(&run, e.num("parked_cpus") == Some(1), "the second CPU was released from the mailbox");
+        check(&run, e.num("cpu_restarts") == Some(0), "no INIT-SIPI-SIPI by the new image");
+    }
+    check(&run, run.hv("ap-start-failed").is_empty(), "every CPU came back");
     let old = run.hv("old-image");
     check(&run, old.len() == UPDATES && old.iter().all(|e| e.num("intact") == Some(1)), "old image intact");
     let bases: Vec<u64> = old.iter().filter_map(|e| e.num("base")).collect();

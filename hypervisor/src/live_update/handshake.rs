@@ -191,6 +191,11 @@ impl Handshake {
         }
     }
 
+    /// Whether CPU `cpu` has nothing left to run, for good ([`Self::park`]).
+    pub fn parked_for_good(&self, cpu: usize) -> bool {
+        self.ack.get(cpu).is_some_and(|a| a.load(Ordering::Acquire) == ACK_PARKED)
+    }
+
     /// CPU `me` has nothing left to run, for good: freezes no longer wait
     /// for it.
     pub fn park(&self, me: usize) {
@@ -286,7 +291,9 @@ mod tests {
     #[test]
     fn parked_cpus_are_not_waited_for() {
         let h = Handshake::new();
+        assert!(!h.parked_for_good(1));
         h.park(1);
+        assert!(h.parked_for_good(1) && !h.parked_for_good(0) && !h.parked_for_good(MAX_CPUS));
         let generation = h.request_freeze();
         assert_eq!(h.wait_frozen(generation, 0, &[0, 1], deadline(1000), thread::yield_now), Ok(()));
         h.release_for_kexec(generation);

@@ -92,6 +92,18 @@ pub struct HandoffPlan {
     pub mailbox: u64,
     /// The image's code and read-only data.
     pub code: PhysRange,
+    /// The CPU that enters the new image, if not the requester's (x86_64:
+    /// the bootstrap processor, the only one INIT does not send back to
+    /// the firmware). Every other CPU online parks.
+    pub enters: Option<usize>,
+}
+
+/// The CPUs that park in the mailbox for a direct handover (bit n: CPU
+/// n): every CPU online but the one that enters the new image and those
+/// with nothing left to run (`parked_for_good`: they halted outside the
+/// mailbox and are started the old way).
+pub fn parked_mask(online: &[usize], enters: usize, parked_for_good: impl Fn(usize) -> bool) -> u64 {
+    online.iter().filter(|&&c| c != enters && c < 64 && !parked_for_good(c)).fold(0u64, |a, &c| a | 1 << c)
 }
 
 /// Why a participant stopped an update after the freeze began.
@@ -310,9 +322,10 @@ struct StateSaver<'a, P> {
     platform: &'a P,
     freeze_counter: u64,
     /// The handoff record, but for the CPUs to park (filled in at the
-    /// freeze: every online CPU but the requester's).
+    /// freeze: [`parked_mask`]).
     handoff: Option<HandoffRecord>,
-    cpu: usize,
+    /// The CPU that enters the new image.
+    enters: usize,
 }
 
 impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
@@ -338,7 +351,8 @@ impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
                 for line in m.take_output() {
                     println!("{line}");
                 }
-                let parked = m.online.iter().filter(|&&c| c != self.cpu && c < 64).fold(0u64, |a, &c| a | 1 << c);
+                let handshake = self.platform.handshake();
+                let parked = parked_mask(&m.online, self.enters, |c| handshake.parked_for_good(c));
                 m.save_state(w, counter, hz).map(|()| parked)
             })
             .ok_or(Cancel::NoMachine)?
@@ -464,7 +478,9 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     // the old image's code to stay where the parked CPUs wait.
     let reads_handoff =
         readers.as_ref().and_then(|r| r.range(<HandoffRecord as kho::StateRecord>::ID)).is_some_and(|r| r.min <= 1);
-    let handoff = reads_handoff.then(|| plan_handoff(&p.handoff(), placement));
+    let plan = p.handoff();
+    let enters = plan.enters.unwrap_or(req.cpu);
+    let handoff = reads_handoff.then(|| plan_handoff(&plan, placement));
     let park = handoff.as_ref().is_some_and(|h| h.mailbox != 0);
     let count = update_count + 1;
     hv_event!(
@@ -499,7 +515,7 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     let registered = sm
         .register(Box::new(CpuStopper { platform: p, cpu: req.cpu, generation: &generation }))
         .and_then(|()| sm.register(Box::new(FaultInjector { platform: p })))
-        .and_then(|()| sm.register(Box::new(StateSaver { platform: p, freeze_counter, handoff, cpu: req.cpu })));
+        .and_then(|()| sm.register(Box::new(StateSaver { platform: p, freeze_counter, handoff, enters })));
     let result = registered.and_then(|()| sm.prepare(&mut writer)).and_then(|()| sm.freeze(&mut writer));
     if let Err(e) = result {
         let _ = sm.cancel();
@@ -785,7 +801,7 @@ mod tests {
         fn handoff(&self) -> HandoffPlan {
             // "Code" the host can read, for the hash.
             let code: &'static [u64] = Box::leak(alloc::vec![0x5a5a_u64; 64].into_boxed_slice());
-            HandoffPlan { mailbox: 0, code: PhysRange::new(code.as_ptr() as u64, 512) }
+            HandoffPlan { mailbox: 0, code: PhysRange::new(code.as_ptr() as u64, 512), enters: None }
         }
         fn set_status(&self, _: &mut Machine<FakeArch>, status: Status) {
             self.statuses.borrow_mut().push(status);
@@ -839,7 +855,8 @@ mod tests {
         let mut sm: UpdateStateMachine<'_, Cancel> = UpdateStateMachine::new();
         sm.register(Box::new(CpuStopper { platform: p, cpu: 0, generation: &generation })).expect("register");
         sm.register(Box::new(FaultInjector { platform: p })).expect("register");
-        sm.register(Box::new(StateSaver { platform: p, freeze_counter: 7, handoff: None, cpu: 0 })).expect("register");
+        sm.register(Box::new(StateSaver { platform: p, freeze_counter: 7, handoff: None, enters: 0 }))
+            .expect("register");
         match sm.prepare(&mut w).and_then(|()| sm.freeze(&mut w)) {
             Ok(()) => Ok(w),
             Err(e) => {
@@ -847,6 +864,18 @@ mod tests {
                 Err(failure(e))
             }
         }
+    }
+
+    #[test]
+    fn the_cpu_that_enters_and_cpus_halted_for_good_do_not_park() {
+        // aarch64: the requester enters; x86_64: the BSP (0), even when
+        // another CPU requested.
+        assert_eq!(parked_mask(&[0, 1, 2, 3], 2, |_| false), 0b1011);
+        assert_eq!(parked_mask(&[0, 1, 2, 3], 0, |c| c == 3), 0b0110);
+        assert_eq!(parked_mask(&[0], 0, |_| false), 0);
+        // Indices beyond the mask's 64 bits never park (started the old
+        // way).
+        assert_eq!(parked_mask(&[0, 64, 70], 0, |_| false), 0);
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct BlackoutReport {
     staged: AtomicU64,
     parked_cpus: AtomicU64,
     firmware_calls: AtomicU64,
+    /// CPUs this image started the old way (PSCI CPU_ON, INIT-SIPI-SIPI)
+    /// rather than from the parking mailbox.
+    cpu_restarts: AtomicU64,
     /// When each CPU (by index) re-entered a guest.
     cpu_resumed_at: [AtomicU64; MAX_CPUS],
     /// Steps of the boot CPU between entry and the end of the restore
@@ -84,6 +87,7 @@ impl BlackoutReport {
             staged: AtomicU64::new(0),
             parked_cpus: AtomicU64::new(0),
             firmware_calls: AtomicU64::new(0),
+            cpu_restarts: AtomicU64::new(0),
             cpu_resumed_at: [const { AtomicU64::new(0) }; MAX_CPUS],
             marks: spin::Mutex::new([("", 0); MAX_MARKS]),
         }
@@ -105,6 +109,12 @@ impl BlackoutReport {
         self.staged.store(u64::from(staged), Ordering::Relaxed);
         self.parked_cpus.store(parked_cpus, Ordering::Relaxed);
         self.firmware_calls.store(firmware_calls, Ordering::Relaxed);
+    }
+
+    /// Records that a CPU was started the old way (PSCI CPU_ON, INIT-SIPI-
+    /// SIPI): it went back through the firmware or a reset.
+    pub fn note_cpu_restart(&self) {
+        self.cpu_restarts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records when the new image was entered (and when the old one jumped).
@@ -175,6 +185,7 @@ impl BlackoutReport {
             staged = self.staged.load(Ordering::Relaxed),
             parked_cpus = self.parked_cpus.load(Ordering::Relaxed),
             firmware_calls = self.firmware_calls.load(Ordering::Relaxed),
+            cpu_restarts = self.cpu_restarts.load(Ordering::Relaxed),
         );
         let (kexec, entry, restored) = (
             self.kexec.load(Ordering::Relaxed),

@@ -183,7 +183,7 @@ impl UpdatePlatform for Arm {
 
     fn handoff(&self) -> HandoffPlan {
         let code = super::code_range();
-        HandoffPlan { mailbox: MAILBOX.0.as_ptr() as u64, code }
+        HandoffPlan { mailbox: MAILBOX.0.as_ptr() as u64, code, enters: None }
     }
 
     fn set_status(&self, m: &mut Machine<Aarch64>, status: Status) {

@@ -315,6 +315,7 @@ fn start_secondaries(platform: &DtbPlatform, parked: Option<&live_update::Parked
         if let Some(word) = parked.and_then(|p| p.word(index)) {
             live_update::release_parked(word, entry);
         } else {
+            hypervisor::live_update::REPORT.note_cpu_restart();
             let status = psci::call(psci::CPU_ON_64, target, entry, index as u64);
             if status != Some(psci::SUCCESS) {
                 hv_event!("cpu-on-failed", mpidr = format_args!("{target:#x}"), status = status.unwrap_or(i64::MIN));

@@ -107,6 +107,43 @@ hv_handover_entry:
     hlt
     jmp     2b
 
+// A CPU the previous image parked in its mailbox (a live update's direct
+// handover, kho/ABI.md §4.6) enters here in 64-bit mode with interrupts
+// off and VMX off, still on the previous image's page tables, GDT and
+// stack, with RDI = its CPU index. It takes this image's page tables, GDT
+// and its stack (AP_STACKS[index], smp.rs) and runs hv_ap_main(index) as
+// an AP started with INIT-SIPI-SIPI does. An index out of range halts.
+.section .text, "ax"
+.code64
+.global hv_ap_parked_entry
+hv_ap_parked_entry:
+    cli
+    cld
+    movq    $boot_pml4, %rax
+    movq    %rax, %cr3
+    lgdt    gdt64_ptr(%rip)
+    cmpq    ${MAX_CPUS}, %rdi
+    jae     2f
+    leaq    1(%rdi), %rax
+    imulq   ${AP_STACK_SIZE}, %rax
+    leaq    {AP_STACKS}(%rip), %rsp
+    addq    %rax, %rsp
+    pushq   $0x08
+    leaq    1f(%rip), %rax
+    pushq   %rax
+    lretq
+1:  movw    $0x10, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    xorw    %ax, %ax
+    movw    %ax, %fs
+    movw    %ax, %gs
+    call    hv_ap_main
+2:  cli
+    hlt
+    jmp     2b
+
 // Application processors start here in real mode at AP_TRAMPOLINE (SIPI
 // vector 8). The code is copied there, so it addresses itself as
 // AP_TRAMPOLINE + (label - ap_trampoline_start).

@@ -41,3 +41,22 @@ kexec_trampoline_start:
     jmp     *%r11
 .global kexec_trampoline_end
 kexec_trampoline_end:
+
+// A frozen CPU's wait for the new image (direct CPU handover, kho/ABI.md
+// §4.6): park_in_mailbox(RDI = its mailbox word, RSI = its CPU index),
+// entered with VMX off. It waits with interrupts off, still on this
+// image's page tables, GDT and stack, until the new image writes an entry
+// address into the word, and jumps there with RDI = its index. Everything
+// it uses is this image's, which stays intact until the new image reports
+// the guests resumed.
+.section .text.park, "ax"
+.global park_in_mailbox
+park_in_mailbox:
+    cli
+1:  movq    (%rdi), %rax
+    testq   %rax, %rax
+    jnz     2f
+    pause
+    jmp     1b
+2:  movq    %rsi, %rdi
+    jmp     *%rax

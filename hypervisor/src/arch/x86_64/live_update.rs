@@ -7,14 +7,20 @@
 //! and the preserved map, every CPU leaves VMX operation (VMXOFF; INIT is
 //! blocked in VMX root operation, §24.8), and a trampoline in scratch
 //! copies the new image's PT_LOAD segments to their physical addresses and
-//! enters its handover entry in 64-bit mode.
+//! enters its handover entry in 64-bit mode. An image linked for the
+//! other slot (`hypervisor::slots`) was put there before the freeze, and
+//! the trampoline only enters it; the CPUs other than the BSP then park
+//! in this image's code (a mailbox, as on aarch64) instead of halting for
+//! INIT-SIPI-SIPI.
 //!
-//! The new image adopts the EPT trees in place (same roots), restarts the
-//! other CPUs with INIT-SIPI-SIPI, and rebuilds each VMCS from its vCPU
-//! record in the same VMCS region: controls and host state are the new
-//! image's own, the guest state is the record's.
+//! The new image releases the parked CPUs into its own AP entry (others
+//! it restarts with INIT-SIPI-SIPI), adopts the EPT trees in place (same
+//! roots), and rebuilds each VMCS from its vCPU record in the same VMCS
+//! region: controls and host state are the new image's own, the guest
+//! state is the record's.
 
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hvcall::Status;
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
@@ -56,7 +62,22 @@ core::arch::global_asm!(include_str!("kexec.S"), options(att_syntax));
 extern "C" {
     static kexec_trampoline_start: u8;
     static kexec_trampoline_end: u8;
+    fn park_in_mailbox(word: u64, index: u64) -> !;
 }
+
+/// Where the frozen CPUs wait for the new image (`HandoffRecord::mailbox`):
+/// one word per CPU index, 0 until the new image writes its AP entry
+/// there. A cache line of its own.
+#[repr(C, align(64))]
+struct Mailbox([AtomicU64; MAX_CPUS]);
+
+static MAILBOX: Mailbox = Mailbox([const { AtomicU64::new(0) }; MAX_CPUS]);
+/// Set by the requesting CPU before it releases the frozen ones: park in
+/// [`MAILBOX`] rather than halt for INIT-SIPI-SIPI.
+static PARK: AtomicBool = AtomicBool::new(false);
+/// The CPU index of the bootstrap processor, the one that enters the new
+/// image (INIT sends the BSP back to the firmware, SDM Vol. 3A §9.1).
+const BSP_INDEX: usize = 0;
 
 /// The x86_64 side of [`UpdatePlatform`]: the requesting vCPU `v`; other
 /// CPUs are kicked out of their guests and spin with PAUSE while frozen.
@@ -126,7 +147,7 @@ impl UpdatePlatform for Vmx {
     }
 
     fn handoff(&self) -> HandoffPlan {
-        HandoffPlan { mailbox: 0, code: super::code_range() }
+        HandoffPlan { mailbox: MAILBOX.0.as_ptr() as u64, code: super::code_range(), enters: Some(BSP_INDEX) }
     }
 
     fn set_status(&self, m: &mut Machine<X86>, status: Status) {
@@ -235,15 +256,23 @@ fn smp_index() -> usize {
 }
 
 /// Off for the kexec: the BSP enters the new image; any other CPU leaves
-/// VMX operation (INIT is blocked in VMX root operation, SDM Vol. 3C
-/// §24.8) and halts with interrupts off, so that the new image can restart
-/// it with INIT-SIPI-SIPI.
+/// VMX operation and waits in the mailbox for the new image to release it
+/// (a staged update), or halts with interrupts off so that the new image
+/// can restart it with INIT-SIPI-SIPI (INIT is blocked in VMX root
+/// operation, SDM Vol. 3C §24.8).
 fn leave(cpu: usize, generation: Generation) -> ! {
     if smp::is_bsp() {
         jump(cpu, generation)
     }
     vmx::disable();
     HANDSHAKE.left(cpu, generation);
+    if let Some(word) = PARK.load(Ordering::Acquire).then(|| MAILBOX.0.get(cpu)).flatten() {
+        // SAFETY: the word is this CPU's in the mailbox the handoff record
+        // names; the code, page tables, GDT and stack it waits on are this
+        // image's, which stays intact until the new image has resumed the
+        // guests (the new image runs from the other slot).
+        unsafe { park_in_mailbox(word.as_ptr() as u64, cpu as u64) }
+    }
     super::halt_forever()
 }
 
@@ -279,6 +308,12 @@ pub fn run(cpu: usize, v: usize, image_pa: u64, size: u64) {
     match prepare_jump(&ready, online) {
         Ok(j) => {
             *JUMP.lock() = Some(j);
+            if ready.park {
+                for word in &MAILBOX.0 {
+                    word.store(0, Ordering::Relaxed);
+                }
+            }
+            PARK.store(ready.park, Ordering::Release);
             HANDSHAKE.release_for_kexec(ready.generation);
             leave(cpu, ready.generation)
         }
@@ -396,7 +431,6 @@ pub struct RestoreSpec<'a> {
     pub info: &'a BootInfo,
     /// Memory the image and the platform occupy.
     pub reserved: Vec<PhysRange>,
-    pub cpus: &'a [usize],
     pub caps: VmxCaps,
     pub mbi: PhysRange,
 }
@@ -420,11 +454,19 @@ impl core::fmt::Display for RestoreFailure {
     }
 }
 
-/// The restore side: validates the handover at `handover_pa`, adopts the
-/// preserved map and each partition's EPT tree in place, rebuilds the
-/// vCPUs from their records (each VMCS is rebuilt on first entry), and
-/// installs the machine. Returns how many partitions were adopted.
-pub fn restore(handover_pa: u64, spec: RestoreSpec<'_>) -> Result<usize, RestoreFailure> {
+pub use hypervisor::live_update::incoming::Parked;
+
+/// The restore side: validates the handover at `handover_pa`, brings the
+/// other CPUs up (`start_cpus`: the parked ones released, if the previous
+/// image parked them; it returns the CPUs ready), adopts the preserved
+/// map and each partition's EPT tree in place, rebuilds the vCPUs from
+/// their records (each VMCS is rebuilt on first entry), and installs the
+/// machine. Returns how many partitions were adopted.
+pub fn restore(
+    handover_pa: u64,
+    spec: RestoreSpec<'_>,
+    start_cpus: impl FnOnce(Option<&Parked>) -> Vec<usize>,
+) -> Result<usize, RestoreFailure> {
     let h = RestoreFailure::Handover;
     let ram = &spec.info.ram;
     let head = phys_bytes(PhysRange::new(handover_pa, 8), ram).ok_or(h("handover-outside-ram"))?;
@@ -438,11 +480,13 @@ pub fn restore(handover_pa: u64, spec: RestoreSpec<'_>) -> Result<usize, Restore
     let handoff =
         reader.subsystem("handoff").and_then(|n| n.record::<hypervisor::records::HandoffRecord>().ok().flatten());
     let staged = handoff.as_ref().is_some_and(|r| r.staged == 1);
-    // The other CPUs came up through INIT-SIPI-SIPI (no CPU is parked on
-    // x86_64 yet).
-    REPORT.note_handoff(staged, 0, 0);
     let running = super::image_range().base;
     let old_slot = slots::X86_64.range(usize::from(slots::X86_64.slot_of(running) != Some(1)));
+    let parked = handoff.as_ref().and_then(|r| Parked::from_record(r, old_slot, MAX_CPUS));
+    let online = start_cpus(parked.as_ref());
+    // No firmware call on x86_64; CPUs not parked were restarted with
+    // INIT-SIPI-SIPI (`cpu_restarts`).
+    REPORT.note_handoff(staged, parked.map_or(0, |p| p.count()), 0);
     if let Some(old) = handoff.as_ref().and_then(|r| incoming::old_image_of(r, old_slot)) {
         // SAFETY: `old_image_of` checked the range lies in the other slot,
         // identity-mapped RAM this image does not use.
@@ -467,7 +511,7 @@ pub fn restore(handover_pa: u64, spec: RestoreSpec<'_>) -> Result<usize, Restore
         update_request: [None; MAX_CPUS],
     };
     super::platform::set_tsc_hz(hv_hz);
-    let spec = AdoptSpec { ram, reserved: spec.reserved, online: spec.cpus, counter: tsc::now };
+    let spec = AdoptSpec { ram, reserved: spec.reserved, online: &online, counter: tsc::now };
     // SAFETY: RAM below 4 GiB is identity-mapped, and only this CPU is up.
     unsafe { incoming::adopt(&reader, &MACHINE, arch, IdentityPages, spec) }.map_err(|e| {
         println!("restore: {e:?}");

@@ -30,7 +30,13 @@ use loader::PhysRange;
 use loader::{multiboot2, BootInfo};
 use x86::io::{outb, outw};
 
-global_asm!(include_str!("entry.S"), options(att_syntax));
+global_asm!(
+    include_str!("entry.S"),
+    MAX_CPUS = const MAX_CPUS,
+    AP_STACK_SIZE = const smp::AP_STACK_SIZE,
+    AP_STACKS = sym smp::AP_STACKS,
+    options(att_syntax)
+);
 
 pub const MAX_CPUS: usize = 8;
 /// Where a live update enters the image (`hv_handover_entry` in
@@ -163,13 +169,25 @@ fn platform(magic: u32, mbi_phys: u64) -> (BootInfo, acpi::MadtCpus, PhysRange) 
     (info, cpus, PhysRange::new(mbi_phys, len as u64))
 }
 
-/// Starts every other CPU with INIT-SIPI-SIPI (they run `hv_ap_main`).
-fn start_aps(info: &BootInfo, cpus: &acpi::MadtCpus) {
+/// Starts every other CPU (they run `hv_ap_main`): those the previous
+/// image parked (a live update's direct handover) by writing
+/// `hv_ap_parked_entry` into their mailbox word, the others with
+/// INIT-SIPI-SIPI. CPU indices follow the MADT's order, as in every image.
+fn start_aps(info: &BootInfo, cpus: &acpi::MadtCpus, parked: Option<&live_update::Parked>) {
+    extern "C" {
+        fn hv_ap_parked_entry() -> !;
+    }
     let trampoline = PhysRange::new(smp::TRAMPOLINE, 0x1000);
     let trampoline_free =
         info.ram.iter().any(|r| r.contains(&trampoline)) && !info.reserved.iter().any(|r| r.overlaps(&trampoline));
     let me = smp::my_apic_id();
     for (index, &apic_id) in (1..).zip(cpus.apic_ids.iter().filter(|&&id| id != me)) {
+        if let Some(word) = parked.and_then(|p| p.word(index)) {
+            if !smp::release_parked(word, hv_ap_parked_entry as *const () as u64) {
+                hv_event!("ap-start-failed", apic_id = apic_id, reason = "parked-cpu-timeout");
+            }
+            continue;
+        }
         if !trampoline_free {
             hv_event!("ap-start-failed", apic_id = apic_id, reason = "trampoline-page-not-free");
             break;
@@ -209,10 +227,12 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> !
     };
     VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
     CPU_READY[0].store(true, Ordering::Release);
-    start_aps(&info, &cpus);
-    let ready: Vec<usize> = (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect();
-    let spec = live_update::RestoreSpec { info: &info, reserved: reserved(&info), cpus: &ready, caps, mbi };
-    match live_update::restore(handover, spec) {
+    let start_cpus = |parked: Option<&live_update::Parked>| {
+        start_aps(&info, &cpus, parked);
+        (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect()
+    };
+    let spec = live_update::RestoreSpec { info: &info, reserved: reserved(&info), caps, mbi };
+    match live_update::restore(handover, spec, start_cpus) {
         Ok(0) => fail("handover-has-no-partitions"),
         Ok(_) => {}
         Err(reason) => fail(reason),
@@ -247,7 +267,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         );
     }
 
-    start_aps(&info, &cpus);
+    start_aps(&info, &cpus, None);
 
     hv_event!(
         "boot",
@@ -395,6 +415,10 @@ fn report_vmx(caps: &VmxCaps) {
     );
 }
 
+/// An AP's start in this image, CPU `index`: from the INIT-SIPI-SIPI
+/// trampoline or from a previous image's parking mailbox
+/// (`hv_ap_parked_entry`).
+#[no_mangle]
 extern "C" fn hv_ap_main(index: u64) -> ! {
     cpu::load_idt();
     let cpu = index as usize;

@@ -47,9 +47,12 @@ extern "C" {
 }
 
 #[repr(C, align(16))]
-struct Stacks([[u8; STACK_SIZE]; MAX_CPUS]);
+pub(crate) struct Stacks([[u8; STACK_SIZE]; MAX_CPUS]);
 
-static mut AP_STACKS: Stacks = Stacks([[0; STACK_SIZE]; MAX_CPUS]);
+/// The APs' stacks, by CPU index (also found by `hv_ap_parked_entry` in
+/// `entry.S`: index + 1 times [`STACK_SIZE`] from here is the top).
+pub(crate) static mut AP_STACKS: Stacks = Stacks([[0; STACK_SIZE]; MAX_CPUS]);
+pub(crate) const AP_STACK_SIZE: usize = STACK_SIZE;
 
 /// CPUs running the hypervisor, the boot CPU included.
 pub static ONLINE: AtomicUsize = AtomicUsize::new(1);
@@ -158,12 +161,19 @@ pub fn start_ap(apic_id: u32, index: usize, entry: extern "C" fn(u64) -> !) -> b
     unsafe { core::arch::asm!("mov {0}, cr3", out(reg) cr3, options(nomem, nostack)) };
     install_trampoline(cr3, stack_top, entry as *const () as u64, index as u64);
     let before = ONLINE.load(Ordering::Acquire);
+    hypervisor::live_update::REPORT.note_cpu_restart();
     send_ipi(apic_id, ICR_INIT);
     delay_us(10_000);
     for _ in 0..2 {
         send_ipi(apic_id, ICR_STARTUP | SIPI_VECTOR);
         delay_us(200);
     }
+    wait_online(before)
+}
+
+/// Waits until more than `before` CPUs are online; whether they came in
+/// time.
+fn wait_online(before: usize) -> bool {
     let mut waited = 0;
     while ONLINE.load(Ordering::Acquire) == before {
         if waited >= AP_WAIT_US {
@@ -173,4 +183,16 @@ pub fn start_ap(apic_id: u32, index: usize, entry: extern "C" fn(u64) -> !) -> b
         waited += 10;
     }
     true
+}
+
+/// Lets the CPU the previous image parked at mailbox `word` go: it enters
+/// `entry` with RDI = its index (a live update's direct handover). Returns
+/// whether it came online in time.
+pub fn release_parked(word: u64, entry: u64) -> bool {
+    let before = ONLINE.load(Ordering::Acquire);
+    // SAFETY: `word` is 8-aligned in the old image's slot (`Parked`
+    // checked it), identity-mapped RAM this image does not use; the
+    // parked CPU only reads it.
+    unsafe { core::ptr::write_volatile(word as *mut u64, entry) };
+    wait_online(before)
 }
