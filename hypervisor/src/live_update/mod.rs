@@ -509,6 +509,9 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     };
     // The requester sees SUCCESS when it runs again, in the new image.
     p.machine().with(|m| p.set_status(m, Status::Success));
+    // Lines still queued for the UART go out now, while the guests run:
+    // the next image resets the UART, so they must be out before it.
+    crate::console::flush();
     let (freeze_counter, _) = p.counter();
     let generation = core::cell::Cell::new(None);
     let mut sm: UpdateStateMachine<'_, Cancel> = UpdateStateMachine::new();

@@ -305,6 +305,8 @@ fn prepare_entry(m: &mut Machine<Aarch64>, cpu: usize, v: usize) {
 /// Chooses the vCPU to run on this CPU, idling (WFI, lock released) until
 /// one is runnable. `yield_now` prefers another vCPU over the current one.
 fn schedule(cpu: usize, yield_now: bool) -> *mut GuestRegs {
+    // Lines queued after a blackout go out as the UART takes them.
+    hypervisor::console::drain();
     if REPORT.waiting_for() > 0 {
         // SAFETY: YIELD is a hint with no architectural effect (see
         // `RESUME_POLL_US`).

@@ -111,6 +111,11 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
     // SAFETY: the DTB names this PL011; nothing else drives it.
     let console = Box::leak(Box::new(unsafe { pl011::Pl011::new(uart.base as usize) }));
     hypervisor::console::set_uart(console);
+    if handover_phys != 0 {
+        // The guests are paused: what the restore prints goes out once
+        // they run again.
+        hypervisor::console::hold();
+    }
     println!("hypervisor {VERSION} ({BUILD_ID}) starting at EL2");
     match platform.psci {
         Some(PsciConduit::Smc) => psci::enable_smc(),

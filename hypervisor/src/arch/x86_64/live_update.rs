@@ -285,12 +285,18 @@ pub fn idle(cpu: usize) -> ! {
             if HANDSHAKE.freeze_requested() {
                 freeze_this_cpu(cpu);
             }
+            hypervisor::console::drain();
             core::hint::spin_loop();
         }
     }
     vmx::disable();
     HANDSHAKE.park(cpu);
     super::halt_forever()
+}
+
+/// Records that the BSP finished a restore step (`hv: update-steps`).
+pub fn mark(step: &'static str) {
+    REPORT.mark(step, tsc::now());
 }
 
 /// Called by each CPU as it first enters a guest.
@@ -477,6 +483,7 @@ pub fn restore(
         println!("handover: {e}");
         h("handover-invalid")
     })?;
+    mark("handover");
     let handoff =
         reader.subsystem("handoff").and_then(|n| n.record::<hypervisor::records::HandoffRecord>().ok().flatten());
     let staged = handoff.as_ref().is_some_and(|r| r.staged == 1);
@@ -484,6 +491,7 @@ pub fn restore(
     let old_slot = slots::X86_64.range(usize::from(slots::X86_64.slot_of(running) != Some(1)));
     let parked = handoff.as_ref().and_then(|r| Parked::from_record(r, old_slot, MAX_CPUS));
     let online = start_cpus(parked.as_ref());
+    mark("cpus");
     // No firmware call on x86_64; CPUs not parked were restarted with
     // INIT-SIPI-SIPI (`cpu_restarts`).
     REPORT.note_handoff(staged, parked.map_or(0, |p| p.count()), 0);

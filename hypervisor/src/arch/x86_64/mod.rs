@@ -215,9 +215,14 @@ fn reserved(info: &BootInfo) -> Vec<PhysRange> {
 extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> ! {
     let entry_tsc = tsc::now();
     early_init();
+    // The guests are paused: what the restore prints goes out once they
+    // run again (at 115200 baud a restore's lines take some 60 ms).
+    hypervisor::console::hold();
     hypervisor::live_update::REPORT.note_entry(kexec_tsc, entry_tsc);
     println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode (live update)");
+    live_update::mark("console");
     let (info, cpus, mbi) = platform(multiboot2::BOOTLOADER_MAGIC, mbi_phys);
+    live_update::mark("platform");
     let caps = match vmx::enable(0) {
         Ok(caps) => caps,
         Err(e) => {
@@ -227,6 +232,7 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> !
     };
     VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
     CPU_READY[0].store(true, Ordering::Release);
+    live_update::mark("vmx");
     let start_cpus = |parked: Option<&live_update::Parked>| {
         start_aps(&info, &cpus, parked);
         (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect()

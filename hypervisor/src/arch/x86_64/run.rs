@@ -416,6 +416,7 @@ fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcp
                 return None;
             }
             drop(guard);
+            hypervisor::console::drain();
             core::hint::spin_loop();
             continue;
         };
@@ -436,6 +437,8 @@ pub fn run_cpu(cpu: usize) -> ! {
     let mut yield_now = false;
     let mut first = true;
     loop {
+        // Lines queued after a blackout go out a FIFO's worth at a time.
+        hypervisor::console::drain();
         let Some(mut ctx) = schedule(cpu, yield_now, &host) else { super::live_update::idle(cpu) };
         if core::mem::take(&mut first) {
             super::live_update::note_resumed(cpu);

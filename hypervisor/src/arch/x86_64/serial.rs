@@ -21,6 +21,10 @@ const DIVISOR_115200: u8 = 1;
 /// Line status register and its "transmitter empty" bit (16550 data sheet).
 const LSR: u16 = COM1 + 5;
 const LSR_TEMT: u8 = 1 << 6;
+/// "Transmitter holding register empty": with the FIFOs on (`uart_16550`
+/// sets FCR = 0xc7), the transmit FIFO is empty and takes 16 bytes.
+const LSR_THRE: u8 = 1 << 5;
+const TX_FIFO_BYTES: usize = 16;
 const FLUSH_SPINS: u32 = 1_000_000;
 
 pub struct Com1(SerialPort);
@@ -49,6 +53,20 @@ impl Uart for Com1 {
         for &b in bytes {
             self.0.send_raw(b);
         }
+    }
+
+    fn try_write(&mut self, bytes: &[u8]) -> usize {
+        // SAFETY: reading the LSR of the port this value owns.
+        if unsafe { inb(LSR) } & LSR_THRE == 0 {
+            return 0;
+        }
+        let n = bytes.len().min(TX_FIFO_BYTES);
+        for &b in &bytes[..n] {
+            // SAFETY: the transmit FIFO is empty (THRE) and takes these
+            // bytes; the port is this value's.
+            unsafe { outb(COM1, b) };
+        }
+        n
     }
 
     fn flush(&mut self) {
