@@ -9,6 +9,13 @@ const POLYNOMIAL: u32 = 0xEDB8_8320;
 
 /// One lookup entry per byte value, built at compile time.
 const TABLE: [u32; 256] = build_table();
+/// Slicing-by-8 (Kounavis and Berry, "A Systematic Approach to Building
+/// High Performance Software-based CRC Generators", 2005): `SLICES[k][b]`
+/// is the CRC of byte `b` followed by `k` zero bytes, so eight bytes are
+/// folded with eight independent lookups instead of eight dependent ones.
+/// The live-update blackout checksums every record twice (written, then
+/// read), which bytewise cost ~10 instructions a byte.
+const SLICES: [[u32; 256]; 8] = build_slices();
 
 const fn build_table() -> [u32; 256] {
     let mut table = [0u32; 256];
@@ -26,6 +33,22 @@ const fn build_table() -> [u32; 256] {
     table
 }
 
+const fn build_slices() -> [[u32; 256]; 8] {
+    let mut slices = [[0u32; 256]; 8];
+    slices[0] = build_table();
+    let mut byte = 0;
+    while byte < 256 {
+        let mut k = 1;
+        while k < 8 {
+            let prev = slices[k - 1][byte];
+            slices[k][byte] = (prev >> 8) ^ slices[0][(prev & 0xff) as usize];
+            k += 1;
+        }
+        byte += 1;
+    }
+    slices
+}
+
 /// Running CRC-32 state, for checksums over more than one slice.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Crc32(u32);
@@ -36,6 +59,24 @@ impl Crc32 {
     }
 
     pub(crate) fn update(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let lo = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) ^ self.0;
+            let hi = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
+            let at = |k: usize, word: u32, shift: u32| SLICES[k][((word >> shift) & 0xff) as usize];
+            self.0 = at(7, lo, 0)
+                ^ at(6, lo, 8)
+                ^ at(5, lo, 16)
+                ^ at(4, lo, 24)
+                ^ at(3, hi, 0)
+                ^ at(2, hi, 8)
+                ^ at(1, hi, 16)
+                ^ at(0, hi, 24);
+        }
+        self.update_bytewise(chunks.remainder());
+    }
+
+    fn update_bytewise(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             let index = usize::from((self.0 as u8) ^ byte);
             self.0 = (self.0 >> 8) ^ TABLE[index];
@@ -70,6 +111,25 @@ mod tests {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32_parts(&[b"1234", b"", b"56789"]), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn eight_bytes_at_a_time_equals_one_byte_at_a_time() {
+        // Every length up to 64 at every alignment, over bytes that are
+        // not a pattern any table entry could hide.
+        let data: [u8; 80] = core::array::from_fn(|i| (i as u8).wrapping_mul(97).wrapping_add(13) ^ 0x5a);
+        for start in 0..8 {
+            for len in 0..=64 {
+                let bytes = &data[start..start + len];
+                let (mut fast, mut slow) = (Crc32::new(), Crc32::new());
+                fast.update(bytes);
+                slow.update_bytewise(bytes);
+                assert_eq!(fast.finish(), slow.finish(), "start {start} len {len}");
+            }
+        }
+        // zlib's crc32 of 4 KiB of 0xff, and of 1000 zero bytes.
+        assert_eq!(crc32(&[0xff; 4096]), 0xf154_670a);
+        assert_eq!(crc32(&[0; 1000]), 0x060b_1780);
     }
 
     #[test]

@@ -66,7 +66,8 @@ impl<A: Handover + 'static> UpdateParticipant for Adoption<A> {
         let reserved = core::mem::take(&mut self.reserved);
         // SAFETY: `adopt`'s contract: `pages` reaches RAM and only this CPU
         // is up.
-        let (m, figures) = unsafe { super::restore(reader, &self.ram, reserved, pages, arch, &self.online) }?;
+        let (m, figures) =
+            unsafe { super::restore(reader, &self.ram, reserved, pages, arch, &self.online, self.counter) }?;
         for p in &m.partitions {
             hv_event!(
                 "guest-adopted",

@@ -733,9 +733,11 @@ pub unsafe fn restore<A: Handover>(
     pages: <A as machine::Arch>::Pages,
     arch: A,
     online: &[usize],
+    counter: fn() -> u64,
 ) -> Result<(Machine<A>, report::RestoreFigures), AdoptFailure> {
     // SAFETY: the caller's contract.
     let adopted = unsafe { adopt_preserved(reader, ram, reserved, pages) }?;
+    REPORT.mark("preserved", counter());
     let preserved_pages = adopted.preserved_pages;
     let memory = MachineMemory {
         frames: adopted.frames,
@@ -744,6 +746,7 @@ pub unsafe fn restore<A: Handover>(
         ram: ram.to_vec(),
     };
     let restored = machine::restore(reader, arch, memory, online).map_err(AdoptFailure::Machine)?;
+    REPORT.mark("machine", counter());
     let m = restored.machine;
     let figures = report::RestoreFigures {
         update_count: reader.update_count(),

@@ -260,7 +260,7 @@ fn the_machine_survives_its_own_handover() {
     let reader = HandoverReader::new(&blob, blob_pa, &ram_map).expect("valid handover");
     // SAFETY: the arena holds the bitmap; nothing else uses it.
     let (n, figures) =
-        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0, 1]) }
+        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0, 1], || 0) }
             .expect("restore");
     assert_eq!(figures.freeze_counter, 1234);
     assert_eq!(figures.preserved_pages, preserved_before);
@@ -296,7 +296,7 @@ fn the_machine_survives_its_own_handover() {
     let reader = HandoverReader::new(&blob, blob_pa, &ram_map).expect("valid handover");
     // SAFETY: as above.
     let (one, _) =
-        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0]) }
+        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0], || 0) }
             .expect("restore on one CPU");
     assert!(one.vcpus.iter().all(|s| s.pcpu == 0));
     assert_eq!(one.queues[0].len(), 4);
@@ -316,7 +316,7 @@ fn restore_refuses_records_it_cannot_trust() {
         blob.truncate(len);
         let reader = HandoverReader::new(&blob, block.base, &ram_map).expect("reader");
         // SAFETY: the arena holds the bitmap.
-        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0]) }
+        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0], || 0) }
             .map(|_| ())
     };
 
@@ -365,7 +365,7 @@ fn restore_blob(rig: &Rig, blob: &[u8], blob_pa: u64) -> Result<Machine<FakeArch
     let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
     let reader = HandoverReader::new(blob, blob_pa, &ram_map).expect("valid handover");
     // SAFETY: the arena holds the bitmap; nothing else uses it.
-    unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0]) }
+    unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0], || 0) }
         .map(|(m, _)| m)
 }
 
