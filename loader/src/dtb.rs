@@ -293,19 +293,57 @@ struct Cells {
     size: usize,
 }
 
+/// The properties [`visit`] reads, found in one pass over a node's
+/// properties (`FdtNode::property` scans them all, resolving every name,
+/// on each call: with ten lookups a node that was most of the time a live
+/// update's new image spent reading the platform DTB).
+#[derive(Clone, Copy, Default)]
+struct Props<'a> {
+    status: Option<&'a [u8]>,
+    device_type: Option<&'a [u8]>,
+    compatible: Option<&'a [u8]>,
+    reg: Option<&'a [u8]>,
+    address_cells: Option<&'a [u8]>,
+    size_cells: Option<&'a [u8]>,
+}
+
+impl<'a> Props<'a> {
+    fn of(node: FdtNode<'_, 'a>) -> Self {
+        let mut p = Props::default();
+        for prop in node.properties() {
+            let slot = match prop.name {
+                "status" => &mut p.status,
+                "device_type" => &mut p.device_type,
+                "compatible" => &mut p.compatible,
+                "reg" => &mut p.reg,
+                "#address-cells" => &mut p.address_cells,
+                "#size-cells" => &mut p.size_cells,
+                _ => continue,
+            };
+            // The first of duplicates, as `FdtNode::property` finds it.
+            slot.get_or_insert(prop.value);
+        }
+        p
+    }
+}
+
 fn cells_of(node: FdtNode<'_, '_>, name: &str) -> Result<Cells, DtbError> {
-    let read = |prop: &str, default: usize| -> Result<usize, DtbError> {
-        match node.property(prop) {
+    cells_from(&Props::of(node), name)
+}
+
+fn cells_from(props: &Props<'_>, name: &str) -> Result<Cells, DtbError> {
+    let read = |value: Option<&[u8]>, default: usize| -> Result<usize, DtbError> {
+        match value {
             None => Ok(default),
-            Some(p) => match be32(p.value, 0) {
+            Some(v) => match be32(v, 0) {
                 // PCI buses use 3 address cells; no binding needs more.
-                Some(v @ 0..=3) if p.value.len() == 4 => Ok(v as usize),
+                Some(c @ 0..=3) if v.len() == 4 => Ok(c as usize),
                 _ => Err(DtbError::BadCells { node: String::from(name) }),
             },
         }
     };
     // DTSpec §2.3.5: defaults are 2 address cells and 1 size cell.
-    Ok(Cells { address: read("#address-cells", 2)?, size: read("#size-cells", 1)? })
+    Ok(Cells { address: read(props.address_cells, 2)?, size: read(props.size_cells, 1)? })
 }
 
 fn read_cells(value: &[u8], off: usize, n: usize) -> Option<u64> {
@@ -317,16 +355,20 @@ fn read_cells(value: &[u8], off: usize, n: usize) -> Option<u64> {
 
 /// Decodes a `reg` property with the parent's cell sizes.
 fn reg_of(node: FdtNode<'_, '_>, parent: Cells) -> Result<Vec<PhysRange>, DtbError> {
-    let bad = || DtbError::BadReg { node: String::from(node.name) };
-    let Some(prop) = node.property("reg") else {
+    reg_from(node.property("reg").map(|p| p.value), node.name, parent)
+}
+
+fn reg_from(reg: Option<&[u8]>, name: &str, parent: Cells) -> Result<Vec<PhysRange>, DtbError> {
+    let bad = || DtbError::BadReg { node: String::from(name) };
+    let Some(value) = reg else {
         return Ok(Vec::new());
     };
     let entry = 4 * (parent.address + parent.size);
-    if entry == 0 || prop.value.len() % entry != 0 {
+    if entry == 0 || value.len() % entry != 0 {
         return Err(bad());
     }
     let mut out = Vec::new();
-    for chunk in prop.value.chunks_exact(entry) {
+    for chunk in value.chunks_exact(entry) {
         let base = read_cells(chunk, 0, parent.address).ok_or_else(bad)?;
         let size = read_cells(chunk, 4 * parent.address, parent.size).ok_or_else(bad)?;
         let range = PhysRange::new(base, size);
@@ -338,12 +380,15 @@ fn reg_of(node: FdtNode<'_, '_>, parent: Cells) -> Result<Vec<PhysRange>, DtbErr
     Ok(out)
 }
 
-fn is_compatible(node: FdtNode<'_, '_>, with: &str) -> bool {
-    node.property("compatible").is_some_and(|p| p.value.split(|&b| b == 0).any(|s| s == with.as_bytes()))
+fn compatible_with(value: Option<&[u8]>, with: &str) -> bool {
+    value.is_some_and(|v| v.split(|&b| b == 0).any(|s| s == with.as_bytes()))
 }
 
 fn str_prop<'a>(node: FdtNode<'_, 'a>, name: &str) -> Option<&'a str> {
-    let v = node.property(name)?.value;
+    str_of(node.property(name)?.value)
+}
+
+fn str_of(v: &[u8]) -> Option<&str> {
     let s = v.strip_suffix(&[0]).unwrap_or(v);
     core::str::from_utf8(s).ok()
 }
@@ -412,32 +457,36 @@ fn pcie_host(node: FdtNode<'_, '_>, parent: Cells) -> Result<PcieHost, DtbError>
 fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected) -> Result<(), DtbError> {
     let name = node.name;
     let base_name = name.split('@').next().unwrap_or(name);
-    let okay = str_prop(node, "status").is_none_or(|s| s == "okay");
-    let is_memory = str_prop(node, "device_type") == Some("memory") || (depth == 1 && base_name == "memory");
+    let props = Props::of(node);
+    let reg = || reg_from(props.reg, name, parent);
+    let okay = props.status.and_then(str_of).is_none_or(|s| s == "okay");
+    let device_type = props.device_type.and_then(str_of);
+    let compatible = |with| compatible_with(props.compatible, with);
+    let is_memory = device_type == Some("memory") || (depth == 1 && base_name == "memory");
     if is_memory && okay {
-        out.ram.extend(reg_of(node, parent)?.into_iter().filter(|r| r.size != 0));
-    } else if depth == 2 && str_prop(node, "device_type") == Some("cpu") {
-        let regs = reg_of(node, parent)?;
+        out.ram.extend(reg()?.into_iter().filter(|r| r.size != 0));
+    } else if depth == 2 && device_type == Some("cpu") {
+        let regs = reg()?;
         let mpidr = regs.first().ok_or_else(|| DtbError::BadReg { node: String::from(name) })?;
         if out.cpus.len() >= MAX_CPUS {
             return Err(DtbError::TooManyCpus);
         }
         // For CPU nodes #size-cells is 0, so the "base" is the MPIDR value.
         out.cpus.push(mpidr.base);
-    } else if out.uart.is_none() && okay && is_compatible(node, "arm,pl011") {
-        out.uart = reg_of(node, parent)?.first().copied();
-    } else if out.smmu.is_none() && okay && is_compatible(node, "arm,smmu-v3") {
-        out.smmu = reg_of(node, parent)?.first().copied();
-    } else if out.pcie.is_none() && okay && is_compatible(node, "pci-host-ecam-generic") {
+    } else if out.uart.is_none() && okay && compatible("arm,pl011") {
+        out.uart = reg()?.first().copied();
+    } else if out.smmu.is_none() && okay && compatible("arm,smmu-v3") {
+        out.smmu = reg()?.first().copied();
+    } else if out.pcie.is_none() && okay && compatible("pci-host-ecam-generic") {
         out.pcie = Some(pcie_host(node, parent)?);
-    } else if out.gic.is_none() && is_compatible(node, "arm,gic-v3") {
-        if let [d, r, ..] = reg_of(node, parent)?[..] {
+    } else if out.gic.is_none() && compatible("arm,gic-v3") {
+        if let [d, r, ..] = reg()?[..] {
             out.gic = Some(GicV3 { distributor: d, redistributors: r });
         } else {
             return Err(DtbError::BadReg { node: String::from(name) });
         }
     }
-    let own = cells_of(node, name)?;
+    let own = cells_from(&props, name)?;
     for child in node.children() {
         visit(child, own, depth + 1, out)?;
     }
@@ -453,7 +502,15 @@ pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), Dtb
     let mut c = Collected { ram: Vec::new(), cpus: Vec::new(), uart: None, gic: None, smmu: None, pcie: None };
     // The root's reg (if any) is decoded with the defaults.
     let root_cells = cells_of(root, "/")?;
+    // /psci and /chosen found on the way (`Fdt::find_node` walks the
+    // tree again for each, and then the aliases).
+    let (mut psci_node, mut chosen) = (None, None);
     for child in root.children() {
+        match child.name.split('@').next() {
+            Some("psci") if psci_node.is_none() => psci_node = Some(child),
+            Some("chosen") if chosen.is_none() => chosen = Some(child),
+            _ => {}
+        }
         visit(child, root_cells, 1, &mut c)?;
     }
     if c.ram.is_empty() {
@@ -461,7 +518,7 @@ pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), Dtb
     }
     sort_disjoint(&mut c.ram).map_err(DtbError::OverlappingRam)?;
 
-    let psci = match fdt.find_node("/psci") {
+    let psci = match psci_node {
         None => None,
         Some(node) => match str_prop(node, "method") {
             Some("smc") => Some(PsciConduit::Smc),
@@ -478,7 +535,7 @@ pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), Dtb
             .map(|r| PhysRange::new(r.address() as u64, r.size() as u64))
             .filter(|r| r.size != 0 && r.end().is_some()),
     );
-    if let Some(chosen) = fdt.find_node("/chosen") {
+    if let Some(chosen) = chosen {
         if chosen.property("bootargs").is_some() {
             info.cmdline = String::from(str_prop(chosen, "bootargs").ok_or(DtbError::BadBootargs)?);
         }

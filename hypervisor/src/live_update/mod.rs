@@ -702,10 +702,11 @@ pub unsafe fn adopt_preserved<P: sparse_bitmap::PhysToVirt + Clone>(
         .map_err(AdoptFailure::Bitmap)?;
     reserved.extend(scratch.regions().iter().map(|r| PhysRange::new(r.range.base(), r.range.size())));
     reserved.extend(reader.preserved_ranges().map(|r| PhysRange::new(r.base(), r.size())));
-    reserved.extend(bitmap.runs().map(|r| PhysRange::new(r.start, r.end - r.start)));
+    let runs: Vec<core::ops::Range<u64>> = bitmap.runs().collect();
+    reserved.extend(runs.iter().map(|r| PhysRange::new(r.start, r.end - r.start)));
     reserved.extend(bitmap.node_pages().map(|pa| PhysRange::new(pa, PAGE_SIZE)));
     let free = frames::subtract(ram, &reserved);
-    let overlap = free.iter().filter(|r| bitmap.runs_in(r.base..r.base + r.size).next().is_some()).count();
+    let overlap = overlapping(&free, runs);
     hv_event!(
         "update-restore",
         free_ranges = free.len(),
@@ -717,6 +718,29 @@ pub unsafe fn adopt_preserved<P: sparse_bitmap::PhysToVirt + Clone>(
     }
     let preserved_pages = bitmap.frame_count();
     Ok(Adopted { bitmap, frames: FrameAllocator::new(&free), preserved_pages })
+}
+
+/// How many of the `free` ranges hold a preserved page (`runs`): a sweep
+/// over both lists sorted, instead of a bitmap search per free range.
+fn overlapping(free: &[PhysRange], mut runs: Vec<core::ops::Range<u64>>) -> usize {
+    let mut free: Vec<core::ops::Range<u64>> = free.iter().map(|r| r.base..r.base.saturating_add(r.size)).collect();
+    free.sort_unstable_by_key(|r| r.start);
+    runs.sort_unstable_by_key(|r| r.start);
+    let mut k = 0;
+    free.iter()
+        .filter(|f| {
+            // Runs that end at or before this free range cannot touch it
+            // or any later one.
+            while runs.get(k).is_some_and(|r| r.end <= f.start) {
+                k += 1;
+            }
+            // The first run still ending after `f.start` overlaps `f` if it
+            // starts before its end; a later run starts later still. Runs
+            // may overlap each other, so one kept for the next free range
+            // is checked again there.
+            runs[k..].iter().take_while(|r| r.start < f.end).any(|r| r.end > f.start && !r.is_empty())
+        })
+        .count()
 }
 
 /// The restore side, arch-neutral: adopts the preserved map, then the
@@ -869,6 +893,35 @@ mod tests {
                 let _ = sm.cancel();
                 Err(failure(e))
             }
+        }
+    }
+
+    #[test]
+    fn free_ranges_holding_a_preserved_page_are_counted() {
+        use alloc::vec;
+        let free = [PhysRange::new(0x1000, 0x1000), PhysRange::new(0x8000, 0x4000), PhysRange::new(0x20000, 0x1000)];
+        assert_eq!(overlapping(&free, vec![0x2000..0x8000, 0xc000..0x10000]), 0, "touching is not overlapping");
+        assert_eq!(overlapping(&free, core::iter::once(0xb000..0xc000).collect()), 1);
+        // Unsorted, one long run across two free ranges, an empty run.
+        assert_eq!(overlapping(&free, vec![0x20000..0x20000, 0x1800..0x9000]), 2);
+        assert_eq!(overlapping(&free, vec![0x0..0x30000, 0x8000..0x9000]), 3);
+        assert_eq!(overlapping(&[], core::iter::once(0x0..0x1000).collect()), 0);
+        assert_eq!(overlapping(&free, vec![]), 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_sweep_counts_what_a_search_per_range_counts(
+            free in proptest::collection::vec((0u64..64, 1u64..8), 0..8),
+            runs in proptest::collection::vec((0u64..80, 0u64..12), 0..10),
+        ) {
+            let free: Vec<PhysRange> = free.iter().map(|&(b, s)| PhysRange::new(b * 0x1000, s * 0x1000)).collect();
+            let runs: Vec<core::ops::Range<u64>> = runs.iter().map(|&(b, s)| b * 0x1000..(b + s) * 0x1000).collect();
+            let naive = free
+                .iter()
+                .filter(|f| runs.iter().any(|r| r.start < r.end && r.start < f.base + f.size && r.end > f.base))
+                .count();
+            proptest::prop_assert_eq!(overlapping(&free, runs), naive);
         }
     }
 
