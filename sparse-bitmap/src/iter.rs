@@ -57,8 +57,9 @@ impl<'a, M: PhysToVirt> Runs<'a, M> {
         }
         let after = base + BITS_PER_LEAF;
         match want {
-            BitOp::Set => self.tree.next_set_key(after),
-            BitOp::Clear => self.tree.next_clear_key(after),
+            // Nothing past the range's end is reported: no need to look.
+            BitOp::Set => self.tree.next_set_key_before(after, self.end),
+            BitOp::Clear => self.tree.next_clear_key_before(after, self.end),
         }
     }
 }

@@ -225,21 +225,29 @@ impl<M: PhysToVirt> SparseBitmap<M> {
 
     /// First set key at or after `from`.
     pub(crate) fn next_set_key(&self, from: u64) -> Option<u64> {
-        if self.root == 0 || from >= self.geometry.key_limit() {
-            return None;
-        }
-        self.next_in(self.root, 0, 0, from, BitOp::Set)
+        self.next_set_key_before(from, self.geometry.key_limit())
     }
 
-    /// First clear key at or after `from`.
-    pub(crate) fn next_clear_key(&self, from: u64) -> Option<u64> {
-        if from >= self.geometry.key_limit() {
+    /// First set key at or after `from`, looking no further than the
+    /// subtrees that start below `limit` (a key at or past `limit` may
+    /// still be returned: callers bound what they take).
+    pub(crate) fn next_set_key_before(&self, from: u64, limit: u64) -> Option<u64> {
+        if self.root == 0 || from >= self.geometry.key_limit() || from >= limit {
+            return None;
+        }
+        self.next_in(self.root, 0, 0, from, limit, BitOp::Set)
+    }
+
+    /// First clear key at or after `from`, bounded as
+    /// [`Self::next_set_key_before`] (`None`: none below `limit`).
+    pub(crate) fn next_clear_key_before(&self, from: u64, limit: u64) -> Option<u64> {
+        if from >= self.geometry.key_limit() || from >= limit {
             return None;
         }
         if self.root == 0 {
             return Some(from);
         }
-        self.next_in(self.root, 0, 0, from, BitOp::Clear)
+        self.next_in(self.root, 0, 0, from, limit, BitOp::Clear)
     }
 
     /// The leaf holding `key`, if its path exists.
@@ -404,7 +412,7 @@ impl<M: PhysToVirt> SparseBitmap<M> {
 
     /// First key at or after `from` below the node `pa` at `level` (first
     /// key `base`) whose bit is set (`BitOp::Set`) or clear (`BitOp::Clear`).
-    fn next_in(&self, pa: u64, level: u32, base: u64, from: u64, want: BitOp) -> Option<u64> {
+    fn next_in(&self, pa: u64, level: u32, base: u64, from: u64, limit: u64, want: BitOp) -> Option<u64> {
         let node = self.node(pa);
         if level == self.geometry.levels() {
             return scan_leaf(node, from - base, want).map(|bit| base + bit);
@@ -414,6 +422,9 @@ impl<M: PhysToVirt> SparseBitmap<M> {
         for index in first..self.geometry.fanout(level) {
             let child = node.get(index);
             let child_base = base + ((index as u64) << shift);
+            if child_base >= limit {
+                break;
+            }
             let child_from = from.max(child_base);
             if child == 0 {
                 if want == BitOp::Clear {
@@ -421,7 +432,7 @@ impl<M: PhysToVirt> SparseBitmap<M> {
                 }
                 continue;
             }
-            if let Some(key) = self.next_in(child, level + 1, child_base, child_from, want) {
+            if let Some(key) = self.next_in(child, level + 1, child_base, child_from, limit, want) {
                 return Some(key);
             }
         }
