@@ -10,7 +10,6 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use fdt::node::FdtNode;
 use fdt::Fdt;
 
 use crate::{sort_disjoint, BootInfo, BootModule, PhysRange};
@@ -293,10 +292,10 @@ struct Cells {
     size: usize,
 }
 
-/// The properties [`visit`] reads, found in one pass over a node's
-/// properties (`FdtNode::property` scans them all, resolving every name,
-/// on each call: with ten lookups a node that was most of the time a live
-/// update's new image spent reading the platform DTB).
+/// The properties a node is read for, gathered as [`collect`] passes
+/// them (`fdt`'s `FdtNode::property` scanned every property, resolving
+/// each name, on each lookup: reading QEMU virt's DTB that way was the
+/// largest step of a live update's restore on aarch64).
 #[derive(Clone, Copy, Default)]
 struct Props<'a> {
     status: Option<&'a [u8]>,
@@ -305,30 +304,36 @@ struct Props<'a> {
     reg: Option<&'a [u8]>,
     address_cells: Option<&'a [u8]>,
     size_cells: Option<&'a [u8]>,
+    bus_range: Option<&'a [u8]>,
+    ranges: Option<&'a [u8]>,
+    iommu_map: Option<&'a [u8]>,
+    method: Option<&'a [u8]>,
+    bootargs: Option<&'a [u8]>,
+    initrd_start: Option<&'a [u8]>,
+    initrd_end: Option<&'a [u8]>,
 }
 
 impl<'a> Props<'a> {
-    fn of(node: FdtNode<'_, 'a>) -> Self {
-        let mut p = Props::default();
-        for prop in node.properties() {
-            let slot = match prop.name {
-                "status" => &mut p.status,
-                "device_type" => &mut p.device_type,
-                "compatible" => &mut p.compatible,
-                "reg" => &mut p.reg,
-                "#address-cells" => &mut p.address_cells,
-                "#size-cells" => &mut p.size_cells,
-                _ => continue,
-            };
-            // The first of duplicates, as `FdtNode::property` finds it.
-            slot.get_or_insert(prop.value);
-        }
-        p
+    fn set(&mut self, name: &[u8], value: &'a [u8]) {
+        let slot = match name {
+            b"status" => &mut self.status,
+            b"device_type" => &mut self.device_type,
+            b"compatible" => &mut self.compatible,
+            b"reg" => &mut self.reg,
+            b"#address-cells" => &mut self.address_cells,
+            b"#size-cells" => &mut self.size_cells,
+            b"bus-range" => &mut self.bus_range,
+            b"ranges" => &mut self.ranges,
+            b"iommu-map" => &mut self.iommu_map,
+            b"method" => &mut self.method,
+            b"bootargs" => &mut self.bootargs,
+            b"linux,initrd-start" => &mut self.initrd_start,
+            b"linux,initrd-end" => &mut self.initrd_end,
+            _ => return,
+        };
+        // The first of duplicates, as a lookup by name finds it.
+        slot.get_or_insert(value);
     }
-}
-
-fn cells_of(node: FdtNode<'_, '_>, name: &str) -> Result<Cells, DtbError> {
-    cells_from(&Props::of(node), name)
 }
 
 fn cells_from(props: &Props<'_>, name: &str) -> Result<Cells, DtbError> {
@@ -354,10 +359,6 @@ fn read_cells(value: &[u8], off: usize, n: usize) -> Option<u64> {
 }
 
 /// Decodes a `reg` property with the parent's cell sizes.
-fn reg_of(node: FdtNode<'_, '_>, parent: Cells) -> Result<Vec<PhysRange>, DtbError> {
-    reg_from(node.property("reg").map(|p| p.value), node.name, parent)
-}
-
 fn reg_from(reg: Option<&[u8]>, name: &str, parent: Cells) -> Result<Vec<PhysRange>, DtbError> {
     let bad = || DtbError::BadReg { node: String::from(name) };
     let Some(value) = reg else {
@@ -384,10 +385,6 @@ fn compatible_with(value: Option<&[u8]>, with: &str) -> bool {
     value.is_some_and(|v| v.split(|&b| b == 0).any(|s| s == with.as_bytes()))
 }
 
-fn str_prop<'a>(node: FdtNode<'_, 'a>, name: &str) -> Option<&'a str> {
-    str_of(node.property(name)?.value)
-}
-
 fn str_of(v: &[u8]) -> Option<&str> {
     let s = v.strip_suffix(&[0]).unwrap_or(v);
     core::str::from_utf8(s).ok()
@@ -412,10 +409,10 @@ fn u32_cells(value: &[u8]) -> Vec<u32> {
 
 /// Decodes a generic ECAM host bridge: `reg` with the parent's cells,
 /// `ranges` with 3 PCI address cells, `bus-range`, `iommu-map`.
-fn pcie_host(node: FdtNode<'_, '_>, parent: Cells) -> Result<PcieHost, DtbError> {
-    let bad = || DtbError::BadReg { node: String::from(node.name) };
-    let ecam = *reg_of(node, parent)?.first().ok_or_else(bad)?;
-    let (bus_start, bus_end) = match node.property("bus-range").map(|p| u32_cells(p.value)) {
+fn pcie_host(name: &str, props: &Props<'_>, parent: Cells) -> Result<PcieHost, DtbError> {
+    let bad = || DtbError::BadReg { node: String::from(name) };
+    let ecam = *reg_from(props.reg, name, parent)?.first().ok_or_else(bad)?;
+    let (bus_start, bus_end) = match props.bus_range.map(u32_cells) {
         Some(v) if v.len() == 2 && v[0] <= v[1] && v[1] <= 0xff => (v[0] as u8, v[1] as u8),
         Some(_) => return Err(bad()),
         None => (0, 0xff),
@@ -424,11 +421,11 @@ fn pcie_host(node: FdtNode<'_, '_>, parent: Cells) -> Result<PcieHost, DtbError>
         return Err(bad());
     }
     // ranges: (pci.hi, pci.mid, pci.lo, cpu address (parent cells), size (own size cells)).
-    let own = cells_of(node, node.name)?;
+    let own = cells_from(props, name)?;
     let mut mmio32 = None;
-    if let Some(p) = node.property("ranges") {
+    if let Some(ranges) = props.ranges {
         let stride = 3 + parent.address + own.size;
-        let cells = u32_cells(p.value);
+        let cells = u32_cells(ranges);
         if own.address != 3 || stride == 0 || !cells.len().is_multiple_of(stride) {
             return Err(bad());
         }
@@ -446,7 +443,7 @@ fn pcie_host(node: FdtNode<'_, '_>, parent: Cells) -> Result<PcieHost, DtbError>
             }
         }
     }
-    let iommu_map = match node.property("iommu-map").map(|p| u32_cells(p.value)) {
+    let iommu_map = match props.iommu_map.map(u32_cells) {
         Some(v) if v.len() >= 4 => Some(IommuMap { rid_base: v[0], iommu_phandle: v[1], sid_base: v[2], len: v[3] }),
         Some(_) => return Err(bad()),
         None => None,
@@ -454,10 +451,10 @@ fn pcie_host(node: FdtNode<'_, '_>, parent: Cells) -> Result<PcieHost, DtbError>
     Ok(PcieHost { ecam, bus_start, bus_end, mmio32, iommu_map })
 }
 
-fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected) -> Result<(), DtbError> {
-    let name = node.name;
+/// Acts on a node whose properties are all read: RAM, a CPU, or a device
+/// the hypervisor drives. `depth` 1 is a child of the root.
+fn visit(name: &str, props: &Props<'_>, parent: Cells, depth: usize, out: &mut Collected) -> Result<(), DtbError> {
     let base_name = name.split('@').next().unwrap_or(name);
-    let props = Props::of(node);
     let reg = || reg_from(props.reg, name, parent);
     let okay = props.status.and_then(str_of).is_none_or(|s| s == "okay");
     let device_type = props.device_type.and_then(str_of);
@@ -478,7 +475,7 @@ fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected
     } else if out.smmu.is_none() && okay && compatible("arm,smmu-v3") {
         out.smmu = reg()?.first().copied();
     } else if out.pcie.is_none() && okay && compatible("pci-host-ecam-generic") {
-        out.pcie = Some(pcie_host(node, parent)?);
+        out.pcie = Some(pcie_host(name, props, parent)?);
     } else if out.gic.is_none() && compatible("arm,gic-v3") {
         if let [d, r, ..] = reg()?[..] {
             out.gic = Some(GicV3 { distributor: d, redistributors: r });
@@ -486,11 +483,91 @@ fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected
             return Err(DtbError::BadReg { node: String::from(name) });
         }
     }
-    let own = cells_from(&props, name)?;
-    for child in node.children() {
-        visit(child, own, depth + 1, out)?;
-    }
     Ok(())
+}
+
+/// A node being read.
+struct Open<'a> {
+    name: &'a str,
+    depth: usize,
+    /// The parent's cell sizes, for this node's `reg`.
+    parent: Cells,
+    props: Props<'a>,
+    /// This node's own cell sizes, once its properties are all read.
+    own: Option<Cells>,
+}
+
+/// What [`collect`] found besides [`Collected`]: the first `/psci` and
+/// `/chosen` nodes' properties.
+#[derive(Default)]
+struct Special<'a> {
+    psci: Option<Props<'a>>,
+    chosen: Option<Props<'a>>,
+}
+
+/// Reads the structure block `s` of a blob [`validate`] accepted, in one
+/// pass: each node is acted on once its properties are read (DTSpec §5.4.1
+/// puts them before its children, and `validate` holds blobs to it).
+fn collect<'a>(s: &'a [u8], strings: &'a [u8], out: &mut Collected) -> Result<Special<'a>, DtbError> {
+    let mut stack: Vec<Open<'a>> = Vec::new();
+    let mut special = Special::default();
+    let mut off = 0usize;
+    // The root's reg (if any) is decoded with the defaults.
+    let defaults = Cells { address: 2, size: 1 };
+    let finish = |node: &mut Open<'a>, out: &mut Collected| -> Result<Cells, DtbError> {
+        if let Some(own) = node.own {
+            return Ok(own);
+        }
+        if node.depth > 0 {
+            visit(node.name, &node.props, node.parent, node.depth, out)?;
+        }
+        let own = cells_from(&node.props, if node.depth == 0 { "/" } else { node.name })?;
+        node.own = Some(own);
+        Ok(own)
+    };
+    loop {
+        let at = off;
+        let token = be32(s, off).ok_or(DtbError::Unbalanced)?;
+        off += 4;
+        match token {
+            FDT_BEGIN_NODE => {
+                let len = s.get(off..).and_then(cstr_len).ok_or(DtbError::BadName { offset: at })?;
+                let name = core::str::from_utf8(&s[off..off + len]).map_err(|_| DtbError::BadName { offset: at })?;
+                off = (off + len + 1 + 3) & !3;
+                let parent = match stack.last_mut() {
+                    Some(p) => finish(p, out)?,
+                    None => defaults,
+                };
+                if stack.len() > MAX_DEPTH {
+                    return Err(DtbError::TooDeep);
+                }
+                stack.push(Open { name, depth: stack.len(), parent, props: Props::default(), own: None });
+            }
+            FDT_PROP => {
+                let bad = || DtbError::PropOutOfBounds { offset: at };
+                let len = be32(s, off).ok_or_else(bad)? as usize;
+                let nameoff = be32(s, off + 4).ok_or_else(bad)? as usize;
+                let value = s.get(off + 8..).and_then(|v| v.get(..len)).ok_or_else(bad)?;
+                off = (off + 8 + len + 3) & !3;
+                let name = strings.get(nameoff..).and_then(|n| n.split(|&b| b == 0).next()).unwrap_or(&[]);
+                stack.last_mut().ok_or(DtbError::BadToken { offset: at, token })?.props.set(name, value);
+            }
+            FDT_END_NODE => {
+                let mut node = stack.pop().ok_or(DtbError::Unbalanced)?;
+                finish(&mut node, out)?;
+                if node.depth == 1 {
+                    match node.name.split('@').next() {
+                        Some("psci") if special.psci.is_none() => special.psci = Some(node.props),
+                        Some("chosen") if special.chosen.is_none() => special.chosen = Some(node.props),
+                        _ => {}
+                    }
+                }
+            }
+            FDT_NOP => {}
+            FDT_END => return Ok(special),
+            _ => return Err(DtbError::BadToken { offset: at, token }),
+        }
+    }
 }
 
 /// Parses a platform DTB into the arch-neutral [`BootInfo`] and the
@@ -498,29 +575,20 @@ fn visit(node: FdtNode<'_, '_>, parent: Cells, depth: usize, out: &mut Collected
 pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), DtbError> {
     let blob = validate(blob)?;
     let fdt = Fdt::new(blob).map_err(|_| DtbError::Fdt)?;
-    let root = fdt.find_node("/").ok_or(DtbError::MissingNode("/"))?;
+    let hdr = |i: usize| be32(blob, i * 4).map(|v| v as usize).ok_or(DtbError::TooShort);
+    // `validate` checked both blocks lie in the blob.
+    let s = blob.get(hdr(2)?..hdr(2)? + hdr(9)?).ok_or(DtbError::BlockOutOfBounds("structure"))?;
+    let strings = blob.get(hdr(3)?..hdr(3)? + hdr(8)?).ok_or(DtbError::BlockOutOfBounds("strings"))?;
     let mut c = Collected { ram: Vec::new(), cpus: Vec::new(), uart: None, gic: None, smmu: None, pcie: None };
-    // The root's reg (if any) is decoded with the defaults.
-    let root_cells = cells_of(root, "/")?;
-    // /psci and /chosen found on the way (`Fdt::find_node` walks the
-    // tree again for each, and then the aliases).
-    let (mut psci_node, mut chosen) = (None, None);
-    for child in root.children() {
-        match child.name.split('@').next() {
-            Some("psci") if psci_node.is_none() => psci_node = Some(child),
-            Some("chosen") if chosen.is_none() => chosen = Some(child),
-            _ => {}
-        }
-        visit(child, root_cells, 1, &mut c)?;
-    }
+    let special = collect(s, strings, &mut c)?;
     if c.ram.is_empty() {
         return Err(DtbError::NoRam);
     }
     sort_disjoint(&mut c.ram).map_err(DtbError::OverlappingRam)?;
 
-    let psci = match psci_node {
+    let psci = match special.psci {
         None => None,
-        Some(node) => match str_prop(node, "method") {
+        Some(props) => match props.method.and_then(str_of) {
             Some("smc") => Some(PsciConduit::Smc),
             Some("hvc") => Some(PsciConduit::Hvc),
             _ => return Err(DtbError::BadPsciMethod),
@@ -535,13 +603,13 @@ pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), Dtb
             .map(|r| PhysRange::new(r.address() as u64, r.size() as u64))
             .filter(|r| r.size != 0 && r.end().is_some()),
     );
-    if let Some(chosen) = chosen {
-        if chosen.property("bootargs").is_some() {
-            info.cmdline = String::from(str_prop(chosen, "bootargs").ok_or(DtbError::BadBootargs)?);
+    if let Some(chosen) = special.chosen {
+        if let Some(bootargs) = chosen.bootargs {
+            info.cmdline = String::from(str_of(bootargs).ok_or(DtbError::BadBootargs)?);
         }
         // linux,initrd-start/end: the one blob the arm64 boot protocol carries.
-        let cell = |n: &str| chosen.property(n).and_then(|p| read_cells(p.value, 0, p.value.len() / 4));
-        if let (Some(start), Some(end)) = (cell("linux,initrd-start"), cell("linux,initrd-end")) {
+        let cell = |v: Option<&[u8]>| v.and_then(|v| read_cells(v, 0, v.len() / 4));
+        if let (Some(start), Some(end)) = (cell(chosen.initrd_start), cell(chosen.initrd_end)) {
             if end > start {
                 let range = PhysRange::new(start, end - start);
                 info.reserved.push(range);
