@@ -355,8 +355,8 @@ struct NodeContents {
 /// Builds the handover of the outgoing image.
 ///
 /// Every preserved range is checked when it is added (page-aligned, inside
-/// RAM, not in scratch); [`Self::write_to`] then checks the whole blob, overlaps
-/// included, by reading it back.
+/// RAM, not in scratch); [`Self::write_to`] then checks the blob's own
+/// placement and that no two preserved ranges overlap, as a reader does.
 #[derive(Debug, Clone)]
 pub struct HandoverWriter {
     version: String,
@@ -457,8 +457,10 @@ impl HandoverWriter {
     }
 
     /// Writes the handover into `dest`, preserved memory at physical address
-    /// `dest_phys`, and returns its length. The blob is first read back with
-    /// [`HandoverReader::new`]; if that refuses it, `dest` is left untouched.
+    /// `dest_phys`, and returns its length. The blob's placement and every
+    /// preserved range are checked first as [`HandoverReader::new`] checks
+    /// them (in RAM, outside scratch, no two overlapping); if that fails,
+    /// `dest` is left untouched.
     pub fn write_to(&self, dest: &mut [u8], dest_phys: u64) -> Result<usize, HandoverError> {
         let mut tree = DeviceTree::new();
         let root = &mut tree.root;
@@ -484,11 +486,25 @@ impl HandoverWriter {
         }
 
         let blob = tree.to_dtb();
+        if blob.len() > MAX_HANDOVER_BYTES {
+            return Err(HandoverError::TooLarge { bytes: blob.len() });
+        }
         let Some(target) = dest.get_mut(..blob.len()) else {
             return Err(HandoverError::BufferTooSmall { need: blob.len(), have: dest.len() });
         };
-        // Read back before copying, so a refused handover leaves `dest` as it was.
-        HandoverReader::new(&blob, dest_phys, &self.ram)?;
+        // What a reader checks of the memory the handover names, on the
+        // writer's own data and before copying, so a refused handover leaves
+        // `dest` as it was. The blob is not parsed back: that cost the
+        // blackout a second parse of every record, and the encoding is held
+        // to the reader by the round-trip, golden and fuzz tests.
+        let footprint = blob_footprint(blob.len(), dest_phys)?;
+        let roots = self.bitmap_roots.iter().filter_map(|root| PhysRange::pages(root.root, PAGE_SIZE).ok());
+        let pages = self.nodes.iter().flat_map(|node| node.pages.iter()).flat_map(|(_, ranges)| ranges.iter().copied());
+        check_preserved_ranges(
+            core::iter::once(footprint).chain(roots).chain(pages).collect(),
+            &self.ram,
+            &self.scratch,
+        )?;
         target.copy_from_slice(&blob);
         Ok(blob.len())
     }
@@ -722,10 +738,7 @@ impl<'a> HandoverReader<'a> {
         if fdt.memory_reservations().next().is_some() {
             return Err(HandoverError::MemoryReservations);
         }
-        let footprint = align_up(size as u64, PAGE_SIZE)
-            .ok_or(MemoryError::AddressOverflow { base: blob_phys, size: size as u64 })
-            .and_then(|pages| PhysRange::pages(blob_phys, pages))
-            .map_err(HandoverError::BlobPlacement)?;
+        let footprint = blob_footprint(size, blob_phys)?;
 
         let root = fdt.root();
         let properties = root_properties(root)?;
@@ -742,27 +755,8 @@ impl<'a> HandoverReader<'a> {
 
         let reader =
             Self { blob, footprint, update_count, previous_version, previous_build_id, scratch, bitmap_roots, nodes };
-        reader.check_preserved_ranges(ram)?;
+        check_preserved_ranges(reader.preserved_ranges().collect(), ram, &reader.scratch)?;
         Ok(reader)
-    }
-
-    /// Every preserved range must be in RAM and outside scratch, and no two
-    /// may overlap.
-    fn check_preserved_ranges(&self, ram: &RamMap) -> Result<(), HandoverError> {
-        let mut ranges: Vec<PhysRange> = self.preserved_ranges().collect();
-        for range in &ranges {
-            if !ram.contains(*range) {
-                return Err(HandoverError::OutsideRam { range: *range });
-            }
-            self.scratch.check_preserved(*range)?;
-        }
-        ranges.sort_unstable();
-        for pair in ranges.windows(2) {
-            if pair[0].overlaps(pair[1]) {
-                return Err(HandoverError::Overlap { first: pair[0], second: pair[1] });
-            }
-        }
-        Ok(())
     }
 
     /// The blob itself, exactly `totalsize` bytes.
@@ -923,6 +917,37 @@ fn parse_memory_map(value: Option<&[u8]>) -> Result<Vec<BitmapRoot>, HandoverErr
         roots.push(BitmapRoot { order: order_u32, root });
     }
     Ok(roots)
+}
+
+/// The pages a blob of `size` bytes at `blob_phys` occupies.
+fn blob_footprint(size: usize, blob_phys: u64) -> Result<PhysRange, HandoverError> {
+    align_up(size as u64, PAGE_SIZE)
+        .ok_or(MemoryError::AddressOverflow { base: blob_phys, size: size as u64 })
+        .and_then(|pages| PhysRange::pages(blob_phys, pages))
+        .map_err(HandoverError::BlobPlacement)
+}
+
+/// Every preserved range must be in RAM and outside scratch, and no two
+/// may overlap: what a handover may name, for its writer and its reader
+/// alike.
+fn check_preserved_ranges(
+    mut ranges: Vec<PhysRange>,
+    ram: &RamMap,
+    scratch: &ScratchPlan,
+) -> Result<(), HandoverError> {
+    for range in &ranges {
+        if !ram.contains(*range) {
+            return Err(HandoverError::OutsideRam { range: *range });
+        }
+        scratch.check_preserved(*range)?;
+    }
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        if pair[0].overlaps(pair[1]) {
+            return Err(HandoverError::Overlap { first: pair[0], second: pair[1] });
+        }
+    }
+    Ok(())
 }
 
 /// Walks every node below the root with bounded depth and count.

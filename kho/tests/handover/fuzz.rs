@@ -175,3 +175,48 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config(300))]
+
+    /// The writer no longer parses what it wrote before committing to it:
+    /// whatever it accepts, the reader accepts, with the same records and
+    /// pages where the writer put them.
+    #[test]
+    fn whatever_the_writer_writes_the_reader_reads_back(
+        nodes in vec(("[a-z][a-z0-9-]{0,6}", 0u32..4, vec(any::<u64>(), 0..3), vec(0u64..64, 0..3)), 0..8),
+        blob_page in 0u64..4,
+    ) {
+        let mut writer = fixtures::writer(&fixtures::identity("0.3.0", 3));
+        let mut expected = Vec::new();
+        for (k, (name, id, pcs, pages)) in nodes.iter().enumerate() {
+            let path = format!("{name}/{k}");
+            let mut node = writer.subsystem(&path).unwrap();
+            for (i, &pc) in pcs.iter().enumerate() {
+                let vcpu = v2::VcpuRecord { index: *id, pc, sp: i as u64, pending_interrupt: 0 };
+                let name = format!("vcpu-{i}");
+                node.add_record_named(&name, &vcpu).unwrap();
+                expected.push((path.clone(), name, vcpu));
+            }
+            // Pages from a window of their own per node, so they never
+            // overlap: one page each, some adjacent.
+            let ranges: Vec<_> = pages
+                .iter()
+                .map(|&p| fixtures::range(fixtures::GIB + 0x800_0000 + (k as u64) * 0x10_0000 + p * 0x1000, 0x1000))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if !ranges.is_empty() {
+                node.add_pages("pages", &ranges).unwrap();
+            }
+        }
+        let mut buffer = vec![0; fixtures::HANDOVER_BUFFER];
+        let at = fixtures::HANDOVER_PHYS + 0x40_0000 + blob_page * 0x1_0000;
+        let len = writer.write_to(&mut buffer, at).unwrap();
+        let reader = HandoverReader::new(&buffer[..len], at, &fixtures::ram()).unwrap();
+        for (path, name, vcpu) in &expected {
+            let node = reader.subsystem(path).unwrap();
+            prop_assert_eq!(node.record_named::<v2::VcpuRecord>(name), Ok(Some(vcpu.clone())));
+        }
+    }
+}
