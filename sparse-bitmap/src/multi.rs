@@ -371,8 +371,10 @@ impl<M: PhysToVirt> MultiOrderBitmap<M> {
             for run in self.trees[larger.index()].runs() {
                 for smaller in &self.trees[..larger.index()] {
                     let g = smaller.geometry();
+                    // Runs are never empty; no need to look past this one.
+                    let limit = ((run.end - 1) >> g.block_shift()) + 1;
                     let clash = smaller
-                        .next_set_key(run.start >> g.block_shift())
+                        .next_set_key_before(run.start >> g.block_shift(), limit)
                         .map(|key| g.pa_of(key))
                         .filter(|&pa| pa < run.end);
                     if let Some(pa) = clash {
