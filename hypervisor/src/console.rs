@@ -9,7 +9,9 @@
 //! exit), and later lines queue behind them. A serial port at 115200 baud
 //! takes about 87 µs a byte: written at once, the nine lines a restore
 //! prints would cost the guests some 60 ms, in the blackout or right
-//! after it.
+//! after it. A UART that slow ([`Uart::queued`]) always goes through the
+//! queue, so that no CPU waits on it: a CPU printing a guest's line when
+//! an update asks it to freeze would otherwise answer some 8 ms late.
 
 use core::fmt::{self, Write};
 
@@ -28,11 +30,19 @@ pub trait Uart: Send {
         self.write_bytes(bytes);
         bytes.len()
     }
+
+    /// Whether every line should go through the queue ([`drain`]) rather
+    /// than wait for this UART.
+    fn queued(&self) -> bool {
+        false
+    }
 }
 
 struct Console {
     uart: Option<&'static mut dyn Uart>,
     held: Held,
+    /// The UART is slow: lines always queue.
+    queue_always: bool,
 }
 
 /// How many bytes of held lines are kept; when more come, the complete
@@ -127,7 +137,7 @@ impl Console {
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        if self.held.queueing() {
+        if self.held.queueing() || self.queue_always {
             for (i, line) in s.split('\n').enumerate() {
                 if i > 0 {
                     self.hold_bytes(b"\r\n");
@@ -149,11 +159,13 @@ impl Write for Console {
     }
 }
 
-static CONSOLE: Mutex<Console> = Mutex::new(Console { uart: None, held: Held::new() });
+static CONSOLE: Mutex<Console> = Mutex::new(Console { uart: None, held: Held::new(), queue_always: false });
 
 /// Installs the UART all output goes to.
 pub fn set_uart(uart: &'static mut dyn Uart) {
-    CONSOLE.lock().uart = Some(uart);
+    let mut console = CONSOLE.lock();
+    console.queue_always = uart.queued();
+    console.uart = Some(uart);
 }
 
 /// Writes one line (the arguments plus a newline) atomically.
@@ -246,7 +258,7 @@ mod tests {
     fn console() -> (Box<Console>, Arc<StdMutex<Vec<u8>>>) {
         let out = Arc::new(StdMutex::new(Vec::new()));
         let uart: &'static mut dyn Uart = Box::leak(Box::new(Fake(out.clone())));
-        (Box::new(Console { uart: Some(uart), held: Held::new() }), out)
+        (Box::new(Console { uart: Some(uart), held: Held::new(), queue_always: false }), out)
     }
 
     fn text(out: &Arc<StdMutex<Vec<u8>>>) -> std::string::String {
@@ -274,6 +286,22 @@ mod tests {
         // Drained: lines go straight out again.
         c.line(format_args!("direct"));
         assert!(text(&out).ends_with("after\r\ndirect\r\n"));
+    }
+
+    #[test]
+    fn a_slow_uart_always_queues_and_never_makes_the_writer_wait() {
+        let (mut c, out) = console();
+        c.queue_always = true;
+        c.line(format_args!("first"));
+        c.line(format_args!("second"));
+        assert_eq!(text(&out), "", "nothing written while printing");
+        while c.held.queueing() {
+            c.drain();
+        }
+        assert_eq!(text(&out), "first\r\nsecond\r\n");
+        c.line(format_args!("third"));
+        c.write_queue();
+        assert_eq!(text(&out), "first\r\nsecond\r\nthird\r\n");
     }
 
     #[test]

@@ -410,6 +410,9 @@ fn jump(me: usize, generation: Generation) -> ! {
         // reach it. Its vCPUs are restored onto the CPUs that come up.
         hv_event!("kexec-cpu-slow", cpu = t.cpu);
     }
+    // The next image resets the UART: whatever was queued since the
+    // freeze (a slow CPU, above) goes out first.
+    hypervisor::console::flush();
     vmx::disable();
     // SAFETY: the parameter page prepared by `prepare_jump`; word 4 is the
     // TSC at the jump.
