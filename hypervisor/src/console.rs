@@ -127,6 +127,15 @@ impl Console {
         }
     }
 
+    /// Bytes of a line: to the queue while it is in use, else to the UART.
+    fn put(&mut self, bytes: &[u8]) {
+        if self.held.queueing() || self.queue_always {
+            self.hold_bytes(bytes);
+        } else if let Some(uart) = self.uart.as_mut() {
+            uart.write_bytes(bytes);
+        }
+    }
+
     fn line(&mut self, args: fmt::Arguments<'_>) {
         self.held.line_start = self.held.len;
         let _ = self.write_fmt(args);
@@ -137,23 +146,12 @@ impl Console {
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        if self.held.queueing() || self.queue_always {
-            for (i, line) in s.split('\n').enumerate() {
-                if i > 0 {
-                    self.hold_bytes(b"\r\n");
-                }
-                self.hold_bytes(line.as_bytes());
+        // Serial terminals expect CRLF.
+        for (i, line) in s.split('\n').enumerate() {
+            if i > 0 {
+                self.put(b"\r\n");
             }
-            return Ok(());
-        }
-        if let Some(uart) = self.uart.as_mut() {
-            // Serial terminals expect CRLF.
-            for (i, line) in s.split('\n').enumerate() {
-                if i > 0 {
-                    uart.write_bytes(b"\r\n");
-                }
-                uart.write_bytes(line.as_bytes());
-            }
+            self.put(line.as_bytes());
         }
         Ok(())
     }

@@ -176,15 +176,15 @@ pub unsafe fn adopt<A: Handover + 'static>(
 /// Called by each CPU as it first enters a guest. The last one after an
 /// update drives Restored → Resumed → Finished.
 pub fn cpu_resumed(cpu: usize, now: u64, hz: u64) {
-    if !REPORT.note_resumed(cpu, now, hz) {
-        if REPORT.waiting_for() == 0 {
-            // No blackout is being measured: nothing should be held.
-            crate::console::release();
-        }
+    let last = REPORT.note_resumed(cpu, now, hz);
+    if REPORT.waiting_for() == 0 {
+        // The blackout is over (or none is being measured): what the
+        // restore printed goes out now.
+        crate::console::release();
+    }
+    if !last {
         return;
     }
-    // The blackout is over: what the restore printed goes out now.
-    crate::console::release();
     let Some(Incoming(mut sm)) = INCOMING.lock().take() else { return };
     if sm.resume().and_then(|()| sm.finish()).is_err() {
         hv_event!("update-state-machine", error = "resume-or-finish-refused");

@@ -16,6 +16,35 @@
 .equ PDE_2M_UC, 0x9b
 .equ AP_TRAMPOLINE, 0x8000
 
+// Data segments from this image's GDT (0x10), FS and GS null.
+.macro load_data_segments
+    movw    $0x10, %ax
+    movw    %ax, %ds
+    movw    %ax, %es
+    movw    %ax, %ss
+    xorw    %ax, %ax
+    movw    %ax, %fs
+    movw    %ax, %gs
+.endm
+
+// This image's page tables and GDT (both initialised data in the image),
+// for a CPU arriving from another image.
+.macro load_own_tables
+    movq    $boot_pml4, %rax
+    movq    %rax, %cr3
+    lgdt    gdt64_ptr(%rip)
+.endm
+
+// CS from this image's GDT (0x08, by a far return), then the data
+// segments. Needs a stack.
+.macro reload_segments
+    pushq   $0x08
+    leaq    1f(%rip), %rax
+    pushq   %rax
+    lretq
+1:  load_data_segments
+.endm
+
 .section .multiboot2, "a"
 .balign 8
 mb2_header:
@@ -59,13 +88,7 @@ _start32:
 
 .code64
 start64:
-    movw    $0x10, %ax
-    movw    %ax, %ds
-    movw    %ax, %es
-    movw    %ax, %ss
-    xorw    %ax, %ax
-    movw    %ax, %fs
-    movw    %ax, %gs
+    load_data_segments
     movq    $boot_stack_top, %rsp
     movl    boot_magic(%rip), %edi
     movl    boot_info(%rip), %esi
@@ -87,21 +110,9 @@ start64:
 hv_handover_entry:
     cli
     cld
-    movq    $boot_pml4, %rax
-    movq    %rax, %cr3
-    lgdt    gdt64_ptr(%rip)
+    load_own_tables
     movq    $boot_stack_top, %rsp
-    pushq   $0x08
-    leaq    1f(%rip), %rax
-    pushq   %rax
-    lretq
-1:  movw    $0x10, %ax
-    movw    %ax, %ds
-    movw    %ax, %es
-    movw    %ax, %ss
-    xorw    %ax, %ax
-    movw    %ax, %fs
-    movw    %ax, %gs
+    reload_segments
     call    hv_x86_handover
 2:  cli
     hlt
@@ -119,26 +130,14 @@ hv_handover_entry:
 hv_ap_parked_entry:
     cli
     cld
-    movq    $boot_pml4, %rax
-    movq    %rax, %cr3
-    lgdt    gdt64_ptr(%rip)
+    load_own_tables
     cmpq    ${MAX_CPUS}, %rdi
     jae     2f
     leaq    1(%rdi), %rax
     imulq   ${AP_STACK_SIZE}, %rax
     leaq    {AP_STACKS}(%rip), %rsp
     addq    %rax, %rsp
-    pushq   $0x08
-    leaq    1f(%rip), %rax
-    pushq   %rax
-    lretq
-1:  movw    $0x10, %ax
-    movw    %ax, %ds
-    movw    %ax, %es
-    movw    %ax, %ss
-    xorw    %ax, %ax
-    movw    %ax, %fs
-    movw    %ax, %gs
+    reload_segments
     call    hv_ap_main
 2:  cli
     hlt

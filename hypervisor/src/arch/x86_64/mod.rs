@@ -33,7 +33,7 @@ use x86::io::{outb, outw};
 global_asm!(
     include_str!("entry.S"),
     MAX_CPUS = const MAX_CPUS,
-    AP_STACK_SIZE = const smp::AP_STACK_SIZE,
+    AP_STACK_SIZE = const smp::STACK_SIZE,
     AP_STACKS = sym smp::AP_STACKS,
     options(att_syntax)
 );

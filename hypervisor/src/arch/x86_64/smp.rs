@@ -33,7 +33,8 @@ const ICR_BUSY: u32 = 1 << 12;
 pub const KICK_VECTOR: u32 = 0xf0;
 /// How long a kick waits for an earlier IPI to leave the ICR.
 const ICR_IDLE_POLLS: u32 = 1000;
-const STACK_SIZE: usize = 0x10000;
+/// Each AP's stack (`AP_STACKS`).
+pub(crate) const STACK_SIZE: usize = 0x10000;
 const APIC_BASE_BSP: u64 = 1 << 8;
 const AP_WAIT_US: u64 = 200_000;
 
@@ -52,7 +53,6 @@ pub(crate) struct Stacks([[u8; STACK_SIZE]; MAX_CPUS]);
 /// The APs' stacks, by CPU index (also found by `hv_ap_parked_entry` in
 /// `entry.S`: index + 1 times [`STACK_SIZE`] from here is the top).
 pub(crate) static mut AP_STACKS: Stacks = Stacks([[0; STACK_SIZE]; MAX_CPUS]);
-pub(crate) const AP_STACK_SIZE: usize = STACK_SIZE;
 
 /// CPUs running the hypervisor, the boot CPU included.
 pub static ONLINE: AtomicUsize = AtomicUsize::new(1);
