@@ -498,10 +498,9 @@ impl HandoverWriter {
         // blackout a second parse of every record, and the encoding is held
         // to the reader by the round-trip, golden and fuzz tests.
         let footprint = blob_footprint(blob.len(), dest_phys)?;
-        let roots = self.bitmap_roots.iter().filter_map(|root| PhysRange::pages(root.root, PAGE_SIZE).ok());
-        let pages = self.nodes.iter().flat_map(|node| node.pages.iter()).flat_map(|(_, ranges)| ranges.iter().copied());
+        let pages = self.nodes.iter().map(|node| node.pages.as_slice());
         check_preserved_ranges(
-            core::iter::once(footprint).chain(roots).chain(pages).collect(),
+            preserved_ranges(footprint, &self.bitmap_roots, pages).collect(),
             &self.ram,
             &self.scratch,
         )?;
@@ -819,9 +818,7 @@ impl<'a> HandoverReader<'a> {
     /// incoming image reserves these before allocating anything outside
     /// scratch.
     pub fn preserved_ranges(&self) -> impl Iterator<Item = PhysRange> + '_ {
-        let roots = self.bitmap_roots.iter().filter_map(|root| PhysRange::pages(root.root, PAGE_SIZE).ok());
-        let pages = self.nodes.iter().flat_map(|node| node.pages.iter()).flat_map(|(_, ranges)| ranges.iter().copied());
-        core::iter::once(self.footprint).chain(roots).chain(pages)
+        preserved_ranges(self.footprint, &self.bitmap_roots, self.nodes.iter().map(|node| node.pages.as_slice()))
     }
 }
 
@@ -917,6 +914,18 @@ fn parse_memory_map(value: Option<&[u8]>) -> Result<Vec<BitmapRoot>, HandoverErr
         roots.push(BitmapRoot { order: order_u32, root });
     }
     Ok(roots)
+}
+
+/// Every range a handover marks preserved: the blob's own pages
+/// (`footprint`), the bitmap root pages and each node's `pages-*` ranges.
+fn preserved_ranges<'a>(
+    footprint: PhysRange,
+    roots: &'a [BitmapRoot],
+    pages: impl Iterator<Item = &'a [(String, Vec<PhysRange>)]> + 'a,
+) -> impl Iterator<Item = PhysRange> + 'a {
+    let roots = roots.iter().filter_map(|root| PhysRange::pages(root.root, PAGE_SIZE).ok());
+    let pages = pages.flat_map(|named| named.iter()).flat_map(|(_, ranges)| ranges.iter().copied());
+    core::iter::once(footprint).chain(roots).chain(pages)
 }
 
 /// The pages a blob of `size` bytes at `blob_phys` occupies.

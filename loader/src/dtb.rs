@@ -106,9 +106,21 @@ fn be32(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
+/// A DTB [`validate`] accepted: the blob trimmed to its `totalsize`, and
+/// its structure and strings blocks.
+struct Blocks<'a> {
+    blob: &'a [u8],
+    structure: &'a [u8],
+    strings: &'a [u8],
+}
+
 /// Checks the header and walks the whole structure block (DTSpec §5).
 /// Returns the blob trimmed to its `totalsize`.
 pub fn validate(blob: &[u8]) -> Result<&[u8], DtbError> {
+    validate_blocks(blob).map(|b| b.blob)
+}
+
+fn validate_blocks(blob: &[u8]) -> Result<Blocks<'_>, DtbError> {
     let hdr = |i: usize| be32(blob, i * 4).ok_or(DtbError::TooShort);
     if blob.len() < HEADER_LEN {
         return Err(DtbError::TooShort);
@@ -146,7 +158,7 @@ pub fn validate(blob: &[u8]) -> Result<&[u8], DtbError> {
     let structure = &blob[off_struct..off_struct + size_struct];
     let strings = &blob[off_strings..off_strings + size_strings];
     walk_structure(structure, strings)?;
-    Ok(blob)
+    Ok(Blocks { blob, structure, strings })
 }
 
 fn cstr_len(bytes: &[u8]) -> Option<usize> {
@@ -573,14 +585,10 @@ fn collect<'a>(s: &'a [u8], strings: &'a [u8], out: &mut Collected) -> Result<Sp
 /// Parses a platform DTB into the arch-neutral [`BootInfo`] and the
 /// aarch64 platform description.
 pub fn parse(blob: &[u8], blob_phys: u64) -> Result<(BootInfo, DtbPlatform), DtbError> {
-    let blob = validate(blob)?;
+    let Blocks { blob, structure, strings } = validate_blocks(blob)?;
     let fdt = Fdt::new(blob).map_err(|_| DtbError::Fdt)?;
-    let hdr = |i: usize| be32(blob, i * 4).map(|v| v as usize).ok_or(DtbError::TooShort);
-    // `validate` checked both blocks lie in the blob.
-    let s = blob.get(hdr(2)?..hdr(2)? + hdr(9)?).ok_or(DtbError::BlockOutOfBounds("structure"))?;
-    let strings = blob.get(hdr(3)?..hdr(3)? + hdr(8)?).ok_or(DtbError::BlockOutOfBounds("strings"))?;
     let mut c = Collected { ram: Vec::new(), cpus: Vec::new(), uart: None, gic: None, smmu: None, pcie: None };
-    let special = collect(s, strings, &mut c)?;
+    let special = collect(structure, strings, &mut c)?;
     if c.ram.is_empty() {
         return Err(DtbError::NoRam);
     }
