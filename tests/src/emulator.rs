@@ -96,18 +96,46 @@ impl RunOutcome {
         self.hv("shutdown").iter().any(|e| e.get("status") == Some("ok"))
     }
 
-    /// A failure report: the reason, then the tail of the log.
+    /// A failure report: the reason, the tail of the log, and for each
+    /// guest that started and never stopped, its last lines (a hung guest
+    /// may have gone quiet long before the tail).
     pub fn failure(&self, reason: &str) -> String {
         format!(
             "{reason}\n  timed_out={} stopped_after_updater={} exit={:?} elapsed={:.1}s log={}\n\
-             --- last serial lines ---\n{}\n---",
+             --- last serial lines ---\n{}\n---{}",
             self.timed_out,
             self.stopped_after_updater,
             self.exit_code,
             self.elapsed.as_secs_f64(),
             self.log_path.display(),
-            self.tail(30)
+            self.tail(30),
+            self.still_running()
         )
+    }
+
+    /// The guests that started and did not stop, each with its last lines
+    /// and the hypervisor's last event before them.
+    fn still_running(&self) -> String {
+        let stopped: Vec<u64> = self.hv("guest-stop").iter().filter_map(|e| e.num("id")).collect();
+        let mut out = String::new();
+        for start in self.hv("guest-start") {
+            let Some(id) = start.num("id").filter(|id| !stopped.contains(id)) else { continue };
+            let prefix = format!("guest{id}: ");
+            let lines: Vec<(usize, &str)> =
+                self.serial.lines().enumerate().filter(|(_, l)| l.starts_with(&prefix)).collect();
+            let last: Vec<String> =
+                lines[lines.len().saturating_sub(8)..].iter().map(|(n, l)| format!("{:>6}: {l}", n + 1)).collect();
+            out.push_str(&format!(
+                "\n--- guest {id} ({}) did not stop; its last lines (line number in the log) ---\n{}",
+                start.get("name").unwrap_or("?"),
+                if last.is_empty() { "(none)".to_string() } else { last.join("\n") }
+            ));
+        }
+        if !out.is_empty() {
+            let updates = self.hv("update-done").len();
+            out.push_str(&format!("\n--- {updates} updates done ---"));
+        }
+        out
     }
 }
 
@@ -398,5 +426,27 @@ mod tests {
         assert!(w.feed(b"down\n"));
         let mut none = UpdaterWatch::default();
         assert!(!none.feed(b"hv: guest-stop id=2 reason=shutdown\n"));
+    }
+
+    #[test]
+    fn a_failure_names_the_guests_that_never_stopped_with_their_last_lines() {
+        let serial = "hv: guest-start id=1 name=linux cpu=0\nhv: guest-start id=2 name=heartbeat cpu=0\n\
+                      guest1: linux: memcheck pass=3 ok=1\nhv: update-done count=1\nguest2: alive ticks=10\n\
+                      hv: guest-stop id=2 reason=shutdown\n"
+            .to_string();
+        let run = RunOutcome {
+            events: parse_log(&serial),
+            serial,
+            timed_out: true,
+            stopped_after_updater: false,
+            exit_code: None,
+            log_path: PathBuf::from("serial.log"),
+            elapsed: Duration::from_secs(1),
+        };
+        let report = run.failure("hung");
+        assert!(report.contains("guest 1 (linux) did not stop"), "{report}");
+        assert!(report.contains("     3: guest1: linux: memcheck pass=3 ok=1"), "{report}");
+        assert!(!report.contains("guest 2 (heartbeat) did not stop"), "{report}");
+        assert!(report.ends_with("--- 1 updates done ---"), "{report}");
     }
 }

@@ -222,3 +222,31 @@ fn the_el1_physical_timer_ticks_through_the_virtual_gic() {
     check(&run, line.is_some_and(|e| e.num("istatus_before") == Some(0)), "ISTATUS needs ENABLE");
     check(&run, run.hv("fault").is_empty(), "no fault");
 }
+
+/// The idle loop of an operating system masks interrupts, checks for
+/// work and executes WFI. A tick that comes in between is injected while
+/// PSTATE.I masks it, and the WFI must end for it (a WFI with a virtual
+/// interrupt pending does not even trap: HCR_EL2.TWI traps only one that
+/// would wait); the hypervisor keeps the timer masked until the guest has
+/// taken the tick. Each wait here spins 1.5 ticks with IRQs masked.
+#[test]
+fn a_wfi_with_interrupts_masked_ends_for_the_interrupt_that_came_meanwhile() {
+    let dir = guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let guest = GuestArg {
+        file: dir.join("heartbeat.bin"),
+        name: "heartbeat".into(),
+        mem_mib: 16,
+        vcpus: 1,
+        privileged: false,
+        initrd: None,
+        devices: Vec::new(),
+        cmdline: "ticks=40 masked_wfi=1".into(),
+    };
+    let run = run_guests("test-aarch64-masked-wfi", std::slice::from_ref(&guest));
+    check(&run, run.clean_shutdown(), "the guest finished: no WFI slept through a pending interrupt");
+    let id = id_of(&run, "heartbeat");
+    let done = last(&run.guest(id, "heartbeat"));
+    check(&run, done.is_some_and(|e| e.num("ticks") == Some(40)), "every tick taken");
+    check(&run, done.is_some_and(|e| e.num("sgis_received") == e.num("sgis_sent")), "every self-SGI taken");
+    check(&run, run.hv("fault").is_empty(), "no fault");
+}

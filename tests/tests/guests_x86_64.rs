@@ -227,7 +227,10 @@ fn triple_fault_and_forbidden_msr_stay_with_their_guest() {
 fn a_misprogrammed_apic_stays_with_its_guest() {
     let list = [
         test_guest("isolation", ",name=badapic,mem=4,cmdline=\"fault_test=bad-apic\""),
-        test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30\""),
+        // Its heartbeat waits as an idle loop does (CLI, check for work
+        // for 1.5 ticks, STI; HLT): the HLT must end for the tick that
+        // came while IF was 0.
+        test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30 masked_wfi=1\""),
     ];
     let run = run_guests("test-x86_64-bad-apic", &list);
     check(&run, run.clean_shutdown(), "no clean shutdown");

@@ -43,6 +43,10 @@ pub struct Args {
     /// heartbeat: instead of ticking, write one long console line in
     /// pieces across this many live updates (`longline`).
     pub line_updates: Option<u64>,
+    /// heartbeat: wait for each tick as an operating system's idle loop
+    /// does: interrupts masked while it checks for work (long enough for
+    /// the tick to come meanwhile), then WFI/HLT (`masked_wfi=1`).
+    pub masked_wfi: bool,
 }
 
 /// Why the bootargs were refused.
@@ -96,6 +100,13 @@ impl Args {
                         "1" => true,
                         "0" => false,
                         _ => return Err(ArgError::InvalidFlag { key: "arm" }),
+                    }
+                }
+                "masked_wfi" => {
+                    args.masked_wfi = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(ArgError::InvalidFlag { key: "masked_wfi" }),
                     }
                 }
                 "fail_freeze" => {

@@ -6,6 +6,10 @@
 //! Lines: `alive ticks=<total>` every 10 ticks, then
 //! `heartbeat done=1 ticks=<n> sgis_sent=<s> sgis_received=<r>`.
 //!
+//! With `masked_wfi=1` it waits for each tick as an operating system's
+//! idle loop does: interrupts masked while it checks for work, so the
+//! tick comes before the WFI/HLT, which must then end at once.
+//!
 //! With `line_updates=<n>` it writes one long line in pieces across n live
 //! updates instead ([`crate::longline`]).
 
@@ -34,8 +38,14 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
     }
     let mut seen = 0_u64;
     let mut sent = 0_u64;
+    let masked = env.args().masked_wfi;
     while seen < ticks {
-        g.wait_for_interrupt();
+        if masked {
+            // Long enough that the next tick comes while masked.
+            g.wait_masked(g.counter().saturating_add(period + period / 2));
+        } else {
+            g.wait_for_interrupt();
+        }
         let taken = g.interrupt_counts().ticks;
         while seen < taken && seen < ticks {
             seen += 1;
@@ -95,6 +105,21 @@ mod tests {
         assert_eq!(g.lines[9], "alive ticks=100");
         assert_eq!(g.lines[10], "heartbeat done=1 ticks=100 sgis_sent=100 sgis_received=4");
         assert_eq!(g.waits, 34);
+    }
+
+    #[test]
+    fn masked_waits_span_a_tick_each() {
+        let mut g = FakeGuest::new();
+        let env = Env::new(
+            Region::default(),
+            [Region::default(); 2],
+            Args { ticks: Some(12), masked_wfi: true, ..Args::default() },
+        );
+        let start = g.counter();
+        run(&mut g, &env);
+        assert_eq!(g.lines.last().map(|l| l.as_str()), Some("heartbeat done=1 ticks=12 sgis_sent=12 sgis_received=12"));
+        let period = g.counter_frequency() / TICKS_PER_SECOND;
+        assert!(g.counter() - start >= 12 * (period + period / 2), "each wait spun past a tick first");
     }
 
     #[test]

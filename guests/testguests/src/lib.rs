@@ -84,6 +84,19 @@ pub trait Guest {
     /// Sleeps until an interrupt arrives (`wfi`, `hlt`).
     fn wait_for_interrupt(&mut self);
 
+    /// An operating system's idle entry: masks interrupts, spins until
+    /// [`Guest::counter`] reaches `until` (checking for work; an interrupt
+    /// that comes meanwhile stays pending), then waits for an interrupt
+    /// and unmasks, taking it. The wait must end at once for the interrupt
+    /// that came while interrupts were masked. (The default does not mask:
+    /// for runtimes without interrupts.)
+    fn wait_masked(&mut self, until: u64) {
+        while self.counter() < until {
+            core::hint::spin_loop();
+        }
+        self.wait_for_interrupt();
+    }
+
     /// Interrupts taken since boot.
     fn interrupt_counts(&self) -> InterruptCounts;
 

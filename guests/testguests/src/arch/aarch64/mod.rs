@@ -373,6 +373,18 @@ impl Guest for El1Guest {
         unsafe { asm!("wfi", options(nostack)) };
     }
 
+    fn wait_masked(&mut self, until: u64) {
+        // SAFETY: masks IRQs; they are unmasked again below.
+        unsafe { asm!("msr daifset, #2", "isb", options(nomem, nostack)) };
+        while self.counter() < until {
+            core::hint::spin_loop();
+        }
+        // SAFETY: waits for an interrupt (one pending ends the WFI although
+        // PSTATE.I masks it), then unmasks IRQs and takes it. Not `nomem`:
+        // the IRQ handler updates the counts.
+        unsafe { asm!("wfi", "msr daifclr, #2", "isb", options(nostack)) };
+    }
+
     fn interrupt_counts(&self) -> InterruptCounts {
         InterruptCounts { ticks: TICKS.load(Ordering::Relaxed), ipis: SGIS.load(Ordering::Relaxed) }
     }

@@ -561,6 +561,19 @@ impl Guest for VmxGuest {
 
     /// HLT with interrupts enabled: the hypervisor runs this vCPU again
     /// when its APIC has an interrupt for it. Without the APIC, a pause.
+    fn wait_masked(&mut self, until: u64) {
+        if !APIC_ON.load(Ordering::Relaxed) {
+            self.wait_for_interrupt();
+            return;
+        }
+        // SAFETY: masks interrupts; `wait_for_interrupt` unmasks them.
+        unsafe { asm!("cli", options(nomem, nostack)) };
+        while self.counter() < until {
+            core::hint::spin_loop();
+        }
+        self.wait_for_interrupt();
+    }
+
     fn wait_for_interrupt(&mut self) {
         if APIC_ON.load(Ordering::Relaxed) {
             // SAFETY: STI's shadow covers HLT, so an interrupt pending now
