@@ -630,12 +630,12 @@ impl SubsystemWriter<'_> {
 }
 
 /// A record stored in a subsystem node, verified (length, checksum, version
-/// fields) but not yet decoded.
+/// fields) but not yet decoded: its header and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StoredRecord<'a> {
     name: String,
     header: RecordHeader,
-    bytes: &'a [u8],
+    payload: &'a [u8],
 }
 
 /// One subsystem node of a validated handover.
@@ -660,7 +660,13 @@ impl SubsystemNode<'_> {
 
     /// Decodes the record stored under `name`.
     pub fn record_named<R: StateRecord>(&self, name: &str) -> Result<Option<R>, RecordError> {
-        self.records.iter().find(|record| record.name == name).map(|record| R::decode(record.bytes)).transpose()
+        // `parse_node` verified each record's header and checksum: decode
+        // the payload without checksumming it again.
+        self.records
+            .iter()
+            .find(|record| record.name == name)
+            .map(|record| R::decode_parsed(record.header, record.payload))
+            .transpose()
     }
 
     /// Names and verified headers of the records in this node.
@@ -1012,12 +1018,12 @@ fn parse_node(node: FdtNode<'_>, path: String) -> Result<SubsystemNode<'_>, Hand
         }
         let value = property_value(&parsed.path, prop)?;
         if let Some(name) = property.strip_prefix(RECORD_PREFIX).filter(|name| record_name_is_valid(name)) {
-            let (header, _) = RecordHeader::parse(value).map_err(|error| HandoverError::Record {
+            let (header, payload) = RecordHeader::parse(value).map_err(|error| HandoverError::Record {
                 node: parsed.path.clone(),
                 property: property.to_owned(),
                 error,
             })?;
-            parsed.records.push(StoredRecord { name: name.to_owned(), header, bytes: value });
+            parsed.records.push(StoredRecord { name: name.to_owned(), header, payload });
         } else if let Some(name) = property.strip_prefix(PAGES_PREFIX).filter(|name| record_name_is_valid(name)) {
             let ranges = parse_pages(&parsed.path, property, value)?;
             parsed.pages.push((name.to_owned(), ranges));

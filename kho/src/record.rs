@@ -451,6 +451,15 @@ pub trait StateRecord: crate::__private::Sealed + Sized {
     /// Verifies and decodes a record written by any version of this type.
     fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let (header, payload) = RecordHeader::parse(bytes)?;
+        Self::decode_parsed(header, payload)
+    }
+
+    /// Decodes a record whose header [`RecordHeader::parse`] returned (its
+    /// length, checksum and version fields verified) with its payload:
+    /// checks the type and the payload length of that version, then takes
+    /// the fields. A validated handover's nodes keep their records so, and
+    /// do not checksum them a second time.
+    fn decode_parsed(header: RecordHeader, payload: &[u8]) -> Result<Self, RecordError> {
         if header.id != Self::ID {
             return Err(RecordError::WrongId { expected: Self::ID, found: header.id });
         }
