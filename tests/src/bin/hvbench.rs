@@ -18,7 +18,15 @@
 //! BENCH name=update_blackout_us arch=x86_64 guest_mib=16 update=1 value=210000 unit=us
 //! ```
 //!
-//! Usage: `hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--updates N]`.
+//! `--guests 1,4,8` runs that many blackout meters of each size (spread
+//! over both CPUs) and tags every line `guests=N`. `--clock tcg` (aarch64)
+//! runs QEMU without `-icount`: guest time is host time, so the figures
+//! show what a host's load and TCG's translation cost add; under the
+//! default `--clock icount` one guest microsecond is 1000 instructions
+//! (`shift=0`), and the phase lines carry `insns=`.
+//!
+//! Usage: `hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--guests 1]
+//! [--clock icount|tcg] [--updates N]`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -33,13 +41,42 @@ fn median(mut v: Vec<u64>) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-fn bench(arch: Arch, size_mib: u64, updates: u32) -> Result<(), LaunchError> {
+/// How guest time runs under QEMU (aarch64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Clock {
+    /// `-icount shift=0,sleep=off`: one instruction per nanosecond.
+    Icount,
+    /// Plain TCG: guest time is host time.
+    Tcg,
+}
+
+impl Clock {
+    fn name(self) -> &'static str {
+        match self {
+            Clock::Icount => "icount",
+            Clock::Tcg => "tcg",
+        }
+    }
+}
+
+/// One configuration: `guests` meters of `size_mib` each.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    arch: Arch,
+    size_mib: u64,
+    guests: u64,
+    clock: Clock,
+    updates: u32,
+}
+
+fn bench(case: Case) -> Result<(), LaunchError> {
+    let Case { arch, size_mib, guests: meters, clock, updates } = case;
     let a = image::build(&ImageSpec { arch, version: None, slot: 0 })?;
     let b = image::build(&ImageSpec { arch, version: Some(UPDATE_B_VERSION.into()), slot: image::update_slot(arch) })?;
     let dir = guests::build_test_guests(arch)?;
-    let meter = GuestArg {
+    let meter = |k: u64| GuestArg {
         file: dir.join("blackout.bin"),
-        name: "blackout".into(),
+        name: if k == 0 { "blackout".into() } else { format!("blackout{k}") },
         mem_mib: size_mib,
         vcpus: 1,
         privileged: false,
@@ -54,18 +91,24 @@ fn bench(arch: Arch, size_mib: u64, updates: u32) -> Result<(), LaunchError> {
     };
     let cmd = format!("updates={updates} delay_ms=300");
     let driver = guests::updater_guest(arch, &[b.update_image(), a.update_image()], 16, &cmd)?;
+    let mut list: Vec<GuestArg> = (0..meters).map(meter).collect();
+    list.push(driver);
+    let total_mib = size_mib * meters;
     let run = match arch {
         Arch::Aarch64 => {
             // RAM: the guest block is aligned to its size, and the blobs sit
             // at the top, so leave room for an aligned block above 2 GiB.
-            let ram_mib = (size_mib * 2).max(512) + 1024;
-            let mut spec = RunSpec::new(&format!("bench-update-{size_mib}m"), Machine::Qemu);
+            let ram_mib = (total_mib * 2).max(512) + 1024;
+            let name = format!("bench-update-{size_mib}m-{meters}g-{}", clock.name());
+            let mut spec = RunSpec::new(&name, Machine::Qemu);
             spec.mem_mib = u32::try_from(ram_mib).unwrap_or(u32::MAX);
             spec.timeout = Duration::from_mins(10);
-            spec.extra_args = vec!["-icount".into(), "shift=0,sleep=off".into()];
+            if clock == Clock::Icount {
+                spec.extra_args = vec!["-icount".into(), "shift=0,sleep=off".into()];
+            }
             let run_dir = emulator::run_dir(&spec);
             std::fs::create_dir_all(&run_dir).map_err(|err| LaunchError::Io { what: "run dir".into(), err })?;
-            let placed = guests::place(&[meter, driver], ram_mib, &run_dir)?;
+            let placed = guests::place(&list, ram_mib, &run_dir)?;
             spec.blobs = placed.blobs;
             spec.cmdline = Some(placed.cmdline);
             emulator::run(&a, &spec)?
@@ -73,10 +116,10 @@ fn bench(arch: Arch, size_mib: u64, updates: u32) -> Result<(), LaunchError> {
         Arch::X86_64 => {
             // RAM: the guests, the 32 MiB scratch and the 16 MiB kexec
             // window, below 4 GiB.
-            let mut spec = RunSpec::new(&format!("bench-x86_64-update-{size_mib}m"), Machine::Bochs);
-            spec.mem_mib = u32::try_from(size_mib.next_power_of_two() * 2 + 128).unwrap_or(u32::MAX);
+            let mut spec = RunSpec::new(&format!("bench-x86_64-update-{size_mib}m-{meters}g"), Machine::Bochs);
+            spec.mem_mib = u32::try_from(total_mib.next_power_of_two() * 2 + 128).unwrap_or(u32::MAX);
             spec.timeout = Duration::from_mins(10);
-            let modules = guests::grub_modules(&[meter, driver])?;
+            let modules = guests::grub_modules(&list)?;
             let iso = image::iso_with_modules(&a, &modules, &emulator::run_dir(&spec))?;
             emulator::run(&iso, &spec)?
         }
@@ -90,43 +133,66 @@ fn bench(arch: Arch, size_mib: u64, updates: u32) -> Result<(), LaunchError> {
     let seen: Vec<u64> = rows.iter().filter_map(|r| r.guest_gap_us.values().max().copied()).collect();
     let phases = run.hv("update-phases");
     let phase = |k: &str| median(phases.iter().filter_map(|e| e.num(k)).collect());
+    // Every line: the arch, the size, the number of meters and the clock.
+    let tags = format!(
+        "arch={} guest_mib={size_mib} guests={meters} clock={}",
+        arch.name(),
+        match arch {
+            Arch::Aarch64 => clock.name(),
+            Arch::X86_64 => "bochs",
+        }
+    );
     if arch == Arch::X86_64 {
         for (k, us) in field("blackout_us").iter().enumerate() {
-            println!(
-                "BENCH name=update_blackout_us arch=x86_64 guest_mib={size_mib} update={} value={us} unit=us",
-                k + 1
-            );
+            println!("BENCH name=update_blackout_us {tags} update={} value={us} unit=us", k + 1);
         }
     }
-    println!("BENCH name=update_blackout_us guest_mib={size_mib} value={} unit=us", median(field("blackout_us")));
-    println!("BENCH name=update_blackout_guest_seen_us guest_mib={size_mib} value={} unit=us", median(seen));
-    println!(
-        "BENCH name=update_handover_bytes guest_mib={size_mib} value={} unit=bytes",
-        median(field("handover_bytes"))
-    );
-    println!(
-        "BENCH name=update_preserved_pages guest_mib={size_mib} value={} unit=pages",
-        median(field("preserved_pages"))
-    );
+    // Under icount (shift=0) a microsecond of guest time is 1000
+    // instructions of the CPU that ran it.
+    let insns = |us: u64| {
+        if arch == Arch::Aarch64 && clock == Clock::Icount {
+            format!(" insns={}", us * 1000)
+        } else {
+            String::new()
+        }
+    };
+    let blackout = median(field("blackout_us"));
+    println!("BENCH name=update_blackout_us {tags} value={blackout} unit=us{}", insns(blackout));
+    println!("BENCH name=update_blackout_guest_seen_us {tags} value={} unit=us", median(seen));
+    println!("BENCH name=update_handover_bytes {tags} value={} unit=bytes", median(field("handover_bytes")));
+    println!("BENCH name=update_preserved_pages {tags} value={} unit=pages", median(field("preserved_pages")));
     for k in ["freeze_to_kexec_us", "kexec_to_entry_us", "entry_to_restored_us", "restored_to_resumed_us"] {
-        println!("BENCH name=update_phase_{k} guest_mib={size_mib} value={} unit=us", phase(k));
+        let us = phase(k);
+        println!("BENCH name=update_phase_{k} {tags} value={us} unit=us{}", insns(us));
+    }
+    // The restore's steps (boot CPU) and when each CPU was back in a guest.
+    for (line, prefix) in [("update-steps", "update_step_"), ("update-cpus", "update_resume_")] {
+        let events = run.hv(line);
+        let keys: std::collections::BTreeSet<&String> = events.iter().flat_map(|e| e.fields.keys()).collect();
+        for k in keys {
+            let us = median(events.iter().filter_map(|e| e.num(k)).collect());
+            println!("BENCH name={prefix}{k} {tags} value={us} unit=us{}", insns(us));
+        }
     }
     Ok(())
 }
 
-const USAGE: &str = "usage: hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--updates N]";
+const USAGE: &str =
+    "usage: hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--guests 1,4,8] [--clock icount|tcg] [--updates N]";
 
 /// What to measure.
 #[derive(Debug, PartialEq, Eq)]
 struct Options {
     arch: Arch,
     sizes: Option<Vec<u64>>,
+    guests: Vec<u64>,
+    clock: Clock,
     updates: u32,
 }
 
 /// Parses the command line; every value is checked, none ignored.
 fn parse(args: &[String]) -> Result<Options, String> {
-    let mut o = Options { arch: Arch::Aarch64, sizes: None, updates: 4 };
+    let mut o = Options { arch: Arch::Aarch64, sizes: None, guests: vec![1], clock: Clock::Icount, updates: 4 };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -138,6 +204,20 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .collect::<Option<Vec<u64>>>()
                     .ok_or_else(|| format!("--sizes '{value}': want guest sizes in MiB, e.g. 64,1024"))?;
                 o.sizes = Some(sizes);
+            }
+            "--guests" => {
+                o.guests = value
+                    .split(',')
+                    .map(|s| s.parse().ok().filter(|n: &u64| (1..=8).contains(n)))
+                    .collect::<Option<Vec<u64>>>()
+                    .ok_or_else(|| format!("--guests '{value}': want guest counts from 1 to 8, e.g. 1,4,8"))?;
+            }
+            "--clock" => {
+                o.clock = match value.as_str() {
+                    "icount" => Clock::Icount,
+                    "tcg" => Clock::Tcg,
+                    _ => return Err(format!("--clock '{value}': want icount or tcg")),
+                };
             }
             "--arch" => {
                 o.arch = Arch::parse(value).ok_or_else(|| format!("--arch '{value}': want aarch64 or x86_64"))?;
@@ -161,7 +241,7 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    let Options { arch, sizes, updates } = match parse(&args) {
+    let Options { arch, sizes, guests, clock, updates } = match parse(&args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("hvbench: {e}\n{USAGE}");
@@ -171,10 +251,16 @@ fn main() -> ExitCode {
     // Bochs emulates every instruction: smaller guests there.
     let sizes: Vec<u64> = sizes.unwrap_or_else(|| if arch == Arch::X86_64 { vec![16, 64] } else { vec![64, 1024] });
     for size in sizes {
-        eprintln!("hvbench: {updates} updates with a {size} MiB guest on {}", arch.name());
-        if let Err(e) = bench(arch, size, updates) {
-            eprintln!("hvbench: {e}");
-            return ExitCode::from(1);
+        for &n in &guests {
+            eprintln!(
+                "hvbench: {updates} updates with {n} guest(s) of {size} MiB on {} ({})",
+                arch.name(),
+                clock.name()
+            );
+            if let Err(e) = bench(Case { arch, size_mib: size, guests: n, clock, updates }) {
+                eprintln!("hvbench: {e}");
+                return ExitCode::from(1);
+            }
         }
     }
     ExitCode::SUCCESS
@@ -190,11 +276,20 @@ mod tests {
 
     #[test]
     fn values_are_checked_not_ignored() {
-        assert_eq!(parse_line(""), Ok(Options { arch: Arch::Aarch64, sizes: None, updates: 4 }));
+        let default = Options { arch: Arch::Aarch64, sizes: None, guests: vec![1], clock: Clock::Icount, updates: 4 };
+        assert_eq!(parse_line(""), Ok(default));
         assert_eq!(
-            parse_line("--arch x86_64 --sizes 16,64 --updates 2"),
-            Ok(Options { arch: Arch::X86_64, sizes: Some(vec![16, 64]), updates: 2 })
+            parse_line("--arch x86_64 --sizes 16,64 --updates 2 --guests 1,4,8 --clock tcg"),
+            Ok(Options {
+                arch: Arch::X86_64,
+                sizes: Some(vec![16, 64]),
+                guests: vec![1, 4, 8],
+                clock: Clock::Tcg,
+                updates: 2
+            })
         );
+        assert!(parse_line("--guests 9").is_err_and(|e| e.starts_with("--guests '9'")));
+        assert!(parse_line("--clock fast").is_err_and(|e| e.starts_with("--clock 'fast'")));
         assert!(parse_line("--sizes 64,lots").is_err_and(|e| e.starts_with("--sizes '64,lots'")));
         assert!(parse_line("--updates ten").is_err_and(|e| e.starts_with("--updates 'ten'")));
         assert!(parse_line("--updates 0").is_err());
