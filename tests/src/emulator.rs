@@ -113,9 +113,10 @@ impl RunOutcome {
         )
     }
 
-    /// The guests that started and did not stop, each with its last lines
-    /// and the hypervisor's last event before them.
+    /// The guests that started and did not stop, each with its last lines,
+    /// and how many updates were done.
     fn still_running(&self) -> String {
+        use std::fmt::Write as _;
         let stopped: Vec<u64> = self.hv("guest-stop").iter().filter_map(|e| e.num("id")).collect();
         let mut out = String::new();
         for start in self.hv("guest-start") {
@@ -125,15 +126,16 @@ impl RunOutcome {
                 self.serial.lines().enumerate().filter(|(_, l)| l.starts_with(&prefix)).collect();
             let last: Vec<String> =
                 lines[lines.len().saturating_sub(8)..].iter().map(|(n, l)| format!("{:>6}: {l}", n + 1)).collect();
-            out.push_str(&format!(
+            let _ = write!(
+                out,
                 "\n--- guest {id} ({}) did not stop; its last lines (line number in the log) ---\n{}",
                 start.get("name").unwrap_or("?"),
                 if last.is_empty() { "(none)".to_string() } else { last.join("\n") }
-            ));
+            );
         }
         if !out.is_empty() {
             let updates = self.hv("update-done").len();
-            out.push_str(&format!("\n--- {updates} updates done ---"));
+            let _ = write!(out, "\n--- {updates} updates done ---");
         }
         out
     }

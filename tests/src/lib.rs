@@ -11,6 +11,7 @@ pub mod guests;
 pub mod image;
 pub mod launch;
 pub mod linux;
+pub mod soak;
 pub mod summary;
 
 use std::fmt;

@@ -7,6 +7,8 @@ use core::fmt;
 
 /// The settings the test guests understand. `None` means "use the
 /// workload's default".
+// Flags of unrelated workloads, each its own `key=0|1`.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Args {
     /// heartbeat: timer ticks to run for.

@@ -117,7 +117,10 @@ mod tests {
         );
         let start = g.counter();
         run(&mut g, &env);
-        assert_eq!(g.lines.last().map(|l| l.as_str()), Some("heartbeat done=1 ticks=12 sgis_sent=12 sgis_received=12"));
+        assert_eq!(
+            g.lines.last().map(core::convert::AsRef::as_ref),
+            Some("heartbeat done=1 ticks=12 sgis_sent=12 sgis_received=12")
+        );
         let period = g.counter_frequency() / TICKS_PER_SECOND;
         assert!(g.counter() - start >= 12 * (period + period / 2), "each wait spun past a tick first");
     }

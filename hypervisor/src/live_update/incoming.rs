@@ -92,6 +92,9 @@ impl<A: Handover + 'static> UpdateParticipant for Adoption<A> {
         if let Some(blob) = self.blob.take() {
             self.lock.with(|m| m.frames.add_free(blob));
         }
+        if let Some(free) = self.lock.with(|m| m.frames.free_bytes() / crate::frames::PAGE_SIZE) {
+            REPORT.note_free_frames(free);
+        }
     }
 }
 
@@ -119,12 +122,14 @@ impl UpdateParticipant for Blackout {
         Ok(())
     }
 
-    fn resume(&mut self) {
+    fn resume(&mut self) {}
+
+    /// After the adoption's finish (registered first), which gives the
+    /// consumed blob back and notes the free frames the report prints.
+    fn finish(&mut self) {
         REPORT.print();
         check_old_image();
     }
-
-    fn finish(&mut self) {}
 }
 
 /// What the arch hands the incoming side.

@@ -43,6 +43,9 @@ pub struct BlackoutReport {
     /// CPUs this image started the old way (PSCI CPU_ON, INIT-SIPI-SIPI)
     /// rather than from the parking mailbox.
     cpu_restarts: AtomicU64,
+    /// Free frames once the update finished (the consumed handover blob
+    /// given back): the same after every update unless one leaks.
+    free_frames: AtomicU64,
     /// When each CPU (by index) re-entered a guest.
     cpu_resumed_at: [AtomicU64; MAX_CPUS],
     /// Steps of the boot CPU between entry and the end of the restore
@@ -88,6 +91,7 @@ impl BlackoutReport {
             parked_cpus: AtomicU64::new(0),
             firmware_calls: AtomicU64::new(0),
             cpu_restarts: AtomicU64::new(0),
+            free_frames: AtomicU64::new(0),
             cpu_resumed_at: [const { AtomicU64::new(0) }; MAX_CPUS],
             marks: spin::Mutex::new([("", 0); MAX_MARKS]),
         }
@@ -115,6 +119,11 @@ impl BlackoutReport {
     /// SIPI): it went back through the firmware or a reset.
     pub fn note_cpu_restart(&self) {
         self.cpu_restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the free frames once the update has finished.
+    pub fn note_free_frames(&self, frames: u64) {
+        self.free_frames.store(frames, Ordering::Relaxed);
     }
 
     /// Records when the new image was entered (and when the old one jumped).
@@ -186,6 +195,7 @@ impl BlackoutReport {
             parked_cpus = self.parked_cpus.load(Ordering::Relaxed),
             firmware_calls = self.firmware_calls.load(Ordering::Relaxed),
             cpu_restarts = self.cpu_restarts.load(Ordering::Relaxed),
+            free_frames = self.free_frames.load(Ordering::Relaxed),
         );
         let (kexec, entry, restored) = (
             self.kexec.load(Ordering::Relaxed),
