@@ -2,6 +2,7 @@
 //! compatibility, the update state machine, and a bounded fuzz of the reader.
 
 mod compat;
+mod corpus;
 mod fixtures;
 mod fuzz;
 mod state_machine;

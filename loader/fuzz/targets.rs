@@ -1,0 +1,97 @@
+//! The bodies of the loader's fuzz targets: each takes arbitrary bytes as
+//! untrusted input (a platform DTB, a multiboot2 information structure,
+//! ACPI tables, an ELF or update image, a boot manifest, a module's command
+//! line) and must return a value or a typed error, never panic, hang or
+//! allocate without bound. Shared by the cargo-fuzz binaries
+//! (`fuzz_targets/*.rs`, nightly) and by `loader/tests/fuzz_corpus.rs`,
+//! which replays the committed corpora and crash reproducers on stable.
+
+#![allow(dead_code)]
+
+use loader::acpi::{self, PhysMemory};
+use loader::image_desc::{self, ImageArch};
+use loader::manifest::ImageFormat;
+use loader::multiboot2::{self, RsdpCopy};
+use loader::{dtb, elf, guest_modules, image_readers, manifest, PhysRange};
+
+/// Where the fuzzed blob pretends to be in physical memory.
+const BLOB_PHYS: u64 = 0x4000_0000;
+
+/// The platform DTB (aarch64 boot): validation, then the one-pass walk.
+pub fn dtb(data: &[u8]) {
+    if let Ok((info, platform)) = dtb::parse(data, BLOB_PHYS) {
+        // What was accepted is usable: no range wraps.
+        for r in &info.ram {
+            assert!(r.base.checked_add(r.size).is_some(), "a RAM range wraps: {r:?}");
+        }
+        let _ = (platform.cpus.len(), info.ram_bytes());
+    }
+}
+
+/// The multiboot2 information structure GRUB hands the x86_64 image.
+pub fn multiboot2(data: &[u8]) {
+    let _ = multiboot2::parse(multiboot2::BOOTLOADER_MAGIC, data, 0x1_0000);
+}
+
+/// Physical memory made of the fuzzed bytes, at address 0.
+struct Bytes<'a>(&'a [u8]);
+
+impl PhysMemory for Bytes<'_> {
+    fn bytes(&self, phys: u64, len: usize) -> Option<&[u8]> {
+        let start = usize::try_from(phys).ok()?;
+        self.0.get(start..start.checked_add(len)?)
+    }
+}
+
+/// ACPI: the RSDP is the first 36 bytes (a 2.0 one if byte 15, its
+/// revision, says so), the tables it points to anywhere in the rest.
+pub fn acpi(data: &[u8]) {
+    let Some(head) = data.get(..36) else { return };
+    let rsdp = if head[15] >= 2 { RsdpCopy::V2(head.to_vec()) } else { RsdpCopy::V1(head[..20].to_vec()) };
+    let _ = acpi::discover_cpus(&Bytes(data), Some(&rsdp));
+}
+
+/// ELF images (guest kernels, the x86_64 hypervisor) for both machines,
+/// flattened when accepted.
+pub fn elf(data: &[u8]) {
+    for machine in [elf::Machine::Aarch64, elf::Machine::X86_64] {
+        if let Ok(image) = elf::parse(data, machine) {
+            let flat = elf::flatten(data, &image);
+            assert!(flat.len() as u64 <= image.end() - image.base(), "flattened past the image's end");
+        }
+    }
+}
+
+/// An update image: its descriptor and its table of record readers.
+pub fn update_image(data: &[u8]) {
+    let _ = image_desc::find(data);
+    for arch in [ImageArch::Aarch64, ImageArch::X86_64] {
+        let _ = image_desc::validate(data, arch, 1, 16 << 20);
+    }
+    let _ = image_readers::find(data);
+}
+
+/// The boot manifest (aarch64 guests) and one boot module's command line
+/// (x86_64 guests).
+pub fn manifest(data: &[u8]) {
+    let _ = manifest::parse(data);
+    let text = String::from_utf8_lossy(data);
+    let _ = manifest::address_from_cmdline(&text);
+    for format in [ImageFormat::Flat, ImageFormat::Arm64Image, ImageFormat::Elf] {
+        let _ = guest_modules::parse_module(0, &text, PhysRange::new(0x100_0000, 0x10_0000), format);
+    }
+    let _ = guest_modules::detect_format(data);
+}
+
+/// A target's body.
+pub type Body = fn(&[u8]);
+
+/// Every target by name, for the corpus replay.
+pub const ALL: &[(&str, Body)] = &[
+    ("dtb", dtb),
+    ("multiboot2", multiboot2),
+    ("acpi", acpi),
+    ("elf", elf),
+    ("update_image", update_image),
+    ("manifest", manifest),
+];
