@@ -5,6 +5,7 @@
 //! reads: a live update shows up there as the blackout Linux saw.
 //!
 //! Output lines (the serial event protocol's guest side):
+//! `linux: memcheck start seconds=<n>` once the clock is first read,
 //! `linux: memcheck pass=<n> ok=<0|1> max_gap_us=<n>` about once a second and
 //! `linux: memcheck done ok=<0|1> passes=<n> max_gap_us=<n>` at the end.
 //! Argument: how many seconds to run (default 20), by CLOCK_MONOTONIC.
