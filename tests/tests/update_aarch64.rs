@@ -314,3 +314,65 @@ fn an_image_that_cannot_read_the_handover_is_refused_before_the_freeze() {
     let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
     check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "memcheck unaffected");
 }
+
+/// What the blackout handles does not grow with guest RAM: one update
+/// with a 1 GiB and with a 4 GiB guest (the blackout meter) beside the
+/// updater. The handover is the same size, and the preserved-memory map
+/// the new image adopts has the same number of bitmap nodes and leaves
+/// the same number of free ranges, while it covers four times the pages.
+/// (Time is not compared: plain TCG's clock is the host's; `scripts/bench`
+/// measures it under -icount.)
+#[test]
+fn the_blackout_work_does_not_grow_with_guest_ram() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let dir = guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let mut figures = Vec::new();
+    for gib in [1u64, 4] {
+        let meter = GuestArg {
+            file: dir.join("blackout.bin"),
+            name: "blackout".into(),
+            mem_mib: gib << 10,
+            vcpus: 1,
+            privileged: false,
+            initrd: None,
+            devices: Vec::new(),
+            cmdline: "seconds=3".into(),
+        };
+        let updater = guests::updater_guest(Arch::Aarch64, &[b.update_image()], 16, "updates=1 delay_ms=300")
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The guest block is aligned to its size; the blobs sit at the top.
+        let mut spec = RunSpec::new(&format!("test-update-flat-{gib}g"), Machine::Qemu);
+        spec.mem_mib = u32::try_from((gib << 11) + 1024).unwrap_or(u32::MAX);
+        spec.timeout = Duration::from_secs(150);
+        let run_dir = emulator::run_dir(&spec);
+        std::fs::create_dir_all(&run_dir).unwrap_or_else(|e| panic!("{e}"));
+        let placed =
+            guests::place(&[meter, updater], u64::from(spec.mem_mib), &run_dir).unwrap_or_else(|e| panic!("{e}"));
+        spec.blobs = placed.blobs;
+        spec.cmdline = Some(placed.cmdline);
+        let run = emulator::run(&a, &spec).unwrap_or_else(|e| panic!("{e}"));
+        check(&run, run.clean_shutdown() && run.hv("update-done").len() == 1, "one update, clean shutdown");
+        let done = run.hv("update-done")[0].clone();
+        let restore = run.hv("update-restore").first().map(|e| (*e).clone());
+        check(&run, restore.is_some(), "hv: update-restore");
+        let field = |e: &hv_tests::events::Event, k: &str| e.num(k).unwrap_or(u64::MAX);
+        let restore = restore.unwrap_or_else(|| done.clone());
+        figures.push((
+            field(&done, "handover_bytes"),
+            field(&restore, "bitmap_nodes"),
+            field(&restore, "free_ranges"),
+            field(&done, "preserved_pages"),
+            run,
+        ));
+    }
+    let (one, four) = (&figures[0], &figures[1]);
+    println!(
+        "flat: handover {} / {} B, bitmap nodes {} / {}, free ranges {} / {}, preserved pages {} / {}",
+        one.0, four.0, one.1, four.1, one.2, four.2, one.3, four.3
+    );
+    check(&four.4, one.0 == four.0, "the handover is the same size at 1 and 4 GiB");
+    check(&four.4, one.1 == four.1, "the preserved map has as many bitmap nodes at 4 GiB as at 1 GiB");
+    check(&four.4, one.2 == four.2, "as many free ranges");
+    check(&four.4, four.3 > one.3 + (3 << 18) - 1, "while it covers the 3 GiB more (786432 pages)");
+}
