@@ -109,8 +109,22 @@ impl RunOutcome {
             self.elapsed.as_secs_f64(),
             self.log_path.display(),
             self.tail(30),
-            self.still_running()
+            self.still_running() + &self.registers_at_timeout()
         )
+    }
+
+    /// Each CPU's PC (and PSTATE / RIP, RFLAGS) when the run timed out, from
+    /// QEMU's monitor, and where the whole dump is.
+    fn registers_at_timeout(&self) -> String {
+        let path = self.log_path.with_file_name(REGISTERS_AT_TIMEOUT);
+        let Ok(text) =
+            fs::read_to_string(&path).map_err(|_| ()).and_then(|t| if self.timed_out { Ok(t) } else { Err(()) })
+        else {
+            return String::new();
+        };
+        let pcs: Vec<&str> =
+            text.lines().map(str::trim).filter(|l| l.starts_with("PC=") || l.starts_with("RIP=")).collect();
+        format!("\n--- CPUs at the timeout ({}) ---\n{}", path.display(), pcs.join("\n"))
     }
 
     /// The guests that started and did not stop, each with its last lines,
@@ -245,7 +259,8 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
         cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()));
         cmd.arg("-no-shutdown");
     } else {
-        cmd.args(["-monitor", "none"]);
+        // Asked for every CPU's registers if the run times out.
+        cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()));
     }
     cmd.arg("-serial").arg(format!("file:{}", serial.display()));
     cmd.args(&spec.extra_args);
@@ -323,6 +338,31 @@ fn dump_ram(sock: &Path, mem_mib: u32, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The file, beside the serial log, that holds every CPU's registers as
+/// QEMU's monitor gave them when a run timed out.
+pub const REGISTERS_AT_TIMEOUT: &str = "registers-at-timeout.txt";
+
+/// Sends one command to QEMU's monitor and returns what it printed within
+/// two seconds; `None` if there is no monitor (Bochs) or it did not answer.
+fn monitor_query(sock: &Path, command: &str) -> Option<String> {
+    use std::os::unix::net::UnixStream;
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
+    s.write_all(format!("{command}\n").as_bytes()).ok()?;
+    let mut out = Vec::new();
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < until {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) if !out.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    (!out.is_empty()).then(|| String::from_utf8_lossy(&out).into_owned())
+}
+
 fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> Ended {
     let start = Instant::now();
     let mut file = None;
@@ -370,6 +410,11 @@ fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> Ended {
                 return Ended::StoppedAfterUpdater;
             }
             Ok(None) if start.elapsed() >= spec.timeout => {
+                // Where each CPU is, for the failure report.
+                let sock = serial.with_file_name("monitor.sock");
+                if let Some(regs) = monitor_query(&sock, "info registers -a") {
+                    let _ = fs::write(serial.with_file_name(REGISTERS_AT_TIMEOUT), regs);
+                }
                 stop(child, &mut file);
                 return Ended::TimedOut;
             }
@@ -390,6 +435,7 @@ pub fn run(image: &BuiltImage, spec: &RunSpec) -> Result<RunOutcome, LaunchError
     fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let serial = dir.join("serial.log");
     fs::write(&serial, b"").map_err(io_err("creating the serial log"))?;
+    let _ = fs::remove_file(dir.join(REGISTERS_AT_TIMEOUT));
     let mut cmd = command(image, spec, &serial, &dir)?;
     let emulator_out = fs::File::create(dir.join("emulator.out")).map_err(io_err("creating emulator.out"))?;
     let emulator_err = emulator_out.try_clone().map_err(io_err("creating emulator.out"))?;
