@@ -84,12 +84,10 @@ impl LineBuffer {
         }
     }
 
+    /// Emits the line. Bytes that are not UTF-8 each become U+FFFD, as
+    /// `String::from_utf8_lossy` does: the rest of the line is kept.
     fn flush(&mut self, emit: &mut dyn FnMut(&str)) {
-        let text = match core::str::from_utf8(&self.buf[..self.len]) {
-            Ok(s) => s,
-            Err(e) => core::str::from_utf8(&self.buf[..e.valid_up_to()]).unwrap_or(""),
-        };
-        emit(text);
+        emit(&alloc::string::String::from_utf8_lossy(&self.buf[..self.len]));
         self.len = 0;
     }
 }
@@ -114,6 +112,14 @@ mod tests {
     #[test]
     fn joins_partial_writes() {
         assert_eq!(lines(&[b"alive ", b"ticks=1\nmem", b"check ok=1\n"]), ["alive ticks=1", "memcheck ok=1"]);
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_do_not_cost_the_rest_of_the_line() {
+        // A hostile guest's random bytes, then a line of its own: the
+        // invalid bytes become U+FFFD and everything after them is kept.
+        assert_eq!(lines(&[b"@\xff\xfe", b"hostile done=1\n"]), ["@\u{fffd}\u{fffd}hostile done=1"]);
+        assert_eq!(lines(&[b"caf\xc3\xa9 \xc3\n"]), ["caf\u{e9} \u{fffd}"]);
     }
 
     #[test]

@@ -35,6 +35,9 @@ const SYSREG_ICC_SGI1R: u64 = (3 << 20) | (5 << 17) | (12 << 10) | (11 << 1);
 /// Data abort ISS: ISV (24), SAS (23:22), SRT (20:16), WnR (6).
 const DABT_ISV: u64 = 1 << 24;
 const DABT_WNR: u64 = 1 << 6;
+/// ISS CM (bit 8): the data abort came from a cache maintenance or
+/// address translation instruction (D19.2.40).
+const DABT_CM: u64 = 1 << 8;
 /// PSCI function ids (DEN0022E §5.1) and return codes (§5.2.2).
 const PSCI_VERSION: u64 = 0x8400_0000;
 const PSCI_CPU_OFF: u64 = 0x8400_0002;
@@ -62,8 +65,9 @@ const EC_SAME_EL_OFFSET: u64 = 1;
 /// DFSC/IFSC 0b010000: synchronous external abort, not on a table walk
 /// (D19.2.40, ISS encoding for an exception from a data abort).
 const FSC_SYNC_EXTERNAL: u64 = 0b01_0000;
-/// Aborts at one instruction in a row after which the guest is stopped:
-/// its handler returns to the access instead of handling it.
+/// Aborts at one instruction in a row (no other synchronous exit of the
+/// vCPU between them) after which the guest is stopped: its handler
+/// returns to the access instead of handling it.
 const ABORT_LOOP_LIMIT: u32 = 64;
 /// Exception vector offsets from VBAR_EL1 (D1.10.2): current EL with
 /// SP_EL0, current EL with SP_ELx, lower EL in AArch64.
@@ -115,6 +119,11 @@ pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
     let p = m.vcpus[v].partition;
     // SAFETY: `v` exited on this CPU (its owner), which is in the hypervisor.
     let ctx = unsafe { m.ctx_mut(v) };
+    if ec != EC_DABT_LOWER && ec != EC_IABT_LOWER {
+        // The guest got past its last abort: a later one at the same
+        // instruction is a new access, not a loop.
+        ctx.abort_streak = 0;
+    }
     match ec {
         EC_WFX => {
             ctx.regs.elr += 4;
@@ -189,6 +198,15 @@ pub fn handle_sync(m: &mut Machine<Aarch64>, v: usize) -> Next {
         EC_DABT_LOWER | EC_IABT_LOWER => {
             // HPFAR_EL2.FIPA holds IPA[51:12] in bits [43:4] (D19.2.55).
             let ipa = ((hpfar >> 4) << 12) | (far & 0xfff);
+            if ec == EC_DABT_LOWER && esr & DABT_CM != 0 {
+                // Cache maintenance by address on an IPA with no RAM (a
+                // device or nothing): nothing of the guest's can be cached
+                // there, so the operation is done by doing nothing (as KVM
+                // does) rather than faulting a guest that is only being
+                // careful.
+                ctx.regs.elr += 4;
+                return Next::Resume;
+            }
             if ec == EC_DABT_LOWER && esr & DABT_ISV != 0 && emulate_mmio(m, v, p, ipa, esr) {
                 // SAFETY: as above.
                 unsafe { m.ctx_mut(v) }.regs.elr += 4;
