@@ -409,7 +409,7 @@ pub fn check_longline(run: &RunOutcome, id: u32, updates: u32) -> Result<(), Str
 }
 
 /// The test guest binaries, as flat images in the returned directory.
-pub const TEST_GUESTS: [&str; 11] = [
+pub const TEST_GUESTS: [&str; 12] = [
     "heartbeat",
     "memcheck",
     "blackout",
@@ -421,6 +421,7 @@ pub const TEST_GUESTS: [&str; 11] = [
     "dma",
     "debugpriv",
     "ptimer",
+    "hostile",
 ];
 
 /// The updater guest's name (the launcher ends a run on its stop).

@@ -8,6 +8,7 @@
 pub mod emulator;
 pub mod events;
 pub mod guests;
+pub mod hostile;
 pub mod image;
 pub mod launch;
 pub mod linux;

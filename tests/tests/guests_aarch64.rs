@@ -250,3 +250,33 @@ fn a_wfi_with_interrupts_masked_ends_for_the_interrupt_that_came_meanwhile() {
     check(&run, done.is_some_and(|e| e.num("sgis_received") == e.num("sgis_sent")), "every self-SGI taken");
     check(&run, run.hv("fault").is_empty(), "no fault");
 }
+
+/// A hostile guest (random hypercalls, live-update requests of random
+/// bytes, system registers, SYS operations, HVC/SMC, undefined
+/// instructions, MMIO to the virtual GIC and PL011 and to nothing) beside
+/// the heartbeat and memcheck on one CPU each: the hypervisor never
+/// stops it, and the others keep their ticks and memory.
+#[test]
+fn a_hostile_guest_harms_only_itself() {
+    const OPS: u64 = 20_000;
+    let seed = hv_tests::hostile::seed(0x15_0002);
+    let mut list = guests::default_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    list.retain(|g| g.name == "heartbeat" || g.name == "memcheck");
+    // Long enough to run all through the attacks (about 2 s of guest time).
+    for g in &mut list {
+        g.cmdline = if g.name == "memcheck" { "passes=8".into() } else { "ticks=400".into() };
+    }
+    list.push(hv_tests::hostile::guest(Arch::Aarch64, seed, OPS, true).unwrap_or_else(|e| panic!("{e}")));
+    let run = run_guests("test-aarch64-hostile", &list);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    if let Err(why) = hv_tests::hostile::verdict(&run, seed, OPS) {
+        check(&run, false, &why);
+    }
+    let hb = id_of(&run, "heartbeat");
+    let verdict = last(&run.guest(hb, "heartbeat"));
+    check(&run, verdict.is_some_and(|e| e.num("done") == Some(1)), "the heartbeat finished");
+    check(&run, verdict.is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "no SGI lost");
+    let mc = id_of(&run, "memcheck");
+    let done = last(&run.guest(mc, "memcheck")).filter(|e| e.num("done") == Some(1));
+    check(&run, done.is_some_and(|e| e.num("failed") == Some(0)), "memcheck clean");
+}

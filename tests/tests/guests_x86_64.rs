@@ -378,3 +378,29 @@ fn init_sipi_sipi_starts_the_second_vcpu_on_the_other_cpu() {
     check(&run, run.hv("fault").is_empty(), "no fault");
     check(&run, run.hv("unexpected-exit").is_empty(), "no unexpected exits");
 }
+
+/// A hostile guest (random hypercalls, live-update requests of random
+/// bytes, MSRs, I/O ports, MMIO to the APIC, I/O APIC, HPET and nothing,
+/// VMX and other intercepted instructions, CR0/CR4 flips) beside the
+/// heartbeat and memcheck: the hypervisor never stops it, and the others
+/// keep their ticks and memory.
+#[test]
+fn a_hostile_guest_harms_only_itself() {
+    const OPS: u64 = 5_000;
+    let seed = hv_tests::hostile::seed(0x15_0002);
+    let mut list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
+    list.retain(|g| g.name == "heartbeat" || g.name == "memcheck");
+    list.push(hv_tests::hostile::guest(Arch::X86_64, seed, OPS, true).unwrap_or_else(|e| panic!("{e}")));
+    let run = run_guests("test-x86_64-hostile", &list);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    if let Err(why) = hv_tests::hostile::verdict(&run, seed, OPS) {
+        check(&run, false, &why);
+    }
+    let hb = id_of(&run, "heartbeat");
+    let verdict = last(&run.guest(hb, "heartbeat"));
+    check(&run, verdict.is_some_and(|e| e.num("done") == Some(1)), "the heartbeat finished");
+    check(&run, verdict.is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "every self-IPI arrived");
+    let mc = id_of(&run, "memcheck");
+    let done = last(&run.guest(mc, "memcheck")).filter(|e| e.num("done") == Some(1));
+    check(&run, done.is_some_and(|e| e.num("failed") == Some(0)), "memcheck clean");
+}

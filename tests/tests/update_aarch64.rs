@@ -376,3 +376,48 @@ fn the_blackout_work_does_not_grow_with_guest_ram() {
     check(&four.4, one.2 == four.2, "as many free ranges");
     check(&four.4, four.3 > one.3 + (3 << 18) - 1, "while it covers the 3 GiB more (786432 pages)");
 }
+
+/// Live updates while a hostile guest attacks (`testguests::hostile`,
+/// unprivileged here: its live-update requests are refused, so the
+/// updater's own go through): its traps arrive in brownout and between
+/// freezes, every update is done, the other guests keep their memory and
+/// ticks, and the hypervisor never stops the attacker.
+#[test]
+fn live_updates_go_through_while_a_hostile_guest_attacks() {
+    const OPS: u64 = 40_000;
+    let seed = hv_tests::hostile::seed(0x15_0005);
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let mut list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 4)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The updates come 100 ms apart in the updater's time, while the
+    // attacks run (about 4 s of guest time).
+    for g in list.iter_mut().filter(|g| g.name == guests::UPDATER) {
+        g.cmdline = "updates=4 delay_ms=100".into();
+    }
+    list.push(hv_tests::hostile::guest(Arch::Aarch64, seed, OPS, false).unwrap_or_else(|e| panic!("{e}")));
+    let run = run("test-update-hostile", &a, &list, &[]);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    if let Err(why) = hv_tests::hostile::verdict(&run, seed, OPS) {
+        check(&run, false, &why);
+    }
+    check(&run, run.hv("update-done").len() == 4, "four updates");
+    let attacker = id_of(&run, "hostile");
+    let lines: Vec<&str> = run.serial.lines().collect();
+    let start = lines.iter().position(|l| l.starts_with(&format!("guest{attacker}: hostile start=1")));
+    let end = lines.iter().position(|l| l.starts_with(&format!("guest{attacker}: hostile done=1")));
+    let during = match (start, end) {
+        (Some(from), Some(to)) => lines[from..to].iter().filter(|l| l.starts_with("hv: update-done")).count(),
+        _ => 0,
+    };
+    check(&run, during > 0, "an update landed while the attacks ran");
+    let upd = id_of(&run, "updater");
+    let verdict = run.guest(upd, "updater").into_iter().find(|e| e.num("done") == Some(1));
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1)), "the updater saw every update succeed");
+    let hb = id_of(&run, "heartbeat");
+    let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
+    check(&run, ticks.windows(2).all(|w| w[0] < w[1]), "heartbeat ticks strictly increase");
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");
+}

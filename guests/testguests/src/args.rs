@@ -49,6 +49,10 @@ pub struct Args {
     /// does: interrupts masked while it checks for work (long enough for
     /// the tick to come meanwhile), then WFI/HLT (`masked_wfi=1`).
     pub masked_wfi: bool,
+    /// hostile: the random generator's seed.
+    pub seed: Option<u64>,
+    /// hostile: attacks to make.
+    pub ops: Option<u64>,
 }
 
 /// Why the bootargs were refused.
@@ -97,6 +101,8 @@ impl Args {
                 "delay_ms" => args.delay_ms = Some(number("delay_ms", value)?),
                 "expect_status" => args.expect_status = Some(number("expect_status", value)?),
                 "line_updates" => args.line_updates = Some(number("line_updates", value)?),
+                "seed" => args.seed = Some(number("seed", value)?),
+                "ops" => args.ops = Some(number("ops", value)?),
                 "arm" => {
                     args.arm = match value {
                         "1" => true,

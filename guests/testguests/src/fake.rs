@@ -47,6 +47,9 @@ pub struct FakeGuest {
     pub waits: u64,
     counts: InterruptCounts,
     pub probes: Vec<u64>,
+    /// Every hostile attack made, and the scratch buffer it may write.
+    pub attacks: Vec<crate::hostile::Attack>,
+    pub scratch: Vec<u8>,
 }
 
 impl FakeGuest {
@@ -75,6 +78,8 @@ impl FakeGuest {
             waits: 0,
             counts: InterruptCounts::default(),
             probes: Vec::new(),
+            attacks: Vec::new(),
+            scratch: std::vec![0; crate::hostile::SCRATCH_BYTES],
         }
     }
 
@@ -210,5 +215,20 @@ impl Guest for FakeGuest {
     fn probe(&mut self, gpa: u64) -> [u64; 2] {
         self.probes.push(gpa);
         [u64::MAX; 2]
+    }
+}
+
+impl crate::hostile::Hostile for FakeGuest {
+    fn isa(&self) -> crate::hostile::Isa {
+        crate::hostile::Isa::Aarch64
+    }
+
+    fn scratch(&mut self) -> &mut [u8] {
+        &mut self.scratch
+    }
+
+    fn attack(&mut self, attack: &crate::hostile::Attack) -> Option<u64> {
+        self.attacks.push(*attack);
+        None
     }
 }

@@ -23,6 +23,7 @@ pub mod dma;
 pub mod exerciser;
 pub mod gicv3;
 pub mod heartbeat;
+pub mod hostile;
 pub mod hypercall;
 pub mod isolation;
 pub mod line;

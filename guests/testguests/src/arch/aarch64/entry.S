@@ -90,7 +90,8 @@ el1_vectors:
     report  1
     report  2
     report  3
-    report  4
+    .balign 0x80
+    b       sync_el1h
     .balign 0x80
     b       irq_entry
     report  6
@@ -184,6 +185,32 @@ irq_entry:
     ldp     x0, x1, [sp, #0x00]
     add     sp, sp, #FRAME_SIZE
     eret
+
+// A synchronous exception from EL1h. During a hostile attack
+// (`probe_resume` non-zero) it is caught: ESR_EL1 goes to `probe_esr`
+// with bit 63 set (RES0 in ESR_EL1, so the value is never 0), and the
+// attack resumes at `probe_resume` (cleared). Otherwise it is reported.
+// Only x16 and x17 are used, saved on the stack.
+.section .text.sync, "ax"
+sync_el1h:
+    stp     x16, x17, [sp, #-16]!
+    adrp    x16, probe_resume
+    ldr     x17, [x16, :lo12:probe_resume]
+    cbz     x17, 1f
+    str     xzr, [x16, :lo12:probe_resume]
+    msr     elr_el1, x17
+    mrs     x17, esr_el1
+    orr     x17, x17, #(1 << 63)
+    adrp    x16, probe_esr
+    str     x17, [x16, :lo12:probe_esr]
+    ldp     x16, x17, [sp], #16
+    eret
+1:  ldp     x16, x17, [sp], #16
+    mov     x0, #4
+    mrs     x1, esr_el1
+    mrs     x2, elr_el1
+    mrs     x3, far_el1
+    b       testguest_exception
 
 .section .bss.stack, "aw", %nobits
 .balign 16

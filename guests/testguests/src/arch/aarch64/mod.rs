@@ -25,6 +25,7 @@ use crate::gicv3::{
     self, acknowledged_intid, sgi1r_to_self, CNTV_CTL_ENABLE, HEARTBEAT_SGI, ICC_IGRPEN1_ENABLE, ICC_PMR_ALLOW_ALL,
     ICC_SRE_SRE, VIRTUAL_TIMER_INTID,
 };
+use crate::hostile::{Attack, Hostile, Isa, SCRATCH_BYTES};
 use crate::psci::Call;
 use crate::{Env, Guest, InterruptCounts, Line, Outcome, Psci, Region, Request, SecondaryWorkload, Workload};
 
@@ -81,6 +82,26 @@ extern "C" {
     /// The secondary entry in `entry.S`; only its address is used.
     fn secondary_start();
 }
+
+/// During a hostile attack, the address a synchronous exception resumes
+/// at (0: none; `sync_el1h` in `entry.S` clears it), and the ESR_EL1 of
+/// the exception taken there with bit 63 set (0: none).
+#[export_name = "probe_resume"]
+static PROBE_RESUME: AtomicU64 = AtomicU64::new(0);
+#[export_name = "probe_esr"]
+static PROBE_ESR: AtomicU64 = AtomicU64::new(0);
+const PROBE_TAKEN: u64 = 1 << 63;
+
+/// The hostile workload's scratch buffer, and the two words an attack
+/// runs from: the instruction, then `br x20` back to the caller.
+#[repr(C, align(4096))]
+struct Scratch([u8; SCRATCH_BYTES]);
+static mut SCRATCH: Scratch = Scratch([0; SCRATCH_BYTES]);
+#[repr(C, align(64))]
+struct AttackCode([u32; 2]);
+static mut ATTACK_CODE: AttackCode = AttackCode([0; 2]);
+/// BR x20 (Arm ARM C6.2.38: 0xd61f0000 | Rn << 5).
+const BR_X20: u32 = 0xd61f_0000 | (20 << 5);
 
 /// Names of the 16 EL1 vectors, in VBAR_EL1 order.
 const VECTORS: [&str; 16] = [
@@ -445,5 +466,59 @@ impl Psci for El1Guest {
 
     fn mpidr(&self) -> u64 {
         mpidr()
+    }
+}
+
+impl Hostile for El1Guest {
+    fn isa(&self) -> Isa {
+        Isa::Aarch64
+    }
+
+    fn scratch(&mut self) -> &mut [u8] {
+        let buffer = (&raw mut SCRATCH).cast::<u8>();
+        // SAFETY: the buffer is SCRATCH_BYTES long; only the hostile
+        // workload, on this guest's one vCPU, uses it, and only through
+        // this borrow of the guest.
+        unsafe { core::slice::from_raw_parts_mut(buffer, SCRATCH_BYTES) }
+    }
+
+    fn attack(&mut self, attack: &Attack) -> Option<u64> {
+        let Attack::Word { word, x } = *attack else { return None };
+        let code = (&raw mut ATTACK_CODE).cast::<u32>();
+        // SAFETY: the two words are this runtime's own, written before
+        // they run; with the MMU off the stores reach memory, and the
+        // instruction cache is invalidated for them (Arm ARM B2.4.4).
+        unsafe {
+            code.write_volatile(word);
+            code.add(1).write_volatile(BR_X20);
+            asm!("dc cvau, {0}", "dsb ish", "ic ivau, {0}", "dsb ish", "isb", in(reg) code, options(nostack));
+        }
+        PROBE_ESR.store(0, Ordering::Relaxed);
+        PROBE_RESUME.store(code as u64 + 4, Ordering::Relaxed);
+        // SAFETY: runs one generated instruction (hostile::generate keeps
+        // out what would end or wedge this guest, and stores into its own
+        // RAM outside the scratch buffer). It reads x0-x3 and may change
+        // x0 (MRS, loads, calls), x16, x17 and x30 (pointer-authentication
+        // hints), and a call the registers SMCCC lets the callee clobber;
+        // all are declared clobbered. x20 holds the way back; an exception
+        // it raises resumes at the `br x20` (`sync_el1h`).
+        unsafe {
+            asm!(
+                "adr x20, 2f",
+                "br x9",
+                "2:",
+                in("x9") code,
+                inout("x0") x[0] => _,
+                inout("x1") x[1] => _,
+                inout("x2") x[2] => _,
+                inout("x3") x[3] => _,
+                out("x20") _,
+                clobber_abi("C"),
+                options(nostack),
+            );
+        }
+        PROBE_RESUME.store(0, Ordering::Relaxed);
+        let esr = PROBE_ESR.load(Ordering::Relaxed);
+        (esr & PROBE_TAKEN != 0).then_some(esr & !PROBE_TAKEN)
     }
 }

@@ -279,8 +279,24 @@ interrupt_common:
     iretq
 
 // Frame: vector, error code, then what the processor pushed (RIP, CS,
-// RFLAGS, RSP, SS). The report never returns.
+// RFLAGS, RSP, SS). During a hostile attack (`probe_resume` non-zero)
+// the exception is caught: the vector goes to `probe_fault` with bit 63
+// set, and the attack resumes at `probe_resume` (cleared). Otherwise it
+// is reported, and the report never returns.
 exception_common:
+    pushq   %rax
+    movq    probe_resume(%rip), %rax
+    testq   %rax, %rax
+    jz      1f
+    movq    %rax, 24(%rsp)
+    movq    $0, probe_resume(%rip)
+    movq    8(%rsp), %rax
+    btsq    $63, %rax
+    movq    %rax, probe_fault(%rip)
+    popq    %rax
+    addq    $16, %rsp
+    iretq
+1:  popq    %rax
     movq    0(%rsp), %rdi
     movq    8(%rsp), %rsi
     movq    16(%rsp), %rdx

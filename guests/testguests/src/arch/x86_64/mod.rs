@@ -5,6 +5,8 @@
 #[cfg(target_os = "none")]
 pub mod debugpriv;
 pub mod fault_test;
+#[cfg(target_os = "none")]
+pub mod hostile;
 pub mod multiboot;
 #[cfg(target_os = "none")]
 pub mod runtime;
