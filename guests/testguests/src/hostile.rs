@@ -406,6 +406,16 @@ fn touches_own_ram(t: &Target, addr: u64, len: u64) -> bool {
     in_ram && !(addr >= t.scratch.start && end <= t.scratch.end)
 }
 
+/// A `DC` operation whose stage-2 fault comes without an instruction
+/// syndrome and without the cache-maintenance flag (Arm ARM C5.3: SYS #3,
+/// C7, C4/C12/C13, any op2 and Rt): `DC ZVA`, `DC GVA`, `DC GZVA` (block
+/// stores), and `DC CVAP`/`CVADP` and their tag variants, which QEMU
+/// checks with a read. On an emulated device the hypervisor stops the
+/// guest (undecodable-mmio, as it should), so these aim at scratch only.
+fn a64_dc_without_syndrome(word: u32) -> bool {
+    word & 0xffff_f000 == 0xd50b_7000 && matches!((word >> 8) & 0xf, 4 | 12 | 13)
+}
+
 /// `HVC #imm` or `SMC #imm` (Arm ARM C6.2.106, C6.2.286).
 fn is_a64_call(word: u32) -> bool {
     word & 0xffe0_001f == 0xd400_0002 || word & 0xffe0_001f == 0xd400_0003
@@ -456,6 +466,9 @@ fn generate_a64(rng: &mut Rng, t: &Target) -> (Kind, Attack) {
             let crn = if rng.one_in(4) { rng.below(16) as u32 } else { rng.pick(&[7, 8, 9]) };
             let word =
                 a64_system(rng.one_in(8), 1, rng.below(8) as u32, crn, rng.below(16) as u32, rng.below(8) as u32);
+            if a64_dc_without_syndrome(word) && !t.scratch.contains(x[0]) {
+                x[0] = t.scratch.start;
+            }
             (Kind::Sys, word)
         }
         8 => {
@@ -707,6 +720,9 @@ mod tests {
                         if is_a64_call(word) {
                             assert!(!FUNCTIONS_LEFT_OUT.contains(&(x[0] as u32)), "{:#x}", x[0]);
                             assert!(call_allowed(Some(x[0]), x[1]));
+                        }
+                        if a64_dc_without_syndrome(word) {
+                            assert!(SCRATCH.contains(x[0]), "{word:#x} at {:#x}", x[0]);
                         }
                         let store = word & 0x3fc0_0000 == 0x3900_0000;
                         if store {
