@@ -4,11 +4,12 @@
 //! increasing and every self-interrupt received; the old image intact
 //! after every update; and nothing leaking: the hypervisor's free frames
 //! once each update has finished, the handover size and the preserved
-//! pages the same after every update as after the first.
+//! pages the same after every update as after the first. On aarch64 a
+//! DMA guest moves and verifies data through the SMMU across every update.
 
 use crate::emulator::RunOutcome;
 use crate::events::Source;
-use crate::{launch, Arch};
+use crate::{guests, launch, Arch};
 
 /// Boots the demo set-up of `scripts/run` (the test guests, sized to
 /// outlive the updates, and the updater alternating between two images)
@@ -17,7 +18,20 @@ use crate::{launch, Arch};
 pub fn run(arch: Arch, updates: u32) -> Result<(SoakReport, RunOutcome), String> {
     let timeout = 600 + u64::from(updates) * if arch == Arch::X86_64 { 30 } else { 3 };
     let line = format!("--arch {} --updates {updates} --timeout {timeout}", arch.name());
-    let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    let mut words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    if arch == Arch::Aarch64 {
+        // DMA through the SMMU all along: the edu device assigned to the
+        // dma guest, which transfers and verifies until it has seen every
+        // update (capped at 20 transfers per update), beside the test
+        // guests. The run still ends when every guest has stopped.
+        let dir = guests::build_test_guests(arch).map_err(|e| e.to_string())?;
+        let dma = format!(
+            "{},device=00:02.0,cmdline=updates={updates} transfers={}",
+            dir.join("dma.bin").display(),
+            u64::from(updates) * 20 + 10
+        );
+        words.extend(["--with-test-guests".into(), "--guest".into(), dma, "--linger".into(), timeout.to_string()]);
+    }
     let o = launch::options(&words).map_err(|e| e.to_string())?.ok_or("no options")?;
     let prepared = launch::prepare(&o, &format!("soak-{}", arch.name())).map_err(|e| e.to_string())?;
     let outcome = launch::run(&prepared).map_err(|e| e.to_string())?;
@@ -38,6 +52,8 @@ pub struct SoakReport {
     pub heartbeat_ticks: u64,
     /// Median and largest blackout.
     pub blackout_us: (u64, u64),
+    /// DMA transfers verified by the dma guest (aarch64, through the SMMU).
+    pub dma_transfers: Option<u64>,
 }
 
 impl SoakReport {
@@ -46,7 +62,7 @@ impl SoakReport {
         format!(
             "SOAK updates={} free_frames_first={} free_frames_last={} handover_bytes_first={} handover_bytes_last={} \
              preserved_pages_first={} preserved_pages_last={} memcheck_passes={} heartbeat_ticks={} \
-             blackout_median_us={} blackout_max_us={}",
+             blackout_median_us={} blackout_max_us={} dma_transfers={}",
             self.updates,
             self.free_frames.0,
             self.free_frames.1,
@@ -58,6 +74,7 @@ impl SoakReport {
             self.heartbeat_ticks,
             self.blackout_us.0,
             self.blackout_us.1,
+            self.dma_transfers.map_or_else(|| "none".into(), |n| n.to_string()),
         )
     }
 }
@@ -145,6 +162,11 @@ pub fn check(run: &RunOutcome, updates: usize) -> Result<SoakReport, String> {
         return fail("a guest reported ok=0".into());
     }
 
+    let dma_transfers = match id_of(run, "dma") {
+        None => None,
+        Some(dma) => Some(check_dma(run, dma, updates).map_err(|why| run.failure(&why))?),
+    };
+
     let mut blackouts: Vec<u64> = done.iter().filter_map(|e| e.num("blackout_us")).collect();
     blackouts.sort_unstable();
     Ok(SoakReport {
@@ -155,7 +177,35 @@ pub fn check(run: &RunOutcome, updates: usize) -> Result<SoakReport, String> {
         memcheck_passes: passes.len(),
         heartbeat_ticks: ticks.last().copied().unwrap_or(0),
         blackout_us: (blackouts[blackouts.len() / 2], blackouts.last().copied().unwrap_or(0)),
+        dma_transfers,
     })
+}
+
+/// The dma guest (`dma updates=<n>`): every transfer verified, it saw
+/// every update, and it reported progress between the first and the last
+/// update, so DMA flowed through the SMMU across them. Its transfers.
+fn check_dma(run: &RunOutcome, dma: u32, updates: usize) -> Result<u64, String> {
+    let done = run.guest(dma, "dma").into_iter().find(|e| e.num("done") == Some(1));
+    let Some(done) = done else { return Err("the dma guest did not finish".into()) };
+    let (ok, bad) = (done.num("ok").unwrap_or(0), done.num("bad").unwrap_or(1));
+    if bad != 0 || ok == 0 {
+        return Err(format!("dma: ok={ok} bad={bad}"));
+    }
+    if done.num("stalled") != Some(0) || done.num("updates_seen") < Some(updates as u64) {
+        return Err(format!("dma saw {:?} of {updates} updates", done.get("updates_seen")));
+    }
+    let lines: Vec<&str> = run.serial.lines().collect();
+    let first = lines.iter().position(|l| l.starts_with("hv: update-done"));
+    let last = lines.iter().rposition(|l| l.starts_with("hv: update-done"));
+    let progress = format!("guest{dma}: dma transfers=");
+    let between = match (first, last) {
+        (Some(f), Some(l)) => lines[f..l].iter().filter(|l| l.starts_with(&progress)).count(),
+        _ => 0,
+    };
+    if updates > 1 && between == 0 {
+        return Err("no DMA progress between the first and the last update".into());
+    }
+    Ok(ok)
 }
 
 #[cfg(test)]

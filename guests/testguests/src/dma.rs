@@ -5,13 +5,17 @@
 //! and back to another place in guest RAM, and verifies it.
 //!
 //! Bootargs: `dev0=<BAR GPA>` (the hypervisor appends it), `transfers=<n>`
-//! (default 20), `dma_addr=<GPA>`: instead, DMA into that address (outside
-//! this guest's RAM) — the SMMU must block it.
+//! (default 20), `updates=<n>`: transfer until the hypervisor was updated
+//! n times, then two more (at most `transfers=`), `dma_addr=<GPA>`:
+//! instead, DMA into that address (outside this guest's RAM) — the SMMU
+//! must block it.
 //!
 //! Lines: `dma device=edu id=0x..` then `dma transfers=<n> ok=<n> bad=<n>`
-//! every 5 transfers and `dma done=1 ...` at the end; with `dma_addr=`:
+//! every 5 transfers and `dma done=1 ...` at the end (with `updates=`:
+//! `updates_seen=<n> stalled=<0|1>` too); with `dma_addr=`:
 //! `dma probe addr=0x.. completed=<0|1>`.
 
+use crate::updater::hv_info;
 use crate::{Env, Guest, Line};
 
 /// edu registers (byte offsets in BAR0).
@@ -32,6 +36,8 @@ const EDU_ID_VALUE: u64 = 0xed;
 const DEFAULT_TRANSFERS: u64 = 20;
 /// How long one DMA may take (edu completes after ~100 ms of virtual time).
 const DMA_TIMEOUT_MS: u64 = 2000;
+/// With `updates=`: guest seconds without a live update that end the run.
+const STALL_SECONDS: u64 = 60;
 
 #[repr(C, align(4096))]
 struct Page([u8; CHUNK]);
@@ -101,30 +107,63 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
         return;
     }
     let transfers = args.transfers.unwrap_or(DEFAULT_TRANSFERS);
-    let (mut ok, mut bad) = (0u64, 0u64);
-    for k in 0..transfers {
-        for i in 0..CHUNK {
-            // SAFETY: this workload is the only user of SRC/DST, and the
-            // device only touches them during the DMAs below.
-            unsafe {
-                core::ptr::write_volatile(src.cast::<u8>().add(i), pattern(k, i));
-                core::ptr::write_volatile(dst.cast::<u8>().add(i), 0);
-            }
-        }
-        let moved = dma(g, bar, src_gpa, EDU_BUFFER, false) && dma(g, bar, EDU_BUFFER, dst_gpa, true);
-        // SAFETY: as above; the DMA has completed.
-        let same =
-            moved && (0..CHUNK).all(|i| unsafe { core::ptr::read_volatile(dst.cast::<u8>().add(i)) } == pattern(k, i));
-        if same {
+    // With `updates=n`: transfer until the hypervisor has been live-updated
+    // n times since this guest started, then two more (the DMA spans every
+    // update); `transfers=` still caps the run, and 60 s of guest time
+    // without an update ends it (`stalled=1`).
+    let first_count = args.updates.and_then(|_| hv_info(g)).map_or(0, |i| i.update_count);
+    let (mut ok, mut bad, mut after_last, mut stalled) = (0u64, 0u64, 0u64, false);
+    let (mut last_count, mut last_change) = (first_count, g.counter());
+    let mut k = 0;
+    while k < transfers {
+        if transfer(g, bar, k, (src, src_gpa), (dst, dst_gpa)) {
             ok += 1;
         } else {
             bad += 1;
         }
-        if (k + 1) % 5 == 0 {
-            g.write_line(Line::event("dma").field("transfers", k + 1).field("ok", ok).field("bad", bad));
+        k += 1;
+        if k % 5 == 0 {
+            g.write_line(Line::event("dma").field("transfers", k).field("ok", ok).field("bad", bad));
+        }
+        let Some(wanted) = args.updates else { continue };
+        let count = hv_info(g).map_or(last_count, |i| i.update_count);
+        if count != last_count {
+            (last_count, last_change) = (count, g.counter());
+        } else if g.counter().saturating_sub(last_change) > g.counter_frequency().saturating_mul(STALL_SECONDS) {
+            stalled = true;
+            break;
+        }
+        if last_count.saturating_sub(first_count) >= wanted {
+            after_last += 1;
+            if after_last > 2 {
+                break;
+            }
         }
     }
-    g.write_line(Line::event("dma").flag("done", true).field("transfers", transfers).field("ok", ok).field("bad", bad));
+    let mut line = Line::event("dma");
+    line.flag("done", true).field("transfers", k).field("ok", ok).field("bad", bad);
+    if args.updates.is_some() {
+        line.field("updates_seen", last_count.saturating_sub(first_count)).flag("stalled", stalled);
+    }
+    g.write_line(&line);
+}
+
+/// Transfer `k`: the pattern from `src` to the device and back into
+/// `dst`, checked; whether every byte came back.
+fn transfer<G: Guest>(g: &G, bar: u64, k: u64, src: (*mut Page, u64), dst: (*mut Page, u64)) -> bool {
+    let (src, src_gpa) = src;
+    let (dst, dst_gpa) = dst;
+    for i in 0..CHUNK {
+        // SAFETY: this workload is the only user of SRC/DST, and the
+        // device only touches them during the DMAs below.
+        unsafe {
+            core::ptr::write_volatile(src.cast::<u8>().add(i), pattern(k, i));
+            core::ptr::write_volatile(dst.cast::<u8>().add(i), 0);
+        }
+    }
+    let moved = dma(g, bar, src_gpa, EDU_BUFFER, false) && dma(g, bar, EDU_BUFFER, dst_gpa, true);
+    // SAFETY: as above; the DMA has completed.
+    moved && (0..CHUNK).all(|i| unsafe { core::ptr::read_volatile(dst.cast::<u8>().add(i)) } == pattern(k, i))
 }
 
 #[cfg(test)]
