@@ -16,6 +16,7 @@ use hvcall::PartitionState;
 use hypervisor::arch::aarch64::pl011::Pl011;
 use hypervisor::arch::aarch64::vgic::{self, Vgic};
 use hypervisor::arch::x86_64::emulate::{self, CodeSize, Paging};
+use hypervisor::arch::x86_64::lapic::{self, Lapic};
 use hypervisor::guest_dtb::{GUEST_GICD, GUEST_GICR};
 use hypervisor::hypercall::{self, HostMemory, HvContext};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
@@ -147,6 +148,53 @@ pub fn vgic(data: &[u8]) {
     assert_eq!(Vgic::decode(&buf[..n], vcpus), Some(g), "the record reads back");
 }
 
+/// A guest's x2APIC: MSR reads and writes of every index and value,
+/// interrupts arriving, the processor taking the deliverable one, and the
+/// clock advancing (never backwards), in any order. Nothing panics, an
+/// accepted write leaves a state the handover record holds and reads back
+/// the same, and the record decodes only for the right vCPU.
+pub fn lapic(data: &[u8]) {
+    let id = u32::from(data.first().copied().unwrap_or(0) % 4);
+    let mut a = Lapic::new(id);
+    let mut now = 0u64;
+    let mut w = Words(data.get(1..).unwrap_or(&[]));
+    while !w.0.is_empty() {
+        let op = w.u8();
+        now = now.saturating_add(u64::from(w.u8()) << (op >> 5));
+        match op & 7 {
+            0 | 1 => {
+                // Mostly the APIC's own range (0x800-0x8ff), sometimes any.
+                let index = if op & 8 != 0 { w.u64() as u32 } else { 0x800 | u32::from(w.u8()) };
+                let value = w.u64();
+                if op & 1 != 0 {
+                    let _ = a.write(index, value, now);
+                } else {
+                    let _ = a.read(index, now);
+                }
+            }
+            2 => a.accept(w.u8()),
+            3 => {
+                if let Some(v) = a.deliverable() {
+                    a.acknowledge(v);
+                }
+            }
+            4 => a.advance(now),
+            _ => {
+                if let Some(deadline) = a.next_deadline() {
+                    now = now.max(deadline);
+                    a.advance(now);
+                }
+            }
+        }
+        let _ = a.ppr();
+    }
+    let mut buf = [0u8; lapic::STATE_LEN];
+    let n = a.encode(&mut buf).expect("STATE_LEN bytes hold the record");
+    assert_eq!(Lapic::decode(&buf[..n], id).as_ref(), Ok(&a), "the record reads back");
+    assert!(Lapic::decode(&buf[..n], id + 1).is_err(), "the record is the vCPU's own");
+    let _ = Lapic::decode(data, id);
+}
+
 /// Guest accesses to the emulated PL011.
 pub fn pl011(data: &[u8]) {
     let mut u = Pl011::default();
@@ -248,4 +296,5 @@ pub const ALL: &[(&str, Body)] = &[
     ("pl011", pl011),
     ("x86_decode", x86_decode),
     ("stage2_adopt", stage2_adopt),
+    ("lapic", lapic),
 ];

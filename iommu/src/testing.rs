@@ -556,3 +556,92 @@ impl SmmuRegs for FakeSmmu<'_> {
         }
     }
 }
+
+/// The body of the `adopt` fuzz target (`iommu/fuzz`), replayed on stable
+/// by `iommu/tests/fuzz_corpus.rs`: a small running SMMU (two-level
+/// table, 8-entry queues, one assigned stream) whose handed-over state,
+/// memory and registers the input rewrites, as a previous image or a
+/// broken one might leave them. Adopting that state, and the untouched
+/// valid one, gives an SMMU or a typed error, never a panic; never writes
+/// a register; and an SMMU adopted from a state reports that same state.
+pub fn adopt_arbitrary(data: &[u8]) {
+    use crate::smmu::{Smmu, SmmuConfig};
+    use crate::state::Assignment;
+
+    const BASE: u64 = 0x4000_0000;
+    const PAGES: usize = 16;
+    let mut input = data;
+    let mut byte = || {
+        let (&b, rest) = input.split_first().unwrap_or((&0, &[]));
+        input = rest;
+        b
+    };
+    let mut word = |n: usize| (0..n).fold(0u64, |acc, k| acc | (u64::from(byte()) << (8 * k)));
+    let idrs = if word(1) & 1 == 0 {
+        FakeIdrs::QEMU
+    } else {
+        // IDR0.ST_LEVEL = 0b00: a linear stream table only.
+        FakeIdrs { idr0: FakeIdrs::QEMU.idr0 & !(0b11 << 27), ..FakeIdrs::QEMU }
+    };
+    let mem = TestMemory::new(BASE, PAGES);
+    let fake = FakeSmmu::new(&mem, idrs);
+    let config = SmmuConfig { evtq_log2_entries: 3, cmdq_log2_entries: 3, spin_budget: 64, ..SmmuConfig::default() };
+    let Ok(mut smmu) = Smmu::init(fake.clone(), &mem, &mut &mem, config) else { return };
+    if smmu.assign(&mut &mem, 0x10, 1, BASE + (PAGES as u64 - 1) * PAGE_SIZE).is_err() {
+        return;
+    }
+    let valid = smmu.state();
+    drop(smmu);
+    fake.take_writes();
+
+    let mut state = valid.clone();
+    let fields = word(2);
+    // Each field kept, or replaced by a value near the valid one or any.
+    let mut near = |valid: u64, field: u32| -> u64 {
+        match (fields >> (2 * field)) & 3 {
+            0 | 1 => valid,
+            2 => valid.wrapping_add(word(2) << 3),
+            _ => word(8),
+        }
+    };
+    state.strtab_base = near(valid.strtab_base, 0);
+    state.strtab_format = near(u64::from(valid.strtab_format), 1) as u8;
+    state.strtab_split = near(u64::from(valid.strtab_split), 2) as u8;
+    state.strtab_log2size = near(u64::from(valid.strtab_log2size), 3) as u8;
+    state.cmdq_base = near(valid.cmdq_base, 4);
+    state.cmdq_log2size = near(u64::from(valid.cmdq_log2size), 5) as u8;
+    state.cmdq_prod = near(u64::from(valid.cmdq_prod), 6) as u32;
+    state.cmdq_cons = near(u64::from(valid.cmdq_cons), 7) as u32;
+    state.evtq_base = near(valid.evtq_base, 8);
+    state.evtq_log2size = near(u64::from(valid.evtq_log2size), 9) as u8;
+    state.evtq_cons = near(u64::from(valid.evtq_cons), 10) as u32;
+    for _ in 0..word(1) % 4 {
+        let (stream_id, vmid, s2_root) = (word(4) as u32, word(2) as u16, word(8));
+        state.assignments.push(Assignment { stream_id, vmid, s2_root });
+    }
+    // Words of memory overwritten (tables, queues, roots) and registers
+    // forced (the SMMU as the previous image left it).
+    for _ in 0..word(1) % 8 {
+        let at = BASE + (word(2) % (PAGES as u64 * WORDS_PER_PAGE as u64)) * 8;
+        let _ = mem.write(at, word(8));
+    }
+    for _ in 0..word(1) % 4 {
+        let value = word(8);
+        match word(1) % 8 {
+            0 => fake.force32(CR0ACK, value as u32),
+            1 => fake.force32(GBPA, value as u32),
+            2 => fake.force32(GERROR, value as u32),
+            3 => fake.force64(STRTAB_BASE, value),
+            4 => fake.force32(STRTAB_BASE_CFG, value as u32),
+            5 => fake.force32(CMDQ_PROD, value as u32),
+            6 => fake.force32(CMDQ_CONS, value as u32),
+            _ => fake.force32(EVENTQ_CONS, value as u32),
+        }
+    }
+    for candidate in [state, valid] {
+        if let Ok(adopted) = Smmu::adopt(fake.clone(), &mem, &candidate, &mem.ram(), 8) {
+            assert_eq!(adopted.state(), candidate, "an adopted SMMU reports the state it adopted");
+        }
+        assert!(fake.take_writes().is_empty(), "adopt wrote a register");
+    }
+}
