@@ -50,6 +50,9 @@ static READERS: [u8; loader::image_readers::TABLE_LEN] = loader::image_readers::
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     hypervisor::console::write_line_forced(format_args!("hv: panic {info}"));
+    // A new image that panics before the guests resume gives the machine
+    // back to the old one (`kho/ABI.md` §5.2); this returns otherwise.
+    arch::give_back_on_panic(info);
     hypervisor::console::write_line_forced(format_args!("hv: shutdown status=error"));
     arch::shutdown(false)
 }

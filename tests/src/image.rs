@@ -140,7 +140,7 @@ pub fn build(spec: &ImageSpec) -> Result<BuiltImage, LaunchError> {
 /// The test-only build variables of the hypervisor: `HV_TEST_BSS_PAD_MIB`
 /// (more bss: a larger footprint) and `HV_TEST_READS_CONTEXT_MAX` (an image
 /// that claims to read only vCPU-context layout 1).
-const TEST_ENV: [&str; 2] = ["HV_TEST_BSS_PAD_MIB", "HV_TEST_READS_CONTEXT_MAX"];
+const TEST_ENV: [&str; 3] = ["HV_TEST_BSS_PAD_MIB", "HV_TEST_READS_CONTEXT_MAX", "HV_TEST_BREAK_RESTORE"];
 
 /// [`build`], with `bss_pad_mib` MiB more bss (`HV_TEST_BSS_PAD_MIB`): the
 /// same code with a larger footprint, for tests of the image-slot check.
@@ -161,6 +161,34 @@ pub fn build_variant(spec: &ImageSpec, tag: &str, test_env: &[(&str, &str)]) -> 
     // One target dir per version: the version is baked in at compile time.
     let target_dir = out_dir().join("cargo").join(&tag);
     build_from(spec, &workspace_root(), &dir, &target_dir, test_env)
+}
+
+/// The marker a test build (`HV_TEST_BREAK_RESTORE=1`) reads its restore
+/// failure from (`hypervisor/src/arch/aarch64/live_update.rs`).
+const BREAK_MARKER: &[u8] = b"HVLU-BREAK:";
+const BREAK_MARKER_LEN: usize = 32;
+
+/// A copy of `image`, an aarch64 build with `HV_TEST_BREAK_RESTORE=1`,
+/// whose restore fails on purpose in `mode` (`refuse-handover`, `panic`,
+/// `fault`, `fail` or `hang`): the marker patched and the image resealed,
+/// written beside it as `hv-<mode>.img`. One build per slot serves every
+/// mode.
+pub fn with_break_mode(image: &BuiltImage, mode: &str) -> Result<PathBuf, LaunchError> {
+    let mut bytes = fs::read(&image.bootable).map_err(io_err(format!("reading {}", image.bootable.display())))?;
+    let at = bytes
+        .windows(BREAK_MARKER.len())
+        .position(|w| w == BREAK_MARKER)
+        .ok_or_else(|| LaunchError::Image(format!("{}: no break marker", image.bootable.display())))?;
+    let field = at + BREAK_MARKER.len()..at + BREAK_MARKER_LEN;
+    if mode.len() >= field.len() || bytes.len() < field.end {
+        return Err(LaunchError::Image(format!("break mode {mode}: too long")));
+    }
+    bytes[field.clone()].fill(0);
+    bytes[field.start..field.start + mode.len()].copy_from_slice(mode.as_bytes());
+    image_desc::seal(&mut bytes).map_err(|e| LaunchError::Image(format!("resealing the image: {e}")))?;
+    let path = image.bootable.with_file_name(format!("hv-{mode}.img"));
+    write_atomic(&path, &bytes)?;
+    Ok(path)
 }
 
 /// Builds the image of the source tree at `src` (another revision's work

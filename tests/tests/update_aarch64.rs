@@ -421,3 +421,75 @@ fn live_updates_go_through_while_a_hostile_guest_attacks() {
     let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
     check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");
 }
+
+/// Rollback (issue 15 item 4, `kho/ABI.md` §5.2): deliberately broken
+/// builds, each staged in the slot the running image is not in, fail
+/// after the kexec and before the guests resume: one refuses the
+/// handover's version, one panics in its restore, one takes an EL2 data
+/// abort, one fails after adopting the machine, one hangs there (and is
+/// interrupted at the old image's deadline). Each time the old image,
+/// left intact in its slot, takes the machine back from the same
+/// preserved state: the update is reported rolled back with the new
+/// image's reason, the updater gets OPERATION_DENIED with the version and
+/// update count unchanged, the parked CPU rejoins, the guests see only a
+/// blackout, and the good update after each one goes through.
+#[test]
+fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    // One build per slot; each mode is a patched, resealed copy.
+    let broken: Vec<BuiltImage> = (0..2)
+        .map(|slot| {
+            let spec = ImageSpec { arch: Arch::Aarch64, version: Some("0.1.8".into()), slot };
+            image::build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")]).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let mode = |slot: usize, how: &str| image::with_break_mode(&broken[slot], how).unwrap_or_else(|e| panic!("{e}"));
+    // A (slot 0) -> broken (slot 1), rolled back -> B (slot 1) -> broken
+    // (slot 0), rolled back -> A (slot 0) -> ...
+    let modes = ["refuse-handover", "panic", "fault", "fail", "hang"];
+    let mut images = Vec::new();
+    for (k, how) in modes.iter().enumerate() {
+        let slot = usize::from(k % 2 == 0);
+        images.push(mode(slot, how));
+        images.push(if slot == 1 { b.bootable.clone() } else { a.bootable.clone() });
+    }
+    let updates = images.len();
+    let mut list = guests::demo_guests(Arch::Aarch64, &images, updates as u32).unwrap_or_else(|e| panic!("{e}"));
+    for g in list.iter_mut().filter(|g| g.name == guests::UPDATER) {
+        g.cmdline = format!("updates={updates} rollbacks=1");
+    }
+    let run = run("test-update-rollback", &a, &list, &[]);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+
+    let rolled: Vec<&str> = run.hv("update-rolled-back").iter().filter_map(|e| e.get("reason")).collect();
+    let want = ["handover-refused", "panic", "exception", "restore-failed", "deadline"];
+    check(&run, rolled == want, &format!("five rollbacks: {rolled:?}"));
+    let gave = run.hv("restore-failed");
+    check(&run, gave.len() == 5 && gave.iter().all(|e| e.num("give_back") == Some(1)), "each new image gave back");
+    let done = run.hv("update-done");
+    let versions: Vec<&str> = done.iter().filter_map(|e| e.get("version")).collect();
+    let good: Vec<&str> = (0..5).map(|k| if k % 2 == 0 { UPDATE_B_VERSION } else { hypervisor::VERSION }).collect();
+    check(&run, versions == good, &format!("the good updates went through: {versions:?}"));
+    check(
+        &run,
+        done.iter().enumerate().all(|(k, e)| e.num("count") == Some(k as u64 + 1)),
+        "a rolled-back update does not count",
+    );
+
+    let upd = id_of(&run, "updater");
+    let reports: Vec<_> = run.guest(upd, "updater").into_iter().filter(|e| e.get("update").is_some()).collect();
+    check(&run, reports.len() == updates && reports.iter().all(|e| e.num("ok") == Some(1)), "every update as expected");
+    let back: Vec<u64> = reports.iter().filter_map(|e| e.num("rolled_back")).collect();
+    check(&run, back == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0], "every other update rolled back");
+
+    let hb = id_of(&run, "heartbeat");
+    let ticks: Vec<u64> = run.guest(hb, "alive").iter().filter_map(|e| e.num("ticks")).collect();
+    check(&run, ticks.windows(2).all(|w| w[0] < w[1]), "heartbeat ticks strictly increase");
+    let verdict = run.guest(hb, "heartbeat");
+    check(&run, verdict.last().is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "no SGI lost");
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");
+    check(&run, run.hv("fault").is_empty(), "no guest faulted");
+}

@@ -49,6 +49,9 @@ pub struct Args {
     /// does: interrupts masked while it checks for work (long enough for
     /// the tick to come meanwhile), then WFI/HLT (`masked_wfi=1`).
     pub masked_wfi: bool,
+    /// updater: the bundle's odd-numbered images are broken builds whose
+    /// updates must be rolled back (`rollbacks=1`).
+    pub rollbacks: bool,
     /// hostile: the random generator's seed.
     pub seed: Option<u64>,
     /// hostile: attacks to make.
@@ -115,6 +118,13 @@ impl Args {
                         "1" => true,
                         "0" => false,
                         _ => return Err(ArgError::InvalidFlag { key: "masked_wfi" }),
+                    }
+                }
+                "rollbacks" => {
+                    args.rollbacks = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(ArgError::InvalidFlag { key: "rollbacks" }),
                     }
                 }
                 "fail_freeze" => {

@@ -6,11 +6,14 @@
 //! Bootargs: `updates=<n>` (default 10), `delay_ms=<ms>` before each
 //! update (default 250), `expect_status=<s>` (default 0; 5 for an image
 //! that must be refused), `fail_freeze=1` (arm the freeze-failure test
-//! hook first: that update must come back cancelled, status 8).
+//! hook first: that update must come back cancelled, status 8),
+//! `rollbacks=1` (the bundle's 1st, 3rd, ... images are broken builds: an
+//! update to one must come back rolled back, status 8 with the version
+//! and update count unchanged).
 //!
 //! Lines: `updater bundle=<images> updates=<n>`, per update
 //! `updater update=<k> status=<s> expected=<e> ok=<0|1> from=<version>
-//! to=<version> update_count=<n>`, then `updater done=1 ok=<0|1>
+//! to=<version> update_count=<n> rolled_back=<0|1>`, then `updater done=1 ok=<0|1>
 //! updates=<n> failed=<n>`.
 
 use hvcall::{call, HvInfo, Status, UpdateRequest, HV_INFO_SIZE, UPDATE_REQUEST_SIZE};
@@ -93,15 +96,31 @@ pub(crate) fn wait_ms<G: Guest>(g: &mut G, ms: u64) {
     }
 }
 
+/// What an update must come back with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// This status (0: the update went through).
+    Status(u64),
+    /// Rolled back: OPERATION_DENIED, and the same version and update
+    /// count as before.
+    RolledBack,
+}
+
 /// Requests one update of the image at `image` and reports it.
-fn update<G: Guest>(g: &mut G, k: u64, image: (u64, u64), expected: u64) -> bool {
+fn update<G: Guest>(g: &mut G, k: u64, image: (u64, u64), expect: Expect) -> bool {
+    let expected = match expect {
+        Expect::Status(s) => s,
+        Expect::RolledBack => Status::OperationDenied as u64,
+    };
     let before = hv_info(g);
     let mut req = Aligned([0u8; UPDATE_REQUEST_SIZE]);
     req.0 = UpdateRequest { image_gpa: image.0, image_size: image.1 }.to_bytes();
     let out = g.hypercall(Request::memory(call::LIVE_UPDATE, g.gpa_of(req.0.as_ptr()), 0));
     let after = hv_info(g);
     let status = u64::from(out.status_code());
-    let ok = status == expected;
+    let unchanged =
+        before.is_some() && before.map(|i| (i.version, i.update_count)) == after.map(|i| (i.version, i.update_count));
+    let ok = status == expected && (expect != Expect::RolledBack || unchanged);
     let text = |i: &Option<HvInfo>| i.map(|i| i.version);
     let from = text(&before);
     let to = text(&after);
@@ -113,7 +132,8 @@ fn update<G: Guest>(g: &mut G, k: u64, image: (u64, u64), expected: u64) -> bool
             .flag("ok", ok)
             .field("from", from.as_ref().map_or("?", HvInfo::text))
             .field("to", to.as_ref().map_or("?", HvInfo::text))
-            .field("update_count", after.map_or(0, |i| i.update_count)),
+            .field("update_count", after.map_or(0, |i| i.update_count))
+            .flag("rolled_back", expect == Expect::RolledBack),
     );
     ok
 }
@@ -142,8 +162,8 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
     if args.fail_freeze {
         wait_ms(g, delay);
         let armed = g.hypercall(Request::fast(call::TEST_FAIL_NEXT_FREEZE, 0));
-        let ok =
-            armed.status() == Some(Status::Success) && update(g, 0, bundle.image(0), Status::OperationDenied as u64);
+        let ok = armed.status() == Some(Status::Success)
+            && update(g, 0, bundle.image(0), Expect::Status(Status::OperationDenied as u64));
         g.write_line(Line::event("updater").field("cancel_check", 1).flag("ok", ok));
         if !ok {
             failed += 1;
@@ -151,7 +171,14 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
     }
     for k in 0..updates {
         wait_ms(g, delay);
-        if !update(g, k, bundle.image(k), expected) {
+        // With `rollbacks=1` the bundle's 1st, 3rd, ... images are broken
+        // builds: the update must be rolled back.
+        let expect = if args.rollbacks && (k % bundle.len() as u64).is_multiple_of(2) {
+            Expect::RolledBack
+        } else {
+            Expect::Status(expected)
+        };
+        if !update(g, k, bundle.image(k), expect) {
             failed += 1;
         }
     }

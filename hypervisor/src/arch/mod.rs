@@ -3,7 +3,7 @@
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 #[cfg(target_arch = "aarch64")]
-pub use aarch64::shutdown;
+pub use aarch64::{give_back_on_panic, shutdown};
 #[cfg(target_arch = "aarch64")]
 pub const IMAGE_ARCH: loader::image_desc::ImageArch = loader::image_desc::ImageArch::Aarch64;
 /// The aarch64 kexec enters the image at its load address: no separate
@@ -15,6 +15,10 @@ pub const HANDOVER_ENTRY: u32 = 0;
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::shutdown;
+
+/// x86_64 has no rollback yet: a panic is the end.
+#[cfg(target_arch = "x86_64")]
+pub fn give_back_on_panic(_: &core::panic::PanicInfo<'_>) {}
 #[cfg(target_arch = "x86_64")]
 pub const IMAGE_ARCH: loader::image_desc::ImageArch = loader::image_desc::ImageArch::X86_64;
 #[cfg(target_arch = "x86_64")]

@@ -14,6 +14,7 @@ pub mod handshake;
 pub mod incoming;
 pub mod report;
 pub mod request;
+pub mod rollback;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;

@@ -107,6 +107,14 @@ fn next_physical_timer(m: &mut Machine<Aarch64>, cpu: usize) -> Option<u64> {
     earliest
 }
 
+/// The stack `run_cpu` gave `cpu`: its top and its slot. A CPU that
+/// leaves for a new image comes back to it if the update is rolled back.
+pub fn stack_of(cpu: usize) -> (u64, usize) {
+    let bottom = core::ptr::addr_of!(super::__stacks_bottom) as usize;
+    let top = STACK_TOP[cpu].load(Ordering::Relaxed);
+    (top as u64, (top - bottom) / super::STACK_SIZE - 1)
+}
+
 /// Per-CPU virtualization set-up, then the scheduler. Never returns.
 pub fn run_cpu(cpu: usize, stack_slot: usize) -> ! {
     let bottom = core::ptr::addr_of!(super::__stacks_bottom) as usize;

@@ -27,6 +27,8 @@ primary_entry:
     mov     x20, x1                 // handover (live update), or 0
     mov     x21, x2                 // counter at the kexec jump, or 0
     mov     x22, x3                 // HVLU_STAGED: bss already clear
+    mov     x23, x4                 // the old image's rollback entry ...
+    mov     x24, x5                 // ... if HVLU_ROLLBACK
     mrs     x1, CurrentEL
     cmp     x1, #(2 << 2)
     b.ne    wrong_el
@@ -55,7 +57,52 @@ primary_entry:
     mov     x0, x19
     mov     x1, x20
     mov     x2, x21
+    // x3 = the old image's rollback entry, if the jump carried one
+    // ("HVLUROLB" in x5, kexec_enter), else 0.
+    mov     x3, xzr
+    movz    x1, #0x4c42
+    movk    x1, #0x524f, lsl #16
+    movk    x1, #0x4c55, lsl #32
+    movk    x1, #0x4856, lsl #48
+    cmp     x24, x1
+    csel    x3, x23, xzr, eq
+    mov     x1, x20
     bl      hv_primary_main
+    b       park
+
+// A new image that failed before the guests resumed gives the machine
+// back here (kexec_enter, MMU off): x0 = why. The CPU that left for the
+// new image takes its own stack back (hv_rollback_sp, written and
+// cleaned before the jump) and resumes this image (hv_rollback).
+.global rollback_entry
+rollback_entry:
+    mov     x19, x0
+    adrp    x1, hv_rollback_sp
+    ldr     x1, [x1, :lo12:hv_rollback_sp]
+    cbz     x1, park
+    mov     sp, x1
+    bl      el2_common_setup
+    mov     x0, x19
+    bl      hv_rollback
+    b       park
+
+// A CPU parked for an update that was rolled back rejoins this image
+// here (its mailbox, MMU off): x0 = its index; its own stack, then
+// hv_secondary_rejoin.
+.global rejoin_entry
+rejoin_entry:
+    mov     x19, x0
+    cmp     x19, #MAX_CPUS
+    b.hs    park
+    adrp    x1, __stacks_bottom
+    add     x1, x1, :lo12:__stacks_bottom
+    add     x2, x19, #2
+    mov     x3, #STACK_SIZE
+    madd    x1, x2, x3, x1
+    mov     sp, x1
+    bl      el2_common_setup
+    mov     x0, x19
+    bl      hv_secondary_rejoin
     b       park
 
 // PSCI CPU_ON enters here at EL2 with the MMU off; x0 = context id = CPU index.

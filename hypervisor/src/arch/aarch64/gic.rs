@@ -17,6 +17,8 @@ pub const PPI_VIRT_TIMER: u32 = 27;
 pub const INTID_SPECIAL: u32 = 1020;
 
 const GICD_CTLR: usize = 0x0000;
+/// GICD_CTLR.EnableGrp0 (single security state, IHI 0069H §12.9.4).
+const GICD_CTLR_ENABLE_GRP0: u32 = 1 << 0;
 const GICD_CTLR_ENABLE_GRP1: u32 = 1 << 1;
 const GICD_CTLR_ARE: u32 = 1 << 4;
 const GICD_CTLR_RWP: u32 = 1 << 31;
@@ -133,6 +135,30 @@ pub fn init_cpu(mpidr: u64) -> Result<(), &'static str> {
         );
     }
     Ok(())
+}
+
+/// The rollback watchdog (`kho/ABI.md` §5.2): with `on`, this CPU's
+/// hypervisor timer (PPI 26) becomes a Group 0 interrupt, which a GIC
+/// with one security state signals as FIQ (IHI 0069H §4.6): a new image
+/// keeps FIQs unmasked until it commits, so one that hangs is interrupted
+/// at the deadline and gives the machine back. Off: Group 1 again, as
+/// `init_cpu` leaves it.
+pub fn timer_as_fiq(mpidr: u64, on: bool) {
+    let Some(rd) = my_redistributor(mpidr) else { return };
+    let sgi = rd + GICR_SGI_FRAME;
+    let group = read32(sgi + GICR_IGROUPR0);
+    let timer = 1u32 << PPI_HYP_TIMER;
+    write32(sgi + GICR_IGROUPR0, if on { group & !timer } else { group | timer });
+    if on {
+        let d = GICD_BASE.load(Ordering::Relaxed) as usize;
+        write32(d + GICD_CTLR, read32(d + GICD_CTLR) | GICD_CTLR_ENABLE_GRP0);
+        while read32(d + GICD_CTLR) & GICD_CTLR_RWP != 0 {
+            core::hint::spin_loop();
+        }
+    }
+    // SAFETY: enables or disables Group 0 at this CPU's interface (IHI
+    // 0069H §12.2.13); only PPI 26 is ever Group 0.
+    unsafe { asm!("msr icc_igrpen0_el1, {0}", "isb", in(reg) u64::from(on), options(nomem, nostack)) };
 }
 
 /// Acknowledges the highest-priority pending interrupt (INTID, or >= 1020).

@@ -45,13 +45,17 @@ kexec_trampoline_end:
 
 // The staged update's jump (the new image is already in its own slot,
 // bss cleared, caches clean): kexec_enter(x0 = DTB, x1 = handover,
-// x2 = counter at the jump, x3 = entry) turns the EL2 MMU and caches off
-// and enters the new image with x0-x2 unchanged and x3 = HVLU_STAGED (the
-// new image's bss is already zero). Nothing is copied.
+// x2 = counter at the jump, x3 = entry, x4 = where the machine goes back
+// if the new image fails before the guests resume, or 0) turns the EL2
+// MMU and caches off and enters the new image with x0-x2 and x4
+// unchanged, x3 = HVLU_STAGED (the new image's bss is already zero) and
+// x5 = HVLU_ROLLBACK ("HVLUROLB") when x4 is not 0 (kho/ABI.md §5.2).
+// Nothing is copied. A new image that gives the machine back enters the
+// old image's rollback_entry the same way, with x0 = the reason.
 .global kexec_enter
 kexec_enter:
     msr     daifset, #0xf
-    mov     x4, x3
+    mov     x10, x3
     mrs     x9, sctlr_el2
     bic     x9, x9, #(1 << 0)
     bic     x9, x9, #(1 << 2)
@@ -68,7 +72,13 @@ kexec_enter:
     movk    x3, #0x5453, lsl #16
     movk    x3, #0x4c55, lsl #32
     movk    x3, #0x4856, lsl #48
-    br      x4
+    mov     x5, xzr
+    cbz     x4, 1f
+    movz    x5, #0x4c42
+    movk    x5, #0x524f, lsl #16
+    movk    x5, #0x4c55, lsl #32
+    movk    x5, #0x4856, lsl #48
+1:  br      x10
 
 // A frozen CPU's wait for the new image (direct CPU handover):
 // park_in_mailbox(x0 = its mailbox word, x1 = its CPU index) stops its

@@ -16,6 +16,7 @@ use hvcall::Status;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
+use hypervisor::live_update::rollback::{OneLine, Reason, GIVE_BACK};
 use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Machine, MachineLock, RestoreError};
 use hypervisor::preserved::IdentityPages;
@@ -37,9 +38,43 @@ extern "C" {
     static kexec_trampoline_start: u8;
     static kexec_trampoline_end: u8;
     fn kexec_jump(dtb: u64, handover: u64, src: u64, dst: u64, len: u64, entry: u64, trampoline: u64, at: u64) -> !;
-    fn kexec_enter(dtb: u64, handover: u64, at: u64, entry: u64) -> !;
+    fn kexec_enter(dtb: u64, handover: u64, at: u64, entry: u64, rollback: u64) -> !;
     fn park_in_mailbox(word: u64, index: u64) -> !;
+    /// `entry.S`: where a failed new image gives the machine back, and
+    /// where the CPUs parked for it rejoin this image. Addresses only.
+    fn rollback_entry();
+    fn rejoin_entry();
 }
+
+/// The stack top of the CPU that left for a new image, for
+/// `rollback_entry` (which reads it with the MMU off: cleaned to memory
+/// before the jump).
+#[export_name = "hv_rollback_sp"]
+static ROLLBACK_SP: AtomicU64 = AtomicU64::new(0);
+
+/// What this image needs to take the machine back if the new image fails
+/// before the guests resume (`kho/ABI.md` §5.2): set at the jump, taken
+/// by [`hv_rollback`].
+#[derive(Debug)]
+struct Away {
+    generation: Generation,
+    /// The CPU that jumped, its stack slot, and the vCPU that asked.
+    cpu: usize,
+    slot: usize,
+    requester: usize,
+    handover: PhysRange,
+    /// The CPUs parked in [`MAILBOX`] (bit n: CPU n).
+    parked: u64,
+    /// The counter at the jump.
+    left_at: u64,
+}
+
+static AWAY: spin::Mutex<Option<Away>> = spin::Mutex::new(None);
+
+/// How long a new image has to commit (adopt the machine) before its
+/// boot CPU is interrupted and gives the machine back: a restore takes
+/// milliseconds (-icount) to a few hundred (TCG on a busy host).
+pub const GIVE_BACK_DEADLINE_MS: u64 = 5000;
 
 /// Where the frozen CPUs wait for the new image (`HandoffRecord::mailbox`):
 /// one word per CPU index, 0 until the new image writes its secondary
@@ -286,21 +321,49 @@ fn kexec(arm: &Arm, cpu: usize, ready: &Ready) {
             arm.relax();
         }
     }
-    jump(ready)
+    let parked = if ready.park { online.iter().filter(|&&c| c != cpu).fold(0u64, |m, &c| m | (1 << c)) } else { 0 };
+    jump(arm, cpu, ready, parked)
 }
 
-fn jump(ready: &Ready) -> ! {
+fn jump(arm: &Arm, cpu: usize, ready: &Ready, parked: u64) -> ! {
     let (stage, image_len, buf, len) = (ready.stage, ready.image_len, ready.handover, ready.handover_len);
     if let Placement::Alternate { range, .. } = ready.placement {
-        // SAFETY: stops this CPU's hypervisor timer before leaving.
-        unsafe { asm!("msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
+        // The rollback watchdog: this CPU's hypervisor timer fires as FIQ
+        // at the deadline, which the new image takes unless it committed
+        // by then (it keeps FIQs unmasked until it does).
+        super::gic::timer_as_fiq(super::mpidr(), true);
+        let (now, freq) = super::counter();
+        let deadline = now + freq / 1000 * GIVE_BACK_DEADLINE_MS;
+        // SAFETY: programs this CPU's hypervisor timer, which only the
+        // hypervisor uses, for the deadline.
+        unsafe {
+            asm!("msr cnthp_cval_el2, {0}", "msr cnthp_ctl_el2, {1}", "isb", in(reg) deadline, in(reg) 1u64,
+                 options(nomem, nostack));
+        }
         // The new image reads the handover with its MMU off.
         clean_invalidate(buf.base, buf.base + len);
         let dtb = DTB_PHYS.load(Ordering::Relaxed);
+        // This image stays intact in its slot: the new one may give the
+        // machine back to it until the guests resume.
+        let (top, slot) = super::cpu::stack_of(cpu);
+        let (left_at, _) = super::counter();
+        *AWAY.lock() = Some(Away {
+            generation: ready.generation,
+            cpu,
+            slot,
+            requester: arm.v,
+            handover: ready.handover,
+            parked,
+            left_at,
+        });
+        ROLLBACK_SP.store(top, Ordering::Release);
+        let sp = ROLLBACK_SP.as_ptr() as u64;
+        clean(sp, sp + 8);
+        let back = rollback_entry as *const () as u64;
         let (now, _) = super::counter();
         // SAFETY: the new image is complete in its slot since before the
         // freeze (`place`); this image stays where it is.
-        unsafe { kexec_enter(dtb, buf.base, now, range.base) }
+        unsafe { kexec_enter(dtb, buf.base, now, range.base, back) }
     }
     let (t_start, t_end, image_start, image_end) = (
         core::ptr::addr_of!(kexec_trampoline_start) as u64,
@@ -385,16 +448,21 @@ fn other_slot() -> PhysRange {
 /// other CPUs up (`start_cpus`: the parked ones released, if the previous
 /// image parked them; it returns the CPUs online), adopts the preserved
 /// map, the SMMU, the stage-2 tables and every vCPU, and installs the
-/// machine. Returns how many partitions were adopted.
+/// machine. Returns how many partitions were adopted. With a way back to
+/// the old image (`kho/ABI.md` §5.2) the parked CPUs are released only
+/// after the machine is adopted, and this image commits just before.
 pub fn restore(
     handover_pa: u64,
     info: &BootInfo,
     platform: &DtbPlatform,
-    start_cpus: impl FnOnce(Option<&Parked>) -> Vec<usize>,
+    mut start_cpus: impl FnMut(Option<&Parked>) -> Vec<usize>,
     reserved: Vec<PhysRange>,
 ) -> Result<usize, RestoreFailure> {
     let ram = &info.ram;
     let h = RestoreFailure::Handover;
+    if break_mode() == Some(Break::RefuseHandover) {
+        return Err(h("test-build-refuses-the-handover-version"));
+    }
     let head = phys_bytes(PhysRange::new(handover_pa, 8), ram).ok_or(h("handover-outside-ram"))?;
     let size = HandoverReader::blob_size(head).map_err(|_| h("handover-header"))?;
     let blob = phys_bytes(PhysRange::new(handover_pa, size as u64), ram).ok_or(h("handover-outside-ram"))?;
@@ -407,8 +475,18 @@ pub fn restore(
     let handoff = reader.subsystem("handoff").and_then(|n| n.record::<HandoffRecord>().ok().flatten());
     let old_slot = other_slot();
     let parked = handoff.as_ref().and_then(|r| Parked::from_record(r, old_slot, super::MAX_CPUS));
-    let online = start_cpus(parked.as_ref());
-    mark("cpus");
+    // With a way back to the old image, the parked CPUs stay in its code
+    // until the machine is adopted (once they run this image's code there
+    // is no way back); the CPUs they will be are known from the record.
+    let late = GIVE_BACK.armed() && parked.is_some();
+    let online = if let (Some(p), true) = (&parked, late) {
+        let me = platform::cpu_index();
+        (0..super::MAX_CPUS).filter(|&c| c == me || p.word(c).is_some()).collect()
+    } else {
+        let online = start_cpus(parked.as_ref());
+        mark("cpus");
+        online
+    };
     let staged = handoff.as_ref().is_some_and(|r| r.staged == 1);
     REPORT.note_handoff(staged, parked.map_or(0, |p| p.count()), psci::calls());
     if let Some(old) = handoff.as_ref().and_then(|r| incoming::old_image_of(r, old_slot)) {
@@ -426,12 +504,81 @@ pub fn restore(
     };
     let pci = platform.pcie.as_ref().and_then(PciHost::from_dtb);
     mark("smmu");
+    assert!(break_mode() != Some(Break::Panic), "test build (HV_TEST_BREAK_RESTORE): panics in the restore");
+    if break_mode() == Some(Break::Fault) {
+        // SAFETY: none: a test build's deliberate EL2 data abort (nothing
+        // is mapped there).
+        let _ = unsafe { core::ptr::read_volatile(0xdead_0000_0000 as *const u64) };
+    }
     let spec = AdoptSpec { ram, reserved, online: &online, counter: || super::counter().0 };
     // SAFETY: RAM is identity-mapped, and only this CPU is up.
-    unsafe { incoming::adopt(&reader, &MACHINE, Aarch64 { smmu, pci }, IdentityPages, spec) }.map_err(|e| {
-        println!("restore: {e:?}");
-        RestoreFailure::Adopt(e)
-    })
+    let adopted =
+        unsafe { incoming::adopt(&reader, &MACHINE, Aarch64 { smmu, pci }, IdentityPages, spec) }.map_err(|e| {
+            println!("restore: {e:?}");
+            RestoreFailure::Adopt(e)
+        })?;
+    if break_mode() == Some(Break::Fail) {
+        return Err(RestoreFailure::Test("fails after adopting the machine"));
+    }
+    if break_mode() == Some(Break::Hang) {
+        loop {
+            core::hint::spin_loop();
+        }
+    }
+    if late {
+        // The machine is this image's from here on: the watchdog off, FIQs
+        // masked again.
+        GIVE_BACK.commit();
+        // SAFETY: stops this CPU's hypervisor timer (the old image's
+        // deadline) and masks FIQs; `run_cpu` sets the timer again.
+        unsafe { asm!("msr cnthp_ctl_el2, xzr", "msr daifset, #1", "isb", options(nomem, nostack)) };
+        super::gic::timer_as_fiq(super::mpidr(), false);
+        let came = start_cpus(parked.as_ref());
+        mark("cpus");
+        for &c in online.iter().filter(|c| !came.contains(c)) {
+            hv_event!("cpu-did-not-rejoin", cpu = c);
+        }
+    }
+    Ok(adopted)
+}
+
+/// How a test build fails its restore on purpose, for the rollback
+/// tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Break {
+    /// As an image that cannot read the handover's version.
+    RefuseHandover,
+    Panic,
+    /// An EL2 data abort.
+    Fault,
+    /// An error after adopting the machine.
+    Fail,
+    /// A loop that never ends, after adopting the machine.
+    Hang,
+}
+
+/// Test builds only (`HV_TEST_BREAK_RESTORE=1`): the marker the test
+/// launcher patches to pick the failure (`tests/src/image.rs`,
+/// `with_break_mode`; the image is resealed), so one build per slot
+/// serves every mode: `HVLU-BREAK:` and the mode's name, NUL-padded.
+#[used]
+static BREAK_MARKER: [u8; 32] = *b"HVLU-BREAK:none\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+
+fn break_mode() -> Option<Break> {
+    option_env!("HV_TEST_BREAK_RESTORE")?;
+    // SAFETY: reads this image's own static; volatile, because the test
+    // launcher patches the bytes in the image after the build.
+    let marker = unsafe { core::ptr::read_volatile(&raw const BREAK_MARKER) };
+    let mode = marker.strip_prefix(b"HVLU-BREAK:")?;
+    let end = mode.iter().position(|&b| b == 0).unwrap_or(mode.len());
+    match &mode[..end] {
+        b"refuse-handover" => Some(Break::RefuseHandover),
+        b"panic" => Some(Break::Panic),
+        b"fault" => Some(Break::Fault),
+        b"fail" => Some(Break::Fail),
+        b"hang" => Some(Break::Hang),
+        _ => None,
+    }
 }
 
 /// Why the new image could not take the machine over.
@@ -441,6 +588,8 @@ pub enum RestoreFailure {
     Handover(&'static str),
     Smmu(RestoreError),
     Adopt(live_update::AdoptFailure),
+    /// A test build's deliberate failure (`HV_TEST_BREAK_RESTORE`).
+    Test(&'static str),
 }
 
 impl core::fmt::Display for RestoreFailure {
@@ -449,6 +598,82 @@ impl core::fmt::Display for RestoreFailure {
             Self::Handover(reason) => f.write_str(reason),
             Self::Smmu(e) => write!(f, "{e}"),
             Self::Adopt(e) => write!(f, "{e}"),
+            Self::Test(what) => write!(f, "test build: {what}"),
         }
     }
+}
+
+/// The old image, taking the machine back from a new image that failed
+/// before the guests resumed (`rollback_entry` in `entry.S`, on the CPU
+/// that left, with its own stack): the MMU on again, then as a cancelled
+/// update: the frozen CPUs thawed (the parked ones rejoin through
+/// `rejoin_entry`), the handover freed, the requester told
+/// OPERATION_DENIED, and this CPU back to its guests. Everything else of
+/// this image is as it was at the jump: its slot was left alone, and the
+/// preserved state is what it wrote.
+#[no_mangle]
+extern "C" fn hv_rollback(code: u64) -> ! {
+    super::mmu::activate_secondary();
+    // The watchdog is done with (`run_cpu` sets the timer again).
+    // SAFETY: stops this CPU's hypervisor timer.
+    unsafe { asm!("msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
+    super::gic::timer_as_fiq(super::mpidr(), false);
+    let Some(away) = AWAY.lock().take() else { super::park() };
+    let reason = Reason::from_code(code);
+    let (now, hz) = super::counter();
+    hv_event!(
+        "update-rolled-back",
+        reason = reason.map_or("unknown", Reason::name),
+        code = code,
+        away_us = live_update::blackout_us(away.left_at, now, hz),
+    );
+    HANDSHAKE.thaw(away.generation);
+    let arm = Arm { v: away.requester };
+    MACHINE.with(|m| {
+        m.frames.free_block(away.handover);
+        arm.set_status(m, Status::OperationDenied);
+    });
+    PARK.store(false, Ordering::Release);
+    let entry = rejoin_entry as *const () as u64;
+    for c in (0..super::MAX_CPUS).filter(|&c| away.parked & (1 << c) != 0) {
+        release_parked(MAILBOX.0[c].as_ptr() as u64, entry);
+    }
+    HANDSHAKE.end();
+    super::cpu::run_cpu(away.cpu, away.slot)
+}
+
+/// A CPU that was parked for an update that was rolled back: the MMU on
+/// again, and back to its guests (it was counted online at boot).
+#[no_mangle]
+extern "C" fn hv_secondary_rejoin(index: u64) -> ! {
+    super::mmu::activate_secondary();
+    super::cpu::run_cpu(index as usize, index as usize + 1)
+}
+
+/// The new image: arms the way back if the jump carried the old image's
+/// rollback entry, and it lies in the old image's slot.
+pub fn arm_give_back(entry: u64) {
+    if entry != 0 && entry.is_multiple_of(4) && other_slot().contains(&PhysRange::new(entry, 4)) {
+        GIVE_BACK.arm(entry);
+        // The old image's deadline arrives as FIQ: taken until the commit.
+        // SAFETY: the vectors are installed (`el2_common_setup`); a FIQ
+        // goes to `el2_exception`, which gives the machine back.
+        unsafe { asm!("msr daifclr, #1", "isb", options(nomem, nostack)) };
+    }
+}
+
+/// The new image, failing before it committed: gives the machine back to
+/// the old image (`kho/ABI.md` §5.2) if the way back is armed. Returns if
+/// it is not.
+pub fn give_back(reason: Reason, detail: &dyn core::fmt::Display) {
+    let Some(entry) = GIVE_BACK.take() else { return };
+    hypervisor::console::write_line_forced(format_args!("restore failed: {}", OneLine(detail)));
+    hypervisor::console::write_line_forced(format_args!("hv: restore-failed reason={reason} give_back=1"));
+    hypervisor::console::flush();
+    // SAFETY: stops this CPU's hypervisor timer before leaving.
+    unsafe { asm!("msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
+    // SAFETY: `entry` is the old image's rollback entry, in its slot
+    // (`arm_give_back`), which this image has not touched; the old image
+    // takes this CPU back with its own stack and page tables.
+    unsafe { kexec_enter(reason.code(), 0, 0, entry, 0) }
 }

@@ -17,6 +17,7 @@ use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use alloc::boxed::Box;
+use hypervisor::live_update::rollback::Reason;
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
 use loader::dtb::{self, DtbPlatform, PsciConduit};
 use loader::{BootInfo, PhysRange};
@@ -79,16 +80,27 @@ pub(crate) fn counter() -> (u64, u64) {
 /// Fails the boot with an event (its cause, if it has one, on the line
 /// before: `{:#}`) and powers off.
 fn fail(reason: impl core::fmt::Display) -> ! {
+    // A new image that cannot come up gives the machine back, if it can.
+    live_update::give_back(Reason::RestoreFailed, &reason);
     println!("boot failed: {reason:#}");
     hv_event!("boot-failed", reason = reason);
     hv_event!("shutdown", status = "error");
     shutdown(false)
 }
 
+/// A panic in a new image before it committed: the machine goes back to
+/// the old image (returns if there is no way back).
+pub fn give_back_on_panic(info: &core::panic::PanicInfo<'_>) {
+    live_update::give_back(Reason::Panic, info);
+}
+
+/// `rollback`: the old image's rollback entry, if the live update that
+/// started this image carried one (`kho/ABI.md` §5.2), else 0.
 #[no_mangle]
-extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: u64) -> ! {
+extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: u64, rollback: u64) -> ! {
     if handover_phys != 0 {
         live_update::note_entry(kexec_counter);
+        live_update::arm_give_back(rollback);
     }
     crate::heap::init();
     live_update::set_dtb(dtb_phys);
@@ -149,7 +161,14 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         match live_update::restore(handover_phys, &info, &platform, start_cpus, reserved) {
             Ok(0) => fail("handover-has-no-partitions"),
             Ok(_) => {}
-            Err(reason) => fail(reason),
+            Err(reason) => {
+                let why = match reason {
+                    live_update::RestoreFailure::Handover(_) => Reason::HandoverRefused,
+                    _ => Reason::RestoreFailed,
+                };
+                live_update::give_back(why, &reason);
+                fail(reason)
+            }
         }
         cpu::release_secondaries();
         cpu::run_cpu(boot_cpu_index(&platform), 0)
@@ -363,6 +382,9 @@ extern "C" fn hv_secondary_main(index: u64) -> ! {
 /// own yet, so any exception is a fault to report.
 #[no_mangle]
 extern "C" fn el2_exception(kind: u64, esr: u64, elr: u64, far: u64) -> ! {
+    // A FIQ (vector 2 or 6) is the old image's deadline (`gic::timer_as_fiq`).
+    let why = if kind % 4 == 2 { Reason::Deadline } else { Reason::Exception };
+    live_update::give_back(why, &format_args!("vector={kind} esr={esr:#x} elr={elr:#x} far={far:#x}"));
     hypervisor::console::write_line_forced(format_args!(
         "hv: fault kind=el2-exception vector={kind} esr={esr:#x} elr={elr:#x} far={far:#x}"
     ));

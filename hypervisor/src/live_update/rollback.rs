@@ -1,0 +1,184 @@
+//! Rollback (`kho/ABI.md` §5.2): a new image that fails before the guests
+//! resume gives the machine back to the old one, which was left intact in
+//! its slot and takes the machine back from the same preserved state.
+//!
+//! The old image passes its rollback entry with the jump (x4 on aarch64,
+//! tagged by "HVLUROLB" in x5). The new image arms [`GIVE_BACK`] with it
+//! as it starts and commits once the machine is adopted, right before it
+//! lets the parked CPUs go (from then on there is no way back: those CPUs
+//! run its code). Until then a failed restore, a panic or an exception of
+//! its own sends the boot CPU back through the entry with a [`Reason`].
+
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Why a new image gave the machine back (the code it passes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The restore returned an error (the machine could not be adopted).
+    RestoreFailed,
+    /// The new image panicked.
+    Panic,
+    /// The new image took an exception of its own.
+    Exception,
+    /// The new image cannot read the handover (its header, version or
+    /// checks).
+    HandoverRefused,
+    /// The new image did not commit by the old image's deadline.
+    Deadline,
+}
+
+impl Reason {
+    const ALL: [Reason; 5] =
+        [Reason::RestoreFailed, Reason::Panic, Reason::Exception, Reason::HandoverRefused, Reason::Deadline];
+
+    /// The code passed to the old image.
+    pub fn code(self) -> u64 {
+        match self {
+            Reason::RestoreFailed => 1,
+            Reason::Panic => 2,
+            Reason::Exception => 3,
+            Reason::HandoverRefused => 4,
+            Reason::Deadline => 5,
+        }
+    }
+
+    /// The reason for `code`; `None` for a code this image does not know
+    /// (a newer image's), reported as such.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::RestoreFailed => "restore-failed",
+            Reason::Panic => "panic",
+            Reason::Exception => "exception",
+            Reason::HandoverRefused => "handover-refused",
+            Reason::Deadline => "deadline",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `detail` on one line (newlines become spaces, double quotes single
+/// ones): a panic message printed before `hv: restore-failed`.
+#[derive(Clone, Copy)]
+pub struct OneLine<'a>(pub &'a dyn fmt::Display);
+
+impl fmt::Debug for OneLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OneLine(\"{self}\")")
+    }
+}
+
+impl fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Filter<'f, 'g>(&'f mut fmt::Formatter<'g>);
+        impl fmt::Write for Filter<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                for c in s.chars() {
+                    let c = match c {
+                        '\n' | '\r' => ' ',
+                        '"' => '\'',
+                        c => c,
+                    };
+                    fmt::Write::write_char(self.0, c)?;
+                }
+                Ok(())
+            }
+        }
+        fmt::write(&mut Filter(f), format_args!("{}", self.0))
+    }
+}
+
+/// The incoming image's way back.
+#[derive(Debug)]
+pub struct GiveBack {
+    entry: AtomicU64,
+    committed: AtomicBool,
+}
+
+/// This image's way back, if a live update started it.
+pub static GIVE_BACK: GiveBack = GiveBack::new();
+
+impl Default for GiveBack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GiveBack {
+    pub const fn new() -> Self {
+        Self { entry: AtomicU64::new(0), committed: AtomicBool::new(false) }
+    }
+
+    /// The old image takes the machine back at `entry` (checked by the
+    /// caller to lie in the old image's slot).
+    pub fn arm(&self, entry: u64) {
+        self.entry.store(entry, Ordering::Release);
+    }
+
+    /// The machine is this image's: no way back from here on.
+    pub fn commit(&self) {
+        self.committed.store(true, Ordering::Release);
+    }
+
+    /// A way back exists: armed and not committed.
+    pub fn armed(&self) -> bool {
+        !self.committed() && self.entry.load(Ordering::Acquire) != 0
+    }
+
+    pub fn committed(&self) -> bool {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// The entry to give the machine back through, if armed and not
+    /// committed. Taken once: a failure while giving back does not try
+    /// again.
+    pub fn take(&self) -> Option<u64> {
+        if self.committed() {
+            return None;
+        }
+        Some(self.entry.swap(0, Ordering::AcqRel)).filter(|&e| e != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_unknown_codes_are_none() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_code(r.code()), Some(r));
+        }
+        assert_eq!(Reason::from_code(0), None);
+        assert_eq!(Reason::from_code(99), None);
+        assert_eq!(alloc::format!("{}", Reason::HandoverRefused), "handover-refused");
+    }
+
+    #[test]
+    fn details_are_one_line_without_double_quotes() {
+        let text = "panicked at x.rs:1:2:\nsaid \"no\"";
+        assert_eq!(alloc::format!("{}", OneLine(&text)), "panicked at x.rs:1:2: said 'no'");
+    }
+
+    #[test]
+    fn the_way_back_is_taken_once_and_closes_on_commit() {
+        let g = GiveBack::new();
+        assert_eq!(g.take(), None, "not armed");
+        g.arm(0x4100_0000);
+        assert_eq!(g.take(), Some(0x4100_0000));
+        assert_eq!(g.take(), None, "taken once");
+        let g = GiveBack::new();
+        g.arm(0x4100_0000);
+        g.commit();
+        assert_eq!(g.take(), None, "committed: no way back");
+    }
+}
