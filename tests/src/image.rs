@@ -168,17 +168,19 @@ pub fn build_variant(spec: &ImageSpec, tag: &str, test_env: &[(&str, &str)]) -> 
 const BREAK_MARKER: &[u8] = b"HVLU-BREAK:";
 const BREAK_MARKER_LEN: usize = 32;
 
-/// A copy of `image`, an aarch64 build with `HV_TEST_BREAK_RESTORE=1`,
-/// whose restore fails on purpose in `mode` (`refuse-handover`, `panic`,
-/// `fault`, `fail` or `hang`): the marker patched and the image resealed,
-/// written beside it as `hv-<mode>.img`. One build per slot serves every
-/// mode.
+/// A copy of `image`'s update image (a build with
+/// `HV_TEST_BREAK_RESTORE=1`) whose restore fails on purpose in `mode`
+/// (`refuse-handover`, `panic`, `fault`, `fail` or `hang`; x86_64 has the
+/// first, second and fourth): the marker patched and the image resealed,
+/// written beside it as `hv-<mode>.img` (aarch64) or `.elf`. One build per
+/// slot serves every mode.
 pub fn with_break_mode(image: &BuiltImage, mode: &str) -> Result<PathBuf, LaunchError> {
-    let mut bytes = fs::read(&image.bootable).map_err(io_err(format!("reading {}", image.bootable.display())))?;
+    let source = image.update_image();
+    let mut bytes = fs::read(&source).map_err(io_err(format!("reading {}", source.display())))?;
     let at = bytes
         .windows(BREAK_MARKER.len())
         .position(|w| w == BREAK_MARKER)
-        .ok_or_else(|| LaunchError::Image(format!("{}: no break marker", image.bootable.display())))?;
+        .ok_or_else(|| LaunchError::Image(format!("{}: no break marker", source.display())))?;
     let field = at + BREAK_MARKER.len()..at + BREAK_MARKER_LEN;
     if mode.len() >= field.len() || bytes.len() < field.end {
         return Err(LaunchError::Image(format!("break mode {mode}: too long")));
@@ -186,7 +188,8 @@ pub fn with_break_mode(image: &BuiltImage, mode: &str) -> Result<PathBuf, Launch
     bytes[field.clone()].fill(0);
     bytes[field.start..field.start + mode.len()].copy_from_slice(mode.as_bytes());
     image_desc::seal(&mut bytes).map_err(|e| LaunchError::Image(format!("resealing the image: {e}")))?;
-    let path = image.bootable.with_file_name(format!("hv-{mode}.img"));
+    let ext = source.extension().and_then(|e| e.to_str()).unwrap_or("img");
+    let path = source.with_file_name(format!("hv-{mode}.{ext}"));
     write_atomic(&path, &bytes)?;
     Ok(path)
 }

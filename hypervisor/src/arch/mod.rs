@@ -14,11 +14,7 @@ pub const HANDOVER_ENTRY: u32 = 0;
 #[cfg(target_arch = "x86_64")]
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
-pub use x86_64::shutdown;
-
-/// x86_64 has no rollback yet: a panic is the end.
-#[cfg(target_arch = "x86_64")]
-pub fn give_back_on_panic(_: &core::panic::PanicInfo<'_>) {}
+pub use x86_64::{give_back_on_panic, shutdown};
 #[cfg(target_arch = "x86_64")]
 pub const IMAGE_ARCH: loader::image_desc::ImageArch = loader::image_desc::ImageArch::X86_64;
 #[cfg(target_arch = "x86_64")]

@@ -149,6 +149,45 @@ impl GiveBack {
     }
 }
 
+/// How a test build fails its restore on purpose, for the rollback
+/// tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Break {
+    /// As an image that cannot read the handover's version.
+    RefuseHandover,
+    Panic,
+    /// An EL2 data abort.
+    Fault,
+    /// An error after adopting the machine.
+    Fail,
+    /// A loop that never ends, after adopting the machine.
+    Hang,
+}
+
+/// Test builds only (`HV_TEST_BREAK_RESTORE=1`): the marker the test
+/// launcher patches to pick the failure (`tests/src/image.rs`,
+/// `with_break_mode`; the image is resealed), so one build per slot
+/// serves every mode: `HVLU-BREAK:` and the mode's name, NUL-padded.
+#[used]
+static BREAK_MARKER: [u8; 32] = *b"HVLU-BREAK:none\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+
+pub fn break_mode() -> Option<Break> {
+    option_env!("HV_TEST_BREAK_RESTORE")?;
+    // SAFETY: reads this image's own static; volatile, because the test
+    // launcher patches the bytes in the image after the build.
+    let marker = unsafe { core::ptr::read_volatile(&raw const BREAK_MARKER) };
+    let mode = marker.strip_prefix(b"HVLU-BREAK:")?;
+    let end = mode.iter().position(|&b| b == 0).unwrap_or(mode.len());
+    match &mode[..end] {
+        b"refuse-handover" => Some(Break::RefuseHandover),
+        b"panic" => Some(Break::Panic),
+        b"fault" => Some(Break::Fault),
+        b"fail" => Some(Break::Fail),
+        b"hang" => Some(Break::Hang),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

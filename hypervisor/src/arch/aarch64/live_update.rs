@@ -16,7 +16,7 @@ use hvcall::Status;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
-use hypervisor::live_update::rollback::{OneLine, Reason, GIVE_BACK};
+use hypervisor::live_update::rollback::{break_mode, Break, OneLine, Reason, GIVE_BACK};
 use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Machine, MachineLock, RestoreError};
 use hypervisor::preserved::IdentityPages;
@@ -526,13 +526,14 @@ pub fn restore(
         }
     }
     if late {
-        // The machine is this image's from here on: the watchdog off, FIQs
-        // masked again.
-        GIVE_BACK.commit();
-        // SAFETY: stops this CPU's hypervisor timer (the old image's
-        // deadline) and masks FIQs; `run_cpu` sets the timer again.
-        unsafe { asm!("msr cnthp_ctl_el2, xzr", "msr daifset, #1", "isb", options(nomem, nostack)) };
+        // The machine is this image's from here on. FIQs masked and the
+        // watchdog off first: a deadline that fires before this still
+        // gives the machine back; none can arrive after the commit.
+        // SAFETY: masks FIQs and stops this CPU's hypervisor timer (the
+        // old image's deadline); `run_cpu` sets the timer again.
+        unsafe { asm!("msr daifset, #1", "msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
         super::gic::timer_as_fiq(super::mpidr(), false);
+        GIVE_BACK.commit();
         let came = start_cpus(parked.as_ref());
         mark("cpus");
         for &c in online.iter().filter(|c| !came.contains(c)) {
@@ -540,45 +541,6 @@ pub fn restore(
         }
     }
     Ok(adopted)
-}
-
-/// How a test build fails its restore on purpose, for the rollback
-/// tests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Break {
-    /// As an image that cannot read the handover's version.
-    RefuseHandover,
-    Panic,
-    /// An EL2 data abort.
-    Fault,
-    /// An error after adopting the machine.
-    Fail,
-    /// A loop that never ends, after adopting the machine.
-    Hang,
-}
-
-/// Test builds only (`HV_TEST_BREAK_RESTORE=1`): the marker the test
-/// launcher patches to pick the failure (`tests/src/image.rs`,
-/// `with_break_mode`; the image is resealed), so one build per slot
-/// serves every mode: `HVLU-BREAK:` and the mode's name, NUL-padded.
-#[used]
-static BREAK_MARKER: [u8; 32] = *b"HVLU-BREAK:none\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
-
-fn break_mode() -> Option<Break> {
-    option_env!("HV_TEST_BREAK_RESTORE")?;
-    // SAFETY: reads this image's own static; volatile, because the test
-    // launcher patches the bytes in the image after the build.
-    let marker = unsafe { core::ptr::read_volatile(&raw const BREAK_MARKER) };
-    let mode = marker.strip_prefix(b"HVLU-BREAK:")?;
-    let end = mode.iter().position(|&b| b == 0).unwrap_or(mode.len());
-    match &mode[..end] {
-        b"refuse-handover" => Some(Break::RefuseHandover),
-        b"panic" => Some(Break::Panic),
-        b"fault" => Some(Break::Fault),
-        b"fail" => Some(Break::Fail),
-        b"hang" => Some(Break::Hang),
-        _ => None,
-    }
 }
 
 /// Why the new image could not take the machine over.

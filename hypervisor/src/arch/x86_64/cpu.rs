@@ -87,6 +87,10 @@ pub fn load_idt() {
 /// Called by `host_exception_common`: the hypervisor faulted.
 #[no_mangle]
 extern "C" fn hv_host_exception(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
+    super::live_update::give_back(
+        hypervisor::live_update::rollback::Reason::Exception,
+        &format_args!("vector={vector} error={error:#x} rip={rip:#x} cr2={cr2:#x}"),
+    );
     hypervisor::console::write_line_forced(format_args!(
         "hv: fault kind=host-exception vector={vector} error={error:#x} rip={rip:#x} cr2={cr2:#x}"
     ));

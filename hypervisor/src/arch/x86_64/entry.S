@@ -113,10 +113,33 @@ hv_handover_entry:
     load_own_tables
     movq    $boot_stack_top, %rsp
     reload_segments
-    call    hv_x86_handover
+    // RCX = the old image's rollback entry if R9 = "HVLUROLB" (the
+    // trampoline, kho/ABI.md §5.2), else 0.
+    movabsq $0x48564c55524f4c42, %rax
+    cmpq    %rax, %r9
+    je      3f
+    xorl    %ecx, %ecx
+3:  call    hv_x86_handover
 2:  cli
     hlt
     jmp     2b
+
+// A new image that failed before the guests resumed gives the machine
+// back here (kho/ABI.md §5.2), on the BSP, in 64-bit mode with
+// interrupts off and VMX off, on its own page tables: RDI = why. This
+// image takes its page tables, GDT and boot stack back and resumes
+// (hv_x86_rollback).
+.global hv_rollback_entry
+hv_rollback_entry:
+    cli
+    cld
+    load_own_tables
+    movq    $boot_stack_top, %rsp
+    reload_segments
+    call    hv_x86_rollback
+4:  cli
+    hlt
+    jmp     4b
 
 // A CPU the previous image parked in its mailbox (a live update's direct
 // handover, kho/ABI.md §4.6) enters here in 64-bit mode with interrupts

@@ -3,13 +3,15 @@
 // its parameter page:
 //   0: CR3 of its own identity map (in scratch)   8: handover entry
 //  16: handover address   24: multiboot2 information   32: TSC at the jump
-//  40: segment count      48: segments, 4 words each: src, dst, filesz, memsz
+//  40: the old image's rollback entry, or 0 (kho/ABI.md §5.2)
+//  48: segment count      56: segments, 4 words each: src, dst, filesz, memsz
 // It switches to its page tables (the old image's, in the old image's
 // data, are about to be overwritten), copies every PT_LOAD segment to its
 // physical address, zeroes the rest of each (bss), and jumps to the new
 // image's handover entry with RDI = handover, RSI = multiboot2
-// information, RDX = TSC. It uses no stack and no memory of the old image,
-// and is position-independent.
+// information, RDX = TSC, and RCX = the rollback entry with R9 =
+// HVLU_ROLLBACK ("HVLUROLB") when there is one. It uses no stack and no
+// memory of the old image, and is position-independent.
 .section .text.kexec, "ax"
 .code64
 .global kexec_trampoline_start
@@ -19,8 +21,8 @@ kexec_trampoline_start:
     movq    %rdi, %r8
     movq    0(%r8), %rax
     movq    %rax, %cr3
-    movq    40(%r8), %r9
-    leaq    48(%r8), %r10
+    movq    48(%r8), %r9
+    leaq    56(%r8), %r10
 1:  testq   %r9, %r9
     jz      2f
     movq    0(%r10), %rsi
@@ -38,7 +40,12 @@ kexec_trampoline_start:
     movq    16(%r8), %rdi
     movq    24(%r8), %rsi
     movq    32(%r8), %rdx
-    jmp     *%r11
+    movq    40(%r8), %rcx
+    xorl    %r9d, %r9d
+    testq   %rcx, %rcx
+    jz      3f
+    movabsq $0x48564c55524f4c42, %r9
+3:  jmp     *%r11
 .global kexec_trampoline_end
 kexec_trampoline_end:
 

@@ -29,6 +29,7 @@ use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
+use hypervisor::live_update::rollback::{break_mode, Break, OneLine, Reason, GIVE_BACK};
 use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
@@ -54,7 +55,7 @@ const PDE_2M_WB: u64 = 0x83;
 const PDE_2M_UC: u64 = 0x9b;
 /// Trampoline parameters (`kexec.S`): CR3, entry, handover, multiboot2
 /// information, TSC, segment count, then (src, dst, filesz, memsz) each.
-const PARAM_WORDS: usize = 6;
+const PARAM_WORDS: usize = 7;
 const MAX_SEGMENTS: usize = (PAGE_SIZE as usize / 8 - PARAM_WORDS) / 4;
 
 core::arch::global_asm!(include_str!("kexec.S"), options(att_syntax));
@@ -63,7 +64,27 @@ extern "C" {
     static kexec_trampoline_start: u8;
     static kexec_trampoline_end: u8;
     fn park_in_mailbox(word: u64, index: u64) -> !;
+    /// `entry.S`: where a failed new image gives the machine back, and
+    /// where a parked CPU (re)enters this image. Addresses only.
+    fn hv_rollback_entry();
+    fn hv_ap_parked_entry() -> !;
 }
+
+/// What this image needs to take the machine back if the new image fails
+/// before the guests resume (`kho/ABI.md` §5.2): set by the requesting
+/// CPU before the CPUs leave, taken by [`hv_x86_rollback`].
+#[derive(Debug)]
+struct Away {
+    generation: Generation,
+    requester: usize,
+    handover: PhysRange,
+    /// The CPUs parked in [`MAILBOX`] (bit n: CPU n).
+    parked: u64,
+    /// The TSC when the CPUs were released to leave.
+    left_at: u64,
+}
+
+static AWAY: spin::Mutex<Option<Away>> = spin::Mutex::new(None);
 
 /// Where the frozen CPUs wait for the new image (`HandoffRecord::mailbox`):
 /// one word per CPU index, 0 until the new image writes its AP entry
@@ -313,6 +334,18 @@ pub fn run(cpu: usize, v: usize, image_pa: u64, size: u64) {
     let online = MACHINE.with(|m| m.online.clone()).unwrap_or_default();
     match prepare_jump(&ready, online) {
         Ok(j) => {
+            let parked = if ready.park {
+                j.online.iter().filter(|&&c| c != BSP_INDEX).fold(0u64, |m, &c| m | (1 << c))
+            } else {
+                0
+            };
+            *AWAY.lock() = Some(Away {
+                generation: ready.generation,
+                requester: v,
+                handover: ready.handover,
+                parked,
+                left_at: tsc::now(),
+            });
             *JUMP.lock() = Some(j);
             if ready.park {
                 for word in &MAILBOX.0 {
@@ -376,7 +409,10 @@ fn prepare_jump(ready: &Ready, online: Vec<usize>) -> Result<Jump, &'static str>
     build_tables(tables);
     let (t_start, t_end) =
         (core::ptr::addr_of!(kexec_trampoline_start) as u64, core::ptr::addr_of!(kexec_trampoline_end) as u64);
-    let head = [tables, u64::from(desc.handover_entry), ready.handover.base, mbi, 0, segs.len() as u64];
+    // A staged image can give the machine back: this image stays intact.
+    let back =
+        if matches!(ready.placement, Placement::Alternate { .. }) { hv_rollback_entry as *const () as u64 } else { 0 };
+    let head = [tables, u64::from(desc.handover_entry), ready.handover.base, mbi, 0, back, segs.len() as u64];
     // SAFETY: the trampoline's code and parameter pages lie in scratch
     // right after the staged image (the size check left TAIL_PAGES), and
     // the code is the image's own position-independent text.
@@ -451,6 +487,8 @@ pub enum RestoreFailure {
     Handover(&'static str),
     VmxControls,
     Adopt(live_update::AdoptFailure),
+    /// A test build's deliberate failure (`HV_TEST_BREAK_RESTORE`).
+    Test(&'static str),
 }
 
 impl core::fmt::Display for RestoreFailure {
@@ -459,6 +497,7 @@ impl core::fmt::Display for RestoreFailure {
             Self::Handover(reason) => f.write_str(reason),
             Self::VmxControls => f.write_str("vmx-controls-unsupported"),
             Self::Adopt(e) => write!(f, "{e}"),
+            Self::Test(what) => write!(f, "test build: {what}"),
         }
     }
 }
@@ -474,9 +513,12 @@ pub use hypervisor::live_update::incoming::Parked;
 pub fn restore(
     handover_pa: u64,
     spec: RestoreSpec<'_>,
-    start_cpus: impl FnOnce(Option<&Parked>) -> Vec<usize>,
+    mut start_cpus: impl FnMut(Option<&Parked>) -> Vec<usize>,
 ) -> Result<usize, RestoreFailure> {
     let h = RestoreFailure::Handover;
+    if break_mode() == Some(Break::RefuseHandover) {
+        return Err(h("test-build-refuses-the-handover-version"));
+    }
     let ram = &spec.info.ram;
     let head = phys_bytes(PhysRange::new(handover_pa, 8), ram).ok_or(h("handover-outside-ram"))?;
     let size = HandoverReader::blob_size(head).map_err(|_| h("handover-header"))?;
@@ -493,8 +535,16 @@ pub fn restore(
     let running = super::image_range().base;
     let old_slot = slots::X86_64.range(usize::from(slots::X86_64.slot_of(running) != Some(1)));
     let parked = handoff.as_ref().and_then(|r| Parked::from_record(r, old_slot, MAX_CPUS));
-    let online = start_cpus(parked.as_ref());
-    mark("cpus");
+    // With a way back to the old image, the parked CPUs stay in its code
+    // until the machine is adopted (`kho/ABI.md` §5.2).
+    let late = GIVE_BACK.armed() && parked.is_some();
+    let online = if let (Some(p), true) = (&parked, late) {
+        (0..MAX_CPUS).filter(|&c| c == BSP_INDEX || p.word(c).is_some()).collect()
+    } else {
+        let online = start_cpus(parked.as_ref());
+        mark("cpus");
+        online
+    };
     // No firmware call on x86_64; CPUs not parked were restarted with
     // INIT-SIPI-SIPI (`cpu_restarts`).
     REPORT.note_handoff(staged, parked.map_or(0, |p| p.count()), 0);
@@ -522,10 +572,89 @@ pub fn restore(
         update_request: [None; MAX_CPUS],
     };
     super::platform::set_tsc_hz(hv_hz);
+    assert!(break_mode() != Some(Break::Panic), "test build (HV_TEST_BREAK_RESTORE): panics in the restore");
     let spec = AdoptSpec { ram, reserved: spec.reserved, online: &online, counter: tsc::now };
     // SAFETY: RAM below 4 GiB is identity-mapped, and only this CPU is up.
-    unsafe { incoming::adopt(&reader, &MACHINE, arch, IdentityPages, spec) }.map_err(|e| {
+    let adopted = unsafe { incoming::adopt(&reader, &MACHINE, arch, IdentityPages, spec) }.map_err(|e| {
         println!("restore: {e:?}");
         RestoreFailure::Adopt(e)
-    })
+    })?;
+    if break_mode() == Some(Break::Fail) {
+        return Err(RestoreFailure::Test("fails after adopting the machine"));
+    }
+    if late {
+        // The machine is this image's from here on.
+        GIVE_BACK.commit();
+        let came = start_cpus(parked.as_ref());
+        mark("cpus");
+        for &c in online.iter().filter(|c| !came.contains(c)) {
+            hv_event!("cpu-did-not-rejoin", cpu = c);
+        }
+    }
+    Ok(adopted)
+}
+
+/// The old image, taking the machine back from a new image that failed
+/// before the guests resumed (`hv_rollback_entry`, on the BSP, with its
+/// own page tables, GDT and boot stack): VMX on again, then as a cancelled
+/// update: the frozen CPUs thawed (the parked ones rejoin through
+/// `hv_ap_parked_entry`, as a new image would release them), the handover
+/// freed, the requester told OPERATION_DENIED, and the BSP back to its
+/// guests. Everything else of this image is as it was at the jump.
+#[no_mangle]
+extern "C" fn hv_x86_rollback(code: u64) -> ! {
+    super::cpu::load_idt();
+    if let Err(e) = vmx::enable(BSP_INDEX) {
+        println!("vmx: {}", e.reason());
+        super::halt_forever()
+    }
+    let Some(away) = AWAY.lock().take() else { super::halt_forever() };
+    let reason = Reason::from_code(code);
+    hv_event!(
+        "update-rolled-back",
+        reason = reason.map_or("unknown", Reason::name),
+        code = code,
+        away_us = live_update::blackout_us(away.left_at, tsc::now(), tsc_hz()),
+    );
+    HANDSHAKE.thaw(away.generation);
+    let platform = Vmx { v: away.requester };
+    MACHINE.with(|m| {
+        m.frames.free_block(away.handover);
+        platform.set_status(m, Status::OperationDenied);
+    });
+    PARK.store(false, Ordering::Release);
+    let entry = hv_ap_parked_entry as *const () as u64;
+    super::rejoining(away.parked.count_ones() as usize);
+    for c in (0..MAX_CPUS).filter(|&c| away.parked & (1 << c) != 0) {
+        MAILBOX.0[c].store(entry, Ordering::Release);
+    }
+    HANDSHAKE.end();
+    super::run::run_cpu(BSP_INDEX)
+}
+
+/// The new image: arms the way back if the jump carried the old image's
+/// rollback entry, and it lies in the old image's slot.
+pub fn arm_give_back(entry: u64) {
+    let running = super::image_range().base;
+    let old_slot = slots::X86_64.range(usize::from(slots::X86_64.slot_of(running) != Some(1)));
+    if entry != 0 && old_slot.contains(&PhysRange::new(entry, 1)) {
+        GIVE_BACK.arm(entry);
+    }
+}
+
+/// The new image, failing before it committed: gives the machine back to
+/// the old image (`kho/ABI.md` §5.2) if the way back is armed, on the BSP
+/// with VMX off. Returns if it is not armed.
+pub fn give_back(reason: Reason, detail: &dyn core::fmt::Display) {
+    let Some(entry) = GIVE_BACK.take() else { return };
+    hypervisor::console::write_line_forced(format_args!("restore failed: {}", OneLine(detail)));
+    hypervisor::console::write_line_forced(format_args!("hv: restore-failed reason={reason} give_back=1"));
+    hypervisor::console::flush();
+    if super::vmx_on_boot_cpu() {
+        vmx::disable();
+    }
+    // SAFETY: `entry` is the old image's rollback entry, in its slot
+    // (`arm_give_back`), which this image has not touched; identity-mapped
+    // in this image's tables, and it takes its own tables, GDT and stack.
+    unsafe { core::arch::asm!("cli", "jmp {e}", e = in(reg) entry, in("rdi") reason.code(), options(noreturn)) }
 }

@@ -22,6 +22,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
 use hypervisor::arch::x86_64::vmx_caps::{ControlError, MissingFeature, VmcsControls, VmxCaps};
+use hypervisor::live_update::rollback::Reason;
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
 use loader::acpi::{self, PhysMemory};
 use loader::guest_modules::{self, detect_format};
@@ -67,6 +68,27 @@ const PIC_MASK_ALL: u8 = 0xff;
 
 /// CPUs that executed VMXON successfully.
 static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
+/// The boot CPU is in VMX operation (a new image giving the machine back
+/// leaves it first).
+static BOOT_CPU_VMXON: AtomicBool = AtomicBool::new(false);
+
+/// CPUs parked for an update that was rolled back are about to come
+/// back through `hv_ap_main`, which counts them online again.
+pub(crate) fn rejoining(cpus: usize) {
+    smp::ONLINE.fetch_sub(cpus, Ordering::AcqRel);
+    VMXON_CPUS.fetch_sub(cpus, Ordering::AcqRel);
+}
+
+/// Whether the boot CPU entered VMX operation.
+pub(crate) fn vmx_on_boot_cpu() -> bool {
+    BOOT_CPU_VMXON.load(Ordering::Acquire)
+}
+
+/// A panic in a new image before it committed: the machine goes back to
+/// the old image (returns if there is no way back).
+pub fn give_back_on_panic(info: &core::panic::PanicInfo<'_>) {
+    live_update::give_back(Reason::Panic, info);
+}
 /// Which CPU indices are up and in VMX root operation (the boot CPU is 0).
 static CPU_READY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
@@ -115,6 +137,8 @@ pub fn delay_us(us: u64) {
 /// Fails the boot with an event (its cause, if it has one, on the line
 /// before: `{:#}`) and powers off.
 fn fail(reason: impl core::fmt::Display) -> ! {
+    // A new image that cannot come up gives the machine back, if it can.
+    live_update::give_back(Reason::RestoreFailed, &reason);
     println!("boot failed: {reason:#}");
     hv_event!("boot-failed", reason = reason);
     hv_event!("shutdown", status = "error");
@@ -212,9 +236,10 @@ fn reserved(info: &BootInfo) -> Vec<PhysRange> {
 /// The live-update entry (`hv_handover_entry` in `entry.S`): the previous
 /// image kexeced into this one. Adopt its guests instead of booting them.
 #[no_mangle]
-extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> ! {
+extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64, rollback: u64) -> ! {
     let entry_tsc = tsc::now();
     early_init();
+    live_update::arm_give_back(rollback);
     // The guests are paused: what the restore prints goes out once they
     // run again (at 115200 baud a restore's lines take some 60 ms).
     hypervisor::console::hold();
@@ -232,6 +257,7 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> !
     };
     VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
     CPU_READY[0].store(true, Ordering::Release);
+    BOOT_CPU_VMXON.store(true, Ordering::Release);
     live_update::mark("vmx");
     let start_cpus = |parked: Option<&live_update::Parked>| {
         start_aps(&info, &cpus, parked);
@@ -241,7 +267,14 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64) -> !
     match live_update::restore(handover, spec, start_cpus) {
         Ok(0) => fail("handover-has-no-partitions"),
         Ok(_) => {}
-        Err(reason) => fail(reason),
+        Err(reason) => {
+            let why = match reason {
+                live_update::RestoreFailure::Handover(_) => Reason::HandoverRefused,
+                _ => Reason::RestoreFailed,
+            };
+            live_update::give_back(why, &reason);
+            fail(reason)
+        }
     }
     run::release_secondaries();
     run::run_cpu(0)
