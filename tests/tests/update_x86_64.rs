@@ -407,3 +407,37 @@ fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
     memcheck_ok(&run);
     check(&run, run.hv("fault").is_empty(), "no guest faulted");
 }
+
+/// Live updates while a hostile guest attacks (`testguests::hostile`,
+/// unprivileged: its live-update requests are refused, the updater's go
+/// through): its MSR, port, MMIO and VMX-instruction exits arrive between
+/// and around the freezes, every update is done, memcheck and the
+/// heartbeat are untouched, and the hypervisor never stops the attacker.
+#[test]
+fn live_updates_go_through_while_a_hostile_guest_attacks() {
+    const OPS: u64 = 8_000;
+    let seed = hv_tests::hostile::seed(0x15_0006);
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let mut list = guests_with_updater(&[b.update_image(), a.update_image()], "updates=3 delay_ms=100");
+    list.push(hv_tests::hostile::guest(Arch::X86_64, seed, OPS, false).unwrap_or_else(|e| panic!("{e}")));
+    let run = run("test-x86_64-update-hostile", &a, &list, 192);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    if let Err(why) = hv_tests::hostile::verdict(&run, seed, OPS) {
+        check(&run, false, &why);
+    }
+    check(&run, run.hv("update-done").len() == 3, "three updates");
+    let attacker = id_of(&run, "hostile");
+    let lines: Vec<&str> = run.serial.lines().collect();
+    let start = lines.iter().position(|l| l.starts_with(&format!("guest{attacker}: hostile start=1")));
+    let end = lines.iter().position(|l| l.starts_with(&format!("guest{attacker}: hostile done=1")));
+    let during = match (start, end) {
+        (Some(from), Some(to)) => lines[from..to].iter().filter(|l| l.starts_with("hv: update-done")).count(),
+        _ => 0,
+    };
+    check(&run, during > 0, "an update landed while the attacks ran");
+    let upd = id_of(&run, "updater");
+    let verdict = run.guest(upd, "updater").into_iter().find(|e| e.num("done") == Some(1));
+    check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1)), "the updater saw every update succeed");
+    memcheck_ok(&run);
+}
