@@ -360,7 +360,8 @@ fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
 /// Rollback on x86_64 (issue 15 item 4, `kho/ABI.md` §5.2): broken builds
 /// staged in the other slot fail after the kexec and before the guests
 /// resume: one refuses the handover's version, one panics in its restore,
-/// one fails after adopting the machine. Each time the old image, intact
+/// one fails after adopting the machine, one hangs there (a parked AP
+/// sends the BSP an NMI at the deadline). Each time the old image, intact
 /// in its slot, takes the machine back on the BSP (VMX on again, the
 /// parked AP rejoining): the update is reported rolled back, the updater
 /// gets OPERATION_DENIED with the version and update count unchanged, the
@@ -377,7 +378,8 @@ fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
         .collect();
     let mode = |slot: usize, how: &str| image::with_break_mode(&broken[slot], how).unwrap_or_else(|e| panic!("{e}"));
     // A (slot 0) -> refuse (slot 1) back -> B (slot 1) -> panic (slot 0)
-    // back -> A (slot 0) -> fail (slot 1) back -> B.
+    // back -> A (slot 0) -> fail (slot 1) back -> B -> hang (slot 0),
+    // back at the deadline (a parked AP's NMI) -> A.
     let images = [
         mode(1, "refuse-handover"),
         b.update_image(),
@@ -385,25 +387,25 @@ fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
         a.update_image(),
         mode(1, "fail"),
         b.update_image(),
+        mode(0, "hang"),
+        a.update_image(),
     ];
-    let list = guests_with_updater(&images, "updates=6 delay_ms=200 rollbacks=1");
+    let list = guests_with_updater(&images, "updates=8 delay_ms=200 rollbacks=1");
     let run = run("test-x86_64-rollback", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown");
     let rolled: Vec<&str> = run.hv("update-rolled-back").iter().filter_map(|e| e.get("reason")).collect();
-    check(&run, rolled == ["handover-refused", "panic", "restore-failed"], &format!("three rollbacks: {rolled:?}"));
+    let want = ["handover-refused", "panic", "restore-failed", "deadline"];
+    check(&run, rolled == want, &format!("four rollbacks: {rolled:?}"));
     let gave = run.hv("restore-failed");
-    check(&run, gave.len() == 3 && gave.iter().all(|e| e.num("give_back") == Some(1)), "each new image gave back");
+    check(&run, gave.len() == 4 && gave.iter().all(|e| e.num("give_back") == Some(1)), "each new image gave back");
     let versions: Vec<&str> = run.hv("update-done").iter().filter_map(|e| e.get("version")).collect();
-    check(
-        &run,
-        versions == [UPDATE_B_VERSION, hypervisor::VERSION, UPDATE_B_VERSION],
-        &format!("the good updates went through: {versions:?}"),
-    );
+    let good = [UPDATE_B_VERSION, hypervisor::VERSION, UPDATE_B_VERSION, hypervisor::VERSION];
+    check(&run, versions == good, &format!("the good updates went through: {versions:?}"));
     let upd = id_of(&run, "updater");
     let reports: Vec<_> = run.guest(upd, "updater").into_iter().filter(|e| e.get("update").is_some()).collect();
-    check(&run, reports.len() == 6 && reports.iter().all(|e| e.num("ok") == Some(1)), "every update as expected");
+    check(&run, reports.len() == 8 && reports.iter().all(|e| e.num("ok") == Some(1)), "every update as expected");
     let back: Vec<u64> = reports.iter().filter_map(|e| e.num("rolled_back")).collect();
-    check(&run, back == [1, 0, 1, 0, 1, 0], "updates 1, 3 and 5 rolled back");
+    check(&run, back == [1, 0, 1, 0, 1, 0, 1, 0], "every other update rolled back");
     memcheck_ok(&run);
     check(&run, run.hv("fault").is_empty(), "no guest faulted");
 }

@@ -136,7 +136,18 @@ hv_rollback_entry:
     load_own_tables
     movq    $boot_stack_top, %rsp
     reload_segments
-    call    hv_x86_rollback
+    // A deadline NMI may have brought the new image here without an IRET:
+    // one now ends the NMI blocking (SDM Vol. 3A §6.7.1).
+    movq    %rsp, %rax
+    movq    %ss, %rcx
+    pushq   %rcx
+    pushq   %rax
+    pushfq
+    pushq   $0x08
+    leaq    5f(%rip), %rax
+    pushq   %rax
+    iretq
+5:  call    hv_x86_rollback
 4:  cli
     hlt
     jmp     4b

@@ -20,7 +20,8 @@
 host_exception_stubs:
     host_stub 0, 0
     host_stub 1, 0
-    host_stub 2, 0
+    .balign 16
+    jmp     host_nmi
     host_stub 3, 0
     host_stub 4, 0
     host_stub 5, 0
@@ -62,3 +63,35 @@ host_exception_common:
 1:  cli
     hlt
     jmp     1b
+
+// An NMI (vector 2): the old image's rollback deadline while a new image
+// has not committed (hv_host_nmi gives the machine back and does not
+// return), else nothing this image asked for: ignored, and the
+// interrupted code resumes. Saves the registers the C ABI lets a callee
+// change.
+host_nmi:
+    pushq   %rax
+    pushq   %rcx
+    pushq   %rdx
+    pushq   %rsi
+    pushq   %rdi
+    pushq   %r8
+    pushq   %r9
+    pushq   %r10
+    pushq   %r11
+    pushq   %rbp
+    movq    %rsp, %rbp
+    andq    $-16, %rsp
+    call    hv_host_nmi
+    movq    %rbp, %rsp
+    popq    %rbp
+    popq    %r11
+    popq    %r10
+    popq    %r9
+    popq    %r8
+    popq    %rdi
+    popq    %rsi
+    popq    %rdx
+    popq    %rcx
+    popq    %rax
+    iretq

@@ -50,20 +50,39 @@ kexec_trampoline_start:
 kexec_trampoline_end:
 
 // A frozen CPU's wait for the new image (direct CPU handover, kho/ABI.md
-// §4.6): park_in_mailbox(RDI = its mailbox word, RSI = its CPU index),
-// entered with VMX off. It waits with interrupts off, still on this
-// image's page tables, GDT and stack, until the new image writes an entry
-// address into the word, and jumps there with RDI = its index. Everything
-// it uses is this image's, which stays intact until the new image reports
-// the guests resumed.
+// §4.6): park_in_mailbox(RDI = its mailbox word, RSI = its CPU index,
+// RDX = the rollback watch: [deadline TSC or 0, the BSP's APIC ID, the
+// local APIC's base]), entered with VMX off. It waits with interrupts
+// off, still on this image's page tables, GDT and stack, until the new
+// image writes an entry address into the word, and jumps there with RDI =
+// its index. Everything it uses is this image's, which stays intact until
+// the new image reports the guests resumed. If the deadline passes first
+// (the new image has not committed: it would have released this CPU), it
+// sends the BSP one NMI (ICR: delivery mode NMI, SDM Vol. 3A §11.6.1),
+// which makes the new image give the machine back (kho/ABI.md §5.2).
 .section .text.park, "ax"
 .global park_in_mailbox
 park_in_mailbox:
     cli
+    movq    %rdx, %r8
 1:  movq    (%rdi), %rax
     testq   %rax, %rax
     jnz     2f
-    pause
+    movq    0(%r8), %r9
+    testq   %r9, %r9
+    jz      3f
+    rdtsc
+    shlq    $32, %rdx
+    orq     %rdx, %rax
+    cmpq    %r9, %rax
+    jb      3f
+    movq    $0, 0(%r8)
+    movq    16(%r8), %r10
+    movl    8(%r8), %eax
+    shll    $24, %eax
+    movl    %eax, 0x310(%r10)
+    movl    $0x4400, 0x300(%r10)
+3:  pause
     jmp     1b
 2:  movq    %rsi, %rdi
     jmp     *%rax

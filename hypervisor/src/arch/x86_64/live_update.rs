@@ -63,7 +63,7 @@ core::arch::global_asm!(include_str!("kexec.S"), options(att_syntax));
 extern "C" {
     static kexec_trampoline_start: u8;
     static kexec_trampoline_end: u8;
-    fn park_in_mailbox(word: u64, index: u64) -> !;
+    fn park_in_mailbox(word: u64, index: u64, watch: u64) -> !;
     /// `entry.S`: where a failed new image gives the machine back, and
     /// where a parked CPU (re)enters this image. Addresses only.
     fn hv_rollback_entry();
@@ -85,6 +85,18 @@ struct Away {
 }
 
 static AWAY: spin::Mutex<Option<Away>> = spin::Mutex::new(None);
+
+/// The parked CPUs' rollback watch (`park_in_mailbox`): the TSC by which
+/// the new image must have committed (0: no deadline, or the NMI was
+/// sent), the BSP's APIC ID, and the local APIC's base.
+#[repr(C, align(64))]
+struct Watch([AtomicU64; 3]);
+
+static WATCH: Watch = Watch([const { AtomicU64::new(0) }; 3]);
+
+/// How long a new image has to commit before a parked CPU interrupts its
+/// BSP with an NMI and it gives the machine back (`kho/ABI.md` §5.2).
+pub const GIVE_BACK_DEADLINE_MS: u64 = 5000;
 
 /// Where the frozen CPUs wait for the new image (`HandoffRecord::mailbox`):
 /// one word per CPU index, 0 until the new image writes its AP entry
@@ -292,7 +304,7 @@ fn leave(cpu: usize, generation: Generation) -> ! {
         // names; the code, page tables, GDT and stack it waits on are this
         // image's, which stays intact until the new image has resumed the
         // guests (the new image runs from the other slot).
-        unsafe { park_in_mailbox(word.as_ptr() as u64, cpu as u64) }
+        unsafe { park_in_mailbox(word.as_ptr() as u64, cpu as u64, WATCH.0.as_ptr() as u64) }
     }
     super::halt_forever()
 }
@@ -346,6 +358,16 @@ pub fn run(cpu: usize, v: usize, image_pa: u64, size: u64) {
                 parked,
                 left_at: tsc::now(),
             });
+            // A staged image can give the machine back: the parked CPUs
+            // watch for it to commit in time.
+            let deadline = if matches!(ready.placement, Placement::Alternate { .. }) {
+                tsc::now() + tsc_hz() / 1000 * GIVE_BACK_DEADLINE_MS
+            } else {
+                0
+            };
+            WATCH.0[1].store(u64::from(super::bsp_apic_id()), Ordering::Relaxed);
+            WATCH.0[2].store(smp::apic_base() as u64, Ordering::Relaxed);
+            WATCH.0[0].store(deadline, Ordering::Release);
             *JUMP.lock() = Some(j);
             if ready.park {
                 for word in &MAILBOX.0 {
@@ -582,8 +604,14 @@ pub fn restore(
     if break_mode() == Some(Break::Fail) {
         return Err(RestoreFailure::Test("fails after adopting the machine"));
     }
+    if break_mode() == Some(Break::Hang) {
+        loop {
+            core::hint::spin_loop();
+        }
+    }
     if late {
-        // The machine is this image's from here on.
+        // The machine is this image's from here on (a deadline NMI after
+        // this is ignored, `hv_host_nmi`).
         GIVE_BACK.commit();
         let came = start_cpus(parked.as_ref());
         mark("cpus");
@@ -609,6 +637,7 @@ extern "C" fn hv_x86_rollback(code: u64) -> ! {
         super::halt_forever()
     }
     let Some(away) = AWAY.lock().take() else { super::halt_forever() };
+    WATCH.0[0].store(0, Ordering::Release);
     let reason = Reason::from_code(code);
     hv_event!(
         "update-rolled-back",
@@ -657,4 +686,14 @@ pub fn give_back(reason: Reason, detail: &dyn core::fmt::Display) {
     // (`arm_give_back`), which this image has not touched; identity-mapped
     // in this image's tables, and it takes its own tables, GDT and stack.
     unsafe { core::arch::asm!("cli", "jmp {e}", e = in(reg) entry, in("rdi") reason.code(), options(noreturn)) }
+}
+
+/// An NMI on this image's CPU (`host_nmi` in `exceptions.S`): the old
+/// image's deadline while this image has not committed gives the machine
+/// back; any other NMI is ignored.
+#[no_mangle]
+extern "C" fn hv_host_nmi() {
+    if GIVE_BACK.armed() {
+        give_back(Reason::Deadline, &"the old image's deadline passed (NMI)");
+    }
 }

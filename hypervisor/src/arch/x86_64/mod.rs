@@ -72,6 +72,14 @@ static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
 /// leaves it first).
 static BOOT_CPU_VMXON: AtomicBool = AtomicBool::new(false);
 
+/// The BSP's local APIC ID, recorded as it starts (a parked CPU sends it
+/// the rollback deadline's NMI).
+static BSP_APIC_ID: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+pub(crate) fn bsp_apic_id() -> u32 {
+    BSP_APIC_ID.load(Ordering::Relaxed)
+}
+
 /// CPUs parked for an update that was rolled back are about to come
 /// back through `hv_ap_main`, which counts them online again.
 pub(crate) fn rejoining(cpus: usize) {
@@ -165,6 +173,7 @@ impl PhysMemory for LowMemory {
 fn early_init() {
     crate::heap::init();
     cpu::install_idt();
+    BSP_APIC_ID.store(smp::my_apic_id(), Ordering::Relaxed);
     // SAFETY: the only COM1 owner.
     let console = Box::leak(Box::new(unsafe { serial::Com1::new() }));
     hypervisor::console::set_uart(console);

@@ -57,7 +57,7 @@ pub(crate) static mut AP_STACKS: Stacks = Stacks([[0; STACK_SIZE]; MAX_CPUS]);
 /// CPUs running the hypervisor, the boot CPU included.
 pub static ONLINE: AtomicUsize = AtomicUsize::new(1);
 
-fn apic_base() -> usize {
+pub(crate) fn apic_base() -> usize {
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
     (unsafe { rdmsr(IA32_APIC_BASE) } & !0xfff) as usize
 }
