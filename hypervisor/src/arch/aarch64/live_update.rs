@@ -322,6 +322,7 @@ fn kexec(arm: &Arm, cpu: usize, ready: &Ready) {
         }
     }
     let parked = if ready.park { online.iter().filter(|&&c| c != cpu).fold(0u64, |m, &c| m | (1 << c)) } else { 0 };
+    MACHINE.with(|m| trace_smp_vcpus(m, "frozen"));
     jump(arm, cpu, ready, parked)
 }
 
@@ -520,6 +521,7 @@ pub fn restore(
     if break_mode() == Some(Break::Fail) {
         return Err(RestoreFailure::Test("fails after adopting the machine"));
     }
+    MACHINE.with(|m| trace_smp_vcpus(m, "restored"));
     if break_mode() == Some(Break::Hang) {
         loop {
             core::hint::spin_loop();
@@ -638,4 +640,37 @@ pub fn give_back(reason: Reason, detail: &dyn core::fmt::Display) {
     // (`arm_give_back`), which this image has not touched; the old image
     // takes this CPU back with its own stack and page tables.
     unsafe { kexec_enter(reason.code(), 0, 0, entry, 0) }
+}
+
+/// Diagnostics for the SMP-guest crash after an update (issue 15 note,
+/// stop 28): the translation and per-CPU registers of every vCPU of a
+/// partition with more than one, as this image saved them before the
+/// jump (`when = "frozen"`) or adopted them (`"restored"`), so a log shows
+/// whether they crossed the update unchanged. Only multi-vCPU partitions
+/// (a Linux guest): two lines per update, none for the one-vCPU guests the
+/// benchmarks use.
+fn trace_smp_vcpus(m: &Machine<Aarch64>, when: &str) {
+    for p in m.partitions.iter().filter(|p| p.vcpus.len() > 1) {
+        for &v in &p.vcpus {
+            // SAFETY: every vCPU is saved (frozen, or adopted and not yet
+            // loaded); this only reads its context.
+            let c = unsafe { m.ctx_mut(v) };
+            hv_event!(
+                "vcpu-sysregs",
+                when = when,
+                guest = p.info.id,
+                vcpu = m.vcpus[v].index,
+                pcpu = m.vcpus[v].pcpu,
+                state = format_args!("{:?}", m.vcpus[v].state),
+                pc = format_args!("{:#x}", c.regs.elr),
+                sp_el1 = format_args!("{:#x}", c.sys.sp_el1),
+                sp_el0 = format_args!("{:#x}", c.sys.sp_el0),
+                tpidr_el1 = format_args!("{:#x}", c.sys.tpidr_el1),
+                ttbr0 = format_args!("{:#x}", c.sys.ttbr0),
+                ttbr1 = format_args!("{:#x}", c.sys.ttbr1),
+                tcr = format_args!("{:#x}", c.sys.tcr),
+                sctlr = format_args!("{:#x}", c.sys.sctlr),
+            );
+        }
+    }
 }
