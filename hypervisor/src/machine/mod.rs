@@ -402,6 +402,26 @@ impl<A: Arch> Machine<A> {
         }
     }
 
+    /// A freeze for a live update on this CPU: the loaded vCPU saved, and
+    /// every pending start of the vCPUs pinned here (PSCI CPU_ON,
+    /// SYSTEM_RESET) applied to its context with `reset(context, pc, x0)`.
+    /// The handover carries contexts, not pending starts: a vCPU turned on
+    /// just before the freeze would otherwise resume after the update from
+    /// the context it had before (its reset context: the guest image's
+    /// primary entry, booting the guest a second time over the running
+    /// one).
+    pub fn freeze_cpu_with_starts(&mut self, cpu: usize, mut reset: impl FnMut(&mut A::Vcpu, u64, u64)) {
+        self.put_loaded(cpu);
+        for k in 0..self.queues[cpu].len() {
+            let v = self.queues[cpu][k];
+            if let Some((pc, x0)) = self.vcpus[v].start.take() {
+                // SAFETY: `v` is pinned to this CPU, which is in the
+                // hypervisor and has nothing loaded (`put_loaded`).
+                reset(unsafe { self.ctx_mut(v) }, pc, x0);
+            }
+        }
+    }
+
     /// Puts the loaded vCPU away if it can no longer run (off or stopped),
     /// so an idle CPU holds no guest state.
     pub fn put_if_idle(&mut self, cpu: usize) {

@@ -129,6 +129,29 @@ fn posting_to_a_vcpu_on_another_cpu_kicks_it() {
 }
 
 #[test]
+fn a_freeze_applies_the_pending_starts_of_this_cpus_vcpus_only() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    add_guest(&mut m, 1, 2, false);
+    // vCPU 1 (on CPU 1) was turned on and has not run yet; so was vCPU 0
+    // (on CPU 0).
+    m.vcpus[1].start = Some((0x4000_1000, 0x5a5a));
+    m.vcpus[0].start = Some((0x4000_2000, 7));
+    let mut applied = Vec::new();
+    m.freeze_cpu_with_starts(1, |ctx, pc, x0| {
+        ctx.pc = pc;
+        ctx.x[0] = x0;
+        applied.push((pc, x0));
+    });
+    assert_eq!(applied, [(0x4000_1000, 0x5a5a)]);
+    assert_eq!(m.vcpus[1].start, None, "taken: the context holds it now");
+    // SAFETY: host test; nothing runs the vCPUs.
+    let ctx = unsafe { m.ctx_mut(1) };
+    assert_eq!((ctx.pc, ctx.x[0]), (0x4000_1000, 0x5a5a));
+    assert_eq!(m.vcpus[0].start, Some((0x4000_2000, 7)), "another CPU's vCPU is its own CPU's to freeze");
+}
+
+#[test]
 fn put_loaded_saves_only_this_cpus_loaded_vcpu() {
     let rig = Rig::new();
     let mut m = rig.machine(&[0, 1]);

@@ -160,8 +160,11 @@ impl UpdatePlatform for Arm {
         }
     }
 
+    /// Puts the loaded vCPU away and applies every pending start (PSCI
+    /// CPU_ON, SYSTEM_RESET) of the vCPUs pinned here to their contexts
+    /// (`Machine::freeze_cpu_with_starts`).
     fn freeze_cpu(&self, m: &mut Machine<Aarch64>, cpu: usize) -> Result<(), &'static str> {
-        m.put_loaded(cpu);
+        m.freeze_cpu_with_starts(cpu, super::vcpu::Vcpu::reset);
         Ok(())
     }
 
