@@ -568,14 +568,21 @@ fn plan_handoff(plan: &HandoffPlan, placement: Placement) -> HandoffRecord {
 /// Thaws the other CPUs after a freeze that succeeded but cannot be
 /// followed by a kexec: the update is cancelled for `why`.
 pub fn cancel_after_freeze<P: UpdatePlatform>(p: &P, ready: &Ready, why: &Cancel) {
-    p.handshake().thaw(ready.generation);
-    p.wake();
-    p.machine().with(|m| {
-        m.frames.free_block(ready.handover);
-        p.set_status(m, Status::OperationDenied);
-    });
+    undo_freeze(p, ready.generation, ready.handover);
     hv_event!("update-cancelled", reason = why);
     p.handshake().end();
+}
+
+/// Undoes a freeze whose update will not happen (a cancel, or a rollback
+/// after the kexec): the frozen CPUs thawed, the handover blob freed, and
+/// the requester told OPERATION_DENIED. The caller ends the update.
+pub fn undo_freeze<P: UpdatePlatform>(p: &P, generation: Generation, handover: PhysRange) {
+    p.handshake().thaw(generation);
+    p.wake();
+    p.machine().with(|m| {
+        m.frames.free_block(handover);
+        p.set_status(m, Status::OperationDenied);
+    });
 }
 
 /// The participant's error behind a failed prepare or freeze.

@@ -66,6 +66,28 @@ impl fmt::Display for Reason {
     }
 }
 
+/// The old image, taking the machine back (`kho/ABI.md` §5.2): reports
+/// it (`hv: update-rolled-back`, with the time since the jump at
+/// `left_at`) and undoes the freeze as a cancel does
+/// ([`super::undo_freeze`]). The caller lets its parked CPUs rejoin and
+/// ends the update.
+pub fn take_back<P: super::UpdatePlatform>(
+    p: &P,
+    code: u64,
+    generation: super::handshake::Generation,
+    handover: loader::PhysRange,
+    left_at: u64,
+    (now, hz): (u64, u64),
+) {
+    crate::hv_event!(
+        "update-rolled-back",
+        reason = Reason::from_code(code).map_or("unknown", Reason::name),
+        code = code,
+        away_us = super::blackout_us(left_at, now, hz),
+    );
+    super::undo_freeze(p, generation, handover);
+}
+
 /// `detail` on one line (newlines become spaces, double quotes single
 /// ones): a panic message printed before `hv: restore-failed`.
 #[derive(Clone, Copy)]
@@ -136,6 +158,17 @@ impl GiveBack {
 
     pub fn committed(&self) -> bool {
         self.committed.load(Ordering::Acquire)
+    }
+
+    /// [`Self::take`], and if there is a way back, says why the machine
+    /// goes back (`restore failed: <detail>`, `hv: restore-failed
+    /// reason=<reason> give_back=1`) and flushes the console first.
+    pub fn take_announced(&self, reason: Reason, detail: &dyn fmt::Display) -> Option<u64> {
+        let entry = self.take()?;
+        crate::console::write_line_forced(format_args!("restore failed: {}", OneLine(detail)));
+        crate::console::write_line_forced(format_args!("hv: restore-failed reason={reason} give_back=1"));
+        crate::console::flush();
+        Some(entry)
     }
 
     /// The entry to give the machine back through, if armed and not

@@ -16,7 +16,7 @@ use hvcall::Status;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
-use hypervisor::live_update::rollback::{break_mode, Break, OneLine, Reason, GIVE_BACK};
+use hypervisor::live_update::rollback::{self, break_mode, Break, Reason, GIVE_BACK};
 use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Machine, MachineLock, RestoreError};
 use hypervisor::preserved::IdentityPages;
@@ -198,10 +198,9 @@ impl UpdatePlatform for Arm {
                 let end = (at + STAGE_CHUNK).min(footprint);
                 let dst = range.base as usize + at;
                 let from_file = staged.get(at..end.min(staged.len())).unwrap_or(&[]);
-                // SAFETY: the other slot is reserved for images since
-                // boot; nothing lives or runs there (the image that ran
-                // there before this one is gone), and it is identity-
-                // mapped; `end` is within the footprint, within the slot.
+                // The other slot is reserved for images since boot: nothing
+                // lives or runs there; it is identity-mapped.
+                // SAFETY: as above; `end` is within the footprint and slot.
                 unsafe {
                     core::ptr::copy_nonoverlapping(from_file.as_ptr(), dst as *mut u8, from_file.len());
                     core::ptr::write_bytes((dst + from_file.len()) as *mut u8, 0, end - at - from_file.len());
@@ -325,7 +324,6 @@ fn kexec(arm: &Arm, cpu: usize, ready: &Ready) {
         }
     }
     let parked = if ready.park { online.iter().filter(|&&c| c != cpu).fold(0u64, |m, &c| m | (1 << c)) } else { 0 };
-    MACHINE.with(|m| trace_smp_vcpus(m, "frozen"));
     jump(arm, cpu, ready, parked)
 }
 
@@ -524,7 +522,6 @@ pub fn restore(
     if break_mode() == Some(Break::Fail) {
         return Err(RestoreFailure::Test("fails after adopting the machine"));
     }
-    MACHINE.with(|m| trace_smp_vcpus(m, "restored"));
     if break_mode() == Some(Break::Hang) {
         loop {
             core::hint::spin_loop();
@@ -586,20 +583,8 @@ extern "C" fn hv_rollback(code: u64) -> ! {
     unsafe { asm!("msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
     super::gic::timer_as_fiq(super::mpidr(), false);
     let Some(away) = AWAY.lock().take() else { super::park() };
-    let reason = Reason::from_code(code);
     let (now, hz) = super::counter();
-    hv_event!(
-        "update-rolled-back",
-        reason = reason.map_or("unknown", Reason::name),
-        code = code,
-        away_us = live_update::blackout_us(away.left_at, now, hz),
-    );
-    HANDSHAKE.thaw(away.generation);
-    let arm = Arm { v: away.requester };
-    MACHINE.with(|m| {
-        m.frames.free_block(away.handover);
-        arm.set_status(m, Status::OperationDenied);
-    });
+    rollback::take_back(&Arm { v: away.requester }, code, away.generation, away.handover, away.left_at, (now, hz));
     PARK.store(false, Ordering::Release);
     let entry = rejoin_entry as *const () as u64;
     for c in (0..super::MAX_CPUS).filter(|&c| away.parked & (1 << c) != 0) {
@@ -633,47 +618,11 @@ pub fn arm_give_back(entry: u64) {
 /// the old image (`kho/ABI.md` §5.2) if the way back is armed. Returns if
 /// it is not.
 pub fn give_back(reason: Reason, detail: &dyn core::fmt::Display) {
-    let Some(entry) = GIVE_BACK.take() else { return };
-    hypervisor::console::write_line_forced(format_args!("restore failed: {}", OneLine(detail)));
-    hypervisor::console::write_line_forced(format_args!("hv: restore-failed reason={reason} give_back=1"));
-    hypervisor::console::flush();
+    let Some(entry) = GIVE_BACK.take_announced(reason, detail) else { return };
     // SAFETY: stops this CPU's hypervisor timer before leaving.
     unsafe { asm!("msr cnthp_ctl_el2, xzr", "isb", options(nomem, nostack)) };
     // SAFETY: `entry` is the old image's rollback entry, in its slot
     // (`arm_give_back`), which this image has not touched; the old image
     // takes this CPU back with its own stack and page tables.
     unsafe { kexec_enter(reason.code(), 0, 0, entry, 0) }
-}
-
-/// Diagnostics for the SMP-guest crash after an update (issue 15 note,
-/// stop 28): the translation and per-CPU registers of every vCPU of a
-/// partition with more than one, as this image saved them before the
-/// jump (`when = "frozen"`) or adopted them (`"restored"`), so a log shows
-/// whether they crossed the update unchanged. Only multi-vCPU partitions
-/// (a Linux guest): two lines per update, none for the one-vCPU guests the
-/// benchmarks use.
-fn trace_smp_vcpus(m: &Machine<Aarch64>, when: &str) {
-    for p in m.partitions.iter().filter(|p| p.vcpus.len() > 1) {
-        for &v in &p.vcpus {
-            // SAFETY: every vCPU is saved (frozen, or adopted and not yet
-            // loaded); this only reads its context.
-            let c = unsafe { m.ctx_mut(v) };
-            hv_event!(
-                "vcpu-sysregs",
-                when = when,
-                guest = p.info.id,
-                vcpu = m.vcpus[v].index,
-                pcpu = m.vcpus[v].pcpu,
-                state = format_args!("{:?}", m.vcpus[v].state),
-                pc = format_args!("{:#x}", c.regs.elr),
-                sp_el1 = format_args!("{:#x}", c.sys.sp_el1),
-                sp_el0 = format_args!("{:#x}", c.sys.sp_el0),
-                tpidr_el1 = format_args!("{:#x}", c.sys.tpidr_el1),
-                ttbr0 = format_args!("{:#x}", c.sys.ttbr0),
-                ttbr1 = format_args!("{:#x}", c.sys.ttbr1),
-                tcr = format_args!("{:#x}", c.sys.tcr),
-                sctlr = format_args!("{:#x}", c.sys.sctlr),
-            );
-        }
-    }
 }

@@ -29,7 +29,7 @@ use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::live_update::handshake::{Generation, Handshake};
 use hypervisor::live_update::incoming::{self, AdoptSpec};
-use hypervisor::live_update::rollback::{break_mode, Break, OneLine, Reason, GIVE_BACK};
+use hypervisor::live_update::rollback::{self, break_mode, Break, Reason, GIVE_BACK};
 use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
@@ -164,10 +164,9 @@ impl UpdatePlatform for Vmx {
                 return Err("boot-information-in-image-slot");
             }
             for s in &segs {
-                // SAFETY: `segments` checked each lies in the other image
-                // slot (reserved for images since boot: nothing lives or
-                // runs there) and its file bytes in `staged`; identity-
-                // mapped.
+                // The other slot is reserved for images since boot: nothing
+                // lives or runs there; it is identity-mapped.
+                // SAFETY: as above; `segments` checked each lies in it.
                 unsafe {
                     let src = staged.as_ptr().add(s.file_offset as usize);
                     core::ptr::copy_nonoverlapping(src, s.paddr as *mut u8, s.file_size as usize);
@@ -300,10 +299,9 @@ fn leave(cpu: usize, generation: Generation) -> ! {
     vmx::disable();
     HANDSHAKE.left(cpu, generation);
     if let Some(word) = PARK.load(Ordering::Acquire).then(|| MAILBOX.0.get(cpu)).flatten() {
-        // SAFETY: the word is this CPU's in the mailbox the handoff record
-        // names; the code, page tables, GDT and stack it waits on are this
-        // image's, which stays intact until the new image has resumed the
-        // guests (the new image runs from the other slot).
+        // The code, page tables, GDT and stack it waits on are this image's,
+        // intact until the new image (in the other slot) resumed the guests.
+        // SAFETY: as above; the word is this CPU's in the handoff mailbox.
         unsafe { park_in_mailbox(word.as_ptr() as u64, cpu as u64, WATCH.0.as_ptr() as u64) }
     }
     super::halt_forever()
@@ -638,19 +636,8 @@ extern "C" fn hv_x86_rollback(code: u64) -> ! {
     }
     let Some(away) = AWAY.lock().take() else { super::halt_forever() };
     WATCH.0[0].store(0, Ordering::Release);
-    let reason = Reason::from_code(code);
-    hv_event!(
-        "update-rolled-back",
-        reason = reason.map_or("unknown", Reason::name),
-        code = code,
-        away_us = live_update::blackout_us(away.left_at, tsc::now(), tsc_hz()),
-    );
-    HANDSHAKE.thaw(away.generation);
     let platform = Vmx { v: away.requester };
-    MACHINE.with(|m| {
-        m.frames.free_block(away.handover);
-        platform.set_status(m, Status::OperationDenied);
-    });
+    rollback::take_back(&platform, code, away.generation, away.handover, away.left_at, (tsc::now(), tsc_hz()));
     PARK.store(false, Ordering::Release);
     let entry = hv_ap_parked_entry as *const () as u64;
     super::rejoining(away.parked.count_ones() as usize);
@@ -675,10 +662,7 @@ pub fn arm_give_back(entry: u64) {
 /// the old image (`kho/ABI.md` §5.2) if the way back is armed, on the BSP
 /// with VMX off. Returns if it is not armed.
 pub fn give_back(reason: Reason, detail: &dyn core::fmt::Display) {
-    let Some(entry) = GIVE_BACK.take() else { return };
-    hypervisor::console::write_line_forced(format_args!("restore failed: {}", OneLine(detail)));
-    hypervisor::console::write_line_forced(format_args!("hv: restore-failed reason={reason} give_back=1"));
-    hypervisor::console::flush();
+    let Some(entry) = GIVE_BACK.take_announced(reason, detail) else { return };
     if super::vmx_on_boot_cpu() {
         vmx::disable();
     }
