@@ -495,13 +495,12 @@ impl Hostile for El1Guest {
         }
         PROBE_ESR.store(0, Ordering::Relaxed);
         PROBE_RESUME.store(code as u64 + 4, Ordering::Relaxed);
-        // SAFETY: runs one generated instruction (hostile::generate keeps
-        // out what would end or wedge this guest, and stores into its own
-        // RAM outside the scratch buffer). It reads x0-x3 and may change
-        // x0 (MRS, loads, calls), x16, x17 and x30 (pointer-authentication
-        // hints), and a call the registers SMCCC lets the callee clobber;
-        // all are declared clobbered. x20 holds the way back; an exception
-        // it raises resumes at the `br x20` (`sync_el1h`).
+        // One generated instruction: it reads x0-x3 and may change x0 (MRS,
+        // loads, calls), x16, x17 and x30 (pointer-authentication hints),
+        // and a call the registers SMCCC lets the callee clobber; x20 holds
+        // the way back, and an exception resumes at the `br x20`.
+        // SAFETY: hostile::generate keeps out what would end or wedge this
+        // guest; every register it may change is declared clobbered.
         unsafe {
             asm!(
                 "adr x20, 2f",

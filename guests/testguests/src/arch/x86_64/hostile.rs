@@ -65,11 +65,11 @@ impl Hostile for VmxGuest {
 
     fn attack(&mut self, attack: &Attack) -> Option<u64> {
         PROBE_FAULT.store(0, Ordering::Relaxed);
-        // SAFETY: each block makes one attack that hostile::generate keeps
-        // from ending or wedging this guest (no store into its own RAM
-        // outside the scratch buffer, no EFER write, DR7 breakpoints and
-        // general detect off, CR0/CR4 flips written back); registers it
-        // changes are declared, and an exception resumes after it.
+        // hostile::generate keeps out what would end or wedge this guest (a
+        // store into its own RAM outside the scratch buffer, an EFER write,
+        // armed DR7 breakpoints or general detect; CR0/CR4 flips are
+        // written back).
+        // SAFETY: as above; each block declares what it changes.
         unsafe { run(attack, (&raw mut SCRATCH).cast::<u8>() as u64) };
         let fault = PROBE_FAULT.load(Ordering::Relaxed);
         (fault & PROBE_TAKEN != 0).then_some(fault & !PROBE_TAKEN)
