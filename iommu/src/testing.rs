@@ -73,6 +73,24 @@ impl TestMemory {
         TestMemory { base, pages, allocated: RefCell::new(vec![false; count]), budget: Cell::new(None) }
     }
 
+    /// A copy of this memory: contents, allocations and budget.
+    #[must_use]
+    pub fn duplicate(&self) -> TestMemory {
+        let pages: Box<[Page]> = self
+            .pages
+            .iter()
+            // SAFETY: the page is live and only accessed one thread at a
+            // time (see `read`); the copy is taken before any other access.
+            .map(|page| Page(UnsafeCell::new(unsafe { *page.0.get() })))
+            .collect();
+        TestMemory {
+            base: self.base,
+            pages,
+            allocated: RefCell::new(self.allocated.borrow().clone()),
+            budget: Cell::new(self.budget.get()),
+        }
+    }
+
     /// The RAM range, as `Smmu::adopt` takes it.
     pub fn ram(&self) -> [(u64, u64); 1] {
         [(self.base, self.pages.len() as u64 * PAGE_SIZE)]
@@ -118,10 +136,10 @@ impl TestMemory {
     }
 
     fn fill(&self, first: usize, count: usize, value: u64) {
-        for page in first..first + count {
-            for index in 0..WORDS_PER_PAGE as u64 {
-                self.write(self.base + page as u64 * PAGE_SIZE + index * WORD_BYTES, value);
-            }
+        for page in &self.pages[first..first + count] {
+            // SAFETY: the page is live and only accessed one thread at a
+            // time (see `read`); no reference into it is held across this.
+            unsafe { (*page.0.get()).fill(value) };
         }
     }
 }
@@ -205,7 +223,7 @@ pub enum FakeSte {
     Entry([u64; STE_WORDS]),
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct FakeState {
     idrs: FakeIdrs,
     cr0: u32,
@@ -557,19 +575,73 @@ impl SmmuRegs for FakeSmmu<'_> {
     }
 }
 
-/// The body of the `adopt` fuzz target (`iommu/fuzz`), replayed on stable
-/// by `iommu/tests/fuzz_corpus.rs`: a small running SMMU (two-level
-/// table, 8-entry queues, one assigned stream) whose handed-over state,
-/// memory and registers the input rewrites, as a previous image or a
-/// broken one might leave them. Adopting that state, and the untouched
-/// valid one, gives an SMMU or a typed error, never a panic; never writes
-/// a register; and an SMMU adopted from a state reports that same state.
-pub fn adopt_arbitrary(data: &[u8]) {
-    use crate::smmu::{Smmu, SmmuConfig};
-    use crate::state::Assignment;
+/// The running SMMUs [`adopt_arbitrary`] starts from, built once: the same
+/// small SMMU with a two-level and with a linear stream table (`None`
+/// where it could not be built), as memory, registers and exported state.
+/// Building one costs more than an adopt; a fuzzer keeps this and copies
+/// it for each input.
+#[derive(Debug)]
+pub struct AdoptSetups([Option<AdoptSetup>; 2]);
 
+#[derive(Debug)]
+struct AdoptSetup {
+    mem: TestMemory,
+    registers: FakeState,
+    valid: crate::state::SmmuState,
+}
+
+impl AdoptSetups {
     const BASE: u64 = 0x4000_0000;
     const PAGES: usize = 16;
+
+    pub fn new() -> AdoptSetups {
+        AdoptSetups([
+            Self::build(FakeIdrs::QEMU),
+            Self::build(FakeIdrs { idr0: FakeIdrs::QEMU.idr0 & !(0b11 << 27), ..FakeIdrs::QEMU }),
+        ])
+    }
+
+    /// An SMMU with `idrs`, initialised with 8-entry queues and stream 0x10
+    /// assigned to VMID 1.
+    fn build(idrs: FakeIdrs) -> Option<AdoptSetup> {
+        use crate::smmu::{Smmu, SmmuConfig};
+        let mem = TestMemory::new(Self::BASE, Self::PAGES);
+        let (registers, valid) = {
+            let fake = FakeSmmu::new(&mem, idrs);
+            let config =
+                SmmuConfig { evtq_log2_entries: 3, cmdq_log2_entries: 3, spin_budget: 64, ..SmmuConfig::default() };
+            let mut smmu = Smmu::init(fake.clone(), &mem, &mut &mem, config).ok()?;
+            smmu.assign(&mut &mem, 0x10, 1, Self::BASE + (Self::PAGES as u64 - 1) * PAGE_SIZE).ok()?;
+            let valid = smmu.state();
+            drop(smmu);
+            fake.take_writes();
+            let registers = fake.state.borrow().clone();
+            (registers, valid)
+        };
+        Some(AdoptSetup { mem, registers, valid })
+    }
+}
+
+impl Default for AdoptSetups {
+    fn default() -> AdoptSetups {
+        AdoptSetups::new()
+    }
+}
+
+/// The body of the `adopt` fuzz target (`iommu/fuzz`), replayed on stable
+/// by `iommu/tests/fuzz_corpus.rs`: a small running SMMU (two-level
+/// table, 8-entry queues, one assigned stream; a copy of one of `setups`)
+/// whose handed-over state, memory and registers the input rewrites, as a
+/// previous image or a broken one might leave them. Adopting that state,
+/// and the untouched valid one, gives an SMMU or a typed error, never a
+/// panic; never writes a register; and an SMMU adopted from a state
+/// reports that same state.
+pub fn adopt_arbitrary(setups: &AdoptSetups, data: &[u8]) {
+    use crate::smmu::Smmu;
+    use crate::state::Assignment;
+
+    const BASE: u64 = AdoptSetups::BASE;
+    const PAGES: usize = AdoptSetups::PAGES;
     let mut input = data;
     let mut byte = || {
         let (&b, rest) = input.split_first().unwrap_or((&0, &[]));
@@ -577,22 +649,12 @@ pub fn adopt_arbitrary(data: &[u8]) {
         b
     };
     let mut word = |n: usize| (0..n).fold(0u64, |acc, k| acc | (u64::from(byte()) << (8 * k)));
-    let idrs = if word(1) & 1 == 0 {
-        FakeIdrs::QEMU
-    } else {
-        // IDR0.ST_LEVEL = 0b00: a linear stream table only.
-        FakeIdrs { idr0: FakeIdrs::QEMU.idr0 & !(0b11 << 27), ..FakeIdrs::QEMU }
-    };
-    let mem = TestMemory::new(BASE, PAGES);
-    let fake = FakeSmmu::new(&mem, idrs);
-    let config = SmmuConfig { evtq_log2_entries: 3, cmdq_log2_entries: 3, spin_budget: 64, ..SmmuConfig::default() };
-    let Ok(mut smmu) = Smmu::init(fake.clone(), &mem, &mut &mem, config) else { return };
-    if smmu.assign(&mut &mem, 0x10, 1, BASE + (PAGES as u64 - 1) * PAGE_SIZE).is_err() {
-        return;
-    }
-    let valid = smmu.state();
-    drop(smmu);
-    fake.take_writes();
+    // Even: a two-level stream table; odd: IDR0.ST_LEVEL = 0b00, a linear
+    // stream table only.
+    let Some(setup) = &setups.0[usize::from(word(1) & 1 == 1)] else { return };
+    let mem = setup.mem.duplicate();
+    let fake = FakeSmmu { mem: &mem, state: Rc::new(RefCell::new(setup.registers.clone())) };
+    let valid = setup.valid.clone();
 
     let mut state = valid.clone();
     let fields = word(2);

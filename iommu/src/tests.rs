@@ -931,11 +931,12 @@ fn every_adopt_fuzz_corpus_input_is_handled() {
     extern crate std;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut replayed = 0;
+    let setups = crate::testing::AdoptSetups::new();
     for dir in ["corpus", "regressions"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir).join("adopt")) else { continue };
         for entry in entries.flatten() {
             let data = std::fs::read(entry.path()).unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
-            crate::testing::adopt_arbitrary(&data);
+            crate::testing::adopt_arbitrary(&setups, &data);
             replayed += 1;
         }
     }

@@ -74,6 +74,17 @@ impl Arena {
         }
     }
 
+    /// Every page zeroed and none handed out, as [`Arena::new`] leaves it.
+    pub fn reset(&self) {
+        for page in &self.pages {
+            // SAFETY: as in `read_word`: no reference into page memory is
+            // held while the page is written.
+            unsafe { (*page.0.get()).fill(0) };
+        }
+        *self.frames.borrow_mut() =
+            Frames { free: Vec::new(), untouched: 0, live: BTreeSet::new(), limit: self.pages.len() };
+    }
+
     /// The physical addresses the arena simulates.
     pub fn ram(&self) -> Range<u64> {
         self.base..self.base + self.pages.len() as u64 * PAGE_SIZE
@@ -113,11 +124,13 @@ impl Arena {
 
     /// Every word of the pages in `range`, in address order.
     pub fn words(&self, range: &Range<u64>) -> Vec<u64> {
-        range
-            .clone()
-            .step_by(PAGE_SIZE as usize)
-            .flat_map(|pa| (0..ENTRIES_PER_NODE).map(move |i| self.read_word(pa, i)))
-            .collect()
+        let mut words = Vec::with_capacity(((range.end - range.start) / PAGE_SIZE) as usize * ENTRIES_PER_NODE);
+        for pa in range.clone().step_by(PAGE_SIZE as usize) {
+            // SAFETY: as in `read_word`: a whole page of this arena, copied
+            // while no reference into page memory is held.
+            words.extend_from_slice(unsafe { &*self.page_ptr(pa).cast::<[u64; ENTRIES_PER_NODE]>() });
+        }
+        words
     }
 
     /// A copy of the memory and the allocation state at the same physical
@@ -237,28 +250,36 @@ pub enum FuzzOutcome {
 /// outside RAM or shared, counts that disagree with the runs, frames lost by
 /// an update, pages leaked): the bugs the fuzz target looks for.
 pub fn adopt_arbitrary(data: &[u8]) -> FuzzOutcome {
-    // RAM pages first, then spare pages for the adopting image's allocations.
-    let arena = Arena::new(FUZZ_BASE, FUZZ_RAM_PAGES + 56);
+    adopt_arbitrary_in(&fuzz_arena(), data)
+}
+
+/// An arena for [`adopt_arbitrary_in`]: the RAM pages first, then spare
+/// pages for the adopting image's allocations.
+pub fn fuzz_arena() -> Arena {
+    Arena::new(FUZZ_BASE, FUZZ_RAM_PAGES + 56)
+}
+
+/// [`adopt_arbitrary`] in `arena` (from [`fuzz_arena`]), which is reset
+/// first: a fuzzer keeps one arena instead of allocating one per input.
+pub fn adopt_arbitrary_in(arena: &Arena, data: &[u8]) -> FuzzOutcome {
+    assert!(arena.base == FUZZ_BASE && arena.pages.len() == FUZZ_RAM_PAGES + 56, "not a fuzz_arena");
+    arena.reset();
     let ram = FUZZ_BASE..FUZZ_BASE + FUZZ_RAM_PAGES as u64 * PAGE_SIZE;
-    let mut frames = &arena;
+    let mut frames = arena;
     for _ in 0..FUZZ_RAM_PAGES {
         frames.alloc_frame();
     }
     let (head, body) = data.split_at(data.len().min(3));
     let roots: [u64; 3] = core::array::from_fn(|i| head.get(i).map_or(0, |&b| fuzz_root(b)));
-    let mut words = body
-        .chunks(8)
-        .map(|chunk| {
-            let mut bytes = [0_u8; 8];
-            bytes[..chunk.len()].copy_from_slice(chunk);
-            decode_fuzz_word(u64::from_le_bytes(bytes))
-        })
-        .chain(core::iter::repeat(0));
-    for page in 0..FUZZ_RAM_PAGES as u64 {
-        for index in 0..ENTRIES_PER_NODE {
-            let word = words.next().unwrap_or(0);
-            arena.write_word(FUZZ_BASE + page * PAGE_SIZE, index, word);
-        }
+    // Words past the input stay as the arena starts them: zero.
+    let words = body.chunks(8).map(|chunk| {
+        let mut bytes = [0_u8; 8];
+        bytes[..chunk.len()].copy_from_slice(chunk);
+        decode_fuzz_word(u64::from_le_bytes(bytes))
+    });
+    for (k, word) in words.take(FUZZ_RAM_PAGES * ENTRIES_PER_NODE).enumerate() {
+        let (page, index) = ((k / ENTRIES_PER_NODE) as u64, k % ENTRIES_PER_NODE);
+        arena.write_word(FUZZ_BASE + page * PAGE_SIZE, index, word);
     }
     let live_before = arena.live_set();
     let memory_before = arena.words(&ram);
@@ -270,7 +291,7 @@ pub fn adopt_arbitrary(data: &[u8]) -> FuzzOutcome {
         Ok(mut map) => {
             let nodes = check_adopted(&map, &ram);
             let outcome = FuzzOutcome::Adopted { frames: map.frame_count(), nodes: nodes.len() as u64 };
-            exercise(&mut map, &arena);
+            exercise(&mut map, arena);
             map.clear_all(&mut frames);
             assert!(map.is_empty());
             // Every page that was a node is free again; the other RAM pages
