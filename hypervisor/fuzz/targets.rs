@@ -85,6 +85,9 @@ impl HvContext for Hv {
     fn partition_state(&self, id: u64) -> Option<PartitionState> {
         (id == 1).then_some(PartitionState::Running)
     }
+    fn update_staging(&self) -> bool {
+        false
+    }
 }
 
 /// Hypercalls: control, input and output words (any value: addresses in

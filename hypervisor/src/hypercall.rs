@@ -55,6 +55,8 @@ pub trait HvContext {
     fn update_count(&self) -> u64;
     fn cpus(&self) -> u64;
     fn partition_state(&self, id: u64) -> Option<PartitionState>;
+    /// Whether a live update is being staged (`GET_UPDATE_PHASE`).
+    fn update_staging(&self) -> bool;
 }
 
 /// The [`HvContext`] of the running image: its version and build, plus
@@ -65,6 +67,8 @@ pub struct RunningHv<F: Fn(u64) -> Option<PartitionState>> {
     pub cpus: u64,
     /// The state of partition `id`, if it exists.
     pub partition_state: F,
+    /// A live update is being staged.
+    pub update_staging: bool,
 }
 
 impl<F: Fn(u64) -> Option<PartitionState>> HvContext for RunningHv<F> {
@@ -82,6 +86,9 @@ impl<F: Fn(u64) -> Option<PartitionState>> HvContext for RunningHv<F> {
     }
     fn partition_state(&self, id: u64) -> Option<PartitionState> {
         (self.partition_state)(id)
+    }
+    fn update_staging(&self) -> bool {
+        self.update_staging
     }
 }
 
@@ -188,6 +195,10 @@ pub fn dispatch(
         }
         call::YIELD if want_fast(true) => Outcome { action: Action::Yield, ..Outcome::ok() },
         call::SHUTDOWN_SELF if want_fast(true) => Outcome { action: Action::ShutdownSelf, ..Outcome::ok() },
+        call::GET_UPDATE_PHASE if want_fast(true) => {
+            let phase = if hv.update_staging() { hvcall::UPDATE_PHASE_STAGING } else { hvcall::UPDATE_PHASE_IDLE };
+            Outcome { fast_output: Some(phase), ..Outcome::ok() }
+        }
         call::GET_PARTITION_STATE if want_fast(true) => {
             if !caller.privileged {
                 return Outcome::status(Status::AccessDenied);
@@ -228,6 +239,7 @@ pub fn dispatch(
         | call::YIELD
         | call::SHUTDOWN_SELF
         | call::GET_PARTITION_STATE
+        | call::GET_UPDATE_PHASE
         | call::LIVE_UPDATE
         | call::TEST_FAIL_NEXT_FREEZE => Outcome::status(Status::InvalidHypercallInput),
         _ => Outcome::status(Status::InvalidHypercallCode),
@@ -274,6 +286,9 @@ mod tests {
         }
         fn partition_state(&self, id: u64) -> Option<PartitionState> {
             (id < 2).then_some(PartitionState::Running)
+        }
+        fn update_staging(&self) -> bool {
+            true
         }
     }
 
@@ -346,6 +361,10 @@ mod tests {
         assert_eq!((o.status, o.fast_output), (Status::Success, Some(0)));
         let (o, ..) = run(&guest(true), ctl(call::GET_PARTITION_STATE, true, 0), 9, 0);
         assert_eq!(o.status, Status::InvalidParameter);
+        let (o, ..) = run(&guest(false), ctl(call::GET_UPDATE_PHASE, true, 0), 0, 0);
+        assert_eq!((o.status, o.fast_output), (Status::Success, Some(hvcall::UPDATE_PHASE_STAGING)));
+        let (o, ..) = run(&guest(false), ctl(call::GET_UPDATE_PHASE, false, 0), 0, 0);
+        assert_eq!(o.status, Status::InvalidHypercallInput);
         let (o, ..) = run(&guest(false), ctl(call::YIELD, true, 0), 0, 0);
         assert_eq!(o.action, Action::Yield);
         let (o, ..) = run(&guest(false), ctl(call::SHUTDOWN_SELF, true, 0), 0, 0);

@@ -346,6 +346,16 @@ impl<R: SmmuRegs, P: PhysToVirt> Smmu<R, P> {
         self.evtq.poll(&mut self.regs, &self.phys, &mut sink)
     }
 
+    /// Event records the SMMU has written and [`Smmu::poll_events`] has not
+    /// yet taken (reads EVENTQ_PROD, writes nothing): after an adopt, the
+    /// faults recorded since the previous image last polled, in its
+    /// blackout included. `None` if PROD is inconsistent with CONS.
+    pub fn events_waiting(&self) -> Option<u32> {
+        let prod = self.regs.read32(EVENTQ_PROD) & !EVENTQ_OVERFLOW;
+        let ring = self.evtq.ring;
+        (ring.is_pointer(prod) && ring.is_consistent(prod, self.evtq.cons)).then(|| ring.used(prod, self.evtq.cons))
+    }
+
     /// The state a next image needs to adopt this SMMU (plain integers, for
     /// a handover state record). Take it once the command queue is drained
     /// (after any successful call, it is).

@@ -606,6 +606,28 @@ fn adopt<'m>(fake: &FakeSmmu<'m>, mem: &'m TestMemory, state: &SmmuState) -> Res
     adopted
 }
 
+/// Faults the SMMU records after the old image's last poll (in its
+/// blackout) wait in the queue for the new image: counted at adopt, each
+/// taken once by its first poll.
+#[test]
+fn events_recorded_across_an_adopt_are_taken_once_by_the_new_image() {
+    let mem = ram();
+    let (fake, old, state) = running(&mem, FakeIdrs::QEMU);
+    assert_eq!(old.events_waiting(), Some(0));
+    drop(old);
+    for stream in [0x10, 0x11] {
+        assert!(fake.inject_event(record(0x10, stream, 0, 0, 0)));
+    }
+    let mut new = adopt(&fake, &mem, &state).expect("adopt");
+    assert_eq!(new.events_waiting(), Some(2));
+    let mut seen = Vec::new();
+    let summary = new.poll_events(|e| seen.push(e.stream_id)).expect("poll");
+    assert_eq!((summary.events, seen), (2, vec![0x10, 0x11]));
+    assert_eq!(new.events_waiting(), Some(0));
+    fake.force32(EVENTQ_PROD, 0xffff_0000);
+    assert_eq!(new.events_waiting(), None, "a corrupt PROD is not a count");
+}
+
 #[test]
 fn adopt_round_trip_keeps_translation_running() {
     for idrs in [FakeIdrs::QEMU, linear_idrs()] {

@@ -194,6 +194,24 @@ pub fn with_break_mode(image: &BuiltImage, mode: &str) -> Result<PathBuf, Launch
     Ok(path)
 }
 
+/// [`with_break_mode`] as an image to boot: on aarch64 the patched Image;
+/// on x86_64 the patched ELF as `hv.elf` in a directory of its own (`<mode>/`
+/// beside the build), where [`iso_with_modules`] finds it and puts the ISO.
+pub fn break_mode_image(image: &BuiltImage, mode: &str) -> Result<BuiltImage, LaunchError> {
+    let patched = with_break_mode(image, mode)?;
+    let bootable = match image.arch {
+        Arch::Aarch64 => patched,
+        Arch::X86_64 => {
+            let dir = patched.with_file_name(mode);
+            fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            let elf = dir.join("hv.elf");
+            fs::copy(&patched, &elf).map_err(io_err(format!("copying to {}", elf.display())))?;
+            dir.join("hv.iso")
+        }
+    };
+    Ok(BuiltImage { arch: image.arch, elf: image.elf.clone(), bootable })
+}
+
 /// Builds the image of the source tree at `src` (another revision's work
 /// tree, say) into `dir`, compiling in `target_dir`; sealed and wrapped by
 /// this launcher, whose formats every revision shares.

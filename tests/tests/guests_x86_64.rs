@@ -115,7 +115,7 @@ fn default_guests_run_isolated_on_both_cpus() {
     // The hypercall exerciser: every status as documented.
     let ex = id_of(&run, "exerciser");
     let checks = run.guest(ex, "hypercall");
-    check(&run, checks.len() == 15, "15 hypercall checks");
+    check(&run, checks.len() == 17, "17 hypercall checks");
     for c in &checks {
         check(&run, c.num("ok") == Some(1) && c.get("status") == c.get("expected"), &format!("check {c:?}"));
     }

@@ -1,12 +1,13 @@
 //! Device assignment behind the SMMUv3 on aarch64 (QEMU `iommu=smmuv3`,
 //! `-device edu`): DMA through the guest's stage-2 table, DMA isolation,
-//! and DMA that keeps flowing across ten live updates.
+//! DMA that keeps flowing across ten live updates, and faults that come
+//! while an update is under way.
 
 use std::time::Duration;
 
 use hv_tests::emulator::{self, RunOutcome, RunSpec};
 use hv_tests::guests::{self, GuestArg};
-use hv_tests::image::{self, ImageSpec, UPDATE_B_VERSION};
+use hv_tests::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
 use hv_tests::{Arch, Machine};
 
 fn guest(bin: &str, opts: &str) -> GuestArg {
@@ -17,15 +18,19 @@ fn guest(bin: &str, opts: &str) -> GuestArg {
 fn boot(name: &str, list: &[GuestArg]) -> RunOutcome {
     let image =
         image::build(&ImageSpec { arch: Arch::Aarch64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
+    boot_image(name, &image, list, Duration::from_secs(150))
+}
+
+fn boot_image(name: &str, image: &BuiltImage, list: &[GuestArg], timeout: Duration) -> RunOutcome {
     let mut spec = RunSpec::new(name, Machine::Qemu);
-    spec.timeout = Duration::from_secs(150);
+    spec.timeout = timeout;
     let dir = emulator::run_dir(&spec);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let placed = guests::place(list, u64::from(spec.mem_mib), &dir).unwrap_or_else(|e| panic!("{e}"));
     spec.blobs = placed.blobs;
     spec.cmdline = Some(placed.cmdline);
     spec.devices = placed.needs_devices;
-    emulator::run(&image, &spec).unwrap_or_else(|e| panic!("{e}"))
+    emulator::run(image, &spec).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn check(run: &RunOutcome, ok: bool, what: &str) {
@@ -126,4 +131,97 @@ fn dma_keeps_flowing_across_ten_updates() {
     };
     check(&run, during >= 2, "DMA progress between the first and the last update");
     check(&run, run.hv("fault").is_empty(), "no SMMU fault");
+}
+
+/// Issue 15 item 5: faults while an update is under way. The images are
+/// test builds in the `slow` mode (`HV_TEST_BREAK_RESTORE`): 400 ms more
+/// of brownout when staging the next image and of blackout before the
+/// SMMU is adopted. Guests: CPU 0 the updater and a memcheck; CPU 1 a
+/// guest that waits until an update is being staged (GET_UPDATE_PHASE)
+/// and then makes an access the hypervisor stops it for, and a dma guest
+/// that DMAs outside its RAM, one blocked DMA always in flight, so that
+/// some complete while the machine is in the blackout.
+///
+/// The fault stops its guest in the first update's brownout; the update
+/// goes through and the guest stays stopped in every later image. Every
+/// blocked DMA is reported exactly once, against the dma guest, by the
+/// image that was running when it was polled; those of the blackout
+/// wait in the event queue (`iommu-adopted events_waiting=`) for the new
+/// image. The other guests' memory is untouched.
+#[test]
+fn faults_in_the_brownout_and_dma_faults_in_the_blackout_leave_updates_consistent() {
+    const UPDATES: u64 = 4;
+    let slow: Vec<BuiltImage> = (0..2)
+        .map(|slot| {
+            let spec = ImageSpec { arch: Arch::Aarch64, version: Some("0.1.8".into()), slot };
+            let built = image::build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")])
+                .unwrap_or_else(|e| panic!("{e}"));
+            image::break_mode_image(&built, "slow").unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let images: Vec<_> = (0..UPDATES as usize).map(|k| slow[(k + 1) % 2].bootable.clone()).collect();
+    let upd = guests::updater_guest(Arch::Aarch64, &images, 16, &format!("updates={UPDATES} delay_ms=100"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // vCPU n runs on CPU n mod 2, in the order of the list.
+    let target = 0x7000_0000u64;
+    let dma = guest("dma", &format!(",device=00:02.0,cmdline=\"dma_addr={target:#x} updates={UPDATES}\""));
+    let mc = guest("memcheck", ",mem=16M,cmdline=\"passes=40\"");
+    let faulter = guest("isolation", ",cmdline=\"at_staging=1\"");
+    let run = boot_image("test-iommu-update-faults", &slow[0], &[upd, dma, mc, faulter], Duration::from_secs(400));
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let done = run.hv("update-done");
+    check(&run, done.len() == UPDATES as usize, "every update done");
+
+    // The guest fault: in the first update's brownout, one stop, for good.
+    let f = id_of(&run, "isolation");
+    let probe = run.guest(f, "probe");
+    check(&run, probe.iter().any(|e| e.num("staging") == Some(1)), "the faulter saw an update being staged");
+    check(&run, !probe.iter().any(|e| e.get("survived").is_some()), "the access did not come back");
+    let faults: Vec<_> = run.hv("fault").into_iter().filter(|e| e.num("guest") == Some(u64::from(f))).collect();
+    check(&run, faults.len() == 1 && faults[0].get("kind") == Some("undecodable-mmio"), "one fault stops the faulter");
+    let lines: Vec<&str> = run.serial.lines().collect();
+    let at = |prefix: &str| lines.iter().position(|l| l.starts_with(prefix));
+    let stop = lines.iter().position(|l| l.starts_with("hv: guest-stop") && l.contains(&format!("id={f} ")));
+    // GET_UPDATE_PHASE says staging from the request on, before `hv:
+    // update-begin` (printed once the image is placed).
+    check(
+        &run,
+        matches!((stop, at("hv: update-done")), (Some(s), Some(d)) if s < d),
+        "the faulter stopped while the first update was staged, before it was done",
+    );
+    let stops = lines.iter().filter(|l| l.starts_with("hv: guest-stop") && l.contains(&format!("id={f} "))).count();
+    check(&run, stops == 1, "stopped once: no later image runs it again");
+    let own = format!("guest{f}: ");
+    check(
+        &run,
+        stop.is_some_and(|s| !lines[s..].iter().any(|l| l.starts_with(&own))),
+        "nothing from the faulter after its stop",
+    );
+
+    // The SMMU events: some waited through a blackout, each reported once.
+    let adopted = run.hv("iommu-adopted");
+    let waiting: Vec<u64> = adopted.iter().filter_map(|e| e.num("events_waiting")).collect();
+    eprintln!("events waiting at each adopt: {waiting:?}");
+    check(&run, waiting.len() == UPDATES as usize, "every new image adopts the SMMU and counts its events");
+    // One blocked DMA is always in flight on CPU 1 and takes ~100 ms of
+    // virtual time; the blackout is 400 ms longer than usual.
+    check(&run, waiting.iter().all(|&n| n >= 1), "a blocked DMA landed in every blackout");
+    let d = id_of(&run, "dma");
+    let verdict = run.guest(d, "dma").into_iter().find(|e| e.num("probes").is_some());
+    let probes = verdict.and_then(|e| e.num("probes")).unwrap_or(0);
+    check(&run, verdict.is_some_and(|e| e.num("updates_seen") == Some(UPDATES)), "the DMAs spanned every update");
+    let smmu: Vec<_> = run.hv("fault").into_iter().filter(|e| e.get("kind") == Some("smmu")).collect();
+    check(
+        &run,
+        smmu.iter().all(|e| e.num("guest") == Some(u64::from(d)) && e.num("addr") == Some(target)),
+        "every SMMU fault is the dma guest's, at its target",
+    );
+    let reported: u64 = smmu.iter().filter_map(|e| e.num("count")).sum();
+    eprintln!("blocked DMAs: {probes}, SMMU faults reported: {reported}");
+    check(&run, probes > 0 && reported == probes, "every blocked DMA reported exactly once");
+
+    let m = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(m, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");
 }

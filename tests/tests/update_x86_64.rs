@@ -443,3 +443,55 @@ fn live_updates_go_through_while_a_hostile_guest_attacks() {
     check(&run, verdict.is_some_and(|e| e.num("ok") == Some(1)), "the updater saw every update succeed");
     memcheck_ok(&run);
 }
+
+/// Issue 15 item 5 on x86_64: a guest fault while an update is staged.
+/// The images are test builds in the `slow` mode (400 ms more of
+/// brownout, `HV_TEST_BREAK_RESTORE`); an isolation guest on CPU 1 waits
+/// until an update is being staged (GET_UPDATE_PHASE) and does string
+/// I/O, which the hypervisor stops it for. The update goes through, the
+/// stopped guest stays stopped in every later image, and the others run
+/// on untouched.
+#[test]
+fn a_guest_fault_while_an_update_is_staged_stops_only_that_guest() {
+    let slow: Vec<BuiltImage> = (0..2)
+        .map(|slot| {
+            let spec = ImageSpec { arch: Arch::X86_64, version: Some("0.1.8".into()), slot };
+            let built = image::build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")])
+                .unwrap_or_else(|e| panic!("{e}"));
+            image::break_mode_image(&built, "slow").unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let images = [slow[1].update_image(), slow[0].update_image()];
+    // heartbeat, memcheck, updater, then the faulter: vCPU n runs on CPU
+    // n mod 2, so the faulter is on CPU 1, the updater on CPU 0.
+    let mut list = guests_with_updater(&images, "updates=2 delay_ms=100");
+    let dir = guests::build_test_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
+    let spec = format!("{},mem=4,cmdline=\"at_staging=1\"", dir.join("isolation.bin").display());
+    list.push(GuestArg::parse(&spec).unwrap_or_else(|e| panic!("{e}")));
+    let run = run("test-x86_64-update-fault", &slow[0], &list, 192);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    check(&run, run.hv("update-done").len() == 2, "both updates done");
+    let f = id_of(&run, "isolation");
+    let probe = run.guest(f, "probe");
+    check(&run, probe.iter().any(|e| e.num("staging") == Some(1)), "the faulter saw an update being staged");
+    check(&run, !probe.iter().any(|e| e.get("survived").is_some()), "the string I/O did not come back");
+    let faults = run.hv("fault");
+    check(
+        &run,
+        faults.len() == 1
+            && faults[0].get("kind") == Some("unsupported-io")
+            && faults[0].num("guest") == Some(u64::from(f)),
+        "one fault, the faulter's",
+    );
+    let lines: Vec<&str> = run.serial.lines().collect();
+    let own_stop = |l: &&str| l.starts_with("hv: guest-stop") && l.contains(&format!("id={f} "));
+    let stop = lines.iter().position(own_stop);
+    let first_done = lines.iter().position(|l| l.starts_with("hv: update-done"));
+    check(
+        &run,
+        matches!((stop, first_done), (Some(s), Some(d)) if s < d),
+        "stopped while the first update was staged, before it was done",
+    );
+    check(&run, lines.iter().filter(|l| own_stop(l)).count() == 1, "stopped once: no later image runs it again");
+    memcheck_ok(&run);
+}

@@ -39,6 +39,10 @@ pub mod call {
     /// Fast call, privileged: input = partition id, output = its
     /// [`super::PartitionState`].
     pub const GET_PARTITION_STATE: u16 = 0x0006;
+    /// Fast call: output = the live update's phase as the running guests
+    /// can see it ([`super::UPDATE_PHASE_IDLE`] or
+    /// [`super::UPDATE_PHASE_STAGING`]).
+    pub const GET_UPDATE_PHASE: u16 = 0x0007;
     /// Memory call, privileged: input = GPA of an [`super::UpdateRequest`]
     /// naming a new hypervisor image in the caller's RAM. Returns after the
     /// update (in the new image) or its refusal/cancellation.
@@ -47,6 +51,15 @@ pub mod call {
     /// phase fails, so the update is cancelled.
     pub const TEST_FAIL_NEXT_FREEZE: u16 = 0x0011;
 }
+
+/// `GET_UPDATE_PHASE`: no live update is under way.
+pub const UPDATE_PHASE_IDLE: u64 = 0;
+/// `GET_UPDATE_PHASE`: a live update was requested and is being staged
+/// (the new image copied, checked and placed while the guests run); the
+/// freeze follows, or a refusal. Guests never run in the later phases
+/// (freeze, kexec, restore): the next thing they see is idle again, with
+/// `update_count` one higher, or unchanged if the update did not happen.
+pub const UPDATE_PHASE_STAGING: u64 = 1;
 
 /// The input of `LIVE_UPDATE`, 16 bytes little-endian, 8-byte aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -56,6 +56,9 @@ pub struct Args {
     pub seed: Option<u64>,
     /// hostile: attacks to make.
     pub ops: Option<u64>,
+    /// isolation: wait until a live update is being staged, then make an
+    /// access the hypervisor does not emulate (`at_staging=1`).
+    pub at_staging: bool,
 }
 
 /// Why the bootargs were refused.
@@ -113,6 +116,7 @@ impl Args {
                         _ => return Err(ArgError::InvalidFlag { key: "arm" }),
                     }
                 }
+                "at_staging" => args.at_staging = flag("at_staging", value)?,
                 "masked_wfi" => {
                     args.masked_wfi = match value {
                         "1" => true,
@@ -145,6 +149,14 @@ impl Args {
             }
         }
         Ok(args)
+    }
+}
+
+fn flag(key: &'static str, value: &str) -> Result<bool, ArgError> {
+    match value {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        _ => Err(ArgError::InvalidFlag { key }),
     }
 }
 

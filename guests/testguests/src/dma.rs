@@ -8,12 +8,15 @@
 //! (default 20), `updates=<n>`: transfer until the hypervisor was updated
 //! n times, then two more (at most `transfers=`), `dma_addr=<GPA>`:
 //! instead, DMA into that address (outside this guest's RAM) — the SMMU
-//! must block it.
+//! must block it; with `updates=` too, one such DMA after another, one
+//! always in flight, until the hypervisor was updated n times (then two
+//! more), so that some complete while an update is in its blackout.
 //!
 //! Lines: `dma device=edu id=0x..` then `dma transfers=<n> ok=<n> bad=<n>`
 //! every 5 transfers and `dma done=1 ...` at the end (with `updates=`:
 //! `updates_seen=<n> stalled=<0|1>` too); with `dma_addr=`:
-//! `dma probe addr=0x.. completed=<0|1>`.
+//! `dma probe=1 addr=0x.. completed=<n> probes=<n>` (and with `updates=`,
+//! `updates_seen=<n> stalled=<0|1>`).
 
 use crate::updater::hv_info;
 use crate::{Env, Guest, Line};
@@ -62,11 +65,16 @@ fn write(bar: u64, reg: u64, value: u64) {
     unsafe { core::ptr::write_volatile((bar + reg) as *mut u64, value) }
 }
 
-/// Runs one DMA and waits for it; false on timeout.
-fn dma<G: Guest>(g: &G, bar: u64, src: u64, dst: u64, to_ram: bool) -> bool {
+/// Bytes of each blocked DMA (`dma_addr=`): one. QEMU's SMMU reports a
+/// blocked DMA once per byte (the translation it answers a fault with
+/// covers one byte), so a 4 KiB one would overflow the event queue.
+const PROBE_BYTES: u64 = 1;
+
+/// Runs one DMA of `bytes` and waits for it; false on timeout.
+fn dma<G: Guest>(g: &G, bar: u64, (src, dst, bytes): (u64, u64, u64), to_ram: bool) -> bool {
     write(bar, EDU_DMA_SRC, src);
     write(bar, EDU_DMA_DST, dst);
-    write(bar, EDU_DMA_COUNT, CHUNK as u64);
+    write(bar, EDU_DMA_COUNT, bytes);
     write(bar, EDU_DMA_CMD, CMD_START | if to_ram { CMD_TO_RAM } else { 0 });
     let deadline = g.counter().saturating_add(g.counter_frequency() / 1000 * DMA_TIMEOUT_MS);
     while read(bar, EDU_DMA_CMD) & CMD_START != 0 {
@@ -99,21 +107,31 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
     let src = core::ptr::addr_of_mut!(SRC);
     let dst = core::ptr::addr_of_mut!(DST);
     let (src_gpa, dst_gpa) = (g.gpa_of(src.cast::<u8>()), g.gpa_of(dst.cast::<u8>()));
+    let mut watch = args.updates.map(|wanted| UpdateWatch::new(g, wanted));
     if let Some(addr) = args.dma_addr {
         // Device to RAM, at an address outside this guest: the SMMU must
         // stop it (the device still completes, the write goes nowhere).
-        let completed = dma(g, bar, EDU_BUFFER, addr, true);
-        g.write_line(Line::event("dma").field("probe", 1).hex("addr", addr).flag("completed", completed));
+        let (mut probes, mut completed) = (0u64, 0u64);
+        loop {
+            probes += 1;
+            completed += u64::from(dma(g, bar, (EDU_BUFFER, addr, PROBE_BYTES), true));
+            if watch.as_mut().is_none_or(|w| w.done(g)) {
+                break;
+            }
+        }
+        let mut line = Line::event("dma");
+        line.field("probe", 1).hex("addr", addr).field("completed", completed).field("probes", probes);
+        if let Some(w) = &watch {
+            line.field("updates_seen", w.seen()).flag("stalled", w.stalled);
+        }
+        g.write_line(&line);
         return;
     }
     let transfers = args.transfers.unwrap_or(DEFAULT_TRANSFERS);
     // With `updates=n`: transfer until the hypervisor has been live-updated
     // n times since this guest started, then two more (the DMA spans every
-    // update); `transfers=` still caps the run, and 60 s of guest time
-    // without an update ends it (`stalled=1`).
-    let first_count = args.updates.and_then(|_| hv_info(g)).map_or(0, |i| i.update_count);
-    let (mut ok, mut bad, mut after_last, mut stalled) = (0u64, 0u64, 0u64, false);
-    let (mut last_count, mut last_change) = (first_count, g.counter());
+    // update); `transfers=` still caps the run.
+    let (mut ok, mut bad) = (0u64, 0u64);
     let mut k = 0;
     while k < transfers {
         if transfer(g, bar, k, (src, src_gpa), (dst, dst_gpa)) {
@@ -125,27 +143,55 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
         if k % 5 == 0 {
             g.write_line(Line::event("dma").field("transfers", k).field("ok", ok).field("bad", bad));
         }
-        let Some(wanted) = args.updates else { continue };
-        let count = hv_info(g).map_or(last_count, |i| i.update_count);
-        if count != last_count {
-            (last_count, last_change) = (count, g.counter());
-        } else if g.counter().saturating_sub(last_change) > g.counter_frequency().saturating_mul(STALL_SECONDS) {
-            stalled = true;
+        if watch.as_mut().is_some_and(|w| w.done(g)) {
             break;
-        }
-        if last_count.saturating_sub(first_count) >= wanted {
-            after_last += 1;
-            if after_last > 2 {
-                break;
-            }
         }
     }
     let mut line = Line::event("dma");
     line.flag("done", true).field("transfers", k).field("ok", ok).field("bad", bad);
-    if args.updates.is_some() {
-        line.field("updates_seen", last_count.saturating_sub(first_count)).flag("stalled", stalled);
+    if let Some(w) = &watch {
+        line.field("updates_seen", w.seen()).flag("stalled", w.stalled);
     }
     g.write_line(&line);
+}
+
+/// `updates=n`: counts the hypervisor's live updates (GET_HV_INFO) after
+/// each DMA; done two DMAs after the n-th, or after [`STALL_SECONDS`] of
+/// guest time without an update (`stalled`).
+struct UpdateWatch {
+    wanted: u64,
+    first: u64,
+    last: u64,
+    last_change: u64,
+    after_last: u64,
+    stalled: bool,
+}
+
+impl UpdateWatch {
+    fn new<G: Guest>(g: &mut G, wanted: u64) -> Self {
+        let first = hv_info(g).map_or(0, |i| i.update_count);
+        Self { wanted, first, last: first, last_change: g.counter(), after_last: 0, stalled: false }
+    }
+
+    /// Updates seen since the start.
+    fn seen(&self) -> u64 {
+        self.last.saturating_sub(self.first)
+    }
+
+    /// Called after each DMA: whether to stop.
+    fn done<G: Guest>(&mut self, g: &mut G) -> bool {
+        let count = hv_info(g).map_or(self.last, |i| i.update_count);
+        if count != self.last {
+            (self.last, self.last_change) = (count, g.counter());
+        } else if g.counter().saturating_sub(self.last_change) > g.counter_frequency().saturating_mul(STALL_SECONDS) {
+            self.stalled = true;
+            return true;
+        }
+        if self.seen() >= self.wanted {
+            self.after_last += 1;
+        }
+        self.after_last > 2
+    }
 }
 
 /// Transfer `k`: the pattern from `src` to the device and back into
@@ -161,7 +207,8 @@ fn transfer<G: Guest>(g: &G, bar: u64, k: u64, src: (*mut Page, u64), dst: (*mut
             core::ptr::write_volatile(dst.cast::<u8>().add(i), 0);
         }
     }
-    let moved = dma(g, bar, src_gpa, EDU_BUFFER, false) && dma(g, bar, EDU_BUFFER, dst_gpa, true);
+    let chunk = CHUNK as u64;
+    let moved = dma(g, bar, (src_gpa, EDU_BUFFER, chunk), false) && dma(g, bar, (EDU_BUFFER, dst_gpa, chunk), true);
     // SAFETY: as above; the DMA has completed.
     moved && (0..CHUNK).all(|i| unsafe { core::ptr::read_volatile(dst.cast::<u8>().add(i)) } == pattern(k, i))
 }

@@ -148,11 +148,13 @@ impl Check {
 
 /// Every check, in the order run. `GET_PARTITION_ID` comes before the
 /// checks that need the id.
-pub const CHECKS: [Check; 15] = [
+pub const CHECKS: [Check; 17] = [
     Check::new("console-write", call::CONSOLE_WRITE, false, S::Success).reps(Reps::LineLength).input(O::Line),
     Check::new("partition-id", call::GET_PARTITION_ID, true, S::Success).effect(Effect::PartitionId),
     Check::new("hv-info", call::GET_HV_INFO, false, S::Success).output(O::Info).effect(Effect::HvInfo),
     Check::new("yield", call::YIELD, true, S::Success),
+    Check::new("update-phase", call::GET_UPDATE_PHASE, true, S::Success),
+    Check::new("update-phase-not-fast", call::GET_UPDATE_PHASE, false, S::InvalidHypercallInput),
     Check::new("unknown-code", UNKNOWN_CODE, true, S::InvalidHypercallCode),
     Check::new("reserved-bits", call::YIELD, true, S::InvalidHypercallInput).extra_bits(RESERVED_BIT),
     Check::new("partition-id-not-fast", call::GET_PARTITION_ID, false, S::InvalidHypercallInput),

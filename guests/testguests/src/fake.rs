@@ -47,6 +47,11 @@ pub struct FakeGuest {
     pub waits: u64,
     counts: InterruptCounts,
     pub probes: Vec<u64>,
+    /// `GET_UPDATE_PHASE` answers staging from this call on (counting
+    /// from 1); idle before, and always if `None`.
+    pub staging_from_call: Option<u64>,
+    pub phase_calls: u64,
+    pub unemulated_accesses: u64,
     /// Every hostile attack made, and the scratch buffer it may write.
     pub attacks: Vec<crate::hostile::Attack>,
     pub scratch: Vec<u8>,
@@ -78,6 +83,9 @@ impl FakeGuest {
             waits: 0,
             counts: InterruptCounts::default(),
             probes: Vec::new(),
+            staging_from_call: None,
+            phase_calls: 0,
+            unemulated_accesses: 0,
             attacks: Vec::new(),
             scratch: std::vec![0; crate::hostile::SCRATCH_BYTES],
         }
@@ -138,6 +146,11 @@ impl FakeGuest {
                 self.yields += 1;
                 (Status::Success, 0, 0)
             }
+            call::GET_UPDATE_PHASE if c.fast => {
+                self.phase_calls += 1;
+                let staging = self.staging_from_call.is_some_and(|from| self.phase_calls >= from);
+                (Status::Success, 0, if staging { hvcall::UPDATE_PHASE_STAGING } else { hvcall::UPDATE_PHASE_IDLE })
+            }
             call::GET_PARTITION_STATE if c.fast => match (self.privileged, r.input == self.partition_id) {
                 (false, _) => (Status::AccessDenied, 0, 0),
                 (true, true) => (Status::Success, 0, self.own_state as u64),
@@ -147,7 +160,8 @@ impl FakeGuest {
             | call::GET_HV_INFO
             | call::YIELD
             | call::SHUTDOWN_SELF
-            | call::GET_PARTITION_STATE => (Status::InvalidHypercallInput, 0, 0),
+            | call::GET_PARTITION_STATE
+            | call::GET_UPDATE_PHASE => (Status::InvalidHypercallInput, 0, 0),
             _ => (Status::InvalidHypercallCode, 0, 0),
         }
     }
@@ -215,6 +229,10 @@ impl Guest for FakeGuest {
     fn probe(&mut self, gpa: u64) -> [u64; 2] {
         self.probes.push(gpa);
         [u64::MAX; 2]
+    }
+
+    fn unemulated_access(&mut self) {
+        self.unemulated_accesses += 1;
     }
 }
 

@@ -340,6 +340,7 @@ fn control_word(rng: &mut Rng) -> u64 {
             call::GET_HV_INFO,
             call::YIELD,
             call::GET_PARTITION_STATE,
+            call::GET_UPDATE_PHASE,
             call::LIVE_UPDATE,
         ]),
         2 => rng.below(0x20) as u16,

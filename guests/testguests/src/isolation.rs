@@ -7,11 +7,23 @@
 //! Lines: `probe addr=0x.. kind=<outside-ram|inside-ram>`, then, only if
 //! the accesses came back, `probe survived=1 addr=0x.. value=0x..
 //! reread=0x..` (what the two reads returned).
+//!
+//! With `at_staging=1` (a fault during an update, issue 15 item 5): polls
+//! `GET_UPDATE_PHASE` until a live update is being staged, prints `probe
+//! staging=1 polls=<n>`, and makes an access the hypervisor does not
+//! emulate ([`Guest::unemulated_access`]), which stops this guest while
+//! the update is in brownout; `probe survived=1 unemulated=1` if it came
+//! back, `probe staging=0 ...` if no update came within
+//! [`STAGING_WAIT_S`] of guest time.
 
-use crate::{Env, Guest, Line};
+use hvcall::{call, Status, UPDATE_PHASE_STAGING};
+
+use crate::{Env, Guest, Line, Request};
 
 /// Default probe: this far past the end of RAM.
 pub const PAST_RAM: u64 = 64 << 20;
+/// `at_staging=1`: guest seconds to wait for an update to be staged.
+pub const STAGING_WAIT_S: u64 = 300;
 
 /// The address probed: `addr=` if given, else 64 MiB past RAM; aligned
 /// down to 8 bytes (the access is one 64-bit word).
@@ -21,6 +33,9 @@ pub fn probe_address(env: &Env) -> u64 {
 
 /// The isolation workload (`addr=` overrides the probed IPA).
 pub fn run<G: Guest>(g: &mut G, env: &Env) {
+    if env.args().at_staging {
+        return fault_while_staging(g);
+    }
     let addr = probe_address(env);
     let kind = if env.ram().contains(addr) { "inside-ram" } else { "outside-ram" };
     g.write_line(Line::event("probe").hex("addr", addr).field("kind", kind));
@@ -28,6 +43,26 @@ pub fn run<G: Guest>(g: &mut G, env: &Env) {
     g.write_line(
         Line::event("probe").flag("survived", true).hex("addr", addr).hex("value", value).hex("reread", reread),
     );
+}
+
+fn fault_while_staging<G: Guest>(g: &mut G) {
+    let deadline = g.counter().saturating_add(g.counter_frequency().saturating_mul(STAGING_WAIT_S));
+    let mut polls = 0u64;
+    let staging = loop {
+        let out = g.hypercall(Request::fast(call::GET_UPDATE_PHASE, 0));
+        polls += 1;
+        if out.status() == Some(Status::Success) && out.output == UPDATE_PHASE_STAGING {
+            break true;
+        }
+        if g.counter() > deadline {
+            break false;
+        }
+    };
+    g.write_line(Line::event("probe").flag("staging", staging).field("polls", polls));
+    if staging {
+        g.unemulated_access();
+        g.write_line(Line::event("probe").flag("survived", true).flag("unemulated", true));
+    }
 }
 
 #[cfg(test)]
@@ -52,6 +87,24 @@ mod tests {
                 "probe survived=1 addr=0x45000000 value=0xffffffffffffffff reread=0xffffffffffffffff"
             ]
         );
+    }
+
+    #[test]
+    fn at_staging_faults_only_once_an_update_is_being_staged() {
+        let args = Args { at_staging: true, ..Args::default() };
+        let mut g = FakeGuest::new();
+        g.staging_from_call = Some(5);
+        run(&mut g, &Env::new(RAM, [Region::default(); 2], args));
+        assert_eq!((g.phase_calls, g.unemulated_accesses), (5, 1));
+        assert_eq!(g.lines, ["probe staging=1 polls=5", "probe survived=1 unemulated=1"]);
+        assert!(g.probes.is_empty());
+
+        // No update: gives up after STAGING_WAIT_S of guest time, no access.
+        let mut g = FakeGuest::new();
+        g.counter_step = 1_000_000;
+        run(&mut g, &Env::new(RAM, [Region::default(); 2], args));
+        assert_eq!(g.unemulated_accesses, 0);
+        assert_eq!(g.lines, [std::format!("probe staging=0 polls={}", STAGING_WAIT_S + 1)]);
     }
 
     #[test]

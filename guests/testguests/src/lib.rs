@@ -108,6 +108,13 @@ pub trait Guest {
     /// reads all ones and the write dropped (x86_64).
     fn probe(&mut self, gpa: u64) -> [u64; 2];
 
+    /// An access the hypervisor does not emulate, so it stops this guest
+    /// with `hv: fault` (aarch64: a load pair from the emulated PL011,
+    /// which has no instruction syndrome; x86_64: string I/O). Returns
+    /// only if the guest was not stopped (the default, for runtimes
+    /// without one: nothing happens).
+    fn unemulated_access(&mut self) {}
+
     /// Writes one console line through `CONSOLE_WRITE`. The status is
     /// ignored: a failing console has nowhere to report to.
     fn write_line(&mut self, line: &Line) {

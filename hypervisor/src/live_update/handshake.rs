@@ -81,6 +81,12 @@ impl Handshake {
         !self.in_progress.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether an update has been claimed and not ended: for the guests
+    /// that run meanwhile, it is being staged (`GET_UPDATE_PHASE`).
+    pub fn in_progress(&self) -> bool {
+        self.in_progress.load(Ordering::Acquire)
+    }
+
     /// Ends a refused or cancelled update.
     pub fn end(&self) {
         self.in_progress.store(false, Ordering::Release);

@@ -493,6 +493,9 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
         image = placement.name(),
         cpus = if park { "parked" } else { "firmware" },
     );
+    if rollback::break_mode() == Some(rollback::Break::Slow) {
+        rollback::spin_ms(rollback::SLOW_MS, || p.counter(), || p.relax());
+    }
     let identity = HandoverIdentity { version: VERSION, build_id: BUILD_ID, update_count: count };
     let ram_map = ram_map(&ram).ok_or_else(|| refuse(p, Refusal::RamMap))?;
     let mut writer =

@@ -182,8 +182,8 @@ impl GiveBack {
     }
 }
 
-/// How a test build fails its restore on purpose, for the rollback
-/// tests.
+/// How a test build misbehaves on purpose: fails its restore (the
+/// rollback tests) or stretches the update (the fault tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Break {
     /// As an image that cannot read the handover's version.
@@ -195,6 +195,24 @@ pub enum Break {
     Fail,
     /// A loop that never ends, after adopting the machine.
     Hang,
+    /// Not a failure: [`SLOW_MS`] more of brownout when this image stages
+    /// the next one (after `hv: update-begin`, guests on the other CPUs
+    /// running), and of blackout when it restores (before it adopts the
+    /// SMMU, DMA in flight landing meanwhile): windows wide enough for a
+    /// test to put a guest fault and an SMMU event in them.
+    Slow,
+}
+
+/// How much longer [`Break::Slow`] makes the brownout and the blackout.
+pub const SLOW_MS: u64 = 400;
+
+/// Spins for `ms` of `counter` (a free-running count and its frequency in
+/// Hz), `relax` once per turn: [`Break::Slow`]'s delay.
+pub fn spin_ms(ms: u64, counter: impl Fn() -> (u64, u64), relax: impl Fn()) {
+    let (t0, hz) = counter();
+    while hz != 0 && super::blackout_us(t0, counter().0, hz) < ms.saturating_mul(1000) {
+        relax();
+    }
 }
 
 /// Test builds only (`HV_TEST_BREAK_RESTORE=1`): the marker the test
@@ -217,6 +235,7 @@ pub fn break_mode() -> Option<Break> {
         b"fault" => Some(Break::Fault),
         b"fail" => Some(Break::Fail),
         b"hang" => Some(Break::Hang),
+        b"slow" => Some(Break::Slow),
         _ => None,
     }
 }

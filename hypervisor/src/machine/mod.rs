@@ -74,6 +74,9 @@ pub trait Arch: Sized {
     fn put(&mut self, vcpu: &mut Self::Vcpu);
     /// Powers the machine off. Does not return in the image.
     fn power_off(&mut self, ok: bool);
+    /// Reports what devices recorded and the machine has not reported yet
+    /// (SMMU faults), before the machine powers off.
+    fn report_pending(_m: &mut Machine<Self>) {}
     /// Root of the partition's second-stage table (EPT, stage 2).
     fn stage2_root(p: &Self::Partition) -> u64;
     /// Posted interrupts (`VcpuSlot::pending`) in the `vcpu` record's
@@ -512,6 +515,7 @@ impl<A: Arch> Machine<A> {
             for q in 0..self.partitions.len() {
                 self.flush_output(q);
             }
+            A::report_pending(self);
             let faulted = self.partitions.iter().filter(|p| p.state == PartitionState::Faulted).count();
             crate::hv_event!("all-guests-stopped", guests = self.partitions.len(), faulted = faulted);
             crate::hv_event!("shutdown", status = "ok");
@@ -554,6 +558,7 @@ impl<A: Arch> Machine<A> {
             update_count: self.update_count,
             cpus: self.online.len() as u64,
             partition_state: |id: u64| partitions.iter().find(|p| u64::from(p.info.id) == id).map(|p| p.state),
+            update_staging: crate::live_update::HANDSHAKE.in_progress(),
         };
         let outcome = hypercall::dispatch(&info, control, input, output, &hv, memory, &mut |b| {
             printed.extend_from_slice(b);

@@ -325,6 +325,45 @@ fn the_machine_survives_its_own_handover() {
     assert_eq!(one.queues[0].len(), 4);
 }
 
+/// A fault between the freeze of one CPU and another's (the requester has
+/// put its vCPUs away; CPU 1 takes a guest exit before it reaches its exit
+/// boundary): the partition is stopped before it is recorded, so the new
+/// image adopts it stopped and never runs it, and the others as they were.
+#[test]
+fn a_partition_stopped_while_the_cpus_freeze_stays_stopped_in_the_new_image() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0, 1]);
+    add_guest(&mut m, 1, 1, true); // vCPU 0, CPU 0: the requester
+    add_guest(&mut m, 2, 1, false); // vCPU 1, CPU 1: faults
+    add_guest(&mut m, 3, 1, false); // vCPU 2, CPU 0
+    add_guest(&mut m, 4, 1, false); // vCPU 3, CPU 1
+    m.loaded[0] = Some(0);
+    m.freeze_cpu_with_starts(0, |_, _, _| {});
+    m.arch.cpu.set(1);
+    m.loaded[1] = Some(1);
+    m.fault(1, "undecodable-mmio", 0x0900_0000, ("esr", 0x9200_0005));
+    m.freeze_cpu_with_starts(1, |_, _, _| {});
+    assert!(m.loaded.iter().all(Option::is_none), "both CPUs put their vCPUs away");
+    let (blob, blob_pa) = handover_of(&mut m);
+
+    let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
+    let reader = HandoverReader::new(&blob, blob_pa, &ram_map).expect("valid handover");
+    // SAFETY: the arena holds the bitmap; nothing else uses it.
+    let (n, _) =
+        unsafe { live_update::restore(&reader, &rig.ram, vec![IMAGE], rig.arena, FakeArch::default(), &[0, 1], || 0) }
+            .expect("restore");
+    let states: Vec<PartitionState> = n.partitions.iter().map(|p| p.state).collect();
+    assert_eq!(
+        states,
+        [PartitionState::Running, PartitionState::Faulted, PartitionState::Running, PartitionState::Running]
+    );
+    assert_eq!(n.vcpus[1].state, VcpuState::Stopped);
+    assert_eq!(n.pick(1, false), Some(3), "CPU 1 runs the partition beside, never the stopped one");
+    assert_eq!(n.pick(1, true), Some(3));
+    assert!(!n.runnable(1));
+    assert!(n.runnable(0) && n.runnable(2));
+}
+
 #[test]
 fn restore_refuses_records_it_cannot_trust() {
     let rig = Rig::new();

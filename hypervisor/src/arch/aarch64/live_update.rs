@@ -496,6 +496,9 @@ pub fn restore(
         // identity-mapped RAM this image does not use.
         unsafe { incoming::expect_old_image(old) };
     }
+    if break_mode() == Some(Break::Slow) {
+        rollback::spin_ms(rollback::SLOW_MS, super::counter, || {});
+    }
     let smmu = match reader.subsystem("iommu") {
         None => None,
         Some(node) => {

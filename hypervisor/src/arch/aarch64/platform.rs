@@ -10,7 +10,7 @@ use hypervisor::arch::aarch64::pl011::Pl011;
 use hypervisor::arch::aarch64::vgic::Vgic;
 use hypervisor::guest_dtb::{self, GuestDtbSpec};
 use hypervisor::guest_image::{self, GuestLayout};
-use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
+use hypervisor::machine::{Arch, Handover, Machine, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::partition::GUEST_RAM_BASE;
 use hypervisor::preserved::IdentityPages;
 use hypervisor::records::{
@@ -137,6 +137,10 @@ impl Arch for Aarch64 {
         super::shutdown(ok)
     }
 
+    fn report_pending(m: &mut Machine<Self>) {
+        super::smmu::poll_smmu(m);
+    }
+
     /// Version 1 of the `vcpu` record had SGIs in bits 0-15 and the
     /// virtual timer in bit 16; now bit n is private INTID n.
     fn pending_to_v1(pending: u32) -> u32 {
@@ -259,6 +263,21 @@ pub fn adopt_smmu(rec: &IommuRecord, regs: PhysRange, ram: &[PhysRange]) -> Resu
         cmdq = format_args!("{:#x}", state.cmdq_base),
         evtq = format_args!("{:#x}", state.evtq_base),
         streams = state.assignments.len(),
+        // Faults recorded since the old image last polled (its blackout
+        // included): the first poll reports them against their guests.
+        events_waiting = EventsWaiting(smmu.events_waiting()),
     );
     Ok(smmu)
+}
+
+/// `events_waiting=` of `hv: iommu-adopted`: a count, or `inconsistent`.
+struct EventsWaiting(Option<u32>);
+
+impl core::fmt::Display for EventsWaiting {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("inconsistent"),
+        }
+    }
 }

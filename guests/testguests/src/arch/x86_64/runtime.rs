@@ -612,6 +612,24 @@ impl Guest for VmxGuest {
         }
         [first, reread]
     }
+
+    fn unemulated_access(&mut self) {
+        // String I/O from COM1, which the hypervisor does not emulate.
+        let mut byte = 0u8;
+        // SAFETY: `rep insb` of one byte from port 0x3f8 into `byte`, a
+        // local this function owns; the direction flag is clear (the ABI
+        // guarantees it at a call).
+        unsafe {
+            asm!(
+                "rep insb",
+                in("dx") 0x3f8u16,
+                inout("rdi") &raw mut byte => _,
+                inout("rcx") 1u64 => _,
+                options(nostack, preserves_flags),
+            );
+        }
+        core::hint::black_box(byte);
+    }
 }
 
 impl ApicStartup for VmxGuest {
