@@ -194,6 +194,14 @@ pub fn with_break_mode(image: &BuiltImage, mode: &str) -> Result<PathBuf, Launch
     Ok(path)
 }
 
+/// The test build of `slot` (`HV_TEST_BREAK_RESTORE=1`, version 0.1.8)
+/// that [`with_break_mode`] and [`break_mode_image`] patch: one per slot
+/// serves every mode.
+pub fn break_build(arch: Arch, slot: u8) -> Result<BuiltImage, LaunchError> {
+    let spec = ImageSpec { arch, version: Some("0.1.8".into()), slot };
+    build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")])
+}
+
 /// [`with_break_mode`] as an image to boot: on aarch64 the patched Image;
 /// on x86_64 the patched ELF as `hv.elf` in a directory of its own (`<mode>/`
 /// beside the build), where [`iso_with_modules`] finds it and puts the ISO.

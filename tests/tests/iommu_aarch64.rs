@@ -152,13 +152,9 @@ fn dma_keeps_flowing_across_ten_updates() {
 fn faults_in_the_brownout_and_dma_faults_in_the_blackout_leave_updates_consistent() {
     const UPDATES: u64 = 4;
     let slow: Vec<BuiltImage> = (0..2)
-        .map(|slot| {
-            let spec = ImageSpec { arch: Arch::Aarch64, version: Some("0.1.8".into()), slot };
-            let built = image::build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")])
-                .unwrap_or_else(|e| panic!("{e}"));
-            image::break_mode_image(&built, "slow").unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+        .map(|slot| image::break_build(Arch::Aarch64, slot).and_then(|b| image::break_mode_image(&b, "slow")))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}"));
     guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
     let images: Vec<_> = (0..UPDATES as usize).map(|k| slow[(k + 1) % 2].bootable.clone()).collect();
     let upd = guests::updater_guest(Arch::Aarch64, &images, 16, &format!("updates={UPDATES} delay_ms=100"))

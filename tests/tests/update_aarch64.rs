@@ -438,12 +438,8 @@ fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
     // One build per slot; each mode is a patched, resealed copy.
-    let broken: Vec<BuiltImage> = (0..2)
-        .map(|slot| {
-            let spec = ImageSpec { arch: Arch::Aarch64, version: Some("0.1.8".into()), slot };
-            image::build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")]).unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let broken: Vec<BuiltImage> =
+        (0..2).map(|slot| image::break_build(Arch::Aarch64, slot).unwrap_or_else(|e| panic!("{e}"))).collect();
     let mode = |slot: usize, how: &str| image::with_break_mode(&broken[slot], how).unwrap_or_else(|e| panic!("{e}"));
     // A (slot 0) -> broken (slot 1), rolled back -> B (slot 1) -> broken
     // (slot 0), rolled back -> A (slot 0) -> ...

@@ -370,12 +370,8 @@ fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
 fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
-    let broken: Vec<BuiltImage> = (0..2)
-        .map(|slot| {
-            let spec = ImageSpec { arch: Arch::X86_64, version: Some("0.1.8".into()), slot };
-            image::build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")]).unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    let broken: Vec<BuiltImage> =
+        (0..2).map(|slot| image::break_build(Arch::X86_64, slot).unwrap_or_else(|e| panic!("{e}"))).collect();
     let mode = |slot: usize, how: &str| image::with_break_mode(&broken[slot], how).unwrap_or_else(|e| panic!("{e}"));
     // A (slot 0) -> refuse (slot 1) back -> B (slot 1) -> panic (slot 0)
     // back -> A (slot 0) -> fail (slot 1) back -> B -> hang (slot 0),
@@ -454,13 +450,9 @@ fn live_updates_go_through_while_a_hostile_guest_attacks() {
 #[test]
 fn a_guest_fault_while_an_update_is_staged_stops_only_that_guest() {
     let slow: Vec<BuiltImage> = (0..2)
-        .map(|slot| {
-            let spec = ImageSpec { arch: Arch::X86_64, version: Some("0.1.8".into()), slot };
-            let built = image::build_variant(&spec, "-break", &[("HV_TEST_BREAK_RESTORE", "1")])
-                .unwrap_or_else(|e| panic!("{e}"));
-            image::break_mode_image(&built, "slow").unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+        .map(|slot| image::break_build(Arch::X86_64, slot).and_then(|b| image::break_mode_image(&b, "slow")))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}"));
     let images = [slow[1].update_image(), slow[0].update_image()];
     // heartbeat, memcheck, updater, then the faulter: vCPU n runs on CPU
     // n mod 2, so the faulter is on CPU 1, the updater on CPU 0.
