@@ -59,6 +59,15 @@ impl Crc32 {
     }
 
     pub(crate) fn update(&mut self, bytes: &[u8]) {
+        #[cfg(target_arch = "aarch64")]
+        if instructions::ENABLED.load(core::sync::atomic::Ordering::Relaxed) {
+            #[allow(unsafe_code)]
+            // SAFETY: `ENABLED` is set only by `use_crc32_instructions`,
+            // whose caller has seen FEAT_CRC32 in ID_AA64ISAR0_EL1.
+            let crc = unsafe { instructions::update(self.0, bytes) };
+            self.0 = crc;
+            return;
+        }
         let mut chunks = bytes.chunks_exact(8);
         for c in &mut chunks {
             let lo = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) ^ self.0;
@@ -86,6 +95,76 @@ impl Crc32 {
     pub(crate) const fn finish(self) -> u32 {
         !self.0
     }
+}
+
+/// The Armv8 CRC32 instructions (FEAT_CRC32, Arm ARM C6.2 "CRC32B,
+/// CRC32H, CRC32W, CRC32X"): the same CRC-32 (polynomial 0x04C1_1DB7,
+/// reflected, as this module's tables), eight bytes an instruction instead
+/// of about thirty instructions for eight bytes.
+#[cfg(target_arch = "aarch64")]
+#[allow(unsafe_code)]
+pub(crate) mod instructions {
+    use core::arch::aarch64::{__crc32b, __crc32d};
+    use core::sync::atomic::{AtomicBool, Ordering};
+
+    use super::Crc32;
+
+    pub(super) static ENABLED: AtomicBool = AtomicBool::new(false);
+
+    /// The running state after `bytes`, as the table-driven update.
+    ///
+    /// # Safety
+    /// The CPU implements FEAT_CRC32.
+    #[target_feature(enable = "crc")]
+    pub(super) unsafe fn update(mut crc: u32, bytes: &[u8]) -> u32 {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let word = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            crc = __crc32d(crc, word);
+        }
+        for &b in chunks.remainder() {
+            crc = __crc32b(crc, b);
+        }
+        crc
+    }
+
+    /// See [`crate::use_crc32_instructions`].
+    ///
+    /// # Safety
+    /// The CPU implements FEAT_CRC32, or `implemented` is false.
+    pub unsafe fn use_crc32_instructions(implemented: bool) -> bool {
+        if !implemented {
+            return false;
+        }
+        let check: [u8; 9] = *b"123456789";
+        let mut table = Crc32::new();
+        table.update(&check[..4]);
+        table.update(&check[4..]);
+        // SAFETY: the caller's contract: the instructions exist.
+        let hw = unsafe { !update(update(u32::MAX, &check[..3]), &check[3..]) };
+        let same = hw == table.finish() && hw == 0xCBF4_3926;
+        ENABLED.store(same, Ordering::Relaxed);
+        same
+    }
+}
+
+/// Lets every checksum use the CPU's CRC32 instructions, after checking
+/// that they give the table-driven results (the standard check value, over
+/// a split update); returns whether they are used. Call it only once the
+/// CPU is known to implement FEAT_CRC32 (aarch64 ID_AA64ISAR0_EL1.CRC32 =
+/// 0b0001), before any other CPU checksums. Elsewhere it returns false.
+///
+/// # Safety
+/// The CPU implements FEAT_CRC32, or `implemented` is false.
+#[cfg(target_arch = "aarch64")]
+pub use instructions::use_crc32_instructions;
+
+/// Lets every checksum use the CPU's CRC32 instructions: on this
+/// architecture there are none for this CRC, so it returns false.
+#[cfg(not(target_arch = "aarch64"))]
+pub fn use_crc32_instructions(implemented: bool) -> bool {
+    let _ = implemented;
+    false
 }
 
 /// CRC-32 (IEEE 802.3) of `bytes`.

@@ -19,8 +19,9 @@
 
 #![cfg_attr(not(test), no_std)]
 // Nothing here needs `unsafe`: the handover is parsed from a slice the
-// caller has mapped.
-#![forbid(unsafe_code)]
+// caller has mapped. The one exception is the aarch64 CRC32 instructions
+// (`checksum::instructions`, allowed there alone).
+#![deny(unsafe_code)]
 
 extern crate alloc;
 
@@ -31,7 +32,7 @@ mod record;
 mod scratch;
 mod state_machine;
 
-pub use checksum::{crc32, crc32_parts};
+pub use checksum::{crc32, crc32_parts, use_crc32_instructions};
 pub use handover::{
     BitmapRoot, HandoverError, HandoverIdentity, HandoverReader, HandoverWriter, SubsystemNode, SubsystemWriter,
     HANDOVER_ABI, HANDOVER_COMPATIBLE, MAX_HANDOVER_BYTES, MAX_NODES, MAX_NODE_DEPTH, MAX_PAGE_ORDER,

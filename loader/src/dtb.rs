@@ -163,8 +163,7 @@ fn validate_blocks(blob: &[u8]) -> Result<Blocks<'_>, DtbError> {
 
 fn cstr_len(bytes: &[u8]) -> Option<usize> {
     let len = bytes.iter().position(|&b| b == 0)?;
-    core::str::from_utf8(&bytes[..len]).ok()?;
-    Some(len)
+    bytes[..len].is_ascii().then_some(len)
 }
 
 /// Where a node is in its token sequence. DTSpec §5.4.1 puts a node's
@@ -179,6 +178,9 @@ enum Phase {
 }
 
 fn walk_structure(s: &[u8], strings: &[u8]) -> Result<(), DtbError> {
+    // A strings block of ASCII that ends in NUL holds a name at every
+    // offset inside it: checked once here instead of at every property.
+    let every_name_ok = strings.last() == Some(&0) && strings.is_ascii();
     let mut off = 0usize;
     let mut depth = 0usize;
     let mut seen_root = false;
@@ -217,7 +219,9 @@ fn walk_structure(s: &[u8], strings: &[u8]) -> Result<(), DtbError> {
                 }
                 let len = be32(s, off).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
                 let nameoff = be32(s, off + 4).ok_or(DtbError::PropOutOfBounds { offset: at })? as usize;
-                strings.get(nameoff..).and_then(cstr_len).ok_or(DtbError::BadPropName { offset: at })?;
+                if !(every_name_ok && nameoff < strings.len()) {
+                    strings.get(nameoff..).and_then(cstr_len).ok_or(DtbError::BadPropName { offset: at })?;
+                }
                 let value_end = (off + 8).checked_add(len).ok_or(DtbError::PropOutOfBounds { offset: at })?;
                 if value_end > s.len() {
                     return Err(DtbError::PropOutOfBounds { offset: at });
@@ -326,21 +330,27 @@ struct Props<'a> {
 }
 
 impl<'a> Props<'a> {
-    fn set(&mut self, name: &[u8], value: &'a [u8]) {
-        let slot = match name {
-            b"status" => &mut self.status,
-            b"device_type" => &mut self.device_type,
-            b"compatible" => &mut self.compatible,
-            b"reg" => &mut self.reg,
-            b"#address-cells" => &mut self.address_cells,
-            b"#size-cells" => &mut self.size_cells,
-            b"bus-range" => &mut self.bus_range,
-            b"ranges" => &mut self.ranges,
-            b"iommu-map" => &mut self.iommu_map,
-            b"method" => &mut self.method,
-            b"bootargs" => &mut self.bootargs,
-            b"linux,initrd-start" => &mut self.initrd_start,
-            b"linux,initrd-end" => &mut self.initrd_end,
+    /// Keeps `value` if the property name at the start of `at` (the
+    /// strings block from the name's offset: the name, NUL, and whatever
+    /// follows) is one the hypervisor reads. Names are told apart by their
+    /// first byte before any is compared whole, and no name is scanned for
+    /// its end (this runs for every property of the DTB, in the blackout).
+    fn set(&mut self, at: &[u8], value: &'a [u8]) {
+        let is = |name: &[u8]| at.get(name.len()) == Some(&0) && at.starts_with(name);
+        let slot = match at.first() {
+            Some(b's') if is(b"status") => &mut self.status,
+            Some(b'd') if is(b"device_type") => &mut self.device_type,
+            Some(b'c') if is(b"compatible") => &mut self.compatible,
+            Some(b'r') if is(b"reg") => &mut self.reg,
+            Some(b'r') if is(b"ranges") => &mut self.ranges,
+            Some(b'#') if is(b"#address-cells") => &mut self.address_cells,
+            Some(b'#') if is(b"#size-cells") => &mut self.size_cells,
+            Some(b'b') if is(b"bus-range") => &mut self.bus_range,
+            Some(b'b') if is(b"bootargs") => &mut self.bootargs,
+            Some(b'i') if is(b"iommu-map") => &mut self.iommu_map,
+            Some(b'm') if is(b"method") => &mut self.method,
+            Some(b'l') if is(b"linux,initrd-start") => &mut self.initrd_start,
+            Some(b'l') if is(b"linux,initrd-end") => &mut self.initrd_end,
             _ => return,
         };
         // The first of duplicates, as a lookup by name finds it.
@@ -561,8 +571,8 @@ fn collect<'a>(s: &'a [u8], strings: &'a [u8], out: &mut Collected) -> Result<Sp
                 let nameoff = be32(s, off + 4).ok_or_else(bad)? as usize;
                 let value = s.get(off + 8..).and_then(|v| v.get(..len)).ok_or_else(bad)?;
                 off = (off + 8 + len + 3) & !3;
-                let name = strings.get(nameoff..).and_then(|n| n.split(|&b| b == 0).next()).unwrap_or(&[]);
-                stack.last_mut().ok_or(DtbError::BadToken { offset: at, token })?.props.set(name, value);
+                let name_at = strings.get(nameoff..).unwrap_or(&[]);
+                stack.last_mut().ok_or(DtbError::BadToken { offset: at, token })?.props.set(name_at, value);
             }
             FDT_END_NODE => {
                 let mut node = stack.pop().ok_or(DtbError::Unbalanced)?;

@@ -103,6 +103,7 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         live_update::arm_give_back(rollback);
     }
     crate::heap::init();
+    let crc32_instructions = enable_crc32_instructions();
     live_update::set_dtb(dtb_phys);
     // The DTB's header gives its size; `validate` re-checks it.
     // SAFETY: x0 at entry is the DTB address (arm64 boot protocol); the
@@ -173,7 +174,15 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         cpu::release_secondaries();
         cpu::run_cpu(boot_cpu_index(&platform), 0)
     }
-    hv_event!("boot", arch = "aarch64", version = VERSION, build = BUILD_ID, cpus = cpus, mem_mib = info.ram_mib(),);
+    hv_event!(
+        "boot",
+        arch = "aarch64",
+        version = VERSION,
+        build = BUILD_ID,
+        cpus = cpus,
+        mem_mib = info.ram_mib(),
+        crc32 = if crc32_instructions { "instructions" } else { "tables" },
+    );
     hv_event!(
         "platform",
         cpus_described = platform.cpus.len(),
@@ -390,4 +399,18 @@ extern "C" fn el2_exception(kind: u64, esr: u64, elr: u64, far: u64) -> ! {
     ));
     hypervisor::console::write_line_forced(format_args!("hv: shutdown status=error"));
     shutdown(false)
+}
+
+/// Has every handover checksum use the CRC32 instructions if this CPU has
+/// them (ID_AA64ISAR0_EL1.CRC32, bits [19:16] = 0b0001: FEAT_CRC32, Arm ARM
+/// D19.2.61; mandatory from Armv8.1): the records are checksummed when
+/// written and when read, both in the blackout.
+fn enable_crc32_instructions() -> bool {
+    let isar0: u64;
+    // SAFETY: reads an ID register, no side effects.
+    unsafe { asm!("mrs {0}, id_aa64isar0_el1", out(reg) isar0, options(nomem, nostack)) };
+    let implemented = (isar0 >> 16) & 0xf == 0b0001;
+    // SAFETY: `implemented` is FEAT_CRC32 as the CPU reports it; no other
+    // CPU is up yet to checksum meanwhile.
+    unsafe { kho::use_crc32_instructions(implemented) }
 }
