@@ -34,6 +34,11 @@ use super::vmcs::{self, VmcsError};
 
 /// Scheduling time slice.
 const SLICE_MS: u64 = 10;
+/// While a live update is staged, no entry lasts longer than this: the
+/// CPU then sees the freeze request within it even if the kick IPI is not
+/// taken (Bochs does not deliver it while the guest runs with RFLAGS.IF
+/// clear; on hardware external-interrupt exiting takes it at once).
+const STAGING_ENTRY_US: u64 = 200;
 /// Guest segment state as a multiboot2 loader leaves it (Multiboot2 spec
 /// §3.3): flat 4 GiB 32-bit code and data. Selectors are the usual GDT
 /// slots; the guest loads its own GDT before reloading any of them.
@@ -248,7 +253,8 @@ fn take_startup(m: &mut Machine<X86>, cpu: usize, v: usize) -> Option<u8> {
 /// current (initialised on first use, with its EPT and VPID translations
 /// invalidated), its APIC's interrupt injected, and the preemption timer
 /// set to the rest of the slice or the next APIC timer of this CPU
-/// (`apic_deadline`), whichever comes first.
+/// (`apic_deadline`), whichever comes first (and, while an update is
+/// staged, [`STAGING_ENTRY_US`] at most).
 fn prepare_entry(
     m: &mut Machine<X86>,
     cpu: usize,
@@ -298,7 +304,10 @@ fn prepare_entry(
     if new_slice || m.arch.slice_end[cpu] <= now {
         m.arch.slice_end[cpu] = now + m.arch.tsc_hz / 1000 * SLICE_MS;
     }
-    let until = apic_deadline.map_or(m.arch.slice_end[cpu], |d| d.min(m.arch.slice_end[cpu]));
+    let mut until = apic_deadline.map_or(m.arch.slice_end[cpu], |d| d.min(m.arch.slice_end[cpu]));
+    if HANDSHAKE.in_progress() {
+        until = until.min(now + m.arch.tsc_hz / 1_000_000 * STAGING_ENTRY_US);
+    }
     let ticks = until.saturating_sub(now) >> m.arch.caps.preemption_timer_shift;
     vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, ticks.min(u64::from(u32::MAX)))
 }
