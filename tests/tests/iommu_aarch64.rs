@@ -3,12 +3,17 @@
 //! DMA that keeps flowing across ten live updates, and faults that come
 //! while an update is under way.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hv_tests::emulator::{self, RunOutcome, RunSpec};
 use hv_tests::guests::{self, GuestArg};
 use hv_tests::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
 use hv_tests::{Arch, Machine};
+
+/// One emulator at a time: the machine has two cores, and the fault test
+/// sizes its windows in guest time.
+static EMULATOR: Mutex<()> = Mutex::new(());
 
 fn guest(bin: &str, opts: &str) -> GuestArg {
     let dir = guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
@@ -30,6 +35,7 @@ fn boot_image(name: &str, image: &BuiltImage, list: &[GuestArg], timeout: Durati
     spec.blobs = placed.blobs;
     spec.cmdline = Some(placed.cmdline);
     spec.devices = placed.needs_devices;
+    let _one = EMULATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     emulator::run(image, &spec).unwrap_or_else(|e| panic!("{e}"))
 }
 
