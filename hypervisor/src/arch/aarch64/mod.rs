@@ -23,6 +23,7 @@ use loader::dtb::{self, DtbPlatform, PsciConduit};
 use loader::{BootInfo, PhysRange};
 
 global_asm!(include_str!("entry.S"));
+global_asm!(include_str!("mem.S"));
 
 /// Must match `MAX_CPUS` and `STACK_SIZE` in entry.S.
 const MAX_CPUS: usize = 8;
