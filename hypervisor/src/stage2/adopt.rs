@@ -13,8 +13,8 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::marker::PhantomData;
 
-use super::memory::{read_entry, PhysToVirt};
-use super::{decode_entry, entry_span, DescriptorError, Entry, Stage2Format, ENTRIES_PER_TABLE, PAGE_SIZE, ROOT_LEVEL};
+use super::memory::{next_nonzero, PhysToVirt};
+use super::{decode_entry, entry_span, DescriptorError, Entry, Stage2Format, PAGE_SIZE, ROOT_LEVEL};
 
 /// Why a tree was not adopted. Adoption reads but never writes, so a
 /// refused tree is left as it was.
@@ -160,15 +160,12 @@ impl<F: Stage2Format, P: PhysToVirt> Walk<'_, F, P> {
             return Err(AdoptError::TableRevisited { level, pa });
         }
         let span = entry_span(level);
-        let mut ipa = base;
-        for index in 0..ENTRIES_PER_TABLE {
-            // Only now, with `pa` known to be a RAM page, is it read.
-            let entry = read_entry(self.phys, pa, index);
-            if entry == 0 {
-                // Not present in either format, and most entries are.
-                ipa += span;
-                continue;
-            }
+        // Only now, with `pa` known to be a RAM page, is it read. A zero
+        // descriptor is not present in either format, and most are zero.
+        let mut from = 0;
+        while let Some((index, entry)) = next_nonzero(self.phys, pa, from) {
+            from = index + 1;
+            let ipa = base + index as u64 * span;
             match decode_entry::<F>(entry, level) {
                 Err(reason) => return Err(AdoptError::BadEntry { level, ipa, entry, reason }),
                 Ok(Entry::Invalid) => {}
@@ -185,7 +182,6 @@ impl<F: Stage2Format, P: PhysToVirt> Walk<'_, F, P> {
                     }
                 }
             }
-            ipa += span;
         }
         Ok(())
     }

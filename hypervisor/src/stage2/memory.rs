@@ -97,6 +97,28 @@ pub(super) fn read_entry<P: PhysToVirt>(phys: &P, table: u64, index: usize) -> u
     unsafe { base.add(index).read_volatile() }
 }
 
+/// The first descriptor at or after `from` in the table page at `table`
+/// that is not zero, with its index. A validation walk reads every
+/// descriptor of every page, and most are zero: they are read four at a
+/// time and skipped when all four are.
+pub(super) fn next_nonzero<P: PhysToVirt>(phys: &P, table: u64, from: usize) -> Option<(usize, u64)> {
+    let base = phys.phys_to_virt(table);
+    let read = |index: usize| {
+        // SAFETY: as in `read_entry`: a page of this table, 4096 readable,
+        // aligned bytes, and every caller's `index` is < 512.
+        unsafe { base.add(index).read_volatile() }
+    };
+    let mut index = from;
+    while index + 4 <= ENTRIES_PER_TABLE {
+        let (a, b, c, d) = (read(index), read(index + 1), read(index + 2), read(index + 3));
+        if a | b | c | d != 0 {
+            break;
+        }
+        index += 4;
+    }
+    (index..ENTRIES_PER_TABLE).map(|i| (i, read(i))).find(|&(_, entry)| entry != 0)
+}
+
 /// Writes descriptor `index` (< 512) of the table page at `table` with one
 /// 64-bit store, so a concurrent hardware walk sees the old or the new value.
 pub(super) fn write_entry<P: PhysToVirt>(phys: &P, table: u64, index: usize, value: u64) {
