@@ -6,7 +6,7 @@
 //! wrote with the same reader, so it can never emit a blob the reader refuses.
 
 use alloc::borrow::ToOwned;
-use alloc::collections::BTreeSet;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -14,9 +14,9 @@ use core::fmt;
 
 use dtoolkit::error::FdtParseError;
 use dtoolkit::fdt::{Fdt, FdtNode, FdtProperty};
-use dtoolkit::model::{DeviceTree, DeviceTreeNode, DeviceTreeProperty};
 use dtoolkit::{Node, Property};
 
+use crate::fdt_out;
 use crate::memory::{align_up, MemoryError, PhysRange, RamMap, PAGE_SIZE};
 use crate::record::{record_name_is_valid, RecordError, RecordHeader, StateRecord};
 use crate::scratch::{ScratchError, ScratchKind, ScratchPlan, ScratchRegion, MAX_SCRATCH_REGIONS};
@@ -330,10 +330,6 @@ fn node_cost(name_len: usize) -> usize {
     8 + (name_len + 1).next_multiple_of(4)
 }
 
-fn encode_u64s(values: impl IntoIterator<Item = u64>) -> Vec<u8> {
-    values.into_iter().flat_map(u64::to_be_bytes).collect()
-}
-
 /// A property's value as entries of `N` big-endian u64 cells; the caller has
 /// checked that the length is a multiple of `8 * N`.
 fn decode_entries<const N: usize>(value: &[u8]) -> Vec<[u64; N]> {
@@ -462,75 +458,60 @@ impl HandoverWriter {
     /// them (in RAM, outside scratch, no two overlapping); if that fails,
     /// `dest` is left untouched.
     pub fn write_to(&self, dest: &mut [u8], dest_phys: u64) -> Result<usize, HandoverError> {
-        let mut tree = DeviceTree::new();
-        let root = &mut tree.root;
-        root.add_property(property(PROP_COMPATIBLE, format!("{HANDOVER_COMPATIBLE}\0").into_bytes())?);
-        root.add_property(property(PROP_UPDATE_COUNT, self.update_count.to_be_bytes().to_vec())?);
-        root.add_property(property(PROP_PREVIOUS_VERSION, format!("{}\0", self.version).into_bytes())?);
-        root.add_property(property(PROP_PREVIOUS_BUILD_ID, format!("{}\0", self.build_id).into_bytes())?);
-        root.add_property(property(
-            PROP_SCRATCH,
-            encode_u64s(
-                self.scratch
-                    .regions()
-                    .iter()
-                    .flat_map(|region| [region.range.base(), region.range.size(), region.kind.code()]),
-            ),
-        )?);
-        root.add_property(property(
-            PROP_MEMORY_MAP,
-            encode_u64s(self.bitmap_roots.iter().flat_map(|root| [u64::from(root.order), root.root])),
-        )?);
-        for child in self.child_paths("") {
-            root.add_child(self.build_node(child)?);
+        let update_count = self.update_count.to_be_bytes();
+        let scratch: Vec<u64> = self
+            .scratch
+            .regions()
+            .iter()
+            .flat_map(|region| [region.range.base(), region.range.size(), region.kind.code()])
+            .collect();
+        let memory_map: Vec<u64> =
+            self.bitmap_roots.iter().flat_map(|root| [u64::from(root.order), root.root]).collect();
+        let root = |name| fdt_out::Name { prefix: "", rest: name };
+        let tree = WriterTree {
+            root_properties: [
+                (root(PROP_COMPATIBLE), fdt_out::Value::Text(HANDOVER_COMPATIBLE)),
+                (root(PROP_UPDATE_COUNT), fdt_out::Value::Bytes(&update_count)),
+                (root(PROP_PREVIOUS_VERSION), fdt_out::Value::Text(&self.version)),
+                (root(PROP_PREVIOUS_BUILD_ID), fdt_out::Value::Text(&self.build_id)),
+                (root(PROP_SCRATCH), fdt_out::Value::Cells(&scratch)),
+                (root(PROP_MEMORY_MAP), fdt_out::Value::Cells(&memory_map)),
+            ],
+            children: self.children(),
+            contents: self.nodes.iter().map(|node| (node.path.as_str(), node)).collect(),
+        };
+        let mut layout = fdt_out::layout(&tree);
+        let len = layout.total_len();
+        if len > MAX_HANDOVER_BYTES {
+            return Err(HandoverError::TooLarge { bytes: len });
         }
-
-        let blob = tree.to_dtb();
-        if blob.len() > MAX_HANDOVER_BYTES {
-            return Err(HandoverError::TooLarge { bytes: blob.len() });
-        }
-        let Some(target) = dest.get_mut(..blob.len()) else {
-            return Err(HandoverError::BufferTooSmall { need: blob.len(), have: dest.len() });
+        let Some(target) = dest.get_mut(..len) else {
+            return Err(HandoverError::BufferTooSmall { need: len, have: dest.len() });
         };
         // What a reader checks of the memory the handover names, on the
-        // writer's own data and before copying, so a refused handover leaves
+        // writer's own data and before writing, so a refused handover leaves
         // `dest` as it was. The blob is not parsed back: that cost the
         // blackout a second parse of every record, and the encoding is held
         // to the reader by the round-trip, golden and fuzz tests.
-        let footprint = blob_footprint(blob.len(), dest_phys)?;
+        let footprint = blob_footprint(len, dest_phys)?;
         let pages = self.nodes.iter().map(|node| node.pages.as_slice());
         check_preserved_ranges(
             preserved_ranges(footprint, &self.bitmap_roots, pages).collect(),
             &self.ram,
             &self.scratch,
         )?;
-        target.copy_from_slice(&blob);
-        Ok(blob.len())
+        fdt_out::write(&tree, &mut layout, target);
+        Ok(len)
     }
 
-    /// Direct children of `parent`, in sorted order.
-    fn child_paths<'p>(&'p self, parent: &'p str) -> impl Iterator<Item = &'p str> + 'p {
-        self.paths.iter().map(String::as_str).filter(move |path| parent_path(path) == parent)
-    }
-
-    fn build_node(&self, path: &str) -> Result<DeviceTreeNode, HandoverError> {
-        let name = path.rsplit('/').next().unwrap_or(path);
-        let mut node = DeviceTreeNode::new(name).map_err(|_| HandoverError::InvalidName { name: path.to_owned() })?;
-        if let Some(contents) = self.nodes.iter().find(|node| node.path == path) {
-            for (name, bytes) in &contents.records {
-                node.add_property(property(&format!("{RECORD_PREFIX}{name}"), bytes.clone())?);
-            }
-            for (name, ranges) in &contents.pages {
-                node.add_property(property(
-                    &format!("{PAGES_PREFIX}{name}"),
-                    encode_u64s(ranges.iter().flat_map(|range| [range.base(), range.size()])),
-                )?);
-            }
+    /// Each node's direct children, in name order (the paths are sorted,
+    /// so each list is too).
+    fn children(&self) -> BTreeMap<&str, Vec<&str>> {
+        let mut children: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for path in &self.paths {
+            children.entry(parent_path(path)).or_default().push(path);
         }
-        for child in self.child_paths(path) {
-            node.add_child(self.build_node(child)?);
-        }
-        Ok(node)
+        children
     }
 
     /// Checks a preserved range against RAM and scratch.
@@ -552,8 +533,46 @@ impl HandoverWriter {
     }
 }
 
-fn property(name: &str, value: Vec<u8>) -> Result<DeviceTreeProperty, HandoverError> {
-    DeviceTreeProperty::new(name, value).map_err(|_| HandoverError::InvalidName { name: name.to_owned() })
+/// The writer's nodes as the FDT writer walks them: the root's own
+/// properties, then each node's records, page ranges and children.
+struct WriterTree<'a> {
+    root_properties: [(fdt_out::Name<'a>, fdt_out::Value<'a>); 6],
+    children: BTreeMap<&'a str, Vec<&'a str>>,
+    contents: BTreeMap<&'a str, &'a NodeContents>,
+}
+
+impl<'a> WriterTree<'a> {
+    fn node(&self, path: &'a str, visit: &mut dyn FnMut(fdt_out::Event<'a>)) {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        visit(fdt_out::Event::Begin(name));
+        if let Some(contents) = self.contents.get(path) {
+            for (name, bytes) in &contents.records {
+                let name = fdt_out::Name { prefix: RECORD_PREFIX, rest: name };
+                visit(fdt_out::Event::Property(name, fdt_out::Value::Bytes(bytes)));
+            }
+            for (name, ranges) in &contents.pages {
+                let name = fdt_out::Name { prefix: PAGES_PREFIX, rest: name };
+                visit(fdt_out::Event::Property(name, fdt_out::Value::Ranges(ranges)));
+            }
+        }
+        for child in self.children.get(path).into_iter().flatten() {
+            self.node(child, visit);
+        }
+        visit(fdt_out::Event::End);
+    }
+}
+
+impl<'a> fdt_out::Tree<'a> for WriterTree<'a> {
+    fn walk(&self, visit: &mut dyn FnMut(fdt_out::Event<'a>)) {
+        visit(fdt_out::Event::Begin(""));
+        for (name, value) in self.root_properties {
+            visit(fdt_out::Event::Property(name, value));
+        }
+        for child in self.children.get("").into_iter().flatten() {
+            self.node(child, visit);
+        }
+        visit(fdt_out::Event::End);
+    }
 }
 
 /// Adds records and preserved page ranges to one subsystem node.

@@ -26,6 +26,7 @@
 extern crate alloc;
 
 mod checksum;
+mod fdt_out;
 mod handover;
 mod memory;
 mod record;
