@@ -115,14 +115,25 @@ pub(crate) mod instructions {
     ///
     /// # Safety
     /// The CPU implements FEAT_CRC32.
+    ///
+    /// The bytes before the first 8-byte boundary and after the last go
+    /// one at a time; the words between are loaded whole. (The bare-metal
+    /// targets forbid unaligned accesses, so `u64::from_le_bytes` of an
+    /// arbitrary 8-byte chunk is eight byte loads and seven ORs: 19
+    /// instructions per word instead of 3.)
     #[target_feature(enable = "crc")]
     pub(super) unsafe fn update(mut crc: u32, bytes: &[u8]) -> u32 {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let word = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-            crc = __crc32d(crc, word);
+        // SAFETY: every bit pattern is a valid u64, and `align_to` returns
+        // a middle that is aligned and inside `bytes`.
+        let (head, words, tail) = unsafe { bytes.align_to::<u64>() };
+        for &b in head {
+            crc = __crc32b(crc, b);
         }
-        for &b in chunks.remainder() {
+        for &word in words {
+            // CRC32X takes the eight bytes in little-endian order.
+            crc = __crc32d(crc, u64::from_le(word));
+        }
+        for &b in tail {
             crc = __crc32b(crc, b);
         }
         crc
@@ -142,7 +153,17 @@ pub(crate) mod instructions {
         table.update(&check[4..]);
         // SAFETY: the caller's contract: the instructions exist.
         let hw = unsafe { !update(update(u32::MAX, &check[..3]), &check[3..]) };
-        let same = hw == table.finish() && hw == 0xCBF4_3926;
+        // Whole words, with a head and a tail at every alignment.
+        let data: [u64; 6] = core::array::from_fn(|i| 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1));
+        let bytes: [u8; 48] = core::array::from_fn(|i| data[i / 8].to_le_bytes()[i % 8]);
+        let words_agree = (0..8).all(|start| {
+            let part = &bytes[start..start + 37];
+            let mut table = Crc32::new();
+            table.update_bytewise(part);
+            // SAFETY: as above.
+            table.0 == unsafe { update(u32::MAX, part) }
+        });
+        let same = hw == table.finish() && hw == 0xCBF4_3926 && words_agree;
         ENABLED.store(same, Ordering::Relaxed);
         same
     }
