@@ -82,11 +82,9 @@ impl<'a, M: PhysToVirt> Validator<'a, M> {
         }
         let fanout = geometry.fanout(level);
         let mut children = 0_usize;
-        for index in 0..ENTRIES_PER_NODE {
-            let child = node.get(index);
-            if child == 0 {
-                continue;
-            }
+        let mut from = 0;
+        while let Some((index, child)) = node.next_word_other_than(from, ENTRIES_PER_NODE, 0) {
+            from = index + 1;
             if index >= fanout {
                 return Err(AdoptError::EntryBeyondKeySpace { node: pa, index });
             }

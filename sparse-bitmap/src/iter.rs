@@ -163,11 +163,10 @@ impl<M: PhysToVirt> Iterator for NodePages<'_, M> {
             let level = self.depth - 1;
             let (pa, from) = self.stack[level];
             let node = self.tree.node(pa);
-            let found = (from..g.fanout(level as u32)).find(|&i| node.get(i) != 0);
-            match found {
-                Some(index) => {
+            match node.next_word_other_than(from, g.fanout(level as u32), 0) {
+                Some((index, child)) => {
                     self.stack[level].1 = index + 1;
-                    return Some(self.visit(node.get(index), level as u32 + 1));
+                    return Some(self.visit(child, level as u32 + 1));
                 }
                 None => self.depth -= 1,
             }

@@ -498,16 +498,12 @@ pub(crate) fn scan_leaf(leaf: Node, from: u64, want: BitOp) -> Option<u64> {
         BitOp::Set => 0,
         BitOp::Clear => u64::MAX,
     };
-    let mut word = (from / 64) as usize;
-    let mut bits = (leaf.get(word) ^ flip) & (u64::MAX << (from % 64));
-    loop {
-        if bits != 0 {
-            return Some(word as u64 * 64 + u64::from(bits.trailing_zeros()));
-        }
-        word += 1;
-        if word == crate::ENTRIES_PER_NODE {
-            return None;
-        }
-        bits = leaf.get(word) ^ flip;
+    let word = (from / 64) as usize;
+    let bits = (leaf.get(word) ^ flip) & (u64::MAX << (from % 64));
+    if bits != 0 {
+        return Some(word as u64 * 64 + u64::from(bits.trailing_zeros()));
     }
+    // Whole words of the other kind are skipped in one scan.
+    let (word, value) = leaf.next_word_other_than(word + 1, crate::ENTRIES_PER_NODE, flip)?;
+    Some(word as u64 * 64 + u64::from((value ^ flip).trailing_zeros()))
 }
