@@ -9,8 +9,10 @@
 //!   format, so one table can serve the CPU and the guest's devices.
 //! - [`Ept`]: Intel EPT (SDM Vol. 3C §29.3), 4-level. The VT-d second-level
 //!   format has the same shape.
+//! - [`Npt`]: AMD nested paging (APM Vol. 2 §15.25), the host's own 4-level
+//!   long-mode format with U/S set at every level.
 //!
-//! Both formats share the geometry: 512 entries of 8 bytes per 4 KiB table,
+//! The formats share the geometry: 512 entries of 8 bytes per 4 KiB table,
 //! levels numbered 0 (root: Arm level 0, EPT PML4) to 3 (Arm level 3, EPT
 //! page table), leaves allowed at level 1 (1 GiB), 2 (2 MiB) and 3 (4 KiB).
 //!
@@ -30,6 +32,7 @@ mod adopt;
 mod arm;
 mod ept;
 mod memory;
+mod npt;
 mod table;
 #[cfg(test)]
 mod testing;
@@ -42,6 +45,7 @@ pub use adopt::AdoptError;
 pub use arm::ArmStage2;
 pub use ept::Ept;
 pub use memory::{FrameSource, LinearMap, PhysToVirt};
+pub use npt::Npt;
 pub use table::{MapError, Mapping, Stage2Table, Translation};
 
 /// Size of a translation granule and of every table page.

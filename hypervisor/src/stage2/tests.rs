@@ -68,7 +68,7 @@ fn table_runs<F: Stage2Format>(t: &Table<'_, F>) -> Vec<(u64, u64, u64, Attrs)> 
 }
 
 /// Generates one `#[test]` per format for each generic test function.
-macro_rules! for_both_formats {
+macro_rules! for_every_format {
     ($($name:ident),* $(,)?) => {
         mod arm {
             $(#[test] fn $name() { super::$name::<super::ArmStage2>() })*
@@ -76,10 +76,13 @@ macro_rules! for_both_formats {
         mod ept {
             $(#[test] fn $name() { super::$name::<super::Ept>() })*
         }
+        mod npt {
+            $(#[test] fn $name() { super::$name::<super::Npt>() })*
+        }
     };
 }
 
-for_both_formats!(
+for_every_format!(
     descriptor_round_trip,
     map_translate_round_trip,
     aligned_gib_uses_one_block,
@@ -586,6 +589,59 @@ fn ept_adopts_tree_with_hardware_set_flags() {
         mem.write(table, index, mem.read(table, index) | bits);
     }
     let adopted = adopt::<Ept>(&mem, root).unwrap();
+    assert_eq!(leaves(&adopted), leaves(&t));
+}
+
+#[test]
+fn npt_golden_descriptors() {
+    // P RW U/S, PS, WB (PWT = PCD = 0), executable (NX clear).
+    assert_eq!(Npt::leaf_descriptor(0x4000_0000, BlockSize::Size1G, Attrs::ram(Perms::ReadWriteExec)), 0x4000_0087);
+    // P RW U/S, PWT PCD (PAT entry 3: UC), NX.
+    assert_eq!(Npt::leaf_descriptor(0x0900_0000, BlockSize::Size4K, Attrs::device()), 0x8000_0000_0900_001f);
+    // P U/S, PS, read-only and executable.
+    assert_eq!(Npt::leaf_descriptor(0x4020_0000, BlockSize::Size2M, Attrs::ram(Perms::ReadExec)), 0x4020_0085);
+    // Every level of a nested table grants user access (APM Vol. 2 §15.25.5).
+    assert_eq!(Npt::table_descriptor(0x8000_1000), 0x8000_1007);
+}
+
+#[test]
+fn npt_tolerates_accessed_dirty_and_rejects_the_rest() {
+    let leaf = Npt::leaf_descriptor(0x4020_0000, BlockSize::Size2M, Attrs::ram(Perms::ReadWrite));
+    let page = Npt::leaf_descriptor(0x4020_0000, BlockSize::Size4K, Attrs::ram(Perms::ReadWrite));
+    let table = Npt::table_descriptor(0x1000);
+    let accessed = 1 << 5;
+    let dirty = 1 << 6;
+    let ok = Ok(Descriptor::Leaf { pa: 0x4020_0000, attrs: Attrs::ram(Perms::ReadWrite) });
+    assert_eq!(Npt::decode(leaf | accessed | dirty, 2), ok);
+    assert_eq!(Npt::decode(table | accessed, 1), Ok(Descriptor::Table(0x1000)));
+    // Dirty is never written in a non-leaf entry, nor is PS in a PML4E.
+    assert_eq!(Npt::decode(table | dirty, 1), Err(DescriptorError::ReservedBits));
+    assert_eq!(Npt::decode(leaf, 0), Err(DescriptorError::ForbiddenLeaf));
+    // A PTE's bit 7 is its PAT bit; a large page's is bit 12: never set.
+    assert_eq!(Npt::decode(page | (1 << 7), 3), Err(DescriptorError::ReservedBits));
+    assert_eq!(Npt::decode(leaf | (1 << 12), 2), Err(DescriptorError::ReservedBits));
+    // Global and available bits are never written.
+    assert_eq!(Npt::decode(leaf | (1 << 8), 2), Err(DescriptorError::ReservedBits));
+    assert_eq!(Npt::decode(leaf | (1 << 52), 2), Err(DescriptorError::ReservedBits));
+    // Write-through alone (PAT entry 1: WT) is not a type this engine uses.
+    assert_eq!(Npt::decode(leaf | (1 << 3), 2), Err(DescriptorError::UnsupportedAttributes));
+    // Without U/S the guest's own walks would fault; not ours either way.
+    assert_eq!(Npt::decode(leaf & !(1 << 2), 2), Err(DescriptorError::UnsupportedAttributes));
+    assert_eq!(Npt::decode(table & !(1 << 2), 1), Err(DescriptorError::UnsupportedAttributes));
+    assert_eq!(Npt::decode(table & !(1 << 1), 1), Err(DescriptorError::UnsupportedAttributes));
+    // Not present with other bits set.
+    assert_eq!(Npt::decode(leaf & !1, 2), Err(DescriptorError::ReservedBits));
+}
+
+#[test]
+fn npt_adopts_tree_with_hardware_set_flags() {
+    let mem = memory();
+    let t = sample_tree::<Npt>(&mem);
+    let [root, l1, l2] = path_to_zero::<Npt>(&mem, t.root());
+    for (table, index, bits) in [(root, 0, 1 << 5), (l1, 0, 1 << 5), (l2, 0, 3 << 5)] {
+        mem.write(table, index, mem.read(table, index) | bits);
+    }
+    let adopted = adopt::<Npt>(&mem, root).unwrap();
     assert_eq!(leaves(&adopted), leaves(&t));
 }
 
