@@ -86,12 +86,22 @@ fn x86_64_bochs_vmxon_on_both_cpus() {
 }
 
 #[test]
-fn x86_64_qemu_tcg_reports_no_vmx_and_exits() {
+fn x86_64_qemu_tcg_has_no_vmx_and_enables_svm_on_both_cpus() {
     let run = boot(Arch::X86_64, Machine::Qemu, 2, 256);
     let mem = check_boot(&run, "x86_64", 2);
     check(&run, near(mem, 256), "mem_mib not within 4 MiB of 256");
     let vmx = one(&run, "vmx");
     check(&run, vmx.num("available") == Some(0), "TCG has no VMX");
+    // `-cpu max` is an AMD CPU with SVM: nested paging, 16 ASIDs, no
+    // NRIP_SAVE (shared/EMULATORS.md).
+    let svm = one(&run, "svm");
+    check(&run, svm.num("available") == Some(1), "svm available=1 expected");
+    check(&run, svm.num("npt") == Some(1) && svm.num("nrip") == Some(0), "NPT without NRIP_SAVE under TCG");
+    check(&run, svm.num("asids") == Some(16), "16 ASIDs under TCG");
+    check(&run, svm.get("guest_support") == Some("ok"), "nested paging and a guest ASID");
+    check(&run, svm.num("svme_cpus") == Some(2), "EFER.SVME on both CPUs");
+    let cpu1 = one(&run, "cpu-online");
+    check(&run, cpu1.num("svme") == Some(1), "the second CPU enables SVM too");
     check(&run, run.exit_code == Some(0), "QEMU should exit 0 via ACPI S5");
 }
 

@@ -10,6 +10,7 @@ mod platform;
 mod run;
 mod serial;
 mod smp;
+mod svm;
 mod tsc;
 mod vcpu;
 mod vmcs;
@@ -21,6 +22,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::svm_caps::{SvmCaps, SvmError};
 use hypervisor::arch::x86_64::vmx_caps::{ControlError, MissingFeature, VmcsControls, VmxCaps};
 use hypervisor::live_update::rollback::Reason;
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
@@ -68,6 +70,11 @@ const PIC_MASK_ALL: u8 = 0xff;
 
 /// CPUs that executed VMXON successfully.
 static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
+/// The boot CPU found no VT-x but SVM, and enabled it: the others enable
+/// SVM too. (Guests do not run under SVM yet.)
+static SVM_BACKEND: AtomicBool = AtomicBool::new(false);
+/// CPUs with EFER.SVME set and a host save area.
+static SVME_CPUS: AtomicUsize = AtomicUsize::new(0);
 /// The boot CPU is in VMX operation (a new image giving the machine back
 /// leaves it first).
 static BOOT_CPU_VMXON: AtomicBool = AtomicBool::new(false);
@@ -296,6 +303,13 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
     let (info, cpus, mbi) = platform(magic, u64::from(mbi_phys));
 
     let vmx = vmx::enable(0);
+    // Without VT-x, an AMD CPU's SVM: the other CPUs enable it as they
+    // come up.
+    let svm = vmx.is_err().then(|| svm::enable(0));
+    if let Some(Ok(_)) = svm {
+        SVM_BACKEND.store(true, Ordering::Release);
+        SVME_CPUS.fetch_add(1, Ordering::AcqRel);
+    }
     if vmx.is_ok() {
         VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
         CPU_READY[0].store(true, Ordering::Release);
@@ -332,6 +346,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         }
         Err(e) => {
             hv_event!("vmx", available = 0, reason = e.reason());
+            report_svm(svm, !info.modules.is_empty());
             hv_event!("shutdown", status = "ok");
             shutdown(true)
         }
@@ -449,6 +464,35 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize
     }))
 }
 
+/// What the boot CPU found of SVM, on a machine without VT-x. Guests do
+/// not run under SVM yet (issue 20): a run with guests says so.
+fn report_svm(svm: Option<Result<SvmCaps, SvmError>>, guests: bool) {
+    let Some(svm) = svm else { return };
+    match svm {
+        Ok(caps) => {
+            hv_event!(
+                "svm",
+                available = 1,
+                revision = caps.revision,
+                asids = caps.asids,
+                npt = u8::from(caps.npt()),
+                nrip = u8::from(caps.nrip()),
+                vmcb_clean = u8::from(caps.vmcb_clean()),
+                flush_by_asid = u8::from(caps.flush_by_asid()),
+                decode_assists = u8::from(caps.decode_assists()),
+                vgif = u8::from(caps.vgif()),
+                edx = format_args!("{:#x}", caps.features),
+                guest_support = caps.check_guest_support().err().map_or("ok", SvmError::reason),
+                svme_cpus = SVME_CPUS.load(Ordering::Acquire),
+            );
+            if guests {
+                hv_event!("no-guests", reason = "svm-backend-not-built");
+            }
+        }
+        Err(e) => hv_event!("svm", available = 0, reason = e.reason()),
+    }
+}
+
 fn report_vmx(caps: &VmxCaps) {
     hv_event!(
         "vmx",
@@ -470,6 +514,16 @@ fn report_vmx(caps: &VmxCaps) {
 extern "C" fn hv_ap_main(index: u64) -> ! {
     cpu::load_idt();
     let cpu = index as usize;
+    if SVM_BACKEND.load(Ordering::Acquire) {
+        let svme = svm::enable(cpu).is_ok();
+        if svme {
+            SVME_CPUS.fetch_add(1, Ordering::AcqRel);
+        }
+        let online = smp::ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
+        hv_event!("cpu-online", cpu = index, apic_id = smp::my_apic_id(), online = online, svme = u8::from(svme));
+        // No guest runs under SVM yet: the CPU waits for the power-off.
+        halt_forever()
+    }
     let vmx = vmx::enable(cpu);
     if vmx.is_ok() {
         VMXON_CPUS.fetch_add(1, Ordering::AcqRel);

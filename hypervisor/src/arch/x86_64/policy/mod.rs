@@ -17,6 +17,7 @@ pub mod emulate;
 pub mod lapic;
 pub mod msr;
 pub mod startup;
+pub mod svm_caps;
 pub mod traps;
 pub mod vmx_caps;
 pub mod vmx_exit;
