@@ -100,6 +100,14 @@ fn x86_64_qemu_tcg_has_no_vmx_and_enables_svm_on_both_cpus() {
     check(&run, svm.num("asids") == Some(16), "16 ASIDs under TCG");
     check(&run, svm.get("guest_support") == Some("ok"), "nested paging and a guest ASID");
     check(&run, svm.num("svme_cpus") == Some(2), "EFER.SVME on both CPUs");
+    // A real-mode guest under VMRUN with a nested table of the engine's NPT
+    // format: CPUID and VMMCALL intercepted and stepped over by their known
+    // lengths (no NRIP_SAVE), a read outside its one page stopped by a
+    // nested page fault at that address, then HLT.
+    let first = one(&run, "svm-first-guest");
+    check(&run, first.get("exits") == Some("cpuid,vmmcall,npf,hlt"), "the first guest's exits, in order");
+    check(&run, first.get("npf_gpa") == Some("0x3000"), "the nested page fault names the unmapped address");
+    check(&run, first.get("halted_at") == Some("0x1008"), "it halted after its four instructions");
     let cpu1 = one(&run, "cpu-online");
     check(&run, cpu1.num("svme") == Some(1), "the second CPU enables SVM too");
     check(&run, run.exit_code == Some(0), "QEMU should exit 0 via ACPI S5");

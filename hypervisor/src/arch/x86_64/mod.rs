@@ -485,6 +485,24 @@ fn report_svm(svm: Option<Result<SvmCaps, SvmError>>, guests: bool) {
                 guest_support = caps.check_guest_support().err().map_or("ok", SvmError::reason),
                 svme_cpus = SVME_CPUS.load(Ordering::Acquire),
             );
+            if caps.check_guest_support().is_ok() {
+                match svm::first_guest(0) {
+                    Ok(g) => {
+                        let mut exits = alloc::string::String::new();
+                        for (k, e) in g.exits.iter().flatten().enumerate() {
+                            exits.push_str(if k == 0 { "" } else { "," });
+                            exits.push_str(e.name());
+                        }
+                        hv_event!(
+                            "svm-first-guest",
+                            exits = exits,
+                            npf_gpa = format_args!("{:#x}", g.fault_gpa.unwrap_or(0)),
+                            halted_at = format_args!("{:#x}", g.halted_at.unwrap_or(0)),
+                        );
+                    }
+                    Err(why) => hv_event!("svm-first-guest", failed = why),
+                }
+            }
             if guests {
                 hv_event!("no-guests", reason = "svm-backend-not-built");
             }

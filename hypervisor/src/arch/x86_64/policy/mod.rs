@@ -19,6 +19,7 @@ pub mod msr;
 pub mod startup;
 pub mod svm_caps;
 pub mod traps;
+pub mod vmcb;
 pub mod vmx_caps;
 pub mod vmx_exit;
 
