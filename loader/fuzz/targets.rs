@@ -1,8 +1,8 @@
 //! The bodies of the loader's fuzz targets: each takes arbitrary bytes as
 //! untrusted input (a platform DTB, a multiboot2 information structure,
-//! ACPI tables, an ELF or update image, a boot manifest, a module's command
-//! line) and must return a value or a typed error, never panic, hang or
-//! allocate without bound. Shared by the cargo-fuzz binaries
+//! ACPI tables and the VT-d DMAR among them, an ELF or update image, a boot
+//! manifest, a module's command line) and must return a value or a typed
+//! error, never panic, hang or allocate without bound. Shared by the cargo-fuzz binaries
 //! (`fuzz_targets/*.rs`, nightly) and by `loader/tests/fuzz_corpus.rs`,
 //! which replays the committed corpora and crash reproducers on stable.
 
@@ -12,7 +12,7 @@ use loader::acpi::{self, PhysMemory};
 use loader::image_desc::{self, ImageArch};
 use loader::manifest::ImageFormat;
 use loader::multiboot2::{self, RsdpCopy};
-use loader::{dtb, elf, guest_modules, image_readers, manifest, PhysRange};
+use loader::{dmar, dtb, elf, guest_modules, image_readers, manifest, PhysRange};
 
 /// Where the fuzzed blob pretends to be in physical memory.
 const BLOB_PHYS: u64 = 0x4000_0000;
@@ -49,6 +49,19 @@ pub fn acpi(data: &[u8]) {
     let Some(head) = data.get(..36) else { return };
     let rsdp = if head[15] >= 2 { RsdpCopy::V2(head.to_vec()) } else { RsdpCopy::V1(head[..20].to_vec()) };
     let _ = acpi::discover_cpus(&Bytes(data), Some(&rsdp));
+    if let Ok(Some(table)) = acpi::find_table(&Bytes(data), Some(&rsdp), *b"DMAR") {
+        dmar(table);
+    }
+}
+
+/// The VT-d DMAR table (x86_64 boot), header included: what is accepted
+/// names at least one unit, each with page-aligned registers.
+pub fn dmar(data: &[u8]) {
+    if let Ok(d) = dmar::parse(data) {
+        assert!(!d.units.is_empty(), "a DMAR without units was accepted");
+        assert!(d.units.iter().all(|u| u.register_base.is_multiple_of(0x1000)), "unaligned registers accepted");
+        assert!(d.units.len() <= dmar::MAX_UNITS && d.reserved.len() <= dmar::MAX_RMRRS);
+    }
 }
 
 /// ELF images (guest kernels, the x86_64 hypervisor) for both machines,
@@ -91,6 +104,7 @@ pub const ALL: &[(&str, Body)] = &[
     ("dtb", dtb),
     ("multiboot2", multiboot2),
     ("acpi", acpi),
+    ("dmar", dmar),
     ("elf", elf),
     ("update_image", update_image),
     ("manifest", manifest),

@@ -230,6 +230,26 @@ impl<M: PhysMemory> AcpiHandler for Window<'_, M> {
     fn unmap_physical_region<T>(_region: &PhysicalMapping<Self, T>) {}
 }
 
+/// The table with `signature` that the root table lists, checked like
+/// every table `validate` reads (header, length, checksum), or `None`.
+pub fn find_table<'m, M: PhysMemory>(
+    mem: &'m M,
+    rsdp: Option<&RsdpCopy>,
+    signature: [u8; 4],
+) -> Result<Option<&'m [u8]>, AcpiError> {
+    let (revision, root) = parse_rsdp(rsdp.ok_or(AcpiError::NoRsdp)?)?;
+    let (sig, ptr_len) = if revision == 0 { (*b"RSDT", 4) } else { (*b"XSDT", 8) };
+    let root_table = table(mem, root, Some(sig))?;
+    for entry in root_table[SDT_HEADER_LEN..].chunks_exact(ptr_len) {
+        let phys = if ptr_len == 4 { u64::from(le32(entry, 0)) } else { le64(entry, 0) };
+        let header = mem.bytes(phys, 4).ok_or(AcpiError::Unreadable { signature, phys })?;
+        if header == signature {
+            return table(mem, phys, Some(signature)).map(Some);
+        }
+    }
+    Ok(None)
+}
+
 /// Finds the CPUs: validates the tables, then reads the MADT with `acpi`.
 pub fn discover_cpus<M: PhysMemory>(mem: &M, rsdp: Option<&RsdpCopy>) -> Result<MadtCpus, AcpiError> {
     let (revision, root) = parse_rsdp(rsdp.ok_or(AcpiError::NoRsdp)?)?;

@@ -9,6 +9,7 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod dmar;
 pub mod dtb;
 pub mod elf;
 pub mod guest_modules;

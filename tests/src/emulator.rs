@@ -29,7 +29,8 @@ pub struct RunSpec {
     /// The hypervisor's command line (QEMU `-append`, into /chosen/bootargs).
     pub cmdline: Option<String>,
     /// aarch64: add the SMMUv3 (`iommu=smmuv3`) and QEMU's `edu` device,
-    /// for device assignment.
+    /// for device assignment; x86_64 under QEMU: VT-d (`intel-iommu`) and
+    /// `edu`.
     pub devices: bool,
     /// Stop the emulator this long after the updater guest has stopped
     /// (`hv: guest-stop` for the guest named [`guests::UPDATER`]): guests
@@ -222,6 +223,10 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
         (Arch::X86_64, Machine::Qemu) => {
             let mut c = Command::new("qemu-system-x86_64");
             c.args(["-M", "q35", "-cpu", "max"]);
+            if spec.devices {
+                // VT-d (an ACPI DMAR names it) before the device it covers.
+                c.args(["-device", "intel-iommu", "-device", "edu"]);
+            }
             c.arg("-cdrom").arg(&image.bootable);
             c
         }

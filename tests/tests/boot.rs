@@ -17,11 +17,16 @@ fn build(arch: Arch) -> BuiltImage {
 }
 
 fn boot(arch: Arch, machine: Machine, cpus: u32, mem_mib: u32) -> RunOutcome {
+    boot_with(arch, machine, cpus, mem_mib, false)
+}
+
+fn boot_with(arch: Arch, machine: Machine, cpus: u32, mem_mib: u32, devices: bool) -> RunOutcome {
     let image = build(arch);
     let _one = EMULATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut spec = RunSpec::new(&format!("test-{}-{machine:?}-{cpus}cpu-{mem_mib}m", arch.name()), machine);
     spec.cpus = cpus;
     spec.mem_mib = mem_mib;
+    spec.devices = devices;
     spec.timeout = Duration::from_secs(90);
     emulator::run(&image, &spec).unwrap_or_else(|e| panic!("running {arch:?} on {machine:?}: {e}"))
 }
@@ -86,8 +91,8 @@ fn x86_64_bochs_vmxon_on_both_cpus() {
 }
 
 #[test]
-fn x86_64_qemu_tcg_has_no_vmx_and_enables_svm_on_both_cpus() {
-    let run = boot(Arch::X86_64, Machine::Qemu, 2, 256);
+fn x86_64_qemu_tcg_enables_svm_on_both_cpus_and_finds_the_vt_d_unit() {
+    let run = boot_with(Arch::X86_64, Machine::Qemu, 2, 256, true);
     let mem = check_boot(&run, "x86_64", 2);
     check(&run, near(mem, 256), "mem_mib not within 4 MiB of 256");
     let vmx = one(&run, "vmx");
@@ -110,6 +115,12 @@ fn x86_64_qemu_tcg_has_no_vmx_and_enables_svm_on_both_cpus() {
     check(&run, first.get("halted_at") == Some("0x1008"), "it halted after its four instructions");
     let cpu1 = one(&run, "cpu-online");
     check(&run, cpu1.num("svme") == Some(1), "the second CPU enables SVM too");
+    // `-device intel-iommu`: the DMAR names one VT-d unit with explicit
+    // device scopes (the I/O APIC and the 7 PCI functions on bus 0).
+    let dmar = one(&run, "dmar");
+    check(&run, dmar.num("units") == Some(1) && dmar.get("base") == Some("0xfed90000"), "one unit at 0xfed90000");
+    check(&run, dmar.num("width") == Some(48) && dmar.num("include_all") == Some(0), "48-bit, explicit scopes");
+    check(&run, dmar.num("scopes") == Some(8), "8 device scopes");
     check(&run, run.exit_code == Some(0), "QEMU should exit 0 via ACPI S5");
 }
 

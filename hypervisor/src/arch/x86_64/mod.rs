@@ -188,7 +188,7 @@ fn early_init() {
 
 /// The multiboot2 information at `mbi_phys` (GRUB's, or the preserved
 /// copy after an update), parsed, with the CPUs from the ACPI MADT.
-fn platform(magic: u32, mbi_phys: u64) -> (BootInfo, acpi::MadtCpus, PhysRange) {
+fn platform(magic: u32, mbi_phys: u64, first_boot: bool) -> (BootInfo, acpi::MadtCpus, PhysRange) {
     let mbi_len = LowMemory.bytes(mbi_phys, 8).map_or(0, |h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize);
     let len = mbi_len.min(multiboot2::MAX_MBI_SIZE);
     let Some(mbi) = LowMemory.bytes(mbi_phys, len) else { fail("boot-information-unreadable") };
@@ -206,7 +206,40 @@ fn platform(magic: u32, mbi_phys: u64) -> (BootInfo, acpi::MadtCpus, PhysRange) 
             fail("acpi-madt")
         }
     };
+    if first_boot {
+        report_dmar(platform.rsdp.as_ref());
+    }
     (info, cpus, PhysRange::new(mbi_phys, len as u64))
+}
+
+/// The VT-d remapping hardware the ACPI DMAR table describes (issue 20:
+/// found and reported; not driven yet).
+fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>) {
+    let table = match acpi::find_table(&LowMemory, rsdp, *b"DMAR") {
+        Ok(Some(t)) => t,
+        Ok(None) => return,
+        Err(e) => {
+            println!("acpi: {e}");
+            return;
+        }
+    };
+    match loader::dmar::parse(table) {
+        Ok(d) => {
+            let scopes: usize = d.units.iter().map(|u| u.scopes.len()).sum();
+            hv_event!(
+                "dmar",
+                width = d.host_address_width,
+                flags = format_args!("{:#x}", d.flags),
+                units = d.units.len(),
+                base = format_args!("{:#x}", d.units.first().map_or(0, |u| u.register_base)),
+                include_all = u8::from(d.units.first().is_some_and(|u| u.include_pci_all)),
+                scopes = scopes,
+                rmrrs = d.reserved.len(),
+                other = d.other_structures,
+            );
+        }
+        Err(e) => hv_event!("dmar", refused = e),
+    }
 }
 
 /// Starts every other CPU (they run `hv_ap_main`): those the previous
@@ -262,7 +295,7 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64, roll
     hypervisor::live_update::REPORT.note_entry(kexec_tsc, entry_tsc);
     println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode (live update)");
     live_update::mark("console");
-    let (info, cpus, mbi) = platform(multiboot2::BOOTLOADER_MAGIC, mbi_phys);
+    let (info, cpus, mbi) = platform(multiboot2::BOOTLOADER_MAGIC, mbi_phys, false);
     live_update::mark("platform");
     let caps = match vmx::enable(0) {
         Ok(caps) => caps,
@@ -300,7 +333,7 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64, roll
 extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
     early_init();
     println!("hypervisor {VERSION} ({BUILD_ID}) starting in long mode");
-    let (info, cpus, mbi) = platform(magic, u64::from(mbi_phys));
+    let (info, cpus, mbi) = platform(magic, u64::from(mbi_phys), true);
 
     let vmx = vmx::enable(0);
     // Without VT-x, an AMD CPU's SVM: the other CPUs enable it as they

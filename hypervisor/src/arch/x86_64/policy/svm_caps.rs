@@ -125,7 +125,7 @@ mod tests {
     use super::*;
 
     /// Fn8000_000A as QEMU 10's `-cpu max` reports it under TCG (seen in
-    /// `boot::x86_64_qemu_tcg_has_no_vmx_and_enables_svm_on_both_cpus`:
+    /// `boot::x86_64_qemu_tcg_enables_svm_on_both_cpus_and_finds_the_vt_d_unit`:
     /// revision 1, 16 ASIDs, EDX 0x10010001 = NP, VGIF, bit 28; no
     /// NRIP_SAVE); of Fn8000_0001 ECX only bit 2 (SVM) matters here.
     const QEMU_MAX: SvmCpuid = SvmCpuid {
