@@ -33,6 +33,10 @@ pub struct GuestArg {
     pub cmdline: String,
 }
 
+/// The shortest pause the x86 blackout meter reports: two time slices
+/// (shorter ones are its CPU's other vCPUs taking their turn).
+pub const X86_GAP_REPORT_US: u64 = 20_000;
+
 /// The keys a `--guest` value may carry after its file.
 pub const GUEST_KEYS: [&str; 7] = ["mem", "vcpus", "privileged", "initrd", "device", "cmdline", "name"];
 
@@ -207,7 +211,7 @@ pub fn default_guest_specs(arch: Arch, dir: &Path) -> Vec<GuestArg> {
             g("memcheck", 8, false, "passes=3"),
             // The serial port is slow under Bochs (each report costs
             // milliseconds): report only gaps longer than two time slices.
-            g("blackout", 4, false, "seconds=2 gap_report_us=20000"),
+            g("blackout", 4, false, &format!("seconds=2 gap_report_us={X86_GAP_REPORT_US}")),
             g("exerciser", 4, true, "privileged=1"),
             g("isolation", 4, false, ""),
         ],

@@ -152,12 +152,21 @@ fn ten_updates_alternate_and_guests_stay_resident() {
     }
 
     // The guests' blackout meter saw the pauses the hypervisor measured.
+    // Under Bochs it reports only gaps of two time slices or more, and the
+    // blackouts are shorter than that now (about 17 ms here): a blackout it
+    // reports must match the hypervisor's, one under the threshold may go
+    // unreported (the meter then ran just before and just after it), and
+    // it must have seen at least one.
     let rows = hv_tests::summary::updates(&run.events);
     let bo = id_of(&run, "blackout");
+    let mut seen_any = false;
     for r in &rows {
         let seen = r.guest_gap_us.get(&bo).copied().unwrap_or(0);
-        check(&run, seen > 0 && seen * 2 >= r.blackout_us, &format!("guest-seen blackout for update {}", r.count));
+        seen_any |= seen > 0;
+        let may_miss = seen == 0 && r.blackout_us < hv_tests::guests::X86_GAP_REPORT_US;
+        check(&run, may_miss || seen * 2 >= r.blackout_us, &format!("guest-seen blackout for update {}", r.count));
     }
+    check(&run, seen_any, "the blackout meter saw at least one update's pause");
     check(&run, run.hv("fault").is_empty(), "no guest faults (the isolation probe reads all ones)");
 
     // Staged updates: every image was put in the other slot before the
