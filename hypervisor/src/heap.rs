@@ -35,10 +35,18 @@ static mut HEAP_AREA: HeapArea = HeapArea([0; HEAP_SIZE]);
 #[global_allocator]
 static HEAP: LockedHeap<32> = LockedHeap::empty();
 
-/// Hands the heap area to the allocator. Call once, on the boot CPU,
-/// before anything allocates.
+/// Whether the heap area was handed over (by `init`).
+static READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Hands the heap area to the allocator, before anything allocates: on
+/// the boot CPU at entry, or in the brownout when the previous image
+/// prepares this one (then the entry finds it done and keeps what the
+/// preparation allocated).
 pub fn init() {
-    // SAFETY: called once before any allocation; HEAP_AREA is used only
+    if READY.swap(true, core::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    // SAFETY: the first call, before any allocation; HEAP_AREA is used only
     // through the allocator from here on, so no other reference exists.
     unsafe {
         let start = core::ptr::addr_of_mut!(HEAP_AREA) as usize;

@@ -36,7 +36,7 @@ static IMAGE_DESCRIPTOR: [u8; loader::image_desc::DESCRIPTOR_LEN] = loader::imag
         hypervisor::VERSION,
         hypervisor::BUILD_ID,
     ),
-    arch::HANDOVER_ENTRY,
+    arch::DESCRIPTOR_ENTRY,
 );
 
 /// What this image reads (`loader::image_readers`): the running image
@@ -49,6 +49,9 @@ static READERS: [u8; loader::image_readers::TABLE_LEN] = loader::image_readers::
 #[cfg(target_os = "none")]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    // While the old image prepares this one in the brownout, a panic goes
+    // back to it (and this image is entered unprepared, if at all).
+    arch::abort_if_preparing();
     hypervisor::console::write_line_forced(format_args!("hv: panic {info}"));
     // A new image that panics before the guests resume gives the machine
     // back to the old one (`kho/ABI.md` §5.2); this returns otherwise.

@@ -15,7 +15,7 @@
 //! | 20 | 4 | highest handover ABI the image reads (and writes) |
 //! | 24 | 8 | image size in bytes (the whole file) |
 //! | 32 | 4 | CRC-32 (kho's) of the file with these 4 bytes zeroed |
-//! | 36 | 4 | handover entry: physical address the kexec enters (x86_64), 0 if none |
+//! | 36 | 4 | entry: x86_64 the handover entry the kexec enters; aarch64 the brownout entry (`kho/ABI.md` §5.3); 0 if none |
 //! | 40 | 32 | version, NUL-padded UTF-8 |
 //! | 72 | 32 | build id, NUL-padded UTF-8 |
 //!
@@ -28,7 +28,9 @@
 //! multiboot2 information's, RDX = the TSC at the jump (`kho/ABI.md`
 //! §4.6). Images with 0 there cannot be live-updated into on x86_64. The
 //! aarch64 kexec enters the image at its load address (x0 = DTB, x1 =
-//! handover), so aarch64 images leave it 0.
+//! handover); there the field names the brownout entry, which the running
+//! image calls to let the new one prepare itself before the freeze
+//! (`kho/ABI.md` §5.3), and 0 means the image is entered unprepared.
 
 use core::fmt;
 
@@ -166,7 +168,8 @@ pub struct Descriptor {
     pub abi_max: u32,
     pub size: u64,
     pub crc: u32,
-    /// Physical address of the 64-bit handover entry (x86_64), 0 if none.
+    /// Physical address of the image's entry for a live update, 0 if none:
+    /// the 64-bit handover entry on x86_64, the brownout entry on aarch64.
     pub handover_entry: u32,
     pub version: [u8; 32],
     pub build: [u8; 32],

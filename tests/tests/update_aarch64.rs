@@ -92,6 +92,12 @@ fn ten_updates_alternate_and_guests_stay_resident() {
         check(&run, e.num("firmware_calls") == Some(0), "no firmware call (PSCI) by the new image");
         check(&run, e.num("cpu_restarts") == Some(0), "no CPU started with PSCI CPU_ON");
     }
+    // Each new image prepared itself in the brownout (DTB parsed, EL2 map
+    // built), and its entry used that instead of doing it in the blackout.
+    let prepared = run.hv("update-prepared");
+    check(&run, prepared.len() == 10 && prepared.iter().all(|e| e.get("status") == Some("yes")), "ten preparations");
+    let entries = run.hv("update-entry");
+    check(&run, entries.len() == 10 && entries.iter().all(|e| e.num("prepared") == Some(1)), "ten prepared entries");
     let old = run.hv("old-image");
     check(&run, old.len() == 10 && old.iter().all(|e| e.num("intact") == Some(1)), "the old image intact after resume");
     let bases: Vec<u64> = old.iter().filter_map(|e| e.num("base")).collect();
@@ -484,6 +490,33 @@ fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
     check(&run, ticks.windows(2).all(|w| w[0] < w[1]), "heartbeat ticks strictly increase");
     let verdict = run.guest(hb, "heartbeat");
     check(&run, verdict.last().is_some_and(|e| e.num("sgis_sent") == e.num("sgis_received")), "no SGI lost");
+    let mc = id_of(&run, "memcheck");
+    let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");
+    check(&run, run.hv("fault").is_empty(), "no guest faulted");
+}
+
+/// A new image whose brownout preparation panics: the panic comes back to
+/// the old image (which keeps running its guests), the image is placed
+/// afresh and entered unprepared, and the update goes through; the next
+/// update, to a sound image, is prepared again.
+#[test]
+fn a_preparation_that_panics_leaves_the_update_to_an_unprepared_entry() {
+    let a = build(None);
+    let broken = image::break_build(Arch::Aarch64, 1).unwrap_or_else(|e| panic!("{e}"));
+    let panics = image::with_break_mode(&broken, "prepare-panic").unwrap_or_else(|e| panic!("{e}"));
+    let images = [panics, a.bootable.clone()];
+    let list = guests::demo_guests(Arch::Aarch64, &images, 2).unwrap_or_else(|e| panic!("{e}"));
+    let run = run("test-update-prepare-panic", &a, &list, &[]);
+    check(&run, run.clean_shutdown(), "clean shutdown");
+    let statuses: Vec<&str> = run.hv("update-prepared").iter().filter_map(|e| e.get("status")).collect();
+    check(&run, statuses == ["panicked", "yes"], &format!("the first preparation panicked: {statuses:?}"));
+    let entries: Vec<u64> = run.hv("update-entry").iter().filter_map(|e| e.num("prepared")).collect();
+    check(&run, entries == [0, 1], &format!("entered unprepared, then prepared: {entries:?}"));
+    let done = run.hv("update-done");
+    check(&run, done.len() == 2, "both updates done");
+    check(&run, run.hv("update-rolled-back").is_empty(), "nothing rolled back");
+    check(&run, !run.serial.contains("hv: panic"), "the preparation's panic printed nothing");
     let mc = id_of(&run, "memcheck");
     let passes: Vec<_> = run.guest(mc, "memcheck").into_iter().filter(|e| e.get("pass").is_some()).collect();
     check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") == Some(1)), "every memcheck pass ok");

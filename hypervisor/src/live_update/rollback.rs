@@ -201,6 +201,10 @@ pub enum Break {
     /// SMMU, DMA in flight landing meanwhile): windows wide enough for a
     /// test to put a guest fault and an SMMU event in them.
     Slow,
+    /// Not a failure of the restore: the brownout preparation panics
+    /// (`prepare-panic`, aarch64): the old image must go on and enter this
+    /// image unprepared.
+    PreparePanic,
 }
 
 /// How much longer [`Break::Slow`] makes the brownout and the blackout.
@@ -236,6 +240,7 @@ pub fn break_mode() -> Option<Break> {
         b"fail" => Some(Break::Fail),
         b"hang" => Some(Break::Hang),
         b"slow" => Some(Break::Slow),
+        b"prepare-panic" => Some(Break::PreparePanic),
         _ => None,
     }
 }

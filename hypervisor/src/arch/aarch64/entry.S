@@ -123,6 +123,57 @@ secondary_entry:
     bl      hv_secondary_main
     b       park
 
+// The brownout entry (kho/ABI.md §5.3): the running image calls it, once
+// it has placed this image in its slot, while the guests still run: its
+// own MMU on (an identity map with this slot executable), interrupts
+// masked, on its own stack; x0 = the DTB. hv_prepare parses the DTB and
+// builds this image's EL2 map, kept for hv_primary_main; x0 = 0 when it
+// did. The callee-saved registers (x19-x30, d8-d15) are saved here, so a
+// panic in hv_prepare comes back through prepare_abort with x0 = its
+// status instead of stopping the machine.
+.pushsection .text.prepare, "ax"
+.global hv_prepare_entry
+hv_prepare_entry:
+    stp     x29, x30, [sp, #-160]!
+    stp     x19, x20, [sp, #16]
+    stp     x21, x22, [sp, #32]
+    stp     x23, x24, [sp, #48]
+    stp     x25, x26, [sp, #64]
+    stp     x27, x28, [sp, #80]
+    stp     d8, d9, [sp, #96]
+    stp     d10, d11, [sp, #112]
+    stp     d12, d13, [sp, #128]
+    stp     d14, d15, [sp, #144]
+    mov     x29, sp
+    adrp    x1, hv_prepare_sp
+    str     x29, [x1, :lo12:hv_prepare_sp]
+    bl      hv_prepare
+prepare_return:
+    adrp    x1, hv_prepare_sp
+    str     xzr, [x1, :lo12:hv_prepare_sp]
+    ldp     x19, x20, [sp, #16]
+    ldp     x21, x22, [sp, #32]
+    ldp     x23, x24, [sp, #48]
+    ldp     x25, x26, [sp, #64]
+    ldp     x27, x28, [sp, #80]
+    ldp     d8, d9, [sp, #96]
+    ldp     d10, d11, [sp, #112]
+    ldp     d12, d13, [sp, #128]
+    ldp     d14, d15, [sp, #144]
+    ldp     x29, x30, [sp], #160
+    ret
+
+// Leaves hv_prepare from anywhere inside it (a panic): x0 = the status
+// the caller gets. Only while hv_prepare_sp is set.
+.global prepare_abort
+prepare_abort:
+    adrp    x1, hv_prepare_sp
+    ldr     x1, [x1, :lo12:hv_prepare_sp]
+    cbz     x1, park
+    mov     sp, x1
+    b       prepare_return
+.popsection
+
 el2_common_setup:
     adrp    x1, el2_vectors
     add     x1, x1, :lo12:el2_vectors

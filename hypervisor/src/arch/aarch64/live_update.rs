@@ -125,6 +125,37 @@ pub fn set_dtb(pa: u64) {
     DTB_PHYS.store(pa, Ordering::Relaxed);
 }
 
+impl Arm {
+    /// Copies the image file into its slot and clears the rest of its
+    /// footprint (bss, stacks), with the caches cleaned for an entry with
+    /// the MMU off. In chunks, with a YIELD between them: the guests on the
+    /// other CPUs run meanwhile, and an emulator that runs CPUs round-robin
+    /// (QEMU -icount) lets them. `check_image` made sure the file is no
+    /// longer than the footprint, which fits the slot.
+    fn copy_to_slot(&self, staged: &[u8], range: PhysRange, footprint: u64) {
+        let footprint = footprint as usize;
+        for at in (0..footprint).step_by(STAGE_CHUNK) {
+            let end = (at + STAGE_CHUNK).min(footprint);
+            let dst = range.base as usize + at;
+            let from_file = staged.get(at..end.min(staged.len())).unwrap_or(&[]);
+            // The other slot is reserved for images since boot: nothing
+            // lives or runs there; it is identity-mapped.
+            // SAFETY: as above; `end` is within the footprint and slot.
+            unsafe {
+                core::ptr::copy_nonoverlapping(from_file.as_ptr(), dst as *mut u8, from_file.len());
+                core::ptr::write_bytes((dst + from_file.len()) as *mut u8, 0, end - at - from_file.len());
+            }
+            // The new image starts with the MMU and caches off: its bytes
+            // must be in memory, and no stale instruction of whatever ran
+            // there before may be fetched (Arm ARM D7.5.9, D7.5.10).
+            clean(dst as u64, (range.base as usize + end) as u64);
+            self.relax();
+        }
+        // SAFETY: invalidates instruction caches; no other effect.
+        unsafe { asm!("ic ialluis", "dsb ish", "isb", options(nostack)) };
+    }
+}
+
 /// The aarch64 side of [`UpdatePlatform`]: the requesting vCPU `v`, GIC
 /// SGIs to kick the other CPUs, WFE/SEV between them.
 struct Arm {
@@ -189,31 +220,12 @@ impl UpdatePlatform for Arm {
             e.reason()
         })?;
         if let Placement::Alternate { range, .. } = placement {
-            // check_image: the file is no longer than the footprint, which
-            // fits the slot. In chunks, with a YIELD between them: the
-            // guests on the other CPUs run meanwhile, and an emulator that
-            // runs CPUs round-robin (QEMU -icount) lets them.
-            let footprint = footprint as usize;
-            for at in (0..footprint).step_by(STAGE_CHUNK) {
-                let end = (at + STAGE_CHUNK).min(footprint);
-                let dst = range.base as usize + at;
-                let from_file = staged.get(at..end.min(staged.len())).unwrap_or(&[]);
-                // The other slot is reserved for images since boot: nothing
-                // lives or runs there; it is identity-mapped.
-                // SAFETY: as above; `end` is within the footprint and slot.
-                unsafe {
-                    core::ptr::copy_nonoverlapping(from_file.as_ptr(), dst as *mut u8, from_file.len());
-                    core::ptr::write_bytes((dst + from_file.len()) as *mut u8, 0, end - at - from_file.len());
-                }
-                // The new image starts with the MMU and caches off: its
-                // bytes must be in memory, and no stale instruction of
-                // whatever ran there before may be fetched (Arm ARM
-                // D7.5.9, D7.5.10).
-                clean(dst as u64, (range.base as usize + end) as u64);
-                self.relax();
+            self.copy_to_slot(staged, range, footprint);
+            if !prepare_placed(staged, range, footprint) {
+                // Nothing of a failed preparation is kept: the image is
+                // placed afresh and entered unprepared.
+                self.copy_to_slot(staged, range, footprint);
             }
-            // SAFETY: invalidates instruction caches; no other effect.
-            unsafe { asm!("ic ialluis", "dsb ish", "isb", options(nostack)) };
         }
         Ok(placement)
     }
@@ -395,6 +407,28 @@ fn jump(arm: &Arm, cpu: usize, ready: &Ready, parked: u64) -> ! {
     unsafe { kexec_jump(dtb, buf.base, stage.base, image_start, copy_len, image_start, tramp, now) }
 }
 
+/// Lets the image just placed in `slot` prepare itself while the guests
+/// run (`prepare.rs`), if its descriptor names a brownout entry inside its
+/// file (images from before the brownout entry have 0 there and are
+/// entered unprepared): `hv: update-prepared status=...`. Returns false if
+/// the preparation failed (the slot is then to be placed again).
+fn prepare_placed(staged: &[u8], slot: PhysRange, footprint: u64) -> bool {
+    let entry = loader::image_desc::find(staged).map_or(0, |d| u64::from(d.handover_entry));
+    let file = PhysRange::new(slot.base, staged.len() as u64);
+    if entry == 0 || !entry.is_multiple_of(4) || !file.contains(&PhysRange::new(entry, 4)) {
+        return true;
+    }
+    let (t0, hz) = super::counter();
+    let status = super::prepare::call(entry, slot, footprint, DTB_PHYS.load(Ordering::Relaxed));
+    let (t1, _) = super::counter();
+    hv_event!(
+        "update-prepared",
+        status = super::prepare::Status::token(status),
+        us = (t1 - t0).saturating_mul(1_000_000) / hz.max(1),
+    );
+    status == super::prepare::Status::Prepared as u64
+}
+
 /// Cleans `[base, end)` to the point of coherency (Arm ARM D7.5.9).
 fn clean(base: u64, end: u64) {
     let mut a = base & !63;
@@ -407,7 +441,8 @@ fn clean(base: u64, end: u64) {
     unsafe { asm!("dsb sy", options(nostack)) };
 }
 
-fn clean_invalidate(base: u64, end: u64) {
+/// Cleans and invalidates `[base, end)` to the point of coherency.
+pub(super) fn clean_invalidate(base: u64, end: u64) {
     let mut a = base & !63;
     while a < end {
         // SAFETY: cache maintenance by VA on identity-mapped memory.

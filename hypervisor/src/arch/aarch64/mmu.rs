@@ -47,9 +47,23 @@ const ROOT_LEVEL: usize = 0;
 static TTBR0: AtomicU64 = AtomicU64::new(0);
 static TCR: AtomicU64 = AtomicU64::new(0);
 
+/// The live map, once activated: [`set_executable`] changes it.
+static LIVE: spin::Mutex<Option<LiveMap>> = spin::Mutex::new(None);
+
+struct LiveMap(&'static mut IdMap<El2>);
+
+// SAFETY: the map is only reached through `LIVE`'s lock; its tables are
+// identity-mapped memory that any CPU may write under that lock.
+unsafe impl Send for LiveMap {}
+
 pub struct HostMap {
     map: IdMap<El2>,
 }
+
+// SAFETY: a map being built is owned by one CPU at a time (the brownout's
+// `prepare` builds it, the boot CPU takes it at entry); its tables are
+// heap memory of this image.
+unsafe impl Send for HostMap {}
 
 fn region(base: u64, size: u64) -> MemoryRegion {
     MemoryRegion::new(base as usize, (base + size) as usize)
@@ -97,7 +111,47 @@ impl HostMap {
         }
         TTBR0.store(map.root_address().0 as u64, Ordering::Release);
         enable_mmu();
+        *LIVE.lock() = Some(LiveMap(map));
     }
+}
+
+/// Why the live map could not be changed.
+#[derive(Debug)]
+pub enum LiveMapError {
+    /// No map is active yet.
+    NotActive,
+    Map(MapError),
+}
+
+impl core::fmt::Display for LiveMapError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotActive => f.write_str("no active map"),
+            Self::Map(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Makes the mapped leaves covering `[base, base + size)` executable or
+/// not (XN, Arm ARM D8.4.1.2.1) in the live map: a permission change, which
+/// needs no break-before-make (D8.16.1); `aarch64-paging` invalidates each
+/// changed entry's TLB entries (TLBI VAE2IS). The range should be block-
+/// aligned where it is mapped by blocks: a block is changed whole.
+pub fn set_executable(base: u64, size: u64, executable: bool) -> Result<(), LiveMapError> {
+    let mut live = LIVE.lock();
+    let Some(LiveMap(map)) = live.as_mut() else { return Err(LiveMapError::NotActive) };
+    map.modify_range(&region(base, size), &|_, d| {
+        if d.is_table() || !d.flags().contains(Attr::VALID) {
+            return Ok(());
+        }
+        let flags = if executable { d.flags() - Attr::XN } else { d.flags() | Attr::XN };
+        d.set(d.output_address(), flags)
+    })
+    .map_err(LiveMapError::Map)?;
+    // SAFETY: barriers only: the changed entries are visible to the walker
+    // and to this CPU's next instruction fetch.
+    unsafe { asm!("dsb ish", "isb", options(nostack)) };
+    Ok(())
 }
 
 /// Turns on the boot CPU's map on a secondary CPU.

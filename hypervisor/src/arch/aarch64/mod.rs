@@ -9,6 +9,9 @@ mod mmu;
 mod partitions;
 mod pl011;
 mod platform;
+mod prepare;
+
+pub use prepare::PREPARE_ENTRY;
 mod psci;
 mod smmu;
 mod vcpu;
@@ -89,10 +92,45 @@ fn fail(reason: impl core::fmt::Display) -> ! {
     shutdown(false)
 }
 
+/// A panic while the old image prepares this one in the brownout: back
+/// to the old image, which goes on without the preparation. Returns if
+/// this image is not preparing.
+pub fn abort_if_preparing() {
+    prepare::abort_if_preparing();
+}
+
 /// A panic in a new image before it committed: the machine goes back to
 /// the old image (returns if there is no way back).
 pub fn give_back_on_panic(info: &core::panic::PanicInfo<'_>) {
     live_update::give_back(Reason::Panic, info);
+}
+
+/// What the boot CPU starts from: the DTB read, the CRC-32 instructions
+/// checked, and the EL2 map if it is already built.
+struct Start {
+    parsed: Result<(BootInfo, DtbPlatform), dtb::DtbError>,
+    crc32_instructions: bool,
+    map: Option<mmu::HostMap>,
+    /// Taken from a brownout preparation (`prepare.rs`).
+    prepared: bool,
+}
+
+/// After a live update the previous image may have prepared this one in
+/// the brownout (the DTB read, the EL2 map built): taken if it was made for
+/// this DTB. Otherwise the heap, the CRC-32 instructions and the DTB now.
+fn start(dtb_phys: u64, handover_phys: u64) -> Start {
+    if let Some(p) = (handover_phys != 0).then(|| prepare::take(dtb_phys)).flatten() {
+        return Start {
+            parsed: Ok((p.info, p.platform)),
+            crc32_instructions: p.crc32_instructions,
+            map: Some(p.map),
+            prepared: true,
+        };
+    }
+    crate::heap::init();
+    let crc32_instructions = enable_crc32_instructions();
+    let parsed = dtb_blob(dtb_phys).ok_or(dtb::DtbError::TooShort).and_then(|blob| dtb::parse(blob, dtb_phys));
+    Start { parsed, crc32_instructions, map: None, prepared: false }
 }
 
 /// `rollback`: the old image's rollback entry, if the live update that
@@ -103,19 +141,8 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         live_update::note_entry(kexec_counter);
         live_update::arm_give_back(rollback);
     }
-    crate::heap::init();
-    let crc32_instructions = enable_crc32_instructions();
+    let Start { parsed, crc32_instructions, map, prepared } = start(dtb_phys, handover_phys);
     live_update::set_dtb(dtb_phys);
-    // The DTB's header gives its size; `validate` re-checks it.
-    // SAFETY: x0 at entry is the DTB address (arm64 boot protocol); the
-    // header is 40 bytes and the MMU is off, so physical = virtual.
-    let header = unsafe { core::slice::from_raw_parts(dtb_phys as *const u8, 40) };
-    let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-    let len = total.clamp(40, dtb::MAX_DTB_SIZE);
-    // SAFETY: as above; `len` is bounded by the arm64 boot protocol's
-    // 2 MiB DTB limit, and validation rejects a lying totalsize.
-    let blob = unsafe { core::slice::from_raw_parts(dtb_phys as *const u8, len) };
-    let parsed = dtb::parse(blob, dtb_phys);
     if handover_phys != 0 {
         live_update::mark("dtb");
     }
@@ -131,13 +158,17 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         hypervisor::console::hold();
     }
     println!("hypervisor {VERSION} ({BUILD_ID}) starting at EL2");
+    if handover_phys != 0 {
+        hv_event!("update-entry", prepared = u8::from(prepared));
+    }
     match platform.psci {
         Some(PsciConduit::Smc) => psci::enable_smc(),
         Some(PsciConduit::Hvc) => fail("psci-conduit-hvc-unusable-at-el2"),
         None => fail("no-psci"),
     }
-    if let Err(reason) = build_host_map(&info, &platform) {
-        fail(reason);
+    match map.map_or_else(|| build_host_map(&info, &platform), Ok) {
+        Ok(map) => map.activate(),
+        Err(reason) => fail(reason),
     }
     if handover_phys != 0 {
         live_update::mark("host-map");
@@ -305,7 +336,24 @@ fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> 
     Ok(partitions::create(&specs, &info.ram, frames, scratch, &online_cpus(), (platform.smmu, pci)))
 }
 
-fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), BootError> {
+/// The DTB at `dtb_phys`, as long as its header says (bounded by the arm64
+/// boot protocol's 2 MiB; `dtb::parse` re-checks it).
+fn dtb_blob(dtb_phys: u64) -> Option<&'static [u8]> {
+    if dtb_phys == 0 || !dtb_phys.is_multiple_of(8) {
+        return None;
+    }
+    // SAFETY: x0 at entry is the DTB address (arm64 boot protocol), in
+    // RAM, identity-mapped (or the MMU is off); its header is 40 bytes.
+    let header = unsafe { core::slice::from_raw_parts(dtb_phys as *const u8, 40) };
+    let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    let len = total.clamp(40, dtb::MAX_DTB_SIZE);
+    // SAFETY: as above; `len` is bounded by the 2 MiB DTB limit, and
+    // validation rejects a lying totalsize.
+    Some(unsafe { core::slice::from_raw_parts(dtb_phys as *const u8, len) })
+}
+
+/// Builds the EL2 identity map (not yet active).
+fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<mmu::HostMap, BootError> {
     let fail = |what: &'static str| move |error| BootError::HostMap { what, error };
     // SAFETY: linker-script symbols; only their addresses are used.
     let (start, text_end, ro_end, end) =
@@ -331,8 +379,7 @@ fn build_host_map(info: &BootInfo, platform: &DtbPlatform) -> Result<(), BootErr
     if let Some(pcie) = platform.pcie {
         map.map_device(pcie.ecam.base, pcie.ecam.size).map_err(fail("ecam"))?;
     }
-    map.activate();
-    Ok(())
+    Ok(map)
 }
 
 /// Brings the other CPUs up: those the previous image parked (a live
