@@ -13,8 +13,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use dtoolkit::error::FdtParseError;
-use dtoolkit::fdt::{Fdt, FdtNode, FdtProperty};
-use dtoolkit::{Node, Property};
+use dtoolkit::fdt::Fdt;
 
 use crate::fdt_out;
 use crate::memory::{align_up, MemoryError, PhysRange, RamMap, PAGE_SIZE};
@@ -95,6 +94,9 @@ pub enum HandoverError {
     },
     /// The FDT structure itself is malformed.
     MalformedFdt(FdtParseError),
+    /// The structure block does not walk as the FDT header describes it
+    /// (at byte `offset` of the block).
+    BadStructure { offset: usize },
     /// The FDT memory reservation block is not empty; the handover never uses
     /// it.
     MemoryReservations,
@@ -220,6 +222,7 @@ impl fmt::Display for HandoverError {
                 write!(f, "handover declares {totalsize} bytes, {available} available")
             }
             Self::MalformedFdt(error) => write!(f, "malformed handover FDT: {error}"),
+            Self::BadStructure { offset } => write!(f, "handover FDT structure breaks at byte {offset}"),
             Self::MemoryReservations => f.write_str("handover has FDT memory reservations"),
             Self::WrongCompatible => {
                 write!(f, "handover is not compatible with {HANDOVER_COMPATIBLE}")
@@ -652,7 +655,7 @@ impl SubsystemWriter<'_> {
 /// fields) but not yet decoded: its header and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StoredRecord<'a> {
-    name: String,
+    name: &'a str,
     header: RecordHeader,
     payload: &'a [u8],
 }
@@ -662,7 +665,7 @@ struct StoredRecord<'a> {
 pub struct SubsystemNode<'a> {
     path: String,
     records: Vec<StoredRecord<'a>>,
-    pages: Vec<(String, Vec<PhysRange>)>,
+    pages: Vec<(&'a str, Vec<PhysRange>)>,
 }
 
 impl SubsystemNode<'_> {
@@ -690,17 +693,17 @@ impl SubsystemNode<'_> {
 
     /// Names and verified headers of the records in this node.
     pub fn records(&self) -> impl Iterator<Item = (&str, RecordHeader)> + '_ {
-        self.records.iter().map(|record| (record.name.as_str(), record.header))
+        self.records.iter().map(|record| (record.name, record.header))
     }
 
     /// The preserved ranges stored under `name`.
     pub fn pages(&self, name: &str) -> Option<&[PhysRange]> {
-        self.pages.iter().find(|(known, _)| known == name).map(|(_, ranges)| ranges.as_slice())
+        self.pages.iter().find(|(known, _)| *known == name).map(|(_, ranges)| ranges.as_slice())
     }
 
     /// Every named list of preserved ranges in this node.
     pub fn all_pages(&self) -> impl Iterator<Item = (&str, &[PhysRange])> + '_ {
-        self.pages.iter().map(|(name, ranges)| (name.as_str(), ranges.as_slice()))
+        self.pages.iter().map(|(name, ranges)| (*name, ranges.as_slice()))
     }
 }
 
@@ -764,8 +767,7 @@ impl<'a> HandoverReader<'a> {
         }
         let footprint = blob_footprint(size, blob_phys)?;
 
-        let root = fdt.root();
-        let properties = root_properties(root)?;
+        let (properties, nodes) = walk_structure(blob)?;
         let compatible = properties.compatible.ok_or(HandoverError::MissingProperty { property: PROP_COMPATIBLE })?;
         if compatible != format!("{HANDOVER_COMPATIBLE}\0").as_bytes() {
             return Err(HandoverError::WrongCompatible);
@@ -775,7 +777,7 @@ impl<'a> HandoverReader<'a> {
         let previous_build_id = parse_identity(properties.previous_build_id, PROP_PREVIOUS_BUILD_ID)?;
         let scratch = parse_scratch(properties.scratch, ram)?;
         let bitmap_roots = parse_memory_map(properties.memory_map)?;
-        let nodes = parse_nodes(root)?;
+        let nodes = nodes?;
 
         let reader =
             Self { blob, footprint, update_count, previous_version, previous_build_id, scratch, bitmap_roots, nodes };
@@ -847,34 +849,6 @@ impl<'a> HandoverReader<'a> {
     }
 }
 
-/// A property's value, borrowed from the blob rather than from `prop`.
-fn property_value<'a>(node: &str, prop: FdtProperty<'a>) -> Result<&'a [u8], HandoverError> {
-    prop.value_as::<&'a [u8]>().map_err(|_| HandoverError::BadLength {
-        node: node.to_owned(),
-        property: prop.name().to_owned(),
-        len: prop.value().len(),
-    })
-}
-
-fn root_properties(root: FdtNode<'_>) -> Result<RootProperties<'_>, HandoverError> {
-    let mut found = RootProperties::default();
-    for prop in root.properties() {
-        let slot = match prop.name() {
-            PROP_COMPATIBLE => &mut found.compatible,
-            PROP_UPDATE_COUNT => &mut found.update_count,
-            PROP_PREVIOUS_VERSION => &mut found.previous_version,
-            PROP_PREVIOUS_BUILD_ID => &mut found.previous_build_id,
-            PROP_SCRATCH => &mut found.scratch,
-            PROP_MEMORY_MAP => &mut found.memory_map,
-            other => return Err(HandoverError::UnknownProperty { node: String::new(), property: other.to_owned() }),
-        };
-        if slot.replace(property_value("", prop)?).is_some() {
-            return Err(HandoverError::DuplicateProperty { node: String::new(), property: prop.name().to_owned() });
-        }
-    }
-    Ok(found)
-}
-
 fn bad_root_length(property: &str, len: usize) -> HandoverError {
     HandoverError::BadLength { node: String::new(), property: property.to_owned(), len }
 }
@@ -943,10 +917,10 @@ fn parse_memory_map(value: Option<&[u8]>) -> Result<Vec<BitmapRoot>, HandoverErr
 
 /// Every range a handover marks preserved: the blob's own pages
 /// (`footprint`), the bitmap root pages and each node's `pages-*` ranges.
-fn preserved_ranges<'a>(
+fn preserved_ranges<'a, N: 'a>(
     footprint: PhysRange,
     roots: &'a [BitmapRoot],
-    pages: impl Iterator<Item = &'a [(String, Vec<PhysRange>)]> + 'a,
+    pages: impl Iterator<Item = &'a [(N, Vec<PhysRange>)]> + 'a,
 ) -> impl Iterator<Item = PhysRange> + 'a {
     let roots = roots.iter().filter_map(|root| PhysRange::pages(root.root, PAGE_SIZE).ok());
     let pages = pages.flat_map(|named| named.iter()).flat_map(|(_, ranges)| ranges.iter().copied());
@@ -985,72 +959,171 @@ fn check_preserved_ranges(
 }
 
 /// Walks every node below the root with bounded depth and count.
-fn parse_nodes<'a>(root: FdtNode<'a>) -> Result<Vec<SubsystemNode<'a>>, HandoverError> {
-    let mut nodes = Vec::new();
-    let mut pending: Vec<(FdtNode<'a>, String, usize)> = Vec::new();
-    push_children(root, "", 1, &mut pending)?;
-    while let Some((node, path, depth)) = pending.pop() {
-        if nodes.len() >= MAX_NODES {
-            return Err(HandoverError::TooManyNodes);
-        }
-        push_children(node, &path, depth + 1, &mut pending)?;
-        nodes.push(parse_node(node, path)?);
-    }
-    nodes.sort_unstable_by(|a: &SubsystemNode<'_>, b| a.path.cmp(&b.path));
-    Ok(nodes)
+/// FDT structure block tokens (Devicetree Specification v0.4, §5.4.1).
+const FDT_BEGIN_NODE: u32 = 1;
+const FDT_END_NODE: u32 = 2;
+const FDT_PROP: u32 = 3;
+const FDT_NOP: u32 = 4;
+const FDT_END: u32 = 9;
+
+/// A big-endian word of `bytes` at `at`.
+fn be32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    let word = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([word[0], word[1], word[2], word[3]]))
 }
 
-fn push_children<'a>(
-    parent: FdtNode<'a>,
-    parent_path: &str,
-    depth: usize,
-    pending: &mut Vec<(FdtNode<'a>, String, usize)>,
-) -> Result<(), HandoverError> {
-    let mut names = BTreeSet::new();
-    for child in parent.children() {
-        let name = child.name();
-        let path = join_path(parent_path, name);
-        if depth > MAX_NODE_DEPTH {
-            return Err(HandoverError::TooDeep { path });
+/// The NUL-terminated string at `at` of `bytes`, without its NUL.
+fn cstr_at(bytes: &[u8], at: usize) -> Option<&str> {
+    let rest = bytes.get(at..)?;
+    let len = rest.iter().position(|&b| b == 0)?;
+    core::str::from_utf8(&rest[..len]).ok()
+}
+
+/// A node being read by [`walk_structure`].
+struct OpenNode<'a> {
+    /// Its index in the node list (`None`: the root).
+    index: Option<usize>,
+    /// Names of its children and of its properties so far, for duplicates.
+    children: BTreeSet<&'a str>,
+    properties: BTreeSet<&'a str>,
+}
+
+/// Reads the structure block of a blob `Fdt::new` accepted in one pass:
+/// the root's properties (each known name once, nothing else), and every
+/// subsystem node below it with its records (header and checksum verified)
+/// and page lists. A node error is returned second, so that what is wrong
+/// with the root properties is reported first, as they are checked first.
+#[allow(clippy::type_complexity)]
+fn walk_structure(
+    blob: &[u8],
+) -> Result<(RootProperties<'_>, Result<Vec<SubsystemNode<'_>>, HandoverError>), HandoverError> {
+    let header = |at| be32_at(blob, at).map(|v| v as usize).ok_or(HandoverError::BadStructure { offset: 0 });
+    let (struct_off, strings_off, strings_len, struct_len) = (header(8)?, header(12)?, header(32)?, header(36)?);
+    let structure =
+        blob.get(struct_off..struct_off.saturating_add(struct_len)).ok_or(HandoverError::BadStructure { offset: 0 })?;
+    let strings = blob.get(strings_off..strings_off.saturating_add(strings_len)).unwrap_or(&[]);
+    let mut root = RootProperties::default();
+    let mut nodes: Vec<SubsystemNode<'_>> = Vec::new();
+    let mut open: Vec<OpenNode<'_>> = Vec::new();
+    let mut root_seen = false;
+    let mut off = 0;
+    let walked = loop {
+        let at = off;
+        let bad = HandoverError::BadStructure { offset: at };
+        let Some(token) = be32_at(structure, off) else { break Err(bad) };
+        off += 4;
+        match token {
+            FDT_BEGIN_NODE => {
+                let Some(name) = cstr_at(structure, off) else { break Err(bad) };
+                off = (off + name.len() + 1).next_multiple_of(4);
+                let depth = open.len();
+                let Some(parent) = open.last_mut() else {
+                    // The root, once.
+                    if core::mem::replace(&mut root_seen, true) {
+                        break Err(bad);
+                    }
+                    open.push(OpenNode { index: None, children: BTreeSet::new(), properties: BTreeSet::new() });
+                    continue;
+                };
+                let parent_path = parent.index.and_then(|i| nodes.get(i)).map_or("", |n| n.path.as_str());
+                let path = join_path(parent_path, name);
+                if depth > MAX_NODE_DEPTH {
+                    break Err(HandoverError::TooDeep { path });
+                }
+                if !node_name_is_valid(name) {
+                    break Err(HandoverError::InvalidName { name: path });
+                }
+                if !parent.children.insert(name) {
+                    break Err(HandoverError::DuplicateNode { path });
+                }
+                if nodes.len() >= MAX_NODES {
+                    break Err(HandoverError::TooManyNodes);
+                }
+                open.push(OpenNode {
+                    index: Some(nodes.len()),
+                    children: BTreeSet::new(),
+                    properties: BTreeSet::new(),
+                });
+                nodes.push(SubsystemNode { path, records: Vec::new(), pages: Vec::new() });
+            }
+            FDT_PROP => {
+                let (Some(len), Some(name_off)) = (be32_at(structure, off), be32_at(structure, off + 4)) else {
+                    break Err(bad);
+                };
+                let start = off + 8;
+                let Some(value) = structure.get(start..start.saturating_add(len as usize)) else { break Err(bad) };
+                off = (start + value.len()).next_multiple_of(4);
+                let (Some(name), Some(node)) = (cstr_at(strings, name_off as usize), open.last_mut()) else {
+                    break Err(bad);
+                };
+                let Some(index) = node.index else {
+                    root_property(&mut root, name, value)?;
+                    continue;
+                };
+                let Some(parsed) = nodes.get_mut(index) else { break Err(bad) };
+                if !node.properties.insert(name) {
+                    break Err(HandoverError::DuplicateProperty {
+                        node: parsed.path.clone(),
+                        property: name.to_owned(),
+                    });
+                }
+                if let Err(e) = node_property(parsed, name, value) {
+                    break Err(e);
+                }
+            }
+            FDT_END_NODE => {
+                if open.pop().is_none() {
+                    break Err(bad);
+                }
+            }
+            FDT_NOP => {}
+            FDT_END if open.is_empty() && root_seen => break Ok(()),
+            _ => break Err(bad),
         }
-        if !node_name_is_valid(name) {
-            return Err(HandoverError::InvalidName { name: path });
-        }
-        if !names.insert(name) {
-            return Err(HandoverError::DuplicateNode { path });
-        }
-        if pending.len() >= MAX_NODES {
-            return Err(HandoverError::TooManyNodes);
-        }
-        pending.push((child, path, depth));
+    };
+    Ok((
+        root,
+        walked.map(|()| {
+            nodes.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+            nodes
+        }),
+    ))
+}
+
+/// A root property: one of the known names, once.
+fn root_property<'a>(root: &mut RootProperties<'a>, name: &str, value: &'a [u8]) -> Result<(), HandoverError> {
+    let slot = match name {
+        PROP_COMPATIBLE => &mut root.compatible,
+        PROP_UPDATE_COUNT => &mut root.update_count,
+        PROP_PREVIOUS_VERSION => &mut root.previous_version,
+        PROP_PREVIOUS_BUILD_ID => &mut root.previous_build_id,
+        PROP_SCRATCH => &mut root.scratch,
+        PROP_MEMORY_MAP => &mut root.memory_map,
+        other => return Err(HandoverError::UnknownProperty { node: String::new(), property: other.to_owned() }),
+    };
+    if slot.replace(value).is_some() {
+        return Err(HandoverError::DuplicateProperty { node: String::new(), property: name.to_owned() });
     }
     Ok(())
 }
 
-fn parse_node(node: FdtNode<'_>, path: String) -> Result<SubsystemNode<'_>, HandoverError> {
-    let mut parsed = SubsystemNode { path, records: Vec::new(), pages: Vec::new() };
-    let mut seen = BTreeSet::new();
-    for prop in node.properties() {
-        let property = prop.name();
-        if !seen.insert(property.to_owned()) {
-            return Err(HandoverError::DuplicateProperty { node: parsed.path, property: property.to_owned() });
-        }
-        let value = property_value(&parsed.path, prop)?;
-        if let Some(name) = property.strip_prefix(RECORD_PREFIX).filter(|name| record_name_is_valid(name)) {
-            let (header, payload) = RecordHeader::parse(value).map_err(|error| HandoverError::Record {
-                node: parsed.path.clone(),
-                property: property.to_owned(),
-                error,
-            })?;
-            parsed.records.push(StoredRecord { name: name.to_owned(), header, payload });
-        } else if let Some(name) = property.strip_prefix(PAGES_PREFIX).filter(|name| record_name_is_valid(name)) {
-            let ranges = parse_pages(&parsed.path, property, value)?;
-            parsed.pages.push((name.to_owned(), ranges));
-        } else {
-            return Err(HandoverError::UnknownProperty { node: parsed.path, property: property.to_owned() });
-        }
+/// A subsystem node's property: a record (header and checksum verified)
+/// or a list of preserved pages.
+fn node_property<'a>(parsed: &mut SubsystemNode<'a>, property: &'a str, value: &'a [u8]) -> Result<(), HandoverError> {
+    if let Some(name) = property.strip_prefix(RECORD_PREFIX).filter(|name| record_name_is_valid(name)) {
+        let (header, payload) = RecordHeader::parse(value).map_err(|error| HandoverError::Record {
+            node: parsed.path.clone(),
+            property: property.to_owned(),
+            error,
+        })?;
+        parsed.records.push(StoredRecord { name, header, payload });
+    } else if let Some(name) = property.strip_prefix(PAGES_PREFIX).filter(|name| record_name_is_valid(name)) {
+        let ranges = parse_pages(&parsed.path, property, value)?;
+        parsed.pages.push((name, ranges));
+    } else {
+        return Err(HandoverError::UnknownProperty { node: parsed.path.clone(), property: property.to_owned() });
     }
-    Ok(parsed)
+    Ok(())
 }
 
 fn parse_pages(node: &str, property: &str, value: &[u8]) -> Result<Vec<PhysRange>, HandoverError> {
