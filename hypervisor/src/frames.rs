@@ -106,6 +106,22 @@ unsafe impl FrameSource for FrameAllocator {
     }
 }
 
+// SAFETY: runs come from RAM the caller declared free, as blocks of a
+// power of two of at least `count` pages, naturally aligned (so to `align`
+// when it is no larger), one owner at a time.
+unsafe impl iommu::FrameSource for FrameAllocator {
+    fn alloc_pages(&mut self, count: usize, align: u64) -> Option<u64> {
+        let bytes = (count as u64).checked_mul(PAGE_SIZE)?.max(align);
+        self.alloc_block(bytes).map(|b| b.base)
+    }
+
+    fn free_pages(&mut self, pa: u64, count: usize) {
+        // The block `alloc_pages` took: a power of two of at least `count`
+        // pages (the driver asks for no stricter alignment than that).
+        self.free_block(PhysRange::new(pa, (count as u64 * PAGE_SIZE).next_power_of_two()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,6 +45,7 @@ mod stream_table;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+pub mod vtd;
 
 pub use command::{Command, CommandDecodeError, COMMAND_BYTES};
 pub use error::{AdoptError, CommandError, Error, QueueKind, Region, Register, Wait};

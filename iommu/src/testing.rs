@@ -707,3 +707,234 @@ pub fn adopt_arbitrary(setups: &AdoptSetups, data: &[u8]) {
         assert!(fake.take_writes().is_empty(), "adopt wrote a register");
     }
 }
+
+/// A VT-d remapping unit for host tests of [`crate::vtd`]: the global
+/// command/status handshake, the root table pointer, the invalidation
+/// queue (descriptors read from [`TestMemory`], the wait descriptor's
+/// status write done), DMA requests translated through the root table,
+/// and the fault-recording registers. Misuse is noted in
+/// [`FakeVtd::violations`].
+pub struct FakeVtd<'m> {
+    mem: &'m TestMemory,
+    inner: RefCell<FakeVtdState>,
+}
+
+#[derive(Default)]
+struct FakeVtdState {
+    cap: u64,
+    ecap: u64,
+    gsts: u32,
+    rtaddr: u64,
+    root: Option<u64>,
+    iqa: u64,
+    iqh: u64,
+    iqt: u64,
+    fsts: u32,
+    /// Fault records: (low, high) per register.
+    records: Vec<(u64, u64)>,
+    /// Descriptor types the queue processed, in order.
+    processed: Vec<u8>,
+    violations: Vec<&'static str>,
+}
+
+impl fmt::Debug for FakeVtd<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeVtd").finish_non_exhaustive()
+    }
+}
+
+/// QEMU 10's `intel-iommu` capabilities (`shared/EMULATORS.md`): one fault
+/// record at 0x220, 48-bit, 3- and 4-level tables; QI, IR, PT, no page-walk
+/// coherency.
+pub const QEMU_VTD_CAP: u64 = 0x00d2_008c_222f_0606;
+pub const QEMU_VTD_ECAP: u64 = 0x0000_0000_00f0_0f4a;
+
+impl<'m> FakeVtd<'m> {
+    pub fn new(mem: &'m TestMemory, cap: u64, ecap: u64) -> FakeVtd<'m> {
+        let records = vec![(0, 0); crate::vtd::Cap(cap).fault_records()];
+        FakeVtd { mem, inner: RefCell::new(FakeVtdState { cap, ecap, records, ..FakeVtdState::default() }) }
+    }
+
+    /// Starts with translation already on (a unit someone left running).
+    pub fn set_translating(&self) {
+        self.inner.borrow_mut().gsts |= crate::vtd::gcmd::TE;
+    }
+
+    /// Descriptor types the queue has processed.
+    pub fn processed(&self) -> Vec<u8> {
+        self.inner.borrow().processed.clone()
+    }
+
+    pub fn violations(&self) -> Vec<&'static str> {
+        self.inner.borrow().violations.clone()
+    }
+
+    /// A DMA request from `source` to `addr`: translated through the root
+    /// table when translation is on (a not-present root entry faults with
+    /// reason 1, recorded), passed through otherwise. Returns whether it
+    /// went through.
+    pub fn dma(&self, source: u16, addr: u64, read: bool) -> bool {
+        let mut s = self.inner.borrow_mut();
+        if s.gsts & crate::vtd::gcmd::TE == 0 {
+            return true;
+        }
+        let Some(root) = s.root else {
+            s.violations.push("dma-translated-without-a-root-table");
+            return false;
+        };
+        let bus = u64::from(source >> 8);
+        let present = self.mem.read(root + bus * 16).is_some_and(|low| low & 1 != 0);
+        if present {
+            s.violations.push("fake-has-no-context-tables");
+            return false;
+        }
+        let free = s.records.iter().position(|r| r.1 & (1 << 63) == 0);
+        match free {
+            Some(i) => {
+                let high = (1 << 63) | (u64::from(read) << 62) | (1 << 32) | u64::from(source);
+                s.records[i] = (addr & !0xfff, high);
+                if s.fsts & crate::vtd::fsts::PPF == 0 {
+                    s.fsts = (s.fsts & !0xff00) | ((i as u32) << 8);
+                }
+                s.fsts |= crate::vtd::fsts::PPF;
+            }
+            None => s.fsts |= crate::vtd::fsts::PFO,
+        }
+        false
+    }
+
+    fn run_queue(&self, s: &mut FakeVtdState) {
+        let base = s.iqa & !0xfff;
+        while s.iqh != s.iqt {
+            let at = base + s.iqh;
+            let (Some(low), Some(high)) = (self.mem.read(at), self.mem.read(at + 8)) else {
+                s.fsts |= crate::vtd::fsts::IQE;
+                return;
+            };
+            let kind = crate::vtd::descriptor::kind(low);
+            match kind {
+                1 | 2 => {}
+                5 => {
+                    if low & (1 << 5) != 0 {
+                        let word = high & !0x7;
+                        let old = self.mem.read(word).unwrap_or(0);
+                        let data = low >> 32;
+                        let value = if high & 0x4 == 0 {
+                            (old & !0xffff_ffff) | data
+                        } else {
+                            (old & 0xffff_ffff) | (data << 32)
+                        };
+                        if !self.mem.write(word, value) {
+                            s.violations.push("wait-status-outside-memory");
+                        }
+                    }
+                }
+                _ => {
+                    s.fsts |= crate::vtd::fsts::IQE;
+                    return;
+                }
+            }
+            s.processed.push(kind);
+            s.iqh = (s.iqh + 16) % 4096;
+        }
+    }
+}
+
+impl crate::vtd::VtdRegs for &FakeVtd<'_> {
+    fn read32(&self, offset: usize) -> u32 {
+        let s = self.inner.borrow();
+        match offset {
+            crate::vtd::reg::VER => 0x10,
+            crate::vtd::reg::GSTS => s.gsts,
+            crate::vtd::reg::FSTS => s.fsts,
+            _ => (self.read64(offset & !7) >> ((offset & 4) * 8)) as u32,
+        }
+    }
+
+    fn read64(&self, offset: usize) -> u64 {
+        let s = self.inner.borrow();
+        let fro = crate::vtd::Cap(s.cap).fault_record_offset();
+        match offset {
+            crate::vtd::reg::CAP => s.cap,
+            crate::vtd::reg::ECAP => s.ecap,
+            crate::vtd::reg::RTADDR => s.rtaddr,
+            crate::vtd::reg::IQA => s.iqa,
+            crate::vtd::reg::IQH => s.iqh,
+            crate::vtd::reg::IQT => s.iqt,
+            o if o >= fro && o < fro + 16 * s.records.len() => {
+                let r = s.records[(o - fro) / 16];
+                if (o - fro).is_multiple_of(16) {
+                    r.0
+                } else {
+                    r.1
+                }
+            }
+            _ => 0,
+        }
+    }
+
+    fn write32(&mut self, offset: usize, value: u32) {
+        use crate::vtd::gcmd;
+        let mut s = self.inner.borrow_mut();
+        let fro = crate::vtd::Cap(s.cap).fault_record_offset();
+        match offset {
+            crate::vtd::reg::GCMD => {
+                let sticky = gcmd::TE | gcmd::QIE;
+                if (s.gsts & sticky) & !value != 0 {
+                    s.violations.push("gcmd-turned-a-bit-off");
+                }
+                if value & gcmd::SRTP != 0 {
+                    s.root = Some(s.rtaddr & !0xfff);
+                    s.gsts |= gcmd::SRTP;
+                }
+                if value & gcmd::QIE != 0 && s.gsts & gcmd::QIE == 0 {
+                    s.iqh = 0;
+                    s.gsts |= gcmd::QIE;
+                }
+                if value & gcmd::TE != 0 {
+                    if s.root.is_none() {
+                        s.violations.push("translation-enabled-without-a-root-table");
+                    }
+                    s.gsts |= gcmd::TE;
+                }
+            }
+            crate::vtd::reg::FSTS => s.fsts &= !(value & (crate::vtd::fsts::PFO | crate::vtd::fsts::IQE)),
+            crate::vtd::reg::FECTL => {}
+            o if o >= fro && o < fro + 16 * s.records.len() && (o - fro) % 16 == 12 => {
+                let i = (o - fro) / 16;
+                if value & (1 << 31) != 0 {
+                    s.records[i].1 &= !(1 << 63);
+                }
+                if s.records.iter().all(|r| r.1 & (1 << 63) == 0) {
+                    s.fsts &= !crate::vtd::fsts::PPF;
+                }
+            }
+            _ => s.violations.push("write32-to-an-unknown-register"),
+        }
+    }
+
+    fn write64(&mut self, offset: usize, value: u64) {
+        let mut s = self.inner.borrow_mut();
+        match offset {
+            crate::vtd::reg::RTADDR => s.rtaddr = value,
+            crate::vtd::reg::IQA => {
+                if s.gsts & crate::vtd::gcmd::QIE != 0 {
+                    s.violations.push("iqa-written-while-the-queue-runs");
+                }
+                s.iqa = value;
+            }
+            crate::vtd::reg::IQT => {
+                if s.gsts & crate::vtd::gcmd::QIE == 0 && value != 0 {
+                    s.violations.push("iqt-moved-before-the-queue-is-on");
+                }
+                s.iqt = value & 0x7fff0;
+                if s.gsts & crate::vtd::gcmd::QIE != 0 {
+                    let mut state = core::mem::take(&mut *s);
+                    self.run_queue(&mut state);
+                    *s = state;
+                }
+            }
+            _ => s.violations.push("write64-to-an-unknown-register"),
+        }
+    }
+}

@@ -91,7 +91,7 @@ fn x86_64_bochs_vmxon_on_both_cpus() {
 }
 
 #[test]
-fn x86_64_qemu_tcg_enables_svm_on_both_cpus_and_finds_the_vt_d_unit() {
+fn x86_64_qemu_tcg_enables_svm_on_both_cpus_and_the_vt_d_unit_blocks_dma() {
     let run = boot_with(Arch::X86_64, Machine::Qemu, 2, 256, true);
     let mem = check_boot(&run, "x86_64", 2);
     check(&run, near(mem, 256), "mem_mib not within 4 MiB of 256");
@@ -121,6 +121,19 @@ fn x86_64_qemu_tcg_enables_svm_on_both_cpus_and_finds_the_vt_d_unit() {
     check(&run, dmar.num("units") == Some(1) && dmar.get("base") == Some("0xfed90000"), "one unit at 0xfed90000");
     check(&run, dmar.num("width") == Some(48) && dmar.num("include_all") == Some(0), "48-bit, explicit scopes");
     check(&run, dmar.num("scopes") == Some(8), "8 device scopes");
+    // The unit brought up with translation on and every device blocked
+    // (a root table with no present entry), invalidated through its queue;
+    // then `edu` made to read RAM: blocked and recorded against 00:03.0.
+    let vtd = one(&run, "vtd");
+    check(&run, vtd.num("enabled") == Some(1) && vtd.num("translating") == Some(1), "VT-d translating");
+    check(&run, vtd.num("invalidations") == Some(3), "context-cache, IOTLB and wait descriptors");
+    let probe = one(&run, "vtd-probe");
+    check(&run, probe.get("device") == Some("00:03.0") && probe.num("done") == Some(1), "edu's DMA ran");
+    check(&run, probe.get("dma") == Some("blocked") && probe.num("faults") == Some(1), "the DMA was blocked");
+    let fault = one(&run, "fault");
+    check(&run, fault.get("kind") == Some("iommu") && fault.get("source") == Some("00:03.0"), "the fault names edu");
+    check(&run, fault.get("reason") == Some("root-not-present") && fault.get("access") == Some("read"), "reason 1");
+    check(&run, fault.get("addr") == Some("0x123000"), "the fault names the DMA's address");
     check(&run, run.exit_code == Some(0), "QEMU should exit 0 via ACPI S5");
 }
 

@@ -15,6 +15,7 @@ mod tsc;
 mod vcpu;
 mod vmcs;
 mod vmx;
+mod vtd;
 
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -212,8 +213,11 @@ fn platform(magic: u32, mbi_phys: u64, first_boot: bool) -> (BootInfo, acpi::Mad
     (info, cpus, PhysRange::new(mbi_phys, len as u64))
 }
 
-/// The VT-d remapping hardware the ACPI DMAR table describes (issue 20:
-/// found and reported; not driven yet).
+/// The register base of the first VT-d unit the DMAR names (0: none).
+static VTD_UNIT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The VT-d remapping hardware the ACPI DMAR table describes (issue 20):
+/// reported, and its first unit kept for [`vtd::bring_up_and_probe`].
 fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>) {
     let table = match acpi::find_table(&LowMemory, rsdp, *b"DMAR") {
         Ok(Some(t)) => t,
@@ -225,6 +229,7 @@ fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>) {
     };
     match loader::dmar::parse(table) {
         Ok(d) => {
+            VTD_UNIT.store(d.units.first().map_or(0, |u| u.register_base), Ordering::Relaxed);
             let scopes: usize = d.units.iter().map(|u| u.scopes.len()).sum();
             hv_event!(
                 "dmar",
@@ -380,6 +385,14 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         Err(e) => {
             hv_event!("vmx", available = 0, reason = e.reason());
             report_svm(svm, !info.modules.is_empty());
+            // No guest runs on this path yet: the VT-d unit is brought up
+            // blocking every device, and probed, with throw-away pages.
+            let unit = VTD_UNIT.load(Ordering::Relaxed);
+            if unit != 0 {
+                let mut frames =
+                    hypervisor::frames::FrameAllocator::new(&hypervisor::frames::subtract(&info.ram, &reserved(&info)));
+                vtd::bring_up_and_probe(unit, &mut frames);
+            }
             hv_event!("shutdown", status = "ok");
             shutdown(true)
         }

@@ -1,0 +1,154 @@
+//! The x86_64 side of VT-d (issue 20, item 4, first step): the remapping
+//! unit the DMAR names is brought up with translation on and every device
+//! blocked (`iommu::vtd`), and a probe shows it: the `edu` test device, if
+//! there is one, is made to read RAM by DMA, which the unit must block and
+//! record against the device's requester id.
+//!
+//! So far only where no guest runs (the SVM path, which has no backend
+//! yet): the unit's pages come from a throw-away allocator. With guests,
+//! its pages must be preserved and adopted across live updates, and
+//! assigned devices get context entries (issue 20, items 4 and 5).
+
+use core::ptr::NonNull;
+
+use hypervisor::frames::FrameAllocator;
+use hypervisor::hv_event;
+use iommu::vtd::{Bdf, MmioVtd, Vtd};
+use iommu::LinearMap;
+use x86::io::{inl, outl};
+
+/// Legacy PCI configuration mechanism #1 (PCI Local Bus spec 3.0, §3.2.2.3.2).
+const CONFIG_ADDRESS: u16 = 0xcf8;
+const CONFIG_DATA: u16 = 0xcfc;
+/// The `edu` device (QEMU `docs/specs/edu.rst`): vendor 0x1234, device
+/// 0x11e8; BAR0 registers: DMA source 0x80, destination 0x88, count 0x90,
+/// command 0x98 (bit 0 start/busy, bit 1 direction: 0 RAM to device). Its
+/// buffer is at 0x40000 in its own address space.
+const EDU_ID: u32 = 0x11e8_1234;
+const EDU_DMA_SRC: usize = 0x80;
+const EDU_DMA_DST: usize = 0x88;
+const EDU_DMA_COUNT: usize = 0x90;
+const EDU_DMA_CMD: usize = 0x98;
+const EDU_BUFFER: u64 = 0x4_0000;
+const EDU_DMA_START: u64 = 1;
+/// The I/O address the probe's DMA names: below edu's 28-bit DMA mask,
+/// inside no mapping (nothing is mapped).
+const PROBE_IOVA: u64 = 0x12_3000;
+/// PCI command register: memory space (bit 1) and bus master (bit 2).
+const PCI_COMMAND_MEMORY: u32 = 1 << 1;
+const PCI_COMMAND_MASTER: u32 = 1 << 2;
+/// How long the probe waits for edu's DMA to end (it completes on a QEMU
+/// timer, about 100 ms later), in `delay_us` steps of 1 ms.
+const PROBE_WAIT_MS: u32 = 3000;
+
+fn config_read(bdf: u16, offset: u8) -> u32 {
+    let address = 0x8000_0000 | (u32::from(bdf) << 8) | u32::from(offset & 0xfc);
+    // SAFETY: the configuration-space ports; reading a register of a
+    // function has no side effect the hypervisor relies on.
+    unsafe {
+        outl(CONFIG_ADDRESS, address);
+        inl(CONFIG_DATA)
+    }
+}
+
+fn config_write(bdf: u16, offset: u8, value: u32) {
+    let address = 0x8000_0000 | (u32::from(bdf) << 8) | u32::from(offset & 0xfc);
+    // SAFETY: as in `config_read`; only the probe device's command register
+    // is written.
+    unsafe {
+        outl(CONFIG_ADDRESS, address);
+        outl(CONFIG_DATA, value);
+    }
+}
+
+/// The first `edu` function on bus 0, and its BAR0.
+fn find_edu() -> Option<(u16, u64)> {
+    (0..32u16).map(|dev| dev << 3).find(|&bdf| config_read(bdf, 0) == EDU_ID).map(|bdf| {
+        let bar0 = u64::from(config_read(bdf, 0x10) & !0xf);
+        (bdf, bar0)
+    })
+}
+
+/// Brings the unit at `base` up (translation on, everything blocked) with
+/// pages from `frames`, reports it (`hv: vtd ...`), and probes it with an
+/// `edu` DMA (`hv: vtd-probe ...`, and `hv: fault kind=iommu ...` for each
+/// fault the unit recorded).
+pub fn bring_up_and_probe(base: u64, frames: &mut FrameAllocator) {
+    let Some(regs) = NonNull::new(base as *mut u8) else { return };
+    // SAFETY: the DRHD's register page, below 4 GiB (identity-mapped),
+    // driven by nothing else.
+    let regs = unsafe { MmioVtd::new(regs) };
+    // SAFETY: RAM is identity-mapped.
+    let phys = unsafe { LinearMap::new(0) };
+    let (mut vtd, up) = match Vtd::init(regs, phys, frames, Vtd::<MmioVtd, LinearMap>::DEFAULT_SPIN_BUDGET) {
+        Ok(v) => v,
+        Err(e) => {
+            hv_event!("vtd", base = format_args!("{base:#x}"), enabled = 0, reason = e);
+            return;
+        }
+    };
+    hv_event!(
+        "vtd",
+        base = format_args!("{base:#x}"),
+        enabled = 1,
+        version = format_args!("{:#x}", up.version),
+        translating = u8::from(vtd.translating()),
+        root = format_args!("{:#x}", up.root),
+        queue = format_args!("{:#x}", up.queue),
+        invalidations = up.invalidations,
+        coherent = u8::from(up.ecap.coherent()),
+        fault_records = up.cap.fault_records(),
+        mgaw = up.cap.mgaw(),
+    );
+    probe(&mut vtd);
+}
+
+/// Has `edu` read 8 bytes of RAM at [`PROBE_IOVA`]; the unit must block
+/// the read and record it.
+fn probe(vtd: &mut Vtd<MmioVtd, LinearMap>) {
+    let Some((bdf, bar0)) = find_edu() else {
+        hv_event!("vtd-probe", device = "none");
+        return;
+    };
+    let command = config_read(bdf, 0x04);
+    config_write(bdf, 0x04, (command & 0xffff) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+    let reg = |offset: usize| (bar0 as usize + offset) as *mut u64;
+    // SAFETY: edu's BAR0 registers (below 4 GiB, identity-mapped), which
+    // only this probe drives.
+    unsafe {
+        reg(EDU_DMA_SRC).write_volatile(PROBE_IOVA);
+        reg(EDU_DMA_DST).write_volatile(EDU_BUFFER);
+        reg(EDU_DMA_COUNT).write_volatile(8);
+        reg(EDU_DMA_CMD).write_volatile(EDU_DMA_START);
+    }
+    let mut waited = 0;
+    // SAFETY: as above.
+    while unsafe { reg(EDU_DMA_CMD).read_volatile() } & EDU_DMA_START != 0 && waited < PROBE_WAIT_MS {
+        super::delay_us(1000);
+        waited += 1;
+    }
+    let (faults, overflow) = vtd.take_faults();
+    let blocked = faults.iter().any(|f| f.source == bdf && f.read);
+    hv_event!(
+        "vtd-probe",
+        device = Bdf(bdf),
+        iova = format_args!("{PROBE_IOVA:#x}"),
+        done = u8::from(waited < PROBE_WAIT_MS),
+        dma = if blocked { "blocked" } else { "not-recorded" },
+        faults = faults.len(),
+        overflow = u8::from(overflow),
+    );
+    for f in faults {
+        hv_event!(
+            "fault",
+            kind = "iommu",
+            source = Bdf(f.source),
+            reason = f.reason_name(),
+            code = f.reason,
+            access = if f.read { "read" } else { "write" },
+            addr = format_args!("{:#x}", f.addr),
+            guest = "none",
+        );
+    }
+    config_write(bdf, 0x04, command & 0xffff);
+}
