@@ -769,29 +769,71 @@ impl<'m> FakeVtd<'m> {
         self.inner.borrow().violations.clone()
     }
 
-    /// A DMA request from `source` to `addr`: translated through the root
-    /// table when translation is on (a not-present root entry faults with
-    /// reason 1, recorded), passed through otherwise. Returns whether it
-    /// went through.
-    pub fn dma(&self, source: u16, addr: u64, read: bool) -> bool {
+    /// A DMA request from `source` to `addr`: translated when translation
+    /// is on (root entry, context entry, then a 4-level second-level table
+    /// of the EPT shape: bit 0 read, bit 1 write, bit 7 a 1 GiB or 2 MiB
+    /// leaf), passed through otherwise. A request that does not translate
+    /// is recorded with its reason (1 root not present, 2 context not
+    /// present, 5 write / 6 read not allowed or not mapped). Returns the
+    /// physical address it reached.
+    pub fn dma(&self, source: u16, addr: u64, read: bool) -> Option<u64> {
         let mut s = self.inner.borrow_mut();
         if s.gsts & crate::vtd::gcmd::TE == 0 {
-            return true;
+            return Some(addr);
         }
         let Some(root) = s.root else {
             s.violations.push("dma-translated-without-a-root-table");
-            return false;
+            return None;
         };
-        let bus = u64::from(source >> 8);
-        let present = self.mem.read(root + bus * 16).is_some_and(|low| low & 1 != 0);
-        if present {
-            s.violations.push("fake-has-no-context-tables");
-            return false;
+        match self.translate(root, source, addr, read) {
+            Ok(pa) => Some(pa),
+            Err(reason) => {
+                Self::record(&mut s, source, addr, read, reason);
+                None
+            }
         }
+    }
+
+    fn translate(&self, root: u64, source: u16, addr: u64, read: bool) -> Result<u64, u8> {
+        let denied = if read { 6 } else { 5 };
+        let root_low = self.mem.read(root + u64::from(source >> 8) * 16).unwrap_or(0);
+        if root_low & 1 == 0 {
+            return Err(1);
+        }
+        let context = (root_low & !0xfff) + u64::from(source & 0xff) * 16;
+        let (low, high) = (self.mem.read(context).unwrap_or(0), self.mem.read(context + 8).unwrap_or(0));
+        if low & 1 == 0 {
+            return Err(2);
+        }
+        if high & 0b111 != 0b010 || (low >> 2) & 0b11 != 0 {
+            return Err(3);
+        }
+        let mut table = low & !0xfff;
+        for level in 0..4u32 {
+            let shift = 39 - 9 * level;
+            let entry = self.mem.read(table + ((addr >> shift) & 511) * 8).ok_or(7u8)?;
+            // Neither read (bit 0) nor write (bit 1): not present.
+            if entry.trailing_zeros() >= 2 {
+                return Err(denied);
+            }
+            let address = entry & 0x000f_ffff_ffff_f000;
+            if level == 3 || (level > 0 && entry & (1 << 7) != 0) {
+                if !read && entry & 0b10 == 0 {
+                    return Err(denied);
+                }
+                let span = 1u64 << shift;
+                return Ok((address & !(span - 1)) | (addr & (span - 1)));
+            }
+            table = address;
+        }
+        Err(denied)
+    }
+
+    fn record(s: &mut FakeVtdState, source: u16, addr: u64, read: bool, reason: u8) {
         let free = s.records.iter().position(|r| r.1 & (1 << 63) == 0);
         match free {
             Some(i) => {
-                let high = (1 << 63) | (u64::from(read) << 62) | (1 << 32) | u64::from(source);
+                let high = (1 << 63) | (u64::from(read) << 62) | (u64::from(reason) << 32) | u64::from(source);
                 s.records[i] = (addr & !0xfff, high);
                 if s.fsts & crate::vtd::fsts::PPF == 0 {
                     s.fsts = (s.fsts & !0xff00) | ((i as u32) << 8);
@@ -800,7 +842,6 @@ impl<'m> FakeVtd<'m> {
             }
             None => s.fsts |= crate::vtd::fsts::PFO,
         }
-        false
     }
 
     fn run_queue(&self, s: &mut FakeVtdState) {

@@ -165,6 +165,13 @@ pub const FECTL_IM: u32 = 1 << 31;
 const FRCD_F: u64 = 1 << 63;
 const FRCD_T: u64 = 1 << 62;
 
+/// Present (bit 0) of a root or context entry (§9.1, §9.3).
+const ENTRY_PRESENT: u64 = 1;
+/// CAP.SAGAW bit 2: 48-bit, 4-level second-level tables.
+const SAGAW_4_LEVEL: u32 = 1 << 2;
+/// Context entry AW (bits 66:64, in the upper half): 010b, 48-bit.
+const CONTEXT_AW_48: u64 = 0b010;
+
 /// How many bytes of queue: one page of 128-bit descriptors (IQA.QS = 0,
 /// 256 entries).
 const QUEUE_ENTRIES: usize = 256;
@@ -243,6 +250,11 @@ pub enum VtdError {
     InvalidationTimeout,
     /// The unit refused a queued descriptor (FSTS.IQE).
     QueueError,
+    /// The unit cannot walk 4-level (48-bit) second-level tables
+    /// (CAP.SAGAW bit 2), the shape the EPT engine builds.
+    NoFourLevelTables,
+    /// The second-level table root is not a page address.
+    BadTableRoot,
 }
 
 impl fmt::Display for VtdError {
@@ -254,6 +266,8 @@ impl fmt::Display for VtdError {
             Self::CommandTimeout { bit } => write!(f, "gsts-bit-{bit}-timeout"),
             Self::InvalidationTimeout => f.write_str("invalidation-timeout"),
             Self::QueueError => f.write_str("invalidation-queue-error"),
+            Self::NoFourLevelTables => f.write_str("no-4-level-tables"),
+            Self::BadTableRoot => f.write_str("bad-table-root"),
         }
     }
 }
@@ -456,6 +470,62 @@ impl<R: VtdRegs, P: PhysToVirt> Vtd<R, P> {
         (unsafe { word.read_volatile() } & 0xffff_ffff) as u32
     }
 
+    /// Points requester `source`'s context entry at a 4-level second-level
+    /// table rooted at `table` (the EPT format, §9.8), tagged with domain
+    /// `domain`: its untranslated requests are then translated by that
+    /// table (TT = 00b, AW = 48-bit) and anything it does not map faults.
+    /// The bus's context table is allocated from `frames` on first use.
+    /// Caches are invalidated (global context cache and IOTLB) and waited
+    /// for before it returns.
+    pub fn assign(
+        &mut self,
+        source: u16,
+        domain: u16,
+        table: u64,
+        frames: &mut impl FrameSource,
+    ) -> Result<(), VtdError> {
+        if self.cap.sagaw() & SAGAW_4_LEVEL == 0 {
+            return Err(VtdError::NoFourLevelTables);
+        }
+        if table == 0 || !table.is_multiple_of(PAGE_SIZE) {
+            return Err(VtdError::BadTableRoot);
+        }
+        let coherent = self.ecap.coherent();
+        let root = self.phys.phys_to_virt(self.root);
+        let bus = usize::from(source >> 8);
+        // SAFETY: the root table page (PhysToVirt's contract); entry `bus`
+        // of 256 is words 2 * bus and 2 * bus + 1.
+        let root_low = unsafe { root.add(2 * bus).read_volatile() };
+        let context = if root_low & ENTRY_PRESENT != 0 {
+            root_low & !(PAGE_SIZE - 1)
+        } else {
+            let page = frames.alloc_pages(1, PAGE_SIZE).ok_or(VtdError::OutOfMemory)?;
+            zero_page(&self.phys, page, coherent);
+            fence();
+            // SAFETY: as above; the upper half is reserved (zero).
+            unsafe {
+                root.add(2 * bus + 1).write_volatile(0);
+                root.add(2 * bus).write_volatile(page | ENTRY_PRESENT);
+            }
+            flush_if_needed(root.wrapping_add(2 * bus).cast::<u8>(), coherent);
+            page
+        };
+        let entries = self.phys.phys_to_virt(context);
+        let devfn = usize::from(source & 0xff);
+        // The upper half first: the unit must never see P with another
+        // domain or width (§9.3: AW bits 66:64, DID bits 87:72).
+        // SAFETY: the bus's context table page; entry `devfn` of 256.
+        unsafe {
+            entries.add(2 * devfn).write_volatile(0);
+            fence();
+            entries.add(2 * devfn + 1).write_volatile(CONTEXT_AW_48 | (u64::from(domain) << 8));
+            fence();
+            entries.add(2 * devfn).write_volatile(table | ENTRY_PRESENT);
+        }
+        flush_if_needed(entries.wrapping_add(2 * devfn).cast::<u8>(), coherent);
+        self.invalidate_all().map(|_| ())
+    }
+
     /// Drains the fault-recording registers (§7.2.1): each record with F
     /// set, from the index FSTS names, cleared as it is read; an overflow
     /// is cleared too. At most one pass over the records.
@@ -542,6 +612,7 @@ fn flush_if_needed(p: *const u8, coherent: bool) {
 mod tests {
     extern crate std;
     use super::*;
+    use crate::memory::FrameSource;
     use crate::testing::{FakeVtd, TestMemory, QEMU_VTD_CAP, QEMU_VTD_ECAP};
 
     const BASE: u64 = 0x8000_0000;
@@ -585,7 +656,7 @@ mod tests {
     fn a_blocked_dma_is_recorded_against_its_requester_and_drained_once() {
         let mem = TestMemory::new(BASE, 16);
         let (mut vtd, _, fake) = bring_up(&mem);
-        assert!(!fake.dma(EDU, 0x4_0123, false), "blocked");
+        assert_eq!(fake.dma(EDU, 0x4_0123, false), None, "blocked");
         let (faults, overflow) = vtd.take_faults();
         assert!(!overflow);
         assert_eq!(faults, [Fault { source: EDU, reason: 1, read: false, addr: 0x4_0000 }]);
@@ -593,11 +664,53 @@ mod tests {
         assert_eq!(std::format!("{}", Bdf(faults[0].source)), "00:03.0");
         assert_eq!(vtd.take_faults(), (std::vec::Vec::new(), false), "a record is taken once");
         // The one record is full: a second fault before the drain overflows.
-        assert!(!fake.dma(EDU, 0x1000, true));
-        assert!(!fake.dma(EDU, 0x2000, true));
+        assert_eq!(fake.dma(EDU, 0x1000, true), None);
+        assert_eq!(fake.dma(EDU, 0x2000, true), None);
         let (faults, overflow) = vtd.take_faults();
         assert!(overflow && faults.len() == 1 && faults[0].read);
         assert_eq!(vtd.take_faults(), (std::vec::Vec::new(), false), "the overflow is cleared");
+    }
+
+    /// A 4-level table of the EPT shape by hand: `iova` -> `pa`, 4 KiB,
+    /// read and (if `write`) write. One table per level: the IOVAs of a test
+    /// stay inside one 2 MiB.
+    fn map_4k(mem: &TestMemory, tables: [u64; 4], iova: u64, pa: u64, write: bool) {
+        for (level, &t) in tables.iter().enumerate() {
+            let index = (iova >> (39 - 9 * level as u32)) & 511;
+            let entry = if level == 3 { pa | 1 | (u64::from(write) << 1) } else { tables[level + 1] | 0b111 };
+            assert!(mem.write(t + index * 8, entry));
+        }
+    }
+
+    #[test]
+    fn an_assigned_device_is_translated_by_its_table_and_faults_outside_it() {
+        let mem = TestMemory::new(BASE, 32);
+        let (mut vtd, _, fake) = bring_up(&mem);
+        let mut frames = &mem;
+        let tables: [u64; 4] = core::array::from_fn(|_| {
+            let pa = frames.alloc_pages(1, PAGE_SIZE).expect("page");
+            zero_page(&mem, pa, true);
+            pa
+        });
+        let (ram, ro) = (BASE + 0x1_0000, BASE + 0x1_1000);
+        map_4k(&mem, tables, 0x10_0000, ram, true);
+        map_4k(&mem, tables, 0x10_1000, ro, false);
+        let before = fake.processed().len();
+        vtd.assign(EDU, 1, tables[0], &mut frames).expect("assigned");
+        assert_eq!(fake.processed()[before..], [1, 2, 5], "caches invalidated after the context entry");
+        assert_eq!(fake.dma(EDU, 0x10_0008, true), Some(ram + 8), "read through the table");
+        assert_eq!(fake.dma(EDU, 0x10_0010, false), Some(ram + 0x10), "write through the table");
+        assert_eq!(fake.dma(EDU, 0x10_1000, true), Some(ro), "read of a read-only page");
+        assert_eq!(fake.dma(EDU, 0x10_1000, false), None, "write to a read-only page");
+        let (faults, _) = vtd.take_faults();
+        assert_eq!(faults, [Fault { source: EDU, reason: 5, read: false, addr: 0x10_1000 }]);
+        assert_eq!(fake.dma(EDU, 0x10_2000, true), None, "unmapped");
+        assert_eq!(vtd.take_faults().0[0].reason, 6);
+        // Another function on the same bus has no context entry.
+        assert_eq!(fake.dma(EDU + 1, 0x10_0000, true), None);
+        assert_eq!(vtd.take_faults().0[0].reason_name(), "context-not-present");
+        assert_eq!(vtd.assign(EDU, 1, 0x1234, &mut frames), Err(VtdError::BadTableRoot));
+        assert_eq!(fake.violations(), std::vec::Vec::<&str>::new());
     }
 
     #[test]

@@ -91,7 +91,7 @@ fn x86_64_bochs_vmxon_on_both_cpus() {
 }
 
 #[test]
-fn x86_64_qemu_tcg_enables_svm_on_both_cpus_and_the_vt_d_unit_blocks_dma() {
+fn x86_64_qemu_tcg_enables_svm_and_vt_d_blocks_dma_then_walks_an_ept_table() {
     let run = boot_with(Arch::X86_64, Machine::Qemu, 2, 256, true);
     let mem = check_boot(&run, "x86_64", 2);
     check(&run, near(mem, 256), "mem_mib not within 4 MiB of 256");
@@ -130,10 +130,22 @@ fn x86_64_qemu_tcg_enables_svm_on_both_cpus_and_the_vt_d_unit_blocks_dma() {
     let probe = one(&run, "vtd-probe");
     check(&run, probe.get("device") == Some("00:03.0") && probe.num("done") == Some(1), "edu's DMA ran");
     check(&run, probe.get("dma") == Some("blocked") && probe.num("faults") == Some(1), "the DMA was blocked");
-    let fault = one(&run, "fault");
+    let faults = run.hv("fault");
+    check(&run, faults.len() == 3, "three DMA faults, all recorded");
+    let fault = faults[0];
     check(&run, fault.get("kind") == Some("iommu") && fault.get("source") == Some("00:03.0"), "the fault names edu");
     check(&run, fault.get("reason") == Some("root-not-present") && fault.get("access") == Some("read"), "reason 1");
     check(&run, fault.get("addr") == Some("0x123000"), "the fault names the DMA's address");
+    // Table sharing (item 6): edu given a table the EPT engine built. The
+    // mapped page is read and written through it; a write to the page it
+    // maps read-only and a read of a page it does not map are blocked.
+    let shared = one(&run, "vtd-shared-table");
+    check(&run, shared.get("table") == Some("ept") && shared.num("translated") == Some(1), "DMA through an EPT table");
+    check(&run, shared.get("readonly_write") == Some("blocked"), "a write to a read-only page blocked");
+    check(&run, shared.get("unmapped_read") == Some("blocked"), "a read of an unmapped page blocked");
+    let reasons: Vec<&str> = faults[1..].iter().filter_map(|f| f.get("reason")).collect();
+    check(&run, reasons == ["write-not-allowed", "read-not-allowed"], "reasons 5 and 6");
+    check(&run, faults[1].get("addr") == Some("0x201000") && faults[2].get("addr") == Some("0x202000"), "their IOVAs");
     check(&run, run.exit_code == Some(0), "QEMU should exit 0 via ACPI S5");
 }
 

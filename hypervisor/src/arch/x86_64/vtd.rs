@@ -4,15 +4,24 @@
 //! there is one, is made to read RAM by DMA, which the unit must block and
 //! record against the device's requester id.
 //!
+//! Then the table-sharing question (issue 20, item 6) is tried on the
+//! unit: VT-d's second-level tables have the EPT shape (VT-d §9.8, SDM
+//! §29.3.2), so `edu` is assigned a table the hypervisor's EPT engine
+//! built (`stage2::Ept`, the one that builds the guests' EPT on VT-x),
+//! and its DMA goes through it: a read and a write that the table maps,
+//! a write to a page it maps read-only (fault reason 5), a read of a page
+//! it does not map (reason 6).
+//!
 //! So far only where no guest runs (the SVM path, which has no backend
 //! yet): the unit's pages come from a throw-away allocator. With guests,
 //! its pages must be preserved and adopted across live updates, and
-//! assigned devices get context entries (issue 20, items 4 and 5).
+//! assigned devices get the table of their guest (issue 20, items 4, 5).
 
 use core::ptr::NonNull;
 
-use hypervisor::frames::FrameAllocator;
+use hypervisor::frames::{FrameAllocator, PAGE_SIZE};
 use hypervisor::hv_event;
+use hypervisor::stage2::{Attrs, Ept, Perms, Stage2Table};
 use iommu::vtd::{Bdf, MmioVtd, Vtd};
 use iommu::LinearMap;
 use x86::io::{inl, outl};
@@ -34,6 +43,17 @@ const EDU_DMA_START: u64 = 1;
 /// The I/O address the probe's DMA names: below edu's 28-bit DMA mask,
 /// inside no mapping (nothing is mapped).
 const PROBE_IOVA: u64 = 0x12_3000;
+/// EDU_DMA_CMD bit 1: from the device's buffer to RAM.
+const EDU_DMA_TO_RAM: u64 = 1 << 1;
+/// The I/O addresses of the translated probe (one 2 MiB region): a page
+/// mapped read/write, one mapped read-only, one not mapped.
+const IOVA_RW: u64 = 0x20_0000;
+const IOVA_RO: u64 = 0x20_1000;
+const IOVA_NONE: u64 = 0x20_2000;
+/// Domain id of the probe's table.
+const PROBE_DOMAIN: u16 = 1;
+/// What the probe puts in RAM for edu to read.
+const PATTERN: u64 = 0x1122_3344_5566_7788;
 /// PCI command register: memory space (bit 1) and bus master (bit 2).
 const PCI_COMMAND_MEMORY: u32 = 1 << 1;
 const PCI_COMMAND_MASTER: u32 = 1 << 2;
@@ -101,6 +121,7 @@ pub fn bring_up_and_probe(base: u64, frames: &mut FrameAllocator) {
         mgaw = up.cap.mgaw(),
     );
     probe(&mut vtd);
+    probe_shared_table(&mut vtd, frames);
 }
 
 /// Has `edu` read 8 bytes of RAM at [`PROBE_IOVA`]; the unit must block
@@ -138,6 +159,11 @@ fn probe(vtd: &mut Vtd<MmioVtd, LinearMap>) {
         faults = faults.len(),
         overflow = u8::from(overflow),
     );
+    report_faults(&faults);
+    config_write(bdf, 0x04, command & 0xffff);
+}
+
+fn report_faults(faults: &[iommu::vtd::Fault]) {
     for f in faults {
         hv_event!(
             "fault",
@@ -150,5 +176,103 @@ fn probe(vtd: &mut Vtd<MmioVtd, LinearMap>) {
             guest = "none",
         );
     }
+}
+
+/// edu's BAR0 registers.
+struct Edu {
+    bar0: u64,
+}
+
+impl Edu {
+    fn reg(&self, offset: usize) -> *mut u64 {
+        (self.bar0 as usize + offset) as *mut u64
+    }
+
+    /// One DMA of 8 bytes between RAM at `iova` and edu's buffer, waited
+    /// for; whether it completed.
+    fn dma(&self, iova: u64, to_ram: bool) -> bool {
+        let (src, dst, cmd) =
+            if to_ram { (EDU_BUFFER, iova, EDU_DMA_START | EDU_DMA_TO_RAM) } else { (iova, EDU_BUFFER, EDU_DMA_START) };
+        // SAFETY: edu's BAR0 registers (below 4 GiB, identity-mapped), which
+        // only this probe drives.
+        unsafe {
+            self.reg(EDU_DMA_SRC).write_volatile(src);
+            self.reg(EDU_DMA_DST).write_volatile(dst);
+            self.reg(EDU_DMA_COUNT).write_volatile(8);
+            self.reg(EDU_DMA_CMD).write_volatile(cmd);
+        }
+        for _ in 0..PROBE_WAIT_MS {
+            // SAFETY: as above.
+            if unsafe { self.reg(EDU_DMA_CMD).read_volatile() } & EDU_DMA_START == 0 {
+                return true;
+            }
+            super::delay_us(1000);
+        }
+        false
+    }
+}
+
+/// The word at `pa` (identity-mapped RAM the probe owns).
+fn word(pa: u64) -> *mut u64 {
+    pa as *mut u64
+}
+
+/// Assigns edu a table built by the EPT engine and checks each DMA: the
+/// pattern read from the read/write page and written back 8 bytes further
+/// (translated), a write to the read-only page blocked (reason 5) and the
+/// page unchanged, a read of the unmapped page blocked (reason 6).
+pub fn probe_shared_table(vtd: &mut Vtd<MmioVtd, LinearMap>, frames: &mut FrameAllocator) {
+    let Some((bdf, bar0)) = find_edu() else { return };
+    let (Some(rw), Some(ro)) = (frames.alloc_block(PAGE_SIZE), frames.alloc_block(PAGE_SIZE)) else { return };
+    // SAFETY: two pages just allocated for the probe, identity-mapped.
+    unsafe {
+        core::ptr::write_bytes(rw.base as *mut u8, 0, PAGE_SIZE as usize);
+        core::ptr::write_bytes(ro.base as *mut u8, 0xa5, PAGE_SIZE as usize);
+        word(rw.base).write_volatile(PATTERN);
+    }
+    // SAFETY: RAM is identity-mapped.
+    let phys = unsafe { hypervisor::stage2::LinearMap::new(0) };
+    let built = Stage2Table::<Ept, _>::new(frames, phys).and_then(|mut ept| {
+        ept.map(IOVA_RW, rw.base, PAGE_SIZE, Attrs::ram(Perms::ReadWrite), frames)?;
+        ept.map(IOVA_RO, ro.base, PAGE_SIZE, Attrs::ram(Perms::ReadOnly), frames)?;
+        Ok(ept)
+    });
+    let ept = match built {
+        Ok(t) => t,
+        Err(e) => {
+            hv_event!("vtd-shared-table", refused = format_args!("{e}"));
+            return;
+        }
+    };
+    if let Err(e) = vtd.assign(bdf, PROBE_DOMAIN, ept.root(), frames) {
+        hv_event!("vtd-shared-table", refused = e);
+        return;
+    }
+    let command = config_read(bdf, 0x04);
+    config_write(bdf, 0x04, (command & 0xffff) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+    let edu = Edu { bar0 };
+    let read_ok = edu.dma(IOVA_RW, false) && edu.dma(IOVA_RW + 8, true);
+    // SAFETY: the probe's pages (identity-mapped), written by edu's DMA.
+    let copied = unsafe { word(rw.base + 8).read_volatile() } == PATTERN;
+    let (first, _) = vtd.take_faults();
+    let ro_done = edu.dma(IOVA_RO, true);
+    // SAFETY: as above.
+    let ro_intact = unsafe { word(ro.base).read_volatile() } == 0xa5a5_a5a5_a5a5_a5a5;
+    let (ro_faults, _) = vtd.take_faults();
+    let none_done = edu.dma(IOVA_NONE, false);
+    let (none_faults, _) = vtd.take_faults();
     config_write(bdf, 0x04, command & 0xffff);
+    hv_event!(
+        "vtd-shared-table",
+        device = Bdf(bdf),
+        table = "ept",
+        root = format_args!("{:#x}", ept.root()),
+        domain = PROBE_DOMAIN,
+        translated = u8::from(read_ok && copied && first.is_empty()),
+        readonly_write = if ro_intact && ro_faults.iter().any(|f| f.reason == 5) { "blocked" } else { "not-blocked" },
+        unmapped_read = if none_faults.iter().any(|f| f.reason == 6) { "blocked" } else { "not-blocked" },
+        done = u8::from(ro_done && none_done),
+    );
+    report_faults(&ro_faults);
+    report_faults(&none_faults);
 }
