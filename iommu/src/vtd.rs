@@ -165,6 +165,9 @@ pub const FECTL_IM: u32 = 1 << 31;
 const FRCD_F: u64 = 1 << 63;
 const FRCD_T: u64 = 1 << 62;
 
+/// The architectural registers at fixed offsets end below 0x100 (§11.4):
+/// fault records placed over them are a bad CAP value.
+const FIXED_REGISTERS: usize = 0x100;
 /// Present (bit 0) of a root or context entry (§9.1, §9.3).
 const ENTRY_PRESENT: u64 = 1;
 /// CAP.SAGAW bit 2: 48-bit, 4-level second-level tables.
@@ -180,56 +183,72 @@ const DESCRIPTOR_BYTES: u64 = 16;
 /// cleared before each wait).
 const WAIT_DONE: u32 = 0x600d_0001;
 
-/// Reaches a remapping unit's registers.
+/// Reaches a remapping unit's registers. Offsets past [`Self::window`]
+/// are never passed: [`Vtd::init`] refuses a unit whose capability
+/// registers place fault records outside it.
 pub trait VtdRegs {
+    /// Bytes of the register set (the DRHD's size).
+    fn window(&self) -> usize {
+        PAGE_SIZE as usize
+    }
     fn read32(&self, offset: usize) -> u32;
     fn read64(&self, offset: usize) -> u64;
     fn write32(&mut self, offset: usize, value: u32);
     fn write64(&mut self, offset: usize, value: u64);
 }
 
-/// A remapping unit's register page, by volatile MMIO.
+/// A remapping unit's register set, by volatile MMIO. An access outside
+/// the set reads as 0 and writes nothing.
 #[derive(Debug)]
 pub struct MmioVtd {
     base: NonNull<u8>,
+    bytes: usize,
 }
 
 impl MmioVtd {
     /// # Safety
     ///
-    /// `base` must map the unit's 4 KiB register page (the DRHD's register
-    /// base) as device memory, for this driver's use only, for as long as
-    /// the returned value is used.
-    pub unsafe fn new(base: NonNull<u8>) -> Self {
-        Self { base }
+    /// `base` must map the unit's register set of `bytes` bytes (the
+    /// DRHD's register base and size) as device memory, for this driver's
+    /// use only, for as long as the returned value is used.
+    pub unsafe fn new(base: NonNull<u8>, bytes: usize) -> Self {
+        Self { base, bytes }
     }
 
-    fn at<T>(&self, offset: usize) -> *mut T {
-        debug_assert!(offset + core::mem::size_of::<T>() <= PAGE_SIZE as usize);
-        // SAFETY: every offset this driver uses lies in the register page.
-        unsafe { self.base.as_ptr().add(offset).cast::<T>() }
+    fn at<T>(&self, offset: usize) -> Option<*mut T> {
+        let end = offset.checked_add(core::mem::size_of::<T>())?;
+        // SAFETY: `offset` is inside the register set (checked).
+        (end <= self.bytes).then(|| unsafe { self.base.as_ptr().add(offset).cast::<T>() })
     }
 }
 
 impl VtdRegs for MmioVtd {
+    fn window(&self) -> usize {
+        self.bytes
+    }
+
     fn read32(&self, offset: usize) -> u32 {
-        // SAFETY: a register of the unit's page (`new`'s contract).
-        unsafe { self.at::<u32>(offset).read_volatile() }
+        // SAFETY: a register of the unit's set (`new`'s contract, `at`).
+        self.at::<u32>(offset).map_or(0, |p| unsafe { p.read_volatile() })
     }
 
     fn read64(&self, offset: usize) -> u64 {
         // SAFETY: as in `read32`.
-        unsafe { self.at::<u64>(offset).read_volatile() }
+        self.at::<u64>(offset).map_or(0, |p| unsafe { p.read_volatile() })
     }
 
     fn write32(&mut self, offset: usize, value: u32) {
-        // SAFETY: as in `read32`.
-        unsafe { self.at::<u32>(offset).write_volatile(value) }
+        if let Some(p) = self.at::<u32>(offset) {
+            // SAFETY: as in `read32`.
+            unsafe { p.write_volatile(value) }
+        }
     }
 
     fn write64(&mut self, offset: usize, value: u64) {
-        // SAFETY: as in `read32`.
-        unsafe { self.at::<u64>(offset).write_volatile(value) }
+        if let Some(p) = self.at::<u64>(offset) {
+            // SAFETY: as in `read32`.
+            unsafe { p.write_volatile(value) }
+        }
     }
 }
 
@@ -255,6 +274,8 @@ pub enum VtdError {
     NoFourLevelTables,
     /// The second-level table root is not a page address.
     BadTableRoot,
+    /// CAP places the fault-recording registers outside the register set.
+    FaultRecordsOutsideRegisters,
 }
 
 impl fmt::Display for VtdError {
@@ -268,6 +289,7 @@ impl fmt::Display for VtdError {
             Self::QueueError => f.write_str("invalidation-queue-error"),
             Self::NoFourLevelTables => f.write_str("no-4-level-tables"),
             Self::BadTableRoot => f.write_str("bad-table-root"),
+            Self::FaultRecordsOutsideRegisters => f.write_str("fault-records-outside-registers"),
         }
     }
 }
@@ -371,6 +393,10 @@ impl<R: VtdRegs, P: PhysToVirt> Vtd<R, P> {
         let ecap = Ecap(regs.read64(reg::ECAP));
         if !ecap.queued_invalidation() {
             return Err(VtdError::NoQueuedInvalidation);
+        }
+        let records_end = cap.fault_record_offset() + 16 * cap.fault_records();
+        if cap.fault_record_offset() < FIXED_REGISTERS || records_end > regs.window() {
+            return Err(VtdError::FaultRecordsOutsideRegisters);
         }
         if regs.read32(reg::GSTS) & gcmd::TE != 0 {
             return Err(VtdError::AlreadyTranslating);
@@ -722,6 +748,20 @@ mod tests {
         assert_eq!(Vtd::init(&running, &mem, &mut frames, 1000).err(), Some(VtdError::AlreadyTranslating));
         let no_qi = FakeVtd::new(&mem, QEMU_VTD_CAP, QEMU_VTD_ECAP & !(1 << 1));
         assert_eq!(Vtd::init(&no_qi, &mem, &mut frames, 1000).err(), Some(VtdError::NoQueuedInvalidation));
+    }
+
+    #[test]
+    fn fault_records_outside_the_register_set_are_refused() {
+        let mem = TestMemory::new(BASE, 16);
+        let mut frames = &mem;
+        // FRO = 0x3ff (16 368 bytes in) with one page of registers.
+        let cap = (QEMU_VTD_CAP & !(0x3ff << 24)) | (0x3ff << 24);
+        let fake = FakeVtd::new(&mem, cap, QEMU_VTD_ECAP);
+        assert_eq!(Vtd::init(&fake, &mem, &mut frames, 1000).err(), Some(VtdError::FaultRecordsOutsideRegisters));
+        // Records over the queue registers.
+        let cap = QEMU_VTD_CAP & !(0x3ff << 24) | (0x4 << 24);
+        let fake = FakeVtd::new(&mem, cap, QEMU_VTD_ECAP);
+        assert_eq!(Vtd::init(&fake, &mem, &mut frames, 1000).err(), Some(VtdError::FaultRecordsOutsideRegisters));
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub struct RemappingUnit {
     pub segment: u16,
     /// Physical address of the unit's register set (4 KiB aligned).
     pub register_base: u64,
+    /// Bytes of the register set: 2^N 4 KiB pages, N from the DRHD's Size
+    /// field (byte 5, bits 3:0; 0 in tables that predate it, one page).
+    pub register_bytes: u64,
     /// The unit covers every device of its segment no other unit names.
     pub include_pci_all: bool,
     pub scopes: Vec<DeviceScope>,
@@ -225,6 +228,7 @@ pub fn parse(table: &[u8]) -> Result<Dmar, DmarError> {
                 dmar.units.push(RemappingUnit {
                     segment: le16(s, 6),
                     register_base,
+                    register_bytes: 0x1000 << (s[5] & 0xf),
                     include_pci_all: s[4] & DRHD_INCLUDE_PCI_ALL != 0,
                     scopes: scopes(&s[DRHD_FIXED..], at + DRHD_FIXED, &mut scope_count)?,
                 });
@@ -270,6 +274,7 @@ mod tests {
         assert_eq!(d.units.len(), 1);
         let u = &d.units[0];
         assert_eq!((u.segment, u.register_base, u.include_pci_all), (0, 0xfed9_0000, false));
+        assert_eq!(u.register_bytes, 0x1000, "one page of registers");
         let ioapic = DeviceScope { kind: ScopeKind::IoApic, enumeration_id: 0, start_bus: 0xff, path: vec![(0, 0)] };
         let want = [
             ioapic,

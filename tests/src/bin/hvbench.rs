@@ -165,6 +165,14 @@ fn bench(case: Case) -> Result<(), LaunchError> {
         let us = phase(k);
         println!("BENCH name=update_phase_{k} {tags} value={us} unit=us{}", insns(us));
     }
+    // The brownout preparation of each new image (aarch64: the old image
+    // calls the new one's brownout entry; guests run meanwhile, and under
+    // icount the other CPU's guest time is in this figure too).
+    let prepared = run.hv("update-prepared");
+    if !prepared.is_empty() {
+        let us = median(prepared.iter().filter_map(|e| e.num("us")).collect());
+        println!("BENCH name=update_brownout_prepare_us {tags} value={us} unit=us");
+    }
     // The restore's steps (boot CPU) and when each CPU was back in a guest.
     for (line, prefix) in [("update-steps", "update_step_"), ("update-cpus", "update_resume_")] {
         let events = run.hv(line);

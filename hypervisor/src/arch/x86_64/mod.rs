@@ -213,8 +213,10 @@ fn platform(magic: u32, mbi_phys: u64, first_boot: bool) -> (BootInfo, acpi::Mad
     (info, cpus, PhysRange::new(mbi_phys, len as u64))
 }
 
-/// The register base of the first VT-d unit the DMAR names (0: none).
-static VTD_UNIT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// The register base and size of the first VT-d unit the DMAR names
+/// (base 0: none).
+static VTD_UNIT: [core::sync::atomic::AtomicU64; 2] =
+    [core::sync::atomic::AtomicU64::new(0), core::sync::atomic::AtomicU64::new(0)];
 
 /// The VT-d remapping hardware the ACPI DMAR table describes (issue 20):
 /// reported, and its first unit kept for [`vtd::bring_up_and_probe`].
@@ -229,7 +231,10 @@ fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>) {
     };
     match loader::dmar::parse(table) {
         Ok(d) => {
-            VTD_UNIT.store(d.units.first().map_or(0, |u| u.register_base), Ordering::Relaxed);
+            if let Some(u) = d.units.first() {
+                VTD_UNIT[0].store(u.register_base, Ordering::Relaxed);
+                VTD_UNIT[1].store(u.register_bytes, Ordering::Relaxed);
+            }
             let scopes: usize = d.units.iter().map(|u| u.scopes.len()).sum();
             hv_event!(
                 "dmar",
@@ -387,11 +392,11 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
             report_svm(svm, !info.modules.is_empty());
             // No guest runs on this path yet: the VT-d unit is brought up
             // blocking every device, and probed, with throw-away pages.
-            let unit = VTD_UNIT.load(Ordering::Relaxed);
+            let unit = VTD_UNIT[0].load(Ordering::Relaxed);
             if unit != 0 {
                 let mut frames =
                     hypervisor::frames::FrameAllocator::new(&hypervisor::frames::subtract(&info.ram, &reserved(&info)));
-                vtd::bring_up_and_probe(unit, &mut frames);
+                vtd::bring_up_and_probe(unit, VTD_UNIT[1].load(Ordering::Relaxed), &mut frames);
             }
             hv_event!("shutdown", status = "ok");
             shutdown(true)

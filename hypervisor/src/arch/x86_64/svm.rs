@@ -59,7 +59,7 @@ pub fn read_cpuid() -> SvmCpuid {
 /// Enables SVM on the calling CPU, with host save area `cpu`.
 pub fn enable(cpu: usize) -> Result<SvmCaps, SvmError> {
     if cpu >= MAX_CPUS {
-        return Err(SvmError::NoSvm);
+        return Err(SvmError::TooManyCpus);
     }
     // SAFETY: VM_CR exists when CPUID reports SVM, and `decode` reads it
     // only then.

@@ -89,15 +89,21 @@ fn find_edu() -> Option<(u16, u64)> {
     })
 }
 
-/// Brings the unit at `base` up (translation on, everything blocked) with
+/// Brings the unit at `base` (its register set `bytes` long) up (translation on, everything blocked) with
 /// pages from `frames`, reports it (`hv: vtd ...`), and probes it with an
 /// `edu` DMA (`hv: vtd-probe ...`, and `hv: fault kind=iommu ...` for each
 /// fault the unit recorded).
-pub fn bring_up_and_probe(base: u64, frames: &mut FrameAllocator) {
+pub fn bring_up_and_probe(base: u64, bytes: u64, frames: &mut FrameAllocator) {
     let Some(regs) = NonNull::new(base as *mut u8) else { return };
-    // SAFETY: the DRHD's register page, below 4 GiB (identity-mapped),
+    let below_4g = base.checked_add(bytes).is_some_and(|end| end <= super::MAPPED_LIMIT);
+    let Ok(len) = usize::try_from(bytes) else { return };
+    if !below_4g {
+        hv_event!("vtd", base = format_args!("{base:#x}"), enabled = 0, reason = "registers-above-4gib");
+        return;
+    }
+    // SAFETY: the DRHD's register set, below 4 GiB (identity-mapped),
     // driven by nothing else.
-    let regs = unsafe { MmioVtd::new(regs) };
+    let regs = unsafe { MmioVtd::new(regs, len) };
     // SAFETY: RAM is identity-mapped.
     let phys = unsafe { LinearMap::new(0) };
     let (mut vtd, up) = match Vtd::init(regs, phys, frames, Vtd::<MmioVtd, LinearMap>::DEFAULT_SPIN_BUDGET) {

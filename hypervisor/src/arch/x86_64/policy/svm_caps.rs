@@ -38,6 +38,8 @@ pub enum SvmError {
     NoNestedPaging,
     /// Fewer than two ASIDs: no guest ASID beside the host's 0.
     NoGuestAsid,
+    /// A CPU index past the host save areas the image has.
+    TooManyCpus,
 }
 
 impl SvmError {
@@ -47,6 +49,7 @@ impl SvmError {
             Self::DisabledByFirmware => "vm-cr-svmdis",
             Self::NoNestedPaging => "no-nested-paging",
             Self::NoGuestAsid => "no-guest-asid",
+            Self::TooManyCpus => "cpu-index-beyond-max-cpus",
         }
     }
 }
