@@ -541,6 +541,9 @@ pub fn prepare(o: &Options, run_name: &str) -> Result<Prepared, LaunchError> {
     spec.timeout = Duration::from_secs(o.timeout);
     spec.extra_args.clone_from(&o.extra);
     spec.stop_after_updater = o.stop_after_updater();
+    // x86_64 under QEMU: a q35 with a VT-d unit and edu, which the image
+    // brings up and probes (every device blocked, then a table of its own).
+    spec.devices = o.arch == Arch::X86_64 && o.machine == Machine::Qemu;
     let list = if o.no_guests { Vec::new() } else { guest_list(o, &image)? };
     let dir = emulator::run_dir(&spec);
     if !list.is_empty() {
