@@ -979,3 +979,72 @@ impl crate::vtd::VtdRegs for &FakeVtd<'_> {
         }
     }
 }
+
+impl FakeVtd<'_> {
+    /// Sets a register as a previous image (or a broken one) might have
+    /// left it: GSTS, RTADDR, IQA, IQH or IQT (other offsets are ignored).
+    pub fn force(&self, offset: usize, value: u64) {
+        let mut s = self.inner.borrow_mut();
+        match offset {
+            crate::vtd::reg::GSTS => s.gsts = value as u32,
+            crate::vtd::reg::RTADDR => s.rtaddr = value,
+            crate::vtd::reg::IQA => s.iqa = value,
+            crate::vtd::reg::IQH => s.iqh = value & 0x7fff0,
+            crate::vtd::reg::IQT => s.iqt = value & 0x7fff0,
+            _ => {}
+        }
+    }
+}
+
+/// The body of the `vtd_adopt` fuzz target (`iommu/fuzz`), replayed on
+/// stable by `iommu/src/tests.rs`: a VT-d unit brought up translating,
+/// whose handed-over state, memory and registers the input rewrites, as a
+/// previous image or a broken one might leave them. Adopting that state,
+/// and the untouched valid one, gives a unit or a typed error, never a
+/// panic or a hang, and a unit adopted from a state reports that state.
+pub fn vtd_adopt_arbitrary(data: &[u8]) {
+    use crate::vtd::{reg, Vtd, VtdState};
+
+    const BASE: u64 = 0x8000_0000;
+    const PAGES: u64 = 16;
+    let mut input = data;
+    let mut byte = || {
+        let (&b, rest) = input.split_first().unwrap_or((&0, &[]));
+        input = rest;
+        b
+    };
+    let mut word = |n: usize| (0..n).fold(0u64, |acc, k| acc | (u64::from(byte()) << (8 * k)));
+    let mem = TestMemory::new(BASE, PAGES as usize);
+    let fake = FakeVtd::new(&mem, QEMU_VTD_CAP, QEMU_VTD_ECAP);
+    let mut frames = &mem;
+    let Ok((vtd, _)) = Vtd::init(&fake, &mem, &mut frames, 64) else { return };
+    let valid = vtd.state();
+    let fields = word(1);
+    let mut near = |valid: u64, field: u32| -> u64 {
+        match (fields >> (2 * field)) & 3 {
+            0 | 1 => valid,
+            2 => valid.wrapping_add(word(2) << 3),
+            _ => word(8),
+        }
+    };
+    let state = VtdState {
+        root: near(valid.root, 0),
+        queue: near(valid.queue, 1),
+        status: near(valid.status, 2),
+        tail: near(u64::from(valid.tail), 3) as u32,
+    };
+    for _ in 0..word(1) % 8 {
+        let at = BASE + (word(2) % (PAGES * WORDS_PER_PAGE as u64)) * 8;
+        let _ = mem.write(at, word(8));
+    }
+    for _ in 0..word(1) % 4 {
+        let value = word(8);
+        let offset = [reg::GSTS, reg::RTADDR, reg::IQA, reg::IQH, reg::IQT][(word(1) % 5) as usize];
+        fake.force(offset, value);
+    }
+    for candidate in [state, valid] {
+        if let Ok((adopted, _)) = Vtd::adopt(&fake, &mem, &candidate, &mem.ram(), 64) {
+            assert_eq!(adopted.state().root, candidate.root, "an adopted unit reports the root it adopted");
+        }
+    }
+}

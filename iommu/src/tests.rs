@@ -964,3 +964,21 @@ fn every_adopt_fuzz_corpus_input_is_handled() {
     }
     assert!(replayed > 0, "the committed corpus went missing from {}", root.display());
 }
+
+/// Every input of the `vtd_adopt` fuzz corpus (`iommu/fuzz`), replayed on
+/// stable through the same body.
+#[test]
+fn every_vtd_adopt_fuzz_corpus_input_is_handled() {
+    extern crate std;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut replayed = 0;
+    for dir in ["corpus", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir).join("vtd_adopt")) else { continue };
+        for entry in entries.flatten() {
+            let data = std::fs::read(entry.path()).unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
+            crate::testing::vtd_adopt_arbitrary(&data);
+            replayed += 1;
+        }
+    }
+    assert!(replayed > 0, "the committed corpus went missing from {}", root.display());
+}

@@ -276,6 +276,9 @@ pub enum VtdError {
     BadTableRoot,
     /// CAP places the fault-recording registers outside the register set.
     FaultRecordsOutsideRegisters,
+    /// Adopting a running unit: what its registers or tables say differs
+    /// from the state handed over, or lies outside RAM.
+    Adopt(&'static str),
 }
 
 impl fmt::Display for VtdError {
@@ -290,6 +293,7 @@ impl fmt::Display for VtdError {
             Self::NoFourLevelTables => f.write_str("no-4-level-tables"),
             Self::BadTableRoot => f.write_str("bad-table-root"),
             Self::FaultRecordsOutsideRegisters => f.write_str("fault-records-outside-registers"),
+            Self::Adopt(what) => write!(f, "adopt-{what}"),
         }
     }
 }
@@ -358,6 +362,19 @@ impl<R, P> fmt::Debug for Vtd<R, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vtd").field("root", &self.root).field("queue", &self.queue).finish_non_exhaustive()
     }
+}
+
+/// What a running unit's driver hands over across a live update
+/// ([`Vtd::state`]), and what [`Vtd::adopt`] checks the unit against: the
+/// pages the unit reads and where its queue stands. The caller keeps the
+/// pages preserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VtdState {
+    pub root: u64,
+    pub queue: u64,
+    pub status: u64,
+    /// The queue's tail (and head: the queue is drained), in descriptors.
+    pub tail: u32,
 }
 
 /// What [`Vtd::init`] did, for the report.
@@ -589,6 +606,82 @@ impl<R: VtdRegs, P: PhysToVirt> Vtd<R, P> {
         self.root
     }
 
+    /// The state to hand over ([`VtdState`]).
+    pub fn state(&self) -> VtdState {
+        VtdState { root: self.root, queue: self.queue, status: self.status, tail: self.tail as u32 }
+    }
+
+    /// Takes over a unit a previous image left translating, without
+    /// stopping it (translation stays on, DMA keeps flowing): the registers
+    /// must say what `state` says (translation and the queue on, the root
+    /// table and the queue where it says, the queue drained at its tail),
+    /// its pages and every context table a present root entry names must
+    /// lie in `ram`, and the queue must still work: a wait descriptor is
+    /// sent through it and answered.
+    pub fn adopt(
+        regs: R,
+        phys: P,
+        state: &VtdState,
+        ram: &[(u64, u64)],
+        spin_budget: u32,
+    ) -> Result<(Self, Bringup), VtdError> {
+        let version = regs.read32(reg::VER);
+        let cap = Cap(regs.read64(reg::CAP));
+        let ecap = Ecap(regs.read64(reg::ECAP));
+        let records_end = cap.fault_record_offset() + 16 * cap.fault_records();
+        if cap.fault_record_offset() < FIXED_REGISTERS || records_end > regs.window() {
+            return Err(VtdError::FaultRecordsOutsideRegisters);
+        }
+        let gsts = regs.read32(reg::GSTS);
+        if gsts & gcmd::TE == 0 || gsts & gcmd::QIE == 0 {
+            return Err(VtdError::Adopt("not-translating"));
+        }
+        if regs.read64(reg::RTADDR) & !(PAGE_SIZE - 1) != state.root || regs.read64(reg::RTADDR) & 0xc00 != 0 {
+            return Err(VtdError::Adopt("root-table-moved"));
+        }
+        if regs.read64(reg::IQA) != state.queue {
+            return Err(VtdError::Adopt("queue-moved"));
+        }
+        let tail = u64::from(state.tail);
+        if tail >= QUEUE_ENTRIES as u64
+            || regs.read64(reg::IQT) != tail * DESCRIPTOR_BYTES
+            || regs.read64(reg::IQH) != tail * DESCRIPTOR_BYTES
+        {
+            return Err(VtdError::Adopt("queue-not-drained"));
+        }
+        let in_ram = |pa: u64| {
+            pa.is_multiple_of(PAGE_SIZE)
+                && ram
+                    .iter()
+                    .any(|&(base, size)| pa >= base && pa.checked_add(PAGE_SIZE).is_some_and(|e| e <= base + size))
+        };
+        if !in_ram(state.root) || !in_ram(state.queue) || !in_ram(state.status) {
+            return Err(VtdError::Adopt("page-outside-ram"));
+        }
+        let root = phys.phys_to_virt(state.root);
+        for bus in 0..256 {
+            // SAFETY: the root table page, in RAM (checked), reachable
+            // through `phys` (PhysToVirt's contract).
+            let (low, high) = unsafe { (root.add(2 * bus).read_volatile(), root.add(2 * bus + 1).read_volatile()) };
+            if low & ENTRY_PRESENT != 0 && (!in_ram(low & !(PAGE_SIZE - 1)) || low & 0xffe != 0 || high != 0) {
+                return Err(VtdError::Adopt("bad-root-entry"));
+            }
+        }
+        let mut vtd = Self {
+            regs,
+            phys,
+            cap,
+            ecap,
+            root: state.root,
+            queue: state.queue,
+            status: state.status,
+            tail: state.tail as usize,
+            spin_budget,
+        };
+        vtd.submit_and_wait(&[])?;
+        Ok((vtd, Bringup { version, cap, ecap, root: state.root, queue: state.queue, invalidations: 1 }))
+    }
+
     /// The pages the unit reads: root table, queue, status.
     pub fn pages(&self) -> [u64; 3] {
         [self.root, self.queue, self.status]
@@ -748,6 +841,64 @@ mod tests {
         assert_eq!(Vtd::init(&running, &mem, &mut frames, 1000).err(), Some(VtdError::AlreadyTranslating));
         let no_qi = FakeVtd::new(&mem, QEMU_VTD_CAP, QEMU_VTD_ECAP & !(1 << 1));
         assert_eq!(Vtd::init(&no_qi, &mem, &mut frames, 1000).err(), Some(VtdError::NoQueuedInvalidation));
+    }
+
+    #[test]
+    fn a_running_unit_is_adopted_in_place_and_keeps_translating() {
+        let mem = TestMemory::new(BASE, 32);
+        let (mut vtd, _, fake) = bring_up(&mem);
+        let mut frames = &mem;
+        let tables: [u64; 4] = core::array::from_fn(|_| {
+            let pa = frames.alloc_pages(1, PAGE_SIZE).expect("page");
+            zero_page(&mem, pa, true);
+            pa
+        });
+        let ram_page = BASE + 0x1_0000;
+        map_4k(&mem, tables, 0x10_0000, ram_page, true);
+        vtd.assign(EDU, 1, tables[0], &mut frames).expect("assigned");
+        let state = vtd.state();
+        let ram = mem.ram();
+        // The next image: the same unit, the same memory, nothing reset.
+        let (mut adopted, up) = Vtd::adopt(fake, &mem, &state, &ram, 1000).expect("adopted");
+        assert_eq!(up.root, state.root);
+        assert!(adopted.translating());
+        assert_eq!(fake.dma(EDU, 0x10_0008, true), Some(ram_page + 8), "still translated");
+        assert_eq!(fake.dma(EDU, 0x30_0000, true), None);
+        assert_eq!(adopted.take_faults().0.len(), 1, "faults still recorded");
+        assert_eq!(adopted.state().tail, (state.tail + 1) % 256, "the queue answered a wait");
+        assert_eq!(fake.violations(), std::vec::Vec::<&str>::new());
+    }
+
+    #[test]
+    fn adopt_refuses_a_unit_that_is_not_what_was_handed_over() {
+        let mem = TestMemory::new(BASE, 32);
+        let (vtd, _, fake) = bring_up(&mem);
+        let state = vtd.state();
+        let ram = mem.ram();
+        let adopt = |s: &VtdState, ram: &[(u64, u64)]| Vtd::adopt(fake, &mem, s, ram, 1000).err();
+        assert_eq!(
+            adopt(&VtdState { root: state.root + 0x1000, ..state }, &ram),
+            Some(VtdError::Adopt("root-table-moved"))
+        );
+        assert_eq!(
+            adopt(&VtdState { queue: state.queue + 0x1000, ..state }, &ram),
+            Some(VtdError::Adopt("queue-moved"))
+        );
+        assert_eq!(
+            adopt(&VtdState { tail: state.tail + 1, ..state }, &ram),
+            Some(VtdError::Adopt("queue-not-drained"))
+        );
+        assert_eq!(adopt(&VtdState { tail: 300, ..state }, &ram), Some(VtdError::Adopt("queue-not-drained")));
+        let elsewhere = [(0x1_0000_0000, 0x1000_0000)];
+        assert_eq!(adopt(&state, &elsewhere), Some(VtdError::Adopt("page-outside-ram")));
+        // A root entry pointing outside RAM.
+        assert!(mem.write(state.root + 16, 0x1_0000_0000 | 1));
+        assert_eq!(adopt(&state, &ram), Some(VtdError::Adopt("bad-root-entry")));
+        assert!(mem.write(state.root + 16, 0));
+        // A unit that is not translating (reset, or never brought up).
+        let off = FakeVtd::new(&mem, QEMU_VTD_CAP, QEMU_VTD_ECAP);
+        assert_eq!(Vtd::adopt(&off, &mem, &state, &ram, 1000).err(), Some(VtdError::Adopt("not-translating")));
+        assert!(Vtd::adopt(fake, &mem, &state, &ram, 1000).is_ok(), "the state as handed over");
     }
 
     #[test]
