@@ -35,6 +35,12 @@ static mut HEAP_AREA: HeapArea = HeapArea([0; HEAP_SIZE]);
 #[global_allocator]
 static HEAP: LockedHeap<32> = LockedHeap::empty();
 
+/// The heap area's physical extent (identity-mapped): (start, end).
+pub fn area() -> (u64, u64) {
+    let start = core::ptr::addr_of!(HEAP_AREA) as u64;
+    (start, start + HEAP_SIZE as u64)
+}
+
 /// Whether the heap area was handed over (by `init`).
 static READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 

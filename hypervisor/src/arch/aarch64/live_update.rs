@@ -615,6 +615,11 @@ impl core::fmt::Display for RestoreFailure {
 /// preserved state is what it wrote.
 #[no_mangle]
 extern "C" fn hv_rollback(code: u64) -> ! {
+    // What it wrote with its MMU off: the stack it took back
+    // (`mmu::invalidate_to_poc`); its top was cleaned to memory before the
+    // jump.
+    let top = ROLLBACK_SP.load(Ordering::Acquire);
+    super::mmu::invalidate_to_poc(top.saturating_sub(super::STACK_SIZE as u64), top);
     super::mmu::activate_secondary();
     // The watchdog is done with (`run_cpu` sets the timer again).
     // SAFETY: stops this CPU's hypervisor timer.
@@ -636,6 +641,9 @@ extern "C" fn hv_rollback(code: u64) -> ! {
 /// again, and back to its guests (it was counted online at boot).
 #[no_mangle]
 extern "C" fn hv_secondary_rejoin(index: u64) -> ! {
+    // What it wrote with its MMU off: its stack (`mmu::invalidate_to_poc`).
+    let (bottom, top) = super::stack_slot(index as usize + 1);
+    super::mmu::invalidate_to_poc(bottom, top);
     super::mmu::activate_secondary();
     super::cpu::run_cpu(index as usize, index as usize + 1)
 }

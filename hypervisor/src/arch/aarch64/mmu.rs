@@ -154,6 +154,35 @@ pub fn set_executable(base: u64, size: u64, executable: bool) -> Result<(), Live
     Ok(())
 }
 
+/// Invalidates `[base, end)` in the data caches to the point of coherency
+/// (DC IVAC, Arm ARM D7.5.9), by the smallest line size CTR_EL0 reports.
+///
+/// For memory this image wrote with its MMU off (data accesses are then
+/// Device-nGnRnE and do not look up the caches): a line of the same
+/// address may sit in a cache, clean, from the previous image's cacheable
+/// view of it (its copy, its speculative fills), and reading through the
+/// map once it is on would then return that line instead of what was
+/// written (mismatched attributes, Arm ARM B2.8). No dirty line can be
+/// there: the previous image cleaned every line of this image's slot after
+/// it last wrote it (`live_update::place`, `prepare::call`), and a boot
+/// loader must hand the image over cleaned. Linux does the same for what
+/// its `head.S` writes with the MMU off.
+pub fn invalidate_to_poc(base: u64, end: u64) {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effects.
+    unsafe { asm!("mrs {0}, ctr_el0", out(reg) ctr, options(nomem, nostack)) };
+    let line = 4u64 << ((ctr >> 16) & 0xf);
+    let mut at = base & !(line - 1);
+    while at < end {
+        // SAFETY: cache maintenance by address on memory of this image;
+        // no dirty line is lost (see above).
+        unsafe { asm!("dc ivac, {0}", in(reg) at, options(nostack)) };
+        at += line;
+    }
+    // SAFETY: completes the maintenance before the MMU is turned on.
+    unsafe { asm!("dsb sy", options(nostack)) };
+}
+
 /// Turns on the boot CPU's map on a secondary CPU.
 pub fn activate_secondary() {
     let ttbr = TTBR0.load(Ordering::Acquire);

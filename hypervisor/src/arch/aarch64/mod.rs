@@ -167,7 +167,10 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         None => fail("no-psci"),
     }
     match map.map_or_else(|| build_host_map(&info, &platform), Ok) {
-        Ok(map) => map.activate(),
+        Ok(map) => {
+            forget_stale_lines(prepared);
+            map.activate();
+        }
         Err(reason) => fail(reason),
     }
     if handover_phys != 0 {
@@ -336,6 +339,36 @@ fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> 
     Ok(partitions::create(&specs, &info.ram, frames, scratch, &online_cpus(), (platform.smmu, pci)))
 }
 
+/// Before the boot CPU turns its MMU on: invalidates what it wrote with
+/// the MMU off (`mmu::invalidate_to_poc`): the image's data, bss and the
+/// boot stack; the heap too unless the image was prepared (then the heap
+/// was written with the caches on, in the brownout, and cleaned, and
+/// nothing was allocated since: the entry does not allocate before its map
+/// is on). Unprepared, the heap holds the page tables the MMU is about to
+/// walk.
+fn forget_stale_lines(prepared: bool) {
+    // SAFETY: linker-script symbols; only their addresses are used.
+    let (data, end) = unsafe { (sym(&__rodata_end), sym(&__image_end)) };
+    if prepared {
+        let (heap, heap_end) = crate::heap::area();
+        let (stack, stack_top) = stack_slot(0);
+        mmu::invalidate_to_poc(data, heap);
+        // SAFETY: a linker-script symbol; only its address is used.
+        mmu::invalidate_to_poc(heap_end, unsafe { sym(&__stacks_bottom) });
+        mmu::invalidate_to_poc(stack, stack_top);
+    } else {
+        mmu::invalidate_to_poc(data, end);
+    }
+}
+
+/// The stack of slot `slot` (`entry.S`: slot 0 the boot CPU's, DTB CPU i
+/// slot i + 1): (bottom, top).
+pub(crate) fn stack_slot(slot: usize) -> (u64, u64) {
+    // SAFETY: a linker-script symbol; only its address is used.
+    let bottom = unsafe { sym(&__stacks_bottom) } + (slot * STACK_SIZE) as u64;
+    (bottom, bottom + STACK_SIZE as u64)
+}
+
 /// The DTB at `dtb_phys`, as long as its header says (bounded by the arm64
 /// boot protocol's 2 MiB; `dtb::parse` re-checks it).
 fn dtb_blob(dtb_phys: u64) -> Option<&'static [u8]> {
@@ -427,6 +460,10 @@ pub(crate) fn mpidr() -> u64 {
 
 #[no_mangle]
 extern "C" fn hv_secondary_main(index: u64) -> ! {
+    // What this CPU wrote with its MMU off: its stack (see
+    // `forget_stale_lines`).
+    let (bottom, top) = stack_slot(index as usize + 1);
+    mmu::invalidate_to_poc(bottom, top);
     mmu::activate_secondary();
     ONLINE_MASK.fetch_or(1 << index, Ordering::AcqRel);
     let online = CPUS_ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
