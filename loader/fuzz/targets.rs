@@ -12,7 +12,7 @@ use loader::acpi::{self, PhysMemory};
 use loader::image_desc::{self, ImageArch};
 use loader::manifest::ImageFormat;
 use loader::multiboot2::{self, RsdpCopy};
-use loader::{dmar, dtb, elf, guest_modules, image_readers, manifest, PhysRange};
+use loader::{dmar, dtb, elf, gtdt, guest_modules, image_readers, iort, manifest, PhysRange};
 
 /// Where the fuzzed blob pretends to be in physical memory.
 const BLOB_PHYS: u64 = 0x4000_0000;
@@ -64,6 +64,30 @@ pub fn dmar(data: &[u8]) {
     }
 }
 
+/// The Arm GTDT (aarch64 boot from ACPI): what is accepted has its
+/// hypervisor and guest timers on PPIs.
+pub fn gtdt(data: &[u8]) {
+    if let Ok(g) = gtdt::parse(data) {
+        assert!((16..=31).contains(&g.el2.gsiv) && (16..=31).contains(&g.virtual_el1.gsiv), "a non-PPI timer accepted");
+        assert!(g.platform_timers <= gtdt::MAX_PLATFORM_TIMERS);
+    }
+}
+
+/// The Arm IORT (aarch64 boot from ACPI): what is accepted has every
+/// mapping pointing at one of its nodes, and every requester's route
+/// lookup answers.
+pub fn iort(data: &[u8]) {
+    if let Ok(t) = iort::parse(data) {
+        assert!(t.nodes.len() <= iort::MAX_NODES as usize);
+        for n in &t.nodes {
+            assert!(n.mappings.iter().all(|m| t.nodes.iter().any(|o| o.offset == m.output_node)), "dangling output");
+        }
+        for rid in [0u16, 8, 0xff, 0x100, 0xffff] {
+            let _ = t.stream_of(0, rid);
+        }
+    }
+}
+
 /// ELF images (guest kernels, the x86_64 hypervisor) for both machines,
 /// flattened when accepted.
 pub fn elf(data: &[u8]) {
@@ -105,6 +129,8 @@ pub const ALL: &[(&str, Body)] = &[
     ("multiboot2", multiboot2),
     ("acpi", acpi),
     ("dmar", dmar),
+    ("gtdt", gtdt),
+    ("iort", iort),
     ("elf", elf),
     ("update_image", update_image),
     ("manifest", manifest),

@@ -12,9 +12,11 @@ pub mod acpi;
 pub mod dmar;
 pub mod dtb;
 pub mod elf;
+pub mod gtdt;
 pub mod guest_modules;
 pub mod image_desc;
 pub mod image_readers;
+pub mod iort;
 pub mod manifest;
 pub mod multiboot2;
 

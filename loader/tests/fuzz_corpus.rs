@@ -28,11 +28,13 @@ fn every_corpus_and_regression_input_is_handled() {
 }
 
 #[test]
-fn the_platform_tables_of_the_tests_go_through_the_dtb_and_dmar_targets() {
+fn the_platform_tables_of_the_tests_go_through_every_table_target() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten() {
         let data = std::fs::read(entry.path()).unwrap_or_else(|e| panic!("{}: {e}", entry.path().display()));
         targets::dtb(&data);
         targets::dmar(&data);
+        targets::gtdt(&data);
+        targets::iort(&data);
     }
 }
