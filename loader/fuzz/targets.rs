@@ -12,7 +12,7 @@ use loader::acpi::{self, PhysMemory};
 use loader::image_desc::{self, ImageArch};
 use loader::manifest::ImageFormat;
 use loader::multiboot2::{self, RsdpCopy};
-use loader::{dmar, dtb, elf, gtdt, guest_modules, image_readers, iort, manifest, PhysRange};
+use loader::{acpi_arm, dmar, dtb, elf, gtdt, guest_modules, image_readers, iort, manifest, PhysRange};
 
 /// Where the fuzzed blob pretends to be in physical memory.
 const BLOB_PHYS: u64 = 0x4000_0000;
@@ -88,6 +88,26 @@ pub fn iort(data: &[u8]) {
     }
 }
 
+/// The aarch64 platform from ACPI: the input is five tables (MADT, SPCR,
+/// FADT, MCFG, IORT), each after a 2-byte little-endian length. What is
+/// accepted has CPUs, a GICv3 and a console, as the DTB path requires.
+pub fn acpi_arm(data: &[u8]) {
+    let mut rest = data;
+    let mut tables: [&[u8]; 5] = [&[]; 5];
+    for t in &mut tables {
+        let Some((len, tail)) = rest.split_first_chunk::<2>() else { break };
+        let len = usize::from(u16::from_le_bytes(*len)).min(tail.len());
+        let (table, tail) = tail.split_at(len);
+        *t = table;
+        rest = tail;
+    }
+    let iort = iort::parse(tables[4]).ok();
+    if let Ok(p) = acpi_arm::platform(tables[0], tables[1], Some(tables[2]), Some(tables[3]), iort.as_ref()) {
+        assert!(!p.cpus.is_empty() && p.cpus.len() <= dtb::MAX_CPUS, "CPUs out of bounds accepted");
+        assert!(p.gic.is_some() && p.uart.is_some(), "a platform without GIC or console accepted");
+    }
+}
+
 /// ELF images (guest kernels, the x86_64 hypervisor) for both machines,
 /// flattened when accepted.
 pub fn elf(data: &[u8]) {
@@ -131,6 +151,7 @@ pub const ALL: &[(&str, Body)] = &[
     ("dmar", dmar),
     ("gtdt", gtdt),
     ("iort", iort),
+    ("acpi_arm", acpi_arm),
     ("elf", elf),
     ("update_image", update_image),
     ("manifest", manifest),

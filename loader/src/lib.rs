@@ -9,6 +9,7 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod acpi_arm;
 pub mod dmar;
 pub mod dtb;
 pub mod elf;

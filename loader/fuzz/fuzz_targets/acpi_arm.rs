@@ -1,0 +1,7 @@
+//! Fuzz target `acpi_arm`: see `../targets.rs`.
+#![no_main]
+
+#[path = "../targets.rs"]
+mod targets;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::acpi_arm(data));
