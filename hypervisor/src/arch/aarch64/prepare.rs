@@ -135,15 +135,13 @@ pub fn call(entry: u64, slot: PhysRange, footprint: u64, dtb_phys: u64) -> u64 {
         hypervisor::println!("update: the new image's slot cannot be made executable: {e}");
         return Status::HostMap as u64;
     }
-    // SAFETY: `entry` is the brownout entry of the image just placed (and
-    // checked) in `slot`, which is now executable; it follows the AAPCS64
-    // (`entry.S` saves every callee-saved register, even on a panic), runs
-    // on this CPU's stack with interrupts masked, and writes only its own
-    // slot.
-    let status = unsafe {
-        let f: extern "C" fn(u64) -> u64 = core::mem::transmute(entry as usize);
-        f(dtb_phys)
-    };
+    // The brownout entry follows the AAPCS64: `entry.S` saves every
+    // callee-saved register, even on a panic, and the new image writes
+    // only its own slot, on this CPU's stack with interrupts masked.
+    // SAFETY: `entry` is that entry of the image just placed (and checked)
+    // in `slot`, which is now executable.
+    let f: extern "C" fn(u64) -> u64 = unsafe { core::mem::transmute(entry as usize) };
+    let status = f(dtb_phys);
     // The slot goes back to data; if that fails the slot stays executable
     // until the update ends, which only this image's code could use.
     let _ = super::mmu::set_executable(slot.base, slot.size, false);

@@ -67,10 +67,10 @@ pub fn enable(cpu: usize) -> Result<SvmCaps, SvmError> {
     // SAFETY: each CPU uses only its own area (indexed by `cpu`); after
     // this the processor owns it.
     let area = unsafe { core::ptr::addr_of_mut!(HOST_SAVE_AREAS[cpu]) } as u64;
-    // SAFETY: SVM exists and is not disabled (checked above), so setting
-    // EFER.SVME is allowed; NXE only gives bit 63 of page-table entries its
-    // meaning, and the host's own tables never set it. The save area is
-    // 4 KiB aligned and identity-mapped (physical = virtual).
+    // NXE only gives bit 63 of page-table entries its meaning, and the
+    // host's own tables never set it.
+    // SAFETY: SVM exists and is not disabled (checked above), so EFER.SVME
+    // may be set; the save area is 4 KiB aligned and identity-mapped.
     unsafe {
         wrmsr(IA32_EFER, rdmsr(IA32_EFER) | EFER_SVME | EFER_NXE);
         wrmsr(MSR_VM_HSAVE_PA, area);
@@ -221,10 +221,10 @@ pub fn first_guest(cpu: usize) -> Result<FirstGuest, &'static str> {
     let mut regs = GuestRegs::default();
     let mut report = FirstGuest { exits: [None; FIRST_EXITS_MAX], fault_gpa: None, halted_at: None };
     for slot in &mut report.exits {
-        // SAFETY: SVM is enabled on this CPU (the caller's), the VMCB is
-        // 4 KiB aligned and identity-mapped with VMRUN intercepted, a
-        // non-zero ASID and EFER.SVME in the guest's EFER; the nested
-        // table confines the guest to its one code page.
+        // The VMCB has VMRUN intercepted, a non-zero ASID and EFER.SVME in
+        // the guest's EFER; the nested table confines it to one page.
+        // SAFETY: SVM is enabled on this CPU (the caller's), and the VMCB
+        // is 4 KiB aligned and identity-mapped.
         unsafe { svm_run(core::ptr::addr_of_mut!(regs), vmcb_pa, host_area) };
         let exit = SvmExit::decode(vmcb.get64(control::EXITCODE));
         *slot = Some(exit);
