@@ -6,6 +6,7 @@
 //! itself, through a fallible [`PhysMemory`] view, checking every header,
 //! length, checksum and MADT entry; only then does it hand them to `acpi`.
 
+use crate::bytes::{le32, le64};
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -95,18 +96,6 @@ pub struct MadtCpus {
 
 fn sum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(w)
-}
-
-fn le64(b: &[u8], off: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(w)
 }
 
 /// The root table the RSDP points at: (revision, address); revision 0

@@ -15,6 +15,7 @@
 //! What ACPI keeps in AML (the PCI host bridge's memory windows, in the
 //! DSDT's `_CRS`) is not read: `PcieHost::mmio32` stays `None`.
 
+use crate::bytes::{acpi_table, le16, le32, le64};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -100,35 +101,14 @@ impl fmt::Display for AcpiPlatformError {
     }
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
-
-/// `table` cut to its header's length, if it has `signature` and at least
-/// `min` bytes.
-fn body<'a>(
-    table: &'a [u8],
+/// `table` cut to its header's length ([`acpi_table`]), as `which`.
+fn body<'t>(
+    table: &'t [u8],
     signature: [u8; 4],
     min: usize,
     which: &'static str,
-) -> Result<&'a [u8], AcpiPlatformError> {
-    let bad = AcpiPlatformError::BadTable(which);
-    if table.len() < min.max(36) || table[..4] != signature {
-        return Err(bad);
-    }
-    let len = le32(table, 4) as usize;
-    if len < min.max(36) || len > table.len() {
-        return Err(bad);
-    }
-    Ok(&table[..len])
+) -> Result<&'t [u8], AcpiPlatformError> {
+    acpi_table(table, signature, min).map_err(|_| AcpiPlatformError::BadTable(which))
 }
 
 /// The CPUs and the GICv3 from the MADT.

@@ -6,6 +6,7 @@
 //! `acpi::table`) and validates every structure and device scope before
 //! anything uses it: a firmware table is untrusted input.
 
+use crate::bytes::{le16, le64};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -153,16 +154,6 @@ pub struct Dmar {
     /// Structures of other kinds (ATSR, RHSA, ANDD, SATC, ...): counted,
     /// not interpreted.
     pub other_structures: usize,
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
 }
 
 /// The device scopes in `bytes` (the tail of a structure that starts at

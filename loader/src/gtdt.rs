@@ -7,11 +7,11 @@
 //! Platform timer structures (memory-mapped GT blocks, watchdogs) are
 //! bounds-checked and counted, not interpreted.
 
+use crate::bytes::{acpi_table, le32, le64, Framing};
 use core::fmt;
 
 /// Offsets in the table (§5.2.25, Table 5.121).
 const SIGNATURE: &[u8; 4] = b"GTDT";
-const LENGTH_AT: usize = 4;
 const REVISION_AT: usize = 8;
 const CNT_CONTROL_BASE_AT: usize = 36;
 const SECURE_EL1_AT: usize = 48;
@@ -102,33 +102,21 @@ pub struct Gtdt {
     pub platform_timers: u32,
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
-
 fn timer(b: &[u8], at: usize) -> Timer {
     Timer { gsiv: le32(b, at), flags: le32(b, at + 4) }
 }
 
 /// Parses and validates a GTDT (`table`: header included).
 pub fn parse(table: &[u8]) -> Result<Gtdt, GtdtError> {
-    if table.len() < FIXED_V2 {
-        return Err(GtdtError::Truncated);
-    }
-    if &table[..4] != SIGNATURE {
-        return Err(GtdtError::BadSignature);
-    }
-    let len = le32(table, LENGTH_AT) as usize;
-    let revision = table[REVISION_AT];
+    let t = acpi_table(table, *SIGNATURE, FIXED_V2).map_err(|e| match e {
+        Framing::Short => GtdtError::Truncated,
+        Framing::Signature => GtdtError::BadSignature,
+    })?;
+    let revision = t[REVISION_AT];
     let fixed = if revision >= 3 { FIXED_V3 } else { FIXED_V2 };
-    if len < fixed || len > table.len() {
+    if t.len() < fixed {
         return Err(GtdtError::Truncated);
     }
-    let t = &table[..len];
     let gtdt = Gtdt {
         revision,
         cnt_control_base: le64(t, CNT_CONTROL_BASE_AT),
@@ -202,8 +190,8 @@ mod tests {
     fn bad_tables_are_refused() {
         assert_eq!(parse(&QEMU_VIRT[..95]), Err(GtdtError::Truncated));
         assert_eq!(parse(&patched(0, b"XTDT")), Err(GtdtError::BadSignature));
-        assert_eq!(parse(&patched(LENGTH_AT, &200u32.to_le_bytes())), Err(GtdtError::Truncated), "longer than given");
-        assert_eq!(parse(&patched(LENGTH_AT, &100u32.to_le_bytes())), Err(GtdtError::Truncated), "rev 3 below 104");
+        assert_eq!(parse(&patched(4, &200u32.to_le_bytes())), Err(GtdtError::Truncated), "longer than given");
+        assert_eq!(parse(&patched(4, &100u32.to_le_bytes())), Err(GtdtError::Truncated), "rev 3 below 104");
         assert_eq!(parse(&patched(EL2_AT, &40u32.to_le_bytes())), Err(GtdtError::NotAPpi { which: "EL2", gsiv: 40 }));
         let count = patched(PLATFORM_COUNT_AT, &1u32.to_le_bytes());
         assert_eq!(parse(&count), Err(GtdtError::BadPlatformTimers), "offset 0, inside the fixed part");

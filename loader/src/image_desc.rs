@@ -32,6 +32,7 @@
 //! image calls to let the new one prepare itself before the freeze
 //! (`kho/ABI.md` §5.3), and 0 means the image is entered unprepared.
 
+use crate::bytes::{le32, le64};
 use core::fmt;
 
 pub const MAGIC: &[u8; 8] = b"HVLUIMG\0";
@@ -188,18 +189,6 @@ impl Descriptor {
 fn text(field: &[u8; 32]) -> &str {
     let end = field.iter().position(|&b| b == 0).unwrap_or(32);
     core::str::from_utf8(&field[..end]).unwrap_or("")
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(w)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
 }
 
 /// Finds and decodes the descriptor (no checks beyond its own layout).

@@ -8,11 +8,11 @@
 //! output reference naming a node of the table that can take IDs (an ITS
 //! group or an SMMU), ranges that do not wrap.
 
+use crate::bytes::{acpi_table, le16, le32, le64, Framing};
 use alloc::vec::Vec;
 use core::fmt;
 
 const SIGNATURE: &[u8; 4] = b"IORT";
-const LENGTH_AT: usize = 4;
 const REVISION_AT: usize = 8;
 /// After the 36-byte header: node count, offset of the node array,
 /// reserved (§3.2, Table 3).
@@ -175,31 +175,12 @@ impl Iort {
     }
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
-}
-
 /// Parses and validates an IORT (`table`: header included).
 pub fn parse(table: &[u8]) -> Result<Iort, IortError> {
-    if table.len() < FIXED {
-        return Err(IortError::Truncated);
-    }
-    if &table[..4] != SIGNATURE {
-        return Err(IortError::BadSignature);
-    }
-    let len = le32(table, LENGTH_AT) as usize;
-    if len < FIXED || len > table.len() {
-        return Err(IortError::Truncated);
-    }
-    let t = &table[..len];
+    let t = acpi_table(table, *SIGNATURE, FIXED).map_err(|e| match e {
+        Framing::Short => IortError::Truncated,
+        Framing::Signature => IortError::BadSignature,
+    })?;
     let count = le32(t, NODE_COUNT_AT);
     if count > MAX_NODES {
         return Err(IortError::TooMany);

@@ -10,6 +10,7 @@ extern crate alloc;
 
 pub mod acpi;
 pub mod acpi_arm;
+mod bytes;
 pub mod dmar;
 pub mod dtb;
 pub mod elf;
