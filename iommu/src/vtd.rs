@@ -411,10 +411,7 @@ impl<R: VtdRegs, P: PhysToVirt> Vtd<R, P> {
         if !ecap.queued_invalidation() {
             return Err(VtdError::NoQueuedInvalidation);
         }
-        let records_end = cap.fault_record_offset() + 16 * cap.fault_records();
-        if cap.fault_record_offset() < FIXED_REGISTERS || records_end > regs.window() {
-            return Err(VtdError::FaultRecordsOutsideRegisters);
-        }
+        check_fault_records(cap, regs.window())?;
         if regs.read32(reg::GSTS) & gcmd::TE != 0 {
             return Err(VtdError::AlreadyTranslating);
         }
@@ -628,10 +625,7 @@ impl<R: VtdRegs, P: PhysToVirt> Vtd<R, P> {
         let version = regs.read32(reg::VER);
         let cap = Cap(regs.read64(reg::CAP));
         let ecap = Ecap(regs.read64(reg::ECAP));
-        let records_end = cap.fault_record_offset() + 16 * cap.fault_records();
-        if cap.fault_record_offset() < FIXED_REGISTERS || records_end > regs.window() {
-            return Err(VtdError::FaultRecordsOutsideRegisters);
-        }
+        check_fault_records(cap, regs.window())?;
         let gsts = regs.read32(reg::GSTS);
         if gsts & gcmd::TE == 0 || gsts & gcmd::QIE == 0 {
             return Err(VtdError::Adopt("not-translating"));
@@ -691,6 +685,17 @@ impl<R: VtdRegs, P: PhysToVirt> Vtd<R, P> {
     pub fn translating(&self) -> bool {
         self.regs.read32(reg::GSTS) & gcmd::TE != 0
     }
+}
+
+/// The fault-recording registers CAP places must lie inside the register
+/// set and past the fixed registers: a unit saying otherwise is refused
+/// rather than having other devices' MMIO read as fault records.
+fn check_fault_records(cap: Cap, window: usize) -> Result<(), VtdError> {
+    let records_end = cap.fault_record_offset() + 16 * cap.fault_records();
+    if cap.fault_record_offset() < FIXED_REGISTERS || records_end > window {
+        return Err(VtdError::FaultRecordsOutsideRegisters);
+    }
+    Ok(())
 }
 
 fn zero_page<P: PhysToVirt>(phys: &P, pa: u64, coherent: bool) {

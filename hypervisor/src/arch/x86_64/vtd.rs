@@ -81,6 +81,14 @@ fn config_write(bdf: u16, offset: u8, value: u32) {
     }
 }
 
+/// Turns on memory decoding and bus mastering of `bdf` (SeaBIOS leaves
+/// edu's off); returns the command register to restore.
+fn enable_bus_master(bdf: u16) -> u32 {
+    let command = config_read(bdf, 0x04);
+    config_write(bdf, 0x04, (command & 0xffff) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+    command
+}
+
 /// The first `edu` function on bus 0, and its BAR0.
 fn find_edu() -> Option<(u16, u64)> {
     (0..32u16).map(|dev| dev << 3).find(|&bdf| config_read(bdf, 0) == EDU_ID).map(|bdf| {
@@ -137,30 +145,15 @@ fn probe(vtd: &mut Vtd<MmioVtd, LinearMap>) {
         hv_event!("vtd-probe", device = "none");
         return;
     };
-    let command = config_read(bdf, 0x04);
-    config_write(bdf, 0x04, (command & 0xffff) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
-    let reg = |offset: usize| (bar0 as usize + offset) as *mut u64;
-    // SAFETY: edu's BAR0 registers (below 4 GiB, identity-mapped), which
-    // only this probe drives.
-    unsafe {
-        reg(EDU_DMA_SRC).write_volatile(PROBE_IOVA);
-        reg(EDU_DMA_DST).write_volatile(EDU_BUFFER);
-        reg(EDU_DMA_COUNT).write_volatile(8);
-        reg(EDU_DMA_CMD).write_volatile(EDU_DMA_START);
-    }
-    let mut waited = 0;
-    // SAFETY: as above.
-    while unsafe { reg(EDU_DMA_CMD).read_volatile() } & EDU_DMA_START != 0 && waited < PROBE_WAIT_MS {
-        super::delay_us(1000);
-        waited += 1;
-    }
+    let command = enable_bus_master(bdf);
+    let done = Edu { bar0 }.dma(PROBE_IOVA, false);
     let (faults, overflow) = vtd.take_faults();
     let blocked = faults.iter().any(|f| f.source == bdf && f.read);
     hv_event!(
         "vtd-probe",
         device = Bdf(bdf),
         iova = format_args!("{PROBE_IOVA:#x}"),
-        done = u8::from(waited < PROBE_WAIT_MS),
+        done = u8::from(done),
         dma = if blocked { "blocked" } else { "not-recorded" },
         faults = faults.len(),
         overflow = u8::from(overflow),
@@ -254,8 +247,7 @@ pub fn probe_shared_table(vtd: &mut Vtd<MmioVtd, LinearMap>, frames: &mut FrameA
         hv_event!("vtd-shared-table", refused = e);
         return;
     }
-    let command = config_read(bdf, 0x04);
-    config_write(bdf, 0x04, (command & 0xffff) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+    let command = enable_bus_master(bdf);
     let edu = Edu { bar0 };
     let read_ok = edu.dma(IOVA_RW, false) && edu.dma(IOVA_RW + 8, true);
     // SAFETY: the probe's pages (identity-mapped), written by edu's DMA.
