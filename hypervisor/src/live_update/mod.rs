@@ -69,9 +69,10 @@ pub trait UpdatePlatform {
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str>;
     /// Where the checked image goes ([`crate::slots`]). For the other slot
     /// the arch puts it there now, while the guests run: copied, bss
-    /// cleared, caches made coherent, ready to be entered. A refusal
-    /// reason if it fits no slot.
-    fn place(&self, staged: &[u8]) -> Result<Placement, &'static str>;
+    /// cleared, caches made coherent, ready to be entered (and, on
+    /// aarch64, prepared through the entry `desc`, the descriptor
+    /// `check_image` accepted, names). A refusal reason if it fits no slot.
+    fn place(&self, staged: &[u8], desc: &Descriptor) -> Result<Placement, &'static str>;
     /// This image's code and read-only data (for the handoff record's
     /// intactness check) and where its CPUs park for a direct handover.
     fn handoff(&self) -> HandoffPlan;
@@ -474,7 +475,7 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     )?;
     // Brownout: the image goes where it will run (for the other slot:
     // copied, bss cleared, caches coherent) while the guests still run.
-    let placement = p.place(staged).map_err(|r| refuse(p, Refusal::Image(r)))?;
+    let placement = p.place(staged, &desc).map_err(|r| refuse(p, Refusal::Image(r)))?;
     // A direct handover needs the new image to read the handoff record and
     // the old image's code to stay where the parked CPUs wait.
     let reads_handoff =
@@ -836,7 +837,7 @@ mod tests {
         fn check_image(&self, _: &[u8], _: &Descriptor) -> Result<(), &'static str> {
             Ok(())
         }
-        fn place(&self, _: &[u8]) -> Result<Placement, &'static str> {
+        fn place(&self, _: &[u8], _: &Descriptor) -> Result<Placement, &'static str> {
             Ok(Placement::InPlace)
         }
         fn handoff(&self) -> HandoffPlan {

@@ -208,7 +208,7 @@ impl UpdatePlatform for Arm {
         Ok(())
     }
 
-    fn place(&self, staged: &[u8]) -> Result<Placement, &'static str> {
+    fn place(&self, staged: &[u8], desc: &Descriptor) -> Result<Placement, &'static str> {
         let footprint = image_footprint(staged).ok_or("truncated")?;
         let offset = staged.get(TEXT_OFFSET_OFFSET..TEXT_OFFSET_OFFSET + 8).ok_or("truncated")?;
         let mut b = [0u8; 8];
@@ -221,7 +221,7 @@ impl UpdatePlatform for Arm {
         })?;
         if let Placement::Alternate { range, .. } = placement {
             self.copy_to_slot(staged, range, footprint);
-            if !prepare_placed(staged, range, footprint) {
+            if !prepare_placed(staged, desc, range, footprint) {
                 // Nothing of a failed preparation is kept: the image is
                 // placed afresh and entered unprepared.
                 self.copy_to_slot(staged, range, footprint);
@@ -412,8 +412,8 @@ fn jump(arm: &Arm, cpu: usize, ready: &Ready, parked: u64) -> ! {
 /// file (images from before the brownout entry have 0 there and are
 /// entered unprepared): `hv: update-prepared status=...`. Returns false if
 /// the preparation failed (the slot is then to be placed again).
-fn prepare_placed(staged: &[u8], slot: PhysRange, footprint: u64) -> bool {
-    let entry = loader::image_desc::find(staged).map_or(0, |d| u64::from(d.handover_entry));
+fn prepare_placed(staged: &[u8], desc: &Descriptor, slot: PhysRange, footprint: u64) -> bool {
+    let entry = u64::from(desc.handover_entry);
     let file = PhysRange::new(slot.base, staged.len() as u64);
     if entry == 0 || !entry.is_multiple_of(4) || !file.contains(&PhysRange::new(entry, 4)) {
         return true;

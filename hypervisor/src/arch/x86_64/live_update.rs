@@ -154,7 +154,7 @@ impl UpdatePlatform for Vmx {
     /// rest of each cleared now, while the guests run (the trampoline then
     /// only enters it). One for the running slot: copied by the
     /// trampoline during the blackout.
-    fn place(&self, staged: &[u8]) -> Result<Placement, &'static str> {
+    fn place(&self, staged: &[u8], _: &Descriptor) -> Result<Placement, &'static str> {
         let desc = loader::image_desc::find(staged).map_err(|_| "no-descriptor")?;
         let (segs, placement) = segments(staged, &desc)?;
         if let Placement::Alternate { range, .. } = placement {
