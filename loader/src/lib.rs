@@ -21,6 +21,7 @@ pub mod image_readers;
 pub mod iort;
 pub mod manifest;
 pub mod multiboot2;
+pub mod uefi;
 
 use alloc::string::String;
 use alloc::vec::Vec;

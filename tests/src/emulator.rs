@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::events::{parse_line, parse_log, Event, Source};
 use crate::image::BuiltImage;
-use crate::{guests, io_err, Arch, LaunchError, Machine};
+use crate::{guests, io_err, Arch, Firmware, LaunchError, Machine};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -40,6 +40,9 @@ pub struct RunSpec {
     /// RAM (all of it, from 0x4000_0000) to this file through the QEMU
     /// monitor before the emulator exits (`-no-shutdown` keeps it there).
     pub ram_dump: Option<PathBuf>,
+    /// aarch64 QEMU: boot through edk2 with ACPI instead of `-kernel`
+    /// with a DTB.
+    pub firmware: Firmware,
 }
 
 impl RunSpec {
@@ -57,6 +60,7 @@ impl RunSpec {
             devices: false,
             stop_after_updater: None,
             ram_dump: None,
+            firmware: Firmware::Dtb,
         }
     }
 }
@@ -211,6 +215,12 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
             } else {
                 c.args(["-M", "virt,virtualization=on,gic-version=3", "-cpu", "max"]);
             }
+            if spec.firmware == Firmware::Uefi {
+                // edk2 loads the same Image as a PE32+ EFI application and
+                // passes -append as its load options. No network card: a
+                // failed start would otherwise try PXE and HTTP boot.
+                c.args(["-bios", crate::AARCH64_UEFI_FIRMWARE, "-nic", "none"]);
+            }
             c.arg("-kernel").arg(&image.bootable);
             for (file, addr) in &spec.blobs {
                 c.arg("-device").arg(format!("loader,file={},addr={addr:#x},force-raw=on", file.display()));
@@ -323,6 +333,10 @@ enum Ended {
     Exited(Option<i32>),
     TimedOut,
     StoppedAfterUpdater,
+    /// The image gave up under UEFI firmware (`hv: boot-failed
+    /// firmware=uefi`), which would go on to its other boot options and
+    /// its shell: stopped there.
+    StoppedAfterFirmwareBootFailure,
 }
 
 /// The aarch64 `virt` machine's RAM base.
@@ -382,14 +396,21 @@ fn wait(child: &mut Child, spec: &RunSpec, serial: &Path) -> Ended {
     };
     loop {
         let fresh = pump(&mut file, serial, spec.stream);
+        // The fresh bytes after the end of what came before, so a line
+        // split across two reads is still found.
+        seen.push_str(&String::from_utf8_lossy(&fresh));
+        let shutdown = seen.contains("hv: shutdown ");
+        let gave_up = spec.firmware == Firmware::Uefi && seen.contains("hv: boot-failed firmware=uefi");
+        let keep = seen.len().saturating_sub(64);
+        seen = seen.split_off(seen.ceil_char_boundary(keep));
+        if gave_up {
+            // The rest of the line, then the firmware is stopped.
+            std::thread::sleep(Duration::from_millis(200));
+            stop(child, &mut file);
+            return Ended::StoppedAfterFirmwareBootFailure;
+        }
         if let (Some(out), false) = (&spec.ram_dump, dumped) {
-            // The fresh bytes after the end of what came before, so a
-            // line split across two reads is still found.
-            seen.push_str(&String::from_utf8_lossy(&fresh));
-            let found = seen.contains("hv: shutdown ");
-            let keep = seen.len().saturating_sub(64);
-            seen = seen.split_off(seen.ceil_char_boundary(keep));
-            if found {
+            if shutdown {
                 dumped = true;
                 // The hypervisor powers off right after the event; QEMU
                 // then stops (-no-shutdown) with RAM as it was.
@@ -459,7 +480,7 @@ pub fn run(image: &BuiltImage, spec: &RunSpec) -> Result<RunOutcome, LaunchError
         stopped_after_updater: ended == Ended::StoppedAfterUpdater,
         exit_code: match ended {
             Ended::Exited(code) => code,
-            Ended::TimedOut | Ended::StoppedAfterUpdater => None,
+            Ended::TimedOut | Ended::StoppedAfterUpdater | Ended::StoppedAfterFirmwareBootFailure => None,
         },
         log_path: serial,
         elapsed,

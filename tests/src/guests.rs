@@ -12,7 +12,7 @@ use loader::manifest::{ImageFormat, MAX_GUEST_MEM_MIB, MAX_VCPUS};
 
 use crate::emulator::RunOutcome;
 use crate::image::IsoModule;
-use crate::{io_err, out_dir, workspace_root, write_atomic, Arch, LaunchError};
+use crate::{io_err, out_dir, workspace_root, write_atomic, Arch, Firmware, LaunchError};
 
 /// Guest RAM base of the QEMU `virt` machine (and of every guest).
 pub const VIRT_RAM_BASE: u64 = 0x4000_0000;
@@ -789,6 +789,25 @@ pub struct Placement {
 /// Lays out the manifest and every image and initrd at the top of RAM
 /// (QEMU puts the hypervisor image and its DTB at the bottom).
 pub fn place(guests: &[GuestArg], ram_mib: u64, run_dir: &Path) -> Result<Placement, LaunchError> {
+    place_for(guests, ram_mib, run_dir, Firmware::Dtb)
+}
+
+/// The hypervisor's image slots (shared with `hypervisor::slots`).
+mod slots {
+    #![allow(dead_code)]
+    include!("../../hypervisor/src/slot_bases.rs");
+}
+
+/// [`place`] for a machine started by `firmware`: under UEFI the blobs go
+/// low, right above the hypervisor's image slots, since edk2 allocates
+/// from the top of RAM down (the hypervisor's EFI entry claims them from
+/// the firmware and refuses to start if it cannot).
+pub fn place_for(
+    guests: &[GuestArg],
+    ram_mib: u64,
+    run_dir: &Path,
+    firmware: Firmware,
+) -> Result<Placement, LaunchError> {
     let mut files: Vec<(PathBuf, u64)> = Vec::new();
     for g in guests {
         let len = fs::metadata(&g.file).map_err(io_err(format!("guest image {}", g.file.display())))?.len();
@@ -801,10 +820,17 @@ pub fn place(guests: &[GuestArg], ram_mib: u64, run_dir: &Path) -> Result<Placem
     let manifest_slot = 64 * 1024;
     let total: u64 = files.iter().map(|(_, l)| l.next_multiple_of(BLOB_ALIGN)).sum::<u64>() + manifest_slot;
     let ram_top = VIRT_RAM_BASE + ram_mib * MIB;
-    let start = (ram_top - MIB).saturating_sub(total) & !(2 * MIB - 1);
-    if start < VIRT_RAM_BASE + ram_mib * MIB / 2 {
+    let start = match firmware {
+        Firmware::Dtb => (ram_top - MIB).saturating_sub(total) & !(2 * MIB - 1),
+        Firmware::Uefi => (slots::AARCH64_SLOT_BASES[1] + slots::SLOT_SIZE).next_multiple_of(2 * MIB),
+    };
+    let fits = match firmware {
+        Firmware::Dtb => start >= VIRT_RAM_BASE + ram_mib * MIB / 2,
+        Firmware::Uefi => start + total <= VIRT_RAM_BASE + ram_mib * MIB / 2,
+    };
+    if !fits {
         return Err(LaunchError::Image(format!(
-            "guest images ({} MiB) do not fit in the top half of {ram_mib} MiB of RAM; use --mem",
+            "guest images ({} MiB) do not fit in half of {ram_mib} MiB of RAM; use --mem",
             total / MIB + 1
         )));
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::emulator::{self, RunOutcome, RunSpec};
 use crate::guests::{self, GuestArg, GuestImageError, GuestSpecError};
 use crate::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
-use crate::{Arch, LaunchError, Machine};
+use crate::{Arch, Firmware, LaunchError, Machine};
 
 pub const USAGE: &str = "\
 usage: scripts/run [options] [-- emulator args...]
@@ -23,6 +23,10 @@ usage: scripts/run [options] [-- emulator args...]
   --arch aarch64|x86_64      architecture (default: aarch64)
   --machine qemu|bochs|kvm   emulator (default: qemu for aarch64, bochs for x86_64)
                              kvm = QEMU/KVM on an Intel host with nested VMX
+  --firmware dtb|uefi        (aarch64) how QEMU starts the image: dtb = QEMU loads it
+                             and hands it a DTB (default); uefi = edk2 starts the same
+                             image as an EFI application and describes the machine
+                             with ACPI only
   --timeout SECONDS          stop the emulator after this long (default: 300)
   --cpus N                   CPUs, 1 to 8 (default: 2)
   --mem MIB                  RAM in MiB (default: 512 on QEMU, 128 on Bochs)
@@ -89,6 +93,8 @@ pub struct Options {
     pub update_image: Option<PathBuf>,
     /// `--linger` as given.
     pub linger: Option<u64>,
+    /// `--firmware`: how aarch64 QEMU starts the image.
+    pub firmware: Firmware,
     pub extra: Vec<String>,
 }
 
@@ -215,8 +221,9 @@ impl fmt::Display for OptionError {
 impl std::error::Error for OptionError {}
 
 /// Every flag `parse` knows.
-const FLAGS: [&str; 15] = [
+const FLAGS: [&str; 16] = [
     "--arch",
+    "--firmware",
     "--linux",
     "--machine",
     "--timeout",
@@ -265,6 +272,7 @@ pub fn parse(args: &[String]) -> Result<Option<Options>, OptionError> {
         updates: None,
         update_image: None,
         linger: None,
+        firmware: Firmware::Dtb,
         extra: Vec::new(),
     };
     let mut seen: Vec<&'static str> = Vec::new();
@@ -297,6 +305,14 @@ pub fn parse(args: &[String]) -> Result<Option<Options>, OptionError> {
                     value: v.into(),
                     want: "qemu, bochs or kvm",
                 })?);
+            }
+            "--firmware" => {
+                let v = value()?;
+                o.firmware = Firmware::parse(v).ok_or_else(|| OptionError::BadValue {
+                    flag,
+                    value: v.into(),
+                    want: "dtb or uefi",
+                })?;
             }
             "--timeout" => o.timeout = number(flag, value()?, 1, None, "a number of seconds, at least 1")?,
             "--cpus" => o.cpus = number(flag, value()?, 1, Some(MAX_CPUS), "1 to 8 (the hypervisor runs at most 8)")?,
@@ -338,6 +354,9 @@ fn check_combination(o: &Options) -> Result<(), OptionError> {
         (Arch::Aarch64, m) => {
             return Err(no_effect(&format!("--machine {m:?}").to_lowercase(), "aarch64 runs under qemu only"));
         }
+    }
+    if o.firmware == Firmware::Uefi && o.arch != Arch::Aarch64 {
+        return Err(no_effect("--firmware uefi", "only the aarch64 image starts from UEFI firmware so far"));
     }
     let updates = o.updates.map(|n| format!("--updates {n}"));
     let image = o.update_image.as_ref().map(|f| format!("--update-image {}", f.display()));
@@ -541,6 +560,7 @@ pub fn prepare(o: &Options, run_name: &str) -> Result<Prepared, LaunchError> {
     spec.timeout = Duration::from_secs(o.timeout);
     spec.extra_args.clone_from(&o.extra);
     spec.stop_after_updater = o.stop_after_updater();
+    spec.firmware = o.firmware;
     // x86_64 under QEMU: a q35 with a VT-d unit and edu, which the image
     // brings up and probes (every device blocked, then a table of its own).
     spec.devices = o.arch == Arch::X86_64 && o.machine == Machine::Qemu;
@@ -551,7 +571,7 @@ pub fn prepare(o: &Options, run_name: &str) -> Result<Prepared, LaunchError> {
             Arch::Aarch64 => {
                 fs::create_dir_all(&dir)
                     .map_err(|err| LaunchError::Io { what: format!("creating {}", dir.display()), err })?;
-                let placed = guests::place(&list, u64::from(spec.mem_mib), &dir)?;
+                let placed = guests::place_for(&list, u64::from(spec.mem_mib), &dir, o.firmware)?;
                 eprint!("hvrun: manifest:\n{}", placed.manifest_text);
                 spec.blobs = placed.blobs;
                 spec.cmdline = Some(placed.cmdline);
@@ -673,6 +693,14 @@ mod tests {
         // Same on x86_64 under Bochs.
         let x = ok("--arch x86_64 --guest k.bin,mem=4 --updates 2");
         assert_eq!((x.updates(), x.machine), (2, Machine::Bochs));
+    }
+
+    #[test]
+    fn firmware_is_dtb_unless_uefi_is_asked_for_on_aarch64() {
+        assert_eq!(ok("").firmware, Firmware::Dtb);
+        assert_eq!(ok("--firmware uefi --updates 2").firmware, Firmware::Uefi);
+        assert!(err("--firmware bios").contains("dtb or uefi"), "{}", err("--firmware bios"));
+        assert!(err("--arch x86_64 --firmware uefi").contains("--firmware uefi"));
     }
 
     #[test]

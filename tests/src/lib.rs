@@ -79,6 +79,30 @@ impl Machine {
     }
 }
 
+/// How the emulated machine starts the hypervisor (aarch64 QEMU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Firmware {
+    /// QEMU loads the arm64 Image itself (`-kernel`) and hands it a DTB.
+    #[default]
+    Dtb,
+    /// edk2 (`-bios QEMU_EFI.fd`) starts the same image as an EFI
+    /// application and describes the machine with ACPI, no DTB.
+    Uefi,
+}
+
+impl Firmware {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "dtb" => Some(Firmware::Dtb),
+            "uefi" => Some(Firmware::Uefi),
+            _ => None,
+        }
+    }
+}
+
+/// edk2 for aarch64 QEMU (Debian `qemu-efi-aarch64`, `scripts/setup`).
+pub const AARCH64_UEFI_FIRMWARE: &str = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd";
+
 /// Launcher errors, each with a message meant for the user.
 #[derive(Debug)]
 pub enum LaunchError {

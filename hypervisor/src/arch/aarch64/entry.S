@@ -11,8 +11,11 @@
 .section .text.head, "ax"
 .global _start
 _start:
-    b       primary_entry           // code0
-    .long   0                       // code1
+    // code0 reads "MZ" (a PE/COFF image, for UEFI firmware) and, as an
+    // instruction, is `ccmp x18, #0, #0xd, pl`: it changes only the flags
+    // (Linux's arm64 Image does the same).
+    .long   0xfa405a4d              // code0
+    b       primary_entry           // code1
     .quad   __text_offset           // text_offset: 0 in slot 0, 16 MiB in slot 1
     .quad   __image_size            // image_size, including bss
     .quad   0xa                     // flags: LE, 4K pages, anywhere in RAM
@@ -20,7 +23,66 @@ _start:
     .quad   0                       // res3
     .quad   0                       // res4
     .ascii  "ARM\x64"               // magic
-    .long   0                       // res5
+    .long   pe_header - _start      // res5: the PE header (PE/COFF e_lfanew)
+
+// The PE32+ header (Microsoft PE/COFF specification, rev. 12, §3-4) that
+// makes the same image an EFI application (UEFI 2.10 §2.1.1): one .text
+// and one .data section laid out as in memory, so the firmware's loader
+// puts every byte where the flat image has it. ImageBase is 0 and there
+// are no relocations: the firmware loads the image anywhere and
+// efi_pe_entry moves it to the address it is linked at. The sizes are
+// the linker script's (__pe_*).
+.balign 8
+pe_header:
+    .ascii  "PE\0\0"
+    .short  0xaa64                  // Machine: ARM64
+    .short  2                       // NumberOfSections
+    .long   0                       // TimeDateStamp
+    .long   0                       // PointerToSymbolTable
+    .long   0                       // NumberOfSymbols
+    .short  pe_sections - pe_optional // SizeOfOptionalHeader
+    .short  0x0206                  // Characteristics: executable, no line numbers, no debug
+pe_optional:
+    .short  0x20b                   // Magic: PE32+
+    .byte   0, 0                    // linker version
+    .long   __pe_text_size          // SizeOfCode
+    .long   __pe_data_size          // SizeOfInitializedData
+    .long   0                       // SizeOfUninitializedData
+    .long   __pe_entry              // AddressOfEntryPoint
+    .long   0x1000                  // BaseOfCode
+    .quad   0                       // ImageBase
+    .long   0x1000                  // SectionAlignment
+    .long   0x1000                  // FileAlignment
+    .short  0, 0                    // operating system version
+    .short  0, 0                    // image version
+    .short  0, 0                    // subsystem version
+    .long   0                       // Win32VersionValue
+    .long   __pe_image_size         // SizeOfImage
+    .long   0x1000                  // SizeOfHeaders: the first page
+    .long   0                       // CheckSum
+    .short  10                      // Subsystem: EFI application
+    .short  0                       // DllCharacteristics
+    .quad   0, 0, 0, 0              // stack and heap reserve and commit
+    .long   0                       // LoaderFlags
+    .long   6                       // NumberOfRvaAndSizes
+    .quad   0, 0, 0, 0, 0, 0        // export ... base relocation: none
+pe_sections:
+    .ascii  ".text\0\0\0"
+    .long   __pe_text_size          // VirtualSize
+    .long   0x1000                  // VirtualAddress
+    .long   __pe_text_size          // SizeOfRawData
+    .long   0x1000                  // PointerToRawData
+    .long   0, 0                    // relocations, line numbers
+    .short  0, 0
+    .long   0x60000020              // code, read, execute
+    .ascii  ".data\0\0\0"
+    .long   __pe_data_size          // VirtualSize: rodata, data and bss
+    .long   __pe_data_start         // VirtualAddress
+    .long   __pe_data_file_size     // SizeOfRawData
+    .long   __pe_data_start         // PointerToRawData
+    .long   0, 0
+    .short  0, 0
+    .long   0xc0000040              // initialised data, read, write
 
 primary_entry:
     mov     x19, x0                 // DTB
@@ -328,6 +390,107 @@ restore_guest:
     ldr     x30, [x0, #240]
     ldp     x0, x1, [x0, #0]
     eret
+
+// The EFI entry (UEFI 2.10 §4.1: x0 = image handle, x1 = system table,
+// at EL2 with the firmware's MMU on, an identity map). The firmware put
+// the image wherever it chose; until it runs at its link address, only
+// position-independent code runs here. It allocates the image's link
+// address from the firmware (AllocatePages, AllocateAddress,
+// EfiLoaderCode), copies the image's file there, clears its bss, makes
+// the copy visible to instruction fetch (Arm ARM D7.5.9: DC CVAU, then
+// IC IALLU), and calls hv_efi_main there. A status the firmware can read
+// comes back in x0 if the image cannot be moved or hv_efi_main returns
+// (x2 = where the firmware had loaded the image, for its report).
+.equ EFI_ST_BOOT_SERVICES, 0x60     // checked in efi.rs
+.equ EFI_BS_ALLOCATE_PAGES, 0x28    // checked in efi.rs
+.section .text.efi, "ax"
+.global efi_pe_entry
+efi_pe_entry:
+    stp     x29, x30, [sp, #-48]!
+    mov     x29, sp
+    stp     x19, x20, [sp, #16]
+    stp     x21, x22, [sp, #32]
+    mov     x19, x0
+    mov     x20, x1
+    adr     x21, _start             // where the firmware loaded the image
+    ldr     x22, =__image_start     // where it is linked
+    cmp     x21, x22
+    b.eq    3f
+    sub     sp, sp, #16
+    str     x22, [sp]
+    ldr     x9, [x20, #EFI_ST_BOOT_SERVICES]
+    ldr     x9, [x9, #EFI_BS_ALLOCATE_PAGES]
+    mov     x0, #2                  // AllocateAddress
+    mov     x1, #1                  // EfiLoaderCode
+    ldr     x2, =__pe_image_pages
+    mov     x3, sp
+    blr     x9
+    add     sp, sp, #16
+    cbnz    x0, 9f
+    // The file, 16 bytes at a time (its size is a multiple of 4 KiB).
+    mov     x0, x21
+    mov     x1, x22
+    ldr     x2, =__pe_file_size
+    add     x2, x1, x2
+1:  ldp     x3, x4, [x0], #16
+    stp     x3, x4, [x1], #16
+    cmp     x1, x2
+    b.lo    1b
+    // The rest of the footprint (bss, stacks) zeroed.
+    ldr     x3, =__image_end
+2:  cmp     x1, x3
+    b.hs    4f
+    stp     xzr, xzr, [x1], #16
+    b       2b
+4:  mrs     x3, ctr_el0             // DminLine, bits [19:16]: log2(words)
+    ubfx    x3, x3, #16, #4
+    mov     x4, #4
+    lsl     x3, x4, x3
+    mov     x0, x22
+5:  dc      cvau, x0
+    add     x0, x0, x3
+    cmp     x0, x2
+    b.lo    5b
+    dsb     ish
+    ic      iallu
+    dsb     ish
+    isb
+3:  mov     x0, x19
+    mov     x1, x20
+    mov     x2, x21
+    ldr     x9, =hv_efi_main
+    blr     x9
+9:  ldp     x21, x22, [sp, #32]
+    ldp     x19, x20, [sp, #16]
+    ldp     x29, x30, [sp], #48
+    ret
+.ltorg
+
+// After ExitBootServices (efi.rs, at the link address, interrupts masked,
+// everything this image reads with its MMU off cleaned to the point of
+// coherency): the MMU and caches off (SCTLR_EL2.M, C, I), the firmware's
+// translations dropped, then the boot path of the arm64 boot protocol
+// with x0 = the UEFI boot record instead of a DTB.
+.global efi_leave_firmware
+efi_leave_firmware:
+    mov     x19, x0
+    mrs     x1, sctlr_el2
+    bic     x1, x1, #(1 << 0)
+    bic     x1, x1, #(1 << 2)
+    bic     x1, x1, #(1 << 12)
+    msr     sctlr_el2, x1
+    isb
+    tlbi    alle2
+    ic      iallu
+    dsb     ish
+    isb
+    mov     x0, x19
+    mov     x1, xzr
+    mov     x2, xzr
+    mov     x3, xzr
+    mov     x4, xzr
+    mov     x5, xzr
+    b       primary_entry
 
 .section .bss.stacks, "aw", %nobits
 .balign 16

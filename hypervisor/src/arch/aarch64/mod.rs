@@ -2,6 +2,7 @@
 
 mod cpu;
 mod devices;
+mod efi;
 mod exits;
 mod gic;
 mod live_update;
@@ -108,7 +109,7 @@ pub fn give_back_on_panic(info: &core::panic::PanicInfo<'_>) {
 /// What the boot CPU starts from: the DTB read, the CRC-32 instructions
 /// checked, and the EL2 map if it is already built.
 struct Start {
-    parsed: Result<(BootInfo, DtbPlatform), dtb::DtbError>,
+    parsed: Result<(BootInfo, DtbPlatform), DescribeError>,
     crc32_instructions: bool,
     map: Option<mmu::HostMap>,
     /// Taken from a brownout preparation (`prepare.rs`).
@@ -129,8 +130,29 @@ fn start(dtb_phys: u64, handover_phys: u64) -> Start {
     }
     crate::heap::init();
     let crc32_instructions = enable_crc32_instructions();
-    let parsed = dtb_blob(dtb_phys).ok_or(dtb::DtbError::TooShort).and_then(|blob| dtb::parse(blob, dtb_phys));
+    let parsed = describe(dtb_phys);
     Start { parsed, crc32_instructions, map: None, prepared: false }
+}
+
+/// Why the machine description at entry cannot be used.
+/// (Nothing can report it: the console is in the description.)
+#[derive(Debug)]
+pub(crate) enum DescribeError {
+    Dtb,
+    Uefi,
+}
+
+/// The machine as the boot protocol's x0 describes it: a DTB, or the UEFI
+/// boot record the EFI entry left (`efi.rs`; so after every live update
+/// that followed a UEFI boot).
+pub(crate) fn describe(phys: u64) -> Result<(BootInfo, DtbPlatform), DescribeError> {
+    if efi::is_record(phys) {
+        return efi::describe(phys).map(|(info, platform, _)| (info, platform)).map_err(|_| DescribeError::Uefi);
+    }
+    dtb_blob(phys)
+        .ok_or(dtb::DtbError::TooShort)
+        .and_then(|blob| dtb::parse(blob, phys))
+        .map_err(|_| DescribeError::Dtb)
 }
 
 /// `rollback`: the old image's rollback entry, if the live update that
@@ -185,7 +207,6 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
     }
     let Some(gic) = platform.gic else { fail("no-gic") };
     gic::init_distributor(gic.distributor.base, gic.redistributors.base, gic.redistributors.size);
-    let cpus = CPUS_ONLINE.load(Ordering::Acquire);
     if handover_phys != 0 {
         // A live update brought us here: adopt instead of booting afresh.
         let mut reserved = info.reserved.clone();
@@ -209,23 +230,7 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         cpu::release_secondaries();
         cpu::run_cpu(boot_cpu_index(&platform), 0)
     }
-    hv_event!(
-        "boot",
-        arch = "aarch64",
-        version = VERSION,
-        build = BUILD_ID,
-        cpus = cpus,
-        mem_mib = info.ram_mib(),
-        crc32 = if crc32_instructions { "instructions" } else { "tables" },
-    );
-    hv_event!(
-        "platform",
-        cpus_described = platform.cpus.len(),
-        uart = format_args!("{:#x}", uart.base),
-        gicd = format_args!("{:#x}", gic.distributor.base),
-        psci = "smc",
-        el = 2,
-    );
+    report_boot(dtb_phys, &info, &platform, crc32_instructions);
     let Some(manifest_addr) = loader::manifest::address_from_cmdline(&info.cmdline) else {
         hv_event!("no-guests", reason = "no-manifest-on-command-line");
         hv_event!("shutdown", status = "ok");
@@ -240,6 +245,41 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
     }
     cpu::release_secondaries();
     cpu::run_cpu(boot_cpu_index(&platform), 0)
+}
+
+/// The first boot's events: `boot`, what a UEFI memory map gave, and the
+/// platform.
+fn report_boot(dtb_phys: u64, info: &BootInfo, platform: &DtbPlatform, crc32_instructions: bool) {
+    let uefi = efi::is_record(dtb_phys);
+    hv_event!(
+        "boot",
+        arch = "aarch64",
+        version = VERSION,
+        build = BUILD_ID,
+        cpus = CPUS_ONLINE.load(Ordering::Acquire),
+        mem_mib = info.ram_mib(),
+        crc32 = if crc32_instructions { "instructions" } else { "tables" },
+        firmware = if uefi { "uefi" } else { "dtb" },
+    );
+    if let Some(Ok((_, _, m))) = uefi.then(|| efi::describe(dtb_phys)) {
+        // The boot-time plan of a UEFI boot: what the memory map gave.
+        hv_event!(
+            "uefi-memory",
+            descriptors = m.descriptors,
+            usable_mib = m.usable >> 20,
+            firmware_kib = m.firmware >> 10,
+            other_kib = m.other >> 10,
+            reserved = info.reserved.len(),
+        );
+    }
+    hv_event!(
+        "platform",
+        cpus_described = platform.cpus.len(),
+        uart = format_args!("{:#x}", platform.uart.map_or(0, |u| u.base)),
+        gicd = format_args!("{:#x}", platform.gic.map_or(0, |g| g.distributor.base)),
+        psci = "smc",
+        el = 2,
+    );
 }
 
 /// The running image's physical extent (text to the end of bss).

@@ -26,7 +26,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypervisor::live_update::rollback;
-use loader::dtb::{self, DtbPlatform};
+use loader::dtb::DtbPlatform;
 use loader::{BootInfo, PhysRange};
 
 use super::mmu::HostMap;
@@ -114,8 +114,7 @@ extern "C" fn hv_prepare(dtb_phys: u64) -> u64 {
         "test build (HV_TEST_BREAK_RESTORE): panics while prepared"
     );
     let crc32_instructions = super::enable_crc32_instructions();
-    let Some(blob) = super::dtb_blob(dtb_phys) else { return Status::BadDtb as u64 };
-    let Ok((info, platform)) = dtb::parse(blob, dtb_phys) else { return Status::BadDtb as u64 };
+    let Ok((info, platform)) = super::describe(dtb_phys) else { return Status::BadDtb as u64 };
     let Ok(map) = super::build_host_map(&info, &platform) else { return Status::HostMap as u64 };
     *PREPARED.lock() = Some(Prepared { dtb_phys, info, platform, map, crc32_instructions });
     Status::Prepared as u64

@@ -1,0 +1,466 @@
+//! Starting as an EFI application (issue 21; UEFI 2.10): the same image
+//! that QEMU's `-kernel` boots with a DTB also carries a PE32+ header
+//! (`entry.S`), and firmware starts it at EL2 with its own MMU on.
+//!
+//! `efi_pe_entry` (`entry.S`) moves the image to its link address and
+//! calls [`hv_efi_main`] there, still under the firmware. It gathers what
+//! the hypervisor needs of the firmware into the UEFI boot record
+//! (`loader::uefi`, `kho/ABI.md` §7): the command line (the load options),
+//! the RSDP, the PCI root bridge's 32-bit window, and the final memory
+//! map. Before it leaves boot services it claims, as loader data, every
+//! range the hypervisor will use that it did not get from the firmware:
+//! both image slots, the manifest and the guest images it names (QEMU's
+//! `-device loader` wrote them into RAM the firmware knows nothing of), so
+//! a range the firmware uses is refused with a message instead of being
+//! overwritten. It reads the record back exactly as the boot path will
+//! (memory map and ACPI platform), so a machine the hypervisor cannot run
+//! on is refused while the firmware can still print why. Then
+//! `ExitBootServices` (retried with a fresh map key if the map changed),
+//! the caches cleaned for what is read with the MMU off, and
+//! `efi_leave_firmware` enters the ordinary boot path with the record in
+//! x0 in place of a DTB. From there on nothing calls the firmware again;
+//! a live update hands the same record to the next image.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::arch::asm;
+use core::ffi::c_void;
+use core::fmt::Write;
+
+use loader::acpi::PhysMemory;
+use loader::dtb::DtbPlatform;
+use loader::uefi::{self, UefiError};
+use loader::{BootInfo, PhysRange};
+use uefi_raw::protocol::loaded_image::LoadedImageProtocol;
+use uefi_raw::protocol::pci::root_bridge::PciRootBridgeIoProtocol;
+use uefi_raw::table::boot::{AllocateType, BootServices, MemoryType};
+use uefi_raw::table::system::SystemTable;
+use uefi_raw::{guid, Guid, Handle, Status};
+
+// entry.S reads these two fields by offset before it can run Rust.
+const _: () = assert!(core::mem::offset_of!(SystemTable, boot_services) == 0x60);
+const _: () = assert!(core::mem::offset_of!(BootServices, allocate_pages) == 0x28);
+
+/// `EFI_ACPI_20_TABLE_GUID` (UEFI 2.10 §4.6.1.1).
+const ACPI_20_TABLE: Guid = guid!("8868e871-e4f1-11d3-bc22-0080c73c8881");
+const PAGE: u64 = 4096;
+/// How often `ExitBootServices` is retried with a fresh map (its key goes
+/// stale if the firmware changed the map meanwhile, UEFI 2.10 §7.4.6).
+const EXIT_ATTEMPTS: usize = 4;
+/// Descriptors of slack in the record for the map growing between sizing
+/// it and reading it (the record's own allocation splits a descriptor).
+const MAP_SLACK: usize = 16;
+
+extern "C" {
+    /// `entry.S`: MMU and caches off, then `primary_entry` with x0 = the
+    /// record.
+    fn efi_leave_firmware(record: u64) -> !;
+}
+
+/// Why the image gives up under the firmware (printed, then the firmware
+/// gets `EFI_LOAD_ERROR` and goes on to its next boot option).
+#[derive(Debug)]
+enum EfiError {
+    NotASystemTable,
+    LoadOptions(Status),
+    BadLoadOptions,
+    /// A range the hypervisor needs is not free (`what`, the range, the
+    /// firmware's status).
+    Claim {
+        what: &'static str,
+        range: PhysRange,
+        status: Status,
+    },
+    Manifest(loader::manifest::ManifestError),
+    MemoryMap(Status),
+    Record(UefiError),
+    ExitBootServices(Status),
+}
+
+impl core::fmt::Display for EfiError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotASystemTable => f.write_str("not-an-efi-system-table"),
+            Self::LoadOptions(s) => write!(f, "load-options status={s:?}"),
+            Self::BadLoadOptions => f.write_str("load-options-not-ascii"),
+            Self::Claim { what, range, status } => {
+                write!(f, "{what}-not-free base={:#x} size={:#x} status={status:?}", range.base, range.size)
+            }
+            Self::Manifest(e) => write!(f, "bad-manifest: {e}"),
+            Self::MemoryMap(s) => write!(f, "memory-map status={s:?}"),
+            Self::Record(e) => write!(f, "firmware-description: {e}"),
+            Self::ExitBootServices(s) => write!(f, "exit-boot-services status={s:?}"),
+        }
+    }
+}
+
+/// The firmware while boot services last.
+struct Firmware {
+    image: Handle,
+    st: *const SystemTable,
+    bs: *const BootServices,
+}
+
+/// Text to the firmware's console (`ConOut`, UCS-2).
+struct ConOut<'a>(&'a Firmware);
+
+impl Write for ConOut<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let mut buf = [0u16; 65];
+        let mut n = 0;
+        let flush = |buf: &mut [u16; 65], n: &mut usize| {
+            buf[*n] = 0;
+            // SAFETY: ConOut is the system table's (checked by `Firmware::new`),
+            // `buf` is NUL-terminated UCS-2; boot services are up.
+            unsafe {
+                let out = (*self.0.st).stdout;
+                if !out.is_null() {
+                    // A console that fails to print is not a reason to stop.
+                    let _ = ((*out).output_string)(out, buf.as_ptr());
+                }
+            }
+            *n = 0;
+        };
+        for c in s.chars() {
+            if c == '\n' {
+                buf[n] = u16::from(b'\r');
+                n += 1;
+            }
+            buf[n] = if (c as u32) < 0x7f { c as u16 } else { u16::from(b'?') };
+            n += 1;
+            if n >= 63 {
+                flush(&mut buf, &mut n);
+            }
+        }
+        if n > 0 {
+            flush(&mut buf, &mut n);
+        }
+        Ok(())
+    }
+}
+
+impl Firmware {
+    /// # Safety
+    /// `st` is what the firmware passed to the image's entry point.
+    unsafe fn new(image: Handle, st: *const SystemTable) -> Result<Self, EfiError> {
+        // SAFETY: the caller's: `st` is the firmware's system table.
+        let sig_ok = !st.is_null() && unsafe { (*st).header.signature } == SystemTable::SIGNATURE;
+        // SAFETY: as above; a valid system table has boot services until
+        // ExitBootServices.
+        if !sig_ok || unsafe { (*st).boot_services.is_null() } {
+            return Err(EfiError::NotASystemTable);
+        }
+        // SAFETY: checked just above.
+        Ok(Self { image, st, bs: unsafe { (*st).boot_services } })
+    }
+
+    fn print(&self, args: core::fmt::Arguments<'_>) {
+        let _ = ConOut(self).write_fmt(args);
+    }
+
+    /// The load options (the command line) as ASCII, up to a NUL.
+    fn cmdline(&self) -> Result<String, EfiError> {
+        let mut lip: *mut c_void = core::ptr::null_mut();
+        // SAFETY: boot services are up; the out pointer is a local.
+        let status = unsafe { ((*self.bs).handle_protocol)(self.image, &LoadedImageProtocol::GUID, &raw mut lip) };
+        if status != Status::SUCCESS || lip.is_null() {
+            return Err(EfiError::LoadOptions(status));
+        }
+        // SAFETY: the firmware's loaded-image protocol of this image.
+        let lip = unsafe { &*lip.cast::<LoadedImageProtocol>() };
+        let units = lip.load_options_size as usize / 2;
+        if lip.load_options.is_null() || units == 0 {
+            return Ok(String::new());
+        }
+        // SAFETY: `load_options_size` bytes at `load_options`, from the
+        // firmware, read before anything could free them.
+        let text = unsafe { core::slice::from_raw_parts(lip.load_options.cast::<u16>(), units) };
+        let mut s = String::new();
+        for &u in text.iter().take_while(|&&u| u != 0).take(uefi::MAX_CMDLINE_LEN) {
+            let c = u8::try_from(u).ok().filter(|c| (0x20..0x7f).contains(c)).ok_or(EfiError::BadLoadOptions)?;
+            s.push(char::from(c));
+        }
+        Ok(String::from(s.trim()))
+    }
+
+    /// The RSDP from the configuration table, if the firmware has ACPI.
+    fn rsdp(&self) -> u64 {
+        // SAFETY: the system table's configuration table, as many entries
+        // as it says.
+        let tables = unsafe {
+            let st = &*self.st;
+            if st.configuration_table.is_null() {
+                return 0;
+            }
+            core::slice::from_raw_parts(st.configuration_table, st.number_of_configuration_table_entries)
+        };
+        tables.iter().find(|t| t.vendor_guid == ACPI_20_TABLE).map_or(0, |t| t.vendor_table as u64)
+    }
+
+    /// The first PCI root bridge's 32-bit memory window, as the firmware
+    /// set it up: ACPI QWORD address space descriptors (ACPI 6.5
+    /// §6.4.3.5.1) from `Configuration` (UEFI PI / UEFI 2.10 §14.2).
+    fn pci_window(&self) -> Option<uefi::PciWindow> {
+        let mut proto: *mut c_void = core::ptr::null_mut();
+        // SAFETY: boot services are up; the out pointer is a local.
+        let status =
+            unsafe { ((*self.bs).locate_protocol)(&PciRootBridgeIoProtocol::GUID, core::ptr::null(), &raw mut proto) };
+        if status != Status::SUCCESS || proto.is_null() {
+            return None;
+        }
+        let proto = proto.cast::<PciRootBridgeIoProtocol>();
+        let mut resources: *const c_void = core::ptr::null();
+        // SAFETY: the firmware's protocol instance; `resources` is a local.
+        let status = unsafe { ((*proto).configuration)(proto, &raw mut resources) };
+        if status != Status::SUCCESS || resources.is_null() {
+            return None;
+        }
+        let mut at = resources.cast::<u8>();
+        for _ in 0..64 {
+            // SAFETY: a descriptor list the firmware built, ended by an End
+            // Tag (0x79); each QWORD descriptor is 3 + its length bytes.
+            let (tag, len) = unsafe { (*at, u16::from_le_bytes([*at.add(1), *at.add(2)])) };
+            if tag != 0x8a || len < 0x2b {
+                return None;
+            }
+            // SAFETY: as above, inside this descriptor.
+            let d = unsafe { core::slice::from_raw_parts(at, 3 + usize::from(len)) };
+            let q = |i: usize| u64::from_le_bytes(d[i..i + 8].try_into().unwrap_or([0; 8]));
+            // Resource type 0 = memory; granularity 32: a 32-bit window.
+            let (min, translation, size) = (q(14), q(30), q(38));
+            if d[3] == 0 && q(6) == 32 && size != 0 {
+                return Some((min, PhysRange::new(min.wrapping_add(translation), size)));
+            }
+            // SAFETY: the next descriptor follows this one.
+            at = unsafe { at.add(d.len()) };
+        }
+        None
+    }
+
+    /// Claims `[base, base + size)` (rounded out to pages) as loader data.
+    fn claim(&self, what: &'static str, range: PhysRange) -> Result<(), EfiError> {
+        let base = range.base & !(PAGE - 1);
+        let end = range.end().map_or(0, |e| e.next_multiple_of(PAGE));
+        let mut addr = base;
+        let pages = (end.saturating_sub(base) / PAGE) as usize;
+        if pages == 0 {
+            return Ok(());
+        }
+        // SAFETY: boot services are up; `addr` is a local.
+        let status = unsafe {
+            ((*self.bs).allocate_pages)(AllocateType::ADDRESS, MemoryType::LOADER_DATA, pages, &raw mut addr)
+        };
+        if status != Status::SUCCESS {
+            return Err(EfiError::Claim { what, range: PhysRange::new(base, end - base), status });
+        }
+        Ok(())
+    }
+}
+
+/// The image slots (the part of this image's slot the image itself does
+/// not fill), the manifest and every guest image it names.
+fn claim_everything(fw: &Firmware, cmdline: &str) -> Result<(), EfiError> {
+    let image = super::image_range();
+    for slot in super::image_slots() {
+        if slot.overlaps(&image) {
+            let end = image.end().unwrap_or(0).next_multiple_of(PAGE);
+            fw.claim("image-slot", PhysRange::new(end, slot.base + slot.size - end))?;
+        } else {
+            fw.claim("image-slot", slot)?;
+        }
+    }
+    let Some(manifest) = loader::manifest::address_from_cmdline(cmdline) else { return Ok(()) };
+    // A page at a time, up to its NUL: the manifest's length is not known
+    // before it is read, and unclaimed memory may be the firmware's.
+    let mut len = 0usize;
+    let mut page = manifest & !(PAGE - 1);
+    while len < loader::manifest::MAX_MANIFEST_SIZE {
+        fw.claim("manifest", PhysRange::new(page, PAGE))?;
+        let from = manifest.max(page);
+        let n = (page + PAGE - from) as usize;
+        // SAFETY: RAM just claimed, identity-mapped by the firmware.
+        let bytes = unsafe { core::slice::from_raw_parts(from as *const u8, n) };
+        len += n;
+        if bytes.contains(&0) {
+            break;
+        }
+        page += PAGE;
+    }
+    let len = len.min(loader::manifest::MAX_MANIFEST_SIZE);
+    // SAFETY: [manifest, + len) was claimed page by page above.
+    let bytes = unsafe { core::slice::from_raw_parts(manifest as *const u8, len) };
+    for g in loader::manifest::parse(bytes).map_err(EfiError::Manifest)? {
+        fw.claim("guest-image", g.image)?;
+        if let Some(initrd) = g.initrd {
+            fw.claim("guest-initrd", initrd)?;
+        }
+    }
+    Ok(())
+}
+
+/// RAM read through the firmware's identity map or, later, this image's:
+/// only inside `ram`.
+struct Ram<'a>(&'a [PhysRange]);
+
+impl PhysMemory for Ram<'_> {
+    fn bytes(&self, phys: u64, len: usize) -> Option<&[u8]> {
+        let want = PhysRange::new(phys, len as u64);
+        if want.end().is_none() || !self.0.iter().any(|r| r.contains(&want)) {
+            return None;
+        }
+        // SAFETY: inside RAM the memory map describes, identity-mapped
+        // (or read with the MMU off); ACPI tables and the record are never
+        // written while the hypervisor runs.
+        Some(unsafe { core::slice::from_raw_parts(phys as *const u8, len) })
+    }
+}
+
+/// Whether `phys` holds a UEFI boot record (its magic): read like the
+/// DTB's header, at an address the boot protocol gave.
+pub fn is_record(phys: u64) -> bool {
+    if phys == 0 || !phys.is_multiple_of(8) {
+        return false;
+    }
+    // SAFETY: x0 at entry is in RAM (the boot protocol's DTB or the record
+    // this image's EFI entry wrote); 8 aligned bytes.
+    let magic = unsafe { core::ptr::read_volatile(phys as *const [u8; 8]) };
+    magic == uefi::MAGIC
+}
+
+/// The record at `phys` as long as its header says (bounded by
+/// `MAX_RECORD_LEN`; `uefi::read` checks the rest).
+fn record_bytes(phys: u64) -> &'static [u8] {
+    // SAFETY: the record's header, in RAM (see `is_record`).
+    let header = unsafe { core::ptr::read_volatile(phys as *const [u8; uefi::HEADER_LEN]) };
+    let total = u32::from_le_bytes([header[16], header[17], header[18], header[19]]) as usize;
+    let len = total.clamp(uefi::HEADER_LEN, uefi::MAX_RECORD_LEN);
+    // SAFETY: the record's pages were allocated for `total` bytes; a
+    // record claiming more than MAX_RECORD_LEN is refused by `read`.
+    unsafe { core::slice::from_raw_parts(phys as *const u8, len) }
+}
+
+/// What the record at `phys` describes: memory from its map, the platform
+/// from ACPI. `phys` is what [`is_record`] accepted.
+pub fn describe(phys: u64) -> Result<(BootInfo, DtbPlatform, uefi::MemorySummary), UefiError> {
+    let record = uefi::read(record_bytes(phys))?;
+    let (info, summary) = uefi::memory(&record, phys)?;
+    let platform = uefi::platform(&record, &Ram(&info.ram))?;
+    Ok((info, platform, summary))
+}
+
+/// Sizes, allocates and fills the record, then leaves boot services.
+/// Returns the record's address with boot services gone.
+fn record_and_exit(fw: &Firmware, cmdline: &str, rsdp: u64, pci: Option<uefi::PciWindow>) -> Result<u64, EfiError> {
+    let bs = fw.bs;
+    let (mut size, mut key, mut desc_size, mut desc_version) = (0usize, 0usize, 0usize, 0u32);
+    // SAFETY: boot services are up; a null map with size 0 asks for the size.
+    let status = unsafe {
+        ((*bs).get_memory_map)(
+            &raw mut size,
+            core::ptr::null_mut(),
+            &raw mut key,
+            &raw mut desc_size,
+            &raw mut desc_version,
+        )
+    };
+    if status != Status::BUFFER_TOO_SMALL || desc_size == 0 {
+        return Err(EfiError::MemoryMap(status));
+    }
+    let map_at = uefi::map_at(cmdline.len());
+    let capacity = size + MAP_SLACK * desc_size;
+    let pages = (map_at + capacity).div_ceil(PAGE as usize);
+    let mut record = 0u64;
+    // SAFETY: boot services are up; `record` is a local.
+    let status =
+        unsafe { ((*bs).allocate_pages)(AllocateType::ANY_PAGES, MemoryType::LOADER_DATA, pages, &raw mut record) };
+    if status != Status::SUCCESS {
+        return Err(EfiError::MemoryMap(status));
+    }
+    // SAFETY: `pages` pages just allocated for this image, identity-mapped.
+    let buf = unsafe { core::slice::from_raw_parts_mut(record as *mut u8, pages * PAGE as usize) };
+    buf.fill(0);
+    buf[uefi::cmdline_at()..uefi::cmdline_at() + cmdline.len()].copy_from_slice(cmdline.as_bytes());
+    let mut last = Status::SUCCESS;
+    for _ in 0..EXIT_ATTEMPTS {
+        let mut map_len = buf.len() - map_at;
+        // SAFETY: `map_len` bytes of the record from `map_at`, 8-aligned.
+        let status = unsafe {
+            ((*bs).get_memory_map)(
+                &raw mut map_len,
+                buf[map_at..].as_mut_ptr().cast(),
+                &raw mut key,
+                &raw mut desc_size,
+                &raw mut desc_version,
+            )
+        };
+        if status != Status::SUCCESS {
+            return Err(EfiError::MemoryMap(status));
+        }
+        let header = uefi::header(cmdline.len(), rsdp, map_len, desc_size as u32, pci);
+        buf[..uefi::HEADER_LEN].copy_from_slice(&header);
+        // What the boot path will make of it, checked while the firmware
+        // can still say why not. Nothing here calls the firmware, so the
+        // map key stays good.
+        describe(record).map_err(EfiError::Record)?;
+        // SAFETY: the map key just read; this image's handle.
+        last = unsafe { ((*bs).exit_boot_services)(fw.image, key) };
+        if last == Status::SUCCESS {
+            return Ok(record);
+        }
+        if last != Status::INVALID_PARAMETER {
+            break;
+        }
+    }
+    Err(EfiError::ExitBootServices(last))
+}
+
+/// The EFI entry at the link address (`efi_pe_entry`). Returns only if the
+/// hypervisor cannot start, with boot services still up.
+#[no_mangle]
+extern "efiapi" fn hv_efi_main(image: Handle, st: *const SystemTable, loaded_at: u64) -> Status {
+    crate::heap::init();
+    // SAFETY: `st` is the system table the firmware passed to the entry.
+    let Ok(fw) = (unsafe { Firmware::new(image, st) }) else { return Status::LOAD_ERROR };
+    fw.print(format_args!("\nhv: efi-entry loaded_at={loaded_at:#x} image={:#x}\n", super::image_range().base));
+    let result = fw.cmdline().and_then(|cmdline| {
+        claim_everything(&fw, &cmdline)?;
+        let rsdp = fw.rsdp();
+        let pci = fw.pci_window();
+        record_and_exit(&fw, &cmdline, rsdp, pci)
+    });
+    let record = match result {
+        Ok(record) => record,
+        Err(e) => {
+            fw.print(format_args!("hv: boot-failed firmware=uefi reason={e}\n"));
+            return Status::LOAD_ERROR;
+        }
+    };
+    leave(record)
+}
+
+/// Boot services are gone: interrupts masked, what the boot path reads with
+/// its MMU off cleaned to the point of coherency (this image, the record,
+/// the loader's pages, which hold the manifest and the guest images, and
+/// the firmware's ACPI tables), then the boot path.
+fn leave(record: u64) -> ! {
+    // SAFETY: masks every exception; the firmware's vectors must not run
+    // any more.
+    unsafe { asm!("msr daifset, #0xf", options(nomem, nostack)) };
+    let mut flush: Vec<PhysRange> = Vec::from([super::image_range()]);
+    if let Ok(rec) = uefi::read(record_bytes(record)) {
+        use uefi::memory_type::{ACPI_NVS, ACPI_RECLAIM, LOADER_CODE, LOADER_DATA};
+        flush.push(PhysRange::new(record, rec.len as u64));
+        flush.extend(
+            rec.descriptors()
+                .filter(|d| matches!(d.kind, LOADER_CODE | LOADER_DATA | ACPI_RECLAIM | ACPI_NVS))
+                .map(|d| d.range),
+        );
+    }
+    for r in &flush {
+        super::live_update::clean_invalidate(r.base, r.end().unwrap_or(r.base));
+    }
+    // SAFETY: boot services are gone and every line the boot path reads
+    // with its MMU off is at the point of coherency; the entry turns the
+    // MMU off on this identity-mapped code.
+    unsafe { efi_leave_firmware(record) }
+}

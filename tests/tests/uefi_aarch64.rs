@@ -1,0 +1,101 @@
+//! The aarch64 image started by UEFI firmware (edk2 in QEMU) with ACPI
+//! and no DTB, then live-updated: the same image file QEMU's `-kernel`
+//! boots with a DTB (issue 21).
+
+use std::time::Duration;
+
+use hv_tests::emulator::{self, RunOutcome, RunSpec};
+use hv_tests::guests::{self, GuestArg};
+use hv_tests::image::{self, BuiltImage, ImageSpec, UPDATE_B_VERSION};
+use hv_tests::{Arch, Firmware, Machine};
+
+fn build(version: Option<&str>) -> BuiltImage {
+    let slot = u8::from(version.is_some());
+    image::build(&ImageSpec { arch: Arch::Aarch64, version: version.map(String::from), slot })
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Boots `image` under edk2 with the blobs laid out for `placement`.
+fn run(name: &str, image: &BuiltImage, list: &[GuestArg], placement: Firmware) -> RunOutcome {
+    let mut spec = RunSpec::new(name, Machine::Qemu);
+    spec.firmware = Firmware::Uefi;
+    // About 10 s quiet (edk2 takes ~2 s to start the image).
+    spec.timeout = Duration::from_mins(2);
+    let dir = emulator::run_dir(&spec);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let placed = guests::place_for(list, u64::from(spec.mem_mib), &dir, placement).unwrap_or_else(|e| panic!("{e}"));
+    spec.blobs = placed.blobs;
+    spec.cmdline = Some(placed.cmdline);
+    emulator::run(image, &spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn check(run: &RunOutcome, ok: bool, what: &str) {
+    assert!(ok, "{}", run.failure(what));
+}
+
+/// The events on lines the firmware's console prefixed with its escape
+/// sequences (`hv: efi-entry` goes out through ConOut).
+fn efi_entry(run: &RunOutcome) -> Option<(u64, u64)> {
+    let line = run.serial.lines().find_map(|l| l.find("hv: efi-entry ").map(|at| &l[at..]))?;
+    let field = |key: &str| {
+        let v = line.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).ok()
+    };
+    Some((field("loaded_at=")?, field("image=")?))
+}
+
+#[test]
+fn edk2_starts_the_image_with_acpi_and_it_live_updates_twice() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 2)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let run = run("test-uefi-update", &a, &list, Firmware::Uefi);
+    check(&run, run.clean_shutdown(), "clean shutdown after the updates");
+
+    // The firmware put the PE image where it chose; the EFI entry moved it
+    // to its link address (slot 0).
+    let entry = efi_entry(&run);
+    check(&run, entry.is_some(), "hv: efi-entry printed through the firmware's console");
+    let (loaded_at, linked) = entry.unwrap_or_default();
+    check(&run, linked == hypervisor::slots::AARCH64.bases[0], "linked at slot 0");
+    check(&run, loaded_at != linked, "edk2 loaded the image elsewhere, so it moved itself");
+
+    // The machine from ACPI and the memory from the UEFI memory map.
+    let boot = run.hv("boot");
+    check(&run, boot.len() == 1 && boot[0].get("firmware") == Some("uefi"), "boot firmware=uefi");
+    check(&run, boot[0].num("cpus") == Some(2), "both CPUs up (MADT GICC entries, PSCI from the FADT)");
+    let mem = run.hv("uefi-memory");
+    check(&run, mem.len() == 1, "one uefi-memory event");
+    check(&run, mem[0].num("descriptors").is_some_and(|n| n > 4), "a real memory map");
+    check(&run, mem[0].num("firmware_kib").is_some_and(|n| n > 0), "runtime services and ACPI memory kept");
+    let platform = run.hv("platform");
+    check(&run, platform.first().and_then(|e| e.get("uart")) == Some("0x9000000"), "the console from the SPCR");
+    check(&run, platform.first().and_then(|e| e.get("gicd")) == Some("0x8000000"), "the GIC from the MADT");
+
+    // Two staged, prepared updates with the guests resident: each new image
+    // read the same UEFI boot record (x0) and ACPI tables again.
+    let done = run.hv("update-done");
+    check(&run, done.len() == 2, "two updates");
+    check(&run, done.iter().all(|e| e.num("staged") == Some(1)), "staged in the other slot");
+    let entries = run.hv("update-entry");
+    check(&run, entries.iter().all(|e| e.num("prepared") == Some(1)), "prepared in the brownout from the record");
+    check(&run, run.hv("guest-adopted").len() == 12, "six partitions adopted by each new image");
+    let mc = run.hv("guest-start").into_iter().find(|e| e.get("name") == Some("memcheck")).and_then(|e| e.num("id"));
+    let passes = run.guest(mc.unwrap_or(0) as u32, "memcheck");
+    check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") != Some(0)), "memcheck never failed");
+    check(&run, run.hv("fault").is_empty(), "no guest faulted");
+}
+
+/// Blobs at the top of RAM, where edk2 keeps its own memory: the EFI entry
+/// cannot claim the manifest and refuses to start, through the firmware's
+/// console, instead of using memory the firmware owns.
+#[test]
+fn guest_blobs_in_firmware_memory_are_refused_before_boot_services_end() {
+    let a = build(None);
+    let list = guests::demo_guests(Arch::Aarch64, &[], 0).unwrap_or_else(|e| panic!("{e}"));
+    let run = run("test-uefi-blobs-in-firmware-memory", &a, &list, Firmware::Dtb);
+    let refused = run.serial.lines().any(|l| l.contains("hv: boot-failed firmware=uefi reason=manifest-not-free"));
+    check(&run, refused, "hv: boot-failed firmware=uefi reason=manifest-not-free");
+    check(&run, run.hv("boot").is_empty(), "the hypervisor did not start");
+}
