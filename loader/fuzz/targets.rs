@@ -12,7 +12,7 @@ use loader::acpi::{self, PhysMemory};
 use loader::image_desc::{self, ImageArch};
 use loader::manifest::ImageFormat;
 use loader::multiboot2::{self, RsdpCopy};
-use loader::{acpi_arm, dmar, dtb, elf, gtdt, guest_modules, image_readers, iort, manifest, PhysRange};
+use loader::{acpi_arm, dmar, dtb, elf, gtdt, guest_modules, image_readers, iort, manifest, uefi, PhysRange};
 
 /// Where the fuzzed blob pretends to be in physical memory.
 const BLOB_PHYS: u64 = 0x4000_0000;
@@ -108,6 +108,22 @@ pub fn acpi_arm(data: &[u8]) {
     }
 }
 
+/// The UEFI boot record (every aarch64 image after a UEFI boot reads it):
+/// the header, the memory map, then the ACPI platform through the
+/// record's RSDP, with the fuzzed bytes as all of physical memory. What is
+/// accepted has page-aligned RAM that does not wrap, and keeps the record
+/// itself reserved.
+pub fn uefi(data: &[u8]) {
+    let Ok(record) = uefi::read(data) else { return };
+    if let Ok((info, _)) = uefi::memory(&record, 0) {
+        for r in &info.ram {
+            assert!(r.end().is_some() && r.base.is_multiple_of(4096), "bad RAM accepted: {r:?}");
+        }
+        assert!(info.reserved.iter().any(|r| r.base == 0 && r.size >= record.len as u64), "the record not kept");
+    }
+    let _ = uefi::platform(&record, &Bytes(data));
+}
+
 /// ELF images (guest kernels, the x86_64 hypervisor) for both machines,
 /// flattened when accepted.
 pub fn elf(data: &[u8]) {
@@ -152,6 +168,7 @@ pub const ALL: &[(&str, Body)] = &[
     ("gtdt", gtdt),
     ("iort", iort),
     ("acpi_arm", acpi_arm),
+    ("uefi", uefi),
     ("elf", elf),
     ("update_image", update_image),
     ("manifest", manifest),

@@ -1,4 +1,4 @@
-//! The UEFI boot record (issue 21; `kho/ABI.md` §7): what the hypervisor
+//! The UEFI boot record (issue 21; `kho/ABI.md` §8): what the hypervisor
 //! keeps of the firmware once it has left boot services, and what every
 //! later image reads instead of a DTB.
 //!
@@ -47,6 +47,7 @@ use crate::acpi::{self, AcpiError, PhysMemory};
 use crate::acpi_arm::{self, AcpiPlatformError};
 use crate::bytes::{le32, le64};
 use crate::dtb::DtbPlatform;
+use crate::gtdt::{self, GtdtError};
 use crate::iort::{self, IortError};
 use crate::multiboot2::RsdpCopy;
 use crate::{BootInfo, PhysRange};
@@ -64,6 +65,10 @@ pub const MAX_RECORD_LEN: usize = 1 << 20;
 /// Longest command line kept.
 pub const MAX_CMDLINE_LEN: usize = 4096;
 const PAGE: u64 = 4096;
+/// The timer interrupts the hypervisor uses: the Arm Base System
+/// Architecture's PPIs for the EL2 physical and the EL1 virtual timer.
+pub const BSA_EL2_TIMER_PPI: u32 = 26;
+pub const BSA_VIRTUAL_TIMER_PPI: u32 = 27;
 
 /// `EFI_MEMORY_TYPE` (UEFI 2.10 Table 7.6).
 pub mod memory_type {
@@ -130,9 +135,15 @@ pub enum UefiError {
     BadCmdline,
     NoRsdp,
     Acpi(AcpiError),
-    /// MADT or SPCR is not in the tables.
+    /// MADT, SPCR or GTDT is not in the tables.
     MissingTable(&'static str),
     Iort(IortError),
+    Gtdt(GtdtError),
+    /// The GTDT gives timer interrupts other than the BSA's (EL2, virtual).
+    Timers {
+        el2: u32,
+        virtual_el1: u32,
+    },
     Platform(AcpiPlatformError),
 }
 
@@ -154,6 +165,12 @@ impl fmt::Display for UefiError {
             Self::Acpi(e) => write!(f, "ACPI: {e}"),
             Self::MissingTable(t) => write!(f, "no {t} table"),
             Self::Iort(e) => write!(f, "IORT: {e}"),
+            Self::Gtdt(e) => write!(f, "GTDT: {e}"),
+            Self::Timers { el2, virtual_el1 } => write!(
+                f,
+                "GTDT timer interrupts EL2={el2} virtual={virtual_el1}; the hypervisor uses the BSA's \
+                 {BSA_EL2_TIMER_PPI} and {BSA_VIRTUAL_TIMER_PPI}"
+            ),
             Self::Platform(e) => write!(f, "ACPI platform: {e}"),
         }
     }
@@ -178,15 +195,20 @@ pub struct Record<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Descriptor {
     pub kind: u32,
+    /// Its range; the size wraps if `pages` is too large, which
+    /// [`memory`] refuses.
     pub range: PhysRange,
+    pub pages: u64,
 }
 
 impl<'a> Record<'a> {
     /// The memory map's descriptors, in the firmware's order.
     pub fn descriptors(&self) -> impl Iterator<Item = Descriptor> + 'a {
-        self.map
-            .chunks_exact(self.desc_size)
-            .map(|d| Descriptor { kind: le32(d, 0), range: PhysRange::new(le64(d, 8), le64(d, 24).wrapping_mul(PAGE)) })
+        self.map.chunks_exact(self.desc_size).map(|d| Descriptor {
+            kind: le32(d, 0),
+            range: PhysRange::new(le64(d, 8), le64(d, 24).wrapping_mul(PAGE)),
+            pages: le64(d, 24),
+        })
     }
 }
 
@@ -300,13 +322,17 @@ pub fn memory(record: &Record<'_>, record_phys: u64) -> Result<(BootInfo, Memory
         if d.range.size == 0 {
             continue;
         }
-        if d.range.end().is_none() || !d.range.base.is_multiple_of(PAGE) || d.range.size / PAGE == 0 {
+        let whole = d.pages.checked_mul(PAGE) == Some(d.range.size);
+        if !whole || d.range.end().is_none() || !d.range.base.is_multiple_of(PAGE) {
             return Err(UefiError::BadRange(i));
         }
+        // Sums of ranges not yet known to be disjoint: saturating.
         match class_of(d.kind) {
-            MemoryClass::Usable => summary.usable += d.range.size,
-            MemoryClass::Firmware => summary.firmware += d.range.size,
-            MemoryClass::Other if d.kind != memory_type::MMIO => summary.other += d.range.size,
+            MemoryClass::Usable => summary.usable = summary.usable.saturating_add(d.range.size),
+            MemoryClass::Firmware => summary.firmware = summary.firmware.saturating_add(d.range.size),
+            MemoryClass::Other if d.kind != memory_type::MMIO => {
+                summary.other = summary.other.saturating_add(d.range.size);
+            }
             MemoryClass::Other => {}
         }
         ranges.push(d);
@@ -341,8 +367,9 @@ pub fn memory(record: &Record<'_>, record_phys: u64) -> Result<(BootInfo, Memory
 }
 
 /// The platform from the ACPI tables at the record's RSDP, read through
-/// `mem`: MADT and SPCR required; FADT, MCFG and IORT if present; the PCI
-/// window from the record.
+/// `mem`: MADT, SPCR and GTDT required (the GTDT's timer interrupts must
+/// be the ones the hypervisor uses); FADT, MCFG and IORT if present; the
+/// PCI window from the record.
 pub fn platform<M: PhysMemory>(record: &Record<'_>, mem: &M) -> Result<DtbPlatform, UefiError> {
     let rsdp_phys = record.rsdp.ok_or(UefiError::NoRsdp)?;
     // ACPI 6.5 §5.2.5.3: 20 bytes in revision 0, 36 from revision 2.
@@ -355,6 +382,10 @@ pub fn platform<M: PhysMemory>(record: &Record<'_>, mem: &M) -> Result<DtbPlatfo
     let find = |sig: [u8; 4]| acpi::find_table(mem, Some(&rsdp), sig).map_err(UefiError::Acpi);
     let madt = find(*b"APIC")?.ok_or(UefiError::MissingTable("MADT"))?;
     let spcr = find(*b"SPCR")?.ok_or(UefiError::MissingTable("SPCR"))?;
+    let timers = gtdt::parse(find(*b"GTDT")?.ok_or(UefiError::MissingTable("GTDT"))?).map_err(UefiError::Gtdt)?;
+    if (timers.el2.gsiv, timers.virtual_el1.gsiv) != (BSA_EL2_TIMER_PPI, BSA_VIRTUAL_TIMER_PPI) {
+        return Err(UefiError::Timers { el2: timers.el2.gsiv, virtual_el1: timers.virtual_el1.gsiv });
+    }
     let fadt = find(*b"FACP")?;
     let mcfg = find(*b"MCFG")?;
     let iort = find(*b"IORT")?.map(iort::parse).transpose().map_err(UefiError::Iort)?;
@@ -436,6 +467,13 @@ mod tests {
         assert_eq!(memory(&read(&r).unwrap(), 0), Err(UefiError::BadRange(0)));
         let r = record("", &[(CONVENTIONAL, !0xfff, 2)]);
         assert_eq!(memory(&read(&r).unwrap(), 0), Err(UefiError::BadRange(0)));
+        // A page count whose byte size wraps to one page.
+        let r = record("", &[(CONVENTIONAL, 0x4000_0000, (1 << 52) + 1)]);
+        assert_eq!(memory(&read(&r).unwrap(), 0), Err(UefiError::BadRange(0)));
+        // Sizes whose sum overflows are summed saturating, then refused as
+        // overlapping.
+        let r = record("", &[(CONVENTIONAL, 0, 1 << 51), (CONVENTIONAL, 0x1000, (1 << 51) - 1)]);
+        assert!(matches!(memory(&read(&r).unwrap(), 0), Err(UefiError::Overlapping(_))));
         let r = record("", &[(RUNTIME_SERVICES_DATA, 0x4000_0000, 1)]);
         assert_eq!(memory(&read(&r).unwrap(), 0), Err(UefiError::NoRam));
     }
@@ -513,13 +551,12 @@ mod tests {
         t
     }
 
-    /// QEMU's own tables (`testdata/README.md`) behind an RSDP and XSDT
-    /// built here: the record's RSDP leads to the platform the same
-    /// machine's DTB describes.
-    #[test]
-    fn the_platform_from_the_records_rsdp() {
-        let tables: [&[u8]; 5] = [
+    /// QEMU's own tables (`testdata/README.md`), `edit` applied, behind an
+    /// RSDP and XSDT built here.
+    fn qemu_tables(edit: impl Fn(&mut Vec<u8>)) -> Arena {
+        let tables: [&[u8]; 6] = [
             include_bytes!("../testdata/qemu-virt-madt.bin"),
+            include_bytes!("../testdata/qemu-virt-gtdt.bin"),
             include_bytes!("../testdata/qemu-virt-spcr.bin"),
             include_bytes!("../testdata/qemu-virt-fadt.bin"),
             include_bytes!("../testdata/qemu-virt-mcfg.bin"),
@@ -532,7 +569,10 @@ mod tests {
         for (i, t) in tables.iter().enumerate() {
             let at = 0x4_3b00_0000 + 0x1_0000 * (i as u64 + 1);
             xsdt.extend_from_slice(&at.to_le_bytes());
-            arena.push((at, t.to_vec()));
+            let mut t = t.to_vec();
+            edit(&mut t);
+            t[9] = 0;
+            arena.push((at, checksummed(t, 9)));
         }
         arena.push((0x4_3b00_0100, checksummed(xsdt, 9)));
         let mut rsdp = b"RSD PTR ".to_vec();
@@ -541,12 +581,16 @@ mod tests {
         rsdp.extend_from_slice(&0x4_3b00_0100u64.to_le_bytes());
         rsdp.extend_from_slice(&[0; 4]);
         // ACPI 6.5 §5.2.5.3: byte 8 sums the first 20 bytes, 32 all 36.
-        let mut rsdp = checksummed(rsdp, 8);
-        let v1 = checksummed(rsdp[..20].to_vec(), 8);
-        rsdp[8] = v1[8];
-        let rsdp = checksummed(rsdp, 32);
-        arena.push((0x4_3b00_0018, rsdp));
-        let arena = Arena(arena);
+        rsdp[8] = checksummed(rsdp[..20].to_vec(), 8)[8];
+        arena.push((0x4_3b00_0018, checksummed(rsdp, 32)));
+        Arena(arena)
+    }
+
+    /// The record's RSDP leads to the platform the same machine's DTB
+    /// describes.
+    #[test]
+    fn the_platform_from_the_records_rsdp() {
+        let arena = qemu_tables(|_| {});
         let r = record("", &[(CONVENTIONAL, 0x4000_0000, 1)]);
         let p = platform(&read(&r).unwrap(), &arena).expect("the platform");
         assert_eq!(p.cpus, [0, 1]);
@@ -558,5 +602,59 @@ mod tests {
         assert_eq!(pcie.iommu_map.and_then(|m| m.stream_id(0x10)), Some(0x10));
         let no_rsdp = header(0, 0, 0, 48, None);
         assert_eq!(platform(&read(&no_rsdp).unwrap(), &arena), Err(UefiError::NoRsdp));
+    }
+
+    /// A GTDT whose EL2 timer is not the BSA's PPI 26 is refused by name;
+    /// a machine without a GTDT (its signature changed) too.
+    #[test]
+    fn timers_other_than_the_bsa_ones_are_refused() {
+        let r = record("", &[(CONVENTIONAL, 0x4000_0000, 1)]);
+        let moved = qemu_tables(|t| {
+            if &t[..4] == b"GTDT" {
+                t[72] = 30;
+            }
+        });
+        assert_eq!(platform(&read(&r).unwrap(), &moved), Err(UefiError::Timers { el2: 30, virtual_el1: 27 }));
+        let gone = qemu_tables(|t| {
+            if &t[..4] == b"GTDT" {
+                t[..4].copy_from_slice(b"XTDT");
+            }
+        });
+        assert_eq!(platform(&read(&r).unwrap(), &gone), Err(UefiError::MissingTable("GTDT")));
+    }
+
+    /// Records the hypervisor's EFI entry wrote under edk2 (QEMU 10,
+    /// Debian's `qemu-efi-aarch64`), saved from guest RAM with QEMU's
+    /// `pmemsave` (`testdata/README.md`): 512 MiB with 2 CPUs, and 4 GiB
+    /// with 4 CPUs, the SMMUv3 and edu.
+    const EDK2_512M: &[u8] = include_bytes!("../testdata/edk2-qemu-virt-512m-record.bin");
+    const EDK2_4G: &[u8] = include_bytes!("../testdata/edk2-qemu-virt-smmuv3-edu-4g-4cpu-record.bin");
+
+    #[test]
+    fn edk2_memory_maps() {
+        for (bytes, phys, ram_mib) in [(EDK2_512M, 0x5bf1_8000u64, 512u64), (EDK2_4G, 0x1_3bf1_8000, 4096)] {
+            let rec = read(bytes).expect("edk2 record");
+            assert_eq!(rec.cmdline, "manifest=0x42200000");
+            assert!(rec.rsdp.is_some());
+            let (bus, cpu) = rec.pci_mmio32.expect("the root bridge's window");
+            assert_eq!((bus, cpu.base), (0x1000_0000, 0x1000_0000));
+            let (info, summary) = memory(&rec, phys).expect("edk2 map");
+            assert_eq!(summary.descriptors, 34);
+            // One RAM range: every descriptor in it is usable or kept by
+            // the firmware; the two MMIO ones (flash, RTC) are not RAM.
+            assert_eq!(info.ram, [PhysRange::new(0x4000_0000, ram_mib << 20)]);
+            assert_eq!(summary.firmware, 7040 << 10);
+            let firmware: Vec<Descriptor> =
+                rec.descriptors().filter(|d| class_of(d.kind) == MemoryClass::Firmware).collect();
+            assert!(firmware.iter().any(|d| d.kind == ACPI_RECLAIM));
+            assert!(firmware.iter().any(|d| d.kind == RUNTIME_SERVICES_CODE));
+            for d in &firmware {
+                assert!(info.reserved.contains(&d.range), "{d:?} reserved");
+            }
+            assert!(info.reserved.contains(&PhysRange::new(phys, 0x1000)), "the record itself");
+            let mmio: Vec<Descriptor> = rec.descriptors().filter(|d| d.kind == MMIO).collect();
+            assert_eq!(mmio.len(), 2);
+            assert!(mmio.iter().all(|d| !info.ram.iter().any(|r| r.overlaps(&d.range))));
+        }
     }
 }

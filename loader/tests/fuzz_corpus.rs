@@ -36,5 +36,6 @@ fn the_platform_tables_of_the_tests_go_through_every_table_target() {
         targets::dmar(&data);
         targets::gtdt(&data);
         targets::iort(&data);
+        targets::uefi(&data);
     }
 }

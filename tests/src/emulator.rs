@@ -217,9 +217,11 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
             }
             if spec.firmware == Firmware::Uefi {
                 // edk2 loads the same Image as a PE32+ EFI application and
-                // passes -append as its load options. No network card: a
-                // failed start would otherwise try PXE and HTTP boot.
-                c.args(["-bios", crate::AARCH64_UEFI_FIRMWARE, "-nic", "none"]);
+                // passes -append as its load options. (The network card
+                // stays, so PCI functions sit where they do without
+                // firmware; `wait` stops a failed start before edk2 goes
+                // on to network boot.)
+                c.args(["-bios", crate::AARCH64_UEFI_FIRMWARE]);
             }
             c.arg("-kernel").arg(&image.bootable);
             for (file, addr) in &spec.blobs {

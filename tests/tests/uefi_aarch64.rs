@@ -17,7 +17,12 @@ fn build(version: Option<&str>) -> BuiltImage {
 
 /// Boots `image` under edk2 with the blobs laid out for `placement`.
 fn run(name: &str, image: &BuiltImage, list: &[GuestArg], placement: Firmware) -> RunOutcome {
+    run_with(name, image, list, placement, &[])
+}
+
+fn run_with(name: &str, image: &BuiltImage, list: &[GuestArg], placement: Firmware, extra: &[&str]) -> RunOutcome {
     let mut spec = RunSpec::new(name, Machine::Qemu);
+    spec.extra_args = extra.iter().map(|s| (*s).to_string()).collect();
     spec.firmware = Firmware::Uefi;
     // About 10 s quiet (edk2 takes ~2 s to start the image).
     spec.timeout = Duration::from_mins(2);
@@ -97,5 +102,18 @@ fn guest_blobs_in_firmware_memory_are_refused_before_boot_services_end() {
     let run = run("test-uefi-blobs-in-firmware-memory", &a, &list, Firmware::Dtb);
     let refused = run.serial.lines().any(|l| l.contains("hv: boot-failed firmware=uefi reason=manifest-not-free"));
     check(&run, refused, "hv: boot-failed firmware=uefi reason=manifest-not-free");
+    check(&run, run.hv("boot").is_empty(), "the hypervisor did not start");
+}
+
+/// Firmware that starts the image at EL1 (QEMU `virt` without
+/// virtualization): refused under the firmware, with the reason.
+#[test]
+fn an_image_started_below_el2_says_so_and_stops() {
+    let a = build(None);
+    let list = guests::demo_guests(Arch::Aarch64, &[], 0).unwrap_or_else(|e| panic!("{e}"));
+    let run = run_with("test-uefi-at-el1", &a, &list, Firmware::Uefi, &["-M", "virtualization=off"]);
+    let refused =
+        run.serial.lines().any(|l| l.contains("hv: boot-failed firmware=uefi reason=not-started-at-el2 el=1"));
+    check(&run, refused, "hv: boot-failed firmware=uefi reason=not-started-at-el2 el=1");
     check(&run, run.hv("boot").is_empty(), "the hypervisor did not start");
 }

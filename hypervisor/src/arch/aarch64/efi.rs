@@ -5,7 +5,7 @@
 //! `efi_pe_entry` (`entry.S`) moves the image to its link address and
 //! calls [`hv_efi_main`] there, still under the firmware. It gathers what
 //! the hypervisor needs of the firmware into the UEFI boot record
-//! (`loader::uefi`, `kho/ABI.md` §7): the command line (the load options),
+//! (`loader::uefi`, `kho/ABI.md` §8): the command line (the load options),
 //! the RSDP, the PCI root bridge's 32-bit window, and the final memory
 //! map. Before it leaves boot services it claims, as loader data, every
 //! range the hypervisor will use that it did not get from the firmware:
@@ -62,6 +62,8 @@ extern "C" {
 #[derive(Debug)]
 enum EfiError {
     NotASystemTable,
+    /// The firmware started the image below EL2 (CurrentEL.EL).
+    NotAtEl2(u64),
     LoadOptions(Status),
     BadLoadOptions,
     /// A range the hypervisor needs is not free (`what`, the range, the
@@ -81,6 +83,7 @@ impl core::fmt::Display for EfiError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::NotASystemTable => f.write_str("not-an-efi-system-table"),
+            Self::NotAtEl2(el) => write!(f, "not-started-at-el2 el={el}"),
             Self::LoadOptions(s) => write!(f, "load-options status={s:?}"),
             Self::BadLoadOptions => f.write_str("load-options-not-ascii"),
             Self::Claim { what, range, status } => {
@@ -422,7 +425,7 @@ extern "efiapi" fn hv_efi_main(image: Handle, st: *const SystemTable, loaded_at:
     // SAFETY: `st` is the system table the firmware passed to the entry.
     let Ok(fw) = (unsafe { Firmware::new(image, st) }) else { return Status::LOAD_ERROR };
     fw.print(format_args!("\nhv: efi-entry loaded_at={loaded_at:#x} image={:#x}\n", super::image_range().base));
-    let result = fw.cmdline().and_then(|cmdline| {
+    let result = at_el2().and_then(|()| fw.cmdline()).and_then(|cmdline| {
         claim_everything(&fw, &cmdline)?;
         let rsdp = fw.rsdp();
         let pci = fw.pci_window();
@@ -436,6 +439,18 @@ extern "efiapi" fn hv_efi_main(image: Handle, st: *const SystemTable, loaded_at:
         }
     };
     leave(record)
+}
+
+/// The hypervisor needs EL2; firmware that keeps it starts applications at
+/// EL1 (CurrentEL, Arm ARM C5.2.1: EL in bits [3:2]).
+fn at_el2() -> Result<(), EfiError> {
+    let el: u64;
+    // SAFETY: reading CurrentEL has no side effects.
+    unsafe { asm!("mrs {0}, CurrentEL", out(reg) el, options(nomem, nostack)) };
+    match (el >> 2) & 3 {
+        2 => Ok(()),
+        other => Err(EfiError::NotAtEl2(other)),
+    }
 }
 
 /// Boot services are gone: interrupts masked, what the boot path reads with

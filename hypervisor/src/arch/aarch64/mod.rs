@@ -265,6 +265,7 @@ fn report_boot(dtb_phys: u64, info: &BootInfo, platform: &DtbPlatform, crc32_ins
         // The boot-time plan of a UEFI boot: what the memory map gave.
         hv_event!(
             "uefi-memory",
+            record = format_args!("{dtb_phys:#x}"),
             descriptors = m.descriptors,
             usable_mib = m.usable >> 20,
             firmware_kib = m.firmware >> 10,
