@@ -31,6 +31,7 @@ fn run_with(name: &str, image: &BuiltImage, list: &[GuestArg], placement: Firmwa
     let placed = guests::place_for(list, u64::from(spec.mem_mib), &dir, placement).unwrap_or_else(|e| panic!("{e}"));
     spec.blobs = placed.blobs;
     spec.cmdline = Some(placed.cmdline);
+    spec.devices = placed.needs_devices;
     emulator::run(image, &spec).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -49,12 +50,20 @@ fn efi_entry(run: &RunOutcome) -> Option<(u64, u64)> {
     Some((field("loaded_at=")?, field("image=")?))
 }
 
+/// The test guests, the updater and a guest given edu behind the SMMUv3
+/// (found through the IORT, its BAR window through the firmware's PCI
+/// root bridge protocol) whose verified DMA runs through tables both new
+/// images adopted (the transfers come after the updates: the DTB path's
+/// `iommu_aarch64` test has DMA in flight across them).
 #[test]
 fn edk2_starts_the_image_with_acpi_and_it_live_updates_twice() {
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
-    let list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 2)
+    let mut list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 2)
         .unwrap_or_else(|e| panic!("{e}"));
+    let dir = guests::build_test_guests(Arch::Aarch64).unwrap_or_else(|e| panic!("{e}"));
+    let dma = format!("{},device=00:02.0,cmdline=\"transfers=20\"", dir.join("dma.bin").display());
+    list.insert(0, GuestArg::parse(&dma).unwrap_or_else(|e| panic!("{e}")));
     let run = run("test-uefi-update", &a, &list, Firmware::Uefi);
     check(&run, run.clean_shutdown(), "clean shutdown after the updates");
 
@@ -85,7 +94,16 @@ fn edk2_starts_the_image_with_acpi_and_it_live_updates_twice() {
     check(&run, done.iter().all(|e| e.num("staged") == Some(1)), "staged in the other slot");
     let entries = run.hv("update-entry");
     check(&run, entries.iter().all(|e| e.num("prepared") == Some(1)), "prepared in the brownout from the record");
-    check(&run, run.hv("guest-adopted").len() == 12, "six partitions adopted by each new image");
+    check(&run, run.hv("guest-adopted").len() == 14, "seven partitions adopted by each new image");
+
+    // DMA through the SMMU the IORT names, adopted by both new images.
+    let assigned = run.hv("device-assigned");
+    check(&run, assigned.len() == 1 && assigned[0].get("bdf") == Some("00:02.0"), "edu assigned");
+    let adopted = run.hv("iommu-adopted");
+    check(&run, adopted.len() == 2 && adopted.iter().all(|e| e.num("streams") == Some(1)), "the SMMU adopted twice");
+    let dma = run.hv("guest-start").into_iter().find(|e| e.get("name") == Some("dma")).and_then(|e| e.num("id"));
+    let done = run.guest(dma.unwrap_or(0) as u32, "dma").into_iter().find(|e| e.get("done").is_some());
+    check(&run, done.is_some_and(|e| e.num("ok") == Some(20) && e.num("bad") == Some(0)), "20 verified DMAs");
     let mc = run.hv("guest-start").into_iter().find(|e| e.get("name") == Some("memcheck")).and_then(|e| e.num("id"));
     let passes = run.guest(mc.unwrap_or(0) as u32, "memcheck");
     check(&run, !passes.is_empty() && passes.iter().all(|e| e.num("ok") != Some(0)), "memcheck never failed");
