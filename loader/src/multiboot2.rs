@@ -20,6 +20,10 @@ const TAG_MODULE: u32 = 3;
 const TAG_MMAP: u32 = 6;
 const TAG_ACPI_OLD: u32 = 14;
 const TAG_ACPI_NEW: u32 = 15;
+/// §3.6.12: the EFI 64-bit system table pointer: the boot loader was an
+/// EFI application (GRUB on UEFI firmware), which left boot services
+/// before the jump unless asked not to (this image does not ask).
+const TAG_EFI64: u32 = 12;
 /// §3.6.8: memory map entry types.
 const MMAP_AVAILABLE: u32 = 1;
 /// Largest boot information structure accepted.
@@ -75,6 +79,9 @@ pub struct Mb2Platform {
     pub rsdp: Option<RsdpCopy>,
     /// Every memory-map entry (all types), for diagnostics and the RAM top.
     pub memory_map: Vec<(PhysRange, u32)>,
+    /// The EFI system table's address, if the boot loader ran on UEFI
+    /// firmware (it is only reported: boot services are gone).
+    pub efi_system_table: Option<u64>,
 }
 
 fn le32(b: &[u8], off: usize) -> Option<u32> {
@@ -160,6 +167,7 @@ pub fn parse(magic: u32, mbi: &[u8], mbi_phys: u64) -> Result<(BootInfo, Mb2Plat
             }
             TAG_ACPI_OLD if body.len() >= 20 => plat.rsdp = Some(RsdpCopy::V1(body[..20].to_vec())),
             TAG_ACPI_NEW if body.len() >= 36 => plat.rsdp = Some(RsdpCopy::V2(body[..36].to_vec())),
+            TAG_EFI64 => plat.efi_system_table = le64(body, 0),
             _ => {}
         }
         // §3.6.1: tags are padded to 8-byte alignment.
@@ -246,6 +254,20 @@ pub(crate) mod tests {
         assert_eq!(info.modules[0].range, PhysRange::new(0x20_0000, 0x1000));
         assert!(matches!(plat.rsdp, Some(RsdpCopy::V1(ref b)) if b.starts_with(b"RSD PTR ")));
         assert_eq!(plat.memory_map.len(), 6);
+        assert_eq!(plat.efi_system_table, None, "BIOS GRUB has no EFI system table");
+    }
+
+    /// GRUB on UEFI firmware adds the EFI system table's address.
+    #[test]
+    fn grub_on_uefi_names_the_efi_system_table() {
+        let blob = build(&[
+            (TAG_MMAP, mmap(&[(0x10_0000, 0x7ef_0000, 1)])),
+            (TAG_EFI64, 0x7f9e_e018u64.to_le_bytes().to_vec()),
+        ]);
+        let (_, plat) = parse(BOOTLOADER_MAGIC, &blob, 0).unwrap();
+        assert_eq!(plat.efi_system_table, Some(0x7f9e_e018));
+        let short = build(&[(TAG_MMAP, mmap(&[(0x10_0000, 0x7ef_0000, 1)])), (TAG_EFI64, vec![1, 2, 3])]);
+        assert_eq!(parse(BOOTLOADER_MAGIC, &short, 0).unwrap().1.efi_system_table, None);
     }
 
     #[test]

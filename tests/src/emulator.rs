@@ -235,6 +235,15 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
         (Arch::X86_64, Machine::Qemu) => {
             let mut c = Command::new("qemu-system-x86_64");
             c.args(["-M", "q35", "-cpu", "max"]);
+            if spec.firmware == Firmware::Uefi {
+                // OVMF boots the ISO's EFI El Torito image (GRUB for
+                // x86_64-efi); its variable store is the run's own copy.
+                let vars = dir.join("OVMF_VARS.fd");
+                fs::copy(crate::X86_64_UEFI_VARS, &vars)
+                    .map_err(io_err(format!("copying {} (run scripts/setup)", crate::X86_64_UEFI_VARS)))?;
+                c.arg("-drive").arg(format!("if=pflash,format=raw,readonly=on,file={}", crate::X86_64_UEFI_CODE));
+                c.arg("-drive").arg(format!("if=pflash,format=raw,file={}", vars.display()));
+            }
             if spec.devices {
                 // VT-d (an ACPI DMAR names it) before the device it covers.
                 c.args(["-device", "intel-iommu", "-device", "edu"]);

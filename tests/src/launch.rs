@@ -23,10 +23,11 @@ usage: scripts/run [options] [-- emulator args...]
   --arch aarch64|x86_64      architecture (default: aarch64)
   --machine qemu|bochs|kvm   emulator (default: qemu for aarch64, bochs for x86_64)
                              kvm = QEMU/KVM on an Intel host with nested VMX
-  --firmware dtb|uefi        (aarch64) how QEMU starts the image: dtb = QEMU loads it
+  --firmware dtb|uefi        how QEMU starts the image. aarch64: dtb = QEMU loads it
                              and hands it a DTB (default); uefi = edk2 starts the same
                              image as an EFI application and describes the machine
-                             with ACPI only
+                             with ACPI only. x86_64 (--machine qemu): uefi = OVMF
+                             starts GRUB for EFI from the same ISO (default: BIOS)
   --timeout SECONDS          stop the emulator after this long (default: 300)
   --cpus N                   CPUs, 1 to 8 (default: 2)
   --mem MIB                  RAM in MiB (default: 512 on QEMU, 128 on Bochs)
@@ -355,8 +356,11 @@ fn check_combination(o: &Options) -> Result<(), OptionError> {
             return Err(no_effect(&format!("--machine {m:?}").to_lowercase(), "aarch64 runs under qemu only"));
         }
     }
-    if o.firmware == Firmware::Uefi && o.arch != Arch::Aarch64 {
-        return Err(no_effect("--firmware uefi", "only the aarch64 image starts from UEFI firmware so far"));
+    if o.firmware == Firmware::Uefi && o.arch == Arch::X86_64 && o.machine != Machine::Qemu {
+        return Err(no_effect(
+            "--firmware uefi",
+            "x86_64 starts from UEFI (OVMF) under --machine qemu only: Bochs with OVMF has no ACPI tables",
+        ));
     }
     let updates = o.updates.map(|n| format!("--updates {n}"));
     let image = o.update_image.as_ref().map(|f| format!("--update-image {}", f.display()));
@@ -700,7 +704,8 @@ mod tests {
         assert_eq!(ok("").firmware, Firmware::Dtb);
         assert_eq!(ok("--firmware uefi --updates 2").firmware, Firmware::Uefi);
         assert!(err("--firmware bios").contains("dtb or uefi"), "{}", err("--firmware bios"));
-        assert!(err("--arch x86_64 --firmware uefi").contains("--firmware uefi"));
+        assert!(err("--arch x86_64 --firmware uefi").contains("--machine qemu only"));
+        assert_eq!(ok("--arch x86_64 --machine qemu --firmware uefi").firmware, Firmware::Uefi);
     }
 
     #[test]

@@ -85,8 +85,10 @@ pub enum Firmware {
     /// QEMU loads the arm64 Image itself (`-kernel`) and hands it a DTB.
     #[default]
     Dtb,
-    /// edk2 (`-bios QEMU_EFI.fd`) starts the same image as an EFI
-    /// application and describes the machine with ACPI, no DTB.
+    /// aarch64: edk2 (`-bios QEMU_EFI.fd`) starts the same image as an
+    /// EFI application and describes the machine with ACPI, no DTB.
+    /// x86_64 under QEMU: OVMF starts GRUB's EFI build from the same ISO,
+    /// which loads the multiboot2 image as GRUB for BIOS does.
     Uefi,
 }
 
@@ -102,6 +104,10 @@ impl Firmware {
 
 /// edk2 for aarch64 QEMU (Debian `qemu-efi-aarch64`, `scripts/setup`).
 pub const AARCH64_UEFI_FIRMWARE: &str = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd";
+/// OVMF for x86_64 QEMU q35 (Debian `ovmf`): the code, read-only, and the
+/// variable store each run gets a copy of.
+pub const X86_64_UEFI_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const X86_64_UEFI_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// Launcher errors, each with a message meant for the user.
 #[derive(Debug)]

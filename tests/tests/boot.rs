@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hv_tests::emulator::{self, RunOutcome, RunSpec};
 use hv_tests::image::{self, BuiltImage, ImageSpec};
-use hv_tests::{Arch, Machine};
+use hv_tests::{Arch, Firmware, Machine};
 
 /// One emulator at a time: the machine has two cores, and Bochs's RFB
 /// display listens on a fixed port.
@@ -21,9 +21,17 @@ fn boot(arch: Arch, machine: Machine, cpus: u32, mem_mib: u32) -> RunOutcome {
 }
 
 fn boot_with(arch: Arch, machine: Machine, cpus: u32, mem_mib: u32, devices: bool) -> RunOutcome {
+    boot_from(arch, machine, cpus, mem_mib, devices, Firmware::Dtb)
+}
+
+/// `firmware`: `Uefi` starts the machine from UEFI firmware (x86_64 QEMU:
+/// OVMF, which starts GRUB's EFI build from the ISO).
+fn boot_from(arch: Arch, machine: Machine, cpus: u32, mem_mib: u32, devices: bool, firmware: Firmware) -> RunOutcome {
     let image = build(arch);
     let _one = EMULATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut spec = RunSpec::new(&format!("test-{}-{machine:?}-{cpus}cpu-{mem_mib}m", arch.name()), machine);
+    let name = format!("test-{}-{machine:?}-{cpus}cpu-{mem_mib}m-{firmware:?}", arch.name());
+    let mut spec = RunSpec::new(&name, machine);
+    spec.firmware = firmware;
     spec.cpus = cpus;
     spec.mem_mib = mem_mib;
     spec.devices = devices;
@@ -147,6 +155,25 @@ fn x86_64_qemu_tcg_enables_svm_and_vt_d_blocks_dma_then_walks_an_ept_table() {
     check(&run, reasons == ["write-not-allowed", "read-not-allowed"], "reasons 5 and 6");
     check(&run, faults[1].get("addr") == Some("0x201000") && faults[2].get("addr") == Some("0x202000"), "their IOVAs");
     check(&run, run.exit_code == Some(0), "QEMU should exit 0 via ACPI S5");
+    check(&run, one(&run, "boot").get("firmware") == Some("bios"), "SeaBIOS and GRUB for BIOS");
+}
+
+/// Issue 21 item 8: the same ISO started by OVMF (q35, QEMU TCG): GRUB's
+/// EFI build loads the multiboot2 image, which finds ACPI through the RSDP
+/// GRUB copied from the EFI configuration table, the VT-d unit in its
+/// DMAR, and runs the SVM and VT-d probes as under SeaBIOS.
+#[test]
+fn x86_64_qemu_from_ovmf_finds_acpi_and_the_vt_d_unit() {
+    let run = boot_from(Arch::X86_64, Machine::Qemu, 2, 256, true, Firmware::Uefi);
+    check_boot(&run, "x86_64", 2);
+    check(&run, one(&run, "boot").get("firmware") == Some("uefi"), "GRUB named the EFI system table");
+    let dmar = one(&run, "dmar");
+    check(&run, dmar.num("units") == Some(1) && dmar.get("base") == Some("0xfed90000"), "the DMAR through ACPI");
+    check(&run, one(&run, "svm").num("svme_cpus") == Some(2), "both CPUs from the MADT, SVM on each");
+    let vtd = one(&run, "vtd");
+    check(&run, vtd.num("translating") == Some(1), "VT-d translating");
+    check(&run, one(&run, "vtd-probe").get("dma") == Some("blocked"), "edu's DMA blocked");
+    check(&run, one(&run, "vtd-shared-table").num("translated") == Some(1), "DMA through an EPT table");
 }
 
 #[test]

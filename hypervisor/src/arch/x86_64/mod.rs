@@ -209,9 +209,14 @@ fn platform(magic: u32, mbi_phys: u64, first_boot: bool) -> (BootInfo, acpi::Mad
     };
     if first_boot {
         report_dmar(platform.rsdp.as_ref());
+        BOOTED_FROM_UEFI.store(platform.efi_system_table.is_some(), Ordering::Relaxed);
     }
     (info, cpus, PhysRange::new(mbi_phys, len as u64))
 }
+
+/// Whether the boot loader ran on UEFI firmware (the multiboot2
+/// information names an EFI system table), for `hv: boot firmware=`.
+static BOOTED_FROM_UEFI: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// The register base and size of the first VT-d unit the DMAR names
 /// (base 0: none).
@@ -381,6 +386,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         build = BUILD_ID,
         cpus = smp::ONLINE.load(Ordering::Acquire),
         mem_mib = info.ram_mib(),
+        firmware = if BOOTED_FROM_UEFI.load(Ordering::Relaxed) { "uefi" } else { "bios" },
     );
     let caps = match vmx {
         Ok(caps) => {
