@@ -266,7 +266,7 @@ pub(crate) mod tests {
         ]);
         let (_, plat) = parse(BOOTLOADER_MAGIC, &blob, 0).unwrap();
         assert_eq!(plat.efi_system_table, Some(0x7f9e_e018));
-        let short = build(&[(TAG_MMAP, mmap(&[(0x10_0000, 0x7ef_0000, 1)])), (TAG_EFI64, vec![1, 2, 3])]);
+        let short = build(&[(TAG_MMAP, mmap(&[(0x10_0000, 0x7ef_0000, 1)])), (TAG_EFI64, alloc::vec![1, 2, 3])]);
         assert_eq!(parse(BOOTLOADER_MAGIC, &short, 0).unwrap().1.efi_system_table, None);
     }
 
