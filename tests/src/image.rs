@@ -170,7 +170,8 @@ const BREAK_MARKER_LEN: usize = 32;
 
 /// A copy of `image`'s update image (a build with
 /// `HV_TEST_BREAK_RESTORE=1`) whose restore fails on purpose in `mode`
-/// (`refuse-handover`, `panic`, `fault`, `fail` or `hang`; x86_64 has the
+/// (`refuse-handover`, `panic`, `fault`, `fail`, `hang`, `slow`, `prepare-panic` or
+/// `stale-map-key`, see `hypervisor::live_update::rollback::Break`; x86_64 has the
 /// first, second and fourth): the marker patched and the image resealed,
 /// written beside it as `hv-<mode>.img` (aarch64) or `.elf`. One build per
 /// slot serves every mode.

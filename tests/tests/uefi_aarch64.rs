@@ -83,6 +83,7 @@ fn edk2_starts_the_image_with_acpi_and_it_live_updates_twice() {
     check(&run, mem.len() == 1, "one uefi-memory event");
     check(&run, mem[0].num("descriptors").is_some_and(|n| n > 4), "a real memory map");
     check(&run, mem[0].num("firmware_kib").is_some_and(|n| n > 0), "runtime services and ACPI memory kept");
+    check(&run, mem[0].num("exit_attempts") == Some(1), "boot services left at the first ExitBootServices");
     let platform = run.hv("platform");
     check(&run, platform.first().and_then(|e| e.get("uart")) == Some("0x9000000"), "the console from the SPCR");
     check(&run, platform.first().and_then(|e| e.get("gicd")) == Some("0x8000000"), "the GIC from the MADT");
@@ -134,4 +135,21 @@ fn an_image_started_below_el2_says_so_and_stops() {
         run.serial.lines().any(|l| l.contains("hv: boot-failed firmware=uefi reason=not-started-at-el2 el=1"));
     check(&run, refused, "hv: boot-failed firmware=uefi reason=not-started-at-el2 el=1");
     check(&run, run.hv("boot").is_empty(), "the hypervisor did not start");
+}
+
+/// A stale map key (a test build hands the firmware one on purpose): edk2
+/// refuses the first ExitBootServices, the entry reads the map again and
+/// the second one succeeds; the machine then boots as usual.
+#[test]
+fn exit_boot_services_is_retried_with_a_fresh_map_key() {
+    let build = image::break_build(Arch::Aarch64, 0).unwrap_or_else(|e| panic!("{e}"));
+    let stale = image::break_mode_image(&build, "stale-map-key").unwrap_or_else(|e| panic!("{e}"));
+    // No manifest: the hypervisor boots alone and powers off.
+    let mut spec = RunSpec::new("test-uefi-stale-map-key", Machine::Qemu);
+    spec.firmware = Firmware::Uefi;
+    spec.timeout = Duration::from_mins(1);
+    let run = emulator::run(&stale, &spec).unwrap_or_else(|e| panic!("{e}"));
+    check(&run, run.clean_shutdown(), "boots alone and shuts down");
+    let mem = run.hv("uefi-memory");
+    check(&run, mem.len() == 1 && mem[0].num("exit_attempts") == Some(2), "uefi-memory exit_attempts=2");
 }

@@ -205,6 +205,11 @@ pub enum Break {
     /// (`prepare-panic`, aarch64): the old image must go on and enter this
     /// image unprepared.
     PreparePanic,
+    /// Not a failure of the restore (aarch64, first boot from UEFI): the
+    /// EFI entry's first `ExitBootServices` is given a stale map key, so
+    /// the firmware refuses it and the entry must read the map again and
+    /// retry (`stale-map-key`).
+    StaleMapKey,
 }
 
 /// How much longer [`Break::Slow`] makes the brownout and the blackout.
@@ -241,6 +246,7 @@ pub fn break_mode() -> Option<Break> {
         b"hang" => Some(Break::Hang),
         b"slow" => Some(Break::Slow),
         b"prepare-panic" => Some(Break::PreparePanic),
+        b"stale-map-key" => Some(Break::StaleMapKey),
         _ => None,
     }
 }

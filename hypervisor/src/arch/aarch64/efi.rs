@@ -26,6 +26,9 @@ use alloc::vec::Vec;
 use core::arch::asm;
 use core::ffi::c_void;
 use core::fmt::Write;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use hypervisor::live_update::rollback::{self, Break};
 
 use loader::acpi::PhysMemory;
 use loader::dtb::DtbPlatform;
@@ -50,6 +53,16 @@ const EXIT_ATTEMPTS: usize = 4;
 /// Descriptors of slack in the record for the map growing between sizing
 /// it and reading it (the record's own allocation splits a descriptor).
 const MAP_SLACK: usize = 16;
+
+/// How many `ExitBootServices` calls the EFI entry made (u32::MAX: this
+/// image was not started by firmware). In .data, which the boot path
+/// does not clear, so the first boot can report it.
+static EXIT_ATTEMPTS_MADE: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// [`EXIT_ATTEMPTS_MADE`], if this image was started by UEFI firmware.
+pub fn exit_attempts() -> Option<u32> {
+    Some(EXIT_ATTEMPTS_MADE.load(Ordering::Relaxed)).filter(|&n| n != u32::MAX)
+}
 
 extern "C" {
     /// `entry.S`: MMU and caches off, then `primary_entry` with x0 = the
@@ -384,7 +397,9 @@ fn record_and_exit(fw: &Firmware, cmdline: &str, rsdp: u64, pci: Option<uefi::Pc
     buf.fill(0);
     buf[uefi::cmdline_at()..uefi::cmdline_at() + cmdline.len()].copy_from_slice(cmdline.as_bytes());
     let mut last = Status::SUCCESS;
-    for _ in 0..EXIT_ATTEMPTS {
+    // A test build may hand the firmware a stale key first.
+    let stale = u32::from(rollback::break_mode() == Some(Break::StaleMapKey));
+    for attempt in 0..EXIT_ATTEMPTS {
         let mut map_len = buf.len() - map_at;
         // SAFETY: `map_len` bytes of the record from `map_at`, 8-aligned.
         let status = unsafe {
@@ -405,9 +420,11 @@ fn record_and_exit(fw: &Firmware, cmdline: &str, rsdp: u64, pci: Option<uefi::Pc
         // can still say why not. Nothing here calls the firmware, so the
         // map key stays good.
         describe(record).map_err(EfiError::Record)?;
+        let key = if (attempt as u32) < stale { key.wrapping_add(1) } else { key };
         // SAFETY: the map key just read; this image's handle.
         last = unsafe { ((*bs).exit_boot_services)(fw.image, key) };
         if last == Status::SUCCESS {
+            EXIT_ATTEMPTS_MADE.store(attempt as u32 + 1, Ordering::Relaxed);
             return Ok(record);
         }
         if last != Status::INVALID_PARAMETER {

@@ -271,6 +271,7 @@ fn report_boot(dtb_phys: u64, info: &BootInfo, platform: &DtbPlatform, crc32_ins
             firmware_kib = m.firmware >> 10,
             other_kib = m.other >> 10,
             reserved = info.reserved.len(),
+            exit_attempts = efi::exit_attempts().unwrap_or(0),
         );
     }
     hv_event!(
