@@ -466,8 +466,16 @@ pub fn run_dir(spec: &RunSpec) -> PathBuf {
     crate::out_dir().join("runs").join(&spec.name)
 }
 
-/// Boots `image` as `spec` says and collects the serial output.
+/// One emulator at a time in a process: the machines this runs on have two
+/// cores, and the emulator tests size their workloads in guest time, which
+/// a second emulator in the same test binary (`--test-threads=2`) would
+/// only slow down and make flaky.
+static ONE_EMULATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Boots `image` as `spec` says and collects the serial output (waiting
+/// for any other emulator this process runs to finish first).
 pub fn run(image: &BuiltImage, spec: &RunSpec) -> Result<RunOutcome, LaunchError> {
+    let _one = ONE_EMULATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = run_dir(spec);
     fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let serial = dir.join("serial.log");
