@@ -256,9 +256,11 @@ impl Firmware {
     /// Claims `[base, base + size)` (rounded out to pages) as loader data.
     fn claim(&self, what: &'static str, range: PhysRange) -> Result<(), EfiError> {
         let base = range.base & !(PAGE - 1);
-        let end = range.end().map_or(0, |e| e.next_multiple_of(PAGE));
+        let Some(end) = range.end().and_then(|e| e.checked_next_multiple_of(PAGE)) else {
+            return Err(EfiError::Claim { what, range, status: Status::INVALID_PARAMETER });
+        };
         let mut addr = base;
-        let pages = (end.saturating_sub(base) / PAGE) as usize;
+        let pages = ((end - base) / PAGE) as usize;
         if pages == 0 {
             return Ok(());
         }
@@ -383,8 +385,8 @@ fn record_and_exit(fw: &Firmware, cmdline: &str, rsdp: u64, pci: Option<uefi::Pc
         return Err(EfiError::MemoryMap(status));
     }
     let map_at = uefi::map_at(cmdline.len());
-    let capacity = size + MAP_SLACK * desc_size;
-    let pages = (map_at + capacity).div_ceil(PAGE as usize);
+    let capacity = size.saturating_add(MAP_SLACK.saturating_mul(desc_size));
+    let pages = map_at.saturating_add(capacity).div_ceil(PAGE as usize);
     let mut record = 0u64;
     // SAFETY: boot services are up; `record` is a local.
     let status =
