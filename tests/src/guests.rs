@@ -218,6 +218,21 @@ pub fn default_guest_specs(arch: Arch, dir: &Path) -> Vec<GuestArg> {
     }
 }
 
+/// The aarch64 DMA guest given QEMU's edu (00:02.0, behind the SMMUv3):
+/// verified DMA through its stage-2 table, paced by edu (~100 ms each).
+pub fn dma_guest(dir: &Path) -> GuestArg {
+    GuestArg {
+        file: dir.join("dma.bin"),
+        name: "dma".to_string(),
+        mem_mib: 16,
+        vcpus: 1,
+        privileged: false,
+        initrd: None,
+        devices: vec!["00:02.0".to_string()],
+        cmdline: "transfers=20".to_string(),
+    }
+}
+
 /// Builds the test guests and returns the default set for `arch`
 /// ([`default_guest_specs`]).
 pub fn default_guests(arch: Arch) -> Result<Vec<GuestArg>, LaunchError> {
@@ -319,6 +334,8 @@ pub fn sized_for_updates(arch: Arch, list: &mut [GuestArg], updates: u32) {
                 .map(|w| if w.starts_with("seconds=") { format!("seconds={span_s}") } else { w.to_string() })
                 .collect::<Vec<_>>()
                 .join(" "),
+            // edu takes ~100 ms of virtual time per DMA.
+            "dma" => format!("transfers={}", span_s * 10),
             _ => g.cmdline.clone(),
         };
     }
