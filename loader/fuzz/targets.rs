@@ -154,6 +154,20 @@ pub fn manifest(data: &[u8]) {
         let _ = guest_modules::parse_module(0, &text, PhysRange::new(0x100_0000, 0x10_0000), format);
     }
     let _ = guest_modules::detect_format(data);
+    // As a manifest on the EFI system partition: every file it names
+    // "loads" at a fresh address; what comes out is a manifest `parse`
+    // reads, or refuses with an error.
+    let mut next = 0x4800_0000u64;
+    let resolved = manifest::resolve_files(&text, |name| -> Result<PhysRange, ()> {
+        assert!(!name.contains(['/', '\\']) && name != "..", "a path accepted as a file name: {name}");
+        next += 0x10_0000;
+        Ok(PhysRange::new(next, 0x1000))
+    });
+    if let Ok(out) = resolved {
+        let mut bytes = out.into_bytes();
+        bytes.push(0);
+        let _ = manifest::parse(&bytes);
+    }
 }
 
 /// A target's body.

@@ -15,6 +15,7 @@
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
+use core::fmt::Write;
 
 use crate::PhysRange;
 
@@ -214,6 +215,78 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<GuestSpec>, ManifestError> {
     Ok(guests)
 }
 
+/// Why an ESP manifest's files could not all be put in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolveError<E> {
+    /// A file name that is not a plain name (letters, digits, `.`, `-`,
+    /// `_`; at most 64): no directories, nothing relative.
+    BadFileName { line: usize },
+    /// The loader could not load the file `name`.
+    Load { line: usize, name: String, error: E },
+}
+
+impl<E: fmt::Display> fmt::Display for ResolveError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadFileName { line } => write!(f, "line {line}: a file= name must be a plain file name"),
+            Self::Load { line, name, error } => write!(f, "line {line}: {name}: {error}"),
+        }
+    }
+}
+
+/// A manifest read from a file system instead of memory (a UEFI boot from
+/// the EFI system partition): guest lines name their image and initrd
+/// files (`file=NAME`, `initrd_file=NAME`, in the manifest's directory)
+/// instead of giving addresses. `load` puts a file in memory and returns
+/// where; the result is the same manifest with `image=`/`image_size=` and
+/// `initrd=`/`initrd_size=` in their place, for [`parse`]. Every other
+/// word, line and the `cmdline=` tail are kept as they are.
+pub fn resolve_files<E>(
+    text: &str,
+    mut load: impl FnMut(&str) -> Result<PhysRange, E>,
+) -> Result<String, ResolveError<E>> {
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        let Some(rest) = line.trim().strip_prefix("guest ") else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let (fields, cmdline) = match rest.find("cmdline=") {
+            Some(at) => (&rest[..at], Some(&rest[at..])),
+            None => (rest, None),
+        };
+        out.push_str("guest");
+        for word in fields.split_ascii_whitespace() {
+            let file = word.strip_prefix("file=").map(|n| (n, "image"));
+            let file = file.or_else(|| word.strip_prefix("initrd_file=").map(|n| (n, "initrd")));
+            let Some((name, key)) = file else {
+                out.push(' ');
+                out.push_str(word);
+                continue;
+            };
+            let plain = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && name != "."
+                && name != "..";
+            if !plain {
+                return Err(ResolveError::BadFileName { line: line_no });
+            }
+            let at = load(name).map_err(|error| ResolveError::Load { line: line_no, name: name.to_string(), error })?;
+            // Writing to a String cannot fail.
+            let _ = write!(out, " {key}={:#x} {key}_size={:#x}", at.base, at.size);
+        }
+        if let Some(c) = cmdline {
+            out.push(' ');
+            out.push_str(c);
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 /// Finds `manifest=<addr>` in a command line.
 pub fn address_from_cmdline(cmdline: &str) -> Option<u64> {
     cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("manifest=")).and_then(number)
@@ -296,5 +369,43 @@ mod tests {
             }
             let _ = parse(&m);
         }
+    }
+
+    #[test]
+    fn esp_manifests_name_files_that_become_addresses() {
+        let text = "hvmanifest 1\n\
+            # from the ESP\n\
+            guest name=hb file=heartbeat.bin format=flat mem_mib=16 cmdline=ticks=40 file=not-this\n\
+            guest name=linux file=Image format=image mem_mib=256 initrd_file=initrd.cpio vcpus=2\n";
+        let mut next = 0x4800_0000u64;
+        let mut loaded = Vec::new();
+        let out = resolve_files(text, |name| -> Result<PhysRange, &str> {
+            loaded.push(name.to_string());
+            next += 0x10_0000;
+            Ok(PhysRange::new(next, 0x1234))
+        })
+        .expect("resolved");
+        assert_eq!(loaded, ["heartbeat.bin", "Image", "initrd.cpio"]);
+        let mut bytes = out.into_bytes();
+        bytes.push(0);
+        let guests = parse(&bytes).expect("a manifest parse accepts");
+        assert_eq!(guests[0].image, PhysRange::new(0x4810_0000, 0x1234));
+        assert_eq!(guests[0].cmdline, "ticks=40 file=not-this");
+        assert_eq!(guests[1].image, PhysRange::new(0x4820_0000, 0x1234));
+        assert_eq!(guests[1].initrd, Some(PhysRange::new(0x4830_0000, 0x1234)));
+        assert_eq!(guests[1].vcpus, 2);
+    }
+
+    #[test]
+    fn esp_file_names_are_plain_and_load_errors_name_the_file() {
+        let never = |_: &str| -> Result<PhysRange, &str> { panic!("not loaded") };
+        for bad in ["../x", "\\EFI\\x", "a/b", "..", ""] {
+            let text = alloc::format!("hvmanifest 1\nguest name=a file={bad} format=flat mem_mib=1\n");
+            assert_eq!(resolve_files(&text, never), Err(ResolveError::BadFileName { line: 2 }), "{bad}");
+        }
+        let text = "hvmanifest 1\nguest name=a file=gone.bin format=flat mem_mib=1\n";
+        let err = resolve_files(text, |_| Err("not found")).unwrap_err();
+        assert_eq!(err, ResolveError::Load { line: 2, name: "gone.bin".into(), error: "not found" });
+        assert_eq!(err.to_string(), "line 2: gone.bin: not found");
     }
 }

@@ -43,6 +43,10 @@ pub struct RunSpec {
     /// aarch64 QEMU: boot through edk2 with ACPI instead of `-kernel`
     /// with a DTB.
     pub firmware: Firmware,
+    /// aarch64 under UEFI: a directory QEMU presents as a FAT disk (the
+    /// EFI system partition) that the firmware boots from
+    /// (`EFI/BOOT/BOOTAA64.EFI`), instead of `-kernel`.
+    pub esp: Option<PathBuf>,
 }
 
 impl RunSpec {
@@ -61,6 +65,7 @@ impl RunSpec {
             stop_after_updater: None,
             ram_dump: None,
             firmware: Firmware::Dtb,
+            esp: None,
         }
     }
 }
@@ -223,7 +228,15 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
                 // on to network boot.)
                 c.args(["-bios", crate::AARCH64_UEFI_FIRMWARE]);
             }
-            c.arg("-kernel").arg(&image.bootable);
+            match &spec.esp {
+                Some(esp) if spec.firmware == Firmware::Uefi => {
+                    c.arg("-drive").arg(format!("file=fat:rw:{},format=raw,if=virtio", esp.display()));
+                    c.args(["-boot", "menu=on,splash-time=0"]);
+                }
+                _ => {
+                    c.arg("-kernel").arg(&image.bootable);
+                }
+            }
             for (file, addr) in &spec.blobs {
                 c.arg("-device").arg(format!("loader,file={},addr={addr:#x},force-raw=on", file.display()));
             }

@@ -809,6 +809,41 @@ pub fn place(guests: &[GuestArg], ram_mib: u64, run_dir: &Path) -> Result<Placem
     place_for(guests, ram_mib, run_dir, Firmware::Dtb)
 }
 
+/// Lays the guests out on an EFI system partition at `esp`: the files in
+/// `EFI/BOOT/` beside the image the firmware boots, and `hvmanifest.txt`
+/// naming them (`file=`, `initrd_file=`), which the hypervisor's EFI entry
+/// reads when its command line has no `manifest=`. Returns the manifest.
+pub fn esp_layout(guests: &[GuestArg], esp: &Path) -> Result<String, LaunchError> {
+    let boot = esp.join("EFI").join("BOOT");
+    fs::create_dir_all(&boot).map_err(io_err(format!("creating {}", boot.display())))?;
+    let mut text = String::from("hvmanifest 1\n");
+    for (i, g) in guests.iter().enumerate() {
+        let bytes = fs::read(&g.file).map_err(io_err(format!("reading {}", g.file.display())))?;
+        let name = format!("guest{i}.bin");
+        fs::write(boot.join(&name), &bytes).map_err(io_err(format!("writing {name}")))?;
+        let _ = write!(
+            text,
+            "guest name={} file={name} format={} mem_mib={} vcpus={} privileged={}",
+            g.name,
+            format_of(&bytes),
+            g.mem_mib,
+            g.vcpus,
+            u8::from(g.privileged)
+        );
+        for d in &g.devices {
+            let _ = write!(text, " device={d}");
+        }
+        if let Some(initrd) = &g.initrd {
+            let initrd_name = format!("initrd{i}.bin");
+            fs::copy(initrd, boot.join(&initrd_name)).map_err(io_err(format!("copying {}", initrd.display())))?;
+            let _ = write!(text, " initrd_file={initrd_name}");
+        }
+        let _ = writeln!(text, " cmdline={}", g.cmdline);
+    }
+    fs::write(boot.join("hvmanifest.txt"), &text).map_err(io_err("writing hvmanifest.txt"))?;
+    Ok(text)
+}
+
 /// The hypervisor's image slots (shared with `hypervisor::slots`).
 mod slots {
     #![allow(dead_code)]

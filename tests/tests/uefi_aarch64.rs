@@ -153,3 +153,32 @@ fn exit_boot_services_is_retried_with_a_fresh_map_key() {
     let mem = run.hv("uefi-memory");
     check(&run, mem.len() == 1 && mem[0].num("exit_attempts") == Some(2), "uefi-memory exit_attempts=2");
 }
+
+/// Installed as on a server: the image on an EFI system partition as
+/// `EFI/BOOT/BOOTAA64.EFI`, started by edk2's boot manager with no command
+/// line, and the guests as files beside it named by `hvmanifest.txt`. The
+/// EFI entry reads them into memory, then the machine runs and updates as
+/// with `-kernel`.
+#[test]
+fn from_the_efi_system_partition_with_the_guests_as_files() {
+    let a = build(None);
+    let b = build(Some(UPDATE_B_VERSION));
+    let list = guests::demo_guests(Arch::Aarch64, &[b.bootable.clone(), a.bootable.clone()], 2)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut spec = RunSpec::new("test-uefi-esp", Machine::Qemu);
+    spec.firmware = Firmware::Uefi;
+    spec.timeout = Duration::from_mins(2);
+    let esp = emulator::run_dir(&spec).join("esp");
+    let _ = std::fs::remove_dir_all(&esp);
+    guests::esp_layout(&list, &esp).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::copy(&a.bootable, esp.join("EFI/BOOT/BOOTAA64.EFI")).unwrap_or_else(|e| panic!("{e}"));
+    spec.esp = Some(esp);
+    let run = emulator::run(&a, &spec).unwrap_or_else(|e| panic!("{e}"));
+    check(&run, run.clean_shutdown(), "clean shutdown after the updates");
+    let read = run.serial.lines().find_map(|l| l.find("hv: esp-manifest ").map(|at| l[at..].to_string()));
+    check(&run, read.as_deref().is_some_and(|l| l.contains("files=6")), "hv: esp-manifest files=6");
+    check(&run, run.hv("boot").first().and_then(|e| e.get("firmware")) == Some("uefi"), "boot firmware=uefi");
+    check(&run, run.hv("guest-start").len() == 6, "the six guests from their files");
+    check(&run, run.hv("update-done").len() == 2, "two updates");
+    check(&run, run.hv("fault").is_empty(), "no guest faulted");
+}

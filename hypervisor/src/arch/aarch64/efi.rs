@@ -34,6 +34,7 @@ use loader::acpi::PhysMemory;
 use loader::dtb::DtbPlatform;
 use loader::uefi::{self, UefiError};
 use loader::{BootInfo, PhysRange};
+use uefi_raw::protocol::file_system::{FileAttribute, FileMode, FileProtocolV1, SimpleFileSystemProtocol};
 use uefi_raw::protocol::loaded_image::LoadedImageProtocol;
 use uefi_raw::protocol::pci::root_bridge::PciRootBridgeIoProtocol;
 use uefi_raw::table::boot::{AllocateType, BootServices, MemoryType};
@@ -87,6 +88,9 @@ enum EfiError {
         status: Status,
     },
     Manifest(loader::manifest::ManifestError),
+    /// The manifest on the EFI system partition names a file that cannot
+    /// be read, or is not a manifest.
+    EspManifest(loader::manifest::ResolveError<EspError>),
     MemoryMap(Status),
     Record(UefiError),
     ExitBootServices(Status),
@@ -103,6 +107,7 @@ impl core::fmt::Display for EfiError {
                 write!(f, "{what}-not-free base={:#x} size={:#x} status={status:?}", range.base, range.size)
             }
             Self::Manifest(e) => write!(f, "bad-manifest: {e}"),
+            Self::EspManifest(e) => write!(f, "esp-manifest: {e}"),
             Self::MemoryMap(s) => write!(f, "memory-map status={s:?}"),
             Self::Record(e) => write!(f, "firmware-description: {e}"),
             Self::ExitBootServices(s) => write!(f, "exit-boot-services status={s:?}"),
@@ -174,16 +179,22 @@ impl Firmware {
         let _ = ConOut(self).write_fmt(args);
     }
 
-    /// The load options (the command line) as ASCII, up to a NUL.
-    fn cmdline(&self) -> Result<String, EfiError> {
+    /// This image's loaded-image protocol.
+    fn loaded_image(&self) -> Result<&LoadedImageProtocol, EfiError> {
         let mut lip: *mut c_void = core::ptr::null_mut();
         // SAFETY: boot services are up; the out pointer is a local.
         let status = unsafe { ((*self.bs).handle_protocol)(self.image, &LoadedImageProtocol::GUID, &raw mut lip) };
         if status != Status::SUCCESS || lip.is_null() {
             return Err(EfiError::LoadOptions(status));
         }
-        // SAFETY: the firmware's loaded-image protocol of this image.
-        let lip = unsafe { &*lip.cast::<LoadedImageProtocol>() };
+        // SAFETY: the firmware's loaded-image protocol of this image, valid
+        // while boot services last.
+        Ok(unsafe { &*lip.cast::<LoadedImageProtocol>() })
+    }
+
+    /// The load options (the command line) as ASCII, up to a NUL.
+    fn cmdline(&self) -> Result<String, EfiError> {
+        let lip = self.loaded_image()?;
         let units = lip.load_options_size as usize / 2;
         if lip.load_options.is_null() || units == 0 {
             return Ok(String::new());
@@ -275,9 +286,193 @@ impl Firmware {
     }
 }
 
+/// The manifest's name on the EFI system partition, beside the image.
+const ESP_MANIFEST: &str = "hvmanifest.txt";
+/// Most device-path nodes read to find the image's file path.
+const MAX_PATH_NODES: usize = 32;
+
+/// Why a file on the image's volume could not be read into memory.
+#[derive(Debug)]
+pub struct EspError(&'static str, Status);
+
+impl core::fmt::Display for EspError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} status={:?}", self.0, self.1)
+    }
+}
+
+/// The volume and directory the image was loaded from (the EFI system
+/// partition, when the firmware's boot manager or shell started it).
+struct Esp<'a> {
+    fw: &'a Firmware,
+    root: *mut FileProtocolV1,
+    /// The directory, UCS-2, ending in `\`.
+    dir: Vec<u16>,
+}
+
+impl Firmware {
+    /// The image's volume and directory, if it was loaded from a file
+    /// system (not, say, by QEMU's `-kernel`).
+    fn esp(&self) -> Option<Esp<'_>> {
+        let lip = self.loaded_image().ok()?;
+        let mut fs: *mut c_void = core::ptr::null_mut();
+        // SAFETY: boot services are up; the out pointer is a local.
+        let status =
+            unsafe { ((*self.bs).handle_protocol)(lip.device_handle, &SimpleFileSystemProtocol::GUID, &raw mut fs) };
+        if status != Status::SUCCESS || fs.is_null() || lip.file_path.is_null() {
+            return None;
+        }
+        // The file path: the payloads of its File Path Media nodes (UEFI
+        // 2.10 §10.3.5.4: type 4, subtype 4, NUL-terminated UCS-2), in
+        // order, up to the End node (type 0x7f).
+        let mut path: Vec<u16> = Vec::new();
+        let mut node = lip.file_path.cast::<u8>();
+        for _ in 0..MAX_PATH_NODES {
+            // SAFETY: a device path the firmware built: 4-byte node headers
+            // with their lengths, ended by an End node.
+            let (kind, sub, len) = unsafe { (*node, *node.add(1), u16::from_le_bytes([*node.add(2), *node.add(3)])) };
+            if kind == 0x7f || len < 4 {
+                break;
+            }
+            if (kind, sub) == (4, 4) {
+                // SAFETY: the node's payload, `len - 4` bytes (device path
+                // nodes need not be aligned: read as bytes).
+                let bytes = unsafe { core::slice::from_raw_parts(node.add(4), usize::from(len) - 4) };
+                let units = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+                path.extend(units.take_while(|&u| u != 0));
+            }
+            // SAFETY: the next node follows this one.
+            node = unsafe { node.add(usize::from(len)) };
+        }
+        let cut = path.iter().rposition(|&u| u == u16::from(b'\\'))?;
+        path.truncate(cut + 1);
+        let mut root: *mut FileProtocolV1 = core::ptr::null_mut();
+        // SAFETY: the volume's file system protocol; `root` is a local.
+        let status = unsafe { ((*fs.cast::<SimpleFileSystemProtocol>()).open_volume)(fs.cast(), &raw mut root) };
+        (status == Status::SUCCESS && !root.is_null()).then_some(Esp { fw: self, root, dir: path })
+    }
+}
+
+impl Esp<'_> {
+    /// Reads `name` (in the image's directory) into pages of its own
+    /// (loader data): where it is and how long.
+    fn load(&self, name: &str) -> Result<PhysRange, EspError> {
+        let mut path = self.dir.clone();
+        path.extend(name.bytes().map(u16::from));
+        path.push(0);
+        let mut file: *mut FileProtocolV1 = core::ptr::null_mut();
+        // SAFETY: the volume's root directory; a NUL-terminated UCS-2 path.
+        let status = unsafe {
+            ((*self.root).open)(self.root, &raw mut file, path.as_ptr(), FileMode::READ, FileAttribute::empty())
+        };
+        if status != Status::SUCCESS || file.is_null() {
+            return Err(EspError("open", status));
+        }
+        let result = self.read_all(file);
+        // SAFETY: the handle `open` gave; closed once.
+        let _ = unsafe { ((*file).close)(file) };
+        result
+    }
+
+    fn read_all(&self, file: *mut FileProtocolV1) -> Result<PhysRange, EspError> {
+        let mut size = 0u64;
+        // SAFETY: an open file; position u64::MAX is its end (UEFI 2.10
+        // §13.5.1 SetPosition), read back as its size.
+        let status = unsafe {
+            let s = ((*file).set_position)(file, u64::MAX);
+            if s == Status::SUCCESS {
+                ((*file).get_position)(file, &raw mut size)
+            } else {
+                s
+            }
+        };
+        if status != Status::SUCCESS || size == 0 || size > MAX_ESP_FILE {
+            return Err(EspError("size", status));
+        }
+        // SAFETY: as above.
+        let status = unsafe { ((*file).set_position)(file, 0) };
+        if status != Status::SUCCESS {
+            return Err(EspError("seek", status));
+        }
+        let pages = size.div_ceil(PAGE) as usize;
+        let mut at = 0u64;
+        // SAFETY: boot services are up; `at` is a local.
+        let status = unsafe {
+            ((*self.fw.bs).allocate_pages)(AllocateType::ANY_PAGES, MemoryType::LOADER_DATA, pages, &raw mut at)
+        };
+        if status != Status::SUCCESS {
+            return Err(EspError("allocate", status));
+        }
+        let mut done = 0u64;
+        while done < size {
+            let mut n = (size - done) as usize;
+            // SAFETY: into the pages just allocated, within `size`.
+            let status = unsafe { ((*file).read)(file, &raw mut n, (at + done) as *mut c_void) };
+            if status != Status::SUCCESS || n == 0 {
+                return Err(EspError("read", status));
+            }
+            done += n as u64;
+        }
+        Ok(PhysRange::new(at, size))
+    }
+}
+
+/// Largest file read from the ESP (a guest kernel or initrd).
+const MAX_ESP_FILE: u64 = 256 << 20;
+
+/// Without `manifest=` on the command line, the manifest may be a file
+/// beside the image on its volume ([`ESP_MANIFEST`]), naming guest files
+/// there (`loader::manifest::resolve_files`): each is read into memory of
+/// its own and the manifest rewritten with their addresses. Returns the
+/// command line with `manifest=` added and the ranges read (already the
+/// image's, so not claimed again), or nothing if there is no such file.
+fn esp_manifest(fw: &Firmware, cmdline: &str) -> Result<Option<(String, Vec<PhysRange>)>, EfiError> {
+    if loader::manifest::address_from_cmdline(cmdline).is_some() {
+        return Ok(None);
+    }
+    let Some(esp) = fw.esp() else { return Ok(None) };
+    let Ok(file) = esp.load(ESP_MANIFEST) else { return Ok(None) };
+    let mut ours = Vec::from([file]);
+    // SAFETY: the pages `load` just filled, `file.size` bytes.
+    let bytes = unsafe { core::slice::from_raw_parts(file.base as *const u8, file.size as usize) };
+    let text = core::str::from_utf8(bytes).map_err(|_| EfiError::Manifest(loader::manifest::ManifestError::NotUtf8))?;
+    let resolved = loader::manifest::resolve_files(text, |name| {
+        let r = esp.load(name)?;
+        ours.push(r);
+        Ok(r)
+    })
+    .map_err(EfiError::EspManifest)?;
+    let pages = (resolved.len() + 1).div_ceil(PAGE as usize);
+    let mut at = 0u64;
+    // SAFETY: boot services are up; `at` is a local.
+    let status =
+        unsafe { ((*fw.bs).allocate_pages)(AllocateType::ANY_PAGES, MemoryType::LOADER_DATA, pages, &raw mut at) };
+    if status != Status::SUCCESS {
+        return Err(EfiError::MemoryMap(status));
+    }
+    // SAFETY: `pages` pages just allocated for this image.
+    let out = unsafe { core::slice::from_raw_parts_mut(at as *mut u8, pages * PAGE as usize) };
+    out.fill(0);
+    out[..resolved.len()].copy_from_slice(resolved.as_bytes());
+    ours.push(PhysRange::new(at, (pages as u64) * PAGE));
+    fw.print(format_args!("hv: esp-manifest files={} manifest={at:#x}\n", ours.len() - 2));
+    let cmdline = if cmdline.is_empty() {
+        alloc::format!("manifest={at:#x}")
+    } else {
+        alloc::format!("{cmdline} manifest={at:#x}")
+    };
+    Ok(Some((cmdline, ours)))
+}
+
 /// The image slots (the part of this image's slot the image itself does
 /// not fill), the manifest and every guest image it names.
-fn claim_everything(fw: &Firmware, cmdline: &str) -> Result<(), EfiError> {
+fn claim_everything(fw: &Firmware, cmdline: &str, ours: &[PhysRange]) -> Result<(), EfiError> {
+    let claim = |what, range: PhysRange| {
+        if ours.iter().any(|o| o.contains(&range)) {
+            return Ok(());
+        }
+        fw.claim(what, range)
+    };
     let image = super::image_range();
     for slot in super::image_slots() {
         if slot.overlaps(&image) {
@@ -293,7 +488,7 @@ fn claim_everything(fw: &Firmware, cmdline: &str) -> Result<(), EfiError> {
     let mut len = 0usize;
     let mut page = manifest & !(PAGE - 1);
     while len < loader::manifest::MAX_MANIFEST_SIZE {
-        fw.claim("manifest", PhysRange::new(page, PAGE))?;
+        claim("manifest", PhysRange::new(page, PAGE))?;
         let from = manifest.max(page);
         let n = (page + PAGE - from) as usize;
         // SAFETY: RAM just claimed, identity-mapped by the firmware.
@@ -308,9 +503,9 @@ fn claim_everything(fw: &Firmware, cmdline: &str) -> Result<(), EfiError> {
     // SAFETY: [manifest, + len) was claimed page by page above.
     let bytes = unsafe { core::slice::from_raw_parts(manifest as *const u8, len) };
     for g in loader::manifest::parse(bytes).map_err(EfiError::Manifest)? {
-        fw.claim("guest-image", g.image)?;
+        claim("guest-image", g.image)?;
         if let Some(initrd) = g.initrd {
-            fw.claim("guest-initrd", initrd)?;
+            claim("guest-initrd", initrd)?;
         }
     }
     Ok(())
@@ -445,7 +640,8 @@ extern "efiapi" fn hv_efi_main(image: Handle, st: *const SystemTable, loaded_at:
     let Ok(fw) = (unsafe { Firmware::new(image, st) }) else { return Status::LOAD_ERROR };
     fw.print(format_args!("\nhv: efi-entry loaded_at={loaded_at:#x} image={:#x}\n", super::image_range().base));
     let result = at_el2().and_then(|()| fw.cmdline()).and_then(|cmdline| {
-        claim_everything(&fw, &cmdline)?;
+        let (cmdline, ours) = esp_manifest(&fw, &cmdline)?.unwrap_or((cmdline, Vec::new()));
+        claim_everything(&fw, &cmdline, &ours)?;
         let rsdp = fw.rsdp();
         let pci = fw.pci_window();
         record_and_exit(&fw, &cmdline, rsdp, pci)
