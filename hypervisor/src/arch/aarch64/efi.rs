@@ -200,10 +200,12 @@ impl Firmware {
             return Ok(String::new());
         }
         // SAFETY: `load_options_size` bytes at `load_options`, from the
-        // firmware, read before anything could free them.
-        let text = unsafe { core::slice::from_raw_parts(lip.load_options.cast::<u16>(), units) };
+        // firmware, read before anything could free them (as bytes: the
+        // firmware promises no alignment).
+        let bytes = unsafe { core::slice::from_raw_parts(lip.load_options.cast::<u8>(), units * 2) };
+        let text = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
         let mut s = String::new();
-        for &u in text.iter().take_while(|&&u| u != 0).take(uefi::MAX_CMDLINE_LEN) {
+        for u in text.take_while(|&u| u != 0).take(uefi::MAX_CMDLINE_LEN) {
             let c = u8::try_from(u).ok().filter(|c| (0x20..0x7f).contains(c)).ok_or(EfiError::BadLoadOptions)?;
             s.push(char::from(c));
         }
