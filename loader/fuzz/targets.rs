@@ -114,6 +114,10 @@ pub fn acpi_arm(data: &[u8]) {
 /// accepted has page-aligned RAM that does not wrap, and keeps the record
 /// itself reserved.
 pub fn uefi(data: &[u8]) {
+    // The same bytes as a PCI root bridge's resource descriptors.
+    if let Some((_, cpu)) = uefi::pci_window(data) {
+        assert!(cpu.end().is_some() && cpu.size != 0, "a window that wraps accepted");
+    }
     let Ok(record) = uefi::read(data) else { return };
     if let Ok((info, _)) = uefi::memory(&record, 0) {
         for r in &info.ram {

@@ -86,6 +86,39 @@ pub mod memory_type {
     pub const MMIO: u32 = 11;
 }
 
+/// Most descriptors read from a PCI root bridge's resource list.
+pub const MAX_PCI_RESOURCES: usize = 64;
+/// ACPI 6.5 §6.4.3.5.1: QWORD Address Space Descriptor (tag 0x8a, 0x2b
+/// bytes after the 3-byte header): resource type at 3 (0 = memory),
+/// granularity at 6, minimum at 14, translation offset at 30, length at 38.
+pub const QWORD_TAG: u8 = 0x8a;
+const QWORD_LEN: usize = 3 + 0x2b;
+/// §6.4.2.9: End Tag.
+pub const END_TAG: u8 = 0x79;
+
+/// The 32-bit memory window in a PCI root bridge's resources as
+/// `EFI_PCI_ROOT_BRIDGE_IO_PROTOCOL.Configuration()` gives them (UEFI
+/// 2.10 §14.2): the first memory descriptor of 32-bit granularity, as
+/// (bus address, CPU range). Anything malformed gives `None`.
+pub fn pci_window(list: &[u8]) -> Option<PciWindow> {
+    let mut rest = list;
+    for _ in 0..MAX_PCI_RESOURCES {
+        // The End tag, or any other descriptor, ends the search.
+        if *rest.first()? != QWORD_TAG {
+            return None;
+        }
+        let len = 3 + usize::from(u16::from_le_bytes([*rest.get(1)?, *rest.get(2)?]));
+        let d = rest.get(..len).filter(|_| len >= QWORD_LEN)?;
+        let (min, translation, size) = (le64(d, 14), le64(d, 30), le64(d, 38));
+        if d[3] == 0 && le64(d, 6) == 32 && size != 0 {
+            let cpu = PhysRange::new(min.checked_add(translation)?, size);
+            return cpu.end().map(|_| (min, cpu));
+        }
+        rest = &rest[len..];
+    }
+    None
+}
+
 /// What the hypervisor makes of a memory type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemoryClass {
@@ -656,5 +689,36 @@ mod tests {
             assert_eq!(mmio.len(), 2);
             assert!(mmio.iter().all(|d| !info.ram.iter().any(|r| r.overlaps(&d.range))));
         }
+    }
+
+    /// A QWORD memory descriptor (ACPI 6.5 §6.4.3.5.1).
+    fn qword(kind: u8, granularity: u64, min: u64, translation: u64, len: u64) -> Vec<u8> {
+        let mut d = alloc::vec![0u8; QWORD_LEN];
+        d[0] = QWORD_TAG;
+        d[1..3].copy_from_slice(&0x2bu16.to_le_bytes());
+        d[3] = kind;
+        for (at, v) in [(6, granularity), (14, min), (22, min + len - 1), (30, translation), (38, len)] {
+            d[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        d
+    }
+
+    /// What edk2's root bridge gave on QEMU virt with edu: a bus-number
+    /// range, the 32-bit window, then the End tag.
+    #[test]
+    fn the_pci_window_from_root_bridge_resources() {
+        let mut list = qword(2, 0, 0, 0, 0x100);
+        list.extend(qword(0, 32, 0x1000_0000, 0, 0x20_0000));
+        list.extend(qword(0, 64, 0x80_0000_0000, 0, 0x1000));
+        list.extend([END_TAG, 0]);
+        assert_eq!(pci_window(&list), Some((0x1000_0000, PhysRange::new(0x1000_0000, 0x20_0000))));
+        // A translated window: CPU address = bus address + offset.
+        let moved = [qword(0, 32, 0x1000_0000, 0x3_0000_0000, 0x1000), alloc::vec![END_TAG, 0]].concat();
+        assert_eq!(pci_window(&moved), Some((0x1000_0000, PhysRange::new(0x3_1000_0000, 0x1000))));
+        // No 32-bit window, a truncated descriptor, a stray tag, wrapping.
+        assert_eq!(pci_window(&[qword(2, 0, 0, 0, 0x100), alloc::vec![END_TAG, 0]].concat()), None);
+        assert_eq!(pci_window(&list[..30]), None);
+        assert_eq!(pci_window(&[0x47, 0, 0]), None);
+        assert_eq!(pci_window(&qword(0, 32, 0x1000_0000, u64::MAX - 0x100, 0x1000)), None);
     }
 }

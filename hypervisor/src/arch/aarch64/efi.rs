@@ -244,26 +244,52 @@ impl Firmware {
         if status != Status::SUCCESS || resources.is_null() {
             return None;
         }
-        let mut at = resources.cast::<u8>();
-        for _ in 0..64 {
-            // SAFETY: a descriptor list the firmware built, ended by an End
-            // Tag (0x79); each QWORD descriptor is 3 + its length bytes.
-            let (tag, len) = unsafe { (*at, u16::from_le_bytes([*at.add(1), *at.add(2)])) };
-            if tag != 0x8a || len < 0x2b {
-                return None;
+        // The list's extent: QWORD descriptors (3 + length bytes) up to the
+        // End tag (2 bytes); loader::uefi reads them.
+        let start = resources.cast::<u8>();
+        let mut len = 0usize;
+        for _ in 0..uefi::MAX_PCI_RESOURCES {
+            // SAFETY: a descriptor list the firmware built: each header is
+            // inside it, and the walk stops at the End tag or anything else.
+            let (tag, body) =
+                unsafe { (*start.add(len), u16::from_le_bytes([*start.add(len + 1), *start.add(len + 2)])) };
+            match tag {
+                uefi::QWORD_TAG => len += 3 + usize::from(body),
+                uefi::END_TAG => {
+                    len += 2;
+                    break;
+                }
+                _ => return None,
             }
-            // SAFETY: as above, inside this descriptor.
-            let d = unsafe { core::slice::from_raw_parts(at, 3 + usize::from(len)) };
-            let q = |i: usize| u64::from_le_bytes(d[i..i + 8].try_into().unwrap_or([0; 8]));
-            // Resource type 0 = memory; granularity 32: a 32-bit window.
-            let (min, translation, size) = (q(14), q(30), q(38));
-            if d[3] == 0 && q(6) == 32 && size != 0 {
-                return Some((min, PhysRange::new(min.wrapping_add(translation), size)));
-            }
-            // SAFETY: the next descriptor follows this one.
-            at = unsafe { at.add(d.len()) };
         }
-        None
+        // SAFETY: the descriptors just walked, `len` bytes.
+        uefi::pci_window(unsafe { core::slice::from_raw_parts(start, len) })
+    }
+
+    /// `pages` pages of loader data from the firmware: at `at`
+    /// (AllocateAddress), or wherever it chooses.
+    fn allocate(&self, at: Option<u64>, pages: usize) -> Result<u64, Status> {
+        let (kind, mut addr) = match at {
+            Some(a) => (AllocateType::ADDRESS, a),
+            None => (AllocateType::ANY_PAGES, 0),
+        };
+        // SAFETY: boot services are up; `addr` is a local.
+        let status = unsafe { ((*self.bs).allocate_pages)(kind, MemoryType::LOADER_DATA, pages, &raw mut addr) };
+        if status == Status::SUCCESS {
+            Ok(addr)
+        } else {
+            Err(status)
+        }
+    }
+
+    /// [`Self::allocate`] anywhere, zeroed, as bytes.
+    fn allocate_zeroed(&self, pages: usize) -> Result<&'static mut [u8], Status> {
+        let at = self.allocate(None, pages)?;
+        // SAFETY: `pages` pages just allocated for this image, identity-mapped
+        // by the firmware; nothing else refers to them.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(at as *mut u8, pages * PAGE as usize) };
+        bytes.fill(0);
+        Ok(bytes)
     }
 
     /// Claims `[base, base + size)` (rounded out to pages) as loader data.
@@ -272,19 +298,15 @@ impl Firmware {
         let Some(end) = range.end().and_then(|e| e.checked_next_multiple_of(PAGE)) else {
             return Err(EfiError::Claim { what, range, status: Status::INVALID_PARAMETER });
         };
-        let mut addr = base;
         let pages = ((end - base) / PAGE) as usize;
         if pages == 0 {
             return Ok(());
         }
-        // SAFETY: boot services are up; `addr` is a local.
-        let status = unsafe {
-            ((*self.bs).allocate_pages)(AllocateType::ADDRESS, MemoryType::LOADER_DATA, pages, &raw mut addr)
-        };
-        if status != Status::SUCCESS {
-            return Err(EfiError::Claim { what, range: PhysRange::new(base, end - base), status });
-        }
-        Ok(())
+        self.allocate(Some(base), pages).map(drop).map_err(|status| EfiError::Claim {
+            what,
+            range: PhysRange::new(base, end - base),
+            status,
+        })
     }
 }
 
@@ -396,15 +418,7 @@ impl Esp<'_> {
         if status != Status::SUCCESS {
             return Err(EspError("seek", status));
         }
-        let pages = size.div_ceil(PAGE) as usize;
-        let mut at = 0u64;
-        // SAFETY: boot services are up; `at` is a local.
-        let status = unsafe {
-            ((*self.fw.bs).allocate_pages)(AllocateType::ANY_PAGES, MemoryType::LOADER_DATA, pages, &raw mut at)
-        };
-        if status != Status::SUCCESS {
-            return Err(EspError("allocate", status));
-        }
+        let at = self.fw.allocate(None, size.div_ceil(PAGE) as usize).map_err(|s| EspError("allocate", s))?;
         let mut done = 0u64;
         while done < size {
             let mut n = (size - done) as usize;
@@ -444,19 +458,10 @@ fn esp_manifest(fw: &Firmware, cmdline: &str) -> Result<Option<(String, Vec<Phys
         Ok(r)
     })
     .map_err(EfiError::EspManifest)?;
-    let pages = (resolved.len() + 1).div_ceil(PAGE as usize);
-    let mut at = 0u64;
-    // SAFETY: boot services are up; `at` is a local.
-    let status =
-        unsafe { ((*fw.bs).allocate_pages)(AllocateType::ANY_PAGES, MemoryType::LOADER_DATA, pages, &raw mut at) };
-    if status != Status::SUCCESS {
-        return Err(EfiError::MemoryMap(status));
-    }
-    // SAFETY: `pages` pages just allocated for this image.
-    let out = unsafe { core::slice::from_raw_parts_mut(at as *mut u8, pages * PAGE as usize) };
-    out.fill(0);
+    let out = fw.allocate_zeroed((resolved.len() + 1).div_ceil(PAGE as usize)).map_err(EfiError::MemoryMap)?;
     out[..resolved.len()].copy_from_slice(resolved.as_bytes());
-    ours.push(PhysRange::new(at, (pages as u64) * PAGE));
+    let at = out.as_ptr() as u64;
+    ours.push(PhysRange::new(at, out.len() as u64));
     fw.print(format_args!("hv: esp-manifest files={} manifest={at:#x}\n", ours.len() - 2));
     let cmdline = if cmdline.is_empty() {
         alloc::format!("manifest={at:#x}")
@@ -583,17 +588,9 @@ fn record_and_exit(fw: &Firmware, cmdline: &str, rsdp: u64, pci: Option<uefi::Pc
     }
     let map_at = uefi::map_at(cmdline.len());
     let capacity = size.saturating_add(MAP_SLACK.saturating_mul(desc_size));
-    let pages = map_at.saturating_add(capacity).div_ceil(PAGE as usize);
-    let mut record = 0u64;
-    // SAFETY: boot services are up; `record` is a local.
-    let status =
-        unsafe { ((*bs).allocate_pages)(AllocateType::ANY_PAGES, MemoryType::LOADER_DATA, pages, &raw mut record) };
-    if status != Status::SUCCESS {
-        return Err(EfiError::MemoryMap(status));
-    }
-    // SAFETY: `pages` pages just allocated for this image, identity-mapped.
-    let buf = unsafe { core::slice::from_raw_parts_mut(record as *mut u8, pages * PAGE as usize) };
-    buf.fill(0);
+    let buf =
+        fw.allocate_zeroed(map_at.saturating_add(capacity).div_ceil(PAGE as usize)).map_err(EfiError::MemoryMap)?;
+    let record = buf.as_ptr() as u64;
     buf[uefi::cmdline_at()..uefi::cmdline_at() + cmdline.len()].copy_from_slice(cmdline.as_bytes());
     let mut last = Status::SUCCESS;
     // A test build may hand the firmware a stale key first.

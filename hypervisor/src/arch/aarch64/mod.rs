@@ -24,6 +24,7 @@ use alloc::boxed::Box;
 use hypervisor::live_update::rollback::Reason;
 use hypervisor::{hv_event, println, BUILD_ID, VERSION};
 use loader::dtb::{self, DtbPlatform, PsciConduit};
+use loader::uefi::MemorySummary;
 use loader::{BootInfo, PhysRange};
 
 global_asm!(include_str!("entry.S"));
@@ -109,7 +110,7 @@ pub fn give_back_on_panic(info: &core::panic::PanicInfo<'_>) {
 /// What the boot CPU starts from: the DTB read, the CRC-32 instructions
 /// checked, and the EL2 map if it is already built.
 struct Start {
-    parsed: Result<(BootInfo, DtbPlatform), DescribeError>,
+    parsed: Result<(BootInfo, DtbPlatform, Option<MemorySummary>), DescribeError>,
     crc32_instructions: bool,
     map: Option<mmu::HostMap>,
     /// Taken from a brownout preparation (`prepare.rs`).
@@ -122,7 +123,7 @@ struct Start {
 fn start(dtb_phys: u64, handover_phys: u64) -> Start {
     if let Some(p) = (handover_phys != 0).then(|| prepare::take(dtb_phys)).flatten() {
         return Start {
-            parsed: Ok((p.info, p.platform)),
+            parsed: Ok((p.info, p.platform, None)),
             crc32_instructions: p.crc32_instructions,
             map: Some(p.map),
             prepared: true,
@@ -144,14 +145,17 @@ pub(crate) enum DescribeError {
 
 /// The machine as the boot protocol's x0 describes it: a DTB, or the UEFI
 /// boot record the EFI entry left (`efi.rs`; so after every live update
-/// that followed a UEFI boot).
-pub(crate) fn describe(phys: u64) -> Result<(BootInfo, DtbPlatform), DescribeError> {
+/// that followed a UEFI boot), with what its memory map gave.
+pub(crate) fn describe(phys: u64) -> Result<(BootInfo, DtbPlatform, Option<MemorySummary>), DescribeError> {
     if efi::is_record(phys) {
-        return efi::describe(phys).map(|(info, platform, _)| (info, platform)).map_err(|_| DescribeError::Uefi);
+        return efi::describe(phys)
+            .map(|(info, platform, m)| (info, platform, Some(m)))
+            .map_err(|_| DescribeError::Uefi);
     }
     dtb_blob(phys)
         .ok_or(dtb::DtbError::TooShort)
         .and_then(|blob| dtb::parse(blob, phys))
+        .map(|(info, platform)| (info, platform, None))
         .map_err(|_| DescribeError::Dtb)
 }
 
@@ -169,7 +173,7 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         live_update::mark("dtb");
     }
     // Without a DTB there is no known console; nothing can be reported.
-    let Ok((info, platform)) = parsed else { park() };
+    let Ok((info, platform, uefi_memory)) = parsed else { park() };
     let Some(uart) = platform.uart else { park() };
     // SAFETY: the DTB names this PL011; nothing else drives it.
     let console = Box::leak(Box::new(unsafe { pl011::Pl011::new(uart.base as usize) }));
@@ -230,7 +234,7 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
         cpu::release_secondaries();
         cpu::run_cpu(boot_cpu_index(&platform), 0)
     }
-    report_boot(dtb_phys, &info, &platform, crc32_instructions);
+    report_boot(dtb_phys, &info, &platform, crc32_instructions, uefi_memory);
     let Some(manifest_addr) = loader::manifest::address_from_cmdline(&info.cmdline) else {
         hv_event!("no-guests", reason = "no-manifest-on-command-line");
         hv_event!("shutdown", status = "ok");
@@ -247,10 +251,16 @@ extern "C" fn hv_primary_main(dtb_phys: u64, handover_phys: u64, kexec_counter: 
     cpu::run_cpu(boot_cpu_index(&platform), 0)
 }
 
-/// The first boot's events: `boot`, what a UEFI memory map gave, and the
+/// The first boot's events: `boot`, what a UEFI memory map gave (if the
+/// machine was described by the UEFI boot record at `dtb_phys`), and the
 /// platform.
-fn report_boot(dtb_phys: u64, info: &BootInfo, platform: &DtbPlatform, crc32_instructions: bool) {
-    let uefi = efi::is_record(dtb_phys);
+fn report_boot(
+    dtb_phys: u64,
+    info: &BootInfo,
+    platform: &DtbPlatform,
+    crc32_instructions: bool,
+    uefi_memory: Option<MemorySummary>,
+) {
     hv_event!(
         "boot",
         arch = "aarch64",
@@ -259,9 +269,9 @@ fn report_boot(dtb_phys: u64, info: &BootInfo, platform: &DtbPlatform, crc32_ins
         cpus = CPUS_ONLINE.load(Ordering::Acquire),
         mem_mib = info.ram_mib(),
         crc32 = if crc32_instructions { "instructions" } else { "tables" },
-        firmware = if uefi { "uefi" } else { "dtb" },
+        firmware = if uefi_memory.is_some() { "uefi" } else { "dtb" },
     );
-    if let Some(Ok((_, _, m))) = uefi.then(|| efi::describe(dtb_phys)) {
+    if let Some(m) = uefi_memory {
         // The boot-time plan of a UEFI boot: what the memory map gave.
         hv_event!(
             "uefi-memory",

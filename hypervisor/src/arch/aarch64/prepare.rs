@@ -114,7 +114,7 @@ extern "C" fn hv_prepare(dtb_phys: u64) -> u64 {
         "test build (HV_TEST_BREAK_RESTORE): panics while prepared"
     );
     let crc32_instructions = super::enable_crc32_instructions();
-    let Ok((info, platform)) = super::describe(dtb_phys) else { return Status::BadDtb as u64 };
+    let Ok((info, platform, _)) = super::describe(dtb_phys) else { return Status::BadDtb as u64 };
     let Ok(map) = super::build_host_map(&info, &platform) else { return Status::HostMap as u64 };
     *PREPARED.lock() = Some(Prepared { dtb_phys, info, platform, map, crc32_instructions });
     Status::Prepared as u64
