@@ -809,6 +809,28 @@ pub fn place(guests: &[GuestArg], ram_mib: u64, run_dir: &Path) -> Result<Placem
     place_for(guests, ram_mib, run_dir, Firmware::Dtb)
 }
 
+/// One `guest` line of a boot manifest (`loader/src/manifest.rs`) for `g`
+/// (its image `bytes`), with `image` and `initrd` saying where they are:
+/// addresses in memory, or file names on an EFI system partition.
+fn manifest_line(text: &mut String, g: &GuestArg, bytes: &[u8], image: &str, initrd: Option<&str>) {
+    let _ = write!(
+        text,
+        "guest name={} {image} format={} mem_mib={} vcpus={} privileged={}",
+        g.name,
+        format_of(bytes),
+        g.mem_mib,
+        g.vcpus,
+        u8::from(g.privileged)
+    );
+    for d in &g.devices {
+        let _ = write!(text, " device={d}");
+    }
+    if let Some(i) = initrd {
+        let _ = write!(text, " {i}");
+    }
+    let _ = writeln!(text, " cmdline={}", g.cmdline);
+}
+
 /// Lays the guests out on an EFI system partition at `esp`: the files in
 /// `EFI/BOOT/` beside the image the firmware boots, and `hvmanifest.txt`
 /// naming them (`file=`, `initrd_file=`), which the hypervisor's EFI entry
@@ -821,24 +843,13 @@ pub fn esp_layout(guests: &[GuestArg], esp: &Path) -> Result<String, LaunchError
         let bytes = fs::read(&g.file).map_err(io_err(format!("reading {}", g.file.display())))?;
         let name = format!("guest{i}.bin");
         fs::write(boot.join(&name), &bytes).map_err(io_err(format!("writing {name}")))?;
-        let _ = write!(
-            text,
-            "guest name={} file={name} format={} mem_mib={} vcpus={} privileged={}",
-            g.name,
-            format_of(&bytes),
-            g.mem_mib,
-            g.vcpus,
-            u8::from(g.privileged)
-        );
-        for d in &g.devices {
-            let _ = write!(text, " device={d}");
-        }
+        let mut initrd_file = None;
         if let Some(initrd) = &g.initrd {
             let initrd_name = format!("initrd{i}.bin");
             fs::copy(initrd, boot.join(&initrd_name)).map_err(io_err(format!("copying {}", initrd.display())))?;
-            let _ = write!(text, " initrd_file={initrd_name}");
+            initrd_file = Some(format!("initrd_file={initrd_name}"));
         }
-        let _ = writeln!(text, " cmdline={}", g.cmdline);
+        manifest_line(&mut text, g, &bytes, &format!("file={name}"), initrd_file.as_deref());
     }
     fs::write(boot.join("hvmanifest.txt"), &text).map_err(io_err("writing hvmanifest.txt"))?;
     Ok(text)
@@ -895,26 +906,15 @@ pub fn place_for(
         let image_addr = at;
         at += (bytes.len() as u64).next_multiple_of(BLOB_ALIGN);
         blobs.push((g.file.clone(), image_addr));
-        let _ = write!(
-            text,
-            "guest name={} image={image_addr:#x} image_size={:#x} format={} mem_mib={} vcpus={} privileged={}",
-            g.name,
-            bytes.len(),
-            format_of(&bytes),
-            g.mem_mib,
-            g.vcpus,
-            u8::from(g.privileged)
-        );
-        for d in &g.devices {
-            let _ = write!(text, " device={d}");
-        }
+        let image = format!("image={image_addr:#x} image_size={:#x}", bytes.len());
+        let mut initrd = None;
         if let Some(i) = &g.initrd {
             let len = fs::metadata(i).map_err(io_err(format!("initrd {}", i.display())))?.len();
-            let _ = write!(text, " initrd={at:#x} initrd_size={len:#x}");
+            initrd = Some(format!("initrd={at:#x} initrd_size={len:#x}"));
             blobs.push((i.clone(), at));
             at += len.next_multiple_of(BLOB_ALIGN);
         }
-        let _ = writeln!(text, " cmdline={}", g.cmdline);
+        manifest_line(&mut text, g, &bytes, &image, initrd.as_deref());
     }
     let manifest = run_dir.join("manifest.txt");
     let mut bytes = text.clone().into_bytes();
