@@ -66,7 +66,7 @@ pub fn exit_attempts() -> Option<u32> {
 }
 
 extern "C" {
-    /// `entry.S`: MMU and caches off, then `primary_entry` with x0 = the
+    /// `kexec.S`: MMU and caches off, then the image's entry with x0 = the
     /// record.
     fn efi_leave_firmware(record: u64) -> !;
 }

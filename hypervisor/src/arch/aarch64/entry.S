@@ -466,31 +466,6 @@ efi_pe_entry:
     ret
 .ltorg
 
-// After ExitBootServices (efi.rs, at the link address, interrupts masked,
-// everything this image reads with its MMU off cleaned to the point of
-// coherency): the MMU and caches off (SCTLR_EL2.M, C, I), the firmware's
-// translations dropped, then the boot path of the arm64 boot protocol
-// with x0 = the UEFI boot record instead of a DTB.
-.global efi_leave_firmware
-efi_leave_firmware:
-    mov     x19, x0
-    mrs     x1, sctlr_el2
-    bic     x1, x1, #(1 << 0)
-    bic     x1, x1, #(1 << 2)
-    bic     x1, x1, #(1 << 12)
-    msr     sctlr_el2, x1
-    isb
-    tlbi    alle2
-    ic      iallu
-    dsb     ish
-    isb
-    mov     x0, x19
-    mov     x1, xzr
-    mov     x2, xzr
-    mov     x3, xzr
-    mov     x4, xzr
-    mov     x5, xzr
-    b       primary_entry
 
 .section .bss.stacks, "aw", %nobits
 .balign 16

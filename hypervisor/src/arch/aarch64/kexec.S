@@ -11,19 +11,25 @@
 // taken just before the jump (the new image reports the kexec's cost).
 
 .section .text.kexec, "ax"
-.global kexec_jump
-kexec_jump:
-    msr     daifset, #0xf
-    mrs     x9, sctlr_el2
-    bic     x9, x9, #(1 << 0)
-    bic     x9, x9, #(1 << 2)
-    bic     x9, x9, #(1 << 12)
+
+// EL2's MMU and caches off (SCTLR_EL2.M, C, I; Arm ARM D19.2.118) on
+// identity-mapped code, and its translations dropped; \tmp is clobbered.
+.macro el2_mmu_off tmp
+    mrs     \tmp, sctlr_el2
+    bic     \tmp, \tmp, #(1 << 0)
+    bic     \tmp, \tmp, #(1 << 2)
+    bic     \tmp, \tmp, #(1 << 12)
     dsb     sy
-    msr     sctlr_el2, x9
+    msr     sctlr_el2, \tmp
     isb
     tlbi    alle2
     dsb     sy
     isb
+.endm
+.global kexec_jump
+kexec_jump:
+    msr     daifset, #0xf
+    el2_mmu_off x9
     br      x6
 
 // Position-independent: copied to a scratch page before use.
@@ -56,15 +62,7 @@ kexec_trampoline_end:
 kexec_enter:
     msr     daifset, #0xf
     mov     x10, x3
-    mrs     x9, sctlr_el2
-    bic     x9, x9, #(1 << 0)
-    bic     x9, x9, #(1 << 2)
-    bic     x9, x9, #(1 << 12)
-    dsb     sy
-    msr     sctlr_el2, x9
-    isb
-    tlbi    alle2
-    dsb     sy
+    el2_mmu_off x9
     ic      iallu
     dsb     sy
     isb
@@ -94,15 +92,7 @@ park_in_mailbox:
     msr     ich_hcr_el2, xzr
     dc      civac, x0
     dsb     sy
-    mrs     x9, sctlr_el2
-    bic     x9, x9, #(1 << 0)
-    bic     x9, x9, #(1 << 2)
-    bic     x9, x9, #(1 << 12)
-    msr     sctlr_el2, x9
-    isb
-    tlbi    alle2
-    dsb     sy
-    isb
+    el2_mmu_off x9
 1:  ldr     x2, [x0]
     cbnz    x2, 2f
     wfe
@@ -112,3 +102,22 @@ park_in_mailbox:
     isb
     mov     x0, x1
     br      x2
+
+// After ExitBootServices (efi.rs, at the link address, interrupts masked,
+// everything this image reads with its MMU off cleaned to the point of
+// coherency): the MMU and caches off, the firmware's translations and
+// instruction cache dropped, then the boot path of the arm64 boot protocol
+// (the image's first instruction) with x0 = the UEFI boot record instead
+// of a DTB.
+.global efi_leave_firmware
+efi_leave_firmware:
+    el2_mmu_off x9
+    ic      iallu
+    dsb     sy
+    isb
+    mov     x1, xzr
+    mov     x2, xzr
+    mov     x3, xzr
+    mov     x4, xzr
+    mov     x5, xzr
+    b       _start
