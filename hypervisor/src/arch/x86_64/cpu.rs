@@ -36,19 +36,22 @@ const DESC_PRESENT: u64 = 1 << 47;
 /// pointing at the stubs, 16 bytes apart.
 const IDT_GATE_INTERRUPT: u64 = 0x8e << 40;
 const EXCEPTION_VECTORS: usize = 32;
+const VECTORS: usize = 256;
 const STUB_STRIDE: u64 = 16;
 
 extern "C" {
     /// The first stub in `exceptions.S`; only its address is used.
     fn host_exception_stubs();
+    /// The one handler of vectors 32-255 (`exceptions.S`).
+    fn host_interrupt();
 }
 
 #[repr(C, align(16))]
-struct Idt([u64; 2 * EXCEPTION_VECTORS]);
+struct Idt([u64; 2 * VECTORS]);
 
 /// One IDT for every CPU, filled by the boot CPU before it starts the
 /// others; afterwards only read.
-static mut IDT: Idt = Idt([0; 2 * EXCEPTION_VECTORS]);
+static mut IDT: Idt = Idt([0; 2 * VECTORS]);
 
 /// The operand of LGDT and LIDT: limit, then base (SDM Vol. 3A §3.5.1).
 #[repr(C, packed)]
@@ -69,7 +72,11 @@ pub fn install_idt() {
     // else reads or writes the IDT meanwhile.
     let gates = unsafe { &mut (*core::ptr::addr_of_mut!(IDT)).0 };
     for (vector, gate) in gates.chunks_exact_mut(2).enumerate() {
-        let handler = stubs + STUB_STRIDE * vector as u64;
+        let handler = if vector < EXCEPTION_VECTORS {
+            stubs + STUB_STRIDE * vector as u64
+        } else {
+            host_interrupt as *const () as u64
+        };
         gate[0] =
             (handler & 0xffff) | (u64::from(SEL_CODE) << 16) | IDT_GATE_INTERRUPT | ((handler >> 16) & 0xffff) << 48;
         gate[1] = handler >> 32;
@@ -82,6 +89,14 @@ pub fn load_idt() {
     let idtr = idtr();
     // SAFETY: the IDT is complete and static; LIDT only reads the operand.
     unsafe { asm!("lidt [{0}]", in(reg) &raw const idtr, options(nostack, readonly)) };
+}
+
+/// Called by `host_interrupt`: an interrupt the SVM backend lets in after
+/// a guest exit (the slice timer, a kick). Ends it at the local APIC; an
+/// EOI with nothing in service (a spurious interrupt) changes nothing.
+#[no_mangle]
+extern "C" fn hv_host_interrupt() {
+    super::smp::apic_eoi();
 }
 
 /// Called by `host_exception_common`: the hypervisor faulted.

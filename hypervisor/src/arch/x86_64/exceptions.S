@@ -52,6 +52,40 @@ host_exception_stubs:
     host_stub 30, 1
     host_stub 31, 0
 
+// Every vector from 32 up: an interrupt the host takes only under SVM,
+// between STGI and CLI after a guest exit (`svmentry.S`): the slice
+// timer or a kick. Saves the registers the C ABI lets a callee clobber,
+// has the local APIC's in-service bit cleared, and returns.
+.balign 16
+.global host_interrupt
+host_interrupt:
+    pushq   %rax
+    pushq   %rcx
+    pushq   %rdx
+    pushq   %rsi
+    pushq   %rdi
+    pushq   %r8
+    pushq   %r9
+    pushq   %r10
+    pushq   %r11
+    movq    %rsp, %rax
+    andq    $-16, %rsp
+    pushq   %rax
+    pushq   %rax
+    call    hv_host_interrupt
+    popq    %rax
+    movq    %rax, %rsp
+    popq    %r11
+    popq    %r10
+    popq    %r9
+    popq    %r8
+    popq    %rdi
+    popq    %rsi
+    popq    %rdx
+    popq    %rcx
+    popq    %rax
+    iretq
+
 // Frame: vector, error code, then RIP, CS, RFLAGS, RSP, SS.
 host_exception_common:
     movq    0(%rsp), %rdi

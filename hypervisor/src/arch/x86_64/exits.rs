@@ -1,9 +1,12 @@
-//! VM exits on x86_64 under VT-x: the exit reason (Intel SDM Vol. 3C
-//! ch. 28, Appendix C) becomes a call on the machine (hypercall, HLT) or
-//! is handled by the arch's own guest policy (CPUID, the MSR allow-list,
-//! the local APIC's MSRs, control and debug registers, COM1 port I/O,
-//! exceptions to inject); anything else is a fault that stops the
-//! partition.
+//! Guest exits on x86_64, under VT-x or SVM: each backend decodes its
+//! exit (the VMX exit reason and qualification, Intel SDM Vol. 3C ch. 28
+//! and Appendix C; the SVM exit code and EXITINFO, AMD64 APM Vol. 2
+//! §15.7-15.13 and Appendix C) into one [`GuestExit`], and one set of
+//! handlers acts on it through the vCPU's [`Guest`] state: a call on the
+//! machine (hypercall, HLT), or the arch's own guest policy (CPUID, the
+//! MSR allow-list, the local APIC's MSRs, control and debug registers,
+//! COM1 port I/O, exceptions to inject); anything else is a fault that
+//! stops the partition.
 
 use alloc::string::String;
 use core::fmt::Write as _;
@@ -15,6 +18,8 @@ use hypervisor::arch::x86_64::debug::{self, DebugReg, DrDecision};
 use hypervisor::arch::x86_64::emulate::{self, Access, CodeSize, Paging};
 use hypervisor::arch::x86_64::lapic::{self, Ipi, StartupIpi, StartupKind, WriteEffect};
 use hypervisor::arch::x86_64::msr::{check_write, GuestMsr, MsrHome, WriteContext, EFER_LMA};
+use hypervisor::arch::x86_64::svm_exit::{self, MovCrDr};
+use hypervisor::arch::x86_64::vmcb::{control as svm_control, instruction_len, SvmExit};
 use hypervisor::arch::x86_64::vmx_caps::entry as entry_ctl;
 use hypervisor::arch::x86_64::vmx_exit::{
     inject_exception, vector, CrAccess, DrAccess, EptViolation, Exit, ExitReason, Gpr, Interruption, InterruptionType,
@@ -26,9 +31,9 @@ use hypervisor::machine::{Arch, Machine, Next};
 use hypervisor::partition::GuestRam;
 use hypervisor::sched::VcpuState;
 use hypervisor::{hv_event, hv_event_to};
-use x86::msr::{rdmsr, wrmsr};
 use x86::vmx::vmcs::{control, guest, ro};
 
+use super::guest::{Field, Guest, Vmcb};
 use super::platform::X86;
 use super::vcpu::Vcpu;
 use super::{smp, tsc, vcpu, vmcs};
@@ -62,9 +67,68 @@ const UART_LSR: u16 = COM1 + 5;
 const UART_LCR_DLAB: u8 = 1 << 7;
 const UART_LSR_IDLE: u64 = 0x60;
 
+/// A guest exit, whichever backend took it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestExit {
+    /// VMCALL (VMX; under SVM its #UD), or SVM's VMMCALL.
+    Hypercall,
+    Cpuid,
+    Rdmsr,
+    Wrmsr,
+    Cr(CrAccess),
+    Dr(DrAccess),
+    Io(IoAccess),
+    Hlt,
+    Invd,
+    /// The guest can take the interrupt its APIC holds.
+    InterruptWindow,
+    /// A physical interrupt (a kick); `acknowledged` when VMX took it
+    /// from the APIC at exit, which then wants its EOI.
+    ExternalInterrupt {
+        acknowledged: bool,
+    },
+    /// The slice's timer (VMX's preemption timer; under SVM every
+    /// physical interrupt, the host's slice timer or a kick, exits so).
+    SliceTimer,
+    NestedFault {
+        gpa: u64,
+        violation: EptViolation,
+    },
+    NestedMisconfig {
+        gpa: u64,
+    },
+    TripleFault,
+    Nmi,
+    Rdpmc,
+    /// An instruction the guest's CPUID does not offer: #UD.
+    Undefined,
+    /// The entry itself failed.
+    EntryFailed {
+        reason: &'static str,
+        qualification: u64,
+    },
+    Unexpected {
+        reason: &'static str,
+        number: u64,
+        qualification: u64,
+    },
+}
+
+/// The state handle of vCPU `v`, which just exited on this CPU.
+pub fn guest_of(m: &mut Machine<X86>, v: usize) -> Guest {
+    if m.arch.is_svm() {
+        // SAFETY: `v` exited on this CPU, to which it is pinned; its
+        // control page is its VMCB under SVM.
+        Guest::Svm(unsafe { Vmcb::new(m.ctx_mut(v).vmcs) })
+    } else {
+        Guest::Vmx
+    }
+}
+
 /// Stops the partition of `v` for a fault, naming the guest's RIP.
 pub fn fault(m: &mut Machine<X86>, v: usize, kind: &str, addr: u64) {
-    m.fault(v, kind, addr, ("rip", vmcs::read(guest::RIP).unwrap_or(0)));
+    let rip = guest_of(m, v).get(Field::Rip).unwrap_or(0);
+    m.fault(v, kind, addr, ("rip", rip));
 }
 
 /// What to do after an exit.
@@ -76,34 +140,30 @@ pub enum Step {
     InjectGp(GpFault),
 }
 
-/// Skips the instruction that exited, ending STI/MOV SS blocking as the
-/// processor would (§25.4.2).
-fn advance_rip() -> Result<(), VmcsError> {
-    let rip = vmcs::read(guest::RIP)?;
-    let len = vmcs::read(ro::VMEXIT_INSTRUCTION_LEN)?;
-    step_to(rip.wrapping_add(len))
+/// Skips the instruction that exited (`len` bytes), ending STI/MOV SS
+/// blocking as the processor would (§25.4.2).
+fn advance_rip(g: Guest, len: u64) -> Result<(), VmcsError> {
+    let rip = g.get(Field::Rip)?;
+    step_to(g, rip.wrapping_add(len))
 }
 
 /// Resumes the guest at `next`, past the instruction that exited.
-fn step_to(next: u64) -> Result<(), VmcsError> {
-    vmcs::write(guest::RIP, next)?;
-    let blocking = vmcs::read(guest::INTERRUPTIBILITY_STATE)?;
+fn step_to(g: Guest, next: u64) -> Result<(), VmcsError> {
+    g.set(Field::Rip, next)?;
+    let blocking = g.get(Field::Interruptibility)?;
     if blocking & BLOCKING_STI_MOVSS != 0 {
-        vmcs::write(guest::INTERRUPTIBILITY_STATE, blocking & !BLOCKING_STI_MOVSS)?;
+        g.set(Field::Interruptibility, blocking & !BLOCKING_STI_MOVSS)?;
     }
     Ok(())
 }
 
-/// Injects a hardware exception at the next entry (§27.6.1); the
-/// instruction is not skipped (faults re-execute). An error code is
-/// delivered only in protected mode (§27.2.1.3).
-fn inject(vector: u8, error_code: Option<u32>) -> Result<Step, VmcsError> {
-    let protected = vmcs::read(guest::CR0)? & cr0::PE != 0;
+/// Injects a hardware exception at the next entry (§27.6.1, APM
+/// §15.20); the instruction is not skipped (faults re-execute). An error
+/// code is delivered only in protected mode (§27.2.1.3).
+fn inject(g: Guest, vector: u8, error_code: Option<u32>) -> Result<Step, VmcsError> {
+    let protected = g.get(Field::Cr0)? & cr0::PE != 0;
     let with_code = error_code.is_some() && protected;
-    vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, u64::from(inject_exception(vector, with_code)))?;
-    if with_code {
-        vmcs::write(control::VMENTRY_EXCEPTION_ERR_CODE, u64::from(error_code.unwrap_or(0)))?;
-    }
+    g.inject_event(inject_exception(vector, with_code), u64::from(error_code.unwrap_or(0)), 0)?;
     Ok(Step::Resume)
 }
 
@@ -123,18 +183,19 @@ fn note_gp(m: &mut Machine<X86>, v: usize, reason: GpFault) {
     }
 }
 
-/// A register by exit-qualification number; RSP lives in the VMCS.
-fn reg(ctx: &Vcpu, r: Gpr) -> Result<u64, VmcsError> {
+/// A register by instruction-encoding number; RSP lives in the VMCS or
+/// VMCB.
+fn reg(g: Guest, ctx: &Vcpu, r: Gpr) -> Result<u64, VmcsError> {
     if r == Gpr::RSP {
-        vmcs::read(guest::RSP)
+        g.get(Field::Rsp)
     } else {
         Ok(ctx.regs.get(r))
     }
 }
 
-fn set_reg(ctx: &mut Vcpu, r: Gpr, value: u64) -> Result<(), VmcsError> {
+fn set_reg(g: Guest, ctx: &mut Vcpu, r: Gpr, value: u64) -> Result<(), VmcsError> {
     if r == Gpr::RSP {
-        vmcs::write(guest::RSP, value)
+        g.set(Field::Rsp, value)
     } else {
         ctx.regs.set(r, value);
         Ok(())
@@ -142,18 +203,19 @@ fn set_reg(ctx: &mut Vcpu, r: Gpr, value: u64) -> Result<(), VmcsError> {
 }
 
 /// The guest's current privilege level: SS.DPL (SDM Vol. 3A §5.5).
-fn guest_cpl() -> Result<u64, VmcsError> {
-    Ok((vmcs::read(guest::SS_ACCESS_RIGHTS)? >> AR_DPL_SHIFT) & AR_DPL_MASK)
+fn guest_cpl(g: Guest) -> Result<u64, VmcsError> {
+    Ok((g.get(Field::SsRights)? >> AR_DPL_SHIFT) & AR_DPL_MASK)
 }
 
 /// A control register as the guest sees it: its own bits, and the read
 /// shadow for the bits the hypervisor owns.
-fn guest_view(field: u32, shadow: u32, mask: u64) -> Result<u64, VmcsError> {
-    Ok((vmcs::read(field)? & !mask) | (vmcs::read(shadow)? & mask))
+fn guest_view(g: Guest, field: Field, shadow: Field, mask: u64) -> Result<u64, VmcsError> {
+    Ok((g.get(field)? & !mask) | (g.get(shadow)? & mask))
 }
 
-/// Keeps the "IA-32e mode guest" entry control equal to IA32_EFER.LMA,
+/// Keeps VMX's "IA-32e mode guest" entry control equal to IA32_EFER.LMA,
 /// which a guest changes natively when it enables paging (§27.3.1.1).
+/// SVM has no such control: VMRUN takes LMA from the guest's EFER.
 pub fn sync_ia32e_mode() -> Result<(), VmcsError> {
     let efer = vmcs::read(guest::IA32_EFER_FULL)?;
     let entry = vmcs::read(control::VMENTRY_CONTROLS)?;
@@ -168,130 +230,229 @@ pub fn sync_ia32e_mode() -> Result<(), VmcsError> {
     Ok(())
 }
 
-/// Re-injects an event whose delivery the exit interrupted (§28.2.4,
-/// §27.6.1.1), so resuming does not lose it.
-fn reinject_interrupted_event() -> Result<(), VmcsError> {
-    let info = vmcs::read32(ro::IDT_VECTORING_INFO)?;
-    if Interruption::decode(info).is_none() {
-        return Ok(());
+/// Decodes a VMX exit of the current VMCS, with the length of the
+/// instruction that caused it.
+fn decode_vmx() -> Result<(GuestExit, u64), VmcsError> {
+    let exit = Exit::decode(vmcs::read32(ro::EXIT_REASON)?);
+    let qualification = vmcs::read(ro::EXIT_QUALIFICATION)?;
+    let len = vmcs::read(ro::VMEXIT_INSTRUCTION_LEN)?;
+    if exit.entry_failure {
+        return Ok((GuestExit::EntryFailed { reason: exit.reason.name(), qualification }, 0));
     }
-    vmcs::write(control::VMENTRY_INTERRUPTION_INFO_FIELD, u64::from(info))?;
-    vmcs::write(control::VMENTRY_EXCEPTION_ERR_CODE, vmcs::read(ro::IDT_VECTORING_ERR_CODE)?)?;
-    vmcs::write(control::VMENTRY_INSTRUCTION_LEN, vmcs::read(ro::VMEXIT_INSTRUCTION_LEN)?)
+    sync_ia32e_mode()?;
+    let interruption = || -> Result<Option<Interruption>, VmcsError> {
+        Ok(Interruption::decode(vmcs::read32(ro::VMEXIT_INTERRUPTION_INFO)?))
+    };
+    let decoded = match exit.reason {
+        ExitReason::Vmcall => GuestExit::Hypercall,
+        ExitReason::Cpuid => GuestExit::Cpuid,
+        ExitReason::Rdmsr => GuestExit::Rdmsr,
+        ExitReason::Wrmsr => GuestExit::Wrmsr,
+        ExitReason::CrAccess => GuestExit::Cr(CrAccess::decode(qualification)),
+        ExitReason::DrAccess => GuestExit::Dr(DrAccess::decode(qualification)),
+        ExitReason::IoInstruction => GuestExit::Io(IoAccess::decode(qualification)),
+        ExitReason::Hlt => GuestExit::Hlt,
+        ExitReason::InterruptWindow => GuestExit::InterruptWindow,
+        // Acknowledged on exit (exit control 15): its in-service bit is
+        // set at the local APIC.
+        ExitReason::ExternalInterrupt => GuestExit::ExternalInterrupt { acknowledged: interruption()?.is_some() },
+        ExitReason::PreemptionTimer => GuestExit::SliceTimer,
+        ExitReason::EptViolation => GuestExit::NestedFault {
+            gpa: vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL)?,
+            violation: EptViolation::decode(qualification),
+        },
+        ExitReason::EptMisconfig => GuestExit::NestedMisconfig { gpa: vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL)? },
+        ExitReason::TripleFault => GuestExit::TripleFault,
+        ExitReason::ExceptionOrNmi if interruption()?.is_some_and(|i| i.kind == InterruptionType::Nmi) => {
+            GuestExit::Nmi
+        }
+        ExitReason::Invd => GuestExit::Invd,
+        ExitReason::Rdpmc => GuestExit::Rdpmc,
+        // No nested VMX, no SMX, no MONITOR/MWAIT, no XSAVE: the guest's
+        // CPUID hides them, so they are invalid opcodes.
+        r if r.is_vmx_instruction()
+            || matches!(r, ExitReason::Getsec | ExitReason::Mwait | ExitReason::Monitor | ExitReason::Xsetbv) =>
+        {
+            GuestExit::Undefined
+        }
+        other => GuestExit::Unexpected { reason: other.name(), number: u64::from(other.number()), qualification },
+    };
+    Ok((decoded, len))
+}
+
+/// Decodes an SVM exit of `vmcb` (vCPU `v` of partition memory `ram`),
+/// with the length of the instruction that caused it: there is no
+/// NRIP_SAVE under TCG, so lengths are known ([`instruction_len`]), read
+/// from EXITINFO2 (IN/OUT: the next RIP), or decoded from the guest's
+/// bytes (MOV CR/DR, and VMCALL's #UD), since there are no decode assists
+/// either.
+fn decode_svm(vmcb: Vmcb, ram: GuestRam) -> Result<(GuestExit, u64), VmcsError> {
+    let g = Guest::Svm(vmcb);
+    let code = vmcb.get(svm_control::EXITCODE);
+    let (info1, info2) = (vmcb.get(svm_control::EXITINFO1), vmcb.get(svm_control::EXITINFO2));
+    let exit = SvmExit::decode(code);
+    let len = instruction_len(exit).unwrap_or(0);
+    let instruction = || -> Result<([u8; emulate::MAX_INSTRUCTION], usize), VmcsError> {
+        let (paging, code_size, cs_base, rip) = code_context(g)?;
+        Ok(fetch_instruction(ram, &paging, code_size, cs_base, rip))
+    };
+    let decoded = match exit {
+        SvmExit::Vmmcall => GuestExit::Hypercall,
+        SvmExit::Cpuid => GuestExit::Cpuid,
+        SvmExit::Msr if info1 == 0 => GuestExit::Rdmsr,
+        SvmExit::Msr => GuestExit::Wrmsr,
+        SvmExit::Hlt => GuestExit::Hlt,
+        SvmExit::Invd => GuestExit::Invd,
+        SvmExit::Ioio => {
+            let next = info2.wrapping_sub(g.get(Field::Rip)?);
+            return Ok((GuestExit::Io(svm_exit::io_access(info1)), next));
+        }
+        SvmExit::CrRead(_) | SvmExit::CrWrite(_) | SvmExit::DrRead(_) | SvmExit::DrWrite(_) => {
+            let (bytes, got) = instruction()?;
+            let code_size = code_context(g)?.1;
+            return Ok(match svm_exit::decode_mov_cr_dr(&bytes[..got], code_size) {
+                Ok((MovCrDr::Cr(access), len)) => (GuestExit::Cr(access), len),
+                Ok((MovCrDr::Dr(access), len)) => (GuestExit::Dr(access), len),
+                Err(e) => (GuestExit::Unexpected { reason: e.reason(), number: code, qualification: got as u64 }, 0),
+            });
+        }
+        SvmExit::Exception(vector::UD) => {
+            let (bytes, got) = instruction()?;
+            if svm_exit::is_vmcall(&bytes[..got]) {
+                return Ok((GuestExit::Hypercall, svm_exit::VMCALL_LEN));
+            }
+            GuestExit::Undefined
+        }
+        SvmExit::Intr => GuestExit::SliceTimer,
+        SvmExit::Vintr => GuestExit::InterruptWindow,
+        SvmExit::Nmi => GuestExit::Nmi,
+        SvmExit::Shutdown => GuestExit::TripleFault,
+        SvmExit::Npf if svm_exit::npf_reserved(info1) => GuestExit::NestedMisconfig { gpa: info2 },
+        SvmExit::Npf => GuestExit::NestedFault { gpa: info2, violation: svm_exit::npf_access(info1) },
+        SvmExit::Rdpmc => GuestExit::Rdpmc,
+        SvmExit::Hidden(_) | SvmExit::Vmrun => GuestExit::Undefined,
+        SvmExit::Invalid => GuestExit::EntryFailed { reason: "vmexit-invalid", qualification: code },
+        other => GuestExit::Unexpected { reason: other.name(), number: code, qualification: info1 },
+    };
+    Ok((decoded, len))
 }
 
 /// Handles the exit of vCPU `v`, which this CPU just ran.
 pub fn handle_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
-    let exit = Exit::decode(vmcs::read32(ro::EXIT_REASON)?);
-    let qualification = vmcs::read(ro::EXIT_QUALIFICATION)?;
-    if exit.entry_failure {
-        hv_event!("vm-entry-failed", vcpu = v, reason = exit.reason.name(), qualification = qualification);
-        fault(m, v, "vm-entry-failed", qualification);
-        return Ok(Step::Reschedule);
-    }
-    sync_ia32e_mode()?;
+    let g = guest_of(m, v);
+    let (exit, len) = match g {
+        Guest::Vmx => decode_vmx()?,
+        Guest::Svm(vmcb) => {
+            // SAFETY: `v` exited on this CPU. CR8 writes went to V_TPR
+            // (V_INTR_MASKING): the APIC's TPR follows them.
+            let ctx = unsafe { m.ctx_mut(v) };
+            if let Some(class) = g.v_tpr() {
+                if class != ctx.cr8 {
+                    ctx.cr8 = class;
+                    ctx.lapic.tpr = (class as u32) << CR8_TPR_SHIFT;
+                }
+            }
+            decode_svm(vmcb, m.partitions[m.vcpus[v].partition].info.ram)?
+        }
+    };
+    let next = act(m, v, g, exit, len)?;
+    let next = match next {
+        Step::InjectGp(reason) => {
+            note_gp(m, v, reason);
+            inject(g, vector::GP, Some(0))?
+        }
+        other => {
+            if other == Step::Resume {
+                g.reinject_interrupted_event()?;
+            }
+            other
+        }
+    };
+    Ok(next)
+}
+
+/// Acts on a decoded exit of vCPU `v` (state `g`; the exiting
+/// instruction `len` bytes long).
+fn act(m: &mut Machine<X86>, v: usize, g: Guest, exit: GuestExit, len: u64) -> Result<Step, VmcsError> {
     // SAFETY: `v` is the vCPU that just exited on this CPU.
     let ctx = unsafe { m.ctx_mut(v) };
-    let next = match exit.reason {
-        ExitReason::Vmcall => hypercall_exit(m, v)?,
-        ExitReason::Cpuid => cpuid_exit(m, v)?,
-        ExitReason::Rdmsr => rdmsr_exit(ctx)?,
-        ExitReason::Wrmsr => wrmsr_exit(m, v)?,
-        ExitReason::CrAccess => cr_exit(m, v, qualification)?,
-        ExitReason::DrAccess => dr_exit(ctx, qualification)?,
-        ExitReason::IoInstruction => io_exit(m, v, qualification)?,
-        ExitReason::Hlt => {
-            advance_rip()?;
-            hlt_exit(m, v, vmcs::read(guest::RFLAGS)? & RFLAGS_IF != 0);
+    Ok(match exit {
+        GuestExit::EntryFailed { reason, qualification } => {
+            hv_event!("vm-entry-failed", vcpu = v, reason = reason, qualification = qualification);
+            fault(m, v, "vm-entry-failed", qualification);
+            Step::Reschedule
+        }
+        GuestExit::Hypercall => hypercall_exit(m, v, g, len)?,
+        GuestExit::Cpuid => cpuid_exit(m, v, g, len)?,
+        GuestExit::Rdmsr => rdmsr_exit(ctx, g, len)?,
+        GuestExit::Wrmsr => wrmsr_exit(m, v, g, len)?,
+        GuestExit::Cr(access) => cr_exit(m, v, g, access, len)?,
+        GuestExit::Dr(access) => dr_exit(ctx, g, access, len)?,
+        GuestExit::Io(io) => io_exit(m, v, g, io, len)?,
+        GuestExit::Hlt => {
+            advance_rip(g, len)?;
+            hlt_exit(m, v, g.get(Field::Rflags)? & RFLAGS_IF != 0);
             Step::Reschedule
         }
         // The guest can take the interrupt its APIC holds: the next entry
-        // injects it (and clears the window exiting).
-        ExitReason::InterruptWindow => Step::Resume,
-        ExitReason::ExternalInterrupt => {
-            // Acknowledged on exit (exit control 15): end it at the local
-            // APIC, which holds its in-service bit.
-            if Interruption::decode(vmcs::read32(ro::VMEXIT_INTERRUPTION_INFO)?).is_some() {
+        // injects it (and clears the window exiting). NMIs exit (VMX
+        // pin-based control 3, the SVM NMI intercept) and are not the
+        // guest's.
+        GuestExit::InterruptWindow | GuestExit::Nmi => Step::Resume,
+        GuestExit::ExternalInterrupt { acknowledged } => {
+            if acknowledged {
                 smp::apic_eoi();
             }
             Step::Resume
         }
         // The slice ended, or a local APIC timer of this CPU is due.
-        ExitReason::PreemptionTimer => {
+        GuestExit::SliceTimer => {
             if tsc::now() >= m.arch.slice_end[m.vcpus[v].pcpu] {
                 Step::Reschedule
             } else {
                 Step::Resume
             }
         }
-        ExitReason::EptViolation => {
-            let gpa = vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL)?;
-            let violation = EptViolation::decode(qualification);
+        GuestExit::NestedFault { gpa, violation } => {
             let p = m.vcpus[v].partition;
             if m.partitions[p].info.ram.contains_gpa(gpa) {
-                // RAM is mapped with every permission: a violation there
-                // means the tables are not what the hypervisor built.
+                // RAM is mapped with every permission: a fault there means
+                // the tables are not what the hypervisor built.
                 hv_event!("ept-violation", guest = m.partitions[p].info.id, access = violation.access());
                 fault(m, v, "ept", gpa);
                 Step::Reschedule
             } else {
-                unbacked_access(m, v, gpa, violation)?
+                unbacked_access(m, v, g, gpa, violation)?
             }
         }
-        ExitReason::EptMisconfig => {
-            fault(m, v, "ept-misconfig", vmcs::read(ro::GUEST_PHYSICAL_ADDR_FULL)?);
+        GuestExit::NestedMisconfig { gpa } => {
+            fault(m, v, "ept-misconfig", gpa);
             Step::Reschedule
         }
-        ExitReason::TripleFault => {
-            fault(m, v, "triple-fault", vmcs::read(guest::RIP)?);
+        GuestExit::TripleFault => {
+            fault(m, v, "triple-fault", g.get(Field::Rip)?);
             Step::Reschedule
         }
-        ExitReason::ExceptionOrNmi
-            if Interruption::decode(vmcs::read32(ro::VMEXIT_INTERRUPTION_INFO)?)
-                .is_some_and(|i| i.kind == InterruptionType::Nmi) =>
-        {
-            // NMIs exit (pin-based control 3) and are not the guest's.
-            Step::Resume
-        }
-        ExitReason::Invd => {
+        GuestExit::Invd => {
             // Write-back caches are coherent; dropping them would only lose
             // data. Completing INVD as a no-op is what WBINVD would leave.
-            advance_rip()?;
+            advance_rip(g, len)?;
             Step::Resume
         }
-        ExitReason::Rdpmc => Step::InjectGp(GpFault::HiddenFeature),
-        // No nested VMX, no SMX, no MONITOR/MWAIT, no XSAVE: the guest's
-        // CPUID hides them, so they are invalid opcodes.
-        r if r.is_vmx_instruction()
-            || matches!(r, ExitReason::Getsec | ExitReason::Mwait | ExitReason::Monitor | ExitReason::Xsetbv) =>
-        {
-            inject(vector::UD, None)?
-        }
-        other => {
+        GuestExit::Rdpmc => Step::InjectGp(GpFault::HiddenFeature),
+        GuestExit::Undefined => inject(g, vector::UD, None)?,
+        GuestExit::Unexpected { reason, number, qualification } => {
             hv_event!(
                 "unexpected-exit",
                 guest = m.partitions[m.vcpus[v].partition].info.id,
-                reason = other.name(),
-                number = other.number(),
+                reason = reason,
+                number = number,
                 qualification = format_args!("{qualification:#x}"),
             );
             fault(m, v, "unexpected-exit", qualification);
             Step::Reschedule
         }
-    };
-    let next = match next {
-        Step::InjectGp(reason) => {
-            note_gp(m, v, reason);
-            inject(vector::GP, Some(0))?
-        }
-        other => {
-            if other == Step::Resume {
-                reinject_interrupted_event()?;
-            }
-            other
-        }
-    };
-    Ok(next)
+    })
 }
 
 /// HLT: with interrupts enabled the vCPU waits for its local APIC's next
@@ -366,7 +527,7 @@ fn send_startup(m: &mut Machine<X86>, v: usize, ipi: StartupIpi) {
 }
 
 /// CPUID: the processor's answer, through the guest's CPUID policy.
-fn cpuid_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
+fn cpuid_exit(m: &mut Machine<X86>, v: usize, g: Guest, len: u64) -> Result<Step, VmcsError> {
     let tsc_khz = u32::try_from(m.arch.tsc_hz / 1000).unwrap_or(u32::MAX);
     let info = GuestCpuidInfo { vcpu_index: m.vcpus[v].index, tsc_khz };
     // SAFETY: `v` exited on this CPU.
@@ -375,17 +536,17 @@ fn cpuid_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
     let raw = raw_cpuid::cpuid!(leaf, subleaf);
     let host = CpuidRegs { eax: raw.eax, ebx: raw.ebx, ecx: raw.ecx, edx: raw.edx };
     let r = guest_cpuid(leaf, subleaf, host, info);
-    for (g, value) in [(Gpr::RAX, r.eax), (Gpr::RBX, r.ebx), (Gpr::RCX, r.ecx), (Gpr::RDX, r.edx)] {
-        ctx.regs.set(g, u64::from(value));
+    for (reg, value) in [(Gpr::RAX, r.eax), (Gpr::RBX, r.ebx), (Gpr::RCX, r.ecx), (Gpr::RDX, r.edx)] {
+        ctx.regs.set(reg, u64::from(value));
     }
-    advance_rip()?;
+    advance_rip(g, len)?;
     Ok(Step::Resume)
 }
 
-fn hypercall_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
+fn hypercall_exit(m: &mut Machine<X86>, v: usize, g: Guest, len: u64) -> Result<Step, VmcsError> {
     // Hypercalls are for the guest kernel only (TLFS §3.2: #UD at CPL > 0).
-    if guest_cpl()? != 0 {
-        return inject(vector::UD, None);
+    if guest_cpl(g)? != 0 {
+        return inject(g, vector::UD, None);
     }
     let (control, input, output) = {
         // SAFETY: `v` exited on this CPU.
@@ -402,7 +563,7 @@ fn hypercall_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
     if let Some(out) = r.fast_output {
         ctx.regs.set(Gpr::R8, out);
     }
-    advance_rip()?;
+    advance_rip(g, len)?;
     Ok(match r.next {
         Next::Resume => Step::Resume,
         Next::Reschedule => Step::Reschedule,
@@ -414,36 +575,30 @@ fn hypercall_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
     })
 }
 
-fn rdmsr_exit(ctx: &mut Vcpu) -> Result<Step, VmcsError> {
+fn rdmsr_exit(ctx: &mut Vcpu, g: Guest, len: u64) -> Result<Step, VmcsError> {
     let index = ctx.regs.get(Gpr::RCX) as u32;
-    if lapic::is_apic_msr(index) {
-        let value = match ctx.lapic.read(index, tsc::now()) {
+    let value = if lapic::is_apic_msr(index) {
+        match ctx.lapic.read(index, tsc::now()) {
             Ok(value) => value,
             Err(e) => return Ok(Step::InjectGp(e)),
+        }
+    } else {
+        let msr = match GuestMsr::from_index(index) {
+            Ok(msr) => msr,
+            Err(e) => return Ok(Step::InjectGp(e)),
         };
-        ctx.regs.set(Gpr::RAX, value & 0xffff_ffff);
-        ctx.regs.set(Gpr::RDX, value >> 32);
-        advance_rip()?;
-        return Ok(Step::Resume);
-    }
-    let msr = match GuestMsr::from_index(index) {
-        Ok(msr) => msr,
-        Err(e) => return Ok(Step::InjectGp(e)),
-    };
-    let value = match msr.home() {
-        // SAFETY: the switched MSRs hold this vCPU's values while it is
-        // loaded; reading them has no side effects.
-        MsrHome::Switched => unsafe { rdmsr(msr.index()) },
-        MsrHome::Counter => tsc::now(),
-        MsrHome::Vmcs => vmcs::read(msr_field(msr))?,
+        match msr.home() {
+            MsrHome::Counter => tsc::now(),
+            MsrHome::Switched | MsrHome::Vmcs => g.msr(msr)?,
+        }
     };
     ctx.regs.set(Gpr::RAX, value & 0xffff_ffff);
     ctx.regs.set(Gpr::RDX, value >> 32);
-    advance_rip()?;
+    advance_rip(g, len)?;
     Ok(Step::Resume)
 }
 
-fn wrmsr_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
+fn wrmsr_exit(m: &mut Machine<X86>, v: usize, g: Guest, len: u64) -> Result<Step, VmcsError> {
     // SAFETY: `v` exited on this CPU.
     let ctx = unsafe { m.ctx_mut(v) };
     let index = ctx.regs.get(Gpr::RCX) as u32;
@@ -458,86 +613,71 @@ fn wrmsr_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
             Ok(WriteEffect::Startup(ipi)) => send_startup(m, v, ipi),
             Err(e) => return Ok(Step::InjectGp(e)),
         }
-        advance_rip()?;
+        advance_rip(g, len)?;
         return Ok(Step::Resume);
     }
     let msr = match GuestMsr::from_index(index) {
         Ok(msr) => msr,
         Err(e) => return Ok(Step::InjectGp(e)),
     };
-    let wctx =
-        WriteContext { efer: vmcs::read(guest::IA32_EFER_FULL)?, paging: vmcs::read(guest::CR0)? & cr0::PG != 0 };
+    let wctx = WriteContext { efer: g.get(Field::Efer)?, paging: g.get(Field::Cr0)? & cr0::PG != 0 };
     let value = match check_write(msr, value, wctx) {
         Ok(v) => v,
         Err(e) => return Ok(Step::InjectGp(e)),
     };
     match msr.home() {
-        // SAFETY: the allow-list checked the value (canonical addresses,
-        // no reserved bits); these MSRs only affect SYSCALL and SWAPGS,
-        // which the hypervisor does not use, and are switched per vCPU.
-        MsrHome::Switched => unsafe { wrmsr(msr.index(), value) },
         MsrHome::Counter => return Ok(Step::InjectGp(GpFault::MsrReadOnly)),
-        MsrHome::Vmcs => vmcs::write(msr_field(msr), value)?,
+        MsrHome::Switched | MsrHome::Vmcs => g.set_msr(msr, value)?,
     }
-    advance_rip()?;
+    advance_rip(g, len)?;
     Ok(Step::Resume)
 }
 
-/// The VMCS guest-state field of an MSR that lives there (§25.4.1-2).
-fn msr_field(msr: GuestMsr) -> u32 {
-    match msr {
-        GuestMsr::SysenterCs => guest::IA32_SYSENTER_CS,
-        GuestMsr::SysenterEsp => guest::IA32_SYSENTER_ESP,
-        GuestMsr::SysenterEip => guest::IA32_SYSENTER_EIP,
-        GuestMsr::Pat => guest::IA32_PAT_FULL,
-        GuestMsr::FsBase => guest::FS_BASE,
-        GuestMsr::GsBase => guest::GS_BASE,
-        // Efer and, defensively, anything else classified as VMCS-homed.
-        _ => guest::IA32_EFER_FULL,
-    }
-}
-
-fn cr_exit(m: &mut Machine<X86>, v: usize, qualification: u64) -> Result<Step, VmcsError> {
+fn cr_exit(m: &mut Machine<X86>, v: usize, g: Guest, access: CrAccess, len: u64) -> Result<Step, VmcsError> {
     // SAFETY: `v` exited on this CPU.
     let ctx = unsafe { m.ctx_mut(v) };
     let policy = m.arch.cr_policy;
     let state = || -> Result<CrContext, VmcsError> {
         Ok(CrContext {
-            cr0: guest_view(guest::CR0, control::CR0_READ_SHADOW, policy.cr0_mask())?,
-            cr4: guest_view(guest::CR4, control::CR4_READ_SHADOW, policy.cr4_mask())?,
-            efer: vmcs::read(guest::IA32_EFER_FULL)?,
-            cs_long: vmcs::read(guest::CS_ACCESS_RIGHTS)? & AR_LONG != 0,
+            cr0: guest_view(g, Field::Cr0, Field::Cr0Shadow, policy.cr0_mask())?,
+            cr4: guest_view(g, Field::Cr4, Field::Cr4Shadow, policy.cr4_mask())?,
+            efer: g.get(Field::Efer)?,
+            cs_long: g.get(Field::CsRights)? & AR_LONG != 0,
         })
     };
-    match CrAccess::decode(qualification) {
+    match access {
         CrAccess::MovToCr { cr: 0, gpr } => {
-            let write = match policy.write_cr0(reg(ctx, gpr)?, state()?) {
+            let write = match policy.write_cr0(reg(g, ctx, gpr)?, state()?) {
                 Ok(w) => w,
                 Err(e) => return Ok(Step::InjectGp(e)),
             };
-            if write.paging == PagingChange::EnterPae {
+            // VM entry takes PAE PDPTEs from the VMCS (§27.3.2.4); SVM's
+            // nested paging reads them from the guest's memory itself.
+            if write.paging == PagingChange::EnterPae && !g.is_svm() {
                 let ram = m.partitions[m.vcpus[v].partition].info.ram;
-                let Some(pdptes) = read_pdptes(ram, vmcs::read(guest::CR3)?) else {
+                let Some(pdptes) = read_pdptes(ram, g.get(Field::Cr3)?) else {
                     return Ok(Step::InjectGp(GpFault::InvalidTransition));
                 };
                 for (field, value) in GUEST_PDPTES.into_iter().zip(pdptes) {
                     vmcs::write(field, value)?;
                 }
             }
-            vmcs::write(guest::CR0, write.value.real)?;
-            vmcs::write(control::CR0_READ_SHADOW, write.value.shadow)?;
-            vmcs::write(guest::IA32_EFER_FULL, write.efer)?;
-            sync_ia32e_mode()?;
+            g.set(Field::Cr0, write.value.real)?;
+            g.set(Field::Cr0Shadow, write.value.shadow)?;
+            g.set(Field::Efer, write.efer)?;
+            if !g.is_svm() {
+                sync_ia32e_mode()?;
+            }
         }
-        CrAccess::MovToCr { cr: 4, gpr } => match policy.write_cr4(reg(ctx, gpr)?, state()?) {
+        CrAccess::MovToCr { cr: 4, gpr } => match policy.write_cr4(reg(g, ctx, gpr)?, state()?) {
             Ok(value) => {
-                vmcs::write(guest::CR4, value.real)?;
-                vmcs::write(control::CR4_READ_SHADOW, value.shadow)?;
+                g.set(Field::Cr4, value.real)?;
+                g.set(Field::Cr4Shadow, value.shadow)?;
             }
             Err(e) => return Ok(Step::InjectGp(e)),
         },
         CrAccess::MovToCr { cr: 8, gpr } => {
-            let value = reg(ctx, gpr)?;
+            let value = reg(g, ctx, gpr)?;
             if value & CR8_RESERVED != 0 {
                 return Ok(Step::InjectGp(GpFault::ReservedBits));
             }
@@ -545,14 +685,14 @@ fn cr_exit(m: &mut Machine<X86>, v: usize, qualification: u64) -> Result<Step, V
             ctx.cr8 = value;
             ctx.lapic.tpr = (value as u32) << CR8_TPR_SHIFT;
         }
-        CrAccess::MovFromCr { cr: 8, gpr } => set_reg(ctx, gpr, u64::from(ctx.lapic.tpr >> CR8_TPR_SHIFT))?,
+        CrAccess::MovFromCr { cr: 8, gpr } => set_reg(g, ctx, gpr, u64::from(ctx.lapic.tpr >> CR8_TPR_SHIFT))?,
         other => {
             hv_event!("unexpected-cr-access", access = format_args!("{other:?}"));
-            fault(m, v, "unexpected-exit", qualification);
+            fault(m, v, "unexpected-exit", 0);
             return Ok(Step::Reschedule);
         }
     }
-    advance_rip()?;
+    advance_rip(g, len)?;
     Ok(Step::Resume)
 }
 
@@ -571,19 +711,35 @@ fn read_pdptes(ram: GuestRam, cr3: u64) -> Option<[u64; 4]> {
     Some(out)
 }
 
+/// What locating the guest's current instruction needs: its paging, code
+/// size, CS base (0 in 64-bit mode) and RIP.
+fn code_context(g: Guest) -> Result<(Paging, CodeSize, u64, u64), VmcsError> {
+    let (cr0v, efer) = (g.get(Field::Cr0)?, g.get(Field::Efer)?);
+    let code = CodeSize::of(cr0v & cr0::PE != 0, efer & EFER_LMA != 0, g.get(Field::CsRights)?);
+    let paging = Paging { cr0: cr0v, cr3: g.get(Field::Cr3)?, cr4: g.get(Field::Cr4)?, efer };
+    let cs_base = if code == CodeSize::Bits64 { 0 } else { g.get(Field::CsBase)? };
+    Ok((paging, code, cs_base, g.get(Field::Rip)?))
+}
+
 /// An access to a guest-physical address with nothing behind it (no RAM,
 /// and x86 partitions have no emulated MMIO), completed as on a PC: a read
 /// returns all ones, a write is dropped (`policy::emulate`). A fetch from
 /// there would read 0xff bytes, an invalid opcode: #UD. An instruction
 /// the decoder does not complete stops the partition.
-fn unbacked_access(m: &mut Machine<X86>, v: usize, gpa: u64, violation: EptViolation) -> Result<Step, VmcsError> {
+fn unbacked_access(
+    m: &mut Machine<X86>,
+    v: usize,
+    state: Guest,
+    gpa: u64,
+    violation: EptViolation,
+) -> Result<Step, VmcsError> {
     let p = m.vcpus[v].partition;
     let part = &mut m.partitions[p];
     part.arch.unbacked += 1;
     let count = part.arch.unbacked;
     if count.is_power_of_two() {
         let mut line = String::new();
-        let rip = vmcs::read(guest::RIP)?;
+        let rip = state.get(Field::Rip)?;
         let _ = hv_event_to!(
             line,
             "unbacked-access",
@@ -596,22 +752,10 @@ fn unbacked_access(m: &mut Machine<X86>, v: usize, gpa: u64, violation: EptViola
         m.queue_line(p, String::from(line.trim_end()));
     }
     if violation.fetch {
-        return inject(vector::UD, None);
+        return inject(state, vector::UD, None);
     }
     let ram = m.partitions[p].info.ram;
-    let code = CodeSize::of(
-        vmcs::read(guest::CR0)? & cr0::PE != 0,
-        vmcs::read(guest::IA32_EFER_FULL)? & EFER_LMA != 0,
-        vmcs::read(guest::CS_ACCESS_RIGHTS)?,
-    );
-    let paging = Paging {
-        cr0: vmcs::read(guest::CR0)?,
-        cr3: vmcs::read(guest::CR3)?,
-        cr4: vmcs::read(guest::CR4)?,
-        efer: vmcs::read(guest::IA32_EFER_FULL)?,
-    };
-    let rip = vmcs::read(guest::RIP)?;
-    let cs_base = if code == CodeSize::Bits64 { 0 } else { vmcs::read(guest::CS_BASE)? };
+    let (paging, code, cs_base, rip) = code_context(state)?;
     let (bytes, len) = fetch_instruction(ram, &paging, code, cs_base, rip);
     let decoded = match emulate::decode(&bytes[..len], code) {
         Ok(d) => d,
@@ -624,8 +768,8 @@ fn unbacked_access(m: &mut Machine<X86>, v: usize, gpa: u64, violation: EptViola
     if let Access::Load { dst, size, extend } = decoded.access {
         // SAFETY: `v` exited on this CPU.
         let ctx = unsafe { m.ctx_mut(v) };
-        let old = reg(ctx, dst.gpr)?;
-        set_reg(ctx, dst.gpr, emulate::apply_load(old, dst, size, extend, u64::MAX))?;
+        let old = reg(state, ctx, dst.gpr)?;
+        set_reg(state, ctx, dst.gpr, emulate::apply_load(old, dst, size, extend, u64::MAX))?;
     }
     let next = rip.wrapping_add(decoded.len as u64);
     let next = match code {
@@ -633,7 +777,7 @@ fn unbacked_access(m: &mut Machine<X86>, v: usize, gpa: u64, violation: EptViola
         CodeSize::Bits32 => next & 0xffff_ffff,
         CodeSize::Bits16 => next & 0xffff,
     };
-    step_to(next)?;
+    step_to(state, next)?;
     Ok(Step::Resume)
 }
 
@@ -675,33 +819,33 @@ fn fetch_instruction(
     (bytes, got)
 }
 
-/// MOV DR (exits with control 23 so guests never see each other's debug
-/// registers; `policy::debug` decides). DR0-DR3 and DR6 are this vCPU's
-/// own, in its context and in the processor while it is loaded; DR7 lives
-/// in the VMCS.
-fn dr_exit(ctx: &mut Vcpu, qualification: u64) -> Result<Step, VmcsError> {
-    let a = DrAccess::decode(qualification);
-    let dr7 = vmcs::read(guest::DR7)?;
-    let cr4_de = vmcs::read(guest::CR4)? & cr4::DE != 0;
+/// MOV DR (exits with VMX control 23, or every SVM DR intercept, so
+/// guests never see each other's debug registers; `policy::debug`
+/// decides). DR0-DR3 are this vCPU's own, in its context and in the
+/// processor while it is loaded; DR6 and DR7 live with the backend
+/// ([`Guest::dr6`]; DR7 in the VMCS or VMCB).
+fn dr_exit(ctx: &mut Vcpu, g: Guest, a: DrAccess, len: u64) -> Result<Step, VmcsError> {
+    let dr7 = g.get(Field::Dr7)?;
+    let cr4_de = g.get(Field::Cr4)? & cr4::DE != 0;
     let target = match debug::decide(a.dr, cr4_de, dr7) {
         DrDecision::Access(reg) => reg,
-        DrDecision::Undefined => return inject(vector::UD, None),
+        DrDecision::Undefined => return inject(g, vector::UD, None),
         DrDecision::GeneralDetect => {
-            let (dr6, dr7) = debug::general_detect(vcpu::read_dr6(), dr7);
-            vcpu::write_debug_register(6, dr6);
-            vmcs::write(guest::DR7, dr7)?;
-            return inject(vector::DB, None);
+            let (dr6, dr7) = debug::general_detect(g.dr6(), dr7);
+            g.set_dr6(dr6);
+            g.set(Field::Dr7, dr7)?;
+            return inject(g, vector::DB, None);
         }
     };
     if a.read {
         let value = match target {
             DebugReg::Address(n) => ctx.dr[n],
-            DebugReg::Status => vcpu::read_dr6(),
+            DebugReg::Status => g.dr6(),
             DebugReg::Control => dr7,
         };
-        set_reg(ctx, a.gpr, value)?;
+        set_reg(g, ctx, a.gpr, value)?;
     } else {
-        let value = match debug::write_value(target, reg(ctx, a.gpr)?) {
+        let value = match debug::write_value(target, reg(g, ctx, a.gpr)?) {
             Ok(value) => value,
             Err(gp) => return Ok(Step::InjectGp(gp)),
         };
@@ -710,19 +854,18 @@ fn dr_exit(ctx: &mut Vcpu, qualification: u64) -> Result<Step, VmcsError> {
                 ctx.dr[n] = value;
                 vcpu::write_debug_register(n, value);
             }
-            DebugReg::Status => vcpu::write_debug_register(6, value),
-            DebugReg::Control => vmcs::write(guest::DR7, value)?,
+            DebugReg::Status => g.set_dr6(value),
+            DebugReg::Control => g.set(Field::Dr7, value)?,
         }
     }
-    advance_rip()?;
+    advance_rip(g, len)?;
     Ok(Step::Resume)
 }
 
 /// Port I/O: COM1 is a transmit-only 16550 feeding the partition's
 /// console; other ports read as all ones and ignore writes (nothing is
 /// there). String I/O is not emulated.
-fn io_exit(m: &mut Machine<X86>, v: usize, qualification: u64) -> Result<Step, VmcsError> {
-    let io = IoAccess::decode(qualification);
+fn io_exit(m: &mut Machine<X86>, v: usize, g: Guest, io: IoAccess, len: u64) -> Result<Step, VmcsError> {
     if io.string {
         hv_event!("unsupported-io", port = format_args!("{:#x}", io.port), rep = u8::from(io.rep));
         fault(m, v, "unsupported-io", u64::from(io.port));
@@ -754,6 +897,6 @@ fn io_exit(m: &mut Machine<X86>, v: usize, qualification: u64) -> Result<Step, V
             _ => {}
         }
     }
-    advance_rip()?;
+    advance_rip(g, len)?;
     Ok(Step::Resume)
 }

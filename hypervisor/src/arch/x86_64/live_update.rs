@@ -40,7 +40,7 @@ use loader::elf::{self, Machine as ElfMachine};
 use loader::image_desc::{Descriptor, ImageArch};
 use loader::{BootInfo, PhysRange};
 
-use super::platform::{tsc_hz, MACHINE, X86};
+use super::platform::{tsc_hz, Backend, MACHINE, X86};
 use super::{smp, tsc, vmcs, vmx, MAPPED_LIMIT};
 
 /// Scratch after the staged image: the trampoline's code page, its
@@ -147,6 +147,11 @@ impl UpdatePlatform for Vmx {
     }
 
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
+        // The SVM backend has no handover of its VMCBs yet (issue 20):
+        // refused before anything is frozen.
+        if super::svm_backend() {
+            return Err("svm-backend-cannot-live-update-yet");
+        }
         segments(staged, desc).map(|_| ())
     }
 
@@ -583,9 +588,8 @@ pub fn restore(
         .and_then(|n| n.record::<hypervisor::records::HvRecord>().ok().flatten())
         .map_or(0, |r| r.counter_hz);
     let arch = X86 {
-        controls,
+        backend: Backend::Vmx { caps: spec.caps, controls },
         cr_policy: GuestCrPolicy::new(&msrs),
-        caps: spec.caps,
         tsc_hz: hv_hz,
         mbi: spec.mbi,
         slice_end: [0; MAX_CPUS],

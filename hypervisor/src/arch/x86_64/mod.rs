@@ -1,9 +1,11 @@
-//! x86_64 in long mode, VMX root: multiboot2 entry, COM1 console, ACPI CPU
-//! discovery, AP start-up and VMXON on every CPU, then the guests named by
-//! the multiboot2 modules, under VT-x with EPT.
+//! x86_64 in long mode: multiboot2 entry, COM1 console, ACPI CPU
+//! discovery, AP start-up and VMXON (or, on an AMD CPU without VT-x,
+//! EFER.SVME) on every CPU, then the guests named by the multiboot2
+//! modules, under VT-x with EPT or SVM with nested paging.
 
 mod cpu;
 mod exits;
+mod guest;
 mod live_update;
 mod partitions;
 mod platform;
@@ -32,6 +34,7 @@ use loader::guest_modules::{self, detect_format};
 use loader::manifest::ImageFormat;
 use loader::PhysRange;
 use loader::{multiboot2, BootInfo};
+use platform::Backend;
 use x86::io::{outb, outw};
 
 global_asm!(
@@ -72,8 +75,13 @@ const PIC_MASK_ALL: u8 = 0xff;
 /// CPUs that executed VMXON successfully.
 static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
 /// The boot CPU found no VT-x but SVM, and enabled it: the others enable
-/// SVM too. (Guests do not run under SVM yet.)
+/// SVM too, and guests run under SVM.
 static SVM_BACKEND: AtomicBool = AtomicBool::new(false);
+
+/// Whether guests run under SVM (else VT-x).
+pub(crate) fn svm_backend() -> bool {
+    SVM_BACKEND.load(Ordering::Acquire)
+}
 /// CPUs with EFER.SVME set and a host save area.
 static SVME_CPUS: AtomicUsize = AtomicUsize::new(0);
 /// The boot CPU is in VMX operation (a new image giving the machine back
@@ -182,6 +190,14 @@ fn early_init() {
     crate::heap::init();
     cpu::install_idt();
     BSP_APIC_ID.store(smp::my_apic_id(), Ordering::Relaxed);
+    // SAFETY: port writes to the PICs' mask registers; no interrupt is
+    // wanted from them (guests' I/O never reaches them), and under SVM
+    // the host takes interrupts after each exit, whose vectors must be
+    // its own (a BIOS's PIC delivers IRQ 0 at vector 8).
+    unsafe {
+        outb(PIC1_DATA, PIC_MASK_ALL);
+        outb(PIC2_DATA, PIC_MASK_ALL);
+    }
     // SAFETY: the only COM1 owner.
     let console = Box::leak(Box::new(unsafe { serial::Com1::new() }));
     hypervisor::console::set_uart(console);
@@ -357,6 +373,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
     if let Some(Ok(_)) = svm {
         SVM_BACKEND.store(true, Ordering::Release);
         SVME_CPUS.fetch_add(1, Ordering::AcqRel);
+        CPU_READY[0].store(true, Ordering::Release);
     }
     if vmx.is_ok() {
         VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
@@ -395,9 +412,25 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         }
         Err(e) => {
             hv_event!("vmx", available = 0, reason = e.reason());
-            report_svm(svm, !info.modules.is_empty());
-            // No guest runs on this path yet: the VT-d unit is brought up
-            // blocking every device, and probed, with throw-away pages.
+            let svm_caps = report_svm(svm);
+            if let (Some(caps), false) = (svm_caps, info.modules.is_empty()) {
+                match start_guests(&info, mbi, svm_backend_of(caps)) {
+                    Ok(0) => fail("no-guest-could-start"),
+                    Ok(_) => {}
+                    Err(reason) => fail(reason),
+                }
+                run::release_secondaries();
+                run::run_cpu(0)
+            }
+            if svm_caps.is_some() {
+                report_first_svm_guest();
+            }
+            // No guests: the first SVM guest ran; the VT-d
+            // unit is brought up blocking every device, and probed, with
+            // throw-away pages.
+            if svm_caps.is_none() && !info.modules.is_empty() {
+                hv_event!("no-guests", reason = "no-vmx-or-svm");
+            }
             let unit = VTD_UNIT[0].load(Ordering::Relaxed);
             if unit != 0 {
                 let mut frames =
@@ -414,7 +447,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
         hv_event!("shutdown", status = "ok");
         shutdown(true)
     }
-    match start_guests(&info, &caps, mbi) {
+    match vmx_backend_of(&caps).and_then(|backend| start_guests(&info, mbi, backend)) {
         Ok(0) => fail("no-guest-could-start"),
         Ok(_) => {}
         Err(reason) => fail(reason),
@@ -450,6 +483,9 @@ enum BootError {
     TscCalibration,
     NoRoomForScratch,
     OutOfMemory,
+    /// The SVM backend bounds slices with the local APIC timer, which
+    /// did not count.
+    NoSliceTimer,
 }
 
 impl core::fmt::Display for BootError {
@@ -462,18 +498,14 @@ impl core::fmt::Display for BootError {
             Self::TscCalibration => f.write_str("tsc-calibration-failed"),
             Self::NoRoomForScratch => f.write_str("no-room-for-scratch"),
             Self::OutOfMemory => f.write_str("out-of-memory"),
+            Self::NoSliceTimer => f.write_str("apic-timer-does-not-count"),
         }
     }
 }
 
-fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize, BootError> {
-    let specs = guest_modules::guests_from_modules(&info.modules, |range| {
-        LowMemory.bytes(range.base, range.size.min(FORMAT_PROBE) as usize).map_or(ImageFormat::Flat, detect_format)
-    })
-    .map_err(|e| {
-        println!("boot modules: {e}");
-        BootError::Modules(e)
-    })?;
+/// The VT-x backend: what VMX offers checked against what the guests
+/// need, and the VMCS controls resolved.
+fn vmx_backend_of(caps: &VmxCaps) -> Result<(Backend, GuestCrPolicy), BootError> {
     caps.check_guest_support().map_err(BootError::MissingFeature)?;
     let msrs = vmx::read_msrs();
     let controls = VmcsControls::resolve(&msrs).map_err(BootError::VmxControls)?;
@@ -485,8 +517,44 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize
         exit = format_args!("{:#x}", controls.exit),
         entry = format_args!("{:#x}", controls.entry),
     );
+    Ok((Backend::Vmx { caps: *caps, controls }, GuestCrPolicy::new(&msrs)))
+}
+
+/// The SVM backend: the permission maps, and the CR rules of a processor
+/// that pins no CR0 bit, with the CR4 bits its CPUID offers.
+fn svm_backend_of(caps: SvmCaps) -> (Backend, GuestCrPolicy) {
+    let (iopm, msrpm) = svm::permission_maps();
+    let leaf1 = raw_cpuid::cpuid!(1);
+    let leaf7 = raw_cpuid::cpuid!(7, 0);
+    let cr4 = hypervisor::arch::x86_64::cr::cr4_supported(leaf1.edx, leaf7.ebx, leaf7.ecx);
+    hv_event!("svm-backend", asids = caps.asids, cr4_supported = format_args!("{cr4:#x}"));
+    (Backend::Svm { caps, iopm, msrpm }, GuestCrPolicy::unpinned(cr4))
+}
+
+/// Reads the guests from the boot modules and builds their partitions
+/// under `backend`. Returns how many started.
+fn start_guests(
+    info: &BootInfo,
+    mbi: PhysRange,
+    (backend, cr_policy): (Backend, GuestCrPolicy),
+) -> Result<usize, BootError> {
+    let specs = guest_modules::guests_from_modules(&info.modules, |range| {
+        LowMemory.bytes(range.base, range.size.min(FORMAT_PROBE) as usize).map_or(ImageFormat::Flat, detect_format)
+    })
+    .map_err(|e| {
+        println!("boot modules: {e}");
+        BootError::Modules(e)
+    })?;
     let tsc_hz = tsc::calibrate().ok_or(BootError::TscCalibration)?;
-    hv_event!("tsc", hz = tsc_hz, preemption_timer_shift = caps.preemption_timer_shift);
+    match backend {
+        Backend::Vmx { caps, .. } => {
+            hv_event!("tsc", hz = tsc_hz, preemption_timer_shift = caps.preemption_timer_shift);
+        }
+        Backend::Svm { .. } => {
+            let apic_hz = svm::calibrate_slice_timer(tsc_hz).ok_or(BootError::NoSliceTimer)?;
+            hv_event!("tsc", hz = tsc_hz, slice_timer = svm::slice_timer_mode(), apic_timer_hz = apic_hz);
+        }
+    }
     let mut reserved = reserved(info);
     // Scratch: where an update image is staged, never preserved.
     let scratch = hypervisor::live_update::reserve_scratch(&info.ram, &mut reserved, STAGING_BYTES)
@@ -501,30 +569,24 @@ fn start_guests(info: &BootInfo, caps: &VmxCaps, mbi: PhysRange) -> Result<usize
     // just allocated for it.
     unsafe { core::ptr::copy_nonoverlapping(mbi.base as *const u8, mbi_copy.base as *mut u8, mbi.size as usize) };
     let cpus: Vec<usize> = (0..MAX_CPUS).filter(|&c| CPU_READY[c].load(Ordering::Acquire)).collect();
-    // SAFETY: port writes to the PICs' mask registers; no interrupt is
-    // wanted from them (guests' I/O never reaches them).
-    unsafe {
-        outb(PIC1_DATA, PIC_MASK_ALL);
-        outb(PIC2_DATA, PIC_MASK_ALL);
-    }
     Ok(partitions::create(partitions::MachineSpec {
         specs: &specs,
         ram: &info.ram,
         frames,
         cpus: &cpus,
-        caps: *caps,
-        controls,
-        cr_policy: GuestCrPolicy::new(&msrs),
+        backend,
+        cr_policy,
         tsc_hz,
         scratch,
         mbi: mbi_copy,
     }))
 }
 
-/// What the boot CPU found of SVM, on a machine without VT-x. Guests do
-/// not run under SVM yet (issue 20): a run with guests says so.
-fn report_svm(svm: Option<Result<SvmCaps, SvmError>>, guests: bool) {
-    let Some(svm) = svm else { return };
+/// What the boot CPU found of SVM, on a machine without VT-x; with
+/// nothing to run, the first SVM guest runs to show VMRUN works. Returns
+/// the capabilities if guests can run under SVM.
+fn report_svm(svm: Option<Result<SvmCaps, SvmError>>) -> Option<SvmCaps> {
+    let svm = svm?;
     match svm {
         Ok(caps) => {
             hv_event!(
@@ -542,29 +604,33 @@ fn report_svm(svm: Option<Result<SvmCaps, SvmError>>, guests: bool) {
                 guest_support = caps.check_guest_support().err().map_or("ok", SvmError::reason),
                 svme_cpus = SVME_CPUS.load(Ordering::Acquire),
             );
-            if caps.check_guest_support().is_ok() {
-                match svm::first_guest(0) {
-                    Ok(g) => {
-                        let mut exits = alloc::string::String::new();
-                        for (k, e) in g.exits.iter().flatten().enumerate() {
-                            exits.push_str(if k == 0 { "" } else { "," });
-                            exits.push_str(e.name());
-                        }
-                        hv_event!(
-                            "svm-first-guest",
-                            exits = exits,
-                            npf_gpa = format_args!("{:#x}", g.fault_gpa.unwrap_or(0)),
-                            halted_at = format_args!("{:#x}", g.halted_at.unwrap_or(0)),
-                        );
-                    }
-                    Err(why) => hv_event!("svm-first-guest", failed = why),
-                }
-            }
-            if guests {
-                hv_event!("no-guests", reason = "svm-backend-not-built");
-            }
+            caps.check_guest_support().ok()?;
+            Some(caps)
         }
-        Err(e) => hv_event!("svm", available = 0, reason = e.reason()),
+        Err(e) => {
+            hv_event!("svm", available = 0, reason = e.reason());
+            None
+        }
+    }
+}
+
+/// The first SVM guest (`svm::first_guest`), reported.
+fn report_first_svm_guest() {
+    match svm::first_guest(0) {
+        Ok(g) => {
+            let mut exits = alloc::string::String::new();
+            for (k, e) in g.exits.iter().flatten().enumerate() {
+                exits.push_str(if k == 0 { "" } else { "," });
+                exits.push_str(e.name());
+            }
+            hv_event!(
+                "svm-first-guest",
+                exits = exits,
+                npf_gpa = format_args!("{:#x}", g.fault_gpa.unwrap_or(0)),
+                halted_at = format_args!("{:#x}", g.halted_at.unwrap_or(0)),
+            );
+        }
+        Err(why) => hv_event!("svm-first-guest", failed = why),
     }
 }
 
@@ -594,10 +660,19 @@ extern "C" fn hv_ap_main(index: u64) -> ! {
         if svme {
             SVME_CPUS.fetch_add(1, Ordering::AcqRel);
         }
+        if let (true, Some(ready)) = (svme, CPU_READY.get(cpu)) {
+            ready.store(true, Ordering::Release);
+        }
         let online = smp::ONLINE.fetch_add(1, Ordering::AcqRel) + 1;
         hv_event!("cpu-online", cpu = index, apic_id = smp::my_apic_id(), online = online, svme = u8::from(svme));
-        // No guest runs under SVM yet: the CPU waits for the power-off.
-        halt_forever()
+        if !svme {
+            halt_forever()
+        }
+        // Wait for the boot CPU to build the partitions (or power off).
+        while !run::started() {
+            core::hint::spin_loop();
+        }
+        run::run_cpu(cpu)
     }
     let vmx = vmx::enable(cpu);
     if vmx.is_ok() {

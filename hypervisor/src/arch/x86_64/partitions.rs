@@ -2,26 +2,28 @@
 //! RAM below 4 GiB (preserved at allocation), and the conventional memory
 //! at guest-physical 0 of a guest with more than one vCPU (where its
 //! application processors' start-up code goes), its image and multiboot2
-//! boot information loaded, its EPT tree and VPID, and one VMCS region
-//! per vCPU (preserved: the next image rebuilds the VMCS in place).
+//! boot information loaded, its nested table (EPT under VT-x, NPT under
+//! SVM) and VPID or ASID, and one VMCS region or VMCB per vCPU
+//! (preserved: the next image rebuilds the VMCS in place).
 
 use alloc::vec::Vec;
 use core::fmt;
 
 use hypervisor::arch::x86_64::boot::{self as guest_boot, BootError, BootLayout, BOOTLOADER_MAGIC};
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
-use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::FrameAllocator;
 use hypervisor::hv_event;
 use hypervisor::machine::{BuildError, Machine, MachineMemory, Refusal};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
 use hypervisor::preserved::{IdentityPages, PreservedMap};
-use hypervisor::stage2::{Attrs, BlockSize, Ept, FrameSource, LinearMap, MapError, Perms, Stage2Table};
+use hypervisor::stage2::{
+    Attrs, BlockSize, Ept, FrameSource, LinearMap, MapError, Npt, Perms, Stage2Format, Stage2Table,
+};
 use kho::ScratchPlan;
 use loader::manifest::GuestSpec;
 use loader::PhysRange;
 
-use super::platform::{set_tsc_hz, X86Partition, MACHINE, X86};
+use super::platform::{set_tsc_hz, Backend, NestedTable, X86Partition, MACHINE, X86};
 use super::vcpu::Vcpu;
 use super::{MAPPED_LIMIT, MAX_CPUS};
 
@@ -32,8 +34,7 @@ pub struct MachineSpec<'a> {
     pub frames: FrameAllocator,
     /// Indices of the CPUs that run guests.
     pub cpus: &'a [usize],
-    pub caps: VmxCaps,
-    pub controls: VmcsControls,
+    pub backend: Backend,
     pub cr_policy: GuestCrPolicy,
     pub tsc_hz: u64,
     pub scratch: ScratchPlan,
@@ -65,6 +66,8 @@ pub enum GuestError {
     ImageShorterThanSegments,
     Ept(MapError),
     OutOfMemory,
+    /// More partitions than the processor has SVM ASIDs for.
+    OutOfAsids,
 }
 
 impl fmt::Display for GuestError {
@@ -78,6 +81,7 @@ impl fmt::Display for GuestError {
             Self::ImageShorterThanSegments => f.write_str("image-shorter-than-its-segments"),
             Self::Ept(_) => f.write_str("ept-map"),
             Self::OutOfMemory => f.write_str("out-of-memory"),
+            Self::OutOfAsids => f.write_str("out-of-asids"),
         }
     }
 }
@@ -148,36 +152,57 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
         unsafe { core::ptr::write_bytes(low.base as *mut u8, 0, conventional as usize) };
         Some(low)
     };
-    let largest = match (m.arch.caps.ept_1g, m.arch.caps.ept_2m) {
-        (true, _) => BlockSize::Size1G,
-        (false, true) => BlockSize::Size2M,
-        (false, false) => BlockSize::Size4K,
+    // The largest leaf the tables may use, and what a vCPU's control
+    // page starts with: VMX's revision identifier (SDM §25.2), or nothing
+    // (a VMCB is built from zero).
+    let (largest, revision, is_svm) = match m.arch.backend {
+        Backend::Vmx { caps, .. } => (
+            match (caps.ept_1g, caps.ept_2m) {
+                (true, _) => BlockSize::Size1G,
+                (false, true) => BlockSize::Size2M,
+                (false, false) => BlockSize::Size4K,
+            },
+            Some(caps.revision),
+            false,
+        ),
+        Backend::Svm { caps, .. } => {
+            // ASID 0 is the host's.
+            if u32::from(vpid) >= caps.asids {
+                m.free_guest_ram(block);
+                if let Some(low) = low {
+                    m.free_guest_ram(low);
+                }
+                return Err(GuestError::OutOfAsids);
+            }
+            (BlockSize::Size2M, None, true)
+        }
     };
-    let revision = m.arch.caps.revision;
-    // SAFETY: RAM is identity-mapped, so physical = virtual.
-    let phys = unsafe { LinearMap::new(0) };
     let mut frames = m.preserving_frames();
-    let mut ept = Stage2Table::<Ept, LinearMap>::new(&mut frames, phys).map_err(GuestError::Ept)?;
-    ept.set_max_block_size(largest);
-    ept.map(GUEST_RAM_BASE, block.base, mem, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(GuestError::Ept)?;
-    if let Some(low) = low {
-        ept.map(0, low.base, conventional, Attrs::ram(Perms::ReadWriteExec), &mut frames).map_err(GuestError::Ept)?;
-    }
+    let (nested, mib2, gib1) = if is_svm {
+        let t = nested_table::<Npt>(ram, low, largest, &mut frames)?;
+        let counts = (t.leaf_count(BlockSize::Size2M), t.leaf_count(BlockSize::Size1G));
+        (NestedTable::Npt(t), counts.0, counts.1)
+    } else {
+        let t = nested_table::<Ept>(ram, low, largest, &mut frames)?;
+        let counts = (t.leaf_count(BlockSize::Size2M), t.leaf_count(BlockSize::Size1G));
+        (NestedTable::Ept(t), counts.0, counts.1)
+    };
     let mut contexts = Vec::new();
     for index in 0..spec.vcpus {
-        let vmcs_page = frames.alloc_frame().ok_or(GuestError::OutOfMemory)?;
-        // SAFETY: a fresh page for this vCPU's VMCS; the region starts with
-        // the revision identifier and is otherwise zero (SDM §25.2).
+        let page = frames.alloc_frame().ok_or(GuestError::OutOfMemory)?;
+        // SAFETY: a fresh page for this vCPU's VMCS or VMCB, zeroed; a
+        // VMCS region starts with the revision identifier (SDM §25.2).
         unsafe {
-            core::ptr::write_bytes(vmcs_page as *mut u8, 0, 4096);
-            core::ptr::write_volatile(vmcs_page as *mut u32, revision);
+            core::ptr::write_bytes(page as *mut u8, 0, 4096);
+            if let Some(revision) = revision {
+                core::ptr::write_volatile(page as *mut u32, revision);
+            }
         }
-        contexts.push(Vcpu::new(index, vmcs_page, layout.entry_gpa, u64::from(BOOTLOADER_MAGIC), layout.info_gpa()));
+        contexts.push(Vcpu::new(index, page, layout.entry_gpa, u64::from(BOOTLOADER_MAGIC), layout.info_gpa()));
     }
-    let root = ept.root();
-    let (mib2, gib1) = (ept.leaf_count(BlockSize::Size2M), ept.leaf_count(BlockSize::Size1G));
+    let root = nested.root();
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
-    let part = X86Partition::new(ept, spec.vcpus);
+    let part = X86Partition::new(nested, spec.vcpus);
     let p = m.add_partition(info, vpid, part, contexts).map_err(GuestError::Machine)?;
     hv_event!(
         "guest-start",
@@ -197,6 +222,27 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     Ok(())
 }
 
+/// A partition's nested table of format `F` (EPT or NPT): its RAM at
+/// [`GUEST_RAM_BASE`] and its conventional memory (if any) at 0, with
+/// every permission, in leaves up to `largest`.
+fn nested_table<F: Stage2Format>(
+    ram: GuestRam,
+    low: Option<PhysRange>,
+    largest: BlockSize,
+    frames: &mut impl FrameSource,
+) -> Result<Stage2Table<F, LinearMap>, GuestError> {
+    // SAFETY: RAM is identity-mapped, so physical = virtual.
+    let phys = unsafe { LinearMap::new(0) };
+    let mut t = Stage2Table::<F, LinearMap>::new(frames, phys).map_err(GuestError::Ept)?;
+    t.set_max_block_size(largest);
+    t.map(GUEST_RAM_BASE, ram.host_base, ram.size, Attrs::ram(Perms::ReadWriteExec), frames)
+        .map_err(GuestError::Ept)?;
+    if let Some(low) = low {
+        t.map(0, low.base, low.size, Attrs::ram(Perms::ReadWriteExec), frames).map_err(GuestError::Ept)?;
+    }
+    Ok(t)
+}
+
 /// Builds every partition and installs the machine. Returns how many
 /// started.
 pub fn create(spec: MachineSpec<'_>) -> usize {
@@ -207,9 +253,8 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
         ram: spec.ram.to_vec(),
     };
     let arch = X86 {
-        controls: spec.controls,
+        backend: spec.backend,
         cr_policy: spec.cr_policy,
-        caps: spec.caps,
         tsc_hz: spec.tsc_hz,
         mbi: spec.mbi,
         slice_end: [0; MAX_CPUS],

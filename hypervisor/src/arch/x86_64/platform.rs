@@ -1,7 +1,8 @@
 //! The x86_64 side of the machine (`hypervisor::machine::Arch`) under
-//! VT-x: vCPU contexts with their VMCS, each partition's EPT tree and
-//! emulated COM1, the VMX capabilities and controls every VMCS is built
-//! from, and the EPT adopted in place after an update.
+//! VT-x or AMD SVM: vCPU contexts with their VMCS or VMCB, each
+//! partition's nested table (EPT or NPT, built by the one stage-2 engine)
+//! and emulated COM1, what the backend offers and the controls every VMCS
+//! is built from, and the EPT adopted in place after an update.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -9,12 +10,13 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
 use hypervisor::arch::x86_64::lapic::{self, Lapic, VectorSet};
 use hypervisor::arch::x86_64::startup::{self, Startup};
+use hypervisor::arch::x86_64::svm_caps::SvmCaps;
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::preserved::IdentityPages;
 use hypervisor::records::{format_code, LapicRecord, PartitionRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES};
-use hypervisor::stage2::{Ept, LinearMap, Stage2Table};
+use hypervisor::stage2::{Ept, LinearMap, Npt, Stage2Table};
 use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
 use loader::PhysRange;
@@ -23,11 +25,27 @@ use sparse_bitmap::MultiOrderBitmap;
 use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_LEN};
 use super::{smp, MAX_CPUS};
 
-/// Machine-wide VT-x state.
+/// The virtualisation extension the machine runs its guests with, picked
+/// at boot from CPUID: VT-x where the CPU has it, else AMD SVM.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Vmx {
+        caps: VmxCaps,
+        controls: VmcsControls,
+    },
+    /// `iopm` and `msrpm`: the I/O and MSR permission maps every VMCB
+    /// points at (all ones: every port and MSR access is intercepted).
+    Svm {
+        caps: SvmCaps,
+        iopm: u64,
+        msrpm: u64,
+    },
+}
+
+/// Machine-wide backend state.
 pub struct X86 {
-    pub controls: VmcsControls,
+    pub backend: Backend,
     pub cr_policy: GuestCrPolicy,
-    pub caps: VmxCaps,
     pub tsc_hz: u64,
     /// The preserved copy of the multiboot2 information, handed to each
     /// new image (it names RAM, the reserved ranges and the ACPI RSDP).
@@ -40,9 +58,31 @@ pub struct X86 {
     pub update_request: [Option<(usize, u64, u64)>; MAX_CPUS],
 }
 
+impl X86 {
+    pub fn is_svm(&self) -> bool {
+        matches!(self.backend, Backend::Svm { .. })
+    }
+}
+
+/// A partition's nested table: EPT under VT-x (SDM Vol. 3C §29.3), NPT
+/// under SVM (the legacy x86-64 format, APM Vol. 2 §15.25).
+pub enum NestedTable {
+    Ept(Stage2Table<Ept, LinearMap>),
+    Npt(Stage2Table<Npt, LinearMap>),
+}
+
+impl NestedTable {
+    pub fn root(&self) -> u64 {
+        match self {
+            Self::Ept(t) => t.root(),
+            Self::Npt(t) => t.root(),
+        }
+    }
+}
+
 /// The x86_64 part of a partition.
 pub struct X86Partition {
-    pub ept: Stage2Table<Ept, LinearMap>,
+    pub nested: NestedTable,
     /// The emulated COM1's line control register (for DLAB).
     pub uart_lcr: u8,
     /// #GP faults injected so far.
@@ -70,9 +110,9 @@ pub struct X86Partition {
 impl X86Partition {
     /// A partition of `vcpus` vCPUs at power-on: vCPU 0 running, the
     /// others waiting for a SIPI.
-    pub fn new(ept: Stage2Table<Ept, LinearMap>, vcpus: u32) -> Self {
+    pub fn new(nested: NestedTable, vcpus: u32) -> Self {
         Self {
-            ept,
+            nested,
             uart_lcr: 0,
             gp_injected: 0,
             unbacked: 0,
@@ -131,8 +171,9 @@ impl X86Partition {
         self.inbox.get_mut(index).map(core::mem::take).unwrap_or_default()
     }
 
+    /// The EPT pointer of the partition's table (under VT-x).
     pub fn eptp(&self) -> u64 {
-        Ept::eptp(self.ept.root())
+        Ept::eptp(self.nested.root())
     }
 }
 
@@ -193,7 +234,7 @@ impl Arch for X86 {
     }
 
     fn stage2_root(p: &X86Partition) -> u64 {
-        p.ept.root()
+        p.nested.root()
     }
 
     fn save_context(vcpu: &Vcpu, out: &mut [u8]) -> Option<usize> {
@@ -205,7 +246,7 @@ impl Handover for X86 {
     const IMAGES_PRESERVED: bool = false;
 
     fn record_partition(p: &Partition<Self>, rec: &mut PartitionRecord) {
-        rec.stage2_root = p.arch.ept.root();
+        rec.stage2_root = p.arch.nested.root();
         rec.image_format = format_code(ImageFormat::Flat);
     }
 
@@ -279,7 +320,7 @@ impl Handover for X86 {
         let phys = unsafe { LinearMap::new(0) };
         let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys)
             .map_err(|error| RestoreError::Stage2 { id: rec.id, error })?;
-        let mut part = X86Partition::new(ept, rec.vcpus);
+        let mut part = X86Partition::new(NestedTable::Ept(ept), rec.vcpus);
         for (index, apic) in apics.iter().enumerate() {
             part.stash_apic(index, apic);
         }

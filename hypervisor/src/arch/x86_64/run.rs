@@ -1,11 +1,12 @@
-//! Each physical CPU's life in VMX root operation on x86_64: the
-//! scheduling loop over the machine's run queue, bringing the vCPUs'
-//! local APICs up to date (IPIs, timers), carrying out a start-up IPI
-//! another vCPU sent (the vCPU reset into real mode), making a vCPU's
-//! VMCS current (built on first use, SDM Vol. 3C ch. 25), injecting its
-//! APIC's interrupt, running it with the VMX-preemption timer bounding
-//! its slice and the next APIC timer of this CPU, and acting on how the
-//! entry ended.
+//! Each physical CPU's life as the hypervisor on x86_64, under VT-x or
+//! SVM: the scheduling loop over the machine's run queue, bringing the
+//! vCPUs' local APICs up to date (IPIs, timers), carrying out a start-up
+//! IPI another vCPU sent (the vCPU reset into real mode), making a
+//! vCPU's VMCS current (built on first use, SDM Vol. 3C ch. 25) or
+//! building its VMCB (`svm.rs`), injecting its APIC's interrupt, running
+//! it with its slice and the next APIC timer of this CPU bounded (the
+//! VMX-preemption timer, or the host's local APIC timer under SVM), and
+//! acting on how the entry ended.
 
 use core::fmt::Write as _;
 use core::ptr::NonNull;
@@ -27,10 +28,11 @@ use x86::vmx::vmcs::{control, guest, host, ro};
 
 use super::cpu::{self, HostState};
 use super::exits::{fault, handle_exit, sync_ia32e_mode, Step, RFLAGS_IF};
-use super::platform::{register_cpu, MACHINE, X86};
-use super::tsc;
+use super::guest::Vmcb;
+use super::platform::{register_cpu, Backend, MACHINE, X86};
 use super::vcpu::{self, RunResult, Vcpu};
 use super::vmcs::{self, VmcsError};
+use super::{svm, tsc};
 
 /// Scheduling time slice.
 const SLICE_MS: u64 = 10;
@@ -84,7 +86,7 @@ pub fn started() -> bool {
 /// would leave the machine.
 fn init_vmcs(m: &Machine<X86>, v: usize, entry: u64, host: &HostState) -> Result<(), VmcsError> {
     let p = &m.partitions[m.vcpus[v].partition];
-    let ctl = &m.arch.controls;
+    let Backend::Vmx { controls: ref ctl, .. } = m.arch.backend else { return Err(VmcsError::Invalid) };
     let cr0v = m.arch.cr_policy.initial_cr0();
     let cr4v = m.arch.cr_policy.initial_cr4();
     let set = vmcs::write;
@@ -251,9 +253,9 @@ fn take_startup(m: &mut Machine<X86>, cpu: usize, v: usize) -> Option<u8> {
 
 /// Makes `v` the vCPU of this CPU: its processor state loaded, its VMCS
 /// current (initialised on first use, with its EPT and VPID translations
-/// invalidated), its APIC's interrupt injected, and the preemption timer
-/// set to the rest of the slice or the next APIC timer of this CPU
-/// (`apic_deadline`), whichever comes first (and, while an update is
+/// invalidated) or its VMCB built, its APIC's interrupt injected, and its
+/// entry bounded by the rest of the slice or the next APIC timer of this
+/// CPU (`apic_deadline`), whichever comes first (and, while an update is
 /// staged, [`STAGING_ENTRY_US`] at most).
 fn prepare_entry(
     m: &mut Machine<X86>,
@@ -267,39 +269,34 @@ fn prepare_entry(
     if m.loaded[cpu] != Some(v) {
         m.put_loaded(cpu);
         // SAFETY: `v` is pinned to this CPU (it is in this CPU's queue).
-        let ctx = unsafe { m.ctx_mut(v) };
-        ctx.load();
-        if ctx.initialized {
-            vmcs::load(ctx.vmcs)?;
-        } else {
-            vmcs::clear(ctx.vmcs)?;
-            vmcs::load(ctx.vmcs)?;
-            init_vmcs(m, v, ctx.entry, host)?;
-            if ctx.restored {
-                // Adopted from a handover: the guest state it had.
-                ctx.write_back()?;
-                sync_ia32e_mode()?;
-                ctx.restored = false;
+        unsafe { m.ctx_mut(v) }.load();
+        match m.arch.backend {
+            Backend::Vmx { .. } => load_vmcs(m, v, sipi, host)?,
+            Backend::Svm { iopm, msrpm, .. } => {
+                let p = &m.partitions[m.vcpus[v].partition];
+                let (asid, ncr3) = (u32::from(p.vmid), p.arch.nested.root());
+                let policy = m.arch.cr_policy;
+                // SAFETY: `v` is pinned to this CPU.
+                let ctx = unsafe { m.ctx_mut(v) };
+                if !ctx.initialized {
+                    // SAFETY: the vCPU's own control page, pinned here and
+                    // not in a VMRUN.
+                    let vmcb = unsafe { Vmcb::new(ctx.vmcs) };
+                    let spec = svm::VmcbSpec { asid, ncr3, iopm, msrpm, entry: ctx.entry };
+                    svm::init_vmcb(vmcb, &spec, &policy);
+                    if let Some(vector) = sipi {
+                        let rdx = svm::write_sipi_state(vmcb, &policy, vector);
+                        ctx.regs.set(Gpr::RDX, rdx);
+                    }
+                    ctx.initialized = true;
+                }
             }
-            if let Some(vector) = sipi {
-                let rdx = write_sipi_state(&m.arch.cr_policy, vector)?;
-                ctx.regs.set(Gpr::RDX, rdx);
-                sync_ia32e_mode()?;
-            }
-            // Nothing cached under this EPTP or VPID may predate the
-            // tree (SDM §29.4.3.1): frames and VPIDs can be reused.
-            let p = &m.partitions[m.vcpus[v].partition];
-            vmcs::invept_single(p.arch.eptp())?;
-            vmcs::invvpid_single(p.vmid)?;
-            ctx.initialized = true;
         }
         m.loaded[cpu] = Some(v);
     }
     if m.vcpus[v].state == VcpuState::Waiting {
         m.vcpus[v].state = VcpuState::Runnable;
     }
-    // SAFETY: `v` is loaded on this CPU, which is in the hypervisor.
-    inject_apic_interrupt(&mut unsafe { m.ctx_mut(v) }.lapic)?;
     let now = tsc::now();
     if new_slice || m.arch.slice_end[cpu] <= now {
         m.arch.slice_end[cpu] = now + m.arch.tsc_hz / 1000 * SLICE_MS;
@@ -308,8 +305,54 @@ fn prepare_entry(
     if HANDSHAKE.in_progress() {
         until = until.min(now + m.arch.tsc_hz / 1_000_000 * STAGING_ENTRY_US);
     }
-    let ticks = until.saturating_sub(now) >> m.arch.caps.preemption_timer_shift;
-    vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, ticks.min(u64::from(u32::MAX)))
+    match m.arch.backend {
+        Backend::Vmx { caps, .. } => {
+            // SAFETY: `v` is loaded on this CPU, which is in the hypervisor.
+            inject_apic_interrupt(&mut unsafe { m.ctx_mut(v) }.lapic)?;
+            let ticks = until.saturating_sub(now) >> caps.preemption_timer_shift;
+            vmcs::write(guest::VMX_PREEMPTION_TIMER_VALUE, ticks.min(u64::from(u32::MAX)))
+        }
+        Backend::Svm { .. } => {
+            // SAFETY: `v` is loaded on this CPU, which is in the hypervisor.
+            let ctx = unsafe { m.ctx_mut(v) };
+            // SAFETY: its own VMCB, pinned here and not in a VMRUN.
+            svm::inject_apic_interrupt(unsafe { Vmcb::new(ctx.vmcs) }, &mut ctx.lapic);
+            svm::arm_slice_timer(until, now, m.arch.tsc_hz);
+            Ok(())
+        }
+    }
+}
+
+/// Makes `v`'s VMCS current on this CPU, building it on first use (then
+/// writing back the guest state a handover brought, or the state a
+/// start-up IPI with `sipi` starts it in).
+fn load_vmcs(m: &mut Machine<X86>, v: usize, sipi: Option<u8>, host: &HostState) -> Result<(), VmcsError> {
+    // SAFETY: `v` is pinned to this CPU (it is in this CPU's queue).
+    let ctx = unsafe { m.ctx_mut(v) };
+    if ctx.initialized {
+        return vmcs::load(ctx.vmcs);
+    }
+    vmcs::clear(ctx.vmcs)?;
+    vmcs::load(ctx.vmcs)?;
+    init_vmcs(m, v, ctx.entry, host)?;
+    if ctx.restored {
+        // Adopted from a handover: the guest state it had.
+        ctx.write_back()?;
+        sync_ia32e_mode()?;
+        ctx.restored = false;
+    }
+    if let Some(vector) = sipi {
+        let rdx = write_sipi_state(&m.arch.cr_policy, vector)?;
+        ctx.regs.set(Gpr::RDX, rdx);
+        sync_ia32e_mode()?;
+    }
+    // Nothing cached under this EPTP or VPID may predate the tree (SDM
+    // §29.4.3.1): frames and VPIDs can be reused.
+    let p = &m.partitions[m.vcpus[v].partition];
+    vmcs::invept_single(p.arch.eptp())?;
+    vmcs::invvpid_single(p.vmid)?;
+    ctx.initialized = true;
+    Ok(())
 }
 
 /// Injects the interrupt the current vCPU's APIC would deliver now, as an
@@ -443,6 +486,10 @@ fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcp
 pub fn run_cpu(cpu: usize) -> ! {
     let host = cpu::init(cpu);
     register_cpu(cpu);
+    let svm = super::svm_backend();
+    if svm {
+        svm::init_slice_timer();
+    }
     let mut yield_now = false;
     let mut first = true;
     loop {
@@ -453,8 +500,8 @@ pub fn run_cpu(cpu: usize) -> ! {
             super::live_update::note_resumed(cpu);
         }
         // SAFETY: `schedule` returned this CPU's loaded vCPU, whose VMCS is
-        // current; only this CPU touches its context.
-        let result = unsafe { ctx.as_mut() }.run();
+        // current or whose VMCB is built; only this CPU touches its context.
+        let result = if svm { unsafe { ctx.as_mut() }.run_svm(cpu) } else { unsafe { ctx.as_mut() }.run() };
         let mut guard = MACHINE.lock();
         let Some(m) = guard.as_mut() else { super::halt_forever() };
         let Some(v) = m.loaded[cpu] else { super::halt_forever() };

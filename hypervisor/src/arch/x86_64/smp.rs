@@ -28,8 +28,9 @@ const ICR_STARTUP: u32 = 0x0000_4600;
 const ICR_BUSY: u32 = 1 << 12;
 /// The kick: a fixed interrupt (delivery mode 000b, physical destination)
 /// with a vector of the hypervisor's own. It only makes a CPU running a
-/// guest exit (external-interrupt exiting, acknowledged on exit); the
-/// hypervisor runs with interrupts disabled and never takes it.
+/// guest exit (VMX: external-interrupt exiting, acknowledged on exit;
+/// SVM: the INTR intercept, then taken by `hv_host_interrupt`); the
+/// hypervisor otherwise runs with interrupts disabled.
 pub const KICK_VECTOR: u32 = 0xf0;
 /// How long a kick waits for an earlier IPI to leave the ICR.
 const ICR_IDLE_POLLS: u32 = 1000;
@@ -71,6 +72,16 @@ fn apic_read(reg: usize) -> u32 {
 fn apic_write(reg: usize, value: u32) {
     // SAFETY: as above; ICR writes send IPIs, which is the intent.
     unsafe { core::ptr::write_volatile((apic_base() + reg) as *mut u32, value) }
+}
+
+/// Reads a local APIC register (the SVM backend's slice timer).
+pub(crate) fn apic_read_reg(reg: usize) -> u32 {
+    apic_read(reg)
+}
+
+/// Writes a local APIC register (the SVM backend's slice timer).
+pub(crate) fn apic_write_reg(reg: usize, value: u32) {
+    apic_write(reg, value);
 }
 
 /// Signals the end of the interrupt in service at this CPU's local APIC

@@ -4,22 +4,35 @@
 //! a host save area (VM_HSAVE_PA, §15.30.4) in which VMRUN keeps the host
 //! state. Then the first guest code under SVM ([`first_guest`]): a
 //! real-mode guest of three instructions in a page the nested tables map,
-//! entered with VMRUN (`svmentry.S`) until it halts. The backend that runs
-//! the machine's partitions under SVM is not built yet: a CPU with SVM
-//! and no VT-x reports what it offers, runs that guest, and runs no other.
+//! entered with VMRUN (`svmentry.S`) until it halts, run when there are
+//! no guests to show the machine works. Then the backend the partitions
+//! run on under SVM: each vCPU's VMCB built as a multiboot2 loader leaves
+//! the machine ([`init_vmcb`]) or as a start-up IPI does
+//! ([`write_sipi_state`]), its local APIC's interrupt injected with
+//! EVENTINJ or waited for with V_IRQ ([`inject_apic_interrupt`]), and
+//! the slice bounded by this CPU's local APIC timer in TSC-deadline mode,
+//! whose interrupt the INTR intercept turns into an exit
+//! ([`arm_slice_timer`]).
 
 use core::arch::global_asm;
 
+use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::debug::{DR6_INIT as GUEST_DR6_INIT, DR7_INIT as GUEST_DR7_INIT};
+use hypervisor::arch::x86_64::lapic::Lapic;
+use hypervisor::arch::x86_64::msr::PAT_DEFAULT;
+use hypervisor::arch::x86_64::startup::{self, Segment};
 use hypervisor::arch::x86_64::svm_caps::{SvmCaps, SvmCpuid, SvmError};
 use hypervisor::arch::x86_64::vmcb::{
-    control, instruction_len, misc1, misc2, save, SvmExit, EFER_SVME, SEG_ATTRIB, SEG_BASE, SEG_LIMIT, SEG_SELECTOR,
-    VMCB_BYTES,
+    attrib_from_vmx_ar, control, cr_write_intercept, instruction_len, misc1, misc2, save, vintr, SvmExit, DR_ALL,
+    EFER_SVME, EVENT_VALID, EXCEPTION_UD, INTERRUPT_SHADOW_ACTIVE, IOPM_BYTES, MSRPM_BYTES, SEG_ATTRIB, SEG_BASE,
+    SEG_LIMIT, SEG_SELECTOR, VMCB_BYTES,
 };
 use hypervisor::frames::FrameAllocator;
 use hypervisor::stage2::{Attrs, LinearMap, Npt, Perms, Stage2Table};
 use loader::PhysRange;
 use x86::msr::{rdmsr, wrmsr, IA32_EFER};
 
+use super::guest::Vmcb as VmcbRef;
 use super::vcpu::GuestRegs;
 use super::MAX_CPUS;
 
@@ -27,6 +40,302 @@ global_asm!(include_str!("svmentry.S"), options(att_syntax));
 
 extern "C" {
     fn svm_run(regs: *mut GuestRegs, vmcb_pa: u64, host_area_pa: u64);
+}
+
+/// The VMRUN of a vCPU whose VMCB is at `vmcb_pa`, from CPU `cpu`: its
+/// RAX goes in through the VMCB (VMRUN loads it from there), the other
+/// registers through `regs`. Returns once it exits.
+///
+/// # Safety
+/// SVM is enabled on this CPU, which is `cpu`; the VMCB is complete
+/// ([`init_vmcb`]), identity-mapped, and belongs to a vCPU pinned here.
+pub unsafe fn run_vcpu(regs: &mut GuestRegs, vmcb_pa: u64, cpu: usize) {
+    // SAFETY: the caller's contract.
+    let vmcb = unsafe { VmcbRef::new(vmcb_pa) };
+    vmcb.set(save::RAX, regs.gpr[0]);
+    // SAFETY: this CPU's own area, used only by `svm_run` on this CPU;
+    // `cpu` < MAX_CPUS (it indexes the machine's run queues).
+    let host_area = unsafe { core::ptr::addr_of_mut!(HOST_VMSAVE_AREAS[cpu.min(MAX_CPUS - 1)]) } as u64;
+    // SAFETY: the caller's contract; VMRUN is intercepted, the ASID is
+    // not 0 and the guest's EFER has SVME (`init_vmcb`).
+    unsafe { svm_run(regs, vmcb_pa, host_area) };
+    regs.gpr[0] = vmcb.get(save::RAX);
+    // The first entry flushed the TLB (`init_vmcb`); later ones need not.
+    vmcb.set(control::GUEST_ASID, vmcb.get(control::GUEST_ASID) & 0xffff_ffff);
+}
+
+/// The I/O and MSR permission maps every VMCB points at: all ones, so
+/// every port and MSR access is intercepted (APM Vol. 2 §15.10.1,
+/// §15.11), as VMX runs without I/O or MSR bitmaps. Filled by
+/// [`permission_maps`] at boot.
+#[repr(C, align(4096))]
+struct PermissionMaps {
+    iopm: [u8; IOPM_BYTES],
+    msrpm: [u8; MSRPM_BYTES],
+}
+
+static mut PERMISSION_MAPS: PermissionMaps = PermissionMaps { iopm: [0; IOPM_BYTES], msrpm: [0; MSRPM_BYTES] };
+
+/// Fills the permission maps (once, on the boot CPU before any guest
+/// runs) and returns their addresses: (IOPM, MSRPM).
+pub fn permission_maps() -> (u64, u64) {
+    // SAFETY: called once on the boot CPU before any VMRUN reads the maps
+    // and before the other CPUs run guests; afterwards only read.
+    let maps = unsafe { &mut *core::ptr::addr_of_mut!(PERMISSION_MAPS) };
+    maps.iopm.fill(0xff);
+    maps.msrpm.fill(0xff);
+    (core::ptr::addr_of!(maps.iopm) as u64, core::ptr::addr_of!(maps.msrpm) as u64)
+}
+
+/// Guest segment state as a multiboot2 loader leaves it (Multiboot2 spec
+/// §3.3): flat 4 GiB 32-bit code (selector 0x08) and data (0x10), in VMX
+/// access rights converted to the VMCB's attrib; LDTR unusable, TR a busy
+/// 32-bit TSS (SVM checks neither, but a guest reading them sees what
+/// VMX shows).
+const GUEST_SEL_CODE: u16 = 0x08;
+const GUEST_SEL_DATA: u16 = 0x10;
+const FLAT_LIMIT: u32 = 0xffff_ffff;
+const AR_CODE32: u64 = 0xc09b;
+const AR_DATA32: u64 = 0xc093;
+const AR_TSS32_BUSY: u64 = 0x008b;
+const TR_LIMIT: u32 = 0xff;
+
+/// Writes one segment of a VMCB: selector, attrib and limit share the
+/// first 8 bytes (Table B-2), the base the next.
+fn put_segment(vmcb: VmcbRef, at: usize, seg: Segment) {
+    let word = u64::from(seg.selector)
+        | (u64::from(attrib_from_vmx_ar(u64::from(seg.rights))) << 16)
+        | (u64::from(seg.limit) << 32);
+    vmcb.set(at + SEG_SELECTOR, word);
+    vmcb.set(at + SEG_BASE, seg.base);
+}
+
+const _: () = assert!(SEG_ATTRIB == 2 && SEG_LIMIT == 4 && SEG_SELECTOR == 0);
+
+/// What a vCPU's VMCB is built from.
+pub struct VmcbSpec {
+    pub asid: u32,
+    /// The partition's NPT root (nCR3).
+    pub ncr3: u64,
+    pub iopm: u64,
+    pub msrpm: u64,
+    /// Where the vCPU starts (guest-physical).
+    pub entry: u64,
+}
+
+/// Builds a vCPU's VMCB from zero (APM Vol. 2 Appendix B): the intercepts
+/// that give the guest the same policy as VMX does (CPUID, every MSR and
+/// port, CR0/CR4 writes, every DR access, HLT, INVD, RDPMC, #UD for
+/// Intel's VMCALL, the SVM and other hidden instructions, shutdown, and
+/// INTR and NMI, which end the slice), its ASID with a TLB flush on the
+/// first VMRUN, nested paging with its NPT, V_INTR_MASKING (so CR8 is
+/// V_TPR and the host's RFLAGS.IF masks physical interrupts), and the
+/// guest state as a multiboot2 loader leaves it: 32-bit protected mode,
+/// paging off.
+pub fn init_vmcb(vmcb: VmcbRef, spec: &VmcbSpec, policy: &GuestCrPolicy) {
+    // SAFETY: `VmcbRef`'s contract: a whole page of this vCPU's, not in
+    // a VMRUN.
+    unsafe { core::ptr::write_bytes(vmcb.address() as *mut u8, 0, VMCB_BYTES) };
+    vmcb.set32(control::INTERCEPT_CR, cr_write_intercept(0) | cr_write_intercept(4));
+    vmcb.set32(control::INTERCEPT_DR, DR_ALL);
+    vmcb.set32(control::INTERCEPT_EXCEPTIONS, EXCEPTION_UD);
+    vmcb.set32(
+        control::INTERCEPT_MISC1,
+        misc1::INTR
+            | misc1::NMI
+            | misc1::RDPMC
+            | misc1::CPUID
+            | misc1::INVD
+            | misc1::HLT
+            | misc1::INVLPGA
+            | misc1::IOIO_PROT
+            | misc1::MSR_PROT
+            | misc1::SHUTDOWN,
+    );
+    vmcb.set32(
+        control::INTERCEPT_MISC2,
+        misc2::VMRUN
+            | misc2::VMMCALL
+            | misc2::VMLOAD
+            | misc2::VMSAVE
+            | misc2::STGI
+            | misc2::CLGI
+            | misc2::SKINIT
+            | misc2::MONITOR
+            | misc2::MWAIT
+            | misc2::MWAIT_ARMED
+            | misc2::XSETBV,
+    );
+    vmcb.set(control::IOPM_BASE_PA, spec.iopm);
+    vmcb.set(control::MSRPM_BASE_PA, spec.msrpm);
+    // TLB_CONTROL 1 (bits 39:32 of the ASID word): flush every ASID's
+    // entries on this VMRUN, the only flush without FLUSH_BY_ASID; the
+    // ASID's entries may predate the tree (ASIDs are reused).
+    vmcb.set(control::GUEST_ASID, u64::from(spec.asid) | (1 << 32));
+    vmcb.set(control::V_INTR, vintr::INTR_MASKING);
+    vmcb.set(control::NP_ENABLE, 1);
+    vmcb.set(control::N_CR3, spec.ncr3);
+    let code = Segment { selector: GUEST_SEL_CODE, base: 0, limit: FLAT_LIMIT, rights: AR_CODE32 as u32 };
+    let data = Segment { selector: GUEST_SEL_DATA, base: 0, limit: FLAT_LIMIT, rights: AR_DATA32 as u32 };
+    put_segment(vmcb, save::CS, code);
+    for at in [save::SS, save::DS, save::ES, save::FS, save::GS] {
+        put_segment(vmcb, at, data);
+    }
+    put_segment(vmcb, save::TR, Segment { selector: 0, base: 0, limit: TR_LIMIT, rights: AR_TSS32_BUSY as u32 });
+    vmcb.set(save::CR0, policy.initial_cr0().real);
+    vmcb.set(save::CR4, policy.initial_cr4().real);
+    vmcb.set(save::EFER, EFER_SVME);
+    vmcb.set(save::RFLAGS, RFLAGS_FIXED);
+    vmcb.set(save::RIP, spec.entry);
+    vmcb.set(save::DR6, GUEST_DR6_INIT);
+    vmcb.set(save::DR7, GUEST_DR7_INIT);
+    vmcb.set(save::G_PAT, PAT_DEFAULT);
+}
+
+/// Overwrites the guest state of a VMCB [`init_vmcb`] just built with
+/// where a start-up IPI with `vector` starts a vCPU: real-address mode at
+/// VV00:0000, the rest as INIT leaves it (`startup::sipi_state`), which
+/// SVM runs natively under nested paging. Returns the EDX the vCPU
+/// starts with.
+pub fn write_sipi_state(vmcb: VmcbRef, policy: &GuestCrPolicy, vector: u8) -> u64 {
+    let signature = raw_cpuid::cpuid!(1).eax;
+    let s = startup::sipi_state(vector, signature);
+    vmcb.set(save::CR0, policy.reset_cr0().real);
+    put_segment(vmcb, save::CS, s.cs);
+    for at in [save::SS, save::DS, save::ES, save::FS, save::GS] {
+        put_segment(vmcb, at, s.data);
+    }
+    put_segment(vmcb, save::LDTR, s.ldtr);
+    put_segment(vmcb, save::TR, s.tr);
+    let table = Segment { selector: 0, base: 0, limit: s.table_limit, rights: 0 };
+    put_segment(vmcb, save::GDTR, table);
+    put_segment(vmcb, save::IDTR, table);
+    vmcb.set(save::RIP, s.rip);
+    vmcb.set(save::RFLAGS, s.rflags);
+    vmcb.set(save::DR7, GUEST_DR7_INIT);
+    s.rdx
+}
+
+/// RFLAGS.IF (SDM Vol. 1 §3.4.3.3).
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Injects the interrupt the vCPU's APIC would deliver now, through
+/// EVENTINJ as an external interrupt (APM Vol. 2 §15.20), when the guest
+/// can take it: RFLAGS.IF set, no interrupt shadow, no event already
+/// being injected. Otherwise V_IRQ with the VINTR intercept brings the
+/// vCPU back as soon as it can (§15.21.4, the interrupt window). V_TPR
+/// carries the APIC's TPR class, which guest CR8 accesses read and write.
+pub fn inject_apic_interrupt(vmcb: VmcbRef, lapic: &mut Lapic) {
+    let mut window = false;
+    if let Some(vector) = lapic.deliverable() {
+        let busy = vmcb.get(control::EVENTINJ) & EVENT_VALID != 0;
+        let open = vmcb.get(save::RFLAGS) & RFLAGS_IF != 0
+            && vmcb.get(control::INTERRUPT_SHADOW) & INTERRUPT_SHADOW_ACTIVE == 0;
+        if open && !busy {
+            lapic.acknowledge(vector);
+            // Type 0: an external interrupt.
+            vmcb.set(control::EVENTINJ, u64::from(vector) | EVENT_VALID);
+        } else {
+            window = true;
+        }
+    }
+    let tpr = u64::from(lapic.tpr >> 4) & vintr::TPR_MASK;
+    let mut v_intr = (vmcb.get(control::V_INTR) & !(vintr::TPR_MASK | vintr::IRQ | vintr::IGN_TPR)) | tpr;
+    let mut misc = vmcb.get32(control::INTERCEPT_MISC1) & !misc1::VINTR;
+    if window {
+        v_intr |= vintr::IRQ | vintr::IGN_TPR;
+        misc |= misc1::VINTR;
+    }
+    vmcb.set(control::V_INTR, v_intr);
+    vmcb.set32(control::INTERCEPT_MISC1, misc);
+}
+
+/// The local APIC timer (SDM Vol. 3A §11.5.4): the LVT timer register,
+/// its initial and current counts, and the divide configuration (1011b:
+/// divide by 1). TSC-deadline mode (LVT mode 10b, §11.5.4.1) where the
+/// CPU has it; else one-shot mode (00b) counting the APIC's own clock,
+/// whose rate is measured against the TSC at boot.
+const LVT_TIMER: usize = 0x320;
+const TIMER_INITIAL: usize = 0x380;
+const TIMER_CURRENT: usize = 0x390;
+const TIMER_DIVIDE: usize = 0x3e0;
+const DIVIDE_BY_1: u32 = 0b1011;
+const LVT_TSC_DEADLINE: u32 = 0b10 << 17;
+const LVT_MASKED: u32 = 1 << 16;
+pub const SLICE_VECTOR: u32 = 0xef;
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// CPUID.01H:ECX bit 24: TSC-deadline mode.
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
+/// How long the APIC timer is measured for.
+const CALIBRATION_US: u64 = 10_000;
+
+/// How slices are timed on this machine: 0 until [`calibrate_slice_timer`]
+/// ran, `u64::MAX` for TSC-deadline mode, else the APIC timer's rate in Hz.
+static APIC_TIMER_HZ: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+const TSC_DEADLINE_MODE: u64 = u64::MAX;
+
+/// How the slice timer runs, for the boot event.
+pub fn slice_timer_mode() -> &'static str {
+    match APIC_TIMER_HZ.load(core::sync::atomic::Ordering::Relaxed) {
+        0 => "none",
+        TSC_DEADLINE_MODE => "tsc-deadline",
+        _ => "apic-one-shot",
+    }
+}
+
+/// Chooses the slice timer (on the boot CPU, before any guest runs):
+/// TSC-deadline mode if CPUID offers it, else the one-shot APIC timer,
+/// whose rate is measured here over [`CALIBRATION_US`] of the TSC
+/// (`tsc_hz`). `None` if the APIC timer does not count.
+pub fn calibrate_slice_timer(tsc_hz: u64) -> Option<u64> {
+    use core::sync::atomic::Ordering;
+    if raw_cpuid::cpuid!(1).ecx & CPUID_TSC_DEADLINE != 0 {
+        APIC_TIMER_HZ.store(TSC_DEADLINE_MODE, Ordering::Relaxed);
+        return Some(TSC_DEADLINE_MODE);
+    }
+    let smp = |reg, value| super::smp::apic_write_reg(reg, value);
+    smp(TIMER_DIVIDE, DIVIDE_BY_1);
+    smp(LVT_TIMER, LVT_MASKED | SLICE_VECTOR);
+    smp(TIMER_INITIAL, u32::MAX);
+    let start = super::tsc::now();
+    let wait = tsc_hz / 1_000_000 * CALIBRATION_US;
+    while super::tsc::now() - start < wait {
+        core::hint::spin_loop();
+    }
+    let counted = u64::from(u32::MAX - super::smp::apic_read_reg(TIMER_CURRENT));
+    let elapsed = super::tsc::now() - start;
+    smp(TIMER_INITIAL, 0);
+    let hz = u64::try_from(u128::from(counted) * u128::from(tsc_hz) / u128::from(elapsed.max(1))).ok()?;
+    if hz == 0 {
+        return None;
+    }
+    APIC_TIMER_HZ.store(hz, Ordering::Relaxed);
+    Some(hz)
+}
+
+/// Puts this CPU's local APIC timer in the mode [`calibrate_slice_timer`]
+/// chose, disarmed, with the slice vector.
+pub fn init_slice_timer() {
+    let deadline = APIC_TIMER_HZ.load(core::sync::atomic::Ordering::Relaxed) == TSC_DEADLINE_MODE;
+    super::smp::apic_write_reg(TIMER_DIVIDE, DIVIDE_BY_1);
+    super::smp::apic_write_reg(LVT_TIMER, if deadline { LVT_TSC_DEADLINE } else { 0 } | SLICE_VECTOR);
+}
+
+/// Arms the slice timer for TSC value `deadline` (the TSC now being
+/// `now`, at `tsc_hz`): its interrupt makes the running guest exit (INTR
+/// intercept), and is then taken by the host (`hv_host_interrupt`) once
+/// `svm_run` sets GIF again. A deadline in the past fires at once.
+pub fn arm_slice_timer(deadline: u64, now: u64, tsc_hz: u64) {
+    let rate = APIC_TIMER_HZ.load(core::sync::atomic::Ordering::Relaxed);
+    if rate == TSC_DEADLINE_MODE {
+        // SAFETY: IA32_TSC_DEADLINE exists in TSC-deadline mode (CPUID,
+        // `calibrate_slice_timer`); writing it only arms the timer.
+        unsafe { wrmsr(IA32_TSC_DEADLINE, deadline.max(1)) };
+        return;
+    }
+    let ticks = u128::from(deadline.saturating_sub(now)) * u128::from(rate) / u128::from(tsc_hz.max(1));
+    let count = u32::try_from(ticks).unwrap_or(u32::MAX).max(1);
+    super::smp::apic_write_reg(TIMER_INITIAL, count);
 }
 
 /// VM_CR and VM_HSAVE_PA (APM Vol. 2 §15.30.1, §15.30.4).

@@ -7,7 +7,11 @@
 // save again; FS, GS, TR, LDTR and the syscall MSRs are neither saved nor
 // loaded by VMRUN, so VMSAVE/VMLOAD switch them between the host's area
 // and the guest's VMCB. GIF is clear from before the host's state is
-// saved until it is back, so no interrupt is taken half-way.
+// saved until it is back, so no interrupt is taken half-way. RFLAGS.IF
+// is set for the VMRUN: with V_INTR_MASKING the host's IF is what lets a
+// physical interrupt (the slice timer, a kick) reach the INTR intercept
+// (§15.21.1); the interrupt, still pending at the APIC, is taken through
+// the host's IDT (`hv_host_interrupt`) between STGI and CLI.
 //
 // GuestRegs layout: as `vmentry.S` (RAX and RSP slots unused here: both
 // are in the VMCB).
@@ -44,6 +48,7 @@ svm_run:
     push    %rdx                    //  8(%rsp): the host area
     push    %rsi                    //  0(%rsp): the VMCB
     clgi
+    sti
     movq    %rdx, %rax
     vmsave  %rax                    // the host's FS, GS, TR, LDTR, MSRs
     movq    (%rsp), %rax
@@ -84,6 +89,7 @@ svm_run:
     movq    8(%rsp), %rax
     vmload  %rax                    // the host's again
     stgi
+    cli
     addq    $24, %rsp
     pop     %r15
     pop     %r14

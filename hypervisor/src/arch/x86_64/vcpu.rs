@@ -330,6 +330,17 @@ impl Vcpu {
         }
     }
 
+    /// Runs the vCPU under SVM on CPU `cpu` with its VMCB (at the
+    /// address VMX would keep its VMCS region) and returns when it exits;
+    /// a VMRUN that could not enter exits with VMEXIT_INVALID, which the
+    /// exit handler reports.
+    pub fn run_svm(&mut self, cpu: usize) -> RunResult {
+        // SAFETY: the caller (`run::run_cpu`) runs this vCPU on the CPU it
+        // is pinned to, `cpu`, after `run::prepare_entry` built its VMCB.
+        unsafe { super::svm::run_vcpu(&mut self.regs, self.vmcs, cpu) };
+        RunResult::Exited
+    }
+
     /// Puts this vCPU's processor state (x87/SSE, CR2, switched MSRs,
     /// DR0-DR3 and DR6) into the processor.
     pub fn load(&self) {

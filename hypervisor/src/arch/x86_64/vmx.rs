@@ -118,8 +118,12 @@ pub fn enable(cpu: usize) -> Result<VmxCaps, VmxError> {
     Ok(caps)
 }
 
-/// Leaves VMX operation on the calling CPU.
+/// Leaves VMX operation on the calling CPU (under SVM there is none to
+/// leave: nothing to do).
 pub fn disable() {
+    if super::svm_backend() {
+        return;
+    }
     // SAFETY: VMXOFF in VMX root operation; outside it, it faults only if
     // CR4.VMXE is clear, which callers rule out by calling after `enable`.
     let _ = unsafe { x86::bits64::vmx::vmxoff() };

@@ -61,6 +61,35 @@ pub const CR4_GUEST_BITS: u64 = cr4::VME
     | cr4::SMEP
     | cr4::SMAP;
 
+/// The CR4 bits of [`CR4_GUEST_BITS`] this processor has, from CPUID
+/// leaf 1 EDX (VME 1, DE 2, PSE 3, PAE 6, MCE 7, PGE 13, FXSR 24, SSE 25)
+/// and leaf 7 EBX/ECX (FSGSBASE EBX 0, SMEP EBX 7, SMAP EBX 20, UMIP ECX
+/// 2) (SDM Vol. 3A §2.5, Table 2-2 maps each bit to its feature flag).
+/// TSD and PCE need no feature.
+pub fn cr4_supported(features1_d: u32, features7_b: u32, features7_c: u32) -> u64 {
+    let has = |reg: u32, bit: u32| reg & (1 << bit) != 0;
+    let mut bits = cr4::TSD | cr4::PCE;
+    for (present, bit) in [
+        (has(features1_d, 1), cr4::VME | cr4::PVI),
+        (has(features1_d, 2), cr4::DE),
+        (has(features1_d, 3), cr4::PSE),
+        (has(features1_d, 6), cr4::PAE),
+        (has(features1_d, 7), cr4::MCE),
+        (has(features1_d, 13), cr4::PGE),
+        (has(features1_d, 24), cr4::OSFXSR),
+        (has(features1_d, 25), cr4::OSXMMEXCPT),
+        (has(features7_b, 0), cr4::FSGSBASE),
+        (has(features7_b, 7), cr4::SMEP),
+        (has(features7_b, 20), cr4::SMAP),
+        (has(features7_c, 2), cr4::UMIP),
+    ] {
+        if present {
+            bits |= bit;
+        }
+    }
+    bits
+}
+
 /// Bits 63:32 of CR0 and CR4 are reserved.
 const CR_RESERVED_HIGH: u64 = 0xffff_ffff_0000_0000;
 
@@ -122,6 +151,19 @@ impl GuestCrPolicy {
             cr0: CrFixed { fixed0: m.cr0_fixed0, fixed1: m.cr0_fixed1, exempt: cr0::PE | cr0::PG },
             cr4,
             cr4_allowed: CR4_GUEST_BITS & m.cr4_fixed1 & !cr4.pinned(),
+        }
+    }
+
+    /// The rules under AMD SVM, which pins no CR0 bit (a guest's CR0 and
+    /// CR4 are the registers it reads, with no read shadows): a CR4 bit
+    /// is refused when the processor lacks it (`cr4_supported`, from
+    /// CPUID: [`cr4_supported`]) or the guest may not set it.
+    pub fn unpinned(cr4_supported: u64) -> Self {
+        let cr4 = CrFixed { fixed0: 0, fixed1: cr4_supported, exempt: 0 };
+        Self {
+            cr0: CrFixed { fixed0: 0, fixed1: u64::MAX, exempt: 0 },
+            cr4,
+            cr4_allowed: CR4_GUEST_BITS & cr4_supported & !cr4.pinned(),
         }
     }
 
@@ -279,5 +321,24 @@ mod tests {
         assert_eq!(p.write_cr4(0, ctx(0, cr4::PAE, EFER_LMA)), Err(GpFault::InvalidTransition));
         let v = p.write_cr4(cr4::PAE | cr4::OSFXSR, ctx(0, 0, 0)).unwrap();
         assert_eq!(v, CrValue { real: cr4::PAE | cr4::OSFXSR | cr4::VMXE, shadow: cr4::PAE | cr4::OSFXSR });
+    }
+
+    #[test]
+    fn unpinned_rules_pin_nothing_and_refuse_missing_cr4_features() {
+        // PAE, PSE, FXSR, SSE; no SMEP, no UMIP.
+        let supported = cr4_supported((1 << 3) | (1 << 6) | (1 << 24) | (1 << 25), 0, 0);
+        assert_eq!(supported, cr4::TSD | cr4::PCE | cr4::PSE | cr4::PAE | cr4::OSFXSR | cr4::OSXMMEXCPT);
+        let p = GuestCrPolicy::unpinned(supported);
+        assert_eq!(p.initial_cr0().real, p.initial_cr0().shadow);
+        assert_eq!(p.reset_cr0(), CrValue { real: cr0::ET, shadow: cr0::ET });
+        assert_eq!(p.initial_cr4(), CrValue { real: 0, shadow: 0 });
+        assert_eq!(p.cr0_mask(), 0);
+        let ctx = CrContext { cr0: cr0::PE | cr0::ET, cr4: 0, efer: 0, cs_long: false };
+        assert_eq!(p.write_cr4(cr4::PAE, ctx), Ok(CrValue { real: cr4::PAE, shadow: cr4::PAE }));
+        assert_eq!(p.write_cr4(cr4::SMEP, ctx), Err(GpFault::HiddenFeature));
+        assert_eq!(p.write_cr4(cr4::VMXE, ctx), Err(GpFault::HiddenFeature));
+        // CD and NW are the guest's to set under SVM.
+        let w = p.write_cr0(cr0::PE | cr0::CD | cr0::NW, ctx).unwrap();
+        assert_eq!(w.value.real, w.value.shadow);
     }
 }

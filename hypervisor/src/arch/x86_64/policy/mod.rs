@@ -18,6 +18,7 @@ pub mod lapic;
 pub mod msr;
 pub mod startup;
 pub mod svm_caps;
+pub mod svm_exit;
 pub mod traps;
 pub mod vmcb;
 pub mod vmx_caps;
