@@ -22,19 +22,16 @@ static EMULATOR: Mutex<()> = Mutex::new(());
 /// the end of its 4 MiB.
 const ISOLATION_PROBE: u64 = 0x4000_0000 + (4 << 20) + (64 << 20);
 
-fn run_guests(name: &str, list: &[GuestArg]) -> RunOutcome {
-    run_guests_on(name, list, 2)
-}
-
-fn run_guests_on(name: &str, list: &[GuestArg], cpus: u32) -> RunOutcome {
-    run_guests_in(Machine::Bochs, name, list, cpus)
+fn run_guests(machine: Machine, name: &str, list: &[GuestArg]) -> RunOutcome {
+    run_guests_on(machine, name, list, 2)
 }
 
 /// Runs the guests in `machine`: Bochs (VT-x) or QEMU TCG (AMD SVM).
-fn run_guests_in(machine: Machine, name: &str, list: &[GuestArg], cpus: u32) -> RunOutcome {
+fn run_guests_on(machine: Machine, name: &str, list: &[GuestArg], cpus: u32) -> RunOutcome {
     let image =
         image::build(&ImageSpec { arch: Arch::X86_64, version: None, slot: 0 }).unwrap_or_else(|e| panic!("{e}"));
-    let mut spec = RunSpec::new(name, machine);
+    let name = if machine == Machine::Qemu { format!("{name}-svm") } else { name.to_string() };
+    let mut spec = RunSpec::new(&name, machine);
     spec.cpus = cpus;
     spec.mem_mib = 128;
     spec.timeout = Duration::from_mins(2);
@@ -64,6 +61,22 @@ fn test_guest(bin: &str, options: &str) -> GuestArg {
     let dir = guests::build_test_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
     let spec = format!("{}{options}", dir.join(format!("{bin}.bin")).display());
     GuestArg::parse(&spec).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The backend `machine` runs guests with: VT-x in Bochs (its VMCS
+/// controls, [`check_controls`]); AMD SVM with nested paging in QEMU TCG
+/// (no NRIP_SAVE, no decode assists), 16 ASIDs, and slices bounded by the
+/// host's local APIC timer.
+fn check_backend(run: &RunOutcome, machine: Machine) {
+    if machine == Machine::Bochs {
+        check_controls(run);
+        return;
+    }
+    let backend = run.hv("svm-backend");
+    check(run, backend.len() == 1 && backend[0].num("asids") == Some(16), "the SVM backend with 16 ASIDs");
+    check(run, run.hv("vmcs-controls").is_empty(), "no VMCS");
+    let tsc = run.hv("tsc");
+    check(run, tsc.first().is_some_and(|e| e.get("slice_timer").is_some()), "slices bounded by the APIC timer");
 }
 
 /// The VMCS controls the hypervisor resolved against the TRUE capability
@@ -101,26 +114,10 @@ fn check_unbacked_probe(run: &RunOutcome) {
     check(run, access == ["read", "write", "write"], "read, write ... write");
 }
 
-#[test]
-fn default_guests_run_isolated_on_both_cpus() {
+fn default_guests_run_isolated_on_both_cpus(machine: Machine) {
     let list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
-    let run = run_guests("test-x86_64-guests", &list);
-    check_controls(&run);
-    check_default_guests(&run);
-}
-
-/// Issue 20: the same guests, unchanged, under AMD SVM with nested paging
-/// in QEMU TCG (no NRIP_SAVE, no decode assists): the same checks, with
-/// the backend's own set-up in place of the VMCS controls.
-#[test]
-fn default_guests_run_isolated_on_both_cpus_under_svm() {
-    let list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
-    let run = run_guests_in(Machine::Qemu, "test-x86_64-svm-guests", &list, 2);
-    let backend = run.hv("svm-backend");
-    check(&run, backend.len() == 1 && backend[0].num("asids") == Some(16), "the SVM backend with 16 ASIDs");
-    check(&run, run.hv("vmcs-controls").is_empty(), "no VMCS");
-    let tsc = run.hv("tsc");
-    check(&run, tsc.first().is_some_and(|e| e.get("slice_timer").is_some()), "slices bounded by the APIC timer");
+    let run = run_guests(machine, "test-x86_64-guests", &list);
+    check_backend(&run, machine);
     check_default_guests(&run);
 }
 
@@ -194,15 +191,14 @@ fn check_default_guests(run: &RunOutcome) {
     check(run, gap.is_some_and(|g| g > 0), "blackout meter reports a gap");
 }
 
-#[test]
-fn triple_fault_and_forbidden_msr_stay_with_their_guest() {
+fn triple_fault_and_forbidden_msr_stay_with_their_guest(machine: Machine) {
     let list = [
         test_guest("heartbeat", ",name=crasher,mem=4,cmdline=\"fault_test=triple-fault\""),
         test_guest("memcheck", ",mem=8,cmdline=\"passes=2\""),
         test_guest("isolation", ",name=msr,mem=4,cmdline=\"fault_test=forbidden-msr\""),
         test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30\""),
     ];
-    let run = run_guests("test-x86_64-faults", &list);
+    let run = run_guests(machine, "test-x86_64-faults", &list);
     check(&run, run.clean_shutdown(), "no clean shutdown");
     let started = run.hv("guest-start");
     check(&run, started.len() == 4, "four guests should start");
@@ -248,8 +244,7 @@ fn triple_fault_and_forbidden_msr_stay_with_their_guest() {
     check(&run, all.len() == 1 && all[0].num("faulted") == Some(1), "one faulted guest in the end");
 }
 
-#[test]
-fn a_misprogrammed_apic_stays_with_its_guest() {
+fn a_misprogrammed_apic_stays_with_its_guest(machine: Machine) {
     let list = [
         test_guest("isolation", ",name=badapic,mem=4,cmdline=\"fault_test=bad-apic\""),
         // Its heartbeat waits as an idle loop does (CLI, check for work
@@ -257,7 +252,7 @@ fn a_misprogrammed_apic_stays_with_its_guest() {
         // came while IF was 0.
         test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30 masked_wfi=1\""),
     ];
-    let run = run_guests("test-x86_64-bad-apic", &list);
+    let run = run_guests(machine, "test-x86_64-bad-apic", &list);
     check(&run, run.clean_shutdown(), "no clean shutdown");
 
     // Illegal vectors are dropped and set ESR "send illegal vector" (bit
@@ -294,15 +289,14 @@ fn a_misprogrammed_apic_stays_with_its_guest() {
 /// one physical CPU. B sees reset values and takes no #DB; A's registers
 /// are intact and its watchpoint still fires for A alone. Neither is
 /// offered a PMU.
-#[test]
-fn debug_registers_stay_with_their_guest() {
+fn debug_registers_stay_with_their_guest(machine: Machine) {
     let list = [
         test_guest("debugpriv", ",name=armer,mem=4,cmdline=\"arm=1 passes=200\""),
         test_guest("debugpriv", ",name=prober,mem=4,cmdline=\"passes=200\""),
     ];
-    let run = run_guests_on("test-x86_64-debug-privacy", &list, 1);
+    let run = run_guests_on(machine, "test-x86_64-debug-privacy", &list, 1);
     check(&run, run.clean_shutdown(), "both guests finished");
-    check_controls(&run);
+    check_backend(&run, machine);
     let (a, b) = (id_of(&run, "armer"), id_of(&run, "prober"));
     check(&run, run.guest(b, "exception").is_empty(), "the prober took no #DB of the armer's");
     check(&run, run.guest(a, "exception").is_empty(), "the armer took no #DB of the prober's");
@@ -320,13 +314,12 @@ fn debug_registers_stay_with_their_guest() {
 /// An access where nothing is that the hypervisor cannot complete (an
 /// ADD, a read-modify-write) stops that guest with a reason; the guest
 /// beside it keeps ticking.
-#[test]
-fn an_access_to_nothing_it_cannot_decode_stops_only_its_guest() {
+fn an_access_to_nothing_it_cannot_decode_stops_only_its_guest(machine: Machine) {
     let list = [
         test_guest("isolation", ",name=rmw,mem=4,cmdline=\"fault_test=unbacked-rmw\""),
         test_guest("heartbeat", ",mem=4,cmdline=\"ticks=20\""),
     ];
-    let run = run_guests("test-x86_64-unbacked-rmw", &list);
+    let run = run_guests(machine, "test-x86_64-unbacked-rmw", &list);
     check(&run, run.clean_shutdown(), "no clean shutdown");
     let rmw = id_of(&run, "rmw");
     let faults = run.hv("fault");
@@ -349,10 +342,9 @@ fn an_access_to_nothing_it_cannot_decode_stops_only_its_guest() {
 /// an APIC ID the guest does not have starts nothing and latches no error;
 /// SIPIs to a running or halted vCPU are ignored; INIT then SIPI starts it
 /// again. A heartbeat beside it on vCPU 0's CPU ticks through all of it.
-#[test]
-fn init_sipi_sipi_starts_the_second_vcpu_on_the_other_cpu() {
+fn init_sipi_sipi_starts_the_second_vcpu_on_the_other_cpu(machine: Machine) {
     let list = [test_guest("smp", ",vcpus=2,mem=4"), test_guest("heartbeat", ",mem=4,cmdline=\"ticks=30\"")];
-    let run = run_guests("test-x86_64-smp", &list);
+    let run = run_guests(machine, "test-x86_64-smp", &list);
     check(&run, run.clean_shutdown(), "no clean shutdown");
     let id = id_of(&run, "smp");
     let started = run.hv("guest-start");
@@ -409,14 +401,13 @@ fn init_sipi_sipi_starts_the_second_vcpu_on_the_other_cpu() {
 /// VMX and other intercepted instructions, CR0/CR4 flips) beside the
 /// heartbeat and memcheck: the hypervisor never stops it, and the others
 /// keep their ticks and memory.
-#[test]
-fn a_hostile_guest_harms_only_itself() {
+fn a_hostile_guest_harms_only_itself(machine: Machine) {
     const OPS: u64 = 5_000;
     let seed = hv_tests::hostile::seed(0x15_0002);
     let mut list = guests::default_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
     list.retain(|g| g.name == "heartbeat" || g.name == "memcheck");
     list.push(hv_tests::hostile::guest(Arch::X86_64, seed, OPS, true).unwrap_or_else(|e| panic!("{e}")));
-    let run = run_guests("test-x86_64-hostile", &list);
+    let run = run_guests(machine, "test-x86_64-hostile", &list);
     check(&run, run.clean_shutdown(), "clean shutdown");
     if let Err(why) = hv_tests::hostile::verdict(&run, seed, OPS) {
         check(&run, false, &why);
@@ -429,3 +420,33 @@ fn a_hostile_guest_harms_only_itself() {
     let done = last(&run.guest(mc, "memcheck")).filter(|e| e.num("done") == Some(1));
     check(&run, done.is_some_and(|e| e.num("failed") == Some(0)), "memcheck clean");
 }
+
+/// Every test above, on both backends: VT-x in Bochs (`bochs::`), AMD SVM
+/// with nested paging in QEMU TCG (`svm::`, issue 20), the guests
+/// unchanged.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod bochs {
+            $(#[test]
+            fn $name() {
+                super::$name(hv_tests::Machine::Bochs)
+            })*
+        }
+        mod svm {
+            $(#[test]
+            fn $name() {
+                super::$name(hv_tests::Machine::Qemu)
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    default_guests_run_isolated_on_both_cpus,
+    triple_fault_and_forbidden_msr_stay_with_their_guest,
+    a_misprogrammed_apic_stays_with_its_guest,
+    debug_registers_stay_with_their_guest,
+    an_access_to_nothing_it_cannot_decode_stops_only_its_guest,
+    init_sipi_sipi_starts_the_second_vcpu_on_the_other_cpu,
+    a_hostile_guest_harms_only_itself,
+);

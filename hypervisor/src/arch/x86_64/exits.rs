@@ -34,7 +34,7 @@ use hypervisor::{hv_event, hv_event_to};
 use x86::vmx::vmcs::{control, guest, ro};
 
 use super::guest::{Field, Guest, Vmcb};
-use super::platform::X86;
+use super::platform::{NestedTable, X86};
 use super::vcpu::Vcpu;
 use super::{smp, tsc, vcpu, vmcs};
 use vmcs::VmcsError;
@@ -280,13 +280,14 @@ fn decode_vmx() -> Result<(GuestExit, u64), VmcsError> {
     Ok((decoded, len))
 }
 
-/// Decodes an SVM exit of `vmcb` (vCPU `v` of partition memory `ram`),
+/// Decodes an SVM exit of `vmcb` (of a vCPU of the partition with
+/// `nested` as its table),
 /// with the length of the instruction that caused it: there is no
 /// NRIP_SAVE under TCG, so lengths are known ([`instruction_len`]), read
 /// from EXITINFO2 (IN/OUT: the next RIP), or decoded from the guest's
 /// bytes (MOV CR/DR, and VMCALL's #UD), since there are no decode assists
 /// either.
-fn decode_svm(vmcb: Vmcb, ram: GuestRam) -> Result<(GuestExit, u64), VmcsError> {
+fn decode_svm(vmcb: Vmcb, nested: &NestedTable) -> Result<(GuestExit, u64), VmcsError> {
     let g = Guest::Svm(vmcb);
     let code = vmcb.get(svm_control::EXITCODE);
     let (info1, info2) = (vmcb.get(svm_control::EXITINFO1), vmcb.get(svm_control::EXITINFO2));
@@ -294,7 +295,7 @@ fn decode_svm(vmcb: Vmcb, ram: GuestRam) -> Result<(GuestExit, u64), VmcsError> 
     let len = instruction_len(exit).unwrap_or(0);
     let instruction = || -> Result<([u8; emulate::MAX_INSTRUCTION], usize), VmcsError> {
         let (paging, code_size, cs_base, rip) = code_context(g)?;
-        Ok(fetch_instruction(ram, &paging, code_size, cs_base, rip))
+        Ok(fetch_instruction(nested, &paging, code_size, cs_base, rip))
     };
     let decoded = match exit {
         SvmExit::Vmmcall => GuestExit::Hypercall,
@@ -352,7 +353,7 @@ pub fn handle_exit(m: &mut Machine<X86>, v: usize) -> Result<Step, VmcsError> {
                     ctx.lapic.tpr = (class as u32) << CR8_TPR_SHIFT;
                 }
             }
-            decode_svm(vmcb, m.partitions[m.vcpus[v].partition].info.ram)?
+            decode_svm(vmcb, &m.partitions[m.vcpus[v].partition].arch.nested)?
         }
     };
     let next = act(m, v, g, exit, len)?;
@@ -754,9 +755,8 @@ fn unbacked_access(
     if violation.fetch {
         return inject(state, vector::UD, None);
     }
-    let ram = m.partitions[p].info.ram;
     let (paging, code, cs_base, rip) = code_context(state)?;
-    let (bytes, len) = fetch_instruction(ram, &paging, code, cs_base, rip);
+    let (bytes, len) = fetch_instruction(&m.partitions[p].arch.nested, &paging, code, cs_base, rip);
     let decoded = match emulate::decode(&bytes[..len], code) {
         Ok(d) => d,
         Err(e) => {
@@ -782,19 +782,21 @@ fn unbacked_access(
 }
 
 /// Up to 15 bytes of the instruction at CS:RIP, read through the guest's
-/// paging from its RAM; fewer if a page of it does not translate.
+/// paging from its memory (what its nested table maps: RAM, and the
+/// conventional memory a real-mode vCPU runs in); fewer if a page of it
+/// does not translate.
 fn fetch_instruction(
-    ram: GuestRam,
+    nested: &NestedTable,
     paging: &Paging,
     code: CodeSize,
     cs_base: u64,
     rip: u64,
 ) -> ([u8; emulate::MAX_INSTRUCTION], usize) {
     // SAFETY: every address read is translated through this partition's
-    // `GuestRam` first, so it is that partition's RAM.
+    // nested table first, which maps only that partition's RAM.
     let memory = unsafe { IdentityMemory::new() };
     let read = |gpa: u64| {
-        ram.translate(gpa, 8).map(|pa| {
+        nested.translate(gpa, 8).map(|pa| {
             let mut b = [0u8; 8];
             memory.read(pa, &mut b);
             u64::from_le_bytes(b)
@@ -809,7 +811,7 @@ fn fetch_instruction(
         }
         let in_page = (0x1000 - (linear & 0xfff)) as usize;
         let n = in_page.min(bytes.len() - got);
-        let Some(pa) = emulate::translate(linear, paging, read).ok().and_then(|gpa| ram.translate(gpa, n as u64))
+        let Some(pa) = emulate::translate(linear, paging, read).ok().and_then(|gpa| nested.translate(gpa, n as u64))
         else {
             break;
         };

@@ -78,6 +78,18 @@ impl NestedTable {
             Self::Npt(t) => t.root(),
         }
     }
+
+    /// The host-physical address of `len` bytes at guest-physical `gpa`,
+    /// if the table maps them all within one leaf: RAM of this partition
+    /// (its RAM block, or the conventional memory only the table names).
+    pub fn translate(&self, gpa: u64, len: u64) -> Option<u64> {
+        let t = match self {
+            Self::Ept(t) => t.translate(gpa),
+            Self::Npt(t) => t.translate(gpa),
+        }?;
+        let offset = gpa & (t.size.bytes() - 1);
+        (offset.checked_add(len)? <= t.size.bytes()).then_some(t.pa)
+    }
 }
 
 /// The x86_64 part of a partition.
