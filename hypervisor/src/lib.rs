@@ -98,12 +98,14 @@ handover_records!(HvRecord, PartitionRecord, VcpuRecord, IommuRecord, VgicRecord
 /// (`loader::image_readers`): each record from version 1 to the version it
 /// writes, the handoff record (written only for images that read it), and
 /// the vCPU-context layouts of both architectures.
-pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 3] = {
+pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 4] = {
     use kho::StateRecord;
     use loader::image_readers::{ReadRange, CONTEXT_FAMILY};
     let extra = [
         // Written only for an image that reads it (`live_update`).
         ReadRange { id: records::HandoffRecord::ID, min: 1, max: records::HandoffRecord::VERSION },
+        // Written only under the x86_64 SVM backend.
+        ReadRange { id: records::SvmRecord::ID, min: 1, max: records::SvmRecord::VERSION },
         ReadRange {
             id: CONTEXT_FAMILY | (records::AARCH64_CONTEXT_FORMAT >> 16),
             min: 1,
@@ -120,7 +122,7 @@ pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 3] = {
             max: (records::X86_64_CONTEXT_FORMAT & 0xffff) as u16,
         },
     ];
-    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 3];
+    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 4];
     let mut i = 0;
     while i < out.len() {
         out[i] = if i < RECORD_READS.len() { RECORD_READS[i] } else { extra[i - RECORD_READS.len()] };

@@ -261,6 +261,24 @@ state_record! {
 }
 
 state_record! {
+    /// The x86_64 SVM backend's machine-wide state, written only by an
+    /// image running its guests under AMD SVM: its presence says the vCPU
+    /// contexts' control-page word is a VMCB, adopted in place, and its
+    /// absence that it is a VMCS region. The reader refuses a handover
+    /// from the other backend.
+    pub struct SvmRecord {
+        const ID = 0x0001_0009;
+        const NAME = "svm";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        /// How the host's local APIC timer bounds time slices: its rate in
+        /// Hz in one-shot mode, or `u64::MAX` for TSC-deadline mode
+        /// (measured at first boot; the blackout has no time to measure).
+        pub apic_timer_hz: u64 [since 1],
+    }
+}
+
+state_record! {
     /// How the update that wrote this handover hands over what is not
     /// machine state: the CPUs parked in the old image's code, and the old
     /// image itself. Written only for an image whose reader table names

@@ -1,6 +1,8 @@
 //! Partitions on x86_64 under VT-x with EPT, in Bochs (2 CPUs,
-//! `corei7_skylake_x`): the test guests run concurrently on both physical
-//! CPUs, each in its own EPT tree and VPID, every event they print is
+//! `corei7_skylake_x`), and under AMD SVM with nested paging in QEMU TCG
+//! (every test on both: `bochs::` and `svm::`): the test guests run
+//! concurrently on both physical CPUs, each in its own EPT or NPT tree and
+//! VPID or ASID, every event they print is
 //! checked, and faults (an EPT violation, a triple fault, a forbidden
 //! MSR) stay with the guest that caused them. A two-vCPU guest starts its
 //! second vCPU, on the other physical CPU, with INIT-SIPI-SIPI.

@@ -1,7 +1,8 @@
-//! Live update on x86_64 under VT-x in Bochs (2 CPUs): successive updates
-//! A -> B -> A ... with the guests resident (same EPT roots, VMCSs rebuilt
-//! from the vCPU records, the second CPU restarted with INIT-SIPI-SIPI by
-//! each new image); a two-vCPU guest's second vCPU waiting for its SIPI,
+//! Live update on x86_64, under VT-x in Bochs and under AMD SVM in QEMU
+//! TCG (2 CPUs; every test on both, `bochs::` and `svm::`): successive
+//! updates A -> B -> A ... with the guests resident (same EPT or NPT
+//! roots; VMCSs rebuilt from the vCPU records, VMCBs adopted in place; the
+//! second CPU parked in the old image and released by the new one); a two-vCPU guest's second vCPU waiting for its SIPI,
 //! running and halted across updates; bad images refused with the guests
 //! untouched; a failing freeze participant cancels the update with the
 //! guests intact.
@@ -28,8 +29,10 @@ fn build(version: Option<&str>) -> BuiltImage {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn run(name: &str, image: &BuiltImage, list: &[GuestArg], mem_mib: u32) -> RunOutcome {
-    let mut spec = RunSpec::new(name, Machine::Bochs);
+/// Runs the guests in `machine`: Bochs (VT-x) or QEMU TCG (AMD SVM).
+fn run(machine: Machine, name: &str, image: &BuiltImage, list: &[GuestArg], mem_mib: u32) -> RunOutcome {
+    let name = if machine == Machine::Qemu { format!("{name}-svm") } else { name.to_string() };
+    let mut spec = RunSpec::new(&name, machine);
     spec.cpus = 2;
     spec.mem_mib = mem_mib;
     // Safety net only, over 3x the longest quiet run: the ten-update test
@@ -85,13 +88,12 @@ fn memcheck_ok(run: &RunOutcome) {
 /// How many updates one Bochs run performs.
 const UPDATES: usize = 10;
 
-#[test]
-fn ten_updates_alternate_and_guests_stay_resident() {
+fn ten_updates_alternate_and_guests_stay_resident(machine: Machine) {
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
     let list = guests::demo_guests(Arch::X86_64, &[b.update_image(), a.update_image()], UPDATES as u32)
         .unwrap_or_else(|e| panic!("{e}"));
-    let run = run("test-x86_64-update-ten", &a, &list, 128);
+    let run = run(machine, "test-x86_64-update-ten", &a, &list, 128);
     check(&run, run.clean_shutdown(), "clean shutdown after the updates");
     check(&run, run.hv("boot").len() == 1, "hv: boot printed once per run");
 
@@ -195,8 +197,7 @@ fn ten_updates_alternate_and_guests_stay_resident() {
 /// line two bytes per hypercall, 10 ms of guest time apart, spread over
 /// the updates and ended after the last. Each line comes out once, whole
 /// and in order, as one `guest<N>:` line after the last update.
-#[test]
-fn a_console_line_written_across_updates_comes_out_whole() {
+fn a_console_line_written_across_updates_comes_out_whole(machine: Machine) {
     const LINE_UPDATES: u32 = 10;
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
@@ -214,7 +215,7 @@ fn a_console_line_written_across_updates_comes_out_whole() {
     list.push(updater.unwrap_or_else(|e| panic!("{e}")));
     // About 15 s under Bochs (with only these three light guests an update
     // takes ~1.5 s); the timeout is only a safety net.
-    let run = run("test-x86_64-update-console-line", &a, &list, 192);
+    let run = run(machine, "test-x86_64-update-console-line", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown: every guest ended by itself");
     check(&run, run.hv("update-done").len() == LINE_UPDATES as usize, "every update done");
 
@@ -235,8 +236,7 @@ fn a_console_line_written_across_updates_comes_out_whole() {
 /// then starts it on the other physical CPU; it runs across the second
 /// (its guest state crosses in its vCPU record); it is halted across the
 /// third, and INIT then SIPI start it again.
-#[test]
-fn a_second_vcpu_waits_runs_and_restarts_across_updates() {
+fn a_second_vcpu_waits_runs_and_restarts_across_updates(machine: Machine) {
     const SMP_UPDATES: u32 = 4;
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
@@ -250,7 +250,7 @@ fn a_second_vcpu_waits_runs_and_restarts_across_updates() {
         &guests::updater_cmdline(SMP_UPDATES),
     );
     let list = [smp, updater.unwrap_or_else(|e| panic!("{e}"))];
-    let run = run("test-x86_64-update-smp", &a, &list, 192);
+    let run = run(machine, "test-x86_64-update-smp", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown: both guests ended by themselves");
     let done = run.hv("update-done");
     check(&run, done.len() == SMP_UPDATES as usize, "every update done");
@@ -287,8 +287,7 @@ fn a_second_vcpu_waits_runs_and_restarts_across_updates() {
     check(&run, run.hv("fault").is_empty(), "no fault");
 }
 
-#[test]
-fn bad_images_are_refused_and_guests_continue() {
+fn bad_images_are_refused_and_guests_continue(machine: Machine) {
     let a = build(None);
     let good = std::fs::read(a.update_image()).unwrap_or_else(|e| panic!("{e}"));
     let dir = hv_tests::out_dir().join("bad-images-x86_64");
@@ -333,7 +332,7 @@ fn bad_images_are_refused_and_guests_continue() {
     let cmd = format!("updates={} delay_ms=50 expect_status=5", images.len());
     // The image too large for the 32 MiB scratch needs a larger updater.
     let list = guests_with_updater_in(&images, &cmd, 64);
-    let run = run("test-x86_64-update-refused", &a, &list, 256);
+    let run = run(machine, "test-x86_64-update-refused", &a, &list, 256);
     check(&run, run.clean_shutdown(), "clean shutdown");
     let refused = run.hv("update-refused");
     let reasons: Vec<&str> = refused.iter().filter_map(|e| e.get("reason")).collect();
@@ -346,12 +345,11 @@ fn bad_images_are_refused_and_guests_continue() {
     memcheck_ok(&run);
 }
 
-#[test]
-fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
+fn a_failing_freeze_cancels_and_the_next_update_succeeds(machine: Machine) {
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
     let list = guests_with_updater(&[b.update_image()], "updates=1 delay_ms=200 fail_freeze=1");
-    let run = run("test-x86_64-update-cancel", &a, &list, 192);
+    let run = run(machine, "test-x86_64-update-cancel", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown");
     check(&run, run.hv("boot").len() == 1, "hv: boot once");
     let cancelled = run.hv("update-cancelled");
@@ -376,8 +374,7 @@ fn a_failing_freeze_cancels_and_the_next_update_succeeds() {
 /// parked AP rejoining): the update is reported rolled back, the updater
 /// gets OPERATION_DENIED with the version and update count unchanged, the
 /// guests run on, and the good update after each one goes through.
-#[test]
-fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
+fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back(machine: Machine) {
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
     let broken: Vec<BuiltImage> =
@@ -397,7 +394,7 @@ fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
         a.update_image(),
     ];
     let list = guests_with_updater(&images, "updates=8 delay_ms=200 rollbacks=1");
-    let run = run("test-x86_64-rollback", &a, &list, 192);
+    let run = run(machine, "test-x86_64-rollback", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown");
     let rolled: Vec<&str> = run.hv("update-rolled-back").iter().filter_map(|e| e.get("reason")).collect();
     let want = ["handover-refused", "panic", "restore-failed", "deadline"];
@@ -421,15 +418,14 @@ fn a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back() {
 /// through): its MSR, port, MMIO and VMX-instruction exits arrive between
 /// and around the freezes, every update is done, memcheck and the
 /// heartbeat are untouched, and the hypervisor never stops the attacker.
-#[test]
-fn live_updates_go_through_while_a_hostile_guest_attacks() {
+fn live_updates_go_through_while_a_hostile_guest_attacks(machine: Machine) {
     const OPS: u64 = 8_000;
     let seed = hv_tests::hostile::seed(0x15_0006);
     let a = build(None);
     let b = build(Some(UPDATE_B_VERSION));
     let mut list = guests_with_updater(&[b.update_image(), a.update_image()], "updates=3 delay_ms=100");
     list.push(hv_tests::hostile::guest(Arch::X86_64, seed, OPS, false).unwrap_or_else(|e| panic!("{e}")));
-    let run = run("test-x86_64-update-hostile", &a, &list, 192);
+    let run = run(machine, "test-x86_64-update-hostile", &a, &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown");
     if let Err(why) = hv_tests::hostile::verdict(&run, seed, OPS) {
         check(&run, false, &why);
@@ -457,8 +453,7 @@ fn live_updates_go_through_while_a_hostile_guest_attacks() {
 /// I/O, which the hypervisor stops it for. The update goes through, the
 /// stopped guest stays stopped in every later image, and the others run
 /// on untouched.
-#[test]
-fn a_guest_fault_while_an_update_is_staged_stops_only_that_guest() {
+fn a_guest_fault_while_an_update_is_staged_stops_only_that_guest(machine: Machine) {
     let slow: Vec<BuiltImage> = (0..2)
         .map(|slot| image::break_build(Arch::X86_64, slot).and_then(|b| image::break_mode_image(&b, "slow")))
         .collect::<Result<_, _>>()
@@ -470,7 +465,7 @@ fn a_guest_fault_while_an_update_is_staged_stops_only_that_guest() {
     let dir = guests::build_test_guests(Arch::X86_64).unwrap_or_else(|e| panic!("{e}"));
     let spec = format!("{},mem=4,cmdline=\"at_staging=1\"", dir.join("isolation.bin").display());
     list.push(GuestArg::parse(&spec).unwrap_or_else(|e| panic!("{e}")));
-    let run = run("test-x86_64-update-fault", &slow[0], &list, 192);
+    let run = run(machine, "test-x86_64-update-fault", &slow[0], &list, 192);
     check(&run, run.clean_shutdown(), "clean shutdown");
     check(&run, run.hv("update-done").len() == 2, "both updates done");
     let f = id_of(&run, "isolation");
@@ -497,3 +492,34 @@ fn a_guest_fault_while_an_update_is_staged_stops_only_that_guest() {
     check(&run, lines.iter().filter(|l| own_stop(l)).count() == 1, "stopped once: no later image runs it again");
     memcheck_ok(&run);
 }
+
+/// Every test above, on both backends: VT-x in Bochs (`bochs::`), AMD SVM
+/// with nested paging in QEMU TCG (`svm::`, issue 20: VMCBs adopted in
+/// place, NPT roots adopted), the guests unchanged.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod bochs {
+            $(#[test]
+            fn $name() {
+                super::$name(hv_tests::Machine::Bochs)
+            })*
+        }
+        mod svm {
+            $(#[test]
+            fn $name() {
+                super::$name(hv_tests::Machine::Qemu)
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    ten_updates_alternate_and_guests_stay_resident,
+    a_console_line_written_across_updates_comes_out_whole,
+    a_second_vcpu_waits_runs_and_restarts_across_updates,
+    bad_images_are_refused_and_guests_continue,
+    a_failing_freeze_cancels_and_the_next_update_succeeds,
+    a_new_image_that_fails_before_the_guests_resume_gives_the_machine_back,
+    live_updates_go_through_while_a_hostile_guest_attacks,
+    a_guest_fault_while_an_update_is_staged_stops_only_that_guest,
+);

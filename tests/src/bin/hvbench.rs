@@ -18,6 +18,11 @@
 //! BENCH name=update_blackout_us arch=x86_64 guest_mib=16 update=1 value=210000 unit=us
 //! ```
 //!
+//! `--arch x86_64 --machine qemu` runs it under QEMU TCG instead, where the
+//! guests run under AMD SVM with nested paging, with the same `--clock`
+//! choice as aarch64 (`clock=icount` or `clock=tcg` in the tags; Bochs
+//! runs are tagged `clock=bochs`).
+//!
 //! `--guests 1,4,8` runs that many blackout meters of each size (spread
 //! over both CPUs) and tags every line `guests=N`. `--clock tcg` (aarch64)
 //! runs QEMU without `-icount`: guest time is host time, so the figures
@@ -25,8 +30,8 @@
 //! default `--clock icount` one guest microsecond is 1000 instructions
 //! (`shift=0`), and the phase lines carry `insns=`.
 //!
-//! Usage: `hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--guests 1]
-//! [--clock icount|tcg] [--updates N]`.
+//! Usage: `hvbench [--arch aarch64|x86_64] [--machine qemu|bochs]
+//! [--sizes 64,1024] [--guests 1] [--clock icount|tcg] [--updates N]`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -63,14 +68,46 @@ impl Clock {
 #[derive(Clone, Copy, Debug)]
 struct Case {
     arch: Arch,
+    /// x86_64: Bochs (VT-x) or QEMU (SVM); aarch64: QEMU.
+    machine: Machine,
     size_mib: u64,
     guests: u64,
     clock: Clock,
     updates: u32,
 }
 
+/// Runs the x86_64 guests `list` on image `a` in `machine`: Bochs, or
+/// QEMU (SVM) under `clock`.
+fn x86_64_run(
+    a: &image::BuiltImage,
+    list: &[GuestArg],
+    machine: Machine,
+    clock: Clock,
+    size_mib: u64,
+    meters: u64,
+) -> Result<emulator::RunOutcome, LaunchError> {
+    let bochs = machine == Machine::Bochs;
+    // RAM: the guests, the 32 MiB scratch and the 16 MiB kexec window,
+    // below 4 GiB.
+    let name = if bochs {
+        format!("bench-x86_64-update-{size_mib}m-{meters}g")
+    } else {
+        format!("bench-x86_64-svm-update-{size_mib}m-{meters}g-{}", clock.name())
+    };
+    let mut spec = RunSpec::new(&name, machine);
+    spec.mem_mib = u32::try_from((size_mib * meters).next_power_of_two() * 2 + 128).unwrap_or(u32::MAX);
+    spec.timeout = Duration::from_mins(10);
+    if !bochs && clock == Clock::Icount {
+        spec.extra_args = vec!["-icount".into(), "shift=0,sleep=off".into()];
+    }
+    let modules = guests::grub_modules(list)?;
+    let iso = image::iso_with_modules(a, &modules, &emulator::run_dir(&spec))?;
+    emulator::run(&iso, &spec)
+}
+
 fn bench(case: Case) -> Result<(), LaunchError> {
-    let Case { arch, size_mib, guests: meters, clock, updates } = case;
+    let Case { arch, machine, size_mib, guests: meters, clock, updates } = case;
+    let bochs = machine == Machine::Bochs;
     let a = image::build(&ImageSpec { arch, version: None, slot: 0 })?;
     let b = image::build(&ImageSpec { arch, version: Some(UPDATE_B_VERSION.into()), slot: image::update_slot(arch) })?;
     let dir = guests::build_test_guests(arch)?;
@@ -84,9 +121,10 @@ fn bench(case: Case) -> Result<(), LaunchError> {
         devices: Vec::new(),
         // Under Bochs each serial report costs milliseconds: report only
         // gaps longer than two time slices there.
-        cmdline: match arch {
-            Arch::Aarch64 => format!("seconds={}", u64::from(updates) / 2 + 3),
-            Arch::X86_64 => format!("seconds={} gap_report_us=20000", u64::from(updates) / 2 + 3),
+        cmdline: if bochs {
+            format!("seconds={} gap_report_us=20000", u64::from(updates) / 2 + 3)
+        } else {
+            format!("seconds={}", u64::from(updates) / 2 + 3)
         },
     };
     let cmd = format!("updates={updates} delay_ms=300");
@@ -113,16 +151,7 @@ fn bench(case: Case) -> Result<(), LaunchError> {
             spec.cmdline = Some(placed.cmdline);
             emulator::run(&a, &spec)?
         }
-        Arch::X86_64 => {
-            // RAM: the guests, the 32 MiB scratch and the 16 MiB kexec
-            // window, below 4 GiB.
-            let mut spec = RunSpec::new(&format!("bench-x86_64-update-{size_mib}m-{meters}g"), Machine::Bochs);
-            spec.mem_mib = u32::try_from(total_mib.next_power_of_two() * 2 + 128).unwrap_or(u32::MAX);
-            spec.timeout = Duration::from_mins(10);
-            let modules = guests::grub_modules(&list)?;
-            let iso = image::iso_with_modules(&a, &modules, &emulator::run_dir(&spec))?;
-            emulator::run(&iso, &spec)?
-        }
+        Arch::X86_64 => x86_64_run(&a, &list, machine, clock, size_mib, meters)?,
     };
     let done = run.hv("update-done");
     if done.len() != updates as usize || !run.clean_shutdown() {
@@ -137,10 +166,7 @@ fn bench(case: Case) -> Result<(), LaunchError> {
     let tags = format!(
         "arch={} guest_mib={size_mib} guests={meters} clock={}",
         arch.name(),
-        match arch {
-            Arch::Aarch64 => clock.name(),
-            Arch::X86_64 => "bochs",
-        }
+        if bochs { "bochs" } else { clock.name() }
     );
     if arch == Arch::X86_64 {
         for (k, us) in field("blackout_us").iter().enumerate() {
@@ -150,7 +176,7 @@ fn bench(case: Case) -> Result<(), LaunchError> {
     // Under icount (shift=0) a microsecond of guest time is 1000
     // instructions of the CPU that ran it.
     let insns = |us: u64| {
-        if arch == Arch::Aarch64 && clock == Clock::Icount {
+        if !bochs && clock == Clock::Icount {
             format!(" insns={}", us * 1000)
         } else {
             String::new()
@@ -185,13 +211,16 @@ fn bench(case: Case) -> Result<(), LaunchError> {
     Ok(())
 }
 
-const USAGE: &str =
-    "usage: hvbench [--arch aarch64|x86_64] [--sizes 64,1024] [--guests 1,4,8] [--clock icount|tcg] [--updates N]";
+const USAGE: &str = "usage: hvbench [--arch aarch64|x86_64] [--machine qemu|bochs] [--sizes 64,1024] \
+                     [--guests 1,4,8] [--clock icount|tcg] [--updates N]";
 
 /// What to measure.
 #[derive(Debug, PartialEq, Eq)]
 struct Options {
     arch: Arch,
+    /// `--machine`; by default the arch's own (QEMU for aarch64, Bochs
+    /// for x86_64).
+    machine: Option<Machine>,
     sizes: Option<Vec<u64>>,
     guests: Vec<u64>,
     clock: Clock,
@@ -200,7 +229,8 @@ struct Options {
 
 /// Parses the command line; every value is checked, none ignored.
 fn parse(args: &[String]) -> Result<Options, String> {
-    let mut o = Options { arch: Arch::Aarch64, sizes: None, guests: vec![1], clock: Clock::Icount, updates: 4 };
+    let mut o =
+        Options { arch: Arch::Aarch64, machine: None, sizes: None, guests: vec![1], clock: Clock::Icount, updates: 4 };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -230,6 +260,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--arch" => {
                 o.arch = Arch::parse(value).ok_or_else(|| format!("--arch '{value}': want aarch64 or x86_64"))?;
             }
+            "--machine" => {
+                o.machine = Some(match value.as_str() {
+                    "qemu" => Machine::Qemu,
+                    "bochs" => Machine::Bochs,
+                    _ => return Err(format!("--machine '{value}': want qemu or bochs")),
+                });
+            }
             "--updates" => {
                 o.updates = value
                     .parse()
@@ -240,6 +277,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
             other => return Err(format!("unknown option '{other}'")),
         }
     }
+    match (o.arch, o.machine) {
+        (Arch::Aarch64, Some(Machine::Qemu) | None) | (Arch::X86_64, Some(Machine::Qemu | Machine::Bochs) | None) => {}
+        (a, Some(m)) => return Err(format!("--machine {m:?}: not for {}", a.name()).to_lowercase()),
+    }
     Ok(o)
 }
 
@@ -249,15 +290,17 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    let Options { arch, sizes, guests, clock, updates } = match parse(&args) {
+    let Options { arch, machine, sizes, guests, clock, updates } = match parse(&args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("hvbench: {e}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
+    let machine = machine.unwrap_or(Machine::default_for(arch));
     // Bochs emulates every instruction: smaller guests there.
-    let sizes: Vec<u64> = sizes.unwrap_or_else(|| if arch == Arch::X86_64 { vec![16, 64] } else { vec![64, 1024] });
+    let sizes: Vec<u64> =
+        sizes.unwrap_or_else(|| if machine == Machine::Bochs { vec![16, 64] } else { vec![64, 1024] });
     for size in sizes {
         for &n in &guests {
             eprintln!(
@@ -265,7 +308,7 @@ fn main() -> ExitCode {
                 arch.name(),
                 clock.name()
             );
-            if let Err(e) = bench(Case { arch, size_mib: size, guests: n, clock, updates }) {
+            if let Err(e) = bench(Case { arch, machine, size_mib: size, guests: n, clock, updates }) {
                 eprintln!("hvbench: {e}");
                 return ExitCode::from(1);
             }
@@ -284,12 +327,20 @@ mod tests {
 
     #[test]
     fn values_are_checked_not_ignored() {
-        let default = Options { arch: Arch::Aarch64, sizes: None, guests: vec![1], clock: Clock::Icount, updates: 4 };
+        let default = Options {
+            arch: Arch::Aarch64,
+            machine: None,
+            sizes: None,
+            guests: vec![1],
+            clock: Clock::Icount,
+            updates: 4,
+        };
         assert_eq!(parse_line(""), Ok(default));
         assert_eq!(
             parse_line("--arch x86_64 --sizes 16,64 --updates 2 --guests 1,4,8 --clock tcg"),
             Ok(Options {
                 arch: Arch::X86_64,
+                machine: None,
                 sizes: Some(vec![16, 64]),
                 guests: vec![1, 4, 8],
                 clock: Clock::Tcg,
@@ -297,6 +348,9 @@ mod tests {
             })
         );
         assert!(parse_line("--guests 9").is_err_and(|e| e.starts_with("--guests '9'")));
+        assert_eq!(parse_line("--arch x86_64 --machine qemu").map(|o| o.machine), Ok(Some(Machine::Qemu)));
+        assert!(parse_line("--machine bochs").is_err_and(|e| e.starts_with("--machine bochs")));
+        assert!(parse_line("--machine vbox").is_err_and(|e| e.starts_with("--machine 'vbox'")));
         assert!(parse_line("--clock fast").is_err_and(|e| e.starts_with("--clock 'fast'")));
         assert!(parse_line("--sizes 64,lots").is_err_and(|e| e.starts_with("--sizes '64,lots'")));
         assert!(parse_line("--updates ten").is_err_and(|e| e.starts_with("--updates 'ten'")));

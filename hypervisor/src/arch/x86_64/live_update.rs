@@ -24,6 +24,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hvcall::Status;
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
+use hypervisor::arch::x86_64::svm_caps::SvmCaps;
 use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::arch::x86_64::vmx_exit::Gpr;
 use hypervisor::frames::PAGE_SIZE;
@@ -33,6 +34,7 @@ use hypervisor::live_update::rollback::{self, break_mode, Break, Reason, GIVE_BA
 use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
+use hypervisor::records::SvmRecord;
 use hypervisor::slots::{self, Placement};
 use hypervisor::{hv_event, println};
 use kho::HandoverReader;
@@ -147,11 +149,6 @@ impl UpdatePlatform for Vmx {
     }
 
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
-        // The SVM backend has no handover of its VMCBs yet (issue 20):
-        // refused before anything is frozen.
-        if super::svm_backend() {
-            return Err("svm-backend-cannot-live-update-yet");
-        }
         segments(staged, desc).map(|_| ())
     }
 
@@ -228,7 +225,9 @@ fn freeze_cpu(m: &mut Machine<X86>, cpu: usize) -> Result<(), &'static str> {
         m.partitions[p].arch.stash_apic(index, &apic);
         // SAFETY: as above.
         let ctx = unsafe { m.ctx_mut(v) };
-        if !ctx.initialized {
+        // A VMCB is memory, complete since the vCPU's last exit: nothing
+        // to capture or clear.
+        if !ctx.initialized || super::svm_backend() {
             continue;
         }
         vmcs::load(ctx.vmcs).and_then(|()| ctx.capture()).and_then(|()| vmcs::clear(ctx.vmcs)).map_err(|e| {
@@ -312,22 +311,32 @@ fn leave(cpu: usize, generation: Generation) -> ! {
     super::halt_forever()
 }
 
-/// A CPU with nothing left to run. The BSP keeps answering freezes (it is
-/// the one that enters a new image); another CPU leaves VMX operation and
-/// halts for good, and freezes no longer wait for it.
+/// A CPU with nothing left to run keeps answering freezes: the BSP is the
+/// one that enters a new image, and another CPU takes part in the update
+/// as any other (it parks in the mailbox of a staged update, where it
+/// watches the new image's deadline: without it a machine whose other
+/// CPUs all went idle would have no watcher, and a new image that hangs
+/// would hang it). The BSP spins; another CPU sleeps in HLT with
+/// interrupts enabled until a kick (the freeze request's IPI, taken by
+/// `hv_host_interrupt`) or its stale slice timer wakes it. STI's one-
+/// instruction shadow makes the check and the HLT one step: a kick that
+/// came after the check is taken at the HLT and ends it.
 pub fn idle(cpu: usize) -> ! {
-    if smp::is_bsp() {
-        loop {
-            if HANDSHAKE.freeze_requested() {
-                freeze_this_cpu(cpu);
-            }
+    let bsp = smp::is_bsp();
+    loop {
+        if HANDSHAKE.freeze_requested() {
+            freeze_this_cpu(cpu);
+        }
+        if bsp {
             hypervisor::console::drain();
             core::hint::spin_loop();
+        } else {
+            // SAFETY: every vector from 32 up has a handler that only
+            // EOIs (`host_interrupt`), and exceptions have theirs; the
+            // hypervisor's state is consistent here (no lock held).
+            unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
         }
     }
-    vmx::disable();
-    HANDSHAKE.park(cpu);
-    super::halt_forever()
 }
 
 /// Records that the BSP finished a restore step (`hv: update-steps`).
@@ -496,12 +505,19 @@ fn phys_bytes(range: PhysRange, ram: &[PhysRange]) -> Option<&'static [u8]> {
     Some(unsafe { core::slice::from_raw_parts(range.base as *const u8, usize::try_from(range.size).ok()?) })
 }
 
+/// The backend the new image found at its entry.
+#[derive(Clone, Copy, Debug)]
+pub enum BackendCaps {
+    Vmx(VmxCaps),
+    Svm(SvmCaps),
+}
+
 /// What the restore side needs from the new image's boot.
 pub struct RestoreSpec<'a> {
     pub info: &'a BootInfo,
     /// Memory the image and the platform occupy.
     pub reserved: Vec<PhysRange>,
-    pub caps: VmxCaps,
+    pub caps: BackendCaps,
     pub mbi: PhysRange,
 }
 
@@ -511,6 +527,9 @@ pub enum RestoreFailure {
     /// The handover blob itself (where it is, its header and checks).
     Handover(&'static str),
     VmxControls,
+    /// The handover was written under the other backend (VT-x vs SVM),
+    /// or its `svm` record is unusable.
+    Backend(&'static str),
     Adopt(live_update::AdoptFailure),
     /// A test build's deliberate failure (`HV_TEST_BREAK_RESTORE`).
     Test(&'static str),
@@ -521,6 +540,7 @@ impl core::fmt::Display for RestoreFailure {
         match self {
             Self::Handover(reason) => f.write_str(reason),
             Self::VmxControls => f.write_str("vmx-controls-unsupported"),
+            Self::Backend(why) => f.write_str(why),
             Self::Adopt(e) => write!(f, "{e}"),
             Self::Test(what) => write!(f, "test build: {what}"),
         }
@@ -578,18 +598,38 @@ pub fn restore(
         // identity-mapped RAM this image does not use.
         unsafe { incoming::expect_old_image(old) };
     }
-    let msrs = vmx::read_msrs();
-    let controls = VmcsControls::resolve(&msrs).map_err(|e| {
-        println!("vmx controls: {e}");
-        RestoreFailure::VmxControls
-    })?;
+    // The `svm` record says which backend wrote the handover; the vCPU
+    // contexts' control pages are VMCBs only if it is there.
+    let svm_record = match reader.subsystem("svm") {
+        None => None,
+        Some(node) => match node.record::<SvmRecord>() {
+            Ok(Some(r)) => Some(r),
+            _ => return Err(RestoreFailure::Backend("svm-record")),
+        },
+    };
+    let (backend, cr_policy) = match (spec.caps, svm_record) {
+        (BackendCaps::Vmx(caps), None) => {
+            let msrs = vmx::read_msrs();
+            let controls = VmcsControls::resolve(&msrs).map_err(|e| {
+                println!("vmx controls: {e}");
+                RestoreFailure::VmxControls
+            })?;
+            (Backend::Vmx { caps, controls }, GuestCrPolicy::new(&msrs))
+        }
+        (BackendCaps::Svm(caps), Some(r)) => {
+            super::svm::adopt_slice_timer_rate(r.apic_timer_hz).map_err(RestoreFailure::Backend)?;
+            super::svm_backend_of(caps)
+        }
+        (BackendCaps::Vmx(_), Some(_)) => return Err(RestoreFailure::Backend("svm-handover-on-vmx")),
+        (BackendCaps::Svm(_), None) => return Err(RestoreFailure::Backend("vmx-handover-on-svm")),
+    };
     let hv_hz = reader
         .subsystem("hv")
         .and_then(|n| n.record::<hypervisor::records::HvRecord>().ok().flatten())
         .map_or(0, |r| r.counter_hz);
     let arch = X86 {
-        backend: Backend::Vmx { caps: spec.caps, controls },
-        cr_policy: GuestCrPolicy::new(&msrs),
+        backend,
+        cr_policy,
         tsc_hz: hv_hz,
         mbi: spec.mbi,
         slice_end: [0; MAX_CPUS],
@@ -634,7 +674,12 @@ pub fn restore(
 #[no_mangle]
 extern "C" fn hv_x86_rollback(code: u64) -> ! {
     super::cpu::load_idt();
-    if let Err(e) = vmx::enable(BSP_INDEX) {
+    if super::svm_backend() {
+        if let Err(e) = super::svm::enable(BSP_INDEX) {
+            println!("svm: {}", e.reason());
+            super::halt_forever()
+        }
+    } else if let Err(e) = vmx::enable(BSP_INDEX) {
         println!("vmx: {}", e.reason());
         super::halt_forever()
     }

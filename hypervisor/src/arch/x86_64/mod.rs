@@ -329,15 +329,25 @@ extern "C" fn hv_x86_handover(handover: u64, mbi_phys: u64, kexec_tsc: u64, roll
     let (info, cpus, mbi) = platform(multiboot2::BOOTLOADER_MAGIC, mbi_phys, false);
     live_update::mark("platform");
     let caps = match vmx::enable(0) {
-        Ok(caps) => caps,
-        Err(e) => {
-            println!("vmx: {}", e.reason());
-            fail("vmx-unavailable-after-update")
+        Ok(caps) => {
+            VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
+            BOOT_CPU_VMXON.store(true, Ordering::Release);
+            live_update::BackendCaps::Vmx(caps)
         }
+        Err(e) => match svm::enable(0) {
+            Ok(caps) => {
+                // Before the other CPUs start: they enable SVM too.
+                SVM_BACKEND.store(true, Ordering::Release);
+                SVME_CPUS.fetch_add(1, Ordering::AcqRel);
+                live_update::BackendCaps::Svm(caps)
+            }
+            Err(s) => {
+                println!("vmx: {}; svm: {}", e.reason(), s.reason());
+                fail("vmx-unavailable-after-update")
+            }
+        },
     };
-    VMXON_CPUS.fetch_add(1, Ordering::AcqRel);
     CPU_READY[0].store(true, Ordering::Release);
-    BOOT_CPU_VMXON.store(true, Ordering::Release);
     live_update::mark("vmx");
     let start_cpus = |parked: Option<&live_update::Parked>| {
         start_aps(&info, &cpus, parked);
@@ -522,7 +532,7 @@ fn vmx_backend_of(caps: &VmxCaps) -> Result<(Backend, GuestCrPolicy), BootError>
 
 /// The SVM backend: the permission maps, and the CR rules of a processor
 /// that pins no CR0 bit, with the CR4 bits its CPUID offers.
-fn svm_backend_of(caps: SvmCaps) -> (Backend, GuestCrPolicy) {
+pub(crate) fn svm_backend_of(caps: SvmCaps) -> (Backend, GuestCrPolicy) {
     let (iopm, msrpm) = svm::permission_maps();
     let leaf1 = raw_cpuid::cpuid!(1);
     let leaf7 = raw_cpuid::cpuid!(7, 0);

@@ -15,7 +15,9 @@ use hypervisor::arch::x86_64::vmx_caps::{VmcsControls, VmxCaps};
 use hypervisor::frames::PAGE_SIZE;
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::preserved::IdentityPages;
-use hypervisor::records::{format_code, LapicRecord, PartitionRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES};
+use hypervisor::records::{
+    format_code, LapicRecord, PartitionRecord, SvmRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES,
+};
 use hypervisor::stage2::{Ept, LinearMap, Npt, Stage2Table};
 use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
@@ -290,11 +292,19 @@ impl Handover for X86 {
         node.add_record(&rec).map_err(|error| SaveError::Handover { what: "lapic", error })
     }
 
-    fn record_devices(&self, _: &mut HandoverWriter) -> Result<(), SaveError> {
+    /// Under SVM, the `svm` record: it marks the contexts' control pages
+    /// as VMCBs and carries the slice timer's rate.
+    fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError> {
+        if self.is_svm() {
+            let rec = SvmRecord { apic_timer_hz: super::svm::slice_timer_rate() };
+            w.subsystem("svm")
+                .and_then(|mut s| s.add_record(&rec))
+                .map_err(|error| SaveError::Handover { what: "svm", error })?;
+        }
         Ok(())
     }
 
-    /// Adopts the EPT in place and reads the `lapic` record (without one,
+    /// Adopts the EPT or NPT in place and reads the `lapic` record (without one,
     /// from an image before it, the guests get reset APICs: what that
     /// image's guests had; without its `startup` field, vCPU 0 running and
     /// the others waiting for a SIPI: the only state such an image knew).
@@ -330,9 +340,17 @@ impl Handover for X86 {
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
         // SAFETY: RAM is identity-mapped, so physical = virtual.
         let phys = unsafe { LinearMap::new(0) };
-        let ept = Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys)
-            .map_err(|error| RestoreError::Stage2 { id: rec.id, error })?;
-        let mut part = X86Partition::new(NestedTable::Ept(ept), rec.vcpus);
+        let stage2 = |error| RestoreError::Stage2 { id: rec.id, error };
+        let nested = if self.is_svm() {
+            NestedTable::Npt(
+                Stage2Table::<Npt, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys).map_err(stage2)?,
+            )
+        } else {
+            NestedTable::Ept(
+                Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys).map_err(stage2)?,
+            )
+        };
+        let mut part = X86Partition::new(nested, rec.vcpus);
         for (index, apic) in apics.iter().enumerate() {
             part.stash_apic(index, apic);
         }

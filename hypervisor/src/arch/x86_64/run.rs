@@ -283,7 +283,13 @@ fn prepare_entry(
                     // not in a VMRUN.
                     let vmcb = unsafe { Vmcb::new(ctx.vmcs) };
                     let spec = svm::VmcbSpec { asid, ncr3, iopm, msrpm, entry: ctx.entry };
-                    svm::init_vmcb(vmcb, &spec, &policy);
+                    if ctx.restored {
+                        // Adopted from a handover: the VMCB in place.
+                        svm::adopt_vmcb(vmcb, &spec);
+                        ctx.restored = false;
+                    } else {
+                        svm::init_vmcb(vmcb, &spec, &policy);
+                    }
                     if let Some(vector) = sipi {
                         let rdx = svm::write_sipi_state(vmcb, &policy, vector);
                         ctx.regs.set(Gpr::RDX, rdx);

@@ -123,19 +123,13 @@ pub struct VmcbSpec {
     pub entry: u64,
 }
 
-/// Builds a vCPU's VMCB from zero (APM Vol. 2 Appendix B): the intercepts
-/// that give the guest the same policy as VMX does (CPUID, every MSR and
-/// port, CR0/CR4 writes, every DR access, HLT, INVD, RDPMC, #UD for
-/// Intel's VMCALL, the SVM and other hidden instructions, shutdown, and
-/// INTR and NMI, which end the slice), its ASID with a TLB flush on the
-/// first VMRUN, nested paging with its NPT, V_INTR_MASKING (so CR8 is
-/// V_TPR and the host's RFLAGS.IF masks physical interrupts), and the
-/// guest state as a multiboot2 loader leaves it: 32-bit protected mode,
-/// paging off.
-pub fn init_vmcb(vmcb: VmcbRef, spec: &VmcbSpec, policy: &GuestCrPolicy) {
-    // SAFETY: `VmcbRef`'s contract: a whole page of this vCPU's, not in
-    // a VMRUN.
-    unsafe { core::ptr::write_bytes(vmcb.address() as *mut u8, 0, VMCB_BYTES) };
+/// The control area this image owns in a vCPU's VMCB: the intercepts,
+/// the permission maps, the ASID (with a TLB flush on the next VMRUN),
+/// V_INTR_MASKING and nested paging. Everything the guest's execution
+/// left there (EVENTINJ, V_TPR and V_IRQ, the interrupt shadow) and the
+/// state-save area are kept. VMCB clean bits are all clear: the
+/// processor caches nothing of the VMCB across this change.
+fn write_controls(vmcb: VmcbRef, spec: &VmcbSpec) {
     vmcb.set32(control::INTERCEPT_CR, cr_write_intercept(0) | cr_write_intercept(4));
     vmcb.set32(control::INTERCEPT_DR, DR_ALL);
     vmcb.set32(control::INTERCEPT_EXCEPTIONS, EXCEPTION_UD);
@@ -172,9 +166,38 @@ pub fn init_vmcb(vmcb: VmcbRef, spec: &VmcbSpec, policy: &GuestCrPolicy) {
     // entries on this VMRUN, the only flush without FLUSH_BY_ASID; the
     // ASID's entries may predate the tree (ASIDs are reused).
     vmcb.set(control::GUEST_ASID, u64::from(spec.asid) | (1 << 32));
-    vmcb.set(control::V_INTR, vintr::INTR_MASKING);
+    vmcb.set(control::V_INTR, vmcb.get(control::V_INTR) | vintr::INTR_MASKING);
+    vmcb.set(control::VMCB_CLEAN, 0);
     vmcb.set(control::NP_ENABLE, 1);
     vmcb.set(control::N_CR3, spec.ncr3);
+}
+
+/// Adopts a VMCB a previous image left (its vCPU's guest state, in the
+/// processor's architectural format, stays where it is: nothing is
+/// copied): this image's control area is written over the old one's
+/// (its permission maps live in this image, and the ASID is this
+/// partition's), the rest kept.
+pub fn adopt_vmcb(vmcb: VmcbRef, spec: &VmcbSpec) {
+    write_controls(vmcb, spec);
+    // The guest's EFER must keep SVME (§15.5.1); a handover cannot clear
+    // it for us to trip over at VMRUN.
+    vmcb.set(save::EFER, vmcb.get(save::EFER) | EFER_SVME);
+}
+
+/// Builds a vCPU's VMCB from zero (APM Vol. 2 Appendix B): the intercepts
+/// that give the guest the same policy as VMX does (CPUID, every MSR and
+/// port, CR0/CR4 writes, every DR access, HLT, INVD, RDPMC, #UD for
+/// Intel's VMCALL, the SVM and other hidden instructions, shutdown, and
+/// INTR and NMI, which end the slice), its ASID with a TLB flush on the
+/// first VMRUN, nested paging with its NPT, V_INTR_MASKING (so CR8 is
+/// V_TPR and the host's RFLAGS.IF masks physical interrupts), and the
+/// guest state as a multiboot2 loader leaves it: 32-bit protected mode,
+/// paging off.
+pub fn init_vmcb(vmcb: VmcbRef, spec: &VmcbSpec, policy: &GuestCrPolicy) {
+    // SAFETY: `VmcbRef`'s contract: a whole page of this vCPU's, not in
+    // a VMRUN.
+    unsafe { core::ptr::write_bytes(vmcb.address() as *mut u8, 0, VMCB_BYTES) };
+    write_controls(vmcb, spec);
     let code = Segment { selector: GUEST_SEL_CODE, base: 0, limit: FLAT_LIMIT, rights: AR_CODE32 as u32 };
     let data = Segment { selector: GUEST_SEL_DATA, base: 0, limit: FLAT_LIMIT, rights: AR_DATA32 as u32 };
     put_segment(vmcb, save::CS, code);
@@ -273,6 +296,27 @@ const CALIBRATION_US: u64 = 10_000;
 /// ran, `u64::MAX` for TSC-deadline mode, else the APIC timer's rate in Hz.
 static APIC_TIMER_HZ: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 const TSC_DEADLINE_MODE: u64 = u64::MAX;
+
+/// The slice timer's rate for the handover's `svm` record
+/// (`calibrate_slice_timer`'s value).
+pub fn slice_timer_rate() -> u64 {
+    APIC_TIMER_HZ.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Takes the slice timer's rate from a handover instead of measuring it
+/// (the blackout has no 10 ms to spare). Refuses 0, and TSC-deadline
+/// mode on a CPU without it.
+pub fn adopt_slice_timer_rate(rate: u64) -> Result<(), &'static str> {
+    let deadline = raw_cpuid::cpuid!(1).ecx & CPUID_TSC_DEADLINE != 0;
+    match rate {
+        0 => Err("svm-apic-timer-rate-zero"),
+        TSC_DEADLINE_MODE if !deadline => Err("svm-tsc-deadline-missing"),
+        _ => {
+            APIC_TIMER_HZ.store(rate, core::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+    }
+}
 
 /// How the slice timer runs, for the boot event.
 pub fn slice_timer_mode() -> &'static str {
