@@ -16,6 +16,7 @@ use hvcall::PartitionState;
 use hypervisor::arch::aarch64::pl011::Pl011;
 use hypervisor::arch::aarch64::vgic::{self, Vgic};
 use hypervisor::arch::x86_64::emulate::{self, CodeSize, Paging};
+use hypervisor::arch::x86_64::svm_exit;
 use hypervisor::arch::x86_64::lapic::{self, Lapic};
 use hypervisor::guest_dtb::{GUEST_GICD, GUEST_GICR};
 use hypervisor::hypercall::{self, HostMemory, HvContext};
@@ -215,14 +216,27 @@ pub fn pl011(data: &[u8]) {
     }
 }
 
-/// The x86 MMIO emulation: instruction bytes a guest left at its RIP, in
-/// every code size, and the guest page-table walk that found them (the
-/// tables are the input too).
+/// The x86 MMIO emulation and the SVM exits decoded without decode
+/// assists: instruction bytes a guest left at its RIP, in every code size
+/// (MMIO loads and stores, MOV CR/DR, VMCALL), the SVM EXITINFO1 words
+/// of IN/OUT and nested page faults, and the guest page-table walk that
+/// found the bytes (the tables are the input too).
 pub fn x86_decode(data: &[u8]) {
     for code in [CodeSize::Bits16, CodeSize::Bits32, CodeSize::Bits64] {
         if let Ok(d) = emulate::decode(data, code) {
             assert!(d.len <= data.len().min(15), "decoded past the bytes given");
         }
+        if let Ok((_, len)) = svm_exit::decode_mov_cr_dr(data, code) {
+            assert!(len as usize <= data.len().min(15), "MOV CR/DR decoded past the bytes given");
+        }
+    }
+    let _ = svm_exit::is_vmcall(data);
+    if let Some(word) = data.get(..8) {
+        let info1 = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+        let io = svm_exit::io_access(info1);
+        assert!(matches!(io.size, 1 | 2 | 4), "an I/O access of 1, 2 or 4 bytes");
+        let npf = svm_exit::npf_access(info1);
+        assert!(npf.read != (npf.write || npf.fetch), "a read is neither a write nor a fetch, and nothing is none");
     }
     let mut w = Words(data);
     let paging = Paging { cr0: w.u64(), cr3: w.u64(), cr4: w.u64(), efer: w.u64() };
