@@ -120,6 +120,7 @@ pub fn parse_module(
     }
     let bad = |key| ModuleError::BadValue { module, key };
     let (mut name, mut mem_mib, mut vcpus, mut privileged) = (None, None, 1u32, false);
+    let mut devices = Vec::new();
     for (i, word) in fields.split_ascii_whitespace().enumerate() {
         let Some((key, value)) = word.split_once('=') else {
             if i == 0 {
@@ -145,6 +146,14 @@ pub fn parse_module(
                     _ => return Err(bad("privileged")),
                 };
             }
+            // A PCI function assigned to the guest (BB:DD.F), as in the
+            // aarch64 manifest; repeatable up to MAX_DEVICES.
+            "device" => {
+                if devices.len() == crate::manifest::MAX_DEVICES {
+                    return Err(bad("device"));
+                }
+                devices.push(crate::manifest::parse_bdf(value).ok_or(bad("device"))?);
+            }
             other => return Err(ModuleError::UnknownKey { module, key: other.to_string() }),
         }
     }
@@ -156,7 +165,7 @@ pub fn parse_module(
         vcpus,
         privileged,
         initrd: None,
-        devices: Vec::new(),
+        devices,
         cmdline: cmdline.to_string(),
     })
 }
@@ -203,6 +212,16 @@ mod tests {
         assert_eq!(g.cmdline, "ticks=40  x=y");
         assert_eq!(g.image, IMAGE);
         assert_eq!(g.initrd, None);
+    }
+
+    #[test]
+    fn devices_are_assigned_by_bdf() {
+        let g = parse("name=d mem=16 device=00:03.0 device=01:1f.7 cmdline=transfers=4").unwrap();
+        assert_eq!(g.devices, [(0, 3, 0), (1, 0x1f, 7)]);
+        assert_eq!(g.cmdline, "transfers=4");
+        assert_eq!(parse("name=d mem=16 device=00:20.0"), Err(ModuleError::BadValue { module: 1, key: "device" }));
+        let five = "name=d mem=16 device=00:01.0 device=00:02.0 device=00:03.0 device=00:04.0 device=00:05.0";
+        assert_eq!(parse(five), Err(ModuleError::BadValue { module: 1, key: "device" }));
     }
 
     #[test]

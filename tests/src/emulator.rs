@@ -259,7 +259,9 @@ fn command(image: &BuiltImage, spec: &RunSpec, serial: &Path, dir: &Path) -> Res
             }
             if spec.devices {
                 // VT-d (an ACPI DMAR names it) before the device it covers.
-                c.args(["-device", "intel-iommu", "-device", "edu"]);
+                // edu's default DMA mask is 28 bits; guest RAM starts at
+                // 1 GiB, and guests DMA at their own addresses.
+                c.args(["-device", "intel-iommu", "-device", "edu,dma_mask=0xffffffffff"]);
             }
             c.arg("-cdrom").arg(&image.bootable);
             c

@@ -251,9 +251,6 @@ pub fn x86_64_refusal(g: &GuestArg) -> Option<String> {
     if g.initrd.is_some() {
         return Some("an initrd is not supported on x86_64".into());
     }
-    if !g.devices.is_empty() {
-        return Some("device passthrough is not supported on x86_64".into());
-    }
     if g.cmdline.chars().any(|c| c.is_control() || GRUB_SPECIAL.contains(c)) {
         return Some(format!(
             "the command line may not contain control characters or any of {GRUB_SPECIAL} on x86_64 (GRUB module line)"
@@ -277,6 +274,9 @@ pub fn grub_modules(guests: &[GuestArg]) -> Result<Vec<IsoModule>, LaunchError> 
             format!("vcpus={}", g.vcpus),
             format!("privileged={}", u8::from(g.privileged)),
         ];
+        // Assigned PCI functions, before the command line (the rest of
+        // the line after `cmdline=` is the guest's).
+        args.extend(g.devices.iter().map(|d| format!("device={d}")));
         let mut words = g.cmdline.split_whitespace();
         if let Some(first) = words.next() {
             args.push(format!("cmdline={first}"));

@@ -40,8 +40,9 @@ usage: scripts/run [options] [-- emulator args...]
                              the architecture, or (aarch64) an arm64 Image. The
                              updater guest runs beside your guests and live-updates
                              the hypervisor under them (see --updates).
-                             x86_64: no initrd, no device; vCPUs beyond the first
-                             wait for the guest's INIT-SIPI-SIPI
+                             x86_64: no initrd; device= under --machine qemu only
+                             (VT-d); vCPUs beyond the first wait for the guest's
+                             INIT-SIPI-SIPI
   --linux                    (aarch64) run Debian's arm64 Linux kernel as a guest (2 vCPUs,
                              256 MiB; scripts/setup fetches it): it boots to userspace,
                              checks its memory and clock for 20 s while the updater
@@ -450,6 +451,10 @@ fn check_guests(o: &Options) -> Result<(), OptionError> {
             if let Some(why) = guests::x86_64_refusal(g) {
                 return Err(no_effect(&format!("--guest {}", g.file.display()), &why));
             }
+            if !g.devices.is_empty() && o.machine != Machine::Qemu {
+                let why = "Bochs has no IOMMU to confine a device's DMA; use --machine qemu (VT-d)";
+                return Err(no_effect(&format!("--guest {}", g.file.display()), why));
+            }
         }
     }
     let total = o.guests.len() + tests.len() + usize::from(o.updates() > 0);
@@ -801,7 +806,7 @@ mod tests {
     fn x86_64_refuses_what_a_multiboot2_module_cannot_carry() {
         let cases = [
             ("--arch x86_64 --guest k.bin,initrd=i.img", "--guest k.bin: an initrd is not supported on x86_64"),
-            ("--arch x86_64 --guest k.bin,device=00:02.0", "--guest k.bin: device passthrough is not supported"),
+            ("--arch x86_64 --guest k.bin,device=00:02.0", "--guest k.bin: Bochs has no IOMMU"),
             ("--arch x86_64 --guest k.bin,cmdline=a=$x", "--guest k.bin: the command line may not contain"),
         ];
         for (line, want) in cases {
@@ -809,6 +814,8 @@ mod tests {
             assert!(e.starts_with(want), "{line}: {e}");
         }
         assert_eq!(ok("--guest k.bin,vcpus=2,initrd=i.img").guests[0].vcpus, 2);
+        // Under QEMU (SVM) the q35's VT-d unit translates its DMA.
+        assert_eq!(ok("--arch x86_64 --machine qemu --guest k.bin,device=00:03.0").guests[0].devices, ["00:03.0"]);
         // vCPUs beyond the first start with INIT-SIPI-SIPI from the guest.
         assert_eq!(ok("--arch x86_64 --guest k.bin,vcpus=2").guests[0].vcpus, 2);
     }

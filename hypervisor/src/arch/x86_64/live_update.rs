@@ -149,6 +149,12 @@ impl UpdatePlatform for Vmx {
     }
 
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
+        // The VT-d unit's state has no handover record yet (issue 20,
+        // item 5): refused before anything is frozen, the guests and
+        // their DMA untouched.
+        if MACHINE.with(|m| m.arch.vtd.as_ref().is_some_and(|u| !u.assigned.is_empty())).unwrap_or(false) {
+            return Err("vt-d-handover-not-built");
+        }
         segments(staged, desc).map(|_| ())
     }
 
@@ -629,6 +635,7 @@ pub fn restore(
         .map_or(0, |r| r.counter_hz);
     let arch = X86 {
         backend,
+        vtd: None,
         cr_policy,
         tsc_hz: hv_hz,
         mbi: spec.mbi,

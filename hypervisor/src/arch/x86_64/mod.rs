@@ -589,6 +589,10 @@ fn start_guests(
         tsc_hz,
         scratch,
         mbi: mbi_copy,
+        vtd_unit: match VTD_UNIT[0].load(Ordering::Relaxed) {
+            0 => None,
+            base => Some((base, VTD_UNIT[1].load(Ordering::Relaxed))),
+        },
     }))
 }
 

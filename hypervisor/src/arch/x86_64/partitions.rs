@@ -8,6 +8,7 @@
 
 use alloc::vec::Vec;
 use core::fmt;
+use core::fmt::Write as _;
 
 use hypervisor::arch::x86_64::boot::{self as guest_boot, BootError, BootLayout, BOOTLOADER_MAGIC};
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
@@ -15,7 +16,7 @@ use hypervisor::frames::FrameAllocator;
 use hypervisor::hv_event;
 use hypervisor::machine::{BuildError, Machine, MachineMemory, Refusal};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
-use hypervisor::preserved::{IdentityPages, PreservedMap};
+use hypervisor::preserved::{IdentityPages, PreservedMap, PreservingFrames};
 use hypervisor::stage2::{
     Attrs, BlockSize, Ept, FrameSource, LinearMap, MapError, Npt, Perms, Stage2Format, Stage2Table,
 };
@@ -40,7 +41,16 @@ pub struct MachineSpec<'a> {
     pub scratch: ScratchPlan,
     /// The multiboot2 information's copy, preserved across updates.
     pub mbi: PhysRange,
+    /// The VT-d unit's register set (base, bytes), if the DMAR names one:
+    /// brought up when a guest is assigned a device.
+    pub vtd_unit: Option<(u64, u64)>,
 }
+
+/// Where a guest's assigned devices' BARs appear in its guest-physical
+/// space: above its RAM, below the local APIC and I/O APIC (0xfec0_0000),
+/// in the 4 GiB the guest identity-maps; each aligned to its size.
+const GUEST_DEVICE_GPA: u64 = 0xe000_0000;
+const GUEST_DEVICE_END: u64 = 0xfec0_0000;
 
 /// A boot module's bytes, if they lie in RAM below the identity-mapped
 /// 4 GiB.
@@ -68,6 +78,14 @@ pub enum GuestError {
     OutOfMemory,
     /// More partitions than the processor has SVM ASIDs for.
     OutOfAsids,
+    /// `device=` with no VT-d unit to confine the device's DMA.
+    NoIommu,
+    /// `device=` naming a function another guest (or this one) has.
+    DeviceTaken,
+    Device(super::vtd::DeviceError),
+    /// The device's BAR does not fit above the guest's RAM below 4 GiB.
+    NoRoomForDevice,
+    Vtd(iommu::vtd::VtdError),
 }
 
 impl fmt::Display for GuestError {
@@ -82,6 +100,11 @@ impl fmt::Display for GuestError {
             Self::Ept(_) => f.write_str("ept-map"),
             Self::OutOfMemory => f.write_str("out-of-memory"),
             Self::OutOfAsids => f.write_str("out-of-asids"),
+            Self::NoIommu => f.write_str("device-without-vt-d"),
+            Self::DeviceTaken => f.write_str("device-already-assigned"),
+            Self::Device(e) => write!(f, "{e}"),
+            Self::NoRoomForDevice => f.write_str("no-room-for-device-bar"),
+            Self::Vtd(_) => f.write_str("vt-d-assign"),
         }
     }
 }
@@ -92,6 +115,7 @@ impl Refusal for GuestError {
             Self::Boot(e) => Some(e),
             Self::Machine(e) => Some(e),
             Self::Ept(e) => Some(e),
+            Self::Vtd(e) => Some(e),
             _ => None,
         }
     }
@@ -125,8 +149,10 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     let mem = spec.mem_mib << 20;
     let layout = guest_boot::layout(spec.format, image, mem).map_err(GuestError::Boot)?;
     let conventional = guest_boot::conventional_memory(spec.vcpus);
-    let info = guest_boot::boot_information(mem, conventional, &spec.cmdline).map_err(GuestError::Boot)?;
+    let (devices, cmdline) = plan_devices(m, spec, mem)?;
+    let info = guest_boot::boot_information(mem, conventional, &cmdline).map_err(GuestError::Boot)?;
     let vpid = u16::try_from(id).map_err(|_| GuestError::TooManyPartitions)?;
+    let (largest, revision, is_svm) = table_layout(&m.arch.backend, vpid)?;
     let block = m.alloc_guest_ram(mem).map_err(GuestError::Machine)?;
     if block.end().is_none_or(|e| e > MAPPED_LIMIT) {
         m.free_guest_ram(block);
@@ -152,41 +178,21 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
         unsafe { core::ptr::write_bytes(low.base as *mut u8, 0, conventional as usize) };
         Some(low)
     };
-    // The largest leaf the tables may use, and what a vCPU's control
-    // page starts with: VMX's revision identifier (SDM §25.2), or nothing
-    // (a VMCB is built from zero).
-    let (largest, revision, is_svm) = match m.arch.backend {
-        Backend::Vmx { caps, .. } => (
-            match (caps.ept_1g, caps.ept_2m) {
-                (true, _) => BlockSize::Size1G,
-                (false, true) => BlockSize::Size2M,
-                (false, false) => BlockSize::Size4K,
-            },
-            Some(caps.revision),
-            false,
-        ),
-        Backend::Svm { caps, .. } => {
-            // ASID 0 is the host's.
-            if u32::from(vpid) >= caps.asids {
-                m.free_guest_ram(block);
-                if let Some(low) = low {
-                    m.free_guest_ram(low);
-                }
-                return Err(GuestError::OutOfAsids);
-            }
-            (BlockSize::Size2M, None, true)
-        }
+    // The VT-d unit, if this guest has devices, outside the machine while
+    // the frames (borrowed from it) build the tables; put back below on
+    // every path.
+    let mut unit = if devices.is_empty() { None } else { Some(m.arch.vtd.take().ok_or(GuestError::NoIommu)?) };
+    let mut frames = PreservingFrames { frames: &mut m.frames, map: &mut m.preserved };
+    let built = build_tables(&mut frames, is_svm, ram, low, largest, &devices, unit.as_mut(), (vpid, id));
+    if unit.is_some() {
+        m.arch.vtd = unit;
+    }
+    let (nested, dma_table) = built?;
+    let (mib2, gib1) = match &nested {
+        NestedTable::Ept(t) => (t.leaf_count(BlockSize::Size2M), t.leaf_count(BlockSize::Size1G)),
+        NestedTable::Npt(t) => (t.leaf_count(BlockSize::Size2M), t.leaf_count(BlockSize::Size1G)),
     };
     let mut frames = m.preserving_frames();
-    let (nested, mib2, gib1) = if is_svm {
-        let t = nested_table::<Npt>(ram, low, largest, &mut frames)?;
-        let counts = (t.leaf_count(BlockSize::Size2M), t.leaf_count(BlockSize::Size1G));
-        (NestedTable::Npt(t), counts.0, counts.1)
-    } else {
-        let t = nested_table::<Ept>(ram, low, largest, &mut frames)?;
-        let counts = (t.leaf_count(BlockSize::Size2M), t.leaf_count(BlockSize::Size1G));
-        (NestedTable::Ept(t), counts.0, counts.1)
-    };
     let mut contexts = Vec::new();
     for index in 0..spec.vcpus {
         let page = frames.alloc_frame().ok_or(GuestError::OutOfMemory)?;
@@ -202,7 +208,8 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
     }
     let root = nested.root();
     let info = PartitionInfo { id, name: spec.name.clone(), privileged: spec.privileged, ram, vcpus: spec.vcpus };
-    let part = X86Partition::new(nested, spec.vcpus);
+    let mut part = X86Partition::new(nested, spec.vcpus);
+    part.dma_table = dma_table;
     let p = m.add_partition(info, vpid, part, contexts).map_err(GuestError::Machine)?;
     hv_event!(
         "guest-start",
@@ -213,13 +220,116 @@ fn build_partition(m: &mut Machine<X86>, id: u32, spec: &GuestSpec) -> Result<()
         privileged = u8::from(spec.privileged),
         entry = format_args!("{:#x}", layout.entry_gpa),
         stage2_root = format_args!("{root:#x}"),
+        ram = format_args!("{:#x}", ram.host_base),
         ept_2m = mib2,
         ept_1g = gib1,
         vpid = vpid,
         cpu = m.vcpus[m.partitions[p].vcpus[0]].pcpu,
         conventional_kib = conventional >> 10,
     );
+    for d in &devices {
+        hv_event!(
+            "device-assigned",
+            guest = id,
+            device = iommu::vtd::Bdf(d.bdf),
+            bar = format_args!("{:#x}", d.bar.pa),
+            size = d.bar.size,
+            gpa = format_args!("{:#x}", d.gpa),
+            iommu = "vt-d",
+        );
+    }
     Ok(())
+}
+
+/// The largest leaf a partition's nested table may use, what a vCPU's
+/// control page starts with (VMX's revision identifier, SDM §25.2; a VMCB
+/// is built from zero), and whether the backend is SVM; refuses an ASID
+/// the processor does not have (ASID 0 is the host's).
+fn table_layout(backend: &Backend, vpid: u16) -> Result<(BlockSize, Option<u32>, bool), GuestError> {
+    Ok(match *backend {
+        Backend::Vmx { caps, .. } => (
+            match (caps.ept_1g, caps.ept_2m) {
+                (true, _) => BlockSize::Size1G,
+                (false, true) => BlockSize::Size2M,
+                (false, false) => BlockSize::Size4K,
+            },
+            Some(caps.revision),
+            false,
+        ),
+        Backend::Svm { caps, .. } if u32::from(vpid) >= caps.asids => return Err(GuestError::OutOfAsids),
+        Backend::Svm { .. } => (BlockSize::Size2M, None, true),
+    })
+}
+
+/// A device assigned to a guest: its requester id, its BAR0 and where the
+/// guest sees it.
+struct PlannedDevice {
+    bdf: u16,
+    bar: super::vtd::Bar,
+    gpa: u64,
+}
+
+/// The devices `spec` names (`device=BB:DD.F`): each present, not taken,
+/// its BAR0 placed above the guest's RAM; and the guest's command line
+/// with `dev0=<GPA> dev1=...` appended (as on aarch64).
+fn plan_devices(
+    m: &Machine<X86>,
+    spec: &GuestSpec,
+    mem: u64,
+) -> Result<(Vec<PlannedDevice>, alloc::string::String), GuestError> {
+    let mut cmdline = spec.cmdline.clone();
+    let mut planned = Vec::new();
+    let mut next = GUEST_DEVICE_GPA.max(GUEST_RAM_BASE + mem);
+    for (k, &(bus, dev, func)) in spec.devices.iter().enumerate() {
+        let unit = m.arch.vtd.as_ref().ok_or(GuestError::NoIommu)?;
+        let bdf = (u16::from(bus) << 8) | (u16::from(dev) << 3) | u16::from(func);
+        if unit.assigned.iter().any(|&(b, _)| b == bdf) || planned.iter().any(|d: &PlannedDevice| d.bdf == bdf) {
+            return Err(GuestError::DeviceTaken);
+        }
+        let bar = super::vtd::device_bar(bdf).map_err(GuestError::Device)?;
+        let gpa = next.next_multiple_of(bar.size);
+        next = gpa.checked_add(bar.size).filter(|&e| e <= GUEST_DEVICE_END).ok_or(GuestError::NoRoomForDevice)?;
+        let _ = write!(cmdline, " dev{k}={gpa:#x}");
+        planned.push(PlannedDevice { bdf, bar, gpa });
+    }
+    Ok((planned, cmdline))
+}
+
+/// A partition's tables: its nested table (NPT under SVM, else EPT), with
+/// its devices' BARs mapped, and, if it has devices, the second-level
+/// table their DMA is translated by (the EPT format, VT-d §9.8, mapping
+/// the guest's memory as the nested table does; on VT-x the EPT itself
+/// could serve, but only SVM runs with a VT-d unit here), each device
+/// assigned to it at `unit` under domain `vpid` and recorded for
+/// partition `id`.
+#[allow(clippy::too_many_arguments)]
+fn build_tables(
+    frames: &mut (impl FrameSource + iommu::FrameSource),
+    is_svm: bool,
+    ram: GuestRam,
+    low: Option<PhysRange>,
+    largest: BlockSize,
+    devices: &[PlannedDevice],
+    unit: Option<&mut super::vtd::Unit>,
+    (vpid, id): (u16, u32),
+) -> Result<(NestedTable, Option<Stage2Table<Ept, LinearMap>>), GuestError> {
+    let mut nested = if is_svm {
+        NestedTable::Npt(nested_table::<Npt>(ram, low, largest, frames)?)
+    } else {
+        NestedTable::Ept(nested_table::<Ept>(ram, low, largest, frames)?)
+    };
+    let Some(unit) = unit.filter(|_| !devices.is_empty()) else { return Ok((nested, None)) };
+    let table = nested_table::<Ept>(ram, low, BlockSize::Size2M, frames)?;
+    for d in devices {
+        match &mut nested {
+            NestedTable::Npt(t) => t.map(d.gpa, d.bar.pa, d.bar.size, Attrs::device(), frames),
+            NestedTable::Ept(t) => t.map(d.gpa, d.bar.pa, d.bar.size, Attrs::device(), frames),
+        }
+        .map_err(GuestError::Ept)?;
+        unit.vtd.assign(d.bdf, vpid, table.root(), frames).map_err(GuestError::Vtd)?;
+        unit.assigned.push((d.bdf, id));
+    }
+    Ok((nested, Some(table)))
 }
 
 /// A partition's nested table of format `F` (EPT or NPT): its RAM at
@@ -254,6 +364,7 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
     };
     let arch = X86 {
         backend: spec.backend,
+        vtd: None,
         cr_policy: spec.cr_policy,
         tsc_hz: spec.tsc_hz,
         mbi: spec.mbi,
@@ -264,6 +375,13 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
     let mut m = Machine::new(arch, memory, spec.cpus);
     if m.preserved.preserve(&mut m.frames, spec.mbi.base..spec.mbi.base + spec.mbi.size).is_err() {
         hv_event!("preserve-failed", what = "multiboot2-information");
+    }
+    // VT-d is turned on only for guests given a device: its tables come
+    // from preserved frames, as the unit reads them for as long as it
+    // translates.
+    if let (Some((base, bytes)), true) = (spec.vtd_unit, spec.specs.iter().any(|g| !g.devices.is_empty())) {
+        let unit = super::vtd::bring_up(base, bytes, &mut m.preserving_frames());
+        m.arch.vtd = unit;
     }
     let n = m.build_partitions(spec.specs, build_partition);
     MACHINE.install(m);

@@ -18,7 +18,7 @@ use hypervisor::preserved::IdentityPages;
 use hypervisor::records::{
     format_code, LapicRecord, PartitionRecord, SvmRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES,
 };
-use hypervisor::stage2::{Ept, LinearMap, Npt, Stage2Table};
+use hypervisor::stage2::{Ept, LinearMap, MemType, Npt, Stage2Table};
 use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
 use loader::manifest::ImageFormat;
 use loader::PhysRange;
@@ -47,6 +47,8 @@ pub enum Backend {
 /// Machine-wide backend state.
 pub struct X86 {
     pub backend: Backend,
+    /// The VT-d unit, brought up when a guest is assigned a device.
+    pub vtd: Option<super::vtd::Unit>,
     pub cr_policy: GuestCrPolicy,
     pub tsc_hz: u64,
     /// The preserved copy of the multiboot2 information, handed to each
@@ -89,6 +91,11 @@ impl NestedTable {
             Self::Ept(t) => t.translate(gpa),
             Self::Npt(t) => t.translate(gpa),
         }?;
+        // Only RAM: a device's BAR mapped into the guest is not read as
+        // memory (reads there have side effects).
+        if t.attrs.mem != MemType::Normal {
+            return None;
+        }
         let offset = gpa & (t.size.bytes() - 1);
         (offset.checked_add(len)? <= t.size.bytes()).then_some(t.pa)
     }
@@ -97,6 +104,9 @@ impl NestedTable {
 /// The x86_64 part of a partition.
 pub struct X86Partition {
     pub nested: NestedTable,
+    /// The second-level table its assigned devices' DMA is translated by
+    /// (VT-d §9.8, the EPT format), kept in step with `nested`.
+    pub dma_table: Option<Stage2Table<Ept, LinearMap>>,
     /// The emulated COM1's line control register (for DLAB).
     pub uart_lcr: u8,
     /// #GP faults injected so far.
@@ -127,6 +137,7 @@ impl X86Partition {
     pub fn new(nested: NestedTable, vcpus: u32) -> Self {
         Self {
             nested,
+            dma_table: None,
             uart_lcr: 0,
             gp_injected: 0,
             unbacked: 0,

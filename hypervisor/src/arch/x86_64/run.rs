@@ -467,6 +467,7 @@ fn schedule(cpu: usize, yield_now: bool, host: &HostState) -> Option<NonNull<Vcp
             return None;
         }
         let scan = update_apics(m, cpu);
+        super::vtd::poll_faults(m);
         let yield_now = yield_now || scan.woke;
         let current = m.loaded[cpu].filter(|&v| m.runnable(v));
         let Some(v) = m.pick(cpu, yield_now) else {

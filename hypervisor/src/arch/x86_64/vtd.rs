@@ -12,16 +12,26 @@
 //! a write to a page it maps read-only (fault reason 5), a read of a page
 //! it does not map (reason 6).
 //!
-//! So far only where no guest runs (the SVM path, which has no backend
-//! yet): the unit's pages come from a throw-away allocator. With guests,
-//! its pages must be preserved and adopted across live updates, and
-//! assigned devices get the table of their guest (issue 20, items 4, 5).
+//! That much runs where no guest runs, with pages from a throw-away
+//! allocator. With guests (issue 20, item 4; [`bring_up`], [`device_bar`],
+//! [`poll_faults`]) the unit's pages and every table it reads come from
+//! the machine's preserved frames, a device named by a guest's `device=`
+//! gets that guest's own second-level table (the EPT format, built by the
+//! same engine beside the guest's NPT, which has another format), its BAR
+//! is mapped into the guest, and faults are reported against the guest
+//! that owns the requester id. Adopting the unit across a live update
+//! (item 5) is not built: an update is refused while a device is
+//! assigned.
 
 use core::ptr::NonNull;
 
+use alloc::string::String;
+use core::fmt::Write as _;
+
 use hypervisor::frames::{FrameAllocator, PAGE_SIZE};
-use hypervisor::hv_event;
+use hypervisor::machine::Machine;
 use hypervisor::stage2::{Attrs, Ept, Perms, Stage2Table};
+use hypervisor::{hv_event, hv_event_to};
 use iommu::vtd::{Bdf, MmioVtd, Vtd};
 use iommu::LinearMap;
 use x86::io::{inl, outl};
@@ -160,6 +170,160 @@ fn probe(vtd: &mut Vtd<MmioVtd, LinearMap>) {
     );
     report_faults(&faults);
     config_write(bdf, 0x04, command & 0xffff);
+}
+
+/// The unit with guests' devices assigned to it: (requester id,
+/// partition id) of each.
+pub struct Unit {
+    pub vtd: Vtd<MmioVtd, LinearMap>,
+    pub assigned: alloc::vec::Vec<(u16, u32)>,
+}
+
+// SAFETY: the unit's registers are MMIO any CPU may reach (identity-
+// mapped below 4 GiB), and the unit lives in the machine, reached only
+// under its lock.
+unsafe impl Send for Unit {}
+
+/// Brings the unit at `base` up for the guests (translation on, every
+/// device blocked until assigned) with pages from `frames`, which keeps
+/// them for as long as the unit translates, and reports it (`hv: vtd ...
+/// guests=1`).
+pub fn bring_up(base: u64, bytes: u64, frames: &mut impl iommu::FrameSource) -> Option<Unit> {
+    let regs = NonNull::new(base as *mut u8)?;
+    let below_4g = base.checked_add(bytes).is_some_and(|end| end <= super::MAPPED_LIMIT);
+    let len = usize::try_from(bytes).ok()?;
+    if !below_4g {
+        hv_event!("vtd", base = format_args!("{base:#x}"), enabled = 0, reason = "registers-above-4gib");
+        return None;
+    }
+    // SAFETY: the DRHD's register set, below 4 GiB (identity-mapped),
+    // driven by nothing else.
+    let regs = unsafe { MmioVtd::new(regs, len) };
+    // SAFETY: RAM is identity-mapped.
+    let phys = unsafe { LinearMap::new(0) };
+    match Vtd::init(regs, phys, frames, Vtd::<MmioVtd, LinearMap>::DEFAULT_SPIN_BUDGET) {
+        Ok((vtd, up)) => {
+            hv_event!(
+                "vtd",
+                base = format_args!("{base:#x}"),
+                enabled = 1,
+                guests = 1,
+                translating = u8::from(vtd.translating()),
+                root = format_args!("{:#x}", up.root),
+                invalidations = up.invalidations,
+            );
+            Some(Unit { vtd, assigned: alloc::vec::Vec::new() })
+        }
+        Err(e) => {
+            hv_event!("vtd", base = format_args!("{base:#x}"), enabled = 0, reason = e);
+            None
+        }
+    }
+}
+
+/// A PCI function's BAR0, for mapping into its guest.
+#[derive(Clone, Copy, Debug)]
+pub struct Bar {
+    pub pa: u64,
+    /// Bytes, a power of two of at least a page.
+    pub size: u64,
+}
+
+/// PCI header (PCI Local Bus spec 3.0 §6.1, §6.2.5.1): vendor/device at
+/// 0, command at 4, header type at 0xe, BAR0 at 0x10 (bit 0: I/O space;
+/// bits 2:1: 10b a 64-bit memory BAR, its upper half at 0x14).
+const PCI_VENDOR_NONE: u32 = 0xffff_ffff;
+const PCI_BAR0: u8 = 0x10;
+const PCI_BAR1: u8 = 0x14;
+const BAR_IO: u32 = 1 << 0;
+const BAR_TYPE_MASK: u32 = 0b110;
+const BAR_TYPE_64: u32 = 0b100;
+const BAR_ADDRESS_MASK: u32 = !0xf;
+
+/// Why a device cannot be assigned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceError {
+    NotPresent,
+    IoBar,
+    NoBar,
+    BarAbove4Gib,
+}
+
+impl core::fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::NotPresent => "device-not-present",
+            Self::IoBar => "device-bar0-is-io",
+            Self::NoBar => "device-has-no-bar0",
+            Self::BarAbove4Gib => "device-bar0-above-4gib",
+        })
+    }
+}
+
+/// Function `bdf`'s BAR0 (sized by writing all ones and reading back,
+/// then restored), with memory decoding and bus mastering turned on.
+pub fn device_bar(bdf: u16) -> Result<Bar, DeviceError> {
+    if config_read(bdf, 0) == PCI_VENDOR_NONE {
+        return Err(DeviceError::NotPresent);
+    }
+    let low = config_read(bdf, PCI_BAR0);
+    if low & BAR_IO != 0 {
+        return Err(DeviceError::IoBar);
+    }
+    let high = if low & BAR_TYPE_MASK == BAR_TYPE_64 { config_read(bdf, PCI_BAR1) } else { 0 };
+    if high != 0 {
+        return Err(DeviceError::BarAbove4Gib);
+    }
+    let command = config_read(bdf, 0x04);
+    // Decoding off while the BAR reads back its size mask.
+    config_write(bdf, 0x04, command & 0xffff & !PCI_COMMAND_MEMORY);
+    config_write(bdf, PCI_BAR0, u32::MAX);
+    let mask = config_read(bdf, PCI_BAR0) & BAR_ADDRESS_MASK;
+    config_write(bdf, PCI_BAR0, low);
+    let pa = u64::from(low & BAR_ADDRESS_MASK);
+    if mask == 0 || pa == 0 {
+        config_write(bdf, 0x04, command & 0xffff);
+        return Err(DeviceError::NoBar);
+    }
+    let size = u64::from(!mask).wrapping_add(1).max(PAGE_SIZE);
+    enable_bus_master(bdf);
+    Ok(Bar { pa, size })
+}
+
+/// Reports the faults the unit recorded: each against the guest that owns
+/// its requester id (`hv: fault kind=iommu guest=N ...`, queued on that
+/// guest's console so it goes out in order with its lines), the DMA
+/// blocked and the guest running on. Called on scheduling decisions.
+pub fn poll_faults(m: &mut Machine<super::platform::X86>) {
+    let Some(unit) = m.arch.vtd.as_mut() else { return };
+    let (faults, overflow) = unit.vtd.take_faults();
+    if faults.is_empty() && !overflow {
+        return;
+    }
+    let owners: alloc::vec::Vec<Option<u32>> =
+        faults.iter().map(|f| unit.assigned.iter().find(|&&(bdf, _)| bdf == f.source).map(|&(_, id)| id)).collect();
+    if overflow {
+        hv_event!("vtd-fault-overflow", faults = faults.len());
+    }
+    for (f, owner) in faults.iter().zip(owners) {
+        let p = owner.and_then(|id| m.partitions.iter().position(|p| p.info.id == id));
+        let mut line = String::new();
+        let _ = hv_event_to!(
+            line,
+            "fault",
+            kind = "iommu",
+            guest = owner.unwrap_or(0),
+            source = Bdf(f.source),
+            reason = f.reason_name(),
+            code = f.reason,
+            access = if f.read { "read" } else { "write" },
+            addr = format_args!("{:#x}", f.addr),
+        );
+        match p {
+            Some(p) => m.queue_line(p, String::from(line.trim_end())),
+            None => hypervisor::println!("{}", line.trim_end()),
+        }
+    }
 }
 
 fn report_faults(faults: &[iommu::vtd::Fault]) {
