@@ -98,7 +98,7 @@ handover_records!(HvRecord, PartitionRecord, VcpuRecord, IommuRecord, VgicRecord
 /// (`loader::image_readers`): each record from version 1 to the version it
 /// writes, the handoff record (written only for images that read it), and
 /// the vCPU-context layouts of both architectures.
-pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 4] = {
+pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 5] = {
     use kho::StateRecord;
     use loader::image_readers::{ReadRange, CONTEXT_FAMILY};
     let extra = [
@@ -106,6 +106,9 @@ pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 4] = {
         ReadRange { id: records::HandoffRecord::ID, min: 1, max: records::HandoffRecord::VERSION },
         // Written only under the x86_64 SVM backend.
         ReadRange { id: records::SvmRecord::ID, min: 1, max: records::SvmRecord::VERSION },
+        // Written only while a VT-d unit translates guests' DMA, and then
+        // only for an image that reads it (`live_update`).
+        ReadRange { id: records::VtdRecord::ID, min: 1, max: records::VtdRecord::VERSION },
         ReadRange {
             id: CONTEXT_FAMILY | (records::AARCH64_CONTEXT_FORMAT >> 16),
             min: 1,
@@ -122,7 +125,7 @@ pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 4] = {
             max: (records::X86_64_CONTEXT_FORMAT & 0xffff) as u16,
         },
     ];
-    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 4];
+    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 5];
     let mut i = 0;
     while i < out.len() {
         out[i] = if i < RECORD_READS.len() { RECORD_READS[i] } else { extra[i - RECORD_READS.len()] };

@@ -278,6 +278,103 @@ state_record! {
     }
 }
 
+/// Most VT-d assignments the handover carries.
+pub const MAX_VTD_ASSIGNMENTS: usize = 16;
+/// Bytes per assignment in [`VtdRecord::assignments`]: requester id
+/// (u16), domain (u16), partition id (u32), second-level table root
+/// (u64), BAR0 address (u64) and size (u64); little-endian.
+pub const VTD_ASSIGNMENT_BYTES: usize = 32;
+
+state_record! {
+    /// The x86_64 VT-d unit's state (`iommu::vtd::VtdState`) and its
+    /// assignments: the next image adopts the translating unit without
+    /// stopping it, and each guest's second-level table and BAR mapping.
+    /// Written only while the unit is on (a guest has a device).
+    pub struct VtdRecord {
+        const ID = 0x0001_000a;
+        const NAME = "vtd";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        /// The unit's register set (its DMAR DRHD base).
+        pub register_base: u64 [since 1],
+        pub root: u64 [since 1],
+        pub queue: u64 [since 1],
+        pub status: u64 [since 1],
+        /// The invalidation queue's tail (descriptor index).
+        pub tail: u32 [since 1],
+        pub assignment_count: u32 [since 1],
+        pub assignments: [u8; MAX_VTD_ASSIGNMENTS * VTD_ASSIGNMENT_BYTES] [since 1],
+    }
+}
+
+/// One VT-d assignment, as [`VtdRecord`] carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VtdAssignment {
+    pub source: u16,
+    pub domain: u16,
+    pub partition: u32,
+    pub table: u64,
+    pub bar_base: u64,
+    pub bar_size: u64,
+}
+
+impl VtdRecord {
+    /// Encodes `assignments` after the unit's fields; `None` if there are
+    /// too many.
+    pub fn encode(register_base: u64, state: &iommu::vtd::VtdState, assignments: &[VtdAssignment]) -> Option<Self> {
+        if assignments.len() > MAX_VTD_ASSIGNMENTS {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_VTD_ASSIGNMENTS * VTD_ASSIGNMENT_BYTES];
+        for (a, chunk) in assignments.iter().zip(bytes.chunks_exact_mut(VTD_ASSIGNMENT_BYTES)) {
+            chunk[0..2].copy_from_slice(&a.source.to_le_bytes());
+            chunk[2..4].copy_from_slice(&a.domain.to_le_bytes());
+            chunk[4..8].copy_from_slice(&a.partition.to_le_bytes());
+            chunk[8..16].copy_from_slice(&a.table.to_le_bytes());
+            chunk[16..24].copy_from_slice(&a.bar_base.to_le_bytes());
+            chunk[24..32].copy_from_slice(&a.bar_size.to_le_bytes());
+        }
+        Some(Self {
+            register_base,
+            root: state.root,
+            queue: state.queue,
+            status: state.status,
+            tail: state.tail,
+            assignment_count: assignments.len() as u32,
+            assignments: bytes,
+        })
+    }
+
+    /// The unit's state.
+    pub fn state(&self) -> iommu::vtd::VtdState {
+        iommu::vtd::VtdState { root: self.root, queue: self.queue, status: self.status, tail: self.tail }
+    }
+
+    /// The assignments; `None` if the count is out of range.
+    pub fn decode_assignments(&self) -> Option<alloc::vec::Vec<VtdAssignment>> {
+        let n = usize::try_from(self.assignment_count).ok().filter(|&n| n <= MAX_VTD_ASSIGNMENTS)?;
+        let word = |c: &[u8], at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&c[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        Some(
+            self.assignments
+                .chunks_exact(VTD_ASSIGNMENT_BYTES)
+                .take(n)
+                .map(|c| VtdAssignment {
+                    source: u16::from_le_bytes([c[0], c[1]]),
+                    domain: u16::from_le_bytes([c[2], c[3]]),
+                    partition: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+                    table: word(c, 8),
+                    bar_base: word(c, 16),
+                    bar_size: word(c, 24),
+                })
+                .collect(),
+        )
+    }
+}
+
 state_record! {
     /// How the update that wrote this handover hands over what is not
     /// machine state: the CPUs parked in the old image's code, and the old
@@ -389,6 +486,26 @@ mod tests {
     extern crate std;
     use super::*;
     use kho::StateRecord;
+
+    #[test]
+    fn vtd_record_carries_the_unit_and_its_assignments() {
+        let state = iommu::vtd::VtdState { root: 0x07fd_d000, queue: 0x07fd_e000, status: 0x07fd_f000, tail: 5 };
+        let a = VtdAssignment {
+            source: 0x18,
+            domain: 2,
+            partition: 2,
+            table: 0x10_0000,
+            bar_base: 0xfea0_0000,
+            bar_size: 1 << 20,
+        };
+        let rec = VtdRecord::encode(0xfed9_0000, &state, &[a]).unwrap();
+        assert_eq!(rec.state(), state);
+        assert_eq!(rec.decode_assignments(), Some(alloc::vec![a]));
+        assert!(VtdRecord::encode(0, &state, &[a; MAX_VTD_ASSIGNMENTS + 1]).is_none());
+        // A count past the array is refused, not read past.
+        let bad = VtdRecord { assignment_count: MAX_VTD_ASSIGNMENTS as u32 + 1, ..rec };
+        assert_eq!(bad.decode_assignments(), None);
+    }
 
     #[test]
     fn codes_round_trip() {

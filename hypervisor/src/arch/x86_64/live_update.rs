@@ -34,10 +34,11 @@ use hypervisor::live_update::rollback::{self, break_mode, Break, Reason, GIVE_BA
 use hypervisor::live_update::{self, Cancel, HandoffPlan, Ready, Request, UpdatePlatform, HANDSHAKE, REPORT};
 use hypervisor::machine::{Arch, Machine, MachineLock, MAX_CPUS};
 use hypervisor::preserved::IdentityPages;
-use hypervisor::records::SvmRecord;
+use hypervisor::records::{SvmRecord, VtdRecord};
 use hypervisor::slots::{self, Placement};
 use hypervisor::{hv_event, println};
 use kho::HandoverReader;
+use kho::StateRecord as _;
 use loader::elf::{self, Machine as ElfMachine};
 use loader::image_desc::{Descriptor, ImageArch};
 use loader::{BootInfo, PhysRange};
@@ -149,11 +150,18 @@ impl UpdatePlatform for Vmx {
     }
 
     fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
-        // The VT-d unit's state has no handover record yet (issue 20,
-        // item 5): refused before anything is frozen, the guests and
-        // their DMA untouched.
-        if MACHINE.with(|m| m.arch.vtd.as_ref().is_some_and(|u| !u.assigned.is_empty())).unwrap_or(false) {
-            return Err("vt-d-handover-not-built");
+        // With the VT-d unit on, the new image must adopt it (the `vtd`
+        // record): one that does not read it would leave the unit
+        // translating for guests it does not know. Refused before
+        // anything is frozen.
+        let vtd_on = MACHINE.with(|m| m.arch.vtd.is_some()).unwrap_or(false);
+        let reads_vtd = loader::image_readers::find(staged)
+            .ok()
+            .flatten()
+            .and_then(|r| r.range(VtdRecord::ID))
+            .is_some_and(|r| r.min <= VtdRecord::VERSION && VtdRecord::VERSION <= r.max);
+        if vtd_on && !reads_vtd {
+            return Err("new-image-does-not-adopt-vt-d");
         }
         segments(staged, desc).map(|_| ())
     }
@@ -553,6 +561,66 @@ impl core::fmt::Display for RestoreFailure {
     }
 }
 
+/// The backend the handover was written under (its `svm` record says
+/// SVM; the vCPU contexts' control pages are VMCBs only then), checked
+/// against this CPU's (`caps`), and the VT-d unit adopted translating
+/// from its `vtd` record, before the partitions, whose tables name its
+/// devices' BARs.
+fn adopt_backend(
+    reader: &HandoverReader<'_>,
+    caps: BackendCaps,
+    ram: &[PhysRange],
+) -> Result<(Backend, GuestCrPolicy, Option<super::vtd::Unit>), RestoreFailure> {
+    // The `svm` record says which backend wrote the handover; the vCPU
+    // contexts' control pages are VMCBs only if it is there.
+    let svm_record = match reader.subsystem("svm") {
+        None => None,
+        Some(node) => match node.record::<SvmRecord>() {
+            Ok(Some(r)) => Some(r),
+            _ => return Err(RestoreFailure::Backend("svm-record")),
+        },
+    };
+    let (backend, cr_policy) = match (caps, svm_record) {
+        (BackendCaps::Vmx(caps), None) => {
+            let msrs = vmx::read_msrs();
+            let controls = VmcsControls::resolve(&msrs).map_err(|e| {
+                println!("vmx controls: {e}");
+                RestoreFailure::VmxControls
+            })?;
+            (Backend::Vmx { caps, controls }, GuestCrPolicy::new(&msrs))
+        }
+        (BackendCaps::Svm(caps), Some(r)) => {
+            super::svm::adopt_slice_timer_rate(r.apic_timer_hz).map_err(RestoreFailure::Backend)?;
+            super::svm_backend_of(caps)
+        }
+        (BackendCaps::Vmx(_), Some(_)) => return Err(RestoreFailure::Backend("svm-handover-on-vmx")),
+        (BackendCaps::Svm(_), None) => return Err(RestoreFailure::Backend("vmx-handover-on-svm")),
+    };
+    // The VT-d unit, adopted translating (its `vtd` record) before the
+    // partitions, whose tables name its devices' BARs.
+    let vtd = match reader.subsystem("vtd") {
+        None => None,
+        Some(node) => match node.record::<VtdRecord>() {
+            Ok(Some(r)) => {
+                let unit = super::vtd_unit().ok_or(RestoreFailure::Backend("vtd-record-without-unit"))?;
+                let ram_pairs: Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
+                let unit = super::vtd::adopt(&r, unit, &ram_pairs).map_err(RestoreFailure::Backend)?;
+                hv_event!(
+                    "vtd-adopted",
+                    base = format_args!("{:#x}", unit.base),
+                    root = format_args!("{:#x}", r.root),
+                    queue = format_args!("{:#x}", r.queue),
+                    translating = u8::from(unit.vtd.translating()),
+                    assignments = unit.assigned.len(),
+                );
+                Some(unit)
+            }
+            _ => return Err(RestoreFailure::Backend("vtd-record")),
+        },
+    };
+    Ok((backend, cr_policy, vtd))
+}
+
 pub use hypervisor::live_update::incoming::Parked;
 
 /// The restore side: validates the handover at `handover_pa`, brings the
@@ -604,38 +672,14 @@ pub fn restore(
         // identity-mapped RAM this image does not use.
         unsafe { incoming::expect_old_image(old) };
     }
-    // The `svm` record says which backend wrote the handover; the vCPU
-    // contexts' control pages are VMCBs only if it is there.
-    let svm_record = match reader.subsystem("svm") {
-        None => None,
-        Some(node) => match node.record::<SvmRecord>() {
-            Ok(Some(r)) => Some(r),
-            _ => return Err(RestoreFailure::Backend("svm-record")),
-        },
-    };
-    let (backend, cr_policy) = match (spec.caps, svm_record) {
-        (BackendCaps::Vmx(caps), None) => {
-            let msrs = vmx::read_msrs();
-            let controls = VmcsControls::resolve(&msrs).map_err(|e| {
-                println!("vmx controls: {e}");
-                RestoreFailure::VmxControls
-            })?;
-            (Backend::Vmx { caps, controls }, GuestCrPolicy::new(&msrs))
-        }
-        (BackendCaps::Svm(caps), Some(r)) => {
-            super::svm::adopt_slice_timer_rate(r.apic_timer_hz).map_err(RestoreFailure::Backend)?;
-            super::svm_backend_of(caps)
-        }
-        (BackendCaps::Vmx(_), Some(_)) => return Err(RestoreFailure::Backend("svm-handover-on-vmx")),
-        (BackendCaps::Svm(_), None) => return Err(RestoreFailure::Backend("vmx-handover-on-svm")),
-    };
+    let (backend, cr_policy, vtd) = adopt_backend(&reader, spec.caps, ram)?;
     let hv_hz = reader
         .subsystem("hv")
         .and_then(|n| n.record::<hypervisor::records::HvRecord>().ok().flatten())
         .map_or(0, |r| r.counter_hz);
     let arch = X86 {
         backend,
-        vtd: None,
+        vtd,
         cr_policy,
         tsc_hz: hv_hz,
         mbi: spec.mbi,

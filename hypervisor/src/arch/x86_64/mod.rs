@@ -78,6 +78,14 @@ static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
 /// SVM too, and guests run under SVM.
 static SVM_BACKEND: AtomicBool = AtomicBool::new(false);
 
+/// The DMAR's first VT-d unit (register base, bytes), if there is one.
+pub(crate) fn vtd_unit() -> Option<(u64, u64)> {
+    match VTD_UNIT[0].load(Ordering::Relaxed) {
+        0 => None,
+        base => Some((base, VTD_UNIT[1].load(Ordering::Relaxed))),
+    }
+}
+
 /// Whether guests run under SVM (else VT-x).
 pub(crate) fn svm_backend() -> bool {
     SVM_BACKEND.load(Ordering::Acquire)
@@ -223,8 +231,10 @@ fn platform(magic: u32, mbi_phys: u64, first_boot: bool) -> (BootInfo, acpi::Mad
             fail("acpi-madt")
         }
     };
+    // After an update too: the VT-d unit a handover names is checked
+    // against the DMAR's (reported at first boot only).
+    report_dmar(platform.rsdp.as_ref(), first_boot);
     if first_boot {
-        report_dmar(platform.rsdp.as_ref());
         BOOTED_FROM_UEFI.store(platform.efi_system_table.is_some(), Ordering::Relaxed);
     }
     (info, cpus, PhysRange::new(mbi_phys, len as u64))
@@ -240,8 +250,9 @@ static VTD_UNIT: [core::sync::atomic::AtomicU64; 2] =
     [core::sync::atomic::AtomicU64::new(0), core::sync::atomic::AtomicU64::new(0)];
 
 /// The VT-d remapping hardware the ACPI DMAR table describes (issue 20):
-/// reported, and its first unit kept for [`vtd::bring_up_and_probe`].
-fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>) {
+/// reported (if `report`), and its first unit kept for the guests' devices
+/// and [`vtd::bring_up_and_probe`].
+fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>, report: bool) {
     let table = match acpi::find_table(&LowMemory, rsdp, *b"DMAR") {
         Ok(Some(t)) => t,
         Ok(None) => return,
@@ -255,6 +266,9 @@ fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>) {
             if let Some(u) = d.units.first() {
                 VTD_UNIT[0].store(u.register_base, Ordering::Relaxed);
                 VTD_UNIT[1].store(u.register_bytes, Ordering::Relaxed);
+            }
+            if !report {
+                return;
             }
             let scopes: usize = d.units.iter().map(|u| u.scopes.len()).sum();
             hv_event!(
@@ -589,10 +603,7 @@ fn start_guests(
         tsc_hz,
         scratch,
         mbi: mbi_copy,
-        vtd_unit: match VTD_UNIT[0].load(Ordering::Relaxed) {
-            0 => None,
-            base => Some((base, VTD_UNIT[1].load(Ordering::Relaxed))),
-        },
+        vtd_unit: vtd_unit(),
     }))
 }
 

@@ -283,7 +283,7 @@ fn plan_devices(
     for (k, &(bus, dev, func)) in spec.devices.iter().enumerate() {
         let unit = m.arch.vtd.as_ref().ok_or(GuestError::NoIommu)?;
         let bdf = (u16::from(bus) << 8) | (u16::from(dev) << 3) | u16::from(func);
-        if unit.assigned.iter().any(|&(b, _)| b == bdf) || planned.iter().any(|d: &PlannedDevice| d.bdf == bdf) {
+        if unit.assigned.iter().any(|a| a.source == bdf) || planned.iter().any(|d: &PlannedDevice| d.bdf == bdf) {
             return Err(GuestError::DeviceTaken);
         }
         let bar = super::vtd::device_bar(bdf).map_err(GuestError::Device)?;
@@ -327,7 +327,14 @@ fn build_tables(
         }
         .map_err(GuestError::Ept)?;
         unit.vtd.assign(d.bdf, vpid, table.root(), frames).map_err(GuestError::Vtd)?;
-        unit.assigned.push((d.bdf, id));
+        unit.assigned.push(hypervisor::records::VtdAssignment {
+            source: d.bdf,
+            domain: vpid,
+            partition: id,
+            table: table.root(),
+            bar_base: d.bar.pa,
+            bar_size: d.bar.size,
+        });
     }
     Ok((nested, Some(table)))
 }

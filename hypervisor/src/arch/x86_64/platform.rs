@@ -16,7 +16,7 @@ use hypervisor::frames::PAGE_SIZE;
 use hypervisor::machine::{Arch, Handover, MachineLock, Partition, RestoreError, SaveError};
 use hypervisor::preserved::IdentityPages;
 use hypervisor::records::{
-    format_code, LapicRecord, PartitionRecord, SvmRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES,
+    format_code, LapicRecord, PartitionRecord, SvmRecord, VtdRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES,
 };
 use hypervisor::stage2::{Ept, LinearMap, MemType, Npt, Stage2Table};
 use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
@@ -312,6 +312,13 @@ impl Handover for X86 {
                 .and_then(|mut s| s.add_record(&rec))
                 .map_err(|error| SaveError::Handover { what: "svm", error })?;
         }
+        if let Some(unit) = &self.vtd {
+            let rec = VtdRecord::encode(unit.base, &unit.vtd.state(), &unit.assigned)
+                .ok_or(SaveError::Device("too-many-vtd-assignments"))?;
+            w.subsystem("vtd")
+                .and_then(|mut s| s.add_record(&rec))
+                .map_err(|error| SaveError::Handover { what: "vtd", error })?;
+        }
         Ok(())
     }
 
@@ -352,16 +359,31 @@ impl Handover for X86 {
         // SAFETY: RAM is identity-mapped, so physical = virtual.
         let phys = unsafe { LinearMap::new(0) };
         let stage2 = |error| RestoreError::Stage2 { id: rec.id, error };
+        // The partition's devices (the `vtd` record, adopted before the
+        // partitions): their BARs are in its nested table, and their DMA
+        // goes through its second-level table.
+        let assigned: Vec<_> =
+            self.vtd.iter().flat_map(|u| u.assigned.iter()).filter(|a| a.partition == rec.id).copied().collect();
+        let bars: Vec<(u64, u64)> = assigned.iter().map(|a| (a.bar_base, a.bar_size)).collect();
         let nested = if self.is_svm() {
             NestedTable::Npt(
-                Stage2Table::<Npt, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys).map_err(stage2)?,
+                Stage2Table::<Npt, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &bars, phys).map_err(stage2)?,
             )
         } else {
             NestedTable::Ept(
-                Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &[], phys).map_err(stage2)?,
+                Stage2Table::<Ept, LinearMap>::adopt(rec.stage2_root, &adopt_ram, &bars, phys).map_err(stage2)?,
             )
         };
         let mut part = X86Partition::new(nested, rec.vcpus);
+        if let Some(first) = assigned.first() {
+            if assigned.iter().any(|a| a.table != first.table) {
+                return Err(RestoreError::BadField("vtd-tables"));
+            }
+            // SAFETY: RAM is identity-mapped, so physical = virtual.
+            let phys = unsafe { LinearMap::new(0) };
+            part.dma_table =
+                Some(Stage2Table::<Ept, LinearMap>::adopt(first.table, &adopt_ram, &[], phys).map_err(stage2)?);
+        }
         for (index, apic) in apics.iter().enumerate() {
             part.stash_apic(index, apic);
         }

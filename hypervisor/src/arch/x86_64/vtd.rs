@@ -19,9 +19,9 @@
 //! gets that guest's own second-level table (the EPT format, built by the
 //! same engine beside the guest's NPT, which has another format), its BAR
 //! is mapped into the guest, and faults are reported against the guest
-//! that owns the requester id. Adopting the unit across a live update
-//! (item 5) is not built: an update is refused while a device is
-//! assigned.
+//! that owns the requester id. Across a live update (item 5) the unit is
+//! adopted without stopping ([`adopt`], the `vtd` record), with every
+//! table it reads.
 
 use core::ptr::NonNull;
 
@@ -30,6 +30,7 @@ use core::fmt::Write as _;
 
 use hypervisor::frames::{FrameAllocator, PAGE_SIZE};
 use hypervisor::machine::Machine;
+use hypervisor::records::{VtdAssignment, VtdRecord};
 use hypervisor::stage2::{Attrs, Ept, Perms, Stage2Table};
 use hypervisor::{hv_event, hv_event_to};
 use iommu::vtd::{Bdf, MmioVtd, Vtd};
@@ -176,7 +177,43 @@ fn probe(vtd: &mut Vtd<MmioVtd, LinearMap>) {
 /// partition id) of each.
 pub struct Unit {
     pub vtd: Vtd<MmioVtd, LinearMap>,
-    pub assigned: alloc::vec::Vec<(u16, u32)>,
+    /// The register set's base (the DMAR's DRHD).
+    pub base: u64,
+    pub assigned: alloc::vec::Vec<VtdAssignment>,
+}
+
+/// Maps the unit's register set at `base` (`bytes` long), if below 4 GiB.
+fn registers(base: u64, bytes: u64) -> Option<MmioVtd> {
+    let regs = NonNull::new(base as *mut u8)?;
+    let below_4g = base.checked_add(bytes).is_some_and(|end| end <= super::MAPPED_LIMIT);
+    let len = usize::try_from(bytes).ok()?;
+    if !below_4g {
+        hv_event!("vtd", base = format_args!("{base:#x}"), enabled = 0, reason = "registers-above-4gib");
+        return None;
+    }
+    // SAFETY: the DRHD's register set, below 4 GiB (identity-mapped),
+    // driven by nothing else.
+    Some(unsafe { MmioVtd::new(regs, len) })
+}
+
+/// Takes over the unit a previous image left translating (its `vtd`
+/// record: `iommu::vtd::Vtd::adopt` checks the registers against it and
+/// that the queue still answers), with its assignments, each of a
+/// partition the handover has. Translation never stops.
+pub fn adopt(rec: &VtdRecord, (base, bytes): (u64, u64), ram: &[(u64, u64)]) -> Result<Unit, &'static str> {
+    if rec.register_base != base {
+        return Err("vtd-unit-moved");
+    }
+    let assigned = rec.decode_assignments().ok_or("vtd-assignment-count")?;
+    let regs = registers(base, bytes).ok_or("vtd-registers")?;
+    // SAFETY: RAM is identity-mapped.
+    let phys = unsafe { LinearMap::new(0) };
+    let (vtd, _) =
+        Vtd::adopt(regs, phys, &rec.state(), ram, Vtd::<MmioVtd, LinearMap>::DEFAULT_SPIN_BUDGET).map_err(|e| {
+            hypervisor::println!("vtd adopt: {e}");
+            "vtd-adopt"
+        })?;
+    Ok(Unit { vtd, base, assigned })
 }
 
 // SAFETY: the unit's registers are MMIO any CPU may reach (identity-
@@ -189,16 +226,7 @@ unsafe impl Send for Unit {}
 /// them for as long as the unit translates, and reports it (`hv: vtd ...
 /// guests=1`).
 pub fn bring_up(base: u64, bytes: u64, frames: &mut impl iommu::FrameSource) -> Option<Unit> {
-    let regs = NonNull::new(base as *mut u8)?;
-    let below_4g = base.checked_add(bytes).is_some_and(|end| end <= super::MAPPED_LIMIT);
-    let len = usize::try_from(bytes).ok()?;
-    if !below_4g {
-        hv_event!("vtd", base = format_args!("{base:#x}"), enabled = 0, reason = "registers-above-4gib");
-        return None;
-    }
-    // SAFETY: the DRHD's register set, below 4 GiB (identity-mapped),
-    // driven by nothing else.
-    let regs = unsafe { MmioVtd::new(regs, len) };
+    let regs = registers(base, bytes)?;
     // SAFETY: RAM is identity-mapped.
     let phys = unsafe { LinearMap::new(0) };
     match Vtd::init(regs, phys, frames, Vtd::<MmioVtd, LinearMap>::DEFAULT_SPIN_BUDGET) {
@@ -212,7 +240,7 @@ pub fn bring_up(base: u64, bytes: u64, frames: &mut impl iommu::FrameSource) -> 
                 root = format_args!("{:#x}", up.root),
                 invalidations = up.invalidations,
             );
-            Some(Unit { vtd, assigned: alloc::vec::Vec::new() })
+            Some(Unit { vtd, base, assigned: alloc::vec::Vec::new() })
         }
         Err(e) => {
             hv_event!("vtd", base = format_args!("{base:#x}"), enabled = 0, reason = e);
@@ -301,7 +329,7 @@ pub fn poll_faults(m: &mut Machine<super::platform::X86>) {
         return;
     }
     let owners: alloc::vec::Vec<Option<u32>> =
-        faults.iter().map(|f| unit.assigned.iter().find(|&&(bdf, _)| bdf == f.source).map(|&(_, id)| id)).collect();
+        faults.iter().map(|f| unit.assigned.iter().find(|a| a.source == f.source).map(|a| a.partition)).collect();
     if overflow {
         hv_event!("vtd-fault-overflow", faults = faults.len());
     }
