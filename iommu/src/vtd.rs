@@ -676,6 +676,20 @@ impl<R: VtdRegs, P: PhysToVirt> Vtd<R, P> {
         Ok((vtd, Bringup { version, cap, ecap, root: state.root, queue: state.queue, invalidations: 1 }))
     }
 
+    /// Takes the queue up where another driver of the unit left it: a
+    /// newer image that adopted the unit (and sent a descriptor through
+    /// the queue) and then gave the machine back to this one. The tail
+    /// is read from IQT once the unit has consumed everything up to it
+    /// (IQH = IQT).
+    pub fn resync_queue(&mut self) -> Result<(), VtdError> {
+        let (tail, head) = (self.regs.read64(reg::IQT), self.regs.read64(reg::IQH));
+        if tail != head || !tail.is_multiple_of(DESCRIPTOR_BYTES) || tail / DESCRIPTOR_BYTES >= QUEUE_ENTRIES as u64 {
+            return Err(VtdError::Adopt("queue-not-drained"));
+        }
+        self.tail = (tail / DESCRIPTOR_BYTES) as usize;
+        Ok(())
+    }
+
     /// The pages the unit reads: root table, queue, status.
     pub fn pages(&self) -> [u64; 3] {
         [self.root, self.queue, self.status]
@@ -904,6 +918,20 @@ mod tests {
         let off = FakeVtd::new(&mem, QEMU_VTD_CAP, QEMU_VTD_ECAP);
         assert_eq!(Vtd::adopt(&off, &mem, &state, &ram, 1000).err(), Some(VtdError::Adopt("not-translating")));
         assert!(Vtd::adopt(fake, &mem, &state, &ram, 1000).is_ok(), "the state as handed over");
+    }
+
+    #[test]
+    fn a_driver_given_the_unit_back_takes_the_queue_up_where_the_other_left_it() {
+        let mem = TestMemory::new(BASE, 16);
+        let (mut old, _, fake) = bring_up(&mem);
+        let state = old.state();
+        // A newer driver adopts the unit (a wait descriptor) and gives it
+        // back: the old one's tail is stale.
+        let (newer, _) = Vtd::adopt(fake, &mem, &state, &mem.ram(), 1000).unwrap();
+        assert_eq!(newer.state().tail, state.tail + 1);
+        old.resync_queue().unwrap();
+        assert_eq!(old.state(), newer.state());
+        assert!(old.invalidate_all().is_ok(), "the queue works after the resync");
     }
 
     #[test]

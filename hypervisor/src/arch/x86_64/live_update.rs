@@ -735,6 +735,12 @@ extern "C" fn hv_x86_rollback(code: u64) -> ! {
         super::halt_forever()
     }
     let Some(away) = AWAY.lock().take() else { super::halt_forever() };
+    // The new image may have adopted the VT-d unit (a wait descriptor
+    // through its queue) before it failed: this image's queue tail is
+    // taken up from the unit.
+    if let Some(Some(Err(e))) = MACHINE.with(|m| m.arch.vtd.as_mut().map(|u| u.vtd.resync_queue())) {
+        println!("vtd: {e}");
+    }
     WATCH.0[0].store(0, Ordering::Release);
     let platform = Vmx { v: away.requester };
     rollback::take_back(&platform, code, away.generation, away.handover, away.left_at, (tsc::now(), tsc_hz()));

@@ -42,7 +42,7 @@ pub struct MachineSpec<'a> {
     /// The multiboot2 information's copy, preserved across updates.
     pub mbi: PhysRange,
     /// The VT-d unit's register set (base, bytes), if the DMAR names one:
-    /// brought up when a guest is assigned a device.
+    /// brought up translating whenever guests run.
     pub vtd_unit: Option<(u64, u64)>,
 }
 
@@ -383,10 +383,11 @@ pub fn create(spec: MachineSpec<'_>) -> usize {
     if m.preserved.preserve(&mut m.frames, spec.mbi.base..spec.mbi.base + spec.mbi.size).is_err() {
         hv_event!("preserve-failed", what = "multiboot2-information");
     }
-    // VT-d is turned on only for guests given a device: its tables come
-    // from preserved frames, as the unit reads them for as long as it
-    // translates.
-    if let (Some((base, bytes)), true) = (spec.vtd_unit, spec.specs.iter().any(|g| !g.devices.is_empty())) {
+    // With a VT-d unit, translation is on and every device not assigned
+    // to a guest is blocked (never passed through). Its tables come from
+    // preserved frames: the unit reads them for as long as it translates,
+    // across live updates too.
+    if let Some((base, bytes)) = spec.vtd_unit {
         let unit = super::vtd::bring_up(base, bytes, &mut m.preserving_frames());
         m.arch.vtd = unit;
     }

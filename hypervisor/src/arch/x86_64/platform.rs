@@ -47,7 +47,7 @@ pub enum Backend {
 /// Machine-wide backend state.
 pub struct X86 {
     pub backend: Backend,
-    /// The VT-d unit, brought up when a guest is assigned a device.
+    /// The VT-d unit, translating with every unassigned device blocked.
     pub vtd: Option<super::vtd::Unit>,
     pub cr_policy: GuestCrPolicy,
     pub tsc_hz: u64,

@@ -222,7 +222,7 @@ pub fn adopt(rec: &VtdRecord, (base, bytes): (u64, u64), ram: &[(u64, u64)]) -> 
 unsafe impl Send for Unit {}
 
 /// Brings the unit at `base` up for the guests (translation on, every
-/// device blocked until assigned) with pages from `frames`, which keeps
+/// device blocked until assigned; at every boot with guests) with pages from `frames`, which keeps
 /// them for as long as the unit translates, and reports it (`hv: vtd ...
 /// guests=1`).
 pub fn bring_up(base: u64, bytes: u64, frames: &mut impl iommu::FrameSource) -> Option<Unit> {
