@@ -443,7 +443,16 @@ fn svm_vt_d_translates_a_guest_s_device_dma_and_confines_it() {
         .unwrap_or_else(|e| panic!("{e}"));
     let updater = guests::updater_guest(Arch::X86_64, &[b.update_image()], 32, "updates=1 delay_ms=50")
         .unwrap_or_else(|e| panic!("{e}"));
-    let run = run_guests(Machine::Qemu, "test-x86_64-vtd-dma", &[mc, dma, updater]);
+    // A function the unit's device scopes do not name (nothing at 00:10.0
+    // on QEMU's q35): its DMA would not be translated, so it is refused.
+    let outside = test_guest("heartbeat", ",name=outside,mem=4,device=00:10.0,cmdline=\"ticks=5\"");
+    let run = run_guests(Machine::Qemu, "test-x86_64-vtd-dma", &[mc, dma, updater, outside]);
+    let refused = run.hv("guest-refused");
+    check(
+        &run,
+        refused.len() == 1 && refused[0].get("reason") == Some("device-not-behind-the-vt-d-unit"),
+        "a device outside the unit's scopes refused",
+    );
     check(&run, run.clean_shutdown(), "clean shutdown");
     let vtd = run.hv("vtd");
     check(&run, vtd.len() == 1 && vtd[0].num("translating") == Some(1), "VT-d brought up for the guests");

@@ -78,6 +78,24 @@ static VMXON_CPUS: AtomicUsize = AtomicUsize::new(0);
 /// SVM too, and guests run under SVM.
 static SVM_BACKEND: AtomicBool = AtomicBool::new(false);
 
+/// Which devices the DMAR's first unit covers: all on its segment
+/// (INCLUDE_PCI_ALL), or the single-hop PCI endpoints its device scopes
+/// name (a scope behind a bridge needs bus numbers this image does not
+/// enumerate, and is not counted: such a device is refused).
+struct VtdScope {
+    include_all: bool,
+    endpoints: Vec<u16>,
+}
+
+static VTD_SCOPE: spin::Mutex<Option<VtdScope>> = spin::Mutex::new(None);
+
+/// Whether the DMAR's first VT-d unit translates the DMA of requester id
+/// `bdf` (VT-d spec §8.3: a DRHD covers the devices its scopes name, or
+/// every device of its segment with INCLUDE_PCI_ALL).
+pub(crate) fn vtd_covers(bdf: u16) -> bool {
+    VTD_SCOPE.lock().as_ref().is_some_and(|s| s.include_all || s.endpoints.contains(&bdf))
+}
+
 /// The DMAR's first VT-d unit (register base, bytes), if there is one.
 pub(crate) fn vtd_unit() -> Option<(u64, u64)> {
     match VTD_UNIT[0].load(Ordering::Relaxed) {
@@ -266,6 +284,13 @@ fn report_dmar(rsdp: Option<&loader::multiboot2::RsdpCopy>, report: bool) {
             if let Some(u) = d.units.first() {
                 VTD_UNIT[0].store(u.register_base, Ordering::Relaxed);
                 VTD_UNIT[1].store(u.register_bytes, Ordering::Relaxed);
+                let endpoints = u
+                    .scopes
+                    .iter()
+                    .filter(|s| s.kind == loader::dmar::ScopeKind::PciEndpoint)
+                    .filter_map(loader::dmar::DeviceScope::requester_id)
+                    .collect();
+                *VTD_SCOPE.lock() = Some(VtdScope { include_all: u.include_pci_all, endpoints });
             }
             if !report {
                 return;

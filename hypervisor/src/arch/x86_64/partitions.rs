@@ -82,6 +82,9 @@ pub enum GuestError {
     NoIommu,
     /// `device=` naming a function another guest (or this one) has.
     DeviceTaken,
+    /// `device=` naming a function the VT-d unit does not cover (its DMA
+    /// would not be translated).
+    DeviceNotBehindIommu,
     Device(super::vtd::DeviceError),
     /// The device's BAR does not fit above the guest's RAM below 4 GiB.
     NoRoomForDevice,
@@ -102,6 +105,7 @@ impl fmt::Display for GuestError {
             Self::OutOfAsids => f.write_str("out-of-asids"),
             Self::NoIommu => f.write_str("device-without-vt-d"),
             Self::DeviceTaken => f.write_str("device-already-assigned"),
+            Self::DeviceNotBehindIommu => f.write_str("device-not-behind-the-vt-d-unit"),
             Self::Device(e) => write!(f, "{e}"),
             Self::NoRoomForDevice => f.write_str("no-room-for-device-bar"),
             Self::Vtd(_) => f.write_str("vt-d-assign"),
@@ -286,6 +290,9 @@ fn plan_devices(
         if unit.assigned.iter().any(|a| a.source == bdf) || planned.iter().any(|d: &PlannedDevice| d.bdf == bdf) {
             return Err(GuestError::DeviceTaken);
         }
+        if !super::vtd_covers(bdf) {
+            return Err(GuestError::DeviceNotBehindIommu);
+        }
         let bar = super::vtd::device_bar(bdf).map_err(GuestError::Device)?;
         let gpa = next.next_multiple_of(bar.size);
         next = gpa.checked_add(bar.size).filter(|&e| e <= GUEST_DEVICE_END).ok_or(GuestError::NoRoomForDevice)?;
@@ -327,6 +334,7 @@ fn build_tables(
         }
         .map_err(GuestError::Ept)?;
         unit.vtd.assign(d.bdf, vpid, table.root(), frames).map_err(GuestError::Vtd)?;
+        super::vtd::enable_device(d.bdf);
         unit.assigned.push(hypervisor::records::VtdAssignment {
             source: d.bdf,
             domain: vpid,

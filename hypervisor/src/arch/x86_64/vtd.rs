@@ -289,7 +289,7 @@ impl core::fmt::Display for DeviceError {
 }
 
 /// Function `bdf`'s BAR0 (sized by writing all ones and reading back,
-/// then restored), with memory decoding and bus mastering turned on.
+/// then restored, with decoding off meanwhile).
 pub fn device_bar(bdf: u16) -> Result<Bar, DeviceError> {
     if config_read(bdf, 0) == PCI_VENDOR_NONE {
         return Err(DeviceError::NotPresent);
@@ -313,9 +313,17 @@ pub fn device_bar(bdf: u16) -> Result<Bar, DeviceError> {
         config_write(bdf, 0x04, command & 0xffff);
         return Err(DeviceError::NoBar);
     }
+    // Decoding as it was: turned on with bus mastering only once the
+    // device's DMA is translated for its guest (`enable_device`).
+    config_write(bdf, 0x04, command & 0xffff);
     let size = u64::from(!mask).wrapping_add(1).max(PAGE_SIZE);
-    enable_bus_master(bdf);
     Ok(Bar { pa, size })
+}
+
+/// Turns on `bdf`'s memory decoding and bus mastering, once it is
+/// assigned (its DMA goes through its guest's table).
+pub fn enable_device(bdf: u16) {
+    enable_bus_master(bdf);
 }
 
 /// Reports the faults the unit recorded: each against the guest that owns
