@@ -591,7 +591,7 @@ fn adopt_backend(
         }
         (BackendCaps::Svm(caps), Some(r)) => {
             super::svm::adopt_slice_timer_rate(r.apic_timer_hz).map_err(RestoreFailure::Backend)?;
-            super::svm_backend_of(caps)
+            super::svm_backend_of(caps, false)
         }
         (BackendCaps::Vmx(_), Some(_)) => return Err(RestoreFailure::Backend("svm-handover-on-vmx")),
         (BackendCaps::Svm(_), None) => return Err(RestoreFailure::Backend("vmx-handover-on-svm")),

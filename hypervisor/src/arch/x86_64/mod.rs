@@ -463,7 +463,7 @@ extern "C" fn hv_x86_main(magic: u32, mbi_phys: u32) -> ! {
             hv_event!("vmx", available = 0, reason = e.reason());
             let svm_caps = report_svm(svm);
             if let (Some(caps), false) = (svm_caps, info.modules.is_empty()) {
-                match start_guests(&info, mbi, svm_backend_of(caps)) {
+                match start_guests(&info, mbi, svm_backend_of(caps, true)) {
                     Ok(0) => fail("no-guest-could-start"),
                     Ok(_) => {}
                     Err(reason) => fail(reason),
@@ -570,13 +570,17 @@ fn vmx_backend_of(caps: &VmxCaps) -> Result<(Backend, GuestCrPolicy), BootError>
 }
 
 /// The SVM backend: the permission maps, and the CR rules of a processor
-/// that pins no CR0 bit, with the CR4 bits its CPUID offers.
-pub(crate) fn svm_backend_of(caps: SvmCaps) -> (Backend, GuestCrPolicy) {
+/// that pins no CR0 bit, with the CR4 bits its CPUID offers (reported if
+/// `report`).
+pub(crate) fn svm_backend_of(caps: SvmCaps, report: bool) -> (Backend, GuestCrPolicy) {
     let (iopm, msrpm) = svm::permission_maps();
     let leaf1 = raw_cpuid::cpuid!(1);
     let leaf7 = raw_cpuid::cpuid!(7, 0);
     let cr4 = hypervisor::arch::x86_64::cr::cr4_supported(leaf1.edx, leaf7.ebx, leaf7.ecx);
-    hv_event!("svm-backend", asids = caps.asids, cr4_supported = format_args!("{cr4:#x}"));
+    // Reported at first boot only: a restore's lines wait for the guests.
+    if report {
+        hv_event!("svm-backend", asids = caps.asids, cr4_supported = format_args!("{cr4:#x}"));
+    }
     (Backend::Svm { caps, iopm, msrpm }, GuestCrPolicy::unpinned(cr4))
 }
 

@@ -17,7 +17,7 @@
 use core::arch::global_asm;
 
 use hypervisor::arch::x86_64::cr::GuestCrPolicy;
-use hypervisor::arch::x86_64::debug::{DR6_INIT as GUEST_DR6_INIT, DR7_INIT as GUEST_DR7_INIT};
+use hypervisor::arch::x86_64::debug::{DR6_INIT, DR7_INIT};
 use hypervisor::arch::x86_64::lapic::Lapic;
 use hypervisor::arch::x86_64::msr::PAT_DEFAULT;
 use hypervisor::arch::x86_64::startup::{self, Segment};
@@ -210,8 +210,8 @@ pub fn init_vmcb(vmcb: VmcbRef, spec: &VmcbSpec, policy: &GuestCrPolicy) {
     vmcb.set(save::EFER, EFER_SVME);
     vmcb.set(save::RFLAGS, RFLAGS_FIXED);
     vmcb.set(save::RIP, spec.entry);
-    vmcb.set(save::DR6, GUEST_DR6_INIT);
-    vmcb.set(save::DR7, GUEST_DR7_INIT);
+    vmcb.set(save::DR6, DR6_INIT);
+    vmcb.set(save::DR7, DR7_INIT);
     vmcb.set(save::G_PAT, PAT_DEFAULT);
 }
 
@@ -235,7 +235,7 @@ pub fn write_sipi_state(vmcb: VmcbRef, policy: &GuestCrPolicy, vector: u8) -> u6
     put_segment(vmcb, save::IDTR, table);
     vmcb.set(save::RIP, s.rip);
     vmcb.set(save::RFLAGS, s.rflags);
-    vmcb.set(save::DR7, GUEST_DR7_INIT);
+    vmcb.set(save::DR7, DR7_INIT);
     s.rdx
 }
 
@@ -494,13 +494,9 @@ const REAL_CODE: u16 = 0x9b;
 const REAL_DATA: u16 = 0x93;
 const REAL_LDT: u16 = 0x82;
 const REAL_TSS: u16 = 0x83;
-/// The power-on PAT (APM Vol. 2 §7.8.2), for G_PAT under nested paging.
-const PAT_POWER_ON: u64 = 0x0007_0406_0007_0406;
-/// CR0.ET, RFLAGS bit 1, DR6 and DR7 at reset.
+/// CR0.ET and RFLAGS bit 1 at reset.
 const CR0_ET: u64 = 1 << 4;
 const RFLAGS_FIXED: u64 = 1 << 1;
-const DR6_INIT: u64 = 0xffff_0ff0;
-const DR7_INIT: u64 = 0x400;
 /// The first guest's ASID: any but the host's 0.
 const FIRST_ASID: u32 = 1;
 /// Exits the first guest may take before it must have halted.
@@ -565,7 +561,7 @@ pub fn first_guest(cpu: usize) -> Result<FirstGuest, &'static str> {
     vmcb.set64(save::RIP, FIRST_GPA);
     vmcb.set64(save::DR6, DR6_INIT);
     vmcb.set64(save::DR7, DR7_INIT);
-    vmcb.set64(save::G_PAT, PAT_POWER_ON);
+    vmcb.set64(save::G_PAT, PAT_DEFAULT);
 
     let vmcb_pa = core::ptr::from_mut(vmcb) as u64;
     // SAFETY: this CPU's own area (indexed by `cpu`), used only by
