@@ -42,6 +42,7 @@ extern "C" {
     static __rodata_end: u8;
     static __image_end: u8;
     static __stacks_bottom: u8;
+    static __stacks_top: u8;
     fn secondary_entry();
 }
 
@@ -398,15 +399,31 @@ fn start_guests(manifest_addr: u64, info: &BootInfo, platform: &DtbPlatform) -> 
 /// nothing was allocated since: the entry does not allocate before its map
 /// is on). Unprepared, the heap holds the page tables the MMU is about to
 /// walk.
+///
+/// Prepared, the heap and the other CPUs' stacks are left out: wherever the
+/// linker put them among the bss's input sections (their order is not
+/// fixed), everything else from the data to the image's end is
+/// invalidated, and the boot stack after it. No allocation: the heap must
+/// not be written with the MMU off.
 fn forget_stale_lines(prepared: bool) {
     // SAFETY: linker-script symbols; only their addresses are used.
     let (data, end) = unsafe { (sym(&__rodata_end), sym(&__image_end)) };
     if prepared {
-        let (heap, heap_end) = crate::heap::area();
+        // SAFETY: as above.
+        let stacks = unsafe { (sym(&__stacks_bottom), sym(&__stacks_top)) };
+        let mut holes = [crate::heap::area(), stacks];
+        holes.sort_unstable();
+        let mut at = data;
+        for (lo, hi) in holes {
+            if lo > at {
+                mmu::invalidate_to_poc(at, lo.min(end));
+            }
+            at = at.max(hi);
+        }
+        if at < end {
+            mmu::invalidate_to_poc(at, end);
+        }
         let (stack, stack_top) = stack_slot(0);
-        mmu::invalidate_to_poc(data, heap);
-        // SAFETY: a linker-script symbol; only its address is used.
-        mmu::invalidate_to_poc(heap_end, unsafe { sym(&__stacks_bottom) });
         mmu::invalidate_to_poc(stack, stack_top);
     } else {
         mmu::invalidate_to_poc(data, end);
