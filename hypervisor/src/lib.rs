@@ -24,6 +24,7 @@ pub mod records;
 pub mod sched;
 pub mod slots;
 pub mod stage2;
+pub mod state_table;
 
 /// Each architecture's guest policy that is pure logic, host-tested here:
 /// the image's arch code (`src/arch/<arch>/`, built only into the image)
@@ -98,7 +99,7 @@ handover_records!(HvRecord, PartitionRecord, VcpuRecord, IommuRecord, VgicRecord
 /// (`loader::image_readers`): each record from version 1 to the version it
 /// writes, the handoff record (written only for images that read it), and
 /// the vCPU-context layouts of both architectures.
-pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 5] = {
+pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 6] = {
     use kho::StateRecord;
     use loader::image_readers::{ReadRange, CONTEXT_FAMILY};
     let extra = [
@@ -109,6 +110,9 @@ pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 5] = {
         // Written only while a VT-d unit translates guests' DMA, and then
         // only for an image that reads it (`live_update`).
         ReadRange { id: records::VtdRecord::ID, min: 1, max: records::VtdRecord::VERSION },
+        // Written instead of the partition and vCPU nodes, only for an
+        // image that reads it (`live_update`).
+        ReadRange { id: records::StateTableRecord::ID, min: 1, max: records::StateTableRecord::VERSION },
         ReadRange {
             id: CONTEXT_FAMILY | (records::AARCH64_CONTEXT_FORMAT >> 16),
             min: 1,
@@ -125,7 +129,7 @@ pub const READS: [loader::image_readers::ReadRange; RECORD_READS.len() + 5] = {
             max: (records::X86_64_CONTEXT_FORMAT & 0xffff) as u16,
         },
     ];
-    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 5];
+    let mut out = [ReadRange { id: 0, min: 0, max: 0 }; RECORD_READS.len() + 6];
     let mut i = 0;
     while i < out.len() {
         out[i] = if i < RECORD_READS.len() { RECORD_READS[i] } else { extra[i - RECORD_READS.len()] };

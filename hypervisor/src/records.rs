@@ -214,6 +214,35 @@ impl IommuRecord {
     }
 }
 
+state_record! {
+    /// The machine's state table (`crate::state_table`, `kho/ABI.md`
+    /// §4.7): where every partition's and vCPU's entry is, in the
+    /// preserved range the `hv` node names `pages-table`, and the CRC-32
+    /// over it. Written instead of the `partitions/<id>` and `vcpus/<n>`
+    /// nodes, and only for an image that reads it.
+    pub struct StateTableRecord {
+        const ID = 0x0001_000b;
+        const NAME = "table";
+        const VERSION = 1;
+        const MIN_READER_VERSION = 1;
+        /// The entries' layout (`state_table::LAYOUT`).
+        pub layout: u32 [since 1],
+        pub partitions: u32 [since 1],
+        pub vcpus: u32 [since 1],
+        /// Bytes from one partition entry to the next; the vCPU entries
+        /// follow the last partition entry.
+        pub partition_stride: u32 [since 1],
+        pub vcpu_stride: u32 [since 1],
+        /// Physical address of the table: the start of `pages-table`.
+        pub base: u64 [since 1],
+        /// Bytes of the table: partitions * partition_stride + vcpus *
+        /// vcpu_stride.
+        pub bytes: u64 [since 1],
+        /// CRC-32 (§4.1) over those bytes.
+        pub crc32: u32 [since 1],
+    }
+}
+
 /// Bytes of a partition's unfinished console line in [`ConsoleRecord`].
 pub const CONSOLE_LINE_BYTES: usize = 256;
 

@@ -91,6 +91,9 @@ fn ten_updates_alternate_and_guests_stay_resident() {
         check(&run, e.num("parked_cpus") == Some(1), "the other CPU was released from its parking place");
         check(&run, e.num("firmware_calls") == Some(0), "no firmware call (PSCI) by the new image");
         check(&run, e.num("cpu_restarts") == Some(0), "no CPU started with PSCI CPU_ON");
+        // The partitions and vCPUs crossed in the state table (one block,
+        // one checksum), not a handover node each.
+        check(&run, e.get("state") == Some("table") && e.num("table_bytes").is_some_and(|b| b > 0), "state=table");
     }
     // Each new image prepared itself in the brownout (DTB parsed, EL2 map
     // built), and its entry used that instead of doing it in the blackout.

@@ -179,6 +179,7 @@ fn ten_updates_alternate_and_guests_stay_resident(machine: Machine) {
     // intact after the guests resumed; the slots alternate.
     check(&run, run.hv("update-begin").iter().all(|e| e.get("image") == Some("slot")), "every image staged");
     check(&run, done.iter().all(|e| e.num("staged") == Some(1)), "update-done staged=1");
+    check(&run, done.iter().all(|e| e.get("state") == Some("table")), "update-done state=table");
     // Direct CPU handover: the second CPU waited in the old image's
     // mailbox and was released into the new image; no CPU went through
     // INIT-SIPI-SIPI during an update.

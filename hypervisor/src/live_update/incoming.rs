@@ -40,8 +40,9 @@ struct Adoption<A: Handover + 'static> {
     reserved: Vec<PhysRange>,
     online: Vec<usize>,
     counter: fn() -> u64,
-    /// The consumed handover blob, released at Finish.
+    /// The consumed handover blob and state table, released at Finish.
     blob: Option<PhysRange>,
+    table: Option<PhysRange>,
 }
 
 impl<A: Handover + 'static> UpdateParticipant for Adoption<A> {
@@ -79,6 +80,7 @@ impl<A: Handover + 'static> UpdateParticipant for Adoption<A> {
         }
         let footprint = reader.footprint();
         self.blob = Some(PhysRange::new(footprint.base(), footprint.size()));
+        self.table = figures.table;
         REPORT.note_restored(RestoreFigures { resume_cpus: m.cpus_with_runnable(), ..figures }, (self.counter)());
         self.lock.install(m);
         Ok(())
@@ -89,8 +91,8 @@ impl<A: Handover + 'static> UpdateParticipant for Adoption<A> {
     fn finish(&mut self) {
         // Everything the blob said now lives in the machine; it is not in
         // the preserved map, so it is free memory again.
-        if let Some(blob) = self.blob.take() {
-            self.lock.with(|m| m.frames.add_free(blob));
+        for range in [self.blob.take(), self.table.take()].into_iter().flatten() {
+            self.lock.with(|m| m.frames.add_free(range));
         }
         if let Some(free) = self.lock.with(|m| m.frames.free_bytes() / crate::frames::PAGE_SIZE) {
             REPORT.note_free_frames(free);
@@ -165,6 +167,7 @@ pub unsafe fn adopt<A: Handover + 'static>(
         online: spec.online.to_vec(),
         counter: spec.counter,
         blob: None,
+        table: None,
     };
     let mut sm: UpdateStateMachine<'static, AdoptFailure> = UpdateStateMachine::after_kexec();
     let registered = sm.register(Box::new(adoption)).and_then(|()| sm.register(Box::new(Blackout)));

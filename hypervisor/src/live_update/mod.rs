@@ -29,10 +29,13 @@ use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
 
 use crate::frames::{self, FrameAllocator, PAGE_SIZE};
-use crate::machine::{self, Handover, Machine, MachineLock, MachineMemory, RestoreError, SaveError};
+use crate::machine::{
+    self, Handover, Machine, MachineLock, MachineMemory, RestoreError, SaveError, StateForm, TableBlock,
+};
 use crate::preserved::PreservedMap;
-use crate::records::{code_hash, HandoffRecord};
+use crate::records::{code_hash, HandoffRecord, StateTableRecord};
 use crate::slots::Placement;
+use crate::state_table::TableError;
 use crate::{hv_event, println, BUILD_ID, VERSION};
 
 use handshake::{Generation, Handshake, Thawed};
@@ -328,6 +331,10 @@ struct StateSaver<'a, P> {
     handoff: Option<HandoffRecord>,
     /// The CPU that enters the new image.
     enters: usize,
+    /// The block set aside for the state table in the brownout (the new
+    /// image reads it), and how the state went in.
+    table: Option<PhysRange>,
+    form: &'a core::cell::Cell<Option<StateForm>>,
 }
 
 impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
@@ -355,7 +362,16 @@ impl<P: UpdatePlatform> UpdateParticipant for StateSaver<'_, P> {
                 }
                 let handshake = self.platform.handshake();
                 let parked = parked_mask(&m.online, self.enters, |c| handshake.parked_for_good(c));
-                m.save_state(w, counter, hz).map(|()| parked)
+                let table = self.table.map(|at| TableBlock {
+                    // SAFETY: a block allocated for the table in the
+                    // brownout, identity-mapped, used by nothing else until
+                    // the update ends.
+                    bytes: unsafe { core::slice::from_raw_parts_mut(at.base as *mut u8, at.size as usize) },
+                    at,
+                });
+                let form = m.save_state(w, counter, hz, table)?;
+                self.form.set(Some(form));
+                Ok(parked)
             })
             .ok_or(Cancel::NoMachine)?
             .map_err(|e| Cancel::Save(Box::new(e)))
@@ -402,9 +418,13 @@ pub struct Ready {
     /// The staged image in scratch and its length.
     pub stage: PhysRange,
     pub image_len: u64,
-    /// The handover blob in preserved memory and its length.
+    /// The handover blob in preserved memory and its length: the start of
+    /// the block `handover`, which also holds the state table.
     pub handover: PhysRange,
     pub handover_len: u64,
+    /// The state table, if the handover has one: inside `handover`, after
+    /// the blob's room.
+    pub table: Option<PhysRange>,
     /// Where the image was put; the kexec enters it there.
     pub placement: Placement,
     /// The other CPUs park in this image's code for the new one to
@@ -501,9 +521,11 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     let ram_map = ram_map(&ram).ok_or_else(|| refuse(p, Refusal::RamMap))?;
     let mut writer =
         HandoverWriter::new(&identity, ram_map, &scratch).map_err(|e| refuse(p, Refusal::HandoverWriter(e)))?;
-    let Some(handover) = p.machine().with(|m| m.frames.alloc_block(HANDOVER_BYTES)).flatten() else {
-        return Err(refuse(p, Refusal::NoMemoryForHandover));
-    };
+    let room = table_room(p, readers.as_ref());
+    let handover = p.machine().with(|m| m.frames.alloc_block(HANDOVER_BYTES + room)).flatten();
+    let handover = handover.ok_or_else(|| refuse(p, Refusal::NoMemoryForHandover))?;
+    let table = (room != 0).then(|| PhysRange::new(handover.base + HANDOVER_BYTES, room));
+    let form = core::cell::Cell::new(None);
     let release = |why: Cancel| {
         p.machine().with(|m| {
             m.frames.free_block(handover);
@@ -520,24 +542,28 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     let (freeze_counter, _) = p.counter();
     let generation = core::cell::Cell::new(None);
     let mut sm: UpdateStateMachine<'_, Cancel> = UpdateStateMachine::new();
+    let saver = StateSaver { platform: p, freeze_counter, handoff, enters, table, form: &form };
     let registered = sm
         .register(Box::new(CpuStopper { platform: p, cpu: req.cpu, generation: &generation }))
         .and_then(|()| sm.register(Box::new(FaultInjector { platform: p })))
-        .and_then(|()| sm.register(Box::new(StateSaver { platform: p, freeze_counter, handoff, enters })));
+        .and_then(|()| sm.register(Box::new(saver)));
     let result = registered.and_then(|()| sm.prepare(&mut writer)).and_then(|()| sm.freeze(&mut writer));
     if let Err(e) = result {
         let _ = sm.cancel();
         return Err(release(failure(e)));
     }
     // SAFETY: a block just allocated for the handover; identity-mapped.
-    let blob_out = unsafe { core::slice::from_raw_parts_mut(handover.base as *mut u8, handover.size as usize) };
+    // The blob's room ends where the table starts.
+    let blob_out = unsafe { core::slice::from_raw_parts_mut(handover.base as *mut u8, HANDOVER_BYTES as usize) };
     let written = writer.write_to(blob_out, handover.base);
+    let table = table.filter(|_| form.get() == Some(StateForm::Table));
     match (written, generation.get()) {
         (Ok(n), Some(generation)) => {
             // The next image resets the UART: every byte written so far
             // leaves the transmitter first.
             crate::console::flush();
-            Ok(Ready { stage, image_len: req.size, handover, handover_len: n as u64, placement, park, generation })
+            let handover_len = n as u64;
+            Ok(Ready { stage, image_len: req.size, handover, handover_len, table, placement, park, generation })
         }
         (Err(e), _) => {
             println!("update: handover: {e}");
@@ -549,6 +575,21 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
             Err(release(Cancel::StateMachine))
         }
     }
+}
+
+/// The state table's room, set aside in the brownout after the blob's in
+/// the handover's block, for an image that reads the table (0: none, the
+/// state goes into a node per partition and vCPU). The machine is written
+/// into it at the freeze if it still fits.
+fn table_room<P: UpdatePlatform>(p: &P, readers: Option<&image_readers::Readers>) -> u64 {
+    let reads_table = readers
+        .and_then(|r| r.range(<StateTableRecord as kho::StateRecord>::ID))
+        .is_some_and(|r| (r.min..=r.max).contains(&1));
+    if !reads_table {
+        return 0;
+    }
+    let geometry = p.machine().with(|m| m.table_geometry()).flatten();
+    geometry.and_then(|g| g.bytes()).map_or(0, |b| (b as u64).next_multiple_of(PAGE_SIZE))
 }
 
 /// The handoff record for an image that reads it, but for the CPUs to
@@ -755,6 +796,25 @@ fn overlapping(free: &[PhysRange], mut runs: Vec<core::ops::Range<u64>>) -> usiz
         .count()
 }
 
+/// The bytes of the page-aligned `range`, if `mapper` maps its pages as
+/// one run.
+///
+/// # Safety
+/// `range` is RAM `mapper` maps, and nothing writes it while the slice is
+/// used.
+unsafe fn contiguous<'a, M: sparse_bitmap::PhysToVirt>(mapper: &M, range: PhysRange) -> Option<&'a [u8]> {
+    if range.size == 0 || !range.size.is_multiple_of(PAGE_SIZE) || !range.base.is_multiple_of(PAGE_SIZE) {
+        return None;
+    }
+    let first = mapper.phys_to_virt(range.base) as usize;
+    let run = (1..range.size / PAGE_SIZE)
+        .all(|k| mapper.phys_to_virt(range.base + k * PAGE_SIZE) as usize == first + (k * PAGE_SIZE) as usize);
+    // SAFETY: every page of the range is mapped for reads of 4096 bytes
+    // (`PhysToVirt`'s contract), one after the other; the caller's
+    // contract keeps it unwritten.
+    run.then(|| unsafe { core::slice::from_raw_parts(first as *const u8, range.size as usize) })
+}
+
 /// The restore side, arch-neutral: adopts the preserved map, then the
 /// machine (partitions with their second-stage tables in place, vCPUs).
 /// Returns the machine and the figures for the report; the consumed
@@ -771,6 +831,7 @@ pub unsafe fn restore<A: Handover>(
     online: &[usize],
     counter: fn() -> u64,
 ) -> Result<(Machine<A>, report::RestoreFigures), AdoptFailure> {
+    let mapper = pages.clone();
     // SAFETY: the caller's contract.
     let adopted = unsafe { adopt_preserved(reader, ram, reserved, pages) }?;
     REPORT.mark("preserved", counter());
@@ -781,13 +842,27 @@ pub unsafe fn restore<A: Handover>(
         scratch: reader.scratch().clone(),
         ram: ram.to_vec(),
     };
-    let restored = machine::restore(reader, arch, memory, online).map_err(AdoptFailure::Machine)?;
+    let table_at = machine::table_of(reader).map_err(AdoptFailure::Machine)?;
+    let table = match &table_at {
+        None => None,
+        Some((rec, at)) => {
+            // Named by `pages-table`, so reserved with the blob (the reader
+            // checked it is RAM); mapped as one run of pages.
+            // SAFETY: a preserved range of the handover (the reader checked
+            // it lies in RAM), which nothing writes until Finish frees it.
+            let bytes = unsafe { contiguous(&mapper, *at) }
+                .ok_or(AdoptFailure::Machine(RestoreError::Table(TableError::Length { bytes: rec.bytes, pages: 0 })))?;
+            Some((rec, bytes))
+        }
+    };
+    let restored = machine::restore(reader, arch, memory, online, table).map_err(AdoptFailure::Machine)?;
     REPORT.mark("machine", counter());
     let m = restored.machine;
     let figures = report::RestoreFigures {
         update_count: reader.update_count(),
         handover_bytes: reader.blob().len() as u64,
         preserved_pages,
+        table: table_at.map(|(_, at)| at),
         freeze_counter: restored.freeze_counter,
         resume_cpus: 0,
     };
@@ -897,8 +972,16 @@ mod tests {
         let mut sm: UpdateStateMachine<'_, Cancel> = UpdateStateMachine::new();
         sm.register(Box::new(CpuStopper { platform: p, cpu: 0, generation: &generation })).expect("register");
         sm.register(Box::new(FaultInjector { platform: p })).expect("register");
-        sm.register(Box::new(StateSaver { platform: p, freeze_counter: 7, handoff: None, enters: 0 }))
-            .expect("register");
+        let form = Box::leak(Box::new(Cell::new(None)));
+        sm.register(Box::new(StateSaver {
+            platform: p,
+            freeze_counter: 7,
+            handoff: None,
+            enters: 0,
+            table: None,
+            form,
+        }))
+        .expect("register");
         match sm.prepare(&mut w).and_then(|()| sm.freeze(&mut w)) {
             Ok(()) => Ok(w),
             Err(e) => {

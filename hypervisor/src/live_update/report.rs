@@ -26,6 +26,9 @@ pub struct BlackoutReport {
     count: AtomicU64,
     handover_bytes: AtomicU64,
     preserved_pages: AtomicU64,
+    /// Bytes of the state table's pages (0: the handover had a node per
+    /// partition and vCPU instead).
+    table_bytes: AtomicU64,
     /// The kexec jump, the new image's first Rust instruction, the end of
     /// the restore.
     kexec: AtomicU64,
@@ -68,6 +71,8 @@ pub struct RestoreFigures {
     pub update_count: u64,
     pub handover_bytes: u64,
     pub preserved_pages: u64,
+    /// The state table's pages (`pages-table`), if the handover had one.
+    pub table: Option<loader::PhysRange>,
     pub freeze_counter: u64,
     /// CPUs that must re-enter guests before the blackout ends.
     pub resume_cpus: usize,
@@ -82,6 +87,7 @@ impl BlackoutReport {
             count: AtomicU64::new(0),
             handover_bytes: AtomicU64::new(0),
             preserved_pages: AtomicU64::new(0),
+            table_bytes: AtomicU64::new(0),
             kexec: AtomicU64::new(0),
             entry: AtomicU64::new(0),
             restored: AtomicU64::new(0),
@@ -137,6 +143,7 @@ impl BlackoutReport {
         self.count.store(f.update_count, Ordering::Relaxed);
         self.handover_bytes.store(f.handover_bytes, Ordering::Relaxed);
         self.preserved_pages.store(f.preserved_pages, Ordering::Relaxed);
+        self.table_bytes.store(f.table.map_or(0, |t| t.size), Ordering::Relaxed);
         self.resume_cpus.store(f.resume_cpus.max(1), Ordering::Relaxed);
         self.resumed.store(0, Ordering::Relaxed);
         for at in &self.cpu_resumed_at {
@@ -188,6 +195,8 @@ impl BlackoutReport {
             blackout_us = blackout_us(t0, now, hz),
             handover_bytes = self.handover_bytes.load(Ordering::Relaxed),
             preserved_pages = self.preserved_pages.load(Ordering::Relaxed),
+            state = if self.table_bytes.load(Ordering::Relaxed) != 0 { "table" } else { "records" },
+            table_bytes = self.table_bytes.load(Ordering::Relaxed),
             freeze_at = t0,
             resume_at = now,
             counter_hz = hz,
@@ -242,6 +251,7 @@ mod tests {
             update_count: 1,
             handover_bytes: 4096,
             preserved_pages: 9,
+            table: None,
             freeze_counter: 100,
             resume_cpus: 2,
         };

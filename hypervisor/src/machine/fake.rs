@@ -9,7 +9,7 @@ extern crate std;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 
-use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
+use kho::HandoverWriter;
 use loader::PhysRange;
 use sparse_bitmap::testing::Arena;
 use sparse_bitmap::MultiOrderBitmap;
@@ -99,8 +99,11 @@ impl Handover for FakeArch {
         rec.stage2_root = p.arch.stage2_root;
     }
 
-    fn write_partition_records(_: &Partition<Self>, _: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
-        Ok(())
+    /// The fake has no arch record of its own.
+    type PartitionState = crate::records::ConsoleRecord;
+
+    fn partition_state(_: &Partition<Self>) -> Result<Option<Self::PartitionState>, SaveError> {
+        Ok(None)
     }
 
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError> {
@@ -123,7 +126,7 @@ impl Handover for FakeArch {
     fn adopt_partition(
         &mut self,
         rec: &PartitionRecord,
-        _: &SubsystemNode<'_>,
+        _: Option<Self::PartitionState>,
         ram: &[PhysRange],
     ) -> Result<FakePartition, RestoreError> {
         if !ram.iter().any(|r| r.contains(&PhysRange::new(rec.stage2_root, 4096))) {

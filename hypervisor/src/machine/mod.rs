@@ -45,7 +45,7 @@ use crate::partition::PartitionInfo;
 use crate::preserved::{PreserveError, PreservedMap, PreservingFrames};
 use crate::sched::{pick_next, VcpuState};
 
-pub use handover::{restore, Handover, RestoreError, Restored, SaveError};
+pub use handover::{restore, table_of, Handover, RestoreError, Restored, SaveError, StateForm, TableBlock};
 
 /// Physical CPUs the machine schedules on.
 pub const MAX_CPUS: usize = 8;

@@ -252,19 +252,43 @@ fn hypercalls_route_console_shutdown_updates_and_the_freeze_hook() {
 /// Writes the machine's records into a handover blob placed in the
 /// machine's own (arena) RAM, as the outgoing image does.
 fn handover_of(m: &mut Machine<FakeArch>) -> (Vec<u8>, u64) {
+    handover_in(m, None).0
+}
+
+/// The same; with `table` (the arena), the partitions and vCPUs go into a
+/// state table in a block of the arena, whose range is returned too.
+fn handover_in(m: &mut Machine<FakeArch>, table: Option<&Arena>) -> ((Vec<u8>, u64), Option<PhysRange>) {
     let identity = HandoverIdentity { version: "test", build_id: "t", update_count: 1 };
     let ram_map = live_update::ram_map(&m.ram).expect("ram map");
     let mut w = HandoverWriter::new(&identity, ram_map, &m.scratch).expect("writer");
-    m.save_state(&mut w, 1234, 1_000_000).expect("save");
+    let bytes = m.table_geometry().and_then(|g| g.bytes()).expect("geometry") as u64;
+    let at = table.map(|_| m.frames.alloc_block(bytes).expect("table block"));
+    let block = table.zip(at).map(|(arena, at)| {
+        let first = sparse_bitmap::PhysToVirt::phys_to_virt(arena, at.base);
+        // SAFETY: a block of the arena just allocated, its pages one run
+        // (the arena is one allocation); nothing else uses it.
+        TableBlock { bytes: unsafe { core::slice::from_raw_parts_mut(first, at.size as usize) }, at }
+    });
+    let form = m.save_state(&mut w, 1234, 1_000_000, block).expect("save");
+    assert_eq!(form, if table.is_some() { StateForm::Table } else { StateForm::Records });
     let block = m.frames.alloc_block(live_update::HANDOVER_BYTES).expect("handover block");
     let mut blob = vec![0u8; block.size as usize];
     let n = w.write_to(&mut blob, block.base).expect("write");
     blob.truncate(n);
-    (blob, block.base)
+    ((blob, block.base), at)
 }
 
 #[test]
 fn the_machine_survives_its_own_handover() {
+    survives_its_own_handover(false);
+}
+
+#[test]
+fn the_machine_survives_its_own_handover_through_the_state_table() {
+    survives_its_own_handover(true);
+}
+
+fn survives_its_own_handover(table: bool) {
     let rig = Rig::new();
     let mut m = rig.machine(&[0, 1]);
     add_guest(&mut m, 1, 2, true);
@@ -276,7 +300,7 @@ fn the_machine_survives_its_own_handover() {
     unsafe { m.ctx_mut(2).x = [1, 2, 3, 4] };
     m.fault(3, "stage2", 0, ("esr", 0));
     m.update_count = 6;
-    let (blob, blob_pa) = handover_of(&mut m);
+    let ((blob, blob_pa), table_at) = handover_in(&mut m, table.then_some(rig.arena));
     let preserved_before = m.preserved.bitmap.frame_count();
 
     let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
@@ -287,6 +311,9 @@ fn the_machine_survives_its_own_handover() {
             .expect("restore");
     assert_eq!(figures.freeze_counter, 1234);
     assert_eq!(figures.preserved_pages, preserved_before);
+    assert_eq!(figures.table, table_at, "the table is found where it was written");
+    let reader_nodes = reader.subsystems().iter().filter(|n| n.path().starts_with("partitions")).count();
+    assert_eq!(reader_nodes == 0, table, "a node per partition only without the table");
     assert_eq!(n.update_count, 1, "the handover's count");
     assert_eq!(n.partitions.len(), 3);
     for (a, b) in m.partitions.iter().zip(&n.partitions) {
@@ -312,6 +339,9 @@ fn the_machine_survives_its_own_handover() {
         while let Some(b) = n.frames.alloc_block(1 << 20) {
             assert!(b.base >= ram.host_base + ram.size || b.base + b.size <= ram.host_base, "preserved RAM reused");
             assert_ne!(b.base, p.arch.stage2_root & !0xf_ffff);
+            if let Some(t) = table_at {
+                assert!(b.base >= t.base + t.size || b.base + b.size <= t.base, "the state table handed out");
+            }
         }
     }
 
@@ -384,7 +414,7 @@ fn restore_refuses_records_it_cannot_trust() {
 
     // A vCPU context of another arch or version.
     let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
-    m.save_state(&mut w, 1, 1).expect("save");
+    m.save_state(&mut w, 1, 1, None).expect("save");
     let bad = VcpuRecord {
         partition: 1,
         index: 1,
@@ -404,7 +434,7 @@ fn restore_refuses_records_it_cannot_trust() {
 
     // A vCPU of a partition that is not there.
     let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
-    m.save_state(&mut w, 1, 1).expect("save");
+    m.save_state(&mut w, 1, 1, None).expect("save");
     let orphan = VcpuRecord { partition: 7, context_format: FAKE_CONTEXT_FORMAT, context_len: 40, ..bad };
     w.subsystem("vcpus/9").and_then(|mut s| s.add_record(&orphan)).expect("record");
     assert_eq!(
@@ -415,7 +445,7 @@ fn restore_refuses_records_it_cannot_trust() {
     // A partition whose RAM was never preserved.
     let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
     m.partitions[0].info.ram.host_base = RAM_BASE + RAM_BYTES - GUEST_MEM;
-    m.save_state(&mut w, 1, 1).expect("save");
+    m.save_state(&mut w, 1, 1, None).expect("save");
     assert_eq!(
         restore_with(&w, &mut m),
         Err(live_update::AdoptFailure::Machine(RestoreError::RamNotPreserved { id: 1 }))
@@ -629,7 +659,7 @@ mod fuzz {
             let identity = HandoverIdentity { version: "t", build_id: "t", update_count: 1 };
             let ram_map = live_update::ram_map(&rig.ram).expect("ram map");
             let mut w = HandoverWriter::new(&identity, ram_map.clone(), &m.scratch).expect("writer");
-            m.save_state(&mut w, 1, 1).expect("save");
+            m.save_state(&mut w, 1, 1, None).expect("save");
             // One more partition and its vCPUs, with arbitrary fields.
             let (id, state, ram_base, ram_size, root, nvcpus) = part;
             let rec = PartitionRecord {
@@ -785,4 +815,42 @@ fn a_refused_partition_does_not_stop_the_others() {
     assert_eq!(n, 2);
     let ids: Vec<u32> = m.partitions.iter().map(|p| p.info.id).collect();
     assert_eq!(ids, [1, 3]);
+}
+
+#[test]
+fn a_table_block_too_small_for_the_machine_falls_back_to_a_node_each() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 2, true);
+    let identity = HandoverIdentity { version: "test", build_id: "t", update_count: 1 };
+    let ram_map = live_update::ram_map(&m.ram).expect("ram map");
+    let mut w = HandoverWriter::new(&identity, ram_map, &m.scratch).expect("writer");
+    // Set aside for one partition and one vCPU (the brownout's count); a
+    // vCPU more by the freeze.
+    let small = crate::state_table::Geometry::new(1, 1, 0, CONTEXT_BYTES).and_then(|g| g.bytes()).expect("size");
+    let mut bytes = vec![0u8; small];
+    let block = TableBlock { bytes: &mut bytes, at: PhysRange::new(RAM_BASE, 4096) };
+    assert_eq!(m.save_state(&mut w, 1, 1, Some(block)), Ok(StateForm::Records));
+    assert!(bytes.iter().all(|&b| b == 0), "nothing written into a block too small");
+}
+
+#[test]
+fn a_state_table_that_does_not_check_is_refused_whole() {
+    let rig = Rig::new();
+    let mut m = rig.machine(&[0]);
+    add_guest(&mut m, 1, 1, true);
+    add_guest(&mut m, 2, 1, false);
+    let ((blob, blob_pa), at) = handover_in(&mut m, Some(rig.arena));
+    let at = at.expect("table");
+    let byte = sparse_bitmap::PhysToVirt::phys_to_virt(rig.arena, at.base).wrapping_add(40);
+    // SAFETY: host test: a byte of the table's block in the arena.
+    unsafe { *byte ^= 0x10 };
+    assert!(matches!(
+        restore_blob(&rig, &blob, blob_pa),
+        Err(live_update::AdoptFailure::Machine(RestoreError::Table(crate::state_table::TableError::Checksum { .. })))
+    ));
+    // SAFETY: as above.
+    unsafe { *byte ^= 0x10 };
+    let n = restore_blob(&rig, &blob, blob_pa).expect("restores once mended");
+    assert_eq!(n.partitions.len(), 2);
 }

@@ -356,6 +356,9 @@ fn jump(arm: &Arm, cpu: usize, ready: &Ready, parked: u64) -> ! {
         }
         // The new image reads the handover with its MMU off.
         clean_invalidate(buf.base, buf.base + len);
+        if let Some(t) = ready.table {
+            clean_invalidate(t.base, t.base + t.size);
+        }
         let dtb = DTB_PHYS.load(Ordering::Relaxed);
         // This image stays intact in its slot: the new one may give the
         // machine back to it until the guests resume.

@@ -18,7 +18,7 @@ use hypervisor::records::{
     VGIC_STATE_BYTES,
 };
 use hypervisor::stage2::{ArmStage2, LinearMap, Stage2Table};
-use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
+use kho::HandoverWriter;
 use loader::manifest::ImageFormat;
 use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
@@ -179,11 +179,13 @@ impl Handover for Aarch64 {
         rec.cmdline = text_field(&a.cmdline);
     }
 
-    fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
+    type PartitionState = VgicRecord;
+
+    fn partition_state(p: &Partition<Self>) -> Result<Option<VgicRecord>, SaveError> {
         let mut rec = VgicRecord { vcpus: p.info.vcpus, len: 0, state: [0; VGIC_STATE_BYTES] };
         let len = p.arch.vgic.encode_into(&mut rec.state).ok_or(SaveError::Device("vgic-state-too-large"))?;
         rec.len = len as u32;
-        node.add_record(&rec).map_err(|error| SaveError::Handover { what: "vgic", error })
+        Ok(Some(rec))
     }
 
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError> {
@@ -199,20 +201,19 @@ impl Handover for Aarch64 {
     fn adopt_partition(
         &mut self,
         rec: &PartitionRecord,
-        node: &SubsystemNode<'_>,
+        state: Option<VgicRecord>,
         ram: &[PhysRange],
     ) -> Result<ArmPartition, RestoreError> {
         let vcpus = rec.vcpus as usize;
         // A handover from an image without a virtual GIC: one that behaves
         // as that image did, every interrupt enabled and forwarded, so its
         // guests keep getting their interrupts.
-        let vgic = match node.record::<VgicRecord>() {
-            Ok(Some(v)) => {
+        let vgic = match state {
+            Some(v) => {
                 let len = (v.len as usize).min(VGIC_STATE_BYTES);
                 Vgic::decode(&v.state[..len], vcpus).ok_or(RestoreError::BadField("vgic-state"))?
             }
-            Ok(None) => Vgic::permissive(vcpus),
-            Err(e) => return Err(RestoreError::Record { what: "vgic", error: Some(e) }),
+            None => Vgic::permissive(vcpus),
         };
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
         // Assigned BARs are stage-2 leaves outside RAM, inside the PCI window.

@@ -19,7 +19,7 @@ use hypervisor::records::{
     format_code, LapicRecord, PartitionRecord, SvmRecord, VtdRecord, LAPIC_STARTUP_BYTES, LAPIC_STATE_BYTES,
 };
 use hypervisor::stage2::{Ept, LinearMap, MemType, Npt, Stage2Table};
-use kho::{HandoverWriter, SubsystemNode, SubsystemWriter};
+use kho::HandoverWriter;
 use loader::manifest::ImageFormat;
 use loader::PhysRange;
 use sparse_bitmap::MultiOrderBitmap;
@@ -279,7 +279,9 @@ impl Handover for X86 {
     /// at the freeze (a vCPU never scheduled has its reset APIC) with the
     /// IPIs other vCPUs left for it since (a sender on another CPU may
     /// have frozen after it), and where each is in the INIT-SIPI protocol.
-    fn write_partition_records(p: &Partition<Self>, node: &mut SubsystemWriter<'_>) -> Result<(), SaveError> {
+    type PartitionState = LapicRecord;
+
+    fn partition_state(p: &Partition<Self>) -> Result<Option<LapicRecord>, SaveError> {
         let mut rec = LapicRecord {
             vcpus: p.info.vcpus,
             len: 0,
@@ -300,7 +302,7 @@ impl Handover for X86 {
             slot.copy_from_slice(&p.arch.startup(index).encode());
         }
         rec.len = at as u32;
-        node.add_record(&rec).map_err(|error| SaveError::Handover { what: "lapic", error })
+        Ok(Some(rec))
     }
 
     /// Under SVM, the `svm` record: it marks the contexts' control pages
@@ -329,11 +331,11 @@ impl Handover for X86 {
     fn adopt_partition(
         &mut self,
         rec: &PartitionRecord,
-        node: &SubsystemNode<'_>,
+        state: Option<LapicRecord>,
         ram: &[PhysRange],
     ) -> Result<X86Partition, RestoreError> {
-        let (apics, startups) = match node.record::<LapicRecord>() {
-            Ok(Some(l)) => {
+        let (apics, startups) = match state {
+            Some(l) => {
                 if l.vcpus != rec.vcpus || l.len as usize != rec.vcpus as usize * lapic::STATE_LEN {
                     return Err(RestoreError::BadField("lapic-vcpus"));
                 }
@@ -352,8 +354,7 @@ impl Handover for X86 {
                 }
                 (apics, Some(startups))
             }
-            Ok(None) => (Vec::new(), None),
-            Err(e) => return Err(RestoreError::Record { what: "lapic", error: Some(e) }),
+            None => (Vec::new(), None),
         };
         let adopt_ram: alloc::vec::Vec<(u64, u64)> = ram.iter().map(|r| (r.base, r.size)).collect();
         // SAFETY: RAM is identity-mapped, so physical = virtual.

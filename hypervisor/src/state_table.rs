@@ -1,0 +1,423 @@
+//! The machine's state table (`kho/ABI.md` §4.7): every partition's and
+//! every vCPU's state in one block of preserved memory, fixed-size
+//! little-endian entries behind one CRC-32, instead of a handover node
+//! and a checksummed record per partition and per vCPU.
+//!
+//! The records' way costs each partition tens of microseconds of
+//! blackout on both sides: a node built, named and serialised, four or
+//! five records encoded field by field and checksummed each, and in the
+//! new image the whole tree walked and each record checked and decoded
+//! again. Here the outgoing image writes each entry in place, in the block
+//! it set aside in the brownout, and checksums the block once; the new
+//! image checks the checksum once and reads the entries where they are.
+//! The fields are the records' own (`records::PartitionRecord`,
+//! `ConsoleRecord`, `VcpuRecord`), and the arch's own state of a partition
+//! (its virtual GIC or local APICs) is still its versioned record, carried
+//! whole inside the entry.
+//!
+//! Entries are `zerocopy` types of little-endian integers and byte arrays:
+//! alignment 1, no padding, every bit pattern valid, so any bytes can be
+//! read as an entry without `unsafe`, and the layout is the same on both
+//! architectures.
+
+use core::fmt;
+
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::records::{StateTableRecord, CMDLINE_BYTES, CONSOLE_LINE_BYTES};
+
+/// The layout this code writes and reads (`StateTableRecord::layout`).
+pub const LAYOUT: u32 = 1;
+/// Most partitions and vCPUs a table may describe (the handover's node
+/// limit was the bound before it: 1024).
+pub const MAX_ENTRIES: u32 = 1024;
+/// Largest entry stride a reader accepts.
+pub const MAX_STRIDE: u32 = 64 * 1024;
+
+/// One partition: the fields of the `partition` and `console` records.
+/// Its arch state (a complete record) follows it, in the rest of the
+/// partition stride.
+#[repr(C)]
+#[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct PartitionEntry {
+    pub id: U32,
+    /// 1 if privileged, else 0.
+    pub privileged: U32,
+    /// `hvcall::PartitionState` as its wire value.
+    pub state: U32,
+    pub vmid: U32,
+    pub vcpus: U32,
+    pub image_format: U32,
+    pub cmdline_len: U32,
+    /// Bytes of `console` in use: the unfinished console line.
+    pub console_len: U32,
+    pub ram_host_base: U64,
+    pub ram_size: U64,
+    pub stage2_root: U64,
+    pub image_base: U64,
+    pub image_size: U64,
+    pub initrd_base: U64,
+    pub initrd_size: U64,
+    /// Bytes of the arch record after the entry (0: none).
+    pub arch_len: U32,
+    pub reserved: U32,
+    pub name: [u8; 32],
+    pub cmdline: [u8; CMDLINE_BYTES],
+    pub console: [u8; CONSOLE_LINE_BYTES],
+}
+
+/// One vCPU: the fields of the `vcpu` record. Its register context (the
+/// arch's layout `context_format`) follows it, in the rest of the vCPU
+/// stride.
+#[repr(C)]
+#[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct VcpuEntry {
+    /// The id of its partition.
+    pub partition: U32,
+    pub index: U32,
+    /// The physical CPU it is pinned to.
+    pub pcpu: U32,
+    /// `sched::VcpuState` as in the `vcpu` record.
+    pub state: U32,
+    /// Virtual interrupts not yet injected, in the machine's terms (the
+    /// `vcpu` record's `pending_private`).
+    pub pending: U32,
+    pub context_format: U32,
+    pub context_len: U32,
+    pub reserved: U32,
+}
+
+pub const PARTITION_HEAD: usize = core::mem::size_of::<PartitionEntry>();
+pub const VCPU_HEAD: usize = core::mem::size_of::<VcpuEntry>();
+
+// The offsets `kho/ABI.md` §4.7 gives.
+const _: () = {
+    assert!(PARTITION_HEAD == 640 && VCPU_HEAD == 32);
+    assert!(core::mem::offset_of!(PartitionEntry, ram_host_base) == 32);
+    assert!(core::mem::offset_of!(PartitionEntry, arch_len) == 88);
+    assert!(core::mem::offset_of!(PartitionEntry, name) == 96);
+    assert!(core::mem::offset_of!(PartitionEntry, console) == 384);
+};
+
+/// How many entries a table holds and how far apart they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub partitions: u32,
+    pub vcpus: u32,
+    pub partition_stride: u32,
+    pub vcpu_stride: u32,
+}
+
+impl Geometry {
+    /// The geometry this image writes: room for `arch_bytes` of arch
+    /// record per partition and `context_bytes` of context per vCPU,
+    /// strides rounded up to 8 bytes.
+    pub fn new(partitions: usize, vcpus: usize, arch_bytes: usize, context_bytes: usize) -> Option<Self> {
+        let stride = |head: usize, rest: usize| u32::try_from((head + rest).next_multiple_of(8)).ok();
+        Some(Self {
+            partitions: u32::try_from(partitions).ok()?,
+            vcpus: u32::try_from(vcpus).ok()?,
+            partition_stride: stride(PARTITION_HEAD, arch_bytes)?,
+            vcpu_stride: stride(VCPU_HEAD, context_bytes)?,
+        })
+    }
+
+    /// Bytes of the table, if every count and stride is one a reader
+    /// accepts.
+    pub fn bytes(&self) -> Option<usize> {
+        let strides_ok = (PARTITION_HEAD as u32..=MAX_STRIDE).contains(&self.partition_stride)
+            && (VCPU_HEAD as u32..=MAX_STRIDE).contains(&self.vcpu_stride);
+        if !strides_ok || self.partitions > MAX_ENTRIES || self.vcpus > MAX_ENTRIES {
+            return None;
+        }
+        let p = self.partitions as usize * self.partition_stride as usize;
+        Some(p + self.vcpus as usize * self.vcpu_stride as usize)
+    }
+
+    /// Whether a table of this geometry fits in `other`'s bytes with the
+    /// same strides (a table set aside in the brownout, used at the freeze).
+    pub fn fits(&self, capacity: usize) -> bool {
+        self.bytes().is_some_and(|b| b <= capacity)
+    }
+}
+
+/// Why a state table was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableError {
+    /// A layout this image does not read.
+    Layout(u32),
+    /// Counts or strides out of range.
+    Geometry,
+    /// The record's length disagrees with its geometry, or the table is
+    /// longer than the pages that hold it.
+    Length { bytes: u64, pages: u64 },
+    /// The CRC-32 over the table does not match the record's.
+    Checksum { expected: u32, actual: u32 },
+    /// An entry's own length field runs past its stride.
+    EntryLength { what: &'static str, index: u32 },
+}
+
+impl fmt::Display for TableError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Layout(_) => f.write_str("state-table-layout"),
+            Self::Geometry => f.write_str("state-table-geometry"),
+            Self::Length { .. } => f.write_str("state-table-length"),
+            Self::Checksum { .. } => f.write_str("state-table-checksum"),
+            Self::EntryLength { what, .. } => write!(f, "state-table-{what}-length"),
+        }
+    }
+}
+
+/// A table being written into the block set aside for it.
+#[derive(Debug)]
+pub struct TableWriter<'a> {
+    bytes: &'a mut [u8],
+    geometry: Geometry,
+}
+
+impl<'a> TableWriter<'a> {
+    /// A writer for `geometry` over `block`; `None` if it does not fit.
+    pub fn new(block: &'a mut [u8], geometry: Geometry) -> Option<Self> {
+        let len = geometry.bytes()?;
+        let bytes = block.get_mut(..len)?;
+        Some(Self { bytes, geometry })
+    }
+
+    fn entry(&mut self, offset: usize, stride: u32) -> &mut [u8] {
+        // In range: `new` checked the geometry's length against the block,
+        // and every caller's index is below its count.
+        &mut self.bytes[offset..offset + stride as usize]
+    }
+
+    /// Partition `i`'s entry and the room for its arch record.
+    pub fn partition(&mut self, i: usize) -> (&mut PartitionEntry, &mut [u8]) {
+        let stride = self.geometry.partition_stride;
+        let slot = self.entry(i * stride as usize, stride);
+        let (head, rest) = slot.split_at_mut(PARTITION_HEAD);
+        // The split gives exactly the entry's size; it has alignment 1.
+        let head = PartitionEntry::mut_from_bytes(head).unwrap_or_else(|_| unreachable!());
+        (head, rest)
+    }
+
+    /// vCPU `i`'s entry and the room for its context.
+    pub fn vcpu(&mut self, i: usize) -> (&mut VcpuEntry, &mut [u8]) {
+        let g = self.geometry;
+        let offset = g.partitions as usize * g.partition_stride as usize + i * g.vcpu_stride as usize;
+        let slot = self.entry(offset, g.vcpu_stride);
+        let (head, rest) = slot.split_at_mut(VCPU_HEAD);
+        // As for `partition`.
+        let head = VcpuEntry::mut_from_bytes(head).unwrap_or_else(|_| unreachable!());
+        (head, rest)
+    }
+
+    /// The record describing the finished table at `base`.
+    pub fn finish(self, base: u64) -> StateTableRecord {
+        let g = self.geometry;
+        StateTableRecord {
+            layout: LAYOUT,
+            partitions: g.partitions,
+            vcpus: g.vcpus,
+            partition_stride: g.partition_stride,
+            vcpu_stride: g.vcpu_stride,
+            base,
+            bytes: self.bytes.len() as u64,
+            crc32: kho::crc32(self.bytes),
+        }
+    }
+}
+
+/// A table read back and checked: its checksum, geometry and length.
+#[derive(Clone, Copy, Debug)]
+pub struct Table<'a> {
+    bytes: &'a [u8],
+    geometry: Geometry,
+}
+
+impl<'a> Table<'a> {
+    /// Checks the table `rec` describes against `pages`, the bytes of the
+    /// preserved range that holds it.
+    pub fn parse(rec: &StateTableRecord, pages: &'a [u8]) -> Result<Self, TableError> {
+        if rec.layout != LAYOUT {
+            return Err(TableError::Layout(rec.layout));
+        }
+        let geometry = Geometry {
+            partitions: rec.partitions,
+            vcpus: rec.vcpus,
+            partition_stride: rec.partition_stride,
+            vcpu_stride: rec.vcpu_stride,
+        };
+        let len = geometry.bytes().ok_or(TableError::Geometry)?;
+        let length = TableError::Length { bytes: rec.bytes, pages: pages.len() as u64 };
+        if rec.bytes != len as u64 {
+            return Err(length);
+        }
+        let bytes = pages.get(..len).ok_or(length)?;
+        let actual = kho::crc32(bytes);
+        if actual != rec.crc32 {
+            return Err(TableError::Checksum { expected: rec.crc32, actual });
+        }
+        Ok(Self { bytes, geometry })
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Partition `i`'s entry and its arch record's bytes.
+    pub fn partition(&self, i: u32) -> Result<(&'a PartitionEntry, &'a [u8]), TableError> {
+        let g = self.geometry;
+        if i >= g.partitions {
+            return Err(TableError::Geometry);
+        }
+        let at = i as usize * g.partition_stride as usize;
+        let slot = &self.bytes[at..at + g.partition_stride as usize];
+        let (head, rest) = PartitionEntry::ref_from_prefix(slot).map_err(|_| TableError::Geometry)?;
+        let arch = rest
+            .get(..head.arch_len.get() as usize)
+            .ok_or(TableError::EntryLength { what: "partition-arch", index: i })?;
+        Ok((head, arch))
+    }
+
+    /// vCPU `i`'s entry and its context's bytes.
+    pub fn vcpu(&self, i: u32) -> Result<(&'a VcpuEntry, &'a [u8]), TableError> {
+        let g = self.geometry;
+        if i >= g.vcpus {
+            return Err(TableError::Geometry);
+        }
+        let at = g.partitions as usize * g.partition_stride as usize + i as usize * g.vcpu_stride as usize;
+        let slot = &self.bytes[at..at + g.vcpu_stride as usize];
+        let (head, rest) = VcpuEntry::ref_from_prefix(slot).map_err(|_| TableError::Geometry)?;
+        let context = rest
+            .get(..head.context_len.get() as usize)
+            .ok_or(TableError::EntryLength { what: "vcpu-context", index: i })?;
+        Ok((head, context))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec;
+
+    fn written(g: Geometry) -> (std::vec::Vec<u8>, StateTableRecord) {
+        let mut block = vec![0u8; g.bytes().unwrap() + 100];
+        let mut w = TableWriter::new(&mut block, g).unwrap();
+        for i in 0..g.partitions as usize {
+            let (e, arch) = w.partition(i);
+            e.id = U32::new(10 + i as u32);
+            e.arch_len = U32::new(3);
+            arch[..3].copy_from_slice(b"abc");
+        }
+        for i in 0..g.vcpus as usize {
+            let (e, ctx) = w.vcpu(i);
+            e.index = U32::new(i as u32);
+            e.context_len = U32::new(8);
+            ctx[..8].copy_from_slice(&(0x1000 + i as u64).to_le_bytes());
+        }
+        let rec = w.finish(0x8000);
+        (block, rec)
+    }
+
+    #[test]
+    fn entries_round_trip_behind_one_checksum() {
+        let g = Geometry::new(3, 5, 64, 128).unwrap();
+        assert_eq!(g.partition_stride as usize % 8, 0);
+        let (block, rec) = written(g);
+        assert_eq!(rec.bytes as usize, g.bytes().unwrap());
+        let t = Table::parse(&rec, &block).unwrap();
+        let (p, arch) = t.partition(2).unwrap();
+        assert_eq!((p.id.get(), arch), (12, &b"abc"[..]));
+        let (v, ctx) = t.vcpu(4).unwrap();
+        assert_eq!(v.index.get(), 4);
+        assert_eq!(ctx, 0x1004u64.to_le_bytes());
+        assert_eq!(t.vcpu(5).unwrap_err(), TableError::Geometry);
+        assert_eq!(t.partition(3).unwrap_err(), TableError::Geometry);
+    }
+
+    #[test]
+    fn a_changed_byte_fails_the_checksum() {
+        let g = Geometry::new(2, 2, 16, 16).unwrap();
+        let (mut block, rec) = written(g);
+        block[PARTITION_HEAD + 1] ^= 1;
+        assert!(matches!(Table::parse(&rec, &block), Err(TableError::Checksum { .. })));
+    }
+
+    #[test]
+    fn geometry_and_length_are_checked_before_anything_is_read() {
+        let g = Geometry::new(2, 2, 16, 16).unwrap();
+        let (block, rec) = written(g);
+        let bad = |f: &dyn Fn(&mut StateTableRecord)| {
+            let mut r = rec.clone();
+            f(&mut r);
+            Table::parse(&r, &block).unwrap_err()
+        };
+        assert_eq!(bad(&|r| r.layout = 2), TableError::Layout(2));
+        assert_eq!(bad(&|r| r.partitions = MAX_ENTRIES + 1), TableError::Geometry);
+        assert_eq!(bad(&|r| r.vcpu_stride = 4), TableError::Geometry);
+        assert_eq!(bad(&|r| r.partition_stride = MAX_STRIDE + 8), TableError::Geometry);
+        assert!(matches!(bad(&|r| r.bytes += 8), TableError::Length { .. }));
+        assert!(matches!(bad(&|r| r.vcpus = 3), TableError::Length { .. }));
+        // Pages shorter than the table.
+        assert!(matches!(Table::parse(&rec, &block[..rec.bytes as usize - 1]), Err(TableError::Length { .. })));
+        // Huge counts and strides do not overflow.
+        let huge = StateTableRecord { partitions: u32::MAX, partition_stride: u32::MAX, ..rec.clone() };
+        assert_eq!(Table::parse(&huge, &block).unwrap_err(), TableError::Geometry);
+    }
+
+    #[test]
+    fn an_entry_length_past_its_stride_is_refused() {
+        let g = Geometry::new(1, 1, 16, 16).unwrap();
+        let mut block = vec![0u8; g.bytes().unwrap()];
+        let mut w = TableWriter::new(&mut block, g).unwrap();
+        w.partition(0).0.arch_len = U32::new(17);
+        w.vcpu(0).0.context_len = U32::new(u32::MAX);
+        let rec = w.finish(0);
+        let t = Table::parse(&rec, &block).unwrap();
+        assert_eq!(t.partition(0).unwrap_err(), TableError::EntryLength { what: "partition-arch", index: 0 });
+        assert_eq!(t.vcpu(0).unwrap_err(), TableError::EntryLength { what: "vcpu-context", index: 0 });
+    }
+
+    #[test]
+    fn a_block_too_small_for_the_geometry_is_refused() {
+        let g = Geometry::new(2, 2, 16, 16).unwrap();
+        let mut block = vec![0u8; g.bytes().unwrap() - 1];
+        assert!(TableWriter::new(&mut block, g).is_none());
+        assert!(!g.fits(block.len()));
+        assert!(g.fits(block.len() + 1));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_reader() {
+        // Entries are read from any bytes that pass the checksum: lengths
+        // are checked against the stride, nothing else is trusted.
+        let g = Geometry::new(2, 3, 24, 40).unwrap();
+        for seed in 0u32..200 {
+            let mut block = vec![0u8; g.bytes().unwrap()];
+            let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+            for b in &mut block {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            let rec = StateTableRecord {
+                layout: LAYOUT,
+                partitions: 2,
+                vcpus: 3,
+                partition_stride: g.partition_stride,
+                vcpu_stride: g.vcpu_stride,
+                base: 0,
+                bytes: block.len() as u64,
+                crc32: kho::crc32(&block),
+            };
+            let t = Table::parse(&rec, &block).unwrap();
+            for i in 0..3 {
+                let _ = t.partition(i);
+                let _ = t.vcpu(i);
+            }
+        }
+    }
+}
