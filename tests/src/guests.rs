@@ -389,16 +389,17 @@ pub fn longline_text(updates: u32) -> String {
 }
 
 /// Checks what the [`longline_guest`] with id `id` printed in `run`: its
-/// line once, whole and in order, after the last image adopted the guest
-/// (`hv: update-done` may come later: it is printed once every CPU is
-/// back in a guest), then its report of having seen all `updates`, and no
-/// other line (a fragment of the line, even an empty one, would be one).
-/// The reason if not.
+/// line once, whole and in order, after the last image started (its
+/// `hypervisor ... starting` banner; `hv: guest-adopted` and `hv:
+/// update-done` may come later: they are printed once every CPU is back in
+/// a guest), then its report of having seen all `updates`, and no other
+/// line (a fragment of the line, even an empty one, would be one). The
+/// reason if not.
 pub fn check_longline(run: &RunOutcome, id: u32, updates: u32) -> Result<(), String> {
     let text = longline_text(updates);
     let lines: Vec<&str> = run.serial.lines().map(str::trim_end).collect();
     let adopted = format!("hv: guest-adopted id={id} ");
-    let last_adopted = lines.iter().rposition(|l| l.starts_with(&adopted));
+    let last_start = lines.iter().rposition(|l| l.starts_with("hypervisor ") && l.contains(" starting "));
     let adoptions = lines.iter().filter(|l| l.starts_with(&adopted)).count();
     if adoptions != updates as usize {
         return Err(format!("guest{id}: adopted {adoptions} times, not {updates}"));
@@ -415,8 +416,8 @@ pub fn check_longline(run: &RunOutcome, id: u32, updates: u32) -> Result<(), Str
     if line != text {
         return Err(format!("guest{id}: not every byte in order:\n  got  {line}\n  want {text}"));
     }
-    if last_adopted.is_none_or(|u| at < u) {
-        return Err(format!("guest{id}: the line ended before the last image adopted the guest"));
+    if last_start.is_none_or(|u| at < u) {
+        return Err(format!("guest{id}: the line ended before the last image started"));
     }
     let want = format!(
         "longline done=1 bytes={} pieces={} updates_seen={updates} stalled=0",

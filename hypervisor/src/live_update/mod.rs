@@ -855,8 +855,8 @@ pub unsafe fn restore<A: Handover>(
             Some((rec, bytes))
         }
     };
-    let restored = machine::restore(reader, arch, memory, online, table).map_err(AdoptFailure::Machine)?;
-    REPORT.mark("machine", counter());
+    let mark = |name| REPORT.mark(name, counter());
+    let restored = machine::restore(reader, arch, memory, online, table, &mark).map_err(AdoptFailure::Machine)?;
     let m = restored.machine;
     let figures = report::RestoreFigures {
         update_count: reader.update_count(),

@@ -57,7 +57,7 @@ pub struct BlackoutReport {
 }
 
 /// How many restore steps the report keeps.
-const MAX_MARKS: usize = 8;
+const MAX_MARKS: usize = 12;
 
 impl Default for BlackoutReport {
     fn default() -> Self {
@@ -105,7 +105,7 @@ impl BlackoutReport {
 
     /// Records that the boot CPU finished restore step `name` at `now`
     /// (printed as `hv: update-steps <name>_us=...`, each from the one
-    /// before, the first from the entry). Steps past the eighth are not
+    /// before, the first from the entry). Steps past the twelfth are not
     /// kept.
     pub fn mark(&self, name: &'static str, now: u64) {
         let mut marks = self.marks.lock();

@@ -471,13 +471,15 @@ fn partitions_from_table<A: Handover>(table: &Table<'_>) -> Result<Vec<Partition
 /// context rebuilt, pinned to the CPU of the same index among `online`, or
 /// spread over them if there are fewer). `table` is the bytes of the
 /// state table's pages if the handover has one ([`table_of`]), already
-/// checked to be preserved.
+/// checked to be preserved. `mark` is called as the partitions and then
+/// the vCPUs are adopted (the blackout report's steps).
 pub fn restore<A: Handover>(
     reader: &HandoverReader<'_>,
     arch: A,
     memory: MachineMemory<A::Pages>,
     online: &[usize],
     table: Option<(&StateTableRecord, &[u8])>,
+    mark: &dyn Fn(&'static str),
 ) -> Result<Restored<A>, RestoreError> {
     let hv: HvRecord = record(reader.subsystem("hv"), "hv")?;
     let table = table.map(|(rec, pages)| Table::parse(rec, pages)).transpose().map_err(RestoreError::Table)?;
@@ -509,6 +511,7 @@ pub fn restore<A: Handover>(
             arch: part,
         });
     }
+    mark("partitions");
     let mut slots = Vec::new();
     let mut adopt_vcpu = |v: VcpuIn<'_>| -> Result<(), RestoreError> {
         if !A::reads_context_format(v.context_format) {
@@ -570,6 +573,7 @@ pub fn restore<A: Handover>(
             }
         }
     }
+    mark("vcpus");
     m.partitions = partitions;
     m.vcpus = slots;
     m.update_count = reader.update_count();

@@ -126,12 +126,44 @@ impl Ranges {
 
     /// Whether `[start, start + len)` lies inside one merged range.
     fn contains(&self, start: u64, len: u64) -> bool {
-        let Some(end) = start.checked_add(len) else {
-            return false;
-        };
+        self.limit(start, len).is_some()
+    }
+
+    /// The end of the merged range `[start, start + len)` lies in, if one.
+    fn limit(&self, start: u64, len: u64) -> Option<u64> {
+        let end = start.checked_add(len)?;
         // The last range starting at or below `start` is the only candidate.
         let after = self.0.partition_point(|&(base, _)| base <= start);
-        after.checked_sub(1).and_then(|i| self.0.get(i)).is_some_and(|&(_, limit)| end <= limit)
+        after.checked_sub(1).and_then(|i| self.0.get(i)).map(|&(_, limit)| limit).filter(|&limit| end <= limit)
+    }
+}
+
+/// Descriptors that differ from the last leaf's only by the next output
+/// address (its raw value plus the leaf's size, below 2^48 so no carry
+/// reaches a bit above the address field in either format) decode as that
+/// leaf does: same attributes, same checks. A linearly mapped guest is a
+/// table of such leaves; each is then checked against the end of the
+/// memory range the first one lay in, not decoded and searched for again.
+#[derive(Clone, Copy)]
+struct LastLeaf {
+    raw: u64,
+    pa: u64,
+    bytes: u64,
+    size_index: usize,
+    /// End of the RAM or device range the leaf lies in.
+    limit: u64,
+}
+
+impl LastLeaf {
+    /// The leaf `raw` is, if it is this one's successor within its range.
+    fn successor(self, raw: u64) -> Option<LastLeaf> {
+        let pa = self.pa + self.bytes;
+        let next = pa.checked_add(self.bytes)?;
+        (raw == self.raw.wrapping_add(self.bytes) && next <= self.limit && next <= 1 << 48).then_some(LastLeaf {
+            raw,
+            pa,
+            ..self
+        })
     }
 }
 
@@ -163,24 +195,38 @@ impl<F: Stage2Format, P: PhysToVirt> Walk<'_, F, P> {
         // Only now, with `pa` known to be a RAM page, is it read. A zero
         // descriptor is not present in either format, and most are zero.
         let mut from = 0;
+        let mut last: Option<LastLeaf> = None;
         while let Some((index, entry)) = next_nonzero(self.phys, pa, from) {
-            from = index + 1;
             let ipa = base + index as u64 * span;
-            match decode_entry::<F>(entry, level) {
-                Err(reason) => return Err(AdoptError::BadEntry { level, ipa, entry, reason }),
-                Ok(Entry::Invalid) => {}
-                Ok(Entry::Table { next, level: child }) => self.table(next, child, ipa)?,
-                Ok(Entry::Leaf { pa: out, size, .. }) => {
-                    let bytes = size.bytes();
-                    if !self.ram.contains(out, bytes) && !self.devices.contains(out, bytes) {
-                        return Err(AdoptError::LeafOutsideMemory { ipa, pa: out, size: bytes });
+            // The next descriptor in the table continuing the last leaf.
+            let successor = last.filter(|_| index == from).and_then(|l| l.successor(entry));
+            from = index + 1;
+            let leaf = match successor {
+                Some(leaf) => leaf,
+                None => match decode_entry::<F>(entry, level) {
+                    Err(reason) => return Err(AdoptError::BadEntry { level, ipa, entry, reason }),
+                    Ok(Entry::Invalid) => {
+                        last = None;
+                        continue;
                     }
-                    self.leaves[size.index()] += 1;
-                    match self.runs.last_mut() {
-                        Some(run) if run.ipa + run.len == ipa && run.pa + run.len == out => run.len += bytes,
-                        _ => self.runs.push(LeafRun { ipa, pa: out, len: bytes }),
+                    Ok(Entry::Table { next, level: child }) => {
+                        last = None;
+                        self.table(next, child, ipa)?;
+                        continue;
                     }
-                }
+                    Ok(Entry::Leaf { pa: out, size, .. }) => {
+                        let bytes = size.bytes();
+                        let limit = self.ram.limit(out, bytes).or_else(|| self.devices.limit(out, bytes));
+                        let limit = limit.ok_or(AdoptError::LeafOutsideMemory { ipa, pa: out, size: bytes })?;
+                        LastLeaf { raw: entry, pa: out, bytes, size_index: size.index(), limit }
+                    }
+                },
+            };
+            last = Some(leaf);
+            self.leaves[leaf.size_index] += 1;
+            match self.runs.last_mut() {
+                Some(run) if run.ipa + run.len == ipa && run.pa + run.len == leaf.pa => run.len += leaf.bytes,
+                _ => self.runs.push(LeafRun { ipa, pa: leaf.pa, len: leaf.bytes }),
             }
         }
         Ok(())

@@ -102,6 +102,7 @@ for_every_format!(
     adopt_rejects_cycle,
     adopt_rejects_shared_table,
     adopt_rejects_reserved_bits,
+    adopt_checks_every_leaf_of_a_run,
     adopt_rejects_block_at_level0,
     adopt_rejects_leaf_outside_memory,
     adopt_accepts_allowed_device,
@@ -440,6 +441,44 @@ fn adopt_rejects_reserved_bits<F: Stage2Format>() {
     let misaligned = leaf + KIB4;
     mem.write(l2, 0, misaligned);
     assert_eq!(adopt::<F>(&mem, root).err(), Some(expect(2, 0, misaligned)));
+}
+
+/// Leaves that continue the one before them (the same descriptor, the
+/// next block) are not decoded again, but each is still checked against
+/// the memory range: a run that walks off the end of RAM is refused at the
+/// first block outside it, and a break in the run is decoded afresh.
+fn adopt_checks_every_leaf_of_a_run<F: Stage2Format>() {
+    let mem = memory();
+    let t = sample_tree::<F>(&mem);
+    let [root, _, l2] = path_to_zero::<F>(&mem, t.root());
+    let leaf = mem.read(l2, 0);
+    let p0 = t.translate(0).expect("IPA 0 is mapped").pa;
+    let at = |pa: u64| leaf - p0 + pa;
+    // RAM with a hole (nothing of the sample tree in it): the run ends
+    // where the first range does.
+    let end = RAM_BASE + 12 * GIB;
+    let ram = [(RAM_BASE, 12 * GIB), (end + 2 * MIB2, RAM_SIZE - 12 * GIB - 2 * MIB2)];
+    let adopt = |mem| Stage2Table::<F, _>::adopt(root, &ram, &DEVICES, mem);
+    assert!(adopt(&mem).is_ok());
+    assert!((100..104).all(|k| mem.read(l2, k) == 0), "free slots in the sample tree");
+    mem.write(l2, 100, at(end - 2 * MIB2));
+    mem.write(l2, 101, at(end - MIB2));
+    let adopted = adopt(&mem).expect("a run inside RAM");
+    assert_eq!(adopted.translate(101 * MIB2).map(|tr| tr.pa), Some(end - MIB2));
+    mem.write(l2, 102, at(end));
+    assert_eq!(adopt(&mem).err(), Some(AdoptError::LeafOutsideMemory { ipa: 102 * MIB2, pa: end, size: MIB2 }));
+    // Not the next block: decoded, and its reserved bit found.
+    let bit50 = 1 << 50;
+    mem.write(l2, 102, at(end - 3 * MIB2) | bit50);
+    assert_eq!(
+        adopt(&mem).err(),
+        Some(AdoptError::BadEntry {
+            level: 2,
+            ipa: 102 * MIB2,
+            entry: at(end - 3 * MIB2) | bit50,
+            reason: DescriptorError::ReservedBits
+        })
+    );
 }
 
 fn adopt_rejects_block_at_level0<F: Stage2Format>() {
