@@ -12,8 +12,8 @@
 //! image checks the checksum once and reads the entries where they are.
 //! The fields are the records' own (`records::PartitionRecord`,
 //! `ConsoleRecord`, `VcpuRecord`), and the arch's own state of a partition
-//! (its virtual GIC or local APICs) is still its versioned record, carried
-//! whole inside the entry.
+//! (its virtual GIC or local APICs) is what its record holds, as bytes in
+//! a layout the entry names.
 //!
 //! Entries are `zerocopy` types of little-endian integers and byte arrays:
 //! alignment 1, no padding, every bit pattern valid, so any bytes can be
@@ -36,8 +36,8 @@ pub const MAX_ENTRIES: u32 = 1024;
 pub const MAX_STRIDE: u32 = 64 * 1024;
 
 /// One partition: the fields of the `partition` and `console` records.
-/// Its arch state (a complete record) follows it, in the rest of the
-/// partition stride.
+/// Its arch state (the state of its `vgic` or `lapic` record, as bytes)
+/// follows it, in the rest of the partition stride.
 #[repr(C)]
 #[derive(Clone, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct PartitionEntry {
@@ -59,9 +59,10 @@ pub struct PartitionEntry {
     pub image_size: U64,
     pub initrd_base: U64,
     pub initrd_size: U64,
-    /// Bytes of the arch record after the entry (0: none).
+    /// Bytes of the arch's state after the entry (0: none).
     pub arch_len: U32,
-    pub reserved: U32,
+    /// Their layout (the arch's `TABLE_STATE_LAYOUT`).
+    pub arch_layout: U32,
     pub name: [u8; 32],
     pub cmdline: [u8; CMDLINE_BYTES],
     pub console: [u8; CONSOLE_LINE_BYTES],

@@ -106,6 +106,20 @@ impl Handover for FakeArch {
         Ok(None)
     }
 
+    const TABLE_STATE_LAYOUT: u32 = 0;
+
+    fn table_state_len(_: &Partition<Self>) -> usize {
+        0
+    }
+
+    fn write_table_state(_: &Partition<Self>, _: &mut [u8]) -> Result<usize, SaveError> {
+        Ok(0)
+    }
+
+    fn read_table_state(_: &PartitionRecord, _: u32, _: &[u8]) -> Result<Self::PartitionState, RestoreError> {
+        Err(RestoreError::Arch("fake-has-no-table-state"))
+    }
+
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError> {
         if let Some(note) = self.device_note {
             let rec = crate::records::HvRecord {

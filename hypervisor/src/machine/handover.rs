@@ -40,6 +40,19 @@ pub trait Handover: Arch {
     type PartitionState: kho::StateRecord;
     /// That record for `p` (`None`: the arch has none).
     fn partition_state(p: &Partition<Self>) -> Result<Option<Self::PartitionState>, SaveError>;
+    /// The layout of the arch's state in a state table entry
+    /// (`kho/ABI.md` §4.7): the state [`Self::PartitionState`] holds, as
+    /// bytes, without the record around it.
+    const TABLE_STATE_LAYOUT: u32;
+    /// Bytes of `p`'s state in that layout.
+    fn table_state_len(p: &Partition<Self>) -> usize;
+    /// Writes `p`'s state in that layout into `out` (at least
+    /// [`Self::table_state_len`] bytes); the bytes used.
+    fn write_table_state(p: &Partition<Self>, out: &mut [u8]) -> Result<usize, SaveError>;
+    /// The arch's record of the partition `rec` from its state table bytes
+    /// in `layout`.
+    fn read_table_state(rec: &PartitionRecord, layout: u32, bytes: &[u8])
+        -> Result<Self::PartitionState, RestoreError>;
     /// Writes the arch's own subsystems (the IOMMU).
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError>;
     /// Adopts a partition's arch state from its record (its second-stage
@@ -196,12 +209,8 @@ impl StateForm {
 impl<A: Handover> Machine<A> {
     /// The state table's geometry for the machine as it is.
     pub fn table_geometry(&self) -> Option<Geometry> {
-        Geometry::new(
-            self.partitions.len(),
-            self.vcpus.len(),
-            <A::PartitionState as kho::StateRecord>::ENCODED_LEN,
-            CONTEXT_BYTES,
-        )
+        let arch = self.partitions.iter().map(A::table_state_len).max().unwrap_or(0);
+        Geometry::new(self.partitions.len(), self.vcpus.len(), arch, A::CONTEXT_MAX)
     }
 
     /// A partition's `partition` record.
@@ -295,17 +304,15 @@ impl<A: Handover> Machine<A> {
             e.image_size = U64::new(rec.image_size);
             e.initrd_base = U64::new(rec.initrd_base);
             e.initrd_size = U64::new(rec.initrd_size);
-            e.reserved = U32::new(0);
+            e.arch_layout = U32::new(A::TABLE_STATE_LAYOUT);
             e.name = rec.name;
             e.cmdline = rec.cmdline;
             let pending = p.console.pending();
             e.console_len = U32::new(pending.len() as u32);
             e.console = [0; CONSOLE_LINE_BYTES];
             e.console[..pending.len()].copy_from_slice(pending);
-            let state = A::partition_state(p)?.map(|r| kho::StateRecord::encode(&r));
-            let bytes = state.as_deref().unwrap_or(&[]);
-            e.arch_len = U32::new(bytes.len() as u32);
-            arch.get_mut(..bytes.len()).ok_or(SaveError::Device("partition-state-too-large"))?.copy_from_slice(bytes);
+            let len = A::write_table_state(p, arch)?;
+            e.arch_len = U32::new(len as u32);
         }
         for (n, slot) in self.vcpus.iter().enumerate() {
             let (e, context) = t.vcpu(n);
@@ -451,15 +458,7 @@ fn partitions_from_table<A: Handover>(table: &Table<'_>) -> Result<Vec<Partition
             cmdline: e.cmdline,
         };
         let console = console_line(&e.console, e.console_len.get(), rec.id)?;
-        let state = if arch.is_empty() {
-            None
-        } else {
-            let what = <A::PartitionState as kho::StateRecord>::NAME;
-            Some(
-                <A::PartitionState as kho::StateRecord>::decode(arch)
-                    .map_err(|e| RestoreError::Record { what, error: Some(e) })?,
-            )
-        };
+        let state = if arch.is_empty() { None } else { Some(A::read_table_state(&rec, e.arch_layout.get(), arch)?) };
         out.push(PartitionIn { rec, console, state });
     }
     Ok(out)

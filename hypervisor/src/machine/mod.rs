@@ -63,6 +63,9 @@ pub trait Arch: Sized {
     /// Identifies the layout of [`Arch::save_context`]'s bytes in a vCPU
     /// record (arch and version).
     const CONTEXT_FORMAT: u32;
+    /// Most bytes [`save_context`](Self::save_context) writes (the room a
+    /// vCPU's state table entry gives its context).
+    const CONTEXT_MAX: usize = crate::records::CONTEXT_BYTES;
 
     /// Index of the physical CPU running this code.
     fn this_cpu(&self) -> usize;

@@ -7,7 +7,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use hypervisor::arch::aarch64::pl011::Pl011;
-use hypervisor::arch::aarch64::vgic::Vgic;
+use hypervisor::arch::aarch64::vgic::{Vgic, DIST_BYTES, REDIST_BYTES};
 use hypervisor::guest_dtb::{self, GuestDtbSpec};
 use hypervisor::guest_image::{self, GuestLayout};
 use hypervisor::machine::{Arch, Handover, Machine, MachineLock, Partition, RestoreError, SaveError};
@@ -25,7 +25,7 @@ use sparse_bitmap::MultiOrderBitmap;
 
 use super::devices::PciHost;
 use super::gic::{self, PPI_VIRT_TIMER};
-use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_FORMAT_V1};
+use super::vcpu::{Vcpu, CONTEXT_FORMAT, CONTEXT_FORMAT_V1, CONTEXT_LEN};
 use super::MAX_CPUS;
 
 /// The SMMUv3 driver on the real registers, identity-mapped tables.
@@ -118,6 +118,7 @@ impl Arch for Aarch64 {
     type Partition = ArmPartition;
     type Pages = IdentityPages;
     const CONTEXT_FORMAT: u32 = CONTEXT_FORMAT;
+    const CONTEXT_MAX: usize = CONTEXT_LEN;
 
     fn this_cpu(&self) -> usize {
         cpu_index()
@@ -186,6 +187,27 @@ impl Handover for Aarch64 {
         let len = p.arch.vgic.encode_into(&mut rec.state).ok_or(SaveError::Device("vgic-state-too-large"))?;
         rec.len = len as u32;
         Ok(Some(rec))
+    }
+
+    /// The `vgic` record's `state[..len]`: the distributor, then each
+    /// vCPU's redistributor.
+    const TABLE_STATE_LAYOUT: u32 = 1;
+
+    fn table_state_len(p: &Partition<Self>) -> usize {
+        DIST_BYTES + REDIST_BYTES * p.arch.vgic.cpus.len()
+    }
+
+    fn write_table_state(p: &Partition<Self>, out: &mut [u8]) -> Result<usize, SaveError> {
+        p.arch.vgic.encode_into(out).ok_or(SaveError::Device("vgic-state-too-large"))
+    }
+
+    fn read_table_state(rec: &PartitionRecord, layout: u32, bytes: &[u8]) -> Result<VgicRecord, RestoreError> {
+        if layout != Self::TABLE_STATE_LAYOUT {
+            return Err(RestoreError::BadField("vgic-layout"));
+        }
+        let mut state = [0; VGIC_STATE_BYTES];
+        state.get_mut(..bytes.len()).ok_or(RestoreError::BadField("vgic-state"))?.copy_from_slice(bytes);
+        Ok(VgicRecord { vcpus: rec.vcpus, len: bytes.len() as u32, state })
     }
 
     fn record_devices(&self, w: &mut HandoverWriter) -> Result<(), SaveError> {

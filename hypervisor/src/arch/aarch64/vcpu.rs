@@ -268,6 +268,8 @@ const CONTEXT_V2_WORDS: usize = 4 * MAX_DEBUG_PAIRS + 2;
 /// the timer-mask flag.
 const CONTEXT_WORDS: usize = 31 + 2 + 64 + 2 + El1Sysregs::WORDS + MAX_LRS + 2 + 1;
 const CONTEXT_WORDS_V2: usize = CONTEXT_WORDS + CONTEXT_V2_WORDS;
+/// Bytes [`Vcpu::to_context`] writes.
+pub const CONTEXT_LEN: usize = CONTEXT_WORDS_V2 * 8;
 
 impl Vcpu {
     /// Serializes the whole context (little-endian words) into `out`;

@@ -234,6 +234,7 @@ impl Arch for X86 {
     type Partition = X86Partition;
     type Pages = IdentityPages;
     const CONTEXT_FORMAT: u32 = CONTEXT_FORMAT;
+    const CONTEXT_MAX: usize = CONTEXT_LEN;
 
     fn this_cpu(&self) -> usize {
         let me = smp::my_apic_id();
@@ -303,6 +304,47 @@ impl Handover for X86 {
         }
         rec.len = at as u32;
         Ok(Some(rec))
+    }
+
+    /// The `lapic` record's `state[..len]` (`vcpus` × 160 bytes), then
+    /// `startup[..2 × vcpus]`.
+    const TABLE_STATE_LAYOUT: u32 = 2;
+
+    fn table_state_len(p: &Partition<Self>) -> usize {
+        p.info.vcpus as usize * (lapic::STATE_LEN + startup::ENCODED_LEN)
+    }
+
+    fn write_table_state(p: &Partition<Self>, out: &mut [u8]) -> Result<usize, SaveError> {
+        let Some(rec) = Self::partition_state(p)? else { return Ok(0) };
+        let (len, starts) = (rec.len as usize, p.info.vcpus as usize * startup::ENCODED_LEN);
+        let too_large = SaveError::Device("lapic-state-too-large");
+        let (state, rest) = out.split_at_mut_checked(len).ok_or(too_large.clone())?;
+        state.copy_from_slice(&rec.state[..len]);
+        let startups = rec.startup.get(..starts).ok_or(SaveError::Device("too-many-vcpus"))?;
+        rest.get_mut(..starts).ok_or(too_large)?.copy_from_slice(startups);
+        Ok(len + starts)
+    }
+
+    fn read_table_state(rec: &PartitionRecord, layout: u32, bytes: &[u8]) -> Result<LapicRecord, RestoreError> {
+        if layout != Self::TABLE_STATE_LAYOUT {
+            return Err(RestoreError::BadField("lapic-layout"));
+        }
+        let vcpus = rec.vcpus as usize;
+        let len = vcpus * lapic::STATE_LEN;
+        let starts = vcpus * startup::ENCODED_LEN;
+        let bad = RestoreError::BadField("lapic-vcpus");
+        if bytes.len() != len + starts || len > LAPIC_STATE_BYTES || starts > LAPIC_STARTUP_BYTES {
+            return Err(bad);
+        }
+        let mut l = LapicRecord {
+            vcpus: rec.vcpus,
+            len: len as u32,
+            state: [0; LAPIC_STATE_BYTES],
+            startup: [0; LAPIC_STARTUP_BYTES],
+        };
+        l.state[..len].copy_from_slice(&bytes[..len]);
+        l.startup[..starts].copy_from_slice(&bytes[len..]);
+        Ok(l)
     }
 
     /// Under SVM, the `svm` record: it marks the contexts' control pages
