@@ -1,9 +1,10 @@
 //! The machine's records in the handover (`kho/ABI.md`): the `hv`
-//! record, one `partitions/<id>` node (its `partition` and `console`
-//! records) per partition and one `vcpus/<n>` record each, the arch's
-//! device records, and the preserved map's roots; and the reverse,
-//! adopting a machine from them in the new image. The arch fills in and
-//! adopts what only it knows ([`Handover`]).
+//! record; every partition and vCPU in the state table (§4.7) for an
+//! image that reads it, else one `partitions/<id>` node (its `partition`,
+//! `console` and arch records) per partition and one `vcpus/<n>` record
+//! each; the arch's device records, and the preserved map's roots; and the
+//! reverse, adopting a machine from either form in the new image. The arch
+//! fills in and adopts what only it knows ([`Handover`]).
 
 use alloc::string::String;
 use alloc::vec::Vec;
