@@ -21,7 +21,9 @@ use hypervisor::arch::x86_64::svm_exit;
 use hypervisor::guest_dtb::{GUEST_GICD, GUEST_GICR};
 use hypervisor::hypercall::{self, HostMemory, HvContext};
 use hypervisor::partition::{GuestRam, PartitionInfo, GUEST_RAM_BASE};
+use hypervisor::records::StateTableRecord;
 use hypervisor::stage2::{ArmStage2, Ept, PhysToVirt, Stage2Table};
+use hypervisor::state_table::{self, Geometry, Table};
 
 /// Little-endian words from the input, zero past its end.
 struct Words<'a>(&'a [u8]);
@@ -303,6 +305,58 @@ pub fn stage2_adopt(data: &[u8]) {
     }
 }
 
+/// The state table a previous image hands over (`hypervisor::state_table`,
+/// `kho/ABI.md` §4.7): any record and any bytes give a table or a typed
+/// error, and every entry of a table that checks reads within its stride,
+/// whatever its length fields say. The first 12 bytes pick the geometry
+/// (small, so that tables parse) and whether the record's length and CRC
+/// are made right (so the entries are reached) or taken as they come.
+pub fn state_table(data: &[u8]) {
+    let Some((head, pages)) = data.split_first_chunk::<12>() else { return };
+    let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    let flags = head[0];
+    let geometry = Geometry {
+        partitions: u32::from(head[1] % 8),
+        vcpus: u32::from(head[2] % 8),
+        partition_stride: if flags & 4 != 0 {
+            word(4)
+        } else {
+            state_table::PARTITION_HEAD as u32 + u32::from(head[3])
+        },
+        vcpu_stride: if flags & 8 != 0 { word(8) } else { state_table::VCPU_HEAD as u32 + u32::from(head[4]) },
+    };
+    let bytes = match geometry.bytes() {
+        Some(b) if flags & 1 == 0 => b as u64,
+        _ => u64::from(word(8)),
+    };
+    let crc = if flags & 2 == 0 { kho::crc32(pages.get(..bytes as usize).unwrap_or(pages)) } else { word(4) };
+    let rec = StateTableRecord {
+        layout: if flags & 16 == 0 { state_table::LAYOUT } else { word(0) },
+        partitions: geometry.partitions,
+        vcpus: geometry.vcpus,
+        partition_stride: geometry.partition_stride,
+        vcpu_stride: geometry.vcpu_stride,
+        base: 0,
+        bytes,
+        crc32: crc,
+    };
+    let Ok(t) = Table::parse(&rec, pages) else { return };
+    let g = t.geometry();
+    assert!(g.bytes().is_some_and(|b| b <= pages.len()), "a table that checks lies within its pages");
+    for i in 0..g.partitions {
+        if let Ok((e, arch)) = t.partition(i) {
+            assert!(arch.len() + state_table::PARTITION_HEAD <= g.partition_stride as usize);
+            assert_eq!(arch.len(), e.arch_len.get() as usize);
+        }
+    }
+    for i in 0..g.vcpus {
+        if let Ok((e, context)) = t.vcpu(i) {
+            assert!(context.len() + state_table::VCPU_HEAD <= g.vcpu_stride as usize);
+            assert_eq!(context.len(), e.context_len.get() as usize);
+        }
+    }
+}
+
 /// A target's body.
 pub type Body = fn(&[u8]);
 
@@ -314,4 +368,5 @@ pub const ALL: &[(&str, Body)] = &[
     ("x86_decode", x86_decode),
     ("stage2_adopt", stage2_adopt),
     ("lapic", lapic),
+    ("state_table", state_table),
 ];
