@@ -21,11 +21,12 @@
 //! architectures.
 
 use core::fmt;
+use core::ops::Range;
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::records::{StateTableRecord, CMDLINE_BYTES, CONSOLE_LINE_BYTES};
+use crate::records::{PartitionRecord, StateTableRecord, CMDLINE_BYTES, CONSOLE_LINE_BYTES};
 
 /// The layout this code writes and reads (`StateTableRecord::layout`).
 pub const LAYOUT: u32 = 1;
@@ -66,6 +67,64 @@ pub struct PartitionEntry {
     pub name: [u8; 32],
     pub cmdline: [u8; CMDLINE_BYTES],
     pub console: [u8; CONSOLE_LINE_BYTES],
+}
+
+impl PartitionEntry {
+    /// Fills the entry from the partition's `partition` record, its
+    /// unfinished console line (at most [`CONSOLE_LINE_BYTES`]) and the
+    /// layout of the arch state that follows; `arch_len` is set by the
+    /// writer of that state.
+    pub fn set(&mut self, rec: &PartitionRecord, console: &[u8], arch_layout: u32) {
+        self.id = U32::new(rec.id);
+        self.privileged = U32::new(u32::from(rec.privileged));
+        self.state = U32::new(rec.state);
+        self.vmid = U32::new(rec.vmid);
+        self.vcpus = U32::new(rec.vcpus);
+        self.image_format = U32::new(rec.image_format);
+        self.cmdline_len = U32::new(rec.cmdline_len);
+        self.ram_host_base = U64::new(rec.ram_host_base);
+        self.ram_size = U64::new(rec.ram_size);
+        self.stage2_root = U64::new(rec.stage2_root);
+        self.image_base = U64::new(rec.image_base);
+        self.image_size = U64::new(rec.image_size);
+        self.initrd_base = U64::new(rec.initrd_base);
+        self.initrd_size = U64::new(rec.initrd_size);
+        self.arch_layout = U32::new(arch_layout);
+        self.name = rec.name;
+        self.cmdline = rec.cmdline;
+        let len = console.len().min(CONSOLE_LINE_BYTES);
+        self.console_len = U32::new(len as u32);
+        self.console = [0; CONSOLE_LINE_BYTES];
+        self.console[..len].copy_from_slice(&console[..len]);
+    }
+
+    /// The `partition` record the entry holds; `None` if `privileged` is
+    /// neither 0 nor 1.
+    pub fn record(&self) -> Option<PartitionRecord> {
+        let privileged = match self.privileged.get() {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        Some(PartitionRecord {
+            id: self.id.get(),
+            name: self.name,
+            privileged,
+            state: self.state.get(),
+            ram_host_base: self.ram_host_base.get(),
+            ram_size: self.ram_size.get(),
+            stage2_root: self.stage2_root.get(),
+            vmid: self.vmid.get(),
+            vcpus: self.vcpus.get(),
+            image_format: self.image_format.get(),
+            image_base: self.image_base.get(),
+            image_size: self.image_size.get(),
+            initrd_base: self.initrd_base.get(),
+            initrd_size: self.initrd_size.get(),
+            cmdline_len: self.cmdline_len.get(),
+            cmdline: self.cmdline,
+        })
+    }
 }
 
 /// One vCPU: the fields of the `vcpu` record. Its register context (the
@@ -136,10 +195,31 @@ impl Geometry {
         Some(p + self.vcpus as usize * self.vcpu_stride as usize)
     }
 
-    /// Whether a table of this geometry fits in `other`'s bytes with the
-    /// same strides (a table set aside in the brownout, used at the freeze).
+    /// Whether a table of this geometry fits in `capacity` bytes.
     pub fn fits(&self, capacity: usize) -> bool {
         self.bytes().is_some_and(|b| b <= capacity)
+    }
+
+    /// The geometry `rec` describes.
+    fn of(rec: &StateTableRecord) -> Self {
+        Self {
+            partitions: rec.partitions,
+            vcpus: rec.vcpus,
+            partition_stride: rec.partition_stride,
+            vcpu_stride: rec.vcpu_stride,
+        }
+    }
+
+    /// Where partition `i`'s entry is in the table.
+    fn partition_slot(&self, i: usize) -> Range<usize> {
+        let stride = self.partition_stride as usize;
+        i * stride..(i + 1) * stride
+    }
+
+    /// Where vCPU `i`'s entry is: after the last partition's.
+    fn vcpu_slot(&self, i: usize) -> Range<usize> {
+        let (base, stride) = (self.partitions as usize * self.partition_stride as usize, self.vcpu_stride as usize);
+        base + i * stride..base + (i + 1) * stride
     }
 }
 
@@ -186,31 +266,21 @@ impl<'a> TableWriter<'a> {
         Some(Self { bytes, geometry })
     }
 
-    fn entry(&mut self, offset: usize, stride: u32) -> &mut [u8] {
-        // In range: `new` checked the geometry's length against the block,
-        // and every caller's index is below its count.
-        &mut self.bytes[offset..offset + stride as usize]
+    /// The entry head in `slot` and the room after it. In range: `new`
+    /// checked the geometry's length against the block, every caller's
+    /// index is below its count, and a stride is at least its head.
+    fn entry<H: FromBytes + IntoBytes + KnownLayout>(&mut self, slot: Range<usize>) -> (&mut H, &mut [u8]) {
+        H::mut_from_prefix(&mut self.bytes[slot]).unwrap_or_else(|_| unreachable!())
     }
 
-    /// Partition `i`'s entry and the room for its arch record.
+    /// Partition `i`'s entry and the room for its arch state.
     pub fn partition(&mut self, i: usize) -> (&mut PartitionEntry, &mut [u8]) {
-        let stride = self.geometry.partition_stride;
-        let slot = self.entry(i * stride as usize, stride);
-        let (head, rest) = slot.split_at_mut(PARTITION_HEAD);
-        // The split gives exactly the entry's size; it has alignment 1.
-        let head = PartitionEntry::mut_from_bytes(head).unwrap_or_else(|_| unreachable!());
-        (head, rest)
+        self.entry(self.geometry.partition_slot(i))
     }
 
     /// vCPU `i`'s entry and the room for its context.
     pub fn vcpu(&mut self, i: usize) -> (&mut VcpuEntry, &mut [u8]) {
-        let g = self.geometry;
-        let offset = g.partitions as usize * g.partition_stride as usize + i * g.vcpu_stride as usize;
-        let slot = self.entry(offset, g.vcpu_stride);
-        let (head, rest) = slot.split_at_mut(VCPU_HEAD);
-        // As for `partition`.
-        let head = VcpuEntry::mut_from_bytes(head).unwrap_or_else(|_| unreachable!());
-        (head, rest)
+        self.entry(self.geometry.vcpu_slot(i))
     }
 
     /// The record describing the finished table at `base`.
@@ -243,12 +313,7 @@ impl<'a> Table<'a> {
         if rec.layout != LAYOUT {
             return Err(TableError::Layout(rec.layout));
         }
-        let geometry = Geometry {
-            partitions: rec.partitions,
-            vcpus: rec.vcpus,
-            partition_stride: rec.partition_stride,
-            vcpu_stride: rec.vcpu_stride,
-        };
+        let geometry = Geometry::of(rec);
         let len = geometry.bytes().ok_or(TableError::Geometry)?;
         let length = TableError::Length { bytes: rec.bytes, pages: pages.len() as u64 };
         if rec.bytes != len as u64 {
@@ -266,34 +331,37 @@ impl<'a> Table<'a> {
         self.geometry
     }
 
-    /// Partition `i`'s entry and its arch record's bytes.
+    /// The entry head in `slot` and its first `len` bytes after it, `len`
+    /// read from the head; `what` names that length in the error.
+    fn entry<H: FromBytes + KnownLayout + Immutable>(
+        &self,
+        slot: Range<usize>,
+        len: impl Fn(&H) -> u32,
+        (what, index): (&'static str, u32),
+    ) -> Result<(&'a H, &'a [u8]), TableError> {
+        // In range: `parse` checked the geometry's length, and each caller
+        // its index against its count.
+        let (head, rest) = H::ref_from_prefix(&self.bytes[slot]).map_err(|_| TableError::Geometry)?;
+        let body = rest.get(..len(head) as usize).ok_or(TableError::EntryLength { what, index })?;
+        Ok((head, body))
+    }
+
+    /// Partition `i`'s entry and its arch state's bytes.
     pub fn partition(&self, i: u32) -> Result<(&'a PartitionEntry, &'a [u8]), TableError> {
-        let g = self.geometry;
-        if i >= g.partitions {
+        if i >= self.geometry.partitions {
             return Err(TableError::Geometry);
         }
-        let at = i as usize * g.partition_stride as usize;
-        let slot = &self.bytes[at..at + g.partition_stride as usize];
-        let (head, rest) = PartitionEntry::ref_from_prefix(slot).map_err(|_| TableError::Geometry)?;
-        let arch = rest
-            .get(..head.arch_len.get() as usize)
-            .ok_or(TableError::EntryLength { what: "partition-arch", index: i })?;
-        Ok((head, arch))
+        let slot = self.geometry.partition_slot(i as usize);
+        self.entry(slot, |e: &PartitionEntry| e.arch_len.get(), ("partition-arch", i))
     }
 
     /// vCPU `i`'s entry and its context's bytes.
     pub fn vcpu(&self, i: u32) -> Result<(&'a VcpuEntry, &'a [u8]), TableError> {
-        let g = self.geometry;
-        if i >= g.vcpus {
+        if i >= self.geometry.vcpus {
             return Err(TableError::Geometry);
         }
-        let at = g.partitions as usize * g.partition_stride as usize + i as usize * g.vcpu_stride as usize;
-        let slot = &self.bytes[at..at + g.vcpu_stride as usize];
-        let (head, rest) = VcpuEntry::ref_from_prefix(slot).map_err(|_| TableError::Geometry)?;
-        let context = rest
-            .get(..head.context_len.get() as usize)
-            .ok_or(TableError::EntryLength { what: "vcpu-context", index: i })?;
-        Ok((head, context))
+        let slot = self.geometry.vcpu_slot(i as usize);
+        self.entry(slot, |e: &VcpuEntry| e.context_len.get(), ("vcpu-context", i))
     }
 }
 
@@ -302,6 +370,7 @@ mod tests {
     extern crate std;
     use super::*;
     use std::vec;
+    use zerocopy::FromZeros;
 
     fn written(g: Geometry) -> (std::vec::Vec<u8>, StateTableRecord) {
         let mut block = vec![0u8; g.bytes().unwrap() + 100];
@@ -336,6 +405,34 @@ mod tests {
         assert_eq!(ctx, 0x1004u64.to_le_bytes());
         assert_eq!(t.vcpu(5).unwrap_err(), TableError::Geometry);
         assert_eq!(t.partition(3).unwrap_err(), TableError::Geometry);
+    }
+
+    #[test]
+    fn a_partition_record_round_trips_through_its_entry() {
+        let rec = PartitionRecord {
+            id: 7,
+            name: crate::records::text_field("guest7"),
+            privileged: true,
+            state: 1,
+            ram_host_base: 0x4400_0000,
+            ram_size: 64 << 20,
+            stage2_root: 0x5fc0_4000,
+            vmid: 3,
+            vcpus: 2,
+            image_format: 2,
+            image_base: 0x4800_0000,
+            image_size: 0x2000,
+            initrd_base: 0,
+            initrd_size: 0,
+            cmdline_len: 4,
+            cmdline: crate::records::text_field("a=b1"),
+        };
+        let mut entry = PartitionEntry::new_zeroed();
+        entry.set(&rec, b"half a li", 1);
+        assert_eq!(entry.record(), Some(rec));
+        assert_eq!((entry.console_len.get(), &entry.console[..9]), (9, &b"half a li"[..]));
+        entry.privileged = U32::new(2);
+        assert_eq!(entry.record(), None, "privileged is 0 or 1");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use core::fmt;
 
 use kho::{HandoverError, HandoverReader, HandoverWriter, RecordError, SubsystemNode};
 use sparse_bitmap::MultiOrderBitmap;
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::U32;
 
 use super::{Arch, Machine, MachineMemory, Partition, VcpuSlot};
 use crate::guest_console::{LineBuffer, PendingLineError, LINE_MAX};
@@ -197,16 +197,6 @@ pub enum StateForm {
     Table,
 }
 
-impl StateForm {
-    /// The `state=` token of `hv: update-frozen`.
-    pub fn token(self) -> &'static str {
-        match self {
-            Self::Records => "records",
-            Self::Table => "table",
-        }
-    }
-}
-
 impl<A: Handover> Machine<A> {
     /// The state table's geometry for the machine as it is.
     pub fn table_geometry(&self) -> Option<Geometry> {
@@ -291,27 +281,7 @@ impl<A: Handover> Machine<A> {
         for (i, p) in self.partitions.iter().enumerate() {
             let rec = Self::partition_record(p);
             let (e, arch) = t.partition(i);
-            e.id = U32::new(rec.id);
-            e.privileged = U32::new(u32::from(rec.privileged));
-            e.state = U32::new(rec.state);
-            e.vmid = U32::new(rec.vmid);
-            e.vcpus = U32::new(rec.vcpus);
-            e.image_format = U32::new(rec.image_format);
-            e.cmdline_len = U32::new(rec.cmdline_len);
-            e.ram_host_base = U64::new(rec.ram_host_base);
-            e.ram_size = U64::new(rec.ram_size);
-            e.stage2_root = U64::new(rec.stage2_root);
-            e.image_base = U64::new(rec.image_base);
-            e.image_size = U64::new(rec.image_size);
-            e.initrd_base = U64::new(rec.initrd_base);
-            e.initrd_size = U64::new(rec.initrd_size);
-            e.arch_layout = U32::new(A::TABLE_STATE_LAYOUT);
-            e.name = rec.name;
-            e.cmdline = rec.cmdline;
-            let pending = p.console.pending();
-            e.console_len = U32::new(pending.len() as u32);
-            e.console = [0; CONSOLE_LINE_BYTES];
-            e.console[..pending.len()].copy_from_slice(pending);
+            e.set(&rec, p.console.pending(), A::TABLE_STATE_LAYOUT);
             let len = A::write_table_state(p, arch)?;
             e.arch_len = U32::new(len as u32);
         }
@@ -435,29 +405,7 @@ fn partitions_from_table<A: Handover>(table: &Table<'_>) -> Result<Vec<Partition
     let mut out = Vec::with_capacity(table.geometry().partitions as usize);
     for i in 0..table.geometry().partitions {
         let (e, arch) = table.partition(i).map_err(RestoreError::Table)?;
-        let privileged = match e.privileged.get() {
-            0 => false,
-            1 => true,
-            _ => return Err(RestoreError::BadField("partition-privileged")),
-        };
-        let rec = PartitionRecord {
-            id: e.id.get(),
-            name: e.name,
-            privileged,
-            state: e.state.get(),
-            ram_host_base: e.ram_host_base.get(),
-            ram_size: e.ram_size.get(),
-            stage2_root: e.stage2_root.get(),
-            vmid: e.vmid.get(),
-            vcpus: e.vcpus.get(),
-            image_format: e.image_format.get(),
-            image_base: e.image_base.get(),
-            image_size: e.image_size.get(),
-            initrd_base: e.initrd_base.get(),
-            initrd_size: e.initrd_size.get(),
-            cmdline_len: e.cmdline_len.get(),
-            cmdline: e.cmdline,
-        };
+        let rec = e.record().ok_or(RestoreError::BadField("partition-privileged"))?;
         let console = console_line(&e.console, e.console_len.get(), rec.id)?;
         let state = if arch.is_empty() { None } else { Some(A::read_table_state(&rec, e.arch_layout.get(), arch)?) };
         out.push(PartitionIn { rec, console, state });
