@@ -97,6 +97,11 @@ impl Readers {
     pub fn range(&self, id: u32) -> Option<ReadRange> {
         self.entries[..self.count].iter().copied().find(|r| r.id == id)
     }
+
+    /// Whether the image reads version `version` of record `id`.
+    pub fn reads(&self, id: u32, version: u16) -> bool {
+        self.range(id).is_some_and(|r| (r.min..=r.max).contains(&version))
+    }
 }
 
 /// Finds the table in `image`: `Ok(None)` if it has none (an image from
@@ -192,6 +197,14 @@ mod tests {
         img[at..at + TABLE_LEN].copy_from_slice(t);
         img.truncate(8192.max(at + 8));
         img
+    }
+
+    #[test]
+    fn reads_names_the_versions_in_range() {
+        let t = table(&[ReadRange { id: VCPU, min: 1, max: 2 }]);
+        let r = find(&image_with(&t, 64)).unwrap().unwrap();
+        assert!(r.reads(VCPU, 1) && r.reads(VCPU, 2));
+        assert!(!r.reads(VCPU, 3) && !r.reads(VCPU, 0) && !r.reads(A64, 1));
     }
 
     #[test]

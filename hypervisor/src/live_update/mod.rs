@@ -68,8 +68,15 @@ pub trait UpdatePlatform {
     /// whatever else the CPU holds of them (VMCSs) written back.
     fn freeze_cpu(&self, m: &mut Machine<Self::Arch>, cpu: usize) -> Result<(), &'static str>;
     /// Arch checks of a staged image that passed the descriptor's (for
-    /// x86_64: its ELF segments and handover entry); a refusal reason.
-    fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str>;
+    /// x86_64: its ELF segments and handover entry, and that it reads the
+    /// records only this arch writes; `readers` is its reader table, if it
+    /// has a valid one); a refusal reason.
+    fn check_image(
+        &self,
+        staged: &[u8],
+        desc: &Descriptor,
+        readers: Option<&image_readers::Readers>,
+    ) -> Result<(), &'static str>;
     /// Where the checked image goes ([`crate::slots`]). For the other slot
     /// the arch puts it there now, while the guests run: copied, bss
     /// cleared, caches made coherent, ready to be entered (and, on
@@ -484,22 +491,13 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
             return Err(refuse(p, Refusal::Request(e)));
         }
     };
-    p.check_image(staged, &desc).map_err(|r| refuse(p, Refusal::Image(r)))?;
-    // The new image must read what this one writes, record by record.
-    let readers = image_readers::find(staged).map_err(|e| refuse(p, Refusal::Readers(e)))?;
-    image_readers::check(readers.as_ref(), &crate::WRITES, <P::Arch as machine::Arch>::CONTEXT_FORMAT).map_err(
-        |u| {
-            println!("update: the image cannot read what this one hands over: {u:?}");
-            refuse(p, Refusal::Unreadable(u))
-        },
-    )?;
+    let readers = checked_readers(p, staged, &desc)?;
     // Brownout: the image goes where it will run (for the other slot:
     // copied, bss cleared, caches coherent) while the guests still run.
     let placement = p.place(staged, &desc).map_err(|r| refuse(p, Refusal::Image(r)))?;
     // A direct handover needs the new image to read the handoff record and
     // the old image's code to stay where the parked CPUs wait.
-    let reads_handoff =
-        readers.as_ref().and_then(|r| r.range(<HandoffRecord as kho::StateRecord>::ID)).is_some_and(|r| r.min <= 1);
+    let reads_handoff = readers.as_ref().is_some_and(|r| r.reads(<HandoffRecord as kho::StateRecord>::ID, 1));
     let plan = p.handoff();
     let enters = plan.enters.unwrap_or(req.cpu);
     let handoff = reads_handoff.then(|| plan_handoff(&plan, placement));
@@ -577,15 +575,33 @@ fn stage_and_freeze<P: UpdatePlatform>(p: &P, req: &Request) -> Result<Ready, Ab
     }
 }
 
+/// The staged image's reader table, after the arch's checks of the image
+/// (which see the table) and the check that the image reads what this one
+/// writes, record by record; the refusal otherwise.
+fn checked_readers<P: UpdatePlatform>(
+    p: &P,
+    staged: &[u8],
+    desc: &Descriptor,
+) -> Result<Option<image_readers::Readers>, Abort> {
+    let readers = image_readers::find(staged);
+    let valid = readers.as_ref().ok().and_then(Option::as_ref);
+    p.check_image(staged, desc, valid).map_err(|r| refuse(p, Refusal::Image(r)))?;
+    let readers = readers.map_err(|e| refuse(p, Refusal::Readers(e)))?;
+    image_readers::check(readers.as_ref(), &crate::WRITES, <P::Arch as machine::Arch>::CONTEXT_FORMAT).map_err(
+        |u| {
+            println!("update: the image cannot read what this one hands over: {u:?}");
+            refuse(p, Refusal::Unreadable(u))
+        },
+    )?;
+    Ok(readers)
+}
+
 /// The state table's room, set aside in the brownout after the blob's in
 /// the handover's block, for an image that reads the table (0: none, the
 /// state goes into a node per partition and vCPU). The machine is written
 /// into it at the freeze if it still fits.
 fn table_room<P: UpdatePlatform>(p: &P, readers: Option<&image_readers::Readers>) -> u64 {
-    let reads_table = readers
-        .and_then(|r| r.range(<StateTableRecord as kho::StateRecord>::ID))
-        .is_some_and(|r| (r.min..=r.max).contains(&1));
-    if !reads_table {
+    if !readers.is_some_and(|r| r.reads(<StateTableRecord as kho::StateRecord>::ID, 1)) {
         return 0;
     }
     let geometry = p.machine().with(|m| m.table_geometry()).flatten();
@@ -909,7 +925,12 @@ mod tests {
             m.put_loaded(cpu);
             Ok(())
         }
-        fn check_image(&self, _: &[u8], _: &Descriptor) -> Result<(), &'static str> {
+        fn check_image(
+            &self,
+            _: &[u8],
+            _: &Descriptor,
+            _: Option<&image_readers::Readers>,
+        ) -> Result<(), &'static str> {
             Ok(())
         }
         fn place(&self, _: &[u8], _: &Descriptor) -> Result<Placement, &'static str> {

@@ -199,7 +199,12 @@ impl UpdatePlatform for Arm {
         Ok(())
     }
 
-    fn check_image(&self, staged: &[u8], _: &Descriptor) -> Result<(), &'static str> {
+    fn check_image(
+        &self,
+        staged: &[u8],
+        _: &Descriptor,
+        _: Option<&loader::image_readers::Readers>,
+    ) -> Result<(), &'static str> {
         let footprint = image_footprint(staged).ok_or("truncated")?;
         if footprint < staged.len() as u64 || footprint > IMAGE_SLOT {
             println!("update: the image needs {footprint:#x} bytes; its slot has {IMAGE_SLOT:#x}");

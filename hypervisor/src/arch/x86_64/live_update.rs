@@ -149,17 +149,18 @@ impl UpdatePlatform for Vmx {
         freeze_cpu(m, cpu)
     }
 
-    fn check_image(&self, staged: &[u8], desc: &Descriptor) -> Result<(), &'static str> {
+    fn check_image(
+        &self,
+        staged: &[u8],
+        desc: &Descriptor,
+        readers: Option<&loader::image_readers::Readers>,
+    ) -> Result<(), &'static str> {
         // With the VT-d unit on, the new image must adopt it (the `vtd`
         // record): one that does not read it would leave the unit
         // translating for guests it does not know. Refused before
         // anything is frozen.
         let vtd_on = MACHINE.with(|m| m.arch.vtd.is_some()).unwrap_or(false);
-        let reads_vtd = loader::image_readers::find(staged)
-            .ok()
-            .flatten()
-            .and_then(|r| r.range(VtdRecord::ID))
-            .is_some_and(|r| r.min <= VtdRecord::VERSION && VtdRecord::VERSION <= r.max);
+        let reads_vtd = readers.is_some_and(|r| r.reads(VtdRecord::ID, VtdRecord::VERSION));
         if vtd_on && !reads_vtd {
             return Err("new-image-does-not-adopt-vt-d");
         }

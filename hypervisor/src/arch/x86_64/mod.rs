@@ -216,10 +216,11 @@ fn early_init() {
     crate::heap::init();
     cpu::install_idt();
     BSP_APIC_ID.store(smp::my_apic_id(), Ordering::Relaxed);
-    // SAFETY: port writes to the PICs' mask registers; no interrupt is
-    // wanted from them (guests' I/O never reaches them), and under SVM
-    // the host takes interrupts after each exit, whose vectors must be
-    // its own (a BIOS's PIC delivers IRQ 0 at vector 8).
+    // No interrupt is wanted from the PICs (guests' I/O never reaches
+    // them), and under SVM the host takes interrupts after each exit,
+    // whose vectors must be its own (a BIOS's PIC delivers IRQ 0 at
+    // vector 8).
+    // SAFETY: port writes to the PICs' mask registers only.
     unsafe {
         outb(PIC1_DATA, PIC_MASK_ALL);
         outb(PIC2_DATA, PIC_MASK_ALL);
