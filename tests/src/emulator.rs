@@ -106,6 +106,18 @@ impl RunOutcome {
         self.hv("shutdown").iter().any(|e| e.get("status") == Some("ok"))
     }
 
+    /// Serial lines starting with `prefix` printed between the first and
+    /// the last `hv: update-done`: a guest's progress across the updates.
+    pub fn lines_between_updates(&self, prefix: &str) -> usize {
+        let lines: Vec<&str> = self.serial.lines().collect();
+        let first = lines.iter().position(|l| l.starts_with("hv: update-done"));
+        let last = lines.iter().rposition(|l| l.starts_with("hv: update-done"));
+        match (first, last) {
+            (Some(f), Some(l)) => lines[f..l].iter().filter(|l| l.starts_with(prefix)).count(),
+            _ => 0,
+        }
+    }
+
     /// A failure report: the reason, the tail of the log, and for each
     /// guest that started and never stopped, its last lines (a hung guest
     /// may have gone quiet long before the tail).

@@ -126,15 +126,7 @@ fn dma_keeps_flowing_across_ten_updates() {
         "30 DMAs, none lost or misdirected",
     );
     // The DMA loop spans the updates: transfers were reported between them.
-    let lines: Vec<&str> = run.serial.lines().collect();
-    let first_update = lines.iter().position(|l| l.starts_with("hv: update-done"));
-    let last_update = lines.iter().rposition(|l| l.starts_with("hv: update-done"));
-    let during = match (first_update, last_update) {
-        (Some(f), Some(l)) => {
-            lines[f..l].iter().filter(|l| l.starts_with(&format!("guest{dma_id}: dma transfers="))).count()
-        }
-        _ => 0,
-    };
+    let during = run.lines_between_updates(&format!("guest{dma_id}: dma transfers="));
     check(&run, during >= 2, "DMA progress between the first and the last update");
     check(&run, run.hv("fault").is_empty(), "no SMMU fault");
 }

@@ -526,15 +526,7 @@ fn svm_dma_through_vt_d_keeps_flowing_across_ten_updates() {
     let dma_id = id_of(&run, "dma");
     let done = run.guest(dma_id, "dma").into_iter().find(|e| e.get("done").is_some());
     check(&run, done.is_some_and(|e| e.num("ok") == Some(30) && e.num("bad") == Some(0)), "30 verified DMAs");
-    let lines: Vec<&str> = run.serial.lines().collect();
-    let first_update = lines.iter().position(|l| l.starts_with("hv: update-done"));
-    let last_update = lines.iter().rposition(|l| l.starts_with("hv: update-done"));
-    let during = match (first_update, last_update) {
-        (Some(f), Some(l)) => {
-            lines[f..l].iter().filter(|l| l.starts_with(&format!("guest{dma_id}: dma transfers="))).count()
-        }
-        _ => 0,
-    };
+    let during = run.lines_between_updates(&format!("guest{dma_id}: dma transfers="));
     check(&run, during >= 2, "DMA progress between the first and the last update");
     check(&run, run.hv("fault").is_empty(), "no VT-d fault");
 }
